@@ -1,0 +1,317 @@
+"""The simulated cluster: simulator engines behind the ClusterView seam, driven by a discrete-event loop.
+
+The loop jumps between three kinds of time points: the next request arrival, the next engine boundary
+(each engine reports its own), and the policy's next wake-up. After each, the policy's `schedule` runs and
+its decisions are carried out at that same instant.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlmctl.core.cluster import Decision, Dispatch, Evict, SwapModel
+from qlmctl.core.request import Request
+from qlmctl.policies.base import Policy
+from qlmctl.scenario import Scenario
+from simulator.engine import Engine, OutputKind, Sequence
+from simulator.profile import EngineProfile
+
+INF = math.inf
+
+
+class SimInstance:
+    """One simulated vLLM instance, as the scheduler sees it (implements InstanceView)."""
+
+    def __init__(
+        self,
+        instance_id: int,
+        name: str,
+        gpu: str,
+        profiles: dict[str, EngineProfile],
+        model: str | None,
+        engine_policy: str,
+    ) -> None:
+        self._id = instance_id
+        self.name = name
+        self.gpu = gpu
+        self._profiles = profiles
+        self.engine = Engine(profiles[model] if model else None, engine_policy)
+        self._warm: set[str] = {model} if model else set()
+        self.requests: dict[int, tuple[Request, Sequence]] = {}
+        self.swaps = 0
+
+    @property
+    def instance_id(self) -> int:
+        return self._id
+
+    @property
+    def model(self) -> str | None:
+        return self.engine.model
+
+    @property
+    def swapping(self) -> bool:
+        return self.engine.loading
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    @property
+    def profile(self) -> EngineProfile | None:
+        return self.engine.profile
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting
+
+    @property
+    def free_kv_blocks(self) -> int:
+        return self.engine.free_blocks
+
+    def running_requests(self) -> list[Request]:
+        return [r for r, _ in self.requests.values()]
+
+    def remaining_output_tokens(self) -> int:
+        return sum(r.output_tokens - s.generated for r, s in self.requests.values())
+
+    def profile_for(self, model: str) -> EngineProfile | None:
+        return self._profiles.get(model)
+
+    def load_time(self, model: str) -> float:
+        prof = self._profiles.get(model)
+        if prof is None:
+            return INF
+        return prof.load_warm_s if model in self._warm else prof.load_cold_s
+
+
+@dataclass
+class SimResult:
+    policy: str
+    requests: list[Request]
+    instances: list[dict[str, Any]]
+    num_swaps: int
+    num_evictions: int
+    sim_duration_s: float
+    wall_s: float
+    events: int
+    timeline: list[tuple[float, str, int, str, str, float]] = field(default_factory=list)
+    """(time_s, kind, instance_id, model, slo_class, value) rows: queue depth samples, swaps, evictions."""
+    policy_stats: dict[str, Any] = field(default_factory=dict)
+
+
+class SimulatedCluster:
+    """A cluster of simulated instances running one policy over one list of requests (implements ClusterView)."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        policy: Policy,
+        requests: Seq[Request],
+        sample_interval_s: float | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.policy = policy
+        self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+        self._instances: list[SimInstance] = []
+        for iid, (name, spec) in enumerate(scenario.instance_specs()):
+            profiles = {m: scenario.profile(m, spec.gpu, spec.profile_overrides) for m in scenario.models}
+            self._instances.append(SimInstance(iid, name, spec.gpu, profiles, spec.model, policy.engine_policy))
+        self._now = 0.0
+        self._seqs: dict[int, Sequence] = {}
+        self._heap: list[tuple[float, int]] = []
+        self._evictions = 0
+        self._done = 0
+        span = self.requests[-1].arrival_s - self.requests[0].arrival_s if self.requests else 0.0
+        self._sample_dt = sample_interval_s or max(0.5, span / 400.0)
+        self._next_sample = 0.0
+        self.timeline: list[tuple[float, str, int, str, str, float]] = []
+
+    # ClusterView
+    @property
+    def instances(self) -> list[SimInstance]:
+        return self._instances
+
+    def now(self) -> float:
+        return self._now
+
+    # ------------------------------------------------------------------ run
+    def run(self, progress: Callable[[int, int], None] | None = None) -> SimResult:
+        wall0 = time.perf_counter()
+        reqs = self.requests
+        n = len(reqs)
+        i = 0
+        events = 0
+        heap = self._heap
+        policy = self.policy
+        wake: float | None = None
+        last_progress = 0
+        max_len = {m: max(inst.profile_for(m).max_model_len for inst in self._instances) for m in self.scenario.models}
+        while True:
+            t_arr = reqs[i].arrival_s if i < n else INF
+            while heap and heap[0][0] != self._instances[heap[0][1]].engine.next_event_time():
+                heapq.heappop(heap)
+            t_eng = heap[0][0] if heap else INF
+            t_wake = wake if wake is not None else INF
+            now = min(t_arr, t_eng, t_wake)
+            if now == INF:
+                break
+            self._now = now
+            events += 1
+            while heap and heap[0][0] <= now:
+                _, iid = heapq.heappop(heap)
+                eng = self._instances[iid].engine
+                if eng.next_event_time() <= now:
+                    self._handle(iid, eng.advance(now))
+                    self._push(iid)
+            while i < n and reqs[i].arrival_s <= now:
+                r = reqs[i]
+                i += 1
+                if r.prompt_tokens + r.output_tokens > max_len.get(r.model, 0):
+                    # vLLM answers 400 to such a request; it is counted as failed, not dropped.
+                    r.error = "prompt_tokens + max_tokens exceeds max_model_len"
+                    self._done += 1
+                    continue
+                policy.add_request(r, now)
+            if now >= self._next_sample:
+                self._sample(now)
+            decisions = policy.schedule(self)
+            if decisions:
+                self._apply(decisions, now)
+            wake = policy.next_wakeup(now)
+            if wake is not None and wake <= now:
+                wake = now + 1e-6
+            if progress is not None and self._done - last_progress >= 2000:
+                last_progress = self._done
+                progress(self._done, n)
+        if progress is not None:
+            progress(self._done, n)
+        for r in reqs:
+            if r.finish_s is None and r.error is None:
+                r.error = "not served: nothing could run it (no instance can host its model?)"
+        end = max((r.finish_s for r in reqs if r.finish_s is not None), default=0.0)
+        start = reqs[0].arrival_s if reqs else 0.0
+        insts = [
+            {
+                "instance_id": inst.instance_id,
+                "name": inst.name,
+                "gpu": inst.gpu,
+                "busy_s": inst.engine.stats.busy_s,
+                "utilisation": inst.engine.stats.busy_s / (end - start) if end > start else 0.0,
+                "steps": inst.engine.stats.steps,
+                "preemptions": inst.engine.stats.preemptions,
+                "swaps": inst.swaps,
+                "load_s": inst.engine.stats.load_s,
+                "peak_kv_blocks": inst.engine.stats.peak_blocks,
+            }
+            for inst in self._instances
+        ]
+        stats = getattr(policy, "stats", None)
+        return SimResult(
+            policy=policy.name,
+            requests=list(reqs),
+            instances=insts,
+            num_swaps=sum(inst.swaps for inst in self._instances),
+            num_evictions=self._evictions,
+            sim_duration_s=end - start,
+            wall_s=time.perf_counter() - wall0,
+            events=events,
+            timeline=self.timeline,
+            policy_stats=dict(stats.__dict__) if stats is not None and hasattr(stats, "__dict__") else
+            ({k: getattr(stats, k) for k in stats.__slots__} if stats is not None else {}),
+        )
+
+    def _push(self, iid: int) -> None:
+        t = self._instances[iid].engine.next_event_time()
+        if t < INF:
+            heapq.heappush(self._heap, (t, iid))
+
+    def _sample(self, now: float) -> None:
+        for cls, depth in self.policy.queue_depths().items():
+            self.timeline.append((now, "queue_depth", -1, "", cls, float(depth)))
+        self._next_sample = now + self._sample_dt
+
+    def _apply(self, decisions: list[Decision], now: float) -> None:
+        touched: set[int] = set()
+        for d in decisions:
+            if isinstance(d, Dispatch):
+                r = d.request
+                inst = self._instances[d.instance_id]
+                if inst.model != r.model or inst.swapping:
+                    raise RuntimeError(f"policy dispatched request {r.request_id} to instance {d.instance_id} "
+                                       f"which serves {inst.model}, not {r.model}")
+                seq = self._seqs.get(r.request_id)
+                if seq is None:
+                    seq = Sequence(r.request_id, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, tag=r)
+                    self._seqs[r.request_id] = seq
+                inst.engine.submit(seq, now)
+                if r.dispatch_s is None:
+                    r.dispatch_s = now
+                r.instance_id = d.instance_id
+                inst.requests[r.request_id] = (r, seq)
+                touched.add(d.instance_id)
+            elif isinstance(d, Evict):
+                inst = self._instances[d.instance_id]
+                pair = inst.requests.get(d.request.request_id)
+                if pair is None:
+                    continue  # finished meanwhile
+                inst.engine.abort(pair[1], now)
+                touched.add(d.instance_id)
+            elif isinstance(d, SwapModel):
+                inst = self._instances[d.instance_id]
+                prof = inst.profile_for(d.model)
+                if prof is None:
+                    raise RuntimeError(f"instance {d.instance_id} cannot host {d.model}")
+                if inst.model == d.model and not inst.swapping:
+                    self.policy.on_instance_changed(d.instance_id)
+                    continue
+                dur = inst.load_time(d.model)
+                inst.engine.load_model(prof, now, dur)
+                inst._warm.add(d.model)
+                inst.swaps += 1
+                self.timeline.append((now, "swap", d.instance_id, d.model, "", dur))
+                touched.add(d.instance_id)
+        for iid in touched:
+            self._handle(iid, self._instances[iid].engine.advance(now))
+            self._push(iid)
+
+    def _handle(self, iid: int, outs: list) -> None:
+        inst = self._instances[iid]
+        policy = self.policy
+        for o in outs:
+            kind = o.kind
+            if kind is OutputKind.FINISHED:
+                seq = o.seq
+                r: Request = seq.tag
+                r.finish_s = o.time
+                r.generated_tokens = seq.generated
+                del inst.requests[r.request_id]
+                del self._seqs[r.request_id]
+                self._done += 1
+                policy.on_finished(r, o.time)
+            elif kind is OutputKind.FIRST_TOKEN:
+                r = o.seq.tag
+                if r.first_token_s is None:
+                    r.first_token_s = o.time
+                policy.on_first_token(r, o.time)
+            elif kind is OutputKind.PREEMPTED:
+                o.seq.tag.num_preemptions += 1
+            elif kind is OutputKind.ABORTED:
+                seq = o.seq
+                r = seq.tag
+                r.generated_tokens = seq.generated
+                r.num_evictions += 1
+                self._evictions += 1
+                del inst.requests[r.request_id]
+                self.timeline.append((o.time, "evict", iid, r.model, r.slo_class, float(seq.generated)))
+                policy.on_evicted(r, o.time)
+            elif kind is OutputKind.LOADED:
+                policy.on_instance_changed(iid)

@@ -1,0 +1,105 @@
+"""The seam between the QLM core and a cluster: what the scheduler sees, and what it may decide.
+
+The simulator backend and the live backend both implement `ClusterView`; policies read it and
+return `Decision`s, which the backend carries out on its own clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from qlmctl.core.request import Request
+from simulator.profile import EngineProfile
+
+
+class InstanceView(Protocol):
+    """What the scheduler may know of one serving instance (a vLLM engine)."""
+
+    @property
+    def instance_id(self) -> int: ...
+
+    @property
+    def model(self) -> str | None:
+        """The model loaded now (None while nothing is loaded)."""
+        ...
+
+    @property
+    def swapping(self) -> bool:
+        """True while a model swap is under way; the instance serves nothing then."""
+        ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def profile(self) -> EngineProfile | None:
+        """Timing profile of the loaded model on this instance's GPU."""
+        ...
+
+    @property
+    def num_running(self) -> int:
+        """Requests in the engine's running batch."""
+        ...
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests handed to the engine but not yet running (its internal queue)."""
+        ...
+
+    @property
+    def free_kv_blocks(self) -> int:
+        """KV blocks neither used by running requests nor promised to waiting ones."""
+        ...
+
+    def running_requests(self) -> Sequence[Request]:
+        """Requests dispatched to this instance and not finished (running or engine-waiting)."""
+        ...
+
+    def remaining_output_tokens(self) -> int:
+        """Output tokens the dispatched requests still have to produce (their max_tokens)."""
+        ...
+
+    def profile_for(self, model: str) -> EngineProfile | None:
+        """Profile this instance would have with `model` loaded (None if it cannot host it)."""
+        ...
+
+    def load_time(self, model: str) -> float:
+        """Seconds to swap to `model` (warm if it sleeps in CPU memory here, else cold)."""
+        ...
+
+
+class ClusterView(Protocol):
+    """The cluster as the scheduler sees it."""
+
+    @property
+    def instances(self) -> Sequence[InstanceView]: ...
+
+    def now(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Hand `request` to instance `instance_id`'s engine now."""
+
+    request: Request
+    instance_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Evict:
+    """Preempt `request` on its instance; the backend hands it back via `Policy.on_evicted`."""
+
+    request: Request
+    instance_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SwapModel:
+    """Load `model` on instance `instance_id` (it must have nothing running)."""
+
+    instance_id: int
+    model: str
+
+
+Decision = Dispatch | Evict | SwapModel

@@ -1,0 +1,115 @@
+"""The request waiting time (RWT) estimator.
+
+A request at some position of an instance's virtual queue starts when enough of the requests ahead of
+it have finished to free a batch slot. Their output lengths are unknown, so the estimator treats each
+as a draw from the model's output-length distribution (learned online from completed requests, with a
+prior from the profile) and, by the central limit theorem, takes the sum of N such draws as normal with
+mean N*mu and variance N*sigma^2; a percentile of that sum divided by the instance's token throughput at
+its batch size gives the time, to which prefill work and model swaps ahead are added.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+from simulator.profile import EngineProfile
+
+
+@dataclass(slots=True)
+class OutputStats:
+    """Running mean and variance of output lengths (Welford), starting from a prior worth `prior_n` samples."""
+
+    mean: float
+    m2: float
+    n: float
+
+    @classmethod
+    def with_prior(cls, mean: float, std: float, prior_n: float = 20.0) -> "OutputStats":
+        return cls(mean=mean, m2=std * std * prior_n, n=prior_n)
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        d = x - self.mean
+        self.mean += d / self.n
+        self.m2 += d * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.n) if self.n > 0 else 0.0
+
+
+@dataclass(slots=True)
+class ServiceRate:
+    """How fast one instance serves one model, from its profile and the output statistics."""
+
+    concurrency: int
+    """Requests served at once (batch slots, limited by KV memory)."""
+    request_time_s: float
+    """Mean time a request occupies a batch slot (its decode steps), at full concurrency."""
+    token_time_s: float
+    """Seconds per output token of one sequence at that concurrency (a decode step)."""
+    prefill_s_per_token: float
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.concurrency / self.request_time_s if self.request_time_s > 0 else math.inf
+
+
+class RWTEstimator:
+    """Estimates waiting and drain times on an instance. One per policy; no global state."""
+
+    def __init__(self, profiles: dict[str, EngineProfile], percentile: float = 0.9) -> None:
+        self.percentile = percentile
+        self.z = NormalDist().inv_cdf(percentile)
+        self.stats: dict[str, OutputStats] = {
+            m: OutputStats.with_prior(p.mean_output_tokens, p.std_output_tokens) for m, p in profiles.items()
+        }
+        self._prompt_mean: dict[str, OutputStats] = {m: OutputStats.with_prior(512.0, 512.0, 1.0) for m in profiles}
+
+    def observe(self, model: str, prompt_tokens: int, output_tokens: int) -> None:
+        """Learn from a finished request."""
+        st = self.stats.get(model)
+        if st is None:
+            st = self.stats[model] = OutputStats.with_prior(256.0, 256.0)
+            self._prompt_mean[model] = OutputStats.with_prior(512.0, 512.0, 1.0)
+        st.add(output_tokens)
+        self._prompt_mean[model].add(prompt_tokens)
+
+    def output_mean(self, model: str) -> float:
+        st = self.stats.get(model)
+        return st.mean if st else 256.0
+
+    def rate(self, profile: EngineProfile, model: str) -> ServiceRate:
+        st = self.stats.get(model) or OutputStats.with_prior(256.0, 256.0)
+        mu = max(1.0, st.mean)
+        prompt = self._prompt_mean[model].mean if model in self._prompt_mean else 512.0
+        per_req_tokens = prompt + mu
+        kv_conc = int(profile.kv_blocks * profile.block_size / max(1.0, prompt + mu / 2))
+        conc = max(1, min(profile.max_num_seqs, kv_conc))
+        step = profile.step_time(0, conc, int(conc * (prompt + mu / 2)))
+        # Prefill of each request is spread over the decode steps it shares with the batch.
+        req_time = mu * step + conc * profile.per_prefill_token_s * prompt
+        del per_req_tokens
+        return ServiceRate(conc, req_time, step, profile.per_prefill_token_s)
+
+    def completions_time(self, n: float, rate: ServiceRate, model: str, pct: bool = True) -> float:
+        """Time for `n` request completions on an instance serving at `rate` (CLT percentile)."""
+        if n <= 0:
+            return 0.0
+        st = self.stats.get(model) or OutputStats.with_prior(256.0, 256.0)
+        mu = max(1.0, st.mean)
+        tokens = n * mu
+        if pct:
+            tokens += self.z * st.std * math.sqrt(n)
+        # n completions at `concurrency` parallel streams: tokens spread over the slots.
+        return max(0.0, tokens / mu) * rate.request_time_s / rate.concurrency
+
+    def wait_time(self, ahead: float, running: int, rate: ServiceRate, model: str, pct: bool = True) -> float:
+        """Waiting time of a request with `ahead` requests queued before it and `running` in the batch.
+
+        It starts once `running + ahead - concurrency + 1` of those have finished.
+        """
+        need = running + ahead - rate.concurrency + 1
+        return self.completions_time(need, rate, model, pct)

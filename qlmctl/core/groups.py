@@ -1,0 +1,45 @@
+"""Request groups: requests with the same model and a similar SLO, served FCFS inside the group."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from qlmctl.core.request import Request
+
+LATE_BUCKET = 1 << 30
+"""Bucket of requests whose deadline has passed: they go last, as they count as misses anyway."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class GroupKey:
+    model: str
+    bucket: int
+    """SLO bucket: floor(ttft_slo / bucket width), or LATE_BUCKET."""
+
+
+@dataclass(slots=True, eq=False)
+class RequestGroup:
+    key: GroupKey
+    slo_s: float
+    """TTFT deadline of the group's requests (the smallest seen), s."""
+    queue: deque[Request] = field(default_factory=deque)
+
+    @property
+    def model(self) -> str:
+        return self.key.model
+
+    @property
+    def late(self) -> bool:
+        return self.key.bucket == LATE_BUCKET
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def head_deadline(self) -> float:
+        """Deadline of the request served next (inf when empty)."""
+        return self.queue[0].deadline_s if self.queue else float("inf")
+
+
+def group_key(request: Request, bucket_s: float) -> GroupKey:
+    return GroupKey(request.model, int(request.ttft_slo_s // bucket_s))

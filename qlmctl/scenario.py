@@ -1,0 +1,339 @@
+"""Scenario config: models and their engine profiles, the cluster, SLO classes, workload, scheduler.
+
+Loaded from YAML and validated on load with pydantic; every error names the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qlmctl.errors import UserError
+from simulator.profile import EngineProfile
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SCENARIO = REPO_ROOT / "scenarios" / "default.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProfileSpec(_Strict):
+    """An engine timing profile (see simulator.profile for the step-cost form)."""
+
+    base_s: float = Field(gt=0, description="fixed cost of one engine step, s")
+    per_prefill_token_s: float = Field(ge=0)
+    per_decode_seq_s: float = Field(ge=0)
+    per_context_token_s: float = Field(default=0.0, ge=0)
+    kv_blocks: int = Field(gt=0, description="KV cache capacity in blocks")
+    block_size: int = Field(default=16, gt=0)
+    max_num_seqs: int = Field(default=256, gt=0)
+    max_num_batched_tokens: int = Field(default=8192, gt=0)
+    max_model_len: int = Field(default=32768, gt=0)
+    load_cold_s: float = Field(default=30.0, ge=0)
+    load_warm_s: float = Field(default=1.0, ge=0)
+    mean_output_tokens: float = Field(default=256.0, gt=0)
+    std_output_tokens: float = Field(default=256.0, ge=0)
+    provenance: dict[str, Any] | None = None
+
+    def to_profile(self, model: str) -> EngineProfile:
+        data = self.model_dump(exclude={"provenance"})
+        return EngineProfile(model=model, **data)
+
+
+class ModelSpec(_Strict):
+    """A model: either a full profile, a profile file, or the prototype's token throughput."""
+
+    profile: ProfileSpec | None = None
+    profile_file: str | None = None
+    token_throughput: float | None = Field(default=None, gt=0, description="output tokens/s")
+    by_gpu: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per GPU type, fields that override the profile."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        given = [x is not None for x in (self.profile, self.profile_file, self.token_throughput)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of profile, profile_file, token_throughput")
+        return self
+
+
+class InstanceSpec(_Strict):
+    name: str | None = None
+    count: int = Field(default=1, gt=0, description="replicas of this line")
+    gpu: str = "H200"
+    model: str | None = Field(default=None, description="model loaded at start")
+    profile_overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClusterSpec(_Strict):
+    instances: list[InstanceSpec] = Field(min_length=1)
+
+
+class SLOClassSpec(_Strict):
+    ttft_s: float = Field(gt=0, description="time-to-first-token deadline, s")
+    tpot_s: float | None = Field(default=None, gt=0, description="time-per-output-token deadline, s")
+    priority: int | None = Field(default=None, description="vLLM priority (lower first); default by ttft")
+
+
+class MappingSpec(_Strict):
+    """How trace rows get a model or an SLO class: a column, a constant, or a seeded random split."""
+
+    column: str | None = None
+    constant: str | None = None
+    split: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "MappingSpec":
+        if sum(x is not None for x in (self.column, self.constant, self.split)) != 1:
+            raise ValueError("give exactly one of column, constant, split")
+        if self.split is not None:
+            if any(v < 0 for v in self.split.values()) or sum(self.split.values()) <= 0:
+                raise ValueError("split weights must be non-negative and not all zero")
+        return self
+
+
+class SyntheticSpec(_Strict):
+    arrival: Literal["poisson", "gamma"] = "poisson"
+    rate_rps: float = Field(gt=0, description="mean arrival rate, requests/s")
+    cv: float = Field(default=1.0, gt=0, description="coefficient of variation of gaps (gamma)")
+    num_requests: int = Field(gt=0)
+    lengths_from: str | None = Field(default=None, description="trace whose token lengths are resampled")
+    prompt_tokens: int | None = Field(default=None, gt=0, description="fixed prompt length")
+    output_tokens: int | None = Field(default=None, gt=0, description="fixed output length")
+
+
+class WorkloadSpec(_Strict):
+    trace: str | None = None
+    format: str = "auto"
+    synthetic: SyntheticSpec | None = None
+    model: MappingSpec | None = None
+    slo_class: MappingSpec | None = None
+    time_scale: float = Field(default=1.0, gt=0, description="multiply inter-arrival times by this")
+    target_rate_rps: float | None = Field(default=None, gt=0, description="rescale arrivals to this rate")
+    start_s: float = Field(default=0.0, ge=0, description="skip the trace before this offset, s")
+    max_requests: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _source(self) -> "WorkloadSpec":
+        if (self.trace is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of trace, synthetic")
+        if self.target_rate_rps is not None and self.time_scale != 1.0:
+            raise ValueError("give at most one of time_scale, target_rate_rps")
+        return self
+
+
+class SchedulerSpec(_Strict):
+    policy: str = "qlm"
+    slo_bucket_s: float = Field(default=10.0, gt=0, description="width of the deadline bucket for grouping, s")
+    percentile: float = Field(default=0.9, gt=0.5, lt=1.0, description="RWT estimator percentile")
+    reschedule_interval_s: float = Field(default=1.0, gt=0, description="at most one global reorder per interval, s")
+    dispatch_limit: int = Field(default=0, ge=0, description="requests queued inside an engine beyond its batch (0: none)")
+    enable_eviction: bool = True
+    enable_swap: bool = True
+    solver: Literal["auto", "gurobi", "highs"] = "auto"
+    solver_time_limit_s: float = Field(default=0.5, gt=0)
+    gurobi: dict[str, str] | None = Field(default=None, repr=False, description="licence settings; never printed")
+    params: dict[str, Any] = Field(default_factory=dict, description="policy-specific parameters")
+
+
+class ScenarioSpec(_Strict):
+    name: str = "scenario"
+    description: str = ""
+    seed: int = 0
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    token_throughput: dict[str, float] = Field(default_factory=dict)
+    """The public prototype's simple form: model -> output tokens/s."""
+    cluster: ClusterSpec
+    slo_classes: dict[str, SLOClassSpec] = Field(min_length=1)
+    workload: WorkloadSpec
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+
+    @field_validator("token_throughput")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, x in v.items():
+            if x <= 0:
+                raise ValueError(f"token throughput of {k} must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> "ScenarioSpec":
+        names = set(self.models) | set(self.token_throughput)
+        if not names:
+            raise ValueError("no models: give models or token_throughput")
+        for i, inst in enumerate(self.cluster.instances):
+            if inst.model is not None and inst.model not in names:
+                raise ValueError(f"cluster.instances.{i}.model: unknown model '{inst.model}'")
+        return self
+
+
+class Scenario:
+    """A validated scenario with its profiles resolved, ready to run."""
+
+    def __init__(self, spec: ScenarioSpec, path: Path | None = None) -> None:
+        self.spec = spec
+        self.path = path
+        self.base_dir = path.parent if path is not None else Path.cwd()
+        self._profiles: dict[str, EngineProfile] = {}
+        self._by_gpu: dict[str, dict[str, dict[str, Any]]] = {}
+        for name, tps in spec.token_throughput.items():
+            self._profiles[name] = EngineProfile.from_token_throughput(name, tps)
+        for name, m in spec.models.items():
+            self._profiles[name] = self._resolve_model(name, m)
+            self._by_gpu[name] = m.by_gpu
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._profiles)
+
+    def resolve_path(self, p: str) -> Path:
+        """A path in the scenario: relative to the scenario file, else to the cwd, else to the repo."""
+        cand = Path(p)
+        if cand.is_absolute():
+            return cand
+        for base in (self.base_dir, Path.cwd(), REPO_ROOT):
+            if (base / cand).exists():
+                return base / cand
+        return self.base_dir / cand
+
+    def _resolve_model(self, name: str, m: ModelSpec) -> EngineProfile:
+        if m.token_throughput is not None:
+            return EngineProfile.from_token_throughput(name, m.token_throughput)
+        if m.profile is not None:
+            return m.profile.to_profile(name)
+        assert m.profile_file is not None
+        path = self.resolve_path(m.profile_file)
+        spec = _load_yaml_model(path, ProfileSpec, where=f"models.{name}.profile_file")
+        return spec.to_profile(name)
+
+    def profile(self, model: str, gpu: str | None = None, overrides: dict[str, Any] | None = None) -> EngineProfile:
+        prof = self._profiles[model]
+        fields: dict[str, Any] = {}
+        if gpu is not None:
+            fields.update(self._by_gpu.get(model, {}).get(gpu, {}))
+        fields.update(overrides or {})
+        if fields:
+            try:
+                prof = prof.with_overrides(**fields)
+            except TypeError as e:
+                raise UserError(f"bad profile override: {e}", self.path, field=f"models.{model}") from None
+        return prof
+
+    def instance_specs(self) -> list[tuple[str, InstanceSpec]]:
+        """Expand `count` into one (name, spec) per instance."""
+        out: list[tuple[str, InstanceSpec]] = []
+        for inst in self.spec.cluster.instances:
+            for j in range(inst.count):
+                base = inst.name or f"{inst.gpu.lower()}-{len(out)}"
+                out.append((base if inst.count == 1 else f"{base}-{j}", inst))
+        return out
+
+    def slo_priority(self, slo_class: str) -> int:
+        cls = self.spec.slo_classes[slo_class]
+        if cls.priority is not None:
+            return cls.priority
+        order = sorted(self.spec.slo_classes, key=lambda k: self.spec.slo_classes[k].ttft_s)
+        return order.index(slo_class)
+
+    def dump(self) -> dict[str, Any]:
+        """The resolved scenario, without secrets, for the output folder."""
+        data = self.spec.model_dump(mode="json")
+        if data.get("scheduler", {}).get("gurobi"):
+            data["scheduler"]["gurobi"] = {k: "***" for k in data["scheduler"]["gurobi"]}
+        data["resolved_profiles"] = {
+            m: {k: getattr(p, k) for k in p.__dataclass_fields__} for m, p in self._profiles.items()
+        }
+        return data
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(x) for x in loc)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError("file not found", path) from None
+    except OSError as e:
+        raise UserError(f"cannot read: {e.strerror}", path) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise UserError(f"invalid YAML: {getattr(e, 'problem', e)}", path, line) from None
+
+
+def _load_yaml_model(path: Path, model: type[BaseModel], where: str | None = None) -> Any:
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise UserError("expected a mapping at the top level", path, field=where)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = _format_loc(err["loc"]) or where
+        line = _line_of(path, err["loc"])
+        raise UserError(err["msg"], path, line, field) from None
+
+
+def _line_of(path: Path, loc: tuple[Any, ...]) -> int | None:
+    """Best-effort line of a key path in a YAML file, via the composed node tree."""
+    try:
+        node = yaml.compose(path.read_text())
+    except Exception:
+        return None
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == str(key):
+                    nxt, line = v, k.start_mark.line + 1
+                    break
+            if nxt is None:
+                return line
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def load_scenario(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Scenario:
+    """Load and validate a scenario file (the bundled default when `path` is None).
+
+    `overrides` is a nested dict merged over the file's content before validation.
+    """
+    p = Path(path) if path is not None else DEFAULT_SCENARIO
+    data = _read_yaml(p)
+    if not isinstance(data, dict):
+        raise UserError("expected a mapping at the top level", p)
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        spec = ScenarioSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = _format_loc(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UserError(msg, p, _line_of(p, err["loc"]), field or None) from None
+    return Scenario(spec, p)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,522 @@
+"""One vLLM V1 engine instance as a passive, event-skipping state machine.
+
+What is modelled (vLLM V1's scheduler): continuous batching in engine steps; each step first gives one
+token to every decoding sequence, then spends the rest of the token budget (`max_num_batched_tokens`)
+on prefill chunks, FIFO over prefilling sequences, then admits waiting sequences while a batch slot
+(`max_num_seqs`), budget and KV blocks are free. KV memory is paged in blocks of `block_size` tokens;
+when a decode step needs a block and none is free, the engine preempts (by recompute) the last admitted
+sequence (`fcfs`) or the least urgent one (`priority`), which goes back to the head of the waiting queue.
+
+How it stays fast: between two boundaries the batch composition is fixed, so a run of `n` identical
+steps is summed in closed form (step cost is linear, context grows by D tokens a step), and the step
+at which the next sequence finishes, the next prefill completes, or the KV cache runs out is computed
+directly (a heap of finish steps; per-phase counters for block boundaries). Work per sequence is O(log n),
+independent of its token count.
+
+The engine never reads a clock: the driver calls `advance(t)` to process boundaries up to t, and
+`submit`/`abort`/`load_model`, which take effect at the end of the step in flight.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from simulator.profile import EngineProfile
+
+INF = math.inf
+
+
+class SeqState(IntEnum):
+    WAITING = 0
+    PREFILL = 1
+    DECODE = 2
+    DONE = 3
+
+
+class OutputKind(IntEnum):
+    FIRST_TOKEN = 0
+    FINISHED = 1
+    PREEMPTED = 2
+    ABORTED = 3
+    LOADED = 4
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """A request as the engine sees it. `tag` belongs to the driver; the engine never reads it."""
+
+    seq_id: int
+    prompt_tokens: int
+    max_tokens: int
+    priority: int = 0
+    arrival_s: float = 0.0
+    tag: object = None
+    # Engine state.
+    state: SeqState = SeqState.WAITING
+    generated: int = 0
+    """Output tokens produced, as of the sequence's last materialisation (see `Engine.generated`)."""
+    prefill_left: int = 0
+    blocks: int = 0
+    """KV blocks held while waiting-admitted or prefilling (decoding sequences are counted lazily)."""
+    join_step: int = 0
+    gen_at_join: int = 0
+    finish_step: int = 0
+    phase: int = 0
+    admit_order: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass(slots=True)
+class Output:
+    kind: OutputKind
+    time: float
+    seq: Sequence | None
+
+
+@dataclass(slots=True)
+class _Segment:
+    """A run of `n` identical steps starting at `t0` at step counter `s0`."""
+
+    t0: float
+    n: int
+    prefill: int
+    decode: int
+    ctx0: int
+    end: float
+
+
+@dataclass
+class EngineStats:
+    busy_s: float = 0.0
+    steps: int = 0
+    preemptions: int = 0
+    loads: int = 0
+    load_s: float = 0.0
+    peak_blocks: int = 0
+
+
+class Engine:
+    """A simulated vLLM V1 engine serving one model at a time."""
+
+    def __init__(self, profile: EngineProfile | None, policy: str = "fcfs") -> None:
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"engine policy must be fcfs or priority, not {policy!r}")
+        self.policy = policy
+        self.profile: EngineProfile | None = profile
+        self.stats = EngineStats()
+        self._waiting: deque[Sequence] = deque()
+        self._waiting_heap: list[tuple[int, float, int, Sequence]] = []
+        self._waiting_blocks = 0
+        self._prefilling: deque[Sequence] = deque()
+        self._prefill_total = 0
+        self._running: dict[int, Sequence] = {}  # admit order -> seq, for victim choice
+        self._decode_heap: list[tuple[int, int, Sequence]] = []
+        self._num_decode = 0
+        self._ctx = 0  # total KV tokens of decoding sequences at step counter `_s`
+        self._phase_cnt = [0] * (profile.block_size if profile else 16)
+        self._used = 0  # KV blocks in use at step `_s` (prefill allocations + decode, lazily exact)
+        self._s = 0
+        self._admit_counter = 0
+        self._seg: _Segment | None = None
+        self._pending: list[tuple[str, Sequence]] = []
+        self._clock = 0.0  # time of the last boundary processed
+        self._load_until: float | None = None
+        self._load_profile: EngineProfile | None = None
+        self._outputs: list[Output] = []
+
+    # ----------------------------------------------------------------- views
+    @property
+    def model(self) -> str | None:
+        return self.profile.model if self.profile else None
+
+    @property
+    def loading(self) -> bool:
+        return self._load_until is not None
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        n = len(self._waiting) + len(self._waiting_heap)
+        return n + sum(1 for op, _ in self._pending if op == "submit")
+
+    @property
+    def used_blocks(self) -> int:
+        return self._used
+
+    @property
+    def total_blocks(self) -> int:
+        return self.profile.kv_blocks if self.profile else 0
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks not in use and not needed by sequences already waiting here."""
+        pend = sum(self._blocks_needed(q) for op, q in self._pending if op == "submit")
+        return self.total_blocks - self._used - self._waiting_blocks - pend
+
+    @property
+    def idle(self) -> bool:
+        return not self._running and self.num_waiting == 0 and not self.loading
+
+    def next_event_time(self) -> float:
+        """Time of the next internal boundary (inf when idle)."""
+        if self._load_until is not None:
+            return self._load_until
+        if self._seg is not None:
+            return self._seg.end
+        return INF
+
+    def generated(self, seq: Sequence, now: float) -> int:
+        """Output tokens `seq` has produced by `now` (exact at step granularity)."""
+        if seq.state is not SeqState.DECODE:
+            return seq.generated
+        s = self._s
+        seg = self._seg
+        if seg is not None and seg.decode > 0 and now > seg.t0:
+            s += min(seg.n, self._steps_done(seg, now - seg.t0))
+        return min(seq.max_tokens, seq.gen_at_join + (s - seq.join_step))
+
+    # ------------------------------------------------------------- commands
+    def submit(self, seq: Sequence, now: float) -> None:
+        """Queue `seq`; it can be admitted at the end of the step in flight (or now if idle)."""
+        if self.profile is None or self.loading:
+            raise RuntimeError("engine has no model loaded")
+        seq.state = SeqState.WAITING
+        seq.prefill_left = seq.prompt_tokens + seq.generated
+        self._pending.append(("submit", seq))
+        self._interrupt(now)
+
+    def abort(self, seq: Sequence, now: float) -> None:
+        """Remove `seq` at the end of the step in flight; an ABORTED output reports it."""
+        self._pending.append(("abort", seq))
+        self._interrupt(now)
+
+    def load_model(self, profile: EngineProfile, now: float, duration_s: float) -> None:
+        """Swap to `profile`'s model; the engine must hold no sequences."""
+        if self._running or self.num_waiting or self._seg is not None:
+            raise RuntimeError("cannot swap models with sequences on the engine")
+        self._load_until = now + duration_s
+        self._load_profile = profile
+        self.profile = None
+        self.stats.loads += 1
+        self.stats.load_s += duration_s
+
+    def advance(self, now: float) -> list[Output]:
+        """Process every boundary at or before `now`; return what happened, in time order."""
+        out = self._outputs
+        self._outputs = []
+        while True:
+            t = self.next_event_time()
+            if t > now:
+                break
+            if self._load_until is not None:
+                self._finish_load()
+            else:
+                self._boundary()
+        if self._outputs:
+            out.extend(self._outputs)
+            self._outputs = []
+        return out
+
+    # ------------------------------------------------------------ internals
+    def _blocks_needed(self, seq: Sequence) -> int:
+        # Room for the prompt (plus recomputed output) and the first new token.
+        bs = self.profile.block_size if self.profile else 16
+        return -(-(seq.prompt_tokens + seq.generated + 1) // bs)
+
+    def _finish_load(self) -> None:
+        t = self._load_until
+        assert t is not None and self._load_profile is not None
+        self.profile = self._load_profile
+        self._phase_cnt = [0] * self.profile.block_size
+        self._load_until = None
+        self._load_profile = None
+        self._clock = t
+        self._outputs.append(Output(OutputKind.LOADED, t, None))
+        if self._pending:
+            self._plan(t)
+
+    def _interrupt(self, now: float) -> None:
+        """Cut the segment in flight at its next step end so pending ops apply there."""
+        seg = self._seg
+        if self.loading:
+            return
+        if seg is None:
+            self._clock = max(self._clock, now)
+            self._plan(self._clock)
+            return
+        done = self._steps_done(seg, now - seg.t0)
+        n = min(seg.n, done + 1)
+        if n < seg.n:
+            seg.n = n
+            seg.end = seg.t0 + self._seg_time(seg, n)
+
+    def _seg_time(self, seg: _Segment, n: int) -> float:
+        p = self.profile
+        assert p is not None
+        a = p.base_s + p.per_prefill_token_s * seg.prefill + p.per_decode_seq_s * seg.decode
+        a += p.per_context_token_s * seg.ctx0
+        return n * a + p.per_context_token_s * seg.decode * n * (n - 1) / 2.0
+
+    def _steps_done(self, seg: _Segment, dt: float) -> int:
+        """Whole steps of `seg` completed within `dt` seconds of its start."""
+        if dt <= 0:
+            return 0
+        p = self.profile
+        assert p is not None
+        a = p.base_s + p.per_prefill_token_s * seg.prefill + p.per_decode_seq_s * seg.decode
+        a += p.per_context_token_s * seg.ctx0
+        g = p.per_context_token_s * seg.decode / 2.0
+        if g <= 0:
+            k = int(dt / a)
+        else:
+            b = a - g
+            k = int((-b + math.sqrt(b * b + 4 * g * dt)) / (2 * g))
+        # Guard the float edge either way.
+        while k > 0 and self._seg_time(seg, k) > dt:
+            k -= 1
+        while self._seg_time(seg, k + 1) <= dt:
+            k += 1
+        return k
+
+    def _boundary(self) -> None:
+        seg = self._seg
+        assert seg is not None
+        t = seg.end
+        n = seg.n
+        self._seg = None
+        self._clock = t
+        self.stats.busy_s += t - seg.t0
+        self.stats.steps += n
+        bs = len(self._phase_cnt)
+        # Decode progress: D tokens a step, new blocks where sequences cross a block boundary.
+        if seg.decode:
+            s = self._s
+            cnt = self._phase_cnt
+            full, rem = divmod(n, bs)
+            add = full * self._num_decode
+            for j in range(1, rem + 1):
+                add += cnt[(-(s + j)) % bs]
+            self._used += add
+            self._ctx += seg.decode * n
+        self._s += n
+        s = self._s
+        # Prefill progress: P tokens a step, FIFO over prefilling sequences.
+        if seg.prefill:
+            stream = seg.prefill * n
+            self._prefill_total -= stream
+            pf = self._prefilling
+            while pf and stream > 0:
+                q = pf[0]
+                take = min(q.prefill_left, stream)
+                q.prefill_left -= take
+                stream -= take
+                if q.prefill_left == 0:
+                    pf.popleft()
+                    self._prefill_done(q, t)
+        # Decode completions.
+        heap = self._decode_heap
+        while heap and heap[0][0] <= s:
+            fs, _, q = heapq.heappop(heap)
+            if q.state is SeqState.DECODE and q.finish_step == fs:
+                self._finish_decode(q, t)
+        if self._used > self.stats.peak_blocks:
+            self.stats.peak_blocks = self._used
+        self._plan(t)
+
+    def _prefill_done(self, q: Sequence, t: float) -> None:
+        first = q.generated == 0
+        q.generated += 1
+        if first:
+            self._outputs.append(Output(OutputKind.FIRST_TOKEN, t, q))
+        if q.generated >= q.max_tokens:
+            self._used -= q.blocks
+            q.blocks = 0
+            q.state = SeqState.DONE
+            del self._running[q.admit_order]
+            self._outputs.append(Output(OutputKind.FINISHED, t, q))
+            return
+        # Join decode: blocks now counted lazily from the token count.
+        bs = len(self._phase_cnt)
+        tokens = q.prompt_tokens + q.generated
+        self._used += -(-tokens // bs) - q.blocks
+        q.blocks = 0
+        q.state = SeqState.DECODE
+        q.join_step = self._s
+        q.gen_at_join = q.generated
+        q.finish_step = self._s + (q.max_tokens - q.generated)
+        q.phase = (tokens - 1 - self._s) % bs
+        self._phase_cnt[q.phase] += 1
+        self._num_decode += 1
+        self._ctx += tokens
+        heapq.heappush(self._decode_heap, (q.finish_step, q.admit_order, q))
+
+    def _leave_decode(self, q: Sequence) -> None:
+        """Materialise a decoding sequence's tokens and take it out of the decode accounting."""
+        bs = len(self._phase_cnt)
+        q.generated = q.gen_at_join + (self._s - q.join_step)
+        tokens = q.prompt_tokens + q.generated
+        self._used -= -(-tokens // bs)
+        self._phase_cnt[q.phase] -= 1
+        self._num_decode -= 1
+        self._ctx -= tokens
+        del self._running[q.admit_order]
+
+    def _finish_decode(self, q: Sequence, t: float) -> None:
+        self._leave_decode(q)
+        q.state = SeqState.DONE
+        self._outputs.append(Output(OutputKind.FINISHED, t, q))
+
+    def _remove(self, q: Sequence) -> None:
+        """Take `q` out of wherever it is (running or waiting)."""
+        if q.state is SeqState.DECODE:
+            self._leave_decode(q)
+        elif q.state is SeqState.PREFILL:
+            self._prefilling.remove(q)
+            self._prefill_total -= q.prefill_left
+            self._used -= q.blocks
+            q.blocks = 0
+            del self._running[q.admit_order]
+        elif q.state is SeqState.WAITING:
+            if self.policy == "fcfs":
+                self._waiting.remove(q)
+            else:
+                self._waiting_heap = [e for e in self._waiting_heap if e[3] is not q]
+                heapq.heapify(self._waiting_heap)
+            self._waiting_blocks -= self._blocks_needed(q)
+
+    def _enqueue_waiting(self, q: Sequence, front: bool) -> None:
+        q.state = SeqState.WAITING
+        q.prefill_left = q.prompt_tokens + q.generated
+        self._waiting_blocks += self._blocks_needed(q)
+        if self.policy == "fcfs":
+            if front:
+                self._waiting.appendleft(q)
+            else:
+                self._waiting.append(q)
+        else:
+            heapq.heappush(self._waiting_heap, (q.priority, q.arrival_s, q.seq_id, q))
+
+    def _peek_waiting(self) -> Sequence | None:
+        if self.policy == "fcfs":
+            return self._waiting[0] if self._waiting else None
+        return self._waiting_heap[0][3] if self._waiting_heap else None
+
+    def _pop_waiting(self) -> Sequence:
+        if self.policy == "fcfs":
+            q = self._waiting.popleft()
+        else:
+            q = heapq.heappop(self._waiting_heap)[3]
+        self._waiting_blocks -= self._blocks_needed(q)
+        return q
+
+    def _preempt_one(self, t: float) -> None:
+        if self.policy == "fcfs":
+            victim = self._running[next(reversed(self._running))]
+        else:
+            victim = max(self._running.values(), key=lambda q: (q.priority, q.arrival_s, q.seq_id))
+        self._remove(victim)
+        victim.num_preemptions += 1
+        self.stats.preemptions += 1
+        self._enqueue_waiting(victim, front=True)
+        self._outputs.append(Output(OutputKind.PREEMPTED, t, victim))
+
+    def _apply_pending(self, t: float) -> None:
+        ops = self._pending
+        self._pending = []
+        for op, q in ops:
+            if op == "submit":
+                self._enqueue_waiting(q, front=False)
+            elif q.state is not SeqState.DONE:
+                self._remove(q)
+                q.state = SeqState.DONE
+                self._outputs.append(Output(OutputKind.ABORTED, t, q))
+
+    def _admit(self) -> None:
+        p = self.profile
+        assert p is not None
+        budget_left = p.max_num_batched_tokens - self._num_decode - self._prefill_total
+        while budget_left > 0 and len(self._running) < p.max_num_seqs:
+            q = self._peek_waiting()
+            if q is None:
+                break
+            need = self._blocks_needed(q)
+            if self._used + need > p.kv_blocks:
+                break  # head-of-line waits for memory, as in vLLM
+            self._pop_waiting()
+            self._used += need
+            q.blocks = need
+            q.state = SeqState.PREFILL
+            self._admit_counter += 1
+            q.admit_order = self._admit_counter
+            self._running[q.admit_order] = q
+            self._prefilling.append(q)
+            self._prefill_total += q.prefill_left
+            budget_left -= q.prefill_left
+
+    def _kv_steps(self, free: int) -> float:
+        """First step (1-based) at which decoding sequences need more than `free` new blocks."""
+        d = self._num_decode
+        if d == 0:
+            return INF
+        bs = len(self._phase_cnt)
+        cnt = self._phase_cnt
+        periods, left = divmod(free, d)
+        s = self._s
+        acc = 0
+        for j in range(1, bs + 1):
+            acc += cnt[(-(s + j)) % bs]
+            if acc > left:
+                return periods * bs + j
+        raise AssertionError("a full period needs d blocks")
+
+    def _plan(self, t: float) -> None:
+        """At a boundary: apply queued commands, admit, handle KV pressure, start the next segment."""
+        if self._pending:
+            self._apply_pending(t)
+        p = self.profile
+        if p is None:
+            return
+        self._admit()
+        while True:
+            d = self._num_decode
+            chunk = p.max_num_batched_tokens - d
+            n_pf: float = INF
+            prefill = 0
+            total = self._prefill_total
+            if total > 0 and chunk > 0:
+                if total <= chunk:
+                    prefill, n_pf = total, 1
+                else:
+                    head = self._prefilling[0].prefill_left
+                    k = -(-head // chunk)
+                    prefill = chunk
+                    n_pf = k if total >= k * chunk else total // chunk
+            n_dec: float = INF
+            heap = self._decode_heap
+            while heap:
+                fs, _, q = heap[0]
+                if q.state is SeqState.DECODE and q.finish_step == fs:
+                    n_dec = fs - self._s
+                    break
+                heapq.heappop(heap)
+            n = min(n_pf, n_dec)
+            if n == INF:
+                return  # idle
+            n_kv = self._kv_steps(p.kv_blocks - self._used)
+            if n_kv <= 1:
+                # Like vLLM V1, nothing new is admitted in a step that had to preempt.
+                self._preempt_one(t)
+                continue
+            if n_kv <= n:
+                n = n_kv - 1
+            seg = _Segment(t0=t, n=int(n), prefill=prefill, decode=d, ctx0=self._ctx, end=0.0)
+            seg.end = t + self._seg_time(seg, seg.n)
+            self._seg = seg
+            return

@@ -1,0 +1,104 @@
+"""The engine timing profile: the cost of one vLLM engine step, and the instance's limits.
+
+Form of the step cost (seconds), for a step that computes P prefill tokens and D decode
+sequences whose KV context totals C tokens:
+
+    step_time = base_s + per_prefill_token_s * P + per_decode_seq_s * D + per_context_token_s * C
+
+Why this form: a transformer step reads all weights once (a fixed cost, `base_s`, which dominates
+small decode batches on a memory-bound GPU), does GEMMs whose cost grows with the tokens in the
+batch (prefill tokens are compute bound: `per_prefill_token_s`; each decode sequence adds one token
+row plus sampling: `per_decode_seq_s`), and runs attention whose decode cost is reading each
+sequence's KV cache (`per_context_token_s` per cached token). It is linear in what the scheduler
+controls, so the simulator can sum a run of steps in closed form, and it is the shape Vidur and
+LLMServingSim fit. What it leaves out (prefill attention's quadratic term, CUDA-graph batch
+padding) is small at the prompt lengths of the bundled traces; `profile-model` reports the fit error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True, slots=True)
+class EngineProfile:
+    """Timing and capacity of one model on one GPU type."""
+
+    model: str
+    base_s: float
+    per_prefill_token_s: float
+    per_decode_seq_s: float
+    per_context_token_s: float
+    kv_blocks: int
+    """KV cache capacity, in blocks of `block_size` tokens."""
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 32768
+    load_cold_s: float = 30.0
+    """Time to load the model from disk onto a GPU that does not hold it."""
+    load_warm_s: float = 1.0
+    """Time to wake the model from CPU memory (vLLM sleep mode level 1)."""
+    mean_output_tokens: float = 256.0
+    """Prior for the RWT estimator's output-length distribution (mean)."""
+    std_output_tokens: float = 256.0
+    """Prior for the RWT estimator's output-length distribution (standard deviation)."""
+
+    def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
+        """Seconds for one engine step of the given composition."""
+        return (
+            self.base_s
+            + self.per_prefill_token_s * prefill_tokens
+            + self.per_decode_seq_s * decode_seqs
+            + self.per_context_token_s * context_tokens
+        )
+
+    def decode_throughput(self, batch_size: int, mean_context: float) -> float:
+        """Output tokens per second of a pure-decode batch of `batch_size` sequences."""
+        if batch_size <= 0:
+            return 0.0
+        return batch_size / self.step_time(0, batch_size, int(batch_size * mean_context))
+
+    def prefill_time(self, prompt_tokens: int) -> float:
+        """Seconds to prefill `prompt_tokens` alone on an idle engine (chunked by the budget)."""
+        if prompt_tokens <= 0:
+            return 0.0
+        budget = self.max_num_batched_tokens
+        steps = -(-prompt_tokens // budget)
+        return steps * self.base_s + self.per_prefill_token_s * prompt_tokens
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def with_overrides(self, **fields: object) -> "EngineProfile":
+        return replace(self, **fields)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_token_throughput(
+        cls,
+        model: str,
+        tokens_per_s: float,
+        max_num_seqs: int = 256,
+        kv_blocks: int = 32768,
+        **fields: object,
+    ) -> "EngineProfile":
+        """Derive a profile from the public prototype's single figure (output tokens/s at a full batch).
+
+        Assumes 90 % of a full-batch step is per-sequence work and 10 % fixed cost, so that a batch of
+        `max_num_seqs` decodes at `tokens_per_s`; prefill is taken as 20x cheaper per token than a decode
+        sequence (compute bound vs memory bound), and attention's context cost is folded into the rest.
+        """
+        if tokens_per_s <= 0:
+            raise ValueError("token throughput must be positive")
+        per_seq = 0.9 / tokens_per_s
+        base = 0.1 * max_num_seqs / tokens_per_s
+        return cls(
+            model=model,
+            base_s=base,
+            per_prefill_token_s=per_seq / 20.0,
+            per_decode_seq_s=per_seq,
+            per_context_token_s=0.0,
+            kv_blocks=kv_blocks,
+            max_num_seqs=max_num_seqs,
+            **fields,  # type: ignore[arg-type]
+        )
