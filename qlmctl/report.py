@@ -197,7 +197,7 @@ def results_table(summaries: dict[str, dict], title: str) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_style="bold")
     table.add_column("metric", no_wrap=True)
     for name in names:
-        table.add_column(name, justify="right", overflow="fold")
+        table.add_column(name, justify="right", no_wrap=True)
 
     def row(label: str, cells: Sequence[str | Text], *, end_section: bool = False) -> None:
         table.add_row(label, *cells, end_section=end_section)

@@ -52,6 +52,8 @@ class PlanStats:
 
 
 class QLMPolicy(Policy):
+    """QLM (fast heuristic): request groups on virtual queues, RWT-estimator reordering, eviction, swaps."""
+
     name: ClassVar[str] = "qlm"
 
     def __init__(self, ctx: PolicyContext) -> None:
