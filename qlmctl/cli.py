@@ -106,6 +106,24 @@ def list_policies() -> None:
         console.print(f"[bold]{n}[/]  {doc[0] if doc else ''}", highlight=False)
 
 
+def _register_commands() -> None:
+    import importlib
+
+    from qlmctl.commands import COMMAND_MODULES
+
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue  # not built yet
+            raise
+        mod.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     try:
         app()
