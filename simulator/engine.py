@@ -97,6 +97,7 @@ class EngineStats:
     loads: int = 0
     load_s: float = 0.0
     peak_blocks: int = 0
+    peak_running: int = 0
 
 
 class Engine:
@@ -213,7 +214,7 @@ class Engine:
         self._outputs = []
         while True:
             t = self.next_event_time()
-            if t > now:
+            if t > now or t == INF:
                 break
             if self._load_until is not None:
                 self._finish_load()
@@ -459,6 +460,8 @@ class Engine:
             self._prefilling.append(q)
             self._prefill_total += q.prefill_left
             budget_left -= q.prefill_left
+        if len(self._running) > self.stats.peak_running:
+            self.stats.peak_running = len(self._running)
 
     def _kv_steps(self, free: int) -> float:
         """First step (1-based) at which decoding sequences need more than `free` new blocks."""

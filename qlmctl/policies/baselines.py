@@ -72,10 +72,10 @@ class QueuePolicy(Policy):
                 best.take(r)
                 out.append(Dispatch(r, best.inst.instance_id))
         if self.ctx.enable_swap:
-            out.extend(self._swaps(cluster))
+            out.extend(self._swaps(cluster, {rm.inst.instance_id: rm.load for rm in rooms if rm is not None}))
         return out
 
-    def _swaps(self, cluster: ClusterView) -> list[Decision]:
+    def _swaps(self, cluster: ClusterView, loads: dict[int, int]) -> list[Decision]:
         served = {i.model for i in cluster.instances if i.healthy}
         starving = [(q[0][0], m) for m, q in self._queues.items() if q and m not in served]
         if not starving:
@@ -85,7 +85,8 @@ class QueuePolicy(Policy):
         for inst in cluster.instances:
             if not starving:
                 break
-            if inst.swapping or not inst.healthy or inst.num_running + inst.num_waiting > 0:
+            # Loads include this call's dispatches, which the backend has not carried out yet.
+            if inst.swapping or not inst.healthy or loads.get(inst.instance_id, 0) > 0:
                 continue
             # Leave a model loaded while it still has queued requests.
             if inst.model is not None and self._queues.get(inst.model):

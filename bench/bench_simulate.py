@@ -1,0 +1,91 @@
+"""Simulator speed: wall time and peak memory per policy.
+
+    python bench/bench_simulate.py azure            # full Azure conversation trace (19,366 requests), 4 instances
+    python bench/bench_simulate.py million          # synthetic 1,000,000 requests on 32 instances (qlm, fcfs)
+    python bench/bench_simulate.py scaling          # 250k / 500k / 1M requests: does time double with requests?
+
+Each point runs in a fresh process so peak RSS is its own. Targets (issue 2): <= 2 s per policy for Azure,
+<= 60 s and 2 GB for the million, time roughly linear in requests.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+AZURE = REPO.parent / "shared" / "traces" / "azure_llm_2023_conv.csv"
+PROFILE = str(REPO / "scenarios" / "profiles" / "h200-llama-3.1-8b.yaml")
+
+
+def scenario_dict(instances: int, workload: dict) -> dict:
+    return {
+        "name": "bench",
+        "models": {"llama-3.1-8b": {"profile_file": PROFILE}},
+        "cluster": {"instances": [{"count": instances, "model": "llama-3.1-8b"}]},
+        "slo_classes": {"interactive": {"ttft_s": 20}, "batch-1": {"ttft_s": 60}, "batch-2": {"ttft_s": 3600}},
+        "workload": {**workload, "slo_class": {"split": {"interactive": 0.3, "batch-1": 0.3, "batch-2": 0.4}}},
+    }
+
+
+def point(args: tuple[str, int, dict, str], out: mp.Queue) -> None:
+    from qlmctl.runner import simulate
+    from qlmctl.scenario import Scenario, ScenarioSpec
+    from qlmctl.workload import build_requests
+
+    name, instances, workload, policy = args
+    sc = Scenario(ScenarioSpec.model_validate(scenario_dict(instances, workload)), REPO / "bench" / "x.yaml")
+    t0 = time.perf_counter()
+    reqs, _ = build_requests(sc)
+    t_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run = simulate(sc, policy, reqs)
+    wall = time.perf_counter() - t0
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    out.put({"point": name, "policy": policy, "requests": len(reqs), "instances": instances,
+             "build_s": round(t_build, 2), "simulate_s": round(run.result.wall_s, 2),
+             "with_summary_s": round(wall, 2), "events": run.result.events, "peak_rss_gb": round(rss_gb, 2),
+             "slo_attainment": round(run.summary["slo_attainment"], 4),
+             "sim_duration_s": round(run.result.sim_duration_s, 1)})
+
+
+def run_point(args) -> dict:
+    q: mp.Queue = mp.Queue()
+    p = mp.Process(target=point, args=(args, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def main(which: str) -> None:
+    points = []
+    if which in ("azure", "all"):
+        for pol in ("fcfs", "priority", "edf", "qlm"):
+            points.append(("azure-full", 4, {"trace": str(AZURE)}, pol))
+    if which in ("million", "all"):
+        syn = {"synthetic": {"rate_rps": 800, "num_requests": 1_000_000, "lengths_from": str(AZURE)}}
+        for pol in ("fcfs", "qlm"):
+            points.append(("synthetic-1M", 32, syn, pol))
+    if which in ("scaling", "all"):
+        for n in (250_000, 500_000, 1_000_000):
+            syn = {"synthetic": {"rate_rps": 800, "num_requests": n, "lengths_from": str(AZURE)}}
+            points.append((f"synthetic-{n // 1000}k", 32, syn, "qlm"))
+    rows = []
+    for args in points:
+        res = run_point(args)
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+    print("\n| point | policy | requests | instances | simulate (s) | +summary (s) | peak RSS (GB) | SLO attainment |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['point']} | {r['policy']} | {r['requests']:,} | {r['instances']} | {r['simulate_s']} | "
+              f"{r['with_summary_s']} | {r['peak_rss_gb']} | {r['slo_attainment']:.1%} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "azure")

@@ -1,0 +1,170 @@
+"""`qlmctl profile-model`: measure an engine, fit the step-time model, write a profile."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _ints(text: str, name: str) -> list[int]:
+    from qlmctl.errors import UserError
+
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"expected comma-separated integers, got '{text}'", field=name) from None
+    if not vals or min(vals) < 1:
+        raise UserError("expected positive integers", field=name)
+    return vals
+
+
+def _wait_health(url: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
+    import httpx
+
+    from qlmctl.errors import UserError
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if proc is not None and proc.poll() is not None:
+            raise UserError(f"the launched engine exited with code {proc.returncode}", field="--launch")
+        try:
+            if httpx.get(f"{url.rstrip('/')}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise UserError(f"engine at {url} not healthy after {timeout_s:.0f} s", field="--url")
+
+
+async def _measure(url: str, model: str, prompt_lengths: list[int], batches: list[int], contexts: list[int],
+                   output_tokens: int, reps: int, sleep: bool, seed: int, progress, raw) -> None:
+    from qlmctl.profiling import Profiler
+
+    prof = Profiler(url, model, seed=seed)
+    try:
+        await prof.capacity(raw)
+        await prof.stream(16, 8)  # warm-up
+        total = len(prompt_lengths) + len(batches) * len(contexts) + (1 if sleep else 0)
+        task = progress.add_task("profiling", total=total)
+        for n in prompt_lengths:
+            progress.update(task, description=f"prefill {n} tok")
+            raw.prefill.append(await prof.prefill_point(n, reps))
+            progress.advance(task)
+        for ctx in contexts:
+            for b in batches:
+                progress.update(task, description=f"decode B={b} ctx={ctx}")
+                raw.decode.append(await prof.decode_point(b, ctx, output_tokens))
+                progress.advance(task)
+        if sleep:
+            progress.update(task, description="sleep / wake_up")
+            await prof.sleep_wake(raw)
+            progress.advance(task)
+    finally:
+        await prof.close()
+
+
+def profile_model(
+    model: str = typer.Argument(..., help="Served model name, as the engine's /v1/models lists it."),
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Base URL of a running vLLM OpenAI server."),
+    launch: Optional[str] = typer.Option(None, "--launch", help="Command that starts the engine (e.g. 'vllm serve ...'); stopped at the end."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Profile YAML to write (a scenario's profile_file)."),
+    raw_path: Optional[Path] = typer.Option(None, "--raw", help="Also save the raw measurements (JSON) here."),
+    from_raw: Optional[Path] = typer.Option(None, "--from-raw", help="Refit saved raw measurements; no engine needed."),
+    gpu: str = typer.Option("unknown", "--gpu", help="GPU type, recorded in the provenance."),
+    flags: str = typer.Option("", "--flags", help="Engine flags, recorded in the provenance."),
+    prompt_lengths: str = typer.Option("128,512,1024,2048,4096", help="Prefill points: prompt lengths, tokens."),
+    batches: str = typer.Option("1,8,32,64,128,256", help="Decode points: concurrent streams."),
+    contexts: str = typer.Option("128,1024", help="Decode points: prompt length of each stream, tokens."),
+    output_tokens: int = typer.Option(128, min=8, help="Tokens generated per decode stream."),
+    reps: int = typer.Option(3, min=1, help="Repetitions of each prefill point (median taken)."),
+    max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile)."),
+    max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens."),
+    kv_blocks: Optional[int] = typer.Option(None, min=1, help="KV blocks, if the engine does not report them."),
+    sleep: bool = typer.Option(False, "--sleep/--no-sleep", help="Also time POST /sleep and /wake_up (warm swap cost)."),
+    health_timeout_s: float = typer.Option(600.0, help="Wait at most this long for the engine's /health, s."),
+    seed: int = typer.Option(0, help="Seed for the prompts' token ids."),
+) -> None:
+    """Measure a vLLM engine (prefill vs prompt length, step time vs batch and context, KV capacity) and fit
+    the simulator's step-time model. Prints the fit and its error per point; writes the profile with its
+    provenance. Times in seconds."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from qlmctl.errors import UserError
+    from qlmctl.profiling import RawProfile, fit_profile, profile_dict
+
+    console = Console()
+    try:
+        if from_raw is not None:
+            try:
+                raw = RawProfile.from_json(from_raw.read_text())
+            except (OSError, ValueError, TypeError) as e:
+                raise UserError(f"cannot read raw measurements: {e}", from_raw) from None
+        else:
+            raw = RawProfile(model=model, url=url, meta={"gpu": gpu, "flags": flags})
+            pl, bs, cx = (_ints(prompt_lengths, "--prompt-lengths"), _ints(batches, "--batches"),
+                          _ints(contexts, "--contexts"))
+            proc = None
+            if launch:
+                env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+                proc = subprocess.Popen(shlex.split(launch), env=env, start_new_session=True)
+            try:
+                _wait_health(url, proc, health_timeout_s)
+                with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), console=console) as progress:
+                    asyncio.run(_measure(url, model, pl, bs, cx, output_tokens, reps, sleep, seed, progress, raw))
+            except KeyboardInterrupt:
+                console.print("[yellow]interrupted: keeping what was measured[/]")
+            finally:
+                if proc is not None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                if raw_path is not None:
+                    raw_path.parent.mkdir(parents=True, exist_ok=True)
+                    raw_path.write_text(raw.to_json())
+        try:
+            fit = fit_profile(raw, max_num_batched_tokens)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        prof = profile_dict(raw, fit, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                            gpu=raw.meta.get("gpu", gpu), flags=raw.meta.get("flags", flags), kv_blocks=kv_blocks)
+    except UserError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e.one_line()}", highlight=False)
+        raise typer.Exit(2)
+
+    t = Table(title=f"step-time fit for {raw.model}")
+    t.add_column("coefficient")
+    t.add_column("value", justify="right")
+    for k in ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s"):
+        t.add_row(k, f"{prof[k]:.4g}")
+    t.add_row("HTTP overhead (s)", f"{fit.overhead_s:.4g}")
+    t.add_row("KV blocks", f"{prof['kv_blocks']:,}")
+    console.print(t)
+    e = Table(title=f"fit error per point (mean |err| {fit.mean_abs_error:.1%}, max {fit.max_abs_error:.1%})")
+    for c in ("point", "measured (ms)", "fitted (ms)", "error"):
+        e.add_column(c, justify="right" if c != "point" else "left")
+    for lab, m, f, err in fit.errors:
+        e.add_row(lab, f"{m * 1e3:.2f}", f"{f * 1e3:.2f}", f"{err:+.1%}")
+    console.print(e)
+    if out is not None:
+        import yaml
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"# Fitted by qlmctl profile-model; see provenance.\n{yaml.safe_dump(prof, sort_keys=False)}")
+        console.print(f"profile written to [bold]{out}[/]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile-model")(profile_model)

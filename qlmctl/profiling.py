@@ -1,0 +1,271 @@
+"""Measure a running vLLM (or vLLM-compatible) engine and fit the simulator's step-time model.
+
+Measurements (all through the OpenAI completions API, token-id prompts so lengths are exact, greedy,
+`ignore_eos`):
+- prefill: one request at a time with `max_tokens=1`; its TTFT is HTTP overhead + the prefill steps;
+- decode: B concurrent streams of a given prompt length; the median inter-token latency once every
+  stream is decoding is one engine step with D=B sequences and C=B*(context) cached tokens;
+- capacity: `vllm:cache_config_info{num_gpu_blocks, block_size}` from /metrics;
+- optionally the sleep (level 1) and wake-up times, i.e. the warm model-swap cost.
+
+The fit is a non-negative least squares on relative error over every point:
+    decode point:  itl  = base + b*D + c*C
+    prefill point: ttft = overhead + ceil(L/budget)*base + a*L
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+PROMPT_TOKEN_LOW = 1000
+PROMPT_TOKEN_HIGH = 30000
+
+
+@dataclass
+class PrefillPoint:
+    prompt_tokens: int
+    ttft_s: float
+
+
+@dataclass
+class DecodePoint:
+    batch: int
+    prompt_tokens: int
+    output_tokens: int
+    itl_s: float
+    """Median inter-token latency over the steady part of the streams."""
+    context_tokens: float
+    """Mean KV tokens of the whole batch during that part."""
+
+
+@dataclass
+class RawProfile:
+    """Everything measured, kept so fitting can be redone off the GPU."""
+
+    model: str
+    url: str
+    prefill: list[PrefillPoint] = field(default_factory=list)
+    decode: list[DecodePoint] = field(default_factory=list)
+    num_gpu_blocks: int | None = None
+    block_size: int | None = None
+    max_model_len: int | None = None
+    sleep_s: float | None = None
+    wake_s: float | None = None
+    engine_version: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RawProfile":
+        d = json.loads(text)
+        d["prefill"] = [PrefillPoint(**p) for p in d.get("prefill", [])]
+        d["decode"] = [DecodePoint(**p) for p in d.get("decode", [])]
+        return cls(**d)
+
+
+@dataclass
+class Fit:
+    base_s: float
+    per_prefill_token_s: float
+    per_decode_seq_s: float
+    per_context_token_s: float
+    overhead_s: float
+    errors: list[tuple[str, float, float, float]]
+    """(point label, measured s, fitted s, relative error)."""
+
+    @property
+    def mean_abs_error(self) -> float:
+        return float(np.mean([abs(e[3]) for e in self.errors])) if self.errors else 0.0
+
+    @property
+    def max_abs_error(self) -> float:
+        return float(max(abs(e[3]) for e in self.errors)) if self.errors else 0.0
+
+
+def fit_profile(raw: RawProfile, max_num_batched_tokens: int) -> Fit:
+    """Fit the step-time coefficients to the raw measurements (see module docstring)."""
+    from scipy.optimize import nnls
+
+    rows: list[list[float]] = []
+    ys: list[float] = []
+    labels: list[str] = []
+    # Columns: base, a (prefill/token), b (decode/seq), c (context/token), overhead.
+    for p in raw.decode:
+        rows.append([1.0, 0.0, float(p.batch), float(p.context_tokens), 0.0])
+        ys.append(p.itl_s)
+        labels.append(f"decode B={p.batch} ctx={p.prompt_tokens}")
+    for p in raw.prefill:
+        chunks = math.ceil(p.prompt_tokens / max_num_batched_tokens)
+        rows.append([float(chunks), float(p.prompt_tokens), 0.0, 0.0, 1.0])
+        ys.append(p.ttft_s)
+        labels.append(f"prefill L={p.prompt_tokens}")
+    if len(rows) < 5:
+        raise ValueError("too few measurements to fit five coefficients")
+    a = np.array(rows)
+    y = np.array(ys)
+    w = 1.0 / y  # relative error
+    # Scale columns so that NNLS is well conditioned.
+    scale = np.maximum(np.abs(a * w[:, None]).max(axis=0), 1e-30)
+    coef, _ = nnls((a * w[:, None]) / scale, y * w)
+    coef = coef / scale
+    pred = a @ coef
+    errors = [(lab, float(m), float(f), float((f - m) / m)) for lab, m, f in zip(labels, y, pred)]
+    return Fit(
+        base_s=float(coef[0]),
+        per_prefill_token_s=float(coef[1]),
+        per_decode_seq_s=float(coef[2]),
+        per_context_token_s=float(coef[3]),
+        overhead_s=float(coef[4]),
+        errors=errors,
+    )
+
+
+def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 gpu: str, flags: str, kv_blocks: int | None = None) -> dict[str, Any]:
+    """The profile as a scenario `profile_file` (ProfileSpec fields + provenance)."""
+    blocks = kv_blocks or raw.num_gpu_blocks
+    if not blocks:
+        raise ValueError("KV capacity unknown: the engine did not report vllm:cache_config_info; pass --kv-blocks")
+    out: dict[str, Any] = {
+        "base_s": round(fit.base_s, 7),
+        "per_prefill_token_s": float(f"{fit.per_prefill_token_s:.4g}"),
+        "per_decode_seq_s": float(f"{fit.per_decode_seq_s:.4g}"),
+        "per_context_token_s": float(f"{fit.per_context_token_s:.4g}"),
+        "kv_blocks": int(blocks),
+        "block_size": int(raw.block_size or 16),
+        "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": max_num_batched_tokens,
+    }
+    if raw.max_model_len:
+        out["max_model_len"] = int(raw.max_model_len)
+    if raw.wake_s is not None:
+        out["load_warm_s"] = round(raw.wake_s, 3)
+    out["provenance"] = {
+        "tool": "qlmctl profile-model",
+        "engine": raw.engine_version or "unknown",
+        "model": raw.model,
+        "gpu": gpu,
+        "flags": flags,
+        "date": time.strftime("%Y-%m-%d"),
+        "http_overhead_s": round(fit.overhead_s, 6),
+        "fit_mean_abs_rel_error": round(fit.mean_abs_error, 4),
+        "fit_max_abs_rel_error": round(fit.max_abs_error, 4),
+        "sleep_s": raw.sleep_s,
+        "points": {"prefill": len(raw.prefill), "decode": len(raw.decode)},
+    }
+    return out
+
+
+# --------------------------------------------------------------------------- measuring
+class Profiler:
+    """Runs the measurements against one engine URL (async httpx)."""
+
+    def __init__(self, url: str, model: str, seed: int = 0, timeout_s: float = 600.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.model = model
+        self.rng = np.random.default_rng(seed)
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout_s,
+                                        limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def _prompt(self, n: int) -> list[int]:
+        return self.rng.integers(PROMPT_TOKEN_LOW, PROMPT_TOKEN_HIGH, size=n).tolist()
+
+    async def stream(self, prompt_tokens: int, max_tokens: int) -> tuple[float, list[float]]:
+        """One streamed completion: (TTFT s, token arrival times relative to send)."""
+        body = {"model": self.model, "prompt": self._prompt(prompt_tokens), "max_tokens": max_tokens,
+                "temperature": 0.0, "ignore_eos": True, "stream": True}
+        t0 = time.perf_counter()
+        times: list[float] = []
+        async with self.client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")[:300]
+                raise RuntimeError(f"engine answered {resp.status_code}: {text}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("text"):
+                    now = time.perf_counter() - t0
+                    # vLLM may pack several tokens in one chunk when the client lags; count words.
+                    n = max(1, len(choices[0]["text"].split()))
+                    times.extend([now] * n)
+        if not times:
+            raise RuntimeError("no tokens streamed")
+        return times[0], times
+
+    async def prefill_point(self, prompt_tokens: int, reps: int) -> PrefillPoint:
+        ttfts = []
+        for _ in range(reps):
+            ttft, _ = await self.stream(prompt_tokens, 1)
+            ttfts.append(ttft)
+        return PrefillPoint(prompt_tokens, float(statistics.median(ttfts)))
+
+    async def decode_point(self, batch: int, prompt_tokens: int, output_tokens: int) -> DecodePoint:
+        results = await asyncio.gather(*(self.stream(prompt_tokens, output_tokens) for _ in range(batch)))
+        # Steady part: after the last stream's first token, before the first stream's last token.
+        start = max(r[1][0] for r in results)
+        end = min(r[1][-1] for r in results)
+        gaps: list[float] = []
+        for _, ts in results:
+            arr = np.asarray(ts)
+            sel = arr[(arr > start) & (arr <= end)]
+            if len(sel) > 1:
+                d = np.diff(sel)
+                gaps.extend(d[d > 0].tolist())
+        if not gaps:
+            raise RuntimeError(f"no steady decode phase at batch {batch}; use more output tokens")
+        # Tokens at step granularity: the median positive gap is one step.
+        itl = float(np.median(gaps))
+        mid_gen = output_tokens / 2.0
+        return DecodePoint(batch, prompt_tokens, output_tokens, itl, batch * (prompt_tokens + mid_gen))
+
+    async def capacity(self, raw: RawProfile) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        resp = await self.client.get("/metrics")
+        if resp.status_code == 200:
+            for fam in text_string_to_metric_families(resp.text):
+                if fam.name in ("vllm:cache_config_info", "vllm:cache_config"):
+                    for s in fam.samples:
+                        nb = s.labels.get("num_gpu_blocks")
+                        if nb and nb != "None":
+                            raw.num_gpu_blocks = int(nb)
+                        bs = s.labels.get("block_size")
+                        if bs and bs != "None":
+                            raw.block_size = int(bs)
+        resp = await self.client.get("/v1/models")
+        if resp.status_code == 200:
+            for m in resp.json().get("data", []):
+                if m.get("id") == self.model and m.get("max_model_len"):
+                    raw.max_model_len = int(m["max_model_len"])
+        resp = await self.client.get("/version")
+        if resp.status_code == 200:
+            raw.engine_version = f"vllm {resp.json().get('version', '?')}"
+
+    async def sleep_wake(self, raw: RawProfile) -> None:
+        t0 = time.perf_counter()
+        r = await self.client.post("/sleep", params={"level": 1})
+        if r.status_code >= 400:
+            raise RuntimeError(f"/sleep answered {r.status_code}: is the engine in sleep mode with VLLM_SERVER_DEV_MODE=1?")
+        raw.sleep_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r = await self.client.post("/wake_up")
+        if r.status_code >= 400:
+            raise RuntimeError(f"/wake_up answered {r.status_code}")
+        raw.wake_s = time.perf_counter() - t0

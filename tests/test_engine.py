@@ -1,0 +1,157 @@
+"""The event-skipping engine model: closed forms and invariants (hypothesis)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from simulator.engine import Engine, OutputKind, Sequence
+from tests.conftest import small_profile
+
+
+def run_all(engine: Engine, seqs: list[Sequence], arrivals: list[float], probe: float | None = None):
+    """Submit at arrival times, advance through everything; optionally check state every `probe` s."""
+    outs = []
+    t = 0.0
+    pending = sorted(zip(arrivals, range(len(seqs))))
+    i = 0
+    while True:
+        nxt = pending[i][0] if i < len(pending) else math.inf
+        t_eng = engine.next_event_time()
+        t = min(nxt, t_eng)
+        if probe is not None and t < math.inf:
+            t = min(t, (math.floor(outs[-1].time / probe) + 1) * probe if outs else probe)
+        if t == math.inf:
+            break
+        outs.extend(engine.advance(t))
+        while i < len(pending) and pending[i][0] <= t:
+            engine.submit(seqs[pending[i][1]], t)
+            i += 1
+        outs.extend(engine.advance(t))
+        yield_state = (engine.used_blocks, engine.num_running)
+        assert yield_state[0] <= engine.total_blocks
+        assert yield_state[1] <= engine.profile.max_num_seqs
+    return outs
+
+
+def test_lone_request_ttft_is_prefill_time():
+    p = small_profile(max_num_batched_tokens=512)
+    for prompt in (1, 100, 512, 513, 2000):
+        e = Engine(p)
+        q = Sequence(0, prompt, 10)
+        e.submit(q, 0.0)
+        outs = e.advance(math.inf)
+        first = next(o for o in outs if o.kind is OutputKind.FIRST_TOKEN)
+        assert first.time == pytest.approx(p.prefill_time(prompt), rel=1e-12)
+
+
+def test_lone_request_decode_closed_form():
+    p = small_profile()
+    e = Engine(p)
+    q = Sequence(0, 100, 50)
+    e.submit(q, 0.0)
+    outs = e.advance(math.inf)
+    fin = next(o for o in outs if o.kind is OutputKind.FINISHED)
+    # 49 decode steps of one sequence whose context grows from 101 tokens.
+    decode = sum(p.step_time(0, 1, 101 + k) for k in range(49))
+    assert fin.time == pytest.approx(p.prefill_time(100) + decode, rel=1e-9)
+    assert q.generated == 50
+
+
+def test_preemption_when_kv_runs_out_and_everything_still_finishes():
+    p = small_profile(kv_blocks=40, max_num_seqs=16)
+    e = Engine(p)
+    seqs = [Sequence(i, 100, 200) for i in range(8)]
+    outs = list(run_all(e, seqs, [0.0] * 8) or [])
+    assert e.stats.preemptions > 0
+    assert all(q.generated == 200 for q in seqs)
+    assert e.used_blocks == 0 and e.stats.peak_blocks <= 40
+
+
+def test_abort_frees_everything():
+    p = small_profile()
+    e = Engine(p)
+    a, b = Sequence(0, 100, 1000), Sequence(1, 100, 10)
+    e.submit(a, 0.0)
+    e.submit(b, 0.0)
+    e.advance(0.05)
+    e.abort(a, 0.05)
+    outs = e.advance(math.inf)
+    kinds = [(o.kind, o.seq.seq_id) for o in outs]
+    assert (OutputKind.ABORTED, 0) in kinds and (OutputKind.FINISHED, 1) in kinds
+    assert 0 < a.generated < 1000
+    assert e.used_blocks == 0 and e.num_running == 0
+
+
+def test_generated_is_monotone_within_a_segment():
+    p = small_profile()
+    e = Engine(p)
+    q = Sequence(0, 10, 300)
+    e.submit(q, 0.0)
+    e.advance(0.01)
+    seen = [e.generated(q, t / 100) for t in range(1, 100)]
+    assert seen == sorted(seen) and seen[-1] > 1
+
+
+seq_strategy = st.lists(
+    st.tuples(
+        st.floats(0, 5, allow_nan=False),  # arrival
+        st.integers(1, 600),  # prompt
+        st.integers(1, 150),  # output
+        st.integers(0, 2),  # priority
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(reqs=seq_strategy, kv=st.integers(45, 300), seqs_cap=st.integers(1, 12),
+       budget=st.sampled_from([64, 256, 2048]), policy=st.sampled_from(["fcfs", "priority"]))
+def test_engine_invariants(reqs, kv, seqs_cap, budget, policy):
+    p = small_profile(kv_blocks=kv, max_num_seqs=seqs_cap, max_num_batched_tokens=budget)
+    e = Engine(p, policy)
+    seqs = [Sequence(i, pr, out, prio, arr) for i, (arr, pr, out, prio) in enumerate(reqs)]
+    arrivals = [r[0] for r in reqs]
+    # Every request fits the cache on its own (else vLLM would reject it too).
+    seqs = [q for q in seqs if p.blocks_for(q.prompt_tokens + q.max_tokens + 1) <= kv]
+    arrivals = [q.arrival_s for q in seqs]
+    outs = []
+    t_prev = -1.0
+    import itertools
+
+    order = sorted(range(len(seqs)), key=lambda i: arrivals[i])
+    i = 0
+    while True:
+        nxt = arrivals[order[i]] if i < len(order) else math.inf
+        t = min(nxt, e.next_event_time())
+        if t == math.inf:
+            break
+        assert t >= t_prev  # simulated time never goes back
+        t_prev = t
+        new = e.advance(t)
+        while i < len(order) and arrivals[order[i]] <= t:
+            e.submit(seqs[order[i]], t)
+            i += 1
+        new += e.advance(t)
+        outs += new
+        assert e.used_blocks <= p.kv_blocks
+        assert e.num_running <= p.max_num_seqs
+    finished = [o.seq.seq_id for o in outs if o.kind is OutputKind.FINISHED]
+    assert sorted(finished) == sorted(q.seq_id for q in seqs)  # each exactly once
+    assert all(q.generated == q.max_tokens for q in seqs)  # tokens conserved
+    firsts = {}
+    for o in outs:
+        if o.kind is OutputKind.FIRST_TOKEN:
+            assert o.seq.seq_id not in firsts
+            firsts[o.seq.seq_id] = o.time
+    fin_t = {o.seq.seq_id: o.time for o in outs if o.kind is OutputKind.FINISHED}
+    for q in seqs:
+        assert q.arrival_s <= firsts[q.seq_id] <= fin_t[q.seq_id]
+    assert e.used_blocks == 0 and e.stats.peak_blocks <= kv and e.stats.peak_running <= seqs_cap
+    times = [o.time for o in outs]
+    assert times == sorted(times)
+    del itertools

@@ -1,0 +1,134 @@
+"""The simulated cluster under every policy: invariants, determinism, and QLM against FCFS."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qlmctl.core.groups import group_key
+from qlmctl.core.request import Request
+from qlmctl.policies import policy_names
+from qlmctl.runner import simulate
+from qlmctl.scenario import load_scenario
+from qlmctl.workload import build_requests
+from tests.conftest import make_scenario
+
+CORE_POLICIES = ["fcfs", "priority", "edf", "qlm"]
+
+
+def mixed_requests(n: int, seed: int = 0, models=("m",), rate: float = 20.0) -> list[Request]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.cumsum(rng.exponential(1 / rate, n))
+    out = []
+    for i in range(n):
+        cls = "interactive" if rng.random() < 0.4 else "batch"
+        out.append(Request(i, float(t[i]), str(rng.choice(models)), cls, 5.0 if cls == "interactive" else 120.0,
+                           int(rng.integers(10, 400)), int(rng.integers(1, 120)),
+                           priority=0 if cls == "interactive" else 1))
+    return out
+
+
+def check_invariants(scenario, run, requests):
+    reqs = run.result.requests
+    assert len(reqs) == len(requests)
+    assert sorted(r.request_id for r in reqs) == [r.request_id for r in requests]
+    for r in reqs:
+        assert r.error is None, r.error
+        assert r.finish_s is not None  # finished exactly once: the engine emits FINISHED once (engine tests)
+        assert r.generated_tokens == r.output_tokens  # tokens conserved
+        assert r.arrival_s <= r.dispatch_s <= r.first_token_s <= r.finish_s  # time never goes back
+    for inst in run.result.instances:
+        assert inst["peak_kv_blocks"] <= scenario.profile("m").kv_blocks
+    assert run.summary["completed"] == len(requests)
+
+
+@pytest.mark.parametrize("policy", CORE_POLICIES)
+def test_every_request_finishes_once_with_its_tokens(policy):
+    sc = make_scenario(instances=2, kv_blocks=120, max_num_seqs=8)
+    reqs = mixed_requests(300)
+    run = simulate(sc, policy, reqs)
+    check_invariants(sc, run, reqs)
+    assert reqs[0].finish_s is None  # the caller's requests are untouched (fresh copies per policy)
+
+
+@pytest.mark.parametrize("policy", CORE_POLICIES)
+def test_same_seed_same_results(policy):
+    sc = make_scenario(instances=2, kv_blocks=120, max_num_seqs=8)
+    a = simulate(sc, policy, mixed_requests(200, seed=3))
+    b = simulate(sc, policy, mixed_requests(200, seed=3))
+    rec = lambda run: [(r.request_id, r.dispatch_s, r.first_token_s, r.finish_s, r.instance_id) for r in run.result.requests]
+    assert rec(a) == rec(b)
+    strip = lambda s: {k: v for k, v in s.items() if k not in ("sim_wall_s",)}
+    assert strip(a.summary) == strip(b.summary)
+
+
+def test_fcfs_dispatches_in_arrival_order():
+    sc = make_scenario(instances=2, kv_blocks=400, max_num_seqs=4)
+    run = simulate(sc, "fcfs", mixed_requests(200))
+    by_dispatch = sorted(run.result.requests, key=lambda r: (r.dispatch_s, r.request_id))
+    assert [r.request_id for r in by_dispatch] == sorted(r.request_id for r in by_dispatch)
+
+
+def test_qlm_keeps_fcfs_inside_a_group():
+    sc = make_scenario(instances=2, kv_blocks=400, max_num_seqs=4)
+    run = simulate(sc, "qlm", mixed_requests(300, rate=40))
+    groups: dict = {}
+    for r in run.result.requests:
+        if r.num_evictions == 0 and (r.first_token_s - r.arrival_s) <= r.ttft_slo_s + 60:
+            groups.setdefault(group_key(r, sc.spec.scheduler.slo_bucket_s), []).append(r)
+    for members in groups.values():
+        on_time = [r for r in members if r.dispatch_s <= r.deadline_s]  # demoted requests leave the group
+        order = sorted(on_time, key=lambda r: (r.dispatch_s, r.request_id))
+        assert [r.arrival_s for r in order] == sorted(r.arrival_s for r in order)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 120), seed=st.integers(0, 10_000), policy=st.sampled_from(CORE_POLICIES),
+       kv=st.integers(60, 300), seqs=st.integers(1, 12), instances=st.integers(1, 3))
+def test_invariants_hold_for_random_workloads(n, seed, policy, kv, seqs, instances):
+    sc = make_scenario(instances=instances, kv_blocks=kv, max_num_seqs=seqs)
+    reqs = [r for r in mixed_requests(n, seed=seed, rate=30.0)
+            if sc.profile("m").blocks_for(r.prompt_tokens + r.output_tokens + 1) <= kv]
+    run = simulate(sc, policy, reqs)
+    check_invariants(sc, run, reqs)
+
+
+def test_multi_model_swaps_serve_every_model():
+    sc = make_scenario(instances=1, models=("a", "b"), kv_blocks=400)
+    reqs = mixed_requests(120, models=("a", "b"), rate=5)
+    for policy in CORE_POLICIES:
+        run = simulate(sc, policy, reqs)
+        assert all(r.finish_s is not None for r in run.result.requests), policy
+        assert run.result.num_swaps >= 1
+
+
+def test_overlong_request_fails_with_a_reason_not_dropped():
+    sc = make_scenario(instances=1)
+    reqs = mixed_requests(5)
+    reqs[2].prompt_tokens = 5000  # max_model_len is 4096
+    run = simulate(sc, "qlm", reqs)
+    bad = run.result.requests[2]
+    assert bad.error and "max_model_len" in bad.error
+    assert run.summary["failed"] == 1 and run.summary["completed"] == 4
+
+
+def test_qlm_beats_fcfs_on_the_bundled_default():
+    sc = load_scenario()
+    requests, _ = build_requests(sc)
+    att = {p: simulate(sc, p, requests).summary for p in ("fcfs", "qlm")}
+    assert att["qlm"]["slo_attainment"] > att["fcfs"]["slo_attainment"] + 0.03
+    assert att["qlm"]["slo_attainment_by_class"]["interactive"] > att["fcfs"]["slo_attainment_by_class"]["interactive"]
+
+
+def test_all_registered_policies_run():
+    sc = make_scenario(instances=2, kv_blocks=200, max_num_seqs=8)
+    reqs = mixed_requests(80)
+    for p in policy_names():
+        run = simulate(sc, p, reqs)
+        assert run.summary["completed"] == 80, p
+        json.dumps(run.summary)
