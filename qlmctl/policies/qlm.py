@@ -68,6 +68,7 @@ class QLMPolicy(Policy):
         self._candidates: set[int] | None = None  # instances that may have room; None: all
         self._evicting: set[int] = set()
         self._swapping_to: dict[int, str] = {}
+        self._rates: dict[tuple[int, str], tuple[float, float, float]] = {}
 
     # ------------------------------------------------------------- hooks
     def add_request(self, request: Request, now: float) -> None:
@@ -242,26 +243,48 @@ class QLMPolicy(Policy):
             lanes.append(_Lane(inst, model, float(inst.num_running + inst.num_waiting), offset, []))
         return lanes
 
+    def _rate_of(self, inst: InstanceView, model: str) -> tuple[float, float, float] | None:
+        """(concurrency, request time, CLT factor) of `model` on `inst`, cached for one plan."""
+        key = (inst.instance_id, model)
+        hit = self._rates.get(key)
+        if hit is None:
+            prof = inst.profile_for(model)
+            if prof is None:
+                return None
+            rate = self.est.rate(prof, model)
+            st = self.est.stats.get(model)
+            kz = self.est.z * st.std / max(1.0, st.mean) if st is not None else self.est.z
+            hit = self._rates[key] = (float(rate.concurrency), rate.request_time_s, kz)
+        return hit
+
+    @staticmethod
+    def _completions(n: float, rate: tuple[float, float, float]) -> float:
+        """Time for `n` completions at `rate` (RWTEstimator.completions_time, inlined for speed)."""
+        if n <= 0:
+            return 0.0
+        return max(0.0, n + rate[2] * math.sqrt(n)) * rate[1] / rate[0]
+
     def _start_on(self, lane: _Lane, model: str) -> tuple[float, bool]:
         """Estimated time from now until a request of `model` queued at the end of `lane` starts."""
         inst = lane.inst
-        prof = inst.profile_for(model)
-        if prof is None:
+        rate = self._rate_of(inst, model)
+        if rate is None:
             return math.inf, False
         if lane.model == model:
-            rate = self.est.rate(prof, model)
-            return lane.offset_s + self.est.wait_time(lane.ahead, 0, rate, model), False
+            # It starts once `ahead - concurrency + 1` of the requests ahead have finished.
+            return lane.offset_s + self._completions(lane.ahead - rate[0] + 1, rate), False
         if not self.ctx.enable_swap:
             return math.inf, True
         drain = 0.0
         if lane.model is not None and lane.ahead > 0:
-            cur = inst.profile_for(lane.model)
+            cur = self._rate_of(inst, lane.model)
             if cur is not None:
-                drain = self.est.completions_time(lane.ahead, self.est.rate(cur, lane.model), lane.model)
+                drain = self._completions(lane.ahead, cur)
         return lane.offset_s + drain + inst.load_time(model), True
 
     def plan_queues(self, cluster: ClusterView, now: float) -> dict[int, list[GroupKey]]:
         """The heuristic global scheduler: place and order groups on virtual queues."""
+        self._rates = {}
         lanes = self._lanes(cluster)
         groups = [g for g in self.groups.values() if g.queue]
         groups.sort(key=lambda g: (g.late, g.head_deadline(), g.key))
@@ -281,14 +304,13 @@ class QLMPolicy(Policy):
             pool.sort(key=lambda o: (o[0], o[1], o[2].inst.instance_id))
             chosen = [pool[0]]
             # Spread over more replicas of the same model while that brings the tail in sooner.
-            prof = chosen[0][2].inst.profile_for(g.model)
-            assert prof is not None
-            rate = self.est.rate(prof, g.model)
+            rate = self._rate_of(chosen[0][2].inst, g.model)
+            assert rate is not None
             for start, swap, lane in sorted(options, key=lambda o: o[0]):
                 if lane is chosen[0][2] or swap:
                     continue
                 k = len(chosen)
-                tail_now = max(o[0] for o in chosen) + self.est.completions_time(n / k, rate, g.model)
+                tail_now = max(o[0] for o in chosen) + self._completions(n / k, rate)
                 if start >= tail_now:
                     break
                 chosen.append((start, swap, lane))
@@ -304,6 +326,7 @@ class QLMPolicy(Policy):
 
     def _predicts_violation(self, cluster: ClusterView, now: float) -> bool:
         """Does the current plan make some group's head miss its deadline (per the estimator)?"""
+        self._rates = {}
         lanes = {lane.inst.instance_id: lane for lane in self._lanes(cluster)}
         for iid, vq in self.vqs.items():
             lane = lanes.get(iid)
