@@ -124,6 +124,8 @@ class Engine:
         self._admit_counter = 0
         self._seg: _Segment | None = None
         self._pending: list[tuple[str, Sequence]] = []
+        self._pending_submits = 0
+        self._pending_blocks = 0
         self._clock = 0.0  # time of the last boundary processed
         self._load_until: float | None = None
         self._load_profile: EngineProfile | None = None
@@ -144,8 +146,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        n = len(self._waiting) + len(self._waiting_heap)
-        return n + sum(1 for op, _ in self._pending if op == "submit")
+        return len(self._waiting) + len(self._waiting_heap) + self._pending_submits
 
     @property
     def used_blocks(self) -> int:
@@ -158,8 +159,7 @@ class Engine:
     @property
     def free_blocks(self) -> int:
         """Blocks not in use and not needed by sequences already waiting here."""
-        pend = sum(self._blocks_needed(q) for op, q in self._pending if op == "submit")
-        return self.total_blocks - self._used - self._waiting_blocks - pend
+        return self.total_blocks - self._used - self._waiting_blocks - self._pending_blocks
 
     @property
     def idle(self) -> bool:
@@ -191,6 +191,8 @@ class Engine:
         seq.state = SeqState.WAITING
         seq.prefill_left = seq.prompt_tokens + seq.generated
         self._pending.append(("submit", seq))
+        self._pending_submits += 1
+        self._pending_blocks += self._blocks_needed(seq)
         self._interrupt(now)
 
     def abort(self, seq: Sequence, now: float) -> None:
@@ -431,6 +433,8 @@ class Engine:
     def _apply_pending(self, t: float) -> None:
         ops = self._pending
         self._pending = []
+        self._pending_submits = 0
+        self._pending_blocks = 0
         for op, q in ops:
             if op == "submit":
                 self._enqueue_waiting(q, front=False)

@@ -13,7 +13,7 @@ from typing import ClassVar
 from qlmctl.core.cluster import ClusterView, Decision, Dispatch, SwapModel
 from qlmctl.core.request import Request
 from qlmctl.policies.base import Policy, PolicyContext
-from qlmctl.policies.common import room_of
+from qlmctl.policies.common import RoomBook
 
 
 class QueuePolicy(Policy):
@@ -25,7 +25,9 @@ class QueuePolicy(Policy):
         super().__init__(ctx)
         self._queues: dict[str, list[tuple[tuple[float, ...], int, Request]]] = {}
         self._count = 0
-        self._open = True  # something changed since the last look at the instances
+        self._book = RoomBook(ctx.dispatch_limit)
+        self._served: set[str] | None = None  # models loaded somewhere; None: to recompute
+        self._depth: dict[str, int] = {}
 
     def key(self, r: Request) -> tuple[float, ...]:
         raise NotImplementedError
@@ -33,68 +35,83 @@ class QueuePolicy(Policy):
     def add_request(self, request: Request, now: float) -> None:
         heapq.heappush(self._queues.setdefault(request.model, []), (self.key(request), request.request_id, request))
         self._count += 1
-        self._open = True
+        self._depth[request.slo_class] = self._depth.get(request.slo_class, 0) + 1
 
     def on_finished(self, request: Request, now: float) -> None:
-        self._open = True
+        self._book.touch(request.instance_id)
 
     def on_instance_changed(self, instance_id: int) -> None:
-        self._open = True
+        self._book.touch(instance_id)
+        self._served = None
 
     def num_queued(self) -> int:
         return self._count
 
     def queue_depths(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for q in self._queues.values():
-            for _, _, r in q:
-                out[r.slo_class] = out.get(r.slo_class, 0) + 1
-        return out
+        return dict(self._depth)
 
     def schedule(self, cluster: ClusterView) -> list[Decision]:
-        if not self._count or not self._open:
+        if not self._count:
             return []
-        self._open = False
+        book = self._book
+        book.refresh(cluster)
+        rooms = book.open_rooms()
         out: list[Decision] = []
-        rooms = [room_of(i, self.ctx.dispatch_limit) for i in cluster.instances]
         for model, q in self._queues.items():
-            serving = [rm for rm in rooms if rm is not None and rm.inst.model == model]
+            if not q:
+                continue
+            serving = [rm for rm in rooms if rm.inst.model == model]
             while q and serving:
                 r = q[0][2]
-                best = None
-                for rm in serving:
-                    if rm.fits(r) and (best is None or rm.load < best.load):
-                        best = rm
-                if best is None:
-                    break
+                # Least-loaded first; its KV figure is re-read, as decoding shrinks it between events.
+                best = min(serving, key=lambda rm: (rm.load, rm.inst.instance_id))
+                book.fresh_blocks(best)
+                if not best.fits(r):
+                    serving.remove(best)
+                    continue
                 heapq.heappop(q)
                 self._count -= 1
+                self._depth[r.slo_class] -= 1
                 best.take(r)
                 out.append(Dispatch(r, best.inst.instance_id))
-        if self.ctx.enable_swap:
-            out.extend(self._swaps(cluster, {rm.inst.instance_id: rm.load for rm in rooms if rm is not None}))
+                if best.slots <= 0:
+                    serving.remove(best)
+        if self.ctx.enable_swap and self._count:
+            out.extend(self._swaps(cluster))
         return out
 
-    def _swaps(self, cluster: ClusterView, loads: dict[int, int]) -> list[Decision]:
-        served = {i.model for i in cluster.instances if i.healthy}
-        starving = [(q[0][0], m) for m, q in self._queues.items() if q and m not in served]
+    def _swaps(self, cluster: ClusterView) -> list[Decision]:
+        """Swap idle instances to models whose requests wait with no instance serving them."""
+        if self._served is None:
+            self._served = {i.model for i in cluster.instances if i.healthy and i.model is not None}
+        served = self._served
+        starving = sorted((q[0][0], m) for m, q in self._queues.items() if q and m not in served)
         if not starving:
             return []
-        starving.sort()
-        out: list[Decision] = []
+        book = self._book
+        idle = []
         for inst in cluster.instances:
+            rm = book.get(inst.instance_id)
+            # Loads include this call's dispatches, which the backend has not carried out yet.
+            load = rm.load if rm is not None else inst.num_running + inst.num_waiting
+            if load == 0 and not inst.swapping and inst.healthy:
+                idle.append(inst)
+        if not idle:
+            return []
+        out: list[Decision] = []
+        for inst in idle:
             if not starving:
                 break
-            # Loads include this call's dispatches, which the backend has not carried out yet.
-            if inst.swapping or not inst.healthy or loads.get(inst.instance_id, 0) > 0:
-                continue
             # Leave a model loaded while it still has queued requests.
             if inst.model is not None and self._queues.get(inst.model):
                 continue
-            _, m = starving.pop(0)
-            if inst.profile_for(m) is None:
-                continue
-            out.append(SwapModel(inst.instance_id, m))
+            for k, (_, m) in enumerate(starving):
+                if inst.profile_for(m) is not None:
+                    out.append(SwapModel(inst.instance_id, m))
+                    book.touch(inst.instance_id)
+                    self._served = None
+                    del starving[k]
+                    break
         return out
 
 

@@ -17,6 +17,8 @@ class Room:
     blocks: int
     load: int
     block_size: int
+    blocked: bool = False
+    """Had nothing it could take at the last look; skipped until its instance or model's queue changes."""
 
     def blocks_for(self, r: Request) -> int:
         return -(-(r.prompt_tokens + r.generated_tokens + 1) // self.block_size)
@@ -40,3 +42,56 @@ def room_of(inst: InstanceView, dispatch_limit: int) -> Room | None:
         return None
     load = inst.num_running + inst.num_waiting
     return Room(inst, prof.max_num_seqs + dispatch_limit - load, inst.free_kv_blocks, load, prof.block_size)
+
+
+class RoomBook:
+    """Every instance's room, kept current by events rather than polled on every schedule() call.
+
+    An instance's load changes only through the policy's own dispatches (applied with `Room.take`) and
+    through finishes, evictions and swaps, which the policy's hooks report with `touch`. Free KV blocks
+    also shrink as running requests decode, so `fresh_blocks` re-reads them for the one instance chosen.
+    """
+
+    def __init__(self, dispatch_limit: int) -> None:
+        self.dispatch_limit = dispatch_limit
+        self._rooms: dict[int, Room | None] = {}
+        self._stale: set[int] | None = None  # None: all
+
+    def touch(self, instance_id: int | None) -> None:
+        if instance_id is not None and self._stale is not None:
+            self._stale.add(instance_id)
+
+    def touch_all(self) -> None:
+        self._stale = None
+
+    def refresh(self, cluster: "ClusterViewLike") -> None:
+        insts = cluster.instances
+        ids = range(len(insts)) if self._stale is None else self._stale
+        for iid in ids:
+            self._rooms[iid] = room_of(insts[iid], self.dispatch_limit)
+        self._stale = set()
+
+    def get(self, instance_id: int) -> Room | None:
+        return self._rooms.get(instance_id)
+
+    def open_rooms(self) -> list[Room]:
+        """Rooms of serving instances with a free slot that are not blocked."""
+        return [rm for rm in self._rooms.values() if rm is not None and rm.slots > 0 and not rm.blocked]
+
+    def unblock(self, models: set[str]) -> None:
+        """New requests of these models arrived: blocked rooms serving them may take them."""
+        for rm in self._rooms.values():
+            if rm is not None and rm.blocked and rm.inst.model in models:
+                rm.blocked = False
+
+    def unloaded(self) -> list[int]:
+        """Instances serving nothing now (no model, swapping or unhealthy)."""
+        return [iid for iid, rm in self._rooms.items() if rm is None]
+
+    @staticmethod
+    def fresh_blocks(rm: Room) -> None:
+        rm.blocks = rm.inst.free_kv_blocks
+
+
+class ClusterViewLike:  # typing aid only: anything with `.instances`
+    instances: list[InstanceView]

@@ -28,7 +28,7 @@ from qlmctl.core.estimator import RWTEstimator
 from qlmctl.core.groups import LATE_BUCKET, GroupKey, RequestGroup, group_key
 from qlmctl.core.request import Request
 from qlmctl.policies.base import Policy, PolicyContext
-from qlmctl.policies.common import Room, room_of
+from qlmctl.policies.common import Room, RoomBook, room_of
 
 
 @dataclass(slots=True)
@@ -65,7 +65,9 @@ class QLMPolicy(Policy):
         self._count = 0
         self._dirty = True
         self._next_plan = -math.inf
-        self._candidates: set[int] | None = None  # instances that may have room; None: all
+        self._book = RoomBook(ctx.dispatch_limit)
+        self._arrived_models: set[str] = set()
+        self._depth: dict[str, int] = {}
         self._evicting: set[int] = set()
         self._swapping_to: dict[int, str] = {}
         self._rates: dict[tuple[int, str], tuple[float, float, float]] = {}
@@ -81,6 +83,8 @@ class QLMPolicy(Policy):
             self._dirty = True
         g.queue.append(request)
         self._count += 1
+        self._depth[request.slo_class] = self._depth.get(request.slo_class, 0) + 1
+        self._arrived_models.add(request.model)
 
     def on_finished(self, request: Request, now: float) -> None:
         self.est.observe(request.model, request.prompt_tokens, request.generated_tokens)
@@ -102,21 +106,18 @@ class QLMPolicy(Policy):
             self._dirty = True
         g.queue.appendleft(request)
         self._count += 1
+        self._depth[request.slo_class] = self._depth.get(request.slo_class, 0) + 1
+        self._arrived_models.add(request.model)
         self._touch(request.instance_id)
 
     def _touch(self, instance_id: int | None) -> None:
-        if self._candidates is not None and instance_id is not None:
-            self._candidates.add(instance_id)
+        self._book.touch(instance_id)
 
     def num_queued(self) -> int:
         return self._count
 
     def queue_depths(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for g in self.groups.values():
-            for r in g.queue:
-                out[r.slo_class] = out.get(r.slo_class, 0) + 1
-        return out
+        return dict(self._depth)
 
     def next_wakeup(self, now: float) -> float | None:
         if not self._count:
@@ -136,37 +137,36 @@ class QLMPolicy(Policy):
                 self._dirty = False
             if self.ctx.enable_eviction:
                 out.extend(self._evictions(cluster, now))
-            self._candidates = None
+            self._book.unblock(set(self.ctx.profiles) | {g.model for g in self.groups.values()})
         if not self._count:
             return out
+        book = self._book
+        book.refresh(cluster)
+        if self._arrived_models:
+            book.unblock(self._arrived_models)
+            self._arrived_models = set()
         insts = cluster.instances
-        ids = range(len(insts)) if self._candidates is None else self._candidates
-        rooms: list[tuple[int, int, Room]] = []
-        for iid in ids:
+        for iid in book.unloaded():
             inst = insts[iid]
-            room = room_of(inst, self.ctx.dispatch_limit)
-            if room is None:
-                if not inst.swapping and inst.healthy:
-                    out.extend(self._maybe_swap(inst))
-                continue
-            rooms.append((room.load, iid, room))
+            if not inst.swapping and inst.healthy:
+                out.extend(self._maybe_swap(inst))
         # Least-loaded first, one request at a time, so replicas sharing a group share its load.
+        rooms = [(rm.load, rm.inst.instance_id, rm) for rm in book.open_rooms()]
         heapq.heapify(rooms)
-        keep: set[int] = set()
         while rooms and self._count:
             _, iid, room = heapq.heappop(rooms)
+            book.fresh_blocks(room)
             g = self._next_group(room.inst, room, now, out)
             if g is None:
-                if room.slots > 0 and room.blocks > 0:
-                    keep.add(iid)
+                room.blocked = True
                 continue
             r = g.queue.popleft()
             self._count -= 1
+            self._depth[r.slo_class] -= 1
             room.take(r)
             out.append(Dispatch(r, iid))
-            heapq.heappush(rooms, (room.load, iid, room))
-        keep.update(iid for _, iid, room in rooms if room.slots > 0 and room.blocks > 0)
-        self._candidates = keep
+            if room.slots > 0:
+                heapq.heappush(rooms, (room.load, iid, room))
         return out
 
     def _next_group(self, inst: InstanceView, room: Room, now: float, out: list[Decision]) -> RequestGroup | None:
