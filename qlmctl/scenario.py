@@ -141,6 +141,60 @@ class SchedulerSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="policy-specific parameters")
 
 
+class LiveEngineSpec(_Strict):
+    """One vLLM OpenAI-compatible server the gateway sends requests to (`qlmctl serve`)."""
+
+    instance: str = Field(description="the GPU (serving instance) this engine runs on; engines sharing it swap")
+    model: str = Field(description="model it serves (a key of models); also the served model name")
+    url: str = Field(description="base URL, e.g. http://127.0.0.1:8001")
+    gpu: str = Field(default="H200", description="GPU type, for the profile's by_gpu overrides")
+    device: int | None = Field(default=None, ge=0, description="CUDA device index for --launch; default: instance order")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got '{v}'")
+        return v.rstrip("/")
+
+
+class LaunchSpec(_Strict):
+    """How `qlmctl serve --launch` starts the engines: one process per `live.engines` entry."""
+
+    command: str = Field(description="command template; {model}, {port}, {gpu} (device index), {name}, {speedup}")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for every engine process")
+    sleep_mode: bool = Field(default=True, description="engines sharing a GPU swap by sleep/wake_up; else by restart")
+    health_timeout_s: float = Field(default=900.0, gt=0, description="how long to wait for /health, s")
+
+
+class LiveSpec(_Strict):
+    """The live gateway (`qlmctl serve`): its engines and its HTTP settings."""
+
+    engines: list[LiveEngineSpec] = Field(min_length=1)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535, description="gateway port (0: any free port)")
+    default_slo_class: str | None = Field(default=None, description="SLO class of requests that name none")
+    speedup: float = Field(
+        default=1.0, gt=0,
+        description="gateway clock rate vs the wall clock; set to the emulated engines' speed-up (1 for vLLM)",
+    )
+    metrics_interval_s: float = Field(default=0.5, gt=0, description="engine /metrics poll period, wall s")
+    resume: Literal["continue", "restart"] = Field(
+        default="continue", description="after an eviction: continue from the tokens sent, or regenerate and skip them"
+    )
+    max_connections: int = Field(default=4096, gt=0, description="HTTP connections per engine")
+    launch: LaunchSpec | None = None
+
+    @model_validator(mode="after")
+    def _engines(self) -> "LiveSpec":
+        seen: set[tuple[str, str]] = set()
+        for i, e in enumerate(self.engines):
+            if (e.instance, e.model) in seen:
+                raise ValueError(f"engines.{i}: instance '{e.instance}' lists model '{e.model}' twice")
+            seen.add((e.instance, e.model))
+        return self
+
+
 class ScenarioSpec(_Strict):
     name: str = "scenario"
     description: str = ""
@@ -152,6 +206,7 @@ class ScenarioSpec(_Strict):
     slo_classes: dict[str, SLOClassSpec] = Field(min_length=1)
     workload: WorkloadSpec
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    live: LiveSpec | None = None
 
     @field_validator("token_throughput")
     @classmethod
@@ -169,6 +224,19 @@ class ScenarioSpec(_Strict):
         for i, inst in enumerate(self.cluster.instances):
             if inst.model is not None and inst.model not in names:
                 raise ValueError(f"cluster.instances.{i}.model: unknown model '{inst.model}'")
+        return self
+
+    @model_validator(mode="after")
+    def _live_refs(self) -> "ScenarioSpec":
+        if self.live is None:
+            return self
+        names = set(self.models) | set(self.token_throughput)
+        for i, e in enumerate(self.live.engines):
+            if e.model not in names:
+                raise ValueError(f"live.engines.{i}.model: unknown model '{e.model}'")
+        d = self.live.default_slo_class
+        if d is not None and d not in self.slo_classes:
+            raise ValueError(f"live.default_slo_class: unknown SLO class '{d}'")
         return self
 
 

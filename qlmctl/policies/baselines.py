@@ -27,6 +27,7 @@ class QueuePolicy(Policy):
         self._count = 0
         self._book = RoomBook(ctx.dispatch_limit)
         self._served: set[str] | None = None  # models loaded somewhere; None: to recompute
+        self._swap_targets: dict[int, str] = {}  # swaps under way: instance -> model
         self._depth: dict[str, int] = {}
 
     def key(self, r: Request) -> tuple[float, ...]:
@@ -43,6 +44,7 @@ class QueuePolicy(Policy):
     def on_instance_changed(self, instance_id: int) -> None:
         self._book.touch(instance_id)
         self._served = None
+        self._swap_targets.pop(instance_id, None)
 
     def num_queued(self) -> int:
         return self._count
@@ -84,7 +86,7 @@ class QueuePolicy(Policy):
         """Swap idle instances to models whose requests wait with no instance serving them."""
         if self._served is None:
             self._served = {i.model for i in cluster.instances if i.healthy and i.model is not None}
-        served = self._served
+        served = self._served | set(self._swap_targets.values())
         starving = sorted((q[0][0], m) for m, q in self._queues.items() if q and m not in served)
         if not starving:
             return []
@@ -109,7 +111,7 @@ class QueuePolicy(Policy):
                 if inst.profile_for(m) is not None:
                     out.append(SwapModel(inst.instance_id, m))
                     book.touch(inst.instance_id)
-                    self._served = None
+                    self._swap_targets[inst.instance_id] = m
                     del starving[k]
                     break
         return out
