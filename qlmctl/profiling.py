@@ -41,7 +41,7 @@ class DecodePoint:
     prompt_tokens: int
     output_tokens: int
     itl_s: float
-    """Median inter-token latency over the steady part of the streams."""
+    """Inter-token latency once every stream decodes (median over streams of their mean step)."""
     context_tokens: float
     """Mean KV tokens of the whole batch during that part."""
 
@@ -221,17 +221,16 @@ class Profiler:
         # Steady part: after the last stream's first token, before the first stream's last token.
         start = max(r[1][0] for r in results)
         end = min(r[1][-1] for r in results)
-        gaps: list[float] = []
+        # Per stream, the mean step over the steady window (robust to tokens delivered in bursts).
+        rates: list[float] = []
         for _, ts in results:
             arr = np.asarray(ts)
-            sel = arr[(arr > start) & (arr <= end)]
-            if len(sel) > 1:
-                d = np.diff(sel)
-                gaps.extend(d[d > 0].tolist())
-        if not gaps:
+            sel = arr[(arr >= start) & (arr <= end)]
+            if len(sel) > 2 and sel[-1] > sel[0]:
+                rates.append((sel[-1] - sel[0]) / (len(sel) - 1))
+        if not rates:
             raise RuntimeError(f"no steady decode phase at batch {batch}; use more output tokens")
-        # Tokens at step granularity: the median positive gap is one step.
-        itl = float(np.median(gaps))
+        itl = float(np.median(rates))
         mid_gen = output_tokens / 2.0
         return DecodePoint(batch, prompt_tokens, output_tokens, itl, batch * (prompt_tokens + mid_gen))
 

@@ -68,6 +68,7 @@ class QLMPolicy(Policy):
         self._book = RoomBook(ctx.dispatch_limit)
         self._arrived_models: set[str] = set()
         self._depth: dict[str, int] = {}
+        self._planned: set[GroupKey] = set()  # keys on some virtual queue
         self._evicting: set[int] = set()
         self._swapping_to: dict[int, str] = {}
         self._rates: dict[tuple[int, str], tuple[float, float, float]] = {}
@@ -79,7 +80,7 @@ class QLMPolicy(Policy):
         if g is None:
             g = self.groups[key] = RequestGroup(key, request.ttft_slo_s)
             self._dirty = True
-        elif not any(key in vq for vq in self.vqs.values()):
+        elif key not in self._planned:
             self._dirty = True
         g.queue.append(request)
         self._count += 1
@@ -133,6 +134,7 @@ class QLMPolicy(Policy):
             self._demote_expired(now)
             if self._dirty or self._predicts_violation(cluster, now):
                 self.vqs = self.plan_queues(cluster, now)
+                self._planned = {k for vq in self.vqs.values() for k in vq}
                 self.stats.plans += 1
                 self._dirty = False
             if self.ctx.enable_eviction:

@@ -1,0 +1,71 @@
+"""profile-model against an emulated engine whose parameters are known: it must recover them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from qlmctl.cli import app
+from qlmctl.profiling import DecodePoint, PrefillPoint, RawProfile, fit_profile
+from simulator.profile import EngineProfile
+
+TRUTH = EngineProfile(model="m", base_s=0.02, per_prefill_token_s=1.5e-4, per_decode_seq_s=1.0e-3,
+                      per_context_token_s=4.0e-6, kv_blocks=4096, block_size=16, max_num_seqs=64,
+                      max_num_batched_tokens=2048, max_model_len=8192)
+
+
+def test_fit_recovers_exact_synthetic_points():
+    raw = RawProfile(model="m", url="-", num_gpu_blocks=100)
+    for n in (128, 512, 1024, 4000):
+        chunks = -(-n // TRUTH.max_num_batched_tokens)
+        raw.prefill.append(PrefillPoint(n, 0.003 + chunks * TRUTH.base_s + TRUTH.per_prefill_token_s * n))
+    for b in (1, 4, 16):
+        for ctx in (100, 1000):
+            c = b * (ctx + 16)
+            raw.decode.append(DecodePoint(b, ctx, 32, TRUTH.step_time(0, b, c), c))
+    fit = fit_profile(raw, TRUTH.max_num_batched_tokens)
+    assert fit.base_s == pytest.approx(TRUTH.base_s, rel=1e-6)
+    assert fit.per_prefill_token_s == pytest.approx(TRUTH.per_prefill_token_s, rel=1e-6)
+    assert fit.per_decode_seq_s == pytest.approx(TRUTH.per_decode_seq_s, rel=1e-6)
+    assert fit.per_context_token_s == pytest.approx(TRUTH.per_context_token_s, rel=1e-6)
+    assert fit.overhead_s == pytest.approx(0.003, rel=1e-6)
+    assert fit.max_abs_error < 1e-9
+
+
+def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
+    from qlmctl.live.emulator import start_emulator
+
+    out = tmp_path / "prof.yaml"
+    raw = tmp_path / "raw.json"
+    with start_emulator(TRUTH, "m", speedup=1.0) as emu:
+        res = CliRunner().invoke(app, [
+            "profile-model", "m", "--url", emu.url, "--out", str(out), "--raw", str(raw),
+            "--prompt-lengths", "256,1024,2048,3000", "--batches", "1,4,8,16", "--contexts", "128,1024",
+            "--output-tokens", "24", "--reps", "3", "--max-num-seqs", "64", "--max-num-batched-tokens", "2048",
+            "--gpu", "emulated", "--sleep",
+        ])
+    assert res.exit_code == 0, res.output
+    prof = yaml.safe_load(out.read_text())
+    for k in ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s"):
+        assert prof[k] == pytest.approx(getattr(TRUTH, k), rel=0.05), (k, prof[k])
+    assert prof["kv_blocks"] == TRUTH.kv_blocks and prof["block_size"] == 16
+    assert prof["max_model_len"] == TRUTH.max_model_len
+    assert prof["provenance"]["gpu"] == "emulated" and "vllm" in prof["provenance"]["engine"]
+    assert prof["load_warm_s"] == pytest.approx(TRUTH.load_warm_s, rel=0.25)
+    # Refitting the saved raw measurements gives the same profile, with no engine.
+    res2 = CliRunner().invoke(app, ["profile-model", "m", "--from-raw", str(raw), "--out", str(tmp_path / "p2.yaml"),
+                                    "--max-num-seqs", "64", "--max-num-batched-tokens", "2048"])
+    assert res2.exit_code == 0, res2.output
+    again = yaml.safe_load((tmp_path / "p2.yaml").read_text())
+    assert again["base_s"] == prof["base_s"]
+    assert json.loads(raw.read_text())["model"] == "m"
+
+
+def test_unreachable_engine_is_a_clear_error():
+    res = CliRunner().invoke(app, ["profile-model", "m", "--url", "http://127.0.0.1:9", "--health-timeout-s", "1"])
+    assert res.exit_code == 2 and "not healthy" in res.output
