@@ -3,8 +3,9 @@
 Measurements (all through the OpenAI completions API, token-id prompts so lengths are exact, greedy,
 `ignore_eos`):
 - prefill: one request at a time with `max_tokens=1`; its TTFT is HTTP overhead + the prefill steps;
-- decode: B concurrent streams of a given prompt length; the median inter-token latency once every
-  stream is decoding is one engine step with D=B sequences and C=B*(context) cached tokens;
+- decode: B concurrent requests of a given prompt length, once with short and once with long outputs; the
+  difference of the two rounds' last finishes over the difference in tokens is one engine step with D=B
+  sequences and C=B*(context) cached tokens;
 - capacity: `vllm:cache_config_info{num_gpu_blocks, block_size}` from /metrics;
 - optionally the sleep (level 1) and wake-up times, i.e. the warm model-swap cost.
 
@@ -41,7 +42,7 @@ class DecodePoint:
     prompt_tokens: int
     output_tokens: int
     itl_s: float
-    """Inter-token latency once every stream decodes (median over streams of their mean step)."""
+    """Step time with every sequence decoding (from two rounds of different output lengths)."""
     context_tokens: float
     """Mean KV tokens of the whole batch during that part."""
 
@@ -146,6 +147,7 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         "max_num_seqs": max_num_seqs,
         "max_num_batched_tokens": max_num_batched_tokens,
     }
+    out["frontend_latency_s"] = round(fit.overhead_s, 6)
     if raw.max_model_len:
         out["max_model_len"] = int(raw.max_model_len)
     if raw.wake_s is not None:
@@ -216,23 +218,39 @@ class Profiler:
             ttfts.append(ttft)
         return PrefillPoint(prompt_tokens, float(statistics.median(ttfts)))
 
-    async def decode_point(self, batch: int, prompt_tokens: int, output_tokens: int) -> DecodePoint:
-        results = await asyncio.gather(*(self.stream(prompt_tokens, output_tokens) for _ in range(batch)))
-        # Steady part: after the last stream's first token, before the first stream's last token.
-        start = max(r[1][0] for r in results)
-        end = min(r[1][-1] for r in results)
-        # Per stream, the mean step over the steady window (robust to tokens delivered in bursts).
-        rates: list[float] = []
-        for _, ts in results:
-            arr = np.asarray(ts)
-            sel = arr[(arr >= start) & (arr <= end)]
-            if len(sel) > 2 and sel[-1] > sel[0]:
-                rates.append((sel[-1] - sel[0]) / (len(sel) - 1))
-        if not rates:
-            raise RuntimeError(f"no steady decode phase at batch {batch}; use more output tokens")
-        itl = float(np.median(rates))
-        mid_gen = output_tokens / 2.0
-        return DecodePoint(batch, prompt_tokens, output_tokens, itl, batch * (prompt_tokens + mid_gen))
+    async def complete(self, prompt_tokens: int, max_tokens: int) -> float:
+        """One non-streamed completion; its end-to-end latency, s."""
+        body = {"model": self.model, "prompt": self._prompt(prompt_tokens), "max_tokens": max_tokens,
+                "temperature": 0.0, "ignore_eos": True}
+        t0 = time.perf_counter()
+        resp = await self.client.post("/v1/completions", json=body)
+        if resp.status_code != 200:
+            raise RuntimeError(f"engine answered {resp.status_code}: {resp.text[:300]}")
+        n = resp.json()["usage"]["completion_tokens"]
+        if n != max_tokens:
+            raise RuntimeError(f"asked for {max_tokens} tokens, got {n}")
+        return time.perf_counter() - t0
+
+    async def decode_point(self, batch: int, prompt_tokens: int, output_tokens: int,
+                           max_num_batched_tokens: int = 8192) -> DecodePoint:
+        """Step time with `batch` sequences decoding: two rounds of `batch` concurrent requests, with short
+        and long outputs; the last request of a round finishes once every prefill is done plus its decode
+        steps, so the difference of the two rounds' last finishes is (long - short) full-batch steps. No
+        per-token client timing is involved, so a busy client cannot skew it."""
+        # Chunked prefill staggers the starts by about this many steps; the short round must outlast it so
+        # that every sequence decodes together in both rounds.
+        stagger = -(-batch * prompt_tokens // max(1, max_num_batched_tokens - batch))
+        short = max(4, 2 * stagger + 4)
+        long = short + output_tokens
+        rounds = []
+        for n in (short, long):
+            e2e = await asyncio.gather(*(self.complete(prompt_tokens, n) for _ in range(batch)))
+            rounds.append(max(e2e))
+        itl = (rounds[1] - rounds[0]) / (long - short)
+        if itl <= 0:
+            raise RuntimeError(f"decode timing at batch {batch} is not increasing with output length")
+        mid_gen = (short + long) / 2.0
+        return DecodePoint(batch, prompt_tokens, output_tokens, float(itl), batch * (prompt_tokens + mid_gen))
 
     async def capacity(self, raw: RawProfile) -> None:
         from prometheus_client.parser import text_string_to_metric_families

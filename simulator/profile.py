@@ -43,6 +43,9 @@ class EngineProfile:
     """Prior for the RWT estimator's output-length distribution (mean)."""
     std_output_tokens: float = 256.0
     """Prior for the RWT estimator's output-length distribution (standard deviation)."""
+    frontend_latency_s: float = 0.0
+    """Fixed latency a client sees on top of the engine's steps (API server, tokenizer, HTTP), added to the
+    first-token and finish times a client observes; `profile-model` fits it as the TTFT intercept."""
 
     def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
         """Seconds for one engine step of the given composition."""

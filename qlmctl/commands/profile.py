@@ -45,7 +45,7 @@ def _wait_health(url: str, proc: subprocess.Popen | None, timeout_s: float) -> N
 
 
 async def _measure(url: str, model: str, prompt_lengths: list[int], batches: list[int], contexts: list[int],
-                   output_tokens: int, reps: int, sleep: bool, seed: int, progress, raw) -> None:
+                   output_tokens: int, reps: int, sleep: bool, seed: int, budget: int, progress, raw) -> None:
     from qlmctl.profiling import Profiler
 
     prof = Profiler(url, model, seed=seed)
@@ -61,7 +61,7 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
         for ctx in contexts:
             for b in batches:
                 progress.update(task, description=f"decode B={b} ctx={ctx}")
-                raw.decode.append(await prof.decode_point(b, ctx, output_tokens))
+                raw.decode.append(await prof.decode_point(b, ctx, output_tokens, budget))
                 progress.advance(task)
         if sleep:
             progress.update(task, description="sleep / wake_up")
@@ -83,7 +83,7 @@ def profile_model(
     prompt_lengths: str = typer.Option("128,512,1024,2048,4096", help="Prefill points: prompt lengths, tokens."),
     batches: str = typer.Option("1,8,32,64,128,256", help="Decode points: concurrent streams."),
     contexts: str = typer.Option("128,1024", help="Decode points: prompt length of each stream, tokens."),
-    output_tokens: int = typer.Option(128, min=8, help="Tokens generated per decode stream."),
+    output_tokens: int = typer.Option(128, min=8, help="Decode steps measured per point (extra tokens in the long round)."),
     reps: int = typer.Option(3, min=1, help="Repetitions of each prefill point (median taken)."),
     max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile)."),
     max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens."),
@@ -121,7 +121,8 @@ def profile_model(
                 _wait_health(url, proc, health_timeout_s)
                 with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                               TimeElapsedColumn(), console=console) as progress:
-                    asyncio.run(_measure(url, model, pl, bs, cx, output_tokens, reps, sleep, seed, progress, raw))
+                    asyncio.run(_measure(url, model, pl, bs, cx, output_tokens, reps, sleep, seed,
+                                         max_num_batched_tokens, progress, raw))
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted: keeping what was measured[/]")
             finally:

@@ -1,0 +1,49 @@
+# Sourced by the device scripts: unpack the vLLM bundle (carried as .vllmkit/p0) once, make model folders,
+# and define start/stop helpers for `vllm serve` with dummy weights. Run from the repo root on the GPU host.
+K=${K:-/root/vk}; OUT=${OUT:-/tmp/vkout}; mkdir -p "$K/parts" "$OUT"
+T0=$(date +%s)
+log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+if [ ! -f "$K/site/vllm/__init__.py" ]; then
+  cp .vllmkit/p*/bundle.part* "$K/parts/"
+  log "unpacking vLLM bundle"
+  cat $(ls "$K"/parts/bundle.part* | sort -V) | python3 -c "
+import lzma, sys, tarfile
+tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall(sys.argv[1])" "$K"
+fi
+make_models() {
+  [ -f "$K/m8b/config.json" ] || python3 .vllmkit/bin/make_model.py "$K/m8b" >/dev/null
+  if [ ! -f "$K/m3b/config.json" ]; then
+    python3 .vllmkit/bin/make_model.py "$K/m3b" >/dev/null
+    # Llama-3.2-3B shape: narrower, fewer layers, tied embeddings.
+    python3 - "$K/m3b/config.json" <<'PY'
+import json, sys
+p = sys.argv[1]; c = json.load(open(p))
+c.update(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+         num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+c["rope_scaling"]["factor"] = 32.0
+json.dump(c, open(p, "w"), indent=2)
+PY
+  fi
+}
+export PYTHONPATH=$K/site:$PWD PYTHONUNBUFFERED=1 VLLM_SERVER_DEV_MODE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+       HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
+VLLM_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --max-num-seqs 256 --max-num-batched-tokens 8192 --enable-sleep-mode"
+SPID=
+start_vllm() {  # $1 model dir, $2 served name, $3 port, rest: extra flags
+  local dir=$1 name=$2 port=$3; shift 3
+  log "starting vllm serve $name on :$port"
+  setsid python3 -m vllm.entrypoints.cli.main serve "$dir" --served-model-name "$name" $VLLM_FLAGS \
+    --host 127.0.0.1 --port "$port" "$@" > "$OUT/server_$name.log" 2>&1 &
+  SPID=$!; echo $SPID > "$K/server_$name.pgid"
+  local t=0
+  until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; do
+    sleep 2; t=$((t + 2))
+    if ! kill -0 $SPID 2>/dev/null; then log "server died"; tail -30 "$OUT/server_$name.log"; return 1; fi
+    if [ $t -ge ${HEALTH_LIMIT:-240} ]; then log "health timeout"; tail -30 "$OUT/server_$name.log"; return 1; fi
+  done
+  log "healthy after ${t}s"
+  grep -E "KV cache|Maximum concurrency|Model loading took|Graph capturing" "$OUT/server_$name.log" | sed 's/^.*\] //' | cut -c1-150
+}
+stop_vllm() { [ -n "$SPID" ] && kill -- -$SPID 2>/dev/null; sleep 4; kill -9 -- -$SPID 2>/dev/null; SPID=; }
+qlm() { python3 -c "from qlmctl.cli import main; main()" "$@"; }
+profile_cmd() { python3 -c "import typer; from qlmctl.commands.profile import profile_model; typer.run(profile_model)" "$@"; }
