@@ -38,6 +38,7 @@ class ProfileSpec(_Strict):
     load_warm_s: float = Field(default=1.0, ge=0)
     mean_output_tokens: float = Field(default=256.0, gt=0)
     std_output_tokens: float = Field(default=256.0, ge=0)
+    frontend_latency_s: float = Field(default=0.0, ge=0, description="client-visible latency added to TTFT, s")
     provenance: dict[str, Any] | None = None
 
     def to_profile(self, model: str) -> EngineProfile:
@@ -153,15 +154,17 @@ class LiveEngineSpec(_Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"url must start with http:// or https://, got '{v}'")
+        if not v.startswith("http://"):
+            raise ValueError(f"url must be http://host:port (engines speak plain HTTP), got '{v}'")
         return v.rstrip("/")
 
 
 class LaunchSpec(_Strict):
     """How `qlmctl serve --launch` starts the engines: one process per `live.engines` entry."""
 
-    command: str = Field(description="command template; {model}, {port}, {gpu} (device index), {name}, {speedup}")
+    command: str = Field(
+        description="command template: {model}, {port}, {gpu} (device index), {name}, {speedup}, {python}, {scenario}"
+    )
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for every engine process")
     sleep_mode: bool = Field(default=True, description="engines sharing a GPU swap by sleep/wake_up; else by restart")
     health_timeout_s: float = Field(default=900.0, gt=0, description="how long to wait for /health, s")
@@ -181,6 +184,11 @@ class LiveSpec(_Strict):
     metrics_interval_s: float = Field(default=0.5, gt=0, description="engine /metrics poll period, wall s")
     resume: Literal["continue", "restart"] = Field(
         default="continue", description="after an eviction: continue from the tokens sent, or regenerate and skip them"
+    )
+    token_count: Literal["usage", "chunks"] = Field(
+        default="usage",
+        description="how the gateway counts streamed tokens: the engine's cumulative usage in every chunk "
+                    "(exact; vLLM's continuous_usage_stats), or one per chunk with text (cheaper)",
     )
     max_connections: int = Field(default=4096, gt=0, description="HTTP connections per engine")
     launch: LaunchSpec | None = None
