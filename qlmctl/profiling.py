@@ -178,8 +178,11 @@ class Profiler:
         self.url = url.rstrip("/")
         self.model = model
         self.rng = np.random.default_rng(seed)
+        # Keep-alive shorter than uvicorn's 5 s idle timeout, so a reused connection is never one the
+        # server is closing (that race surfaces as ReadError under hundreds of concurrent requests).
         self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout_s,
-                                        limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024))
+                                        limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024,
+                                                            keepalive_expiry=1.0))
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -222,8 +225,16 @@ class Profiler:
         """One non-streamed completion; its end-to-end latency, s."""
         body = {"model": self.model, "prompt": self._prompt(prompt_tokens), "max_tokens": max_tokens,
                 "temperature": 0.0, "ignore_eos": True}
-        t0 = time.perf_counter()
-        resp = await self.client.post("/v1/completions", json=body)
+        import httpx
+
+        for attempt in range(3):
+            t0 = time.perf_counter()
+            try:
+                resp = await self.client.post("/v1/completions", json=body)
+                break
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError):
+                if attempt == 2:
+                    raise
         if resp.status_code != 200:
             raise RuntimeError(f"engine answered {resp.status_code}: {resp.text[:300]}")
         n = resp.json()["usage"]["completion_tokens"]
@@ -234,23 +245,49 @@ class Profiler:
     async def decode_point(self, batch: int, prompt_tokens: int, output_tokens: int,
                            max_num_batched_tokens: int = 8192) -> DecodePoint:
         """Step time with `batch` sequences decoding: two rounds of `batch` concurrent requests, with short
-        and long outputs; the last request of a round finishes once every prefill is done plus its decode
-        steps, so the difference of the two rounds' last finishes is (long - short) full-batch steps. No
-        per-token client timing is involved, so a busy client cannot skew it."""
+        and long outputs; the long round's extra tokens are all full-batch decode steps. Timed by the engine
+        itself (its inter-token latency histogram, sum and count, before and after each round), so a busy
+        client cannot skew it; without that metric, by the difference of the rounds' last finishes."""
         # Chunked prefill staggers the starts by about this many steps; the short round must outlast it so
         # that every sequence decodes together in both rounds.
         stagger = -(-batch * prompt_tokens // max(1, max_num_batched_tokens - batch))
         short = max(4, 2 * stagger + 4)
         long = short + output_tokens
         rounds = []
+        server: list[tuple[float, float]] = []
         for n in (short, long):
+            before = await self.itl_totals()
             e2e = await asyncio.gather(*(self.complete(prompt_tokens, n) for _ in range(batch)))
+            after = await self.itl_totals()
             rounds.append(max(e2e))
-        itl = (rounds[1] - rounds[0]) / (long - short)
+            if before is not None and after is not None:
+                server.append((after[0] - before[0], after[1] - before[1]))
+        if len(server) == 2 and server[1][1] > server[0][1]:
+            # The engine's own inter-token latencies: the long round's extra tokens are full-batch steps.
+            itl = (server[1][0] - server[0][0]) / (server[1][1] - server[0][1])
+        else:
+            itl = (rounds[1] - rounds[0]) / (long - short)
         if itl <= 0:
             raise RuntimeError(f"decode timing at batch {batch} is not increasing with output length")
         mid_gen = (short + long) / 2.0
         return DecodePoint(batch, prompt_tokens, output_tokens, float(itl), batch * (prompt_tokens + mid_gen))
+
+    async def itl_totals(self) -> tuple[float, float] | None:
+        """(sum s, count) of the engine's `vllm:inter_token_latency_seconds` histogram, if it has one."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        resp = await self.client.get("/metrics")
+        if resp.status_code != 200:
+            return None
+        total = count = None
+        for fam in text_string_to_metric_families(resp.text):
+            if fam.name == "vllm:inter_token_latency_seconds":
+                for smp in fam.samples:
+                    if smp.name.endswith("_sum"):
+                        total = (total or 0.0) + smp.value
+                    elif smp.name.endswith("_count"):
+                        count = (count or 0.0) + smp.value
+        return (total, count) if total is not None and count is not None else None
 
     async def capacity(self, raw: RawProfile) -> None:
         from prometheus_client.parser import text_string_to_metric_families
