@@ -1,15 +1,12 @@
 #!/bin/bash
 # Device call B: live replays of scenarios/fidelity_h200.yaml at three loads under fcfs and qlm, through
-# `qlmctl serve`, in front of the real vLLM 8B server left running by profile_h200.sh (started if absent).
+# `qlmctl serve`, in front of a real vLLM 8B server started here without prefix caching.
 # run(command="bash bench/device/fidelity_h200.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
 set -u
-source bench/device/vllm_env.sh
+PREFIX_CACHING=off source bench/device/vllm_env.sh
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-[ -f "$OUT/h200-llama-3.1-8b.yaml" ] && cp "$OUT/h200-llama-3.1-8b.yaml" scenarios/profiles/h200-llama-3.1-8b.yaml
 head -12 scenarios/profiles/h200-llama-3.1-8b.yaml
-if ! python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health', timeout=2)" 2>/dev/null; then
-  make_models; start_vllm "$K/m8b" llama-3.1-8b 8000 || exit 4
-fi
+make_models; start_vllm "$K/m8b" llama-3.1-8b 8000 || exit 4
 mkdir -p "$OUT/fid"
 for spec in "light 8 240" "near 20 600" "over 32 960"; do
   set -- $spec

@@ -28,6 +28,9 @@ PY
 export PYTHONPATH=$K/site:$PWD PYTHONUNBUFFERED=1 VLLM_SERVER_DEV_MODE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
        HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
 VLLM_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --max-num-seqs 256 --max-num-batched-tokens 8192 --enable-sleep-mode"
+# Replays of one trace repeat its prompts run after run; vLLM's prefix cache would then skip most prefill
+# work for every run but the first, which the simulator does not model. Fidelity runs turn it off.
+[ "${PREFIX_CACHING:-on}" = off ] && VLLM_FLAGS="$VLLM_FLAGS --no-enable-prefix-caching"
 SPID=
 start_vllm() {  # $1 model dir, $2 served name, $3 port, rest: extra flags
   local dir=$1 name=$2 port=$3; shift 3
