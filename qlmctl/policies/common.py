@@ -19,6 +19,8 @@ class Room:
     block_size: int
     blocked: bool = False
     """Had nothing it could take at the last look; skipped until its instance or model's queue changes."""
+    taken_blocks: int = 0
+    """Blocks taken by this call's dispatches, which the engine's free figure does not show yet."""
 
     def blocks_for(self, r: Request) -> int:
         return -(-(r.prompt_tokens + r.generated_tokens + 1) // self.block_size)
@@ -30,8 +32,10 @@ class Room:
         return self.blocks >= self.blocks_for(r) or self.load == 0
 
     def take(self, r: Request) -> None:
+        n = self.blocks_for(r)
         self.slots -= 1
-        self.blocks -= self.blocks_for(r)
+        self.blocks -= n
+        self.taken_blocks += n
         self.load += 1
 
 
@@ -66,6 +70,9 @@ class RoomBook:
 
     def refresh(self, cluster: "ClusterViewLike") -> None:
         insts = cluster.instances
+        for rm in self._rooms.values():  # the last call's dispatches are on the engines now
+            if rm is not None:
+                rm.taken_blocks = 0
         ids = range(len(insts)) if self._stale is None else self._stale
         for iid in ids:
             self._rooms[iid] = room_of(insts[iid], self.dispatch_limit)
@@ -90,7 +97,7 @@ class RoomBook:
 
     @staticmethod
     def fresh_blocks(rm: Room) -> None:
-        rm.blocks = rm.inst.free_kv_blocks
+        rm.blocks = rm.inst.free_kv_blocks - rm.taken_blocks
 
 
 class ClusterViewLike:  # typing aid only: anything with `.instances`
