@@ -1,0 +1,80 @@
+"""`qlmctl emulate`: serve vLLM's HTTP API from the simulator's engine model, in real time, without a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _load_profile(profile: Path | None, scenario: Path | None, model: str | None, gpu: str | None):
+    """The engine profile and the served model name from --profile or --scenario/--model/--gpu."""
+    from qlmctl.errors import UserError
+
+    if (profile is None) == (scenario is None):
+        raise UserError("give exactly one of --profile FILE or --scenario FILE", field="--profile")
+    if profile is not None:
+        from qlmctl.scenario import ProfileSpec, _load_yaml_model
+
+        if gpu is not None:
+            raise UserError("--gpu applies to --scenario only", field="--gpu")
+        name = model or profile.stem
+        return _load_yaml_model(profile, ProfileSpec).to_profile(name), name
+    from qlmctl.scenario import load_scenario
+
+    sc = load_scenario(scenario)
+    if model is None:
+        if len(sc.models) != 1:
+            raise UserError(f"the scenario has several models; pick one with --model ({', '.join(sc.models)})",
+                            scenario, field="--model")
+        model = sc.models[0]
+    if model not in sc.models:
+        raise UserError(f"unknown model '{model}'; the scenario has {', '.join(sc.models)}", scenario,
+                        field="--model")
+    return sc.profile(model, gpu), model
+
+
+def emulate(
+    profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Engine profile YAML (e.g. scenarios/profiles/h200-llama-3.1-8b.yaml)."),
+    scenario: Optional[Path] = typer.Option(None, "--scenario", "-s", help="Take the profile of --model from this scenario instead."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Served model name; default: the profile file's stem, or the scenario's only model."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU type whose by_gpu profile overrides apply (with --scenario)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes it to the network."),
+    port: int = typer.Option(8001, "--port", min=0, max=65535, help="TCP port (0: any free port, printed)."),
+    speedup: float = typer.Option(1.0, "--speedup", min=1e-6, help="Simulated seconds per wall second: 10 makes the modelled GPU 10x faster (token timing, sleep and wake-up)."),
+    sleep_s: Optional[float] = typer.Option(None, "--sleep-s", min=0.0, help="Simulated seconds POST /sleep takes; default: the profile's load_warm_s."),
+    scheduling_policy: str = typer.Option("fcfs", "--scheduling-policy", help="fcfs, or priority (requests' `priority` field, lower first), as vLLM's flag."),
+    stream_interval_s: float = typer.Option(0.01, "--stream-interval", min=0.0, help="Shortest gap between token deliveries to a stream, wall seconds."),
+    hold_while_asleep: bool = typer.Option(False, "--hold-while-asleep", help="Completions sent while asleep wait for /wake_up, as vLLM 0.24 does, instead of failing at once with 503."),
+    log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level: debug, info, warning, error."),
+) -> None:
+    """Serve vLLM's OpenAI-compatible API (completions, chat, /metrics, sleep mode) from the simulated engine.
+
+    One server emulates one `vllm serve` of one model; timing, batching and KV use follow the profile in real
+    time, scaled by --speedup. Latencies it reports are wall-clock seconds. See qlmctl/live/EMULATOR_API.md.
+    """
+    from qlmctl.errors import UserError
+    from qlmctl.live.emulator import bind_socket, create_app, uvicorn_server
+
+    if scheduling_policy not in ("fcfs", "priority"):
+        raise UserError("must be fcfs or priority", field="--scheduling-policy")
+    prof, name = _load_profile(profile, scenario, model, gpu)
+    try:
+        app = create_app(prof, name, speedup=speedup, sleep_s=sleep_s, policy=scheduling_policy,
+                         stream_interval_s=stream_interval_s, hold_while_asleep=hold_while_asleep)
+    except ValueError as e:
+        raise UserError(str(e), profile or scenario) from None
+    try:
+        sock = bind_socket(host, port)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}", field="--port") from None
+    real_port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"emulating vLLM serving '{name}' on http://{shown}:{real_port} (speed-up x{speedup:g}, "
+               f"{prof.kv_blocks} KV blocks of {prof.block_size}, max {prof.max_num_seqs} seqs); Ctrl-C stops")
+    uvicorn_server(app, log_level=log_level, access_log=log_level in ("debug", "info")).run(sockets=[sock])
+
+
+def register(app: typer.Typer) -> None:
+    app.command("emulate")(emulate)
