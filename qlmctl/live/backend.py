@@ -1,0 +1,761 @@
+"""The live cluster: vLLM engines behind the ClusterView seam, driven by asyncio events.
+
+The policies in `qlmctl.policies` run here unchanged, exactly as under the simulator
+(`qlmctl.backends.sim`), on another clock: `now()` is seconds since the gateway started, times
+`speedup` (1 in front of vLLM; an emulator's speed-up in front of emulated engines, so that profiles,
+SLOs and results stay in scenario seconds).
+
+- An *instance* is a GPU. It hosts one engine (a vLLM server) per model it can serve; at most one is
+  awake, the others sleep (vLLM sleep mode) or are stopped (restart swaps under `--launch`).
+- The scheduler is a loop callback, not a task: every change (arrival, first token, finish, eviction,
+  swap done, metrics refresh) calls `kick()`, which queues one `policy.schedule(cluster)` at the end of
+  the current loop iteration, so a burst of changes costs one schedule call. A timer serves
+  `policy.next_wakeup`.
+- Decisions: a Dispatch hands the request's handler its engine (the handler streams it); an Evict
+  cancels the handler's upstream stream (vLLM aborts a request whose connection closes) and the request
+  goes back to the policy through `on_evicted`; a SwapModel runs as a task (drain, sleep the awake
+  engine, wake the target).
+- Engine state: the gateway's own count of requests in flight per engine is exact and current; vLLM's
+  /metrics (polled every `metrics_interval_s`) adds what the gateway cannot see (requests of other
+  clients, aborts not yet reaped) and the engine's KV cache size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from qlmctl.core.cluster import Decision, Dispatch, Evict, SwapModel
+from qlmctl.core.groups import group_key
+from qlmctl.core.request import Request
+from qlmctl.live.engine_client import EngineClient, EngineError
+from qlmctl.live.prom import EngineMetrics, GatewayMetrics
+from qlmctl.policies.base import Policy
+from qlmctl.scenario import LiveEngineSpec, Scenario
+from simulator.profile import EngineProfile
+
+log = logging.getLogger("qlmctl.live")
+
+MIN_TIMER_S = 0.001
+"""Shortest wall-clock delay of the wake-up timer (a policy asking for `now` must not spin the loop)."""
+
+UNHEALTHY_AFTER = 2
+"""Consecutive failed /metrics polls after which an engine counts as unhealthy."""
+
+SLEEP_RETRIES = 100
+"""Attempts at POST /sleep while the engine still holds aborted requests (409), 50 ms apart."""
+
+
+@dataclass(slots=True, eq=False)
+class LiveRequest:
+    """A request as the gateway handles it: the policy's `Request` plus what the HTTP side needs."""
+
+    req: Request
+    api: str
+    """"completions" or "chat"."""
+    body: dict[str, Any]
+    """The client's request body."""
+    client_id: str
+    """The id the client sees in every chunk, whatever engine produced it."""
+    created: int
+    stream: bool
+    include_usage: bool = False
+    continuous_usage: bool = False
+    external_id: str | None = None
+    """The client's x-request-id, if it sent one."""
+    # Progress, kept across evictions.
+    sent: int = 0
+    """Output tokens delivered to the client."""
+    pieces: list[str] = field(default_factory=list)
+    """Output text delivered to the client, in order (the resume prompt is built from it)."""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    """The engine's prompt token count (first attempt), once known."""
+    # Placement.
+    engine: "LiveEngine | None" = None
+    waiter: asyncio.Future | None = None
+    scope: Any = None
+    """Cancel scope around the upstream stream while one is open; an eviction expires it."""
+    evict_pending: bool = False
+    queued: bool = False
+    cancelled: bool = False
+    """The client went away."""
+    done: bool = False
+    kv_tokens: int = 0
+    """Tokens this request counts for in its instance's KV estimate."""
+    attempts: int = 0
+
+
+class SwapControl(Protocol):
+    """How an instance changes its awake model: sleep/wake_up (default) or process restarts."""
+
+    warm: bool
+    """True when a sleeping model wakes from CPU memory (load_warm_s), False for cold loads."""
+
+    async def release(self, engine: "LiveEngine") -> None:
+        """Free the GPU of `engine`'s model (sleep, or stop its process)."""
+
+    async def acquire(self, engine: "LiveEngine") -> None:
+        """Load `engine`'s model on the GPU (wake up, or start its process and wait for health)."""
+
+    def available(self, engine: "LiveEngine") -> bool:
+        """Whether the engine's server is up (asleep or awake) rather than stopped."""
+
+
+class SleepModeControl:
+    """Swap by vLLM sleep mode: POST /sleep?level=1 on the awake engine, POST /wake_up on the target.
+
+    The engines run with `--enable-sleep-mode` and VLLM_SERVER_DEV_MODE=1.
+    """
+
+    warm = True
+
+    async def release(self, engine: "LiveEngine") -> None:
+        # vLLM must hold no requests to sleep; those the gateway aborted may linger for a step or two
+        # (the emulator answers 409 meanwhile).
+        for attempt in range(SLEEP_RETRIES):
+            try:
+                await engine.client.sleep(level=1)
+                break
+            except EngineError as e:
+                if e.status != 409 or attempt == SLEEP_RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.05)
+        engine.sleeping = True
+
+    async def acquire(self, engine: "LiveEngine") -> None:
+        await engine.client.wake_up()
+        engine.sleeping = False
+
+    def available(self, engine: "LiveEngine") -> bool:
+        return True
+
+
+class LiveEngine:
+    """One vLLM server: one model on one instance."""
+
+    def __init__(self, spec: LiveEngineSpec, instance: "LiveInstance", client: EngineClient) -> None:
+        self.spec = spec
+        self.model = spec.model
+        self.url = spec.url
+        self.instance = instance
+        self.client = client
+        self.healthy = True
+        self.sleeping: bool | None = None
+        """Last known sleep state; None when the engine has no sleep endpoints."""
+        self.metrics: EngineMetrics | None = None
+        self.metrics_at: float | None = None
+        self.fails = 0
+
+    @property
+    def awake(self) -> bool:
+        return self.instance.awake == self.model and not self.instance.swapping
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.instance.inflight) if self.awake else 0
+
+    @property
+    def free_kv_blocks(self) -> int:
+        return self.instance.free_kv_blocks if self.awake else 0
+
+
+class LiveInstance:
+    """One GPU and its engines, as the scheduler sees it (implements InstanceView)."""
+
+    def __init__(self, instance_id: int, name: str, gpu: str, profiles: dict[str, EngineProfile],
+                 control: SwapControl) -> None:
+        self._id = instance_id
+        self.name = name
+        self.gpu = gpu
+        self.engines: dict[str, LiveEngine] = {}
+        self._profiles = profiles
+        self._base_profiles = dict(profiles)
+        self.control = control
+        self.awake: str | None = None
+        self._swapping = False
+        self.inflight: dict[int, LiveRequest] = {}
+        self.kv_tokens = 0
+        """Prompt + output tokens (+1 each) of the requests in flight: the gateway's KV estimate."""
+        self.ext_requests = 0
+        """Requests the engine reported beyond the gateway's own, at the last poll."""
+        self.ext_blocks = 0
+        self.swaps = 0
+        self.evictions = 0
+        self.busy_s = 0.0
+        self._busy_since: float | None = None
+        self.drained = asyncio.Event()
+        self.drained.set()
+
+    # ------------------------------------------------------------ InstanceView
+    @property
+    def instance_id(self) -> int:
+        return self._id
+
+    @property
+    def model(self) -> str | None:
+        return None if self._swapping else self.awake
+
+    @property
+    def swapping(self) -> bool:
+        return self._swapping
+
+    @property
+    def healthy(self) -> bool:
+        if self._swapping:
+            return True
+        if self.awake is None:
+            return any(e.healthy for e in self.engines.values())
+        return self.engines[self.awake].healthy
+
+    @property
+    def profile(self) -> EngineProfile | None:
+        m = self.model
+        return self._profiles[m] if m is not None else None
+
+    @property
+    def num_running(self) -> int:
+        return self._total() - self.num_waiting
+
+    @property
+    def num_waiting(self) -> int:
+        prof = self.profile
+        cap = prof.max_num_seqs if prof is not None else 0
+        return max(0, self._total() - cap)
+
+    def _total(self) -> int:
+        return len(self.inflight) + self.ext_requests
+
+    @property
+    def free_kv_blocks(self) -> int:
+        prof = self.profile
+        if prof is None:
+            return 0
+        own = self.kv_tokens // prof.block_size + len(self.inflight)  # + 1 a request: partial blocks
+        return prof.kv_blocks - own - self.ext_blocks
+
+    def running_requests(self) -> list[Request]:
+        return [lr.req for lr in self.inflight.values()]
+
+    def remaining_output_tokens(self) -> int:
+        return sum(lr.req.output_tokens - lr.sent for lr in self.inflight.values())
+
+    def profile_for(self, model: str) -> EngineProfile | None:
+        return self._profiles.get(model) if model in self.engines else None
+
+    def load_time(self, model: str) -> float:
+        prof = self.profile_for(model)
+        if prof is None:
+            return math.inf
+        return prof.load_warm_s if self.control.warm else prof.load_cold_s
+
+    # ------------------------------------------------------------ bookkeeping
+    def add(self, lr: LiveRequest, now: float) -> None:
+        r = lr.req
+        lr.kv_tokens = r.prompt_tokens + lr.sent + 1
+        self.kv_tokens += lr.kv_tokens
+        self.inflight[r.request_id] = lr
+        self.drained.clear()
+        self._update_busy(now)
+
+    def remove(self, lr: LiveRequest, now: float) -> None:
+        if self.inflight.pop(lr.req.request_id, None) is None:
+            return
+        self.kv_tokens -= lr.kv_tokens
+        lr.kv_tokens = 0
+        if not self.inflight:
+            self.drained.set()
+        self._update_busy(now)
+
+    def set_engine_shape(self, model: str, m: EngineMetrics) -> bool:
+        """Take the KV cache size the engine reports over the scenario's; True when it changed."""
+        base = self._base_profiles[model]
+        over: dict[str, int] = {}
+        if m.num_gpu_blocks:
+            over["kv_blocks"] = m.num_gpu_blocks
+        if m.block_size:
+            over["block_size"] = m.block_size
+        prof = base.with_overrides(**over) if over else base
+        if prof == self._profiles[model]:
+            return False
+        self._profiles[model] = prof
+        return True
+
+    def begin_swap(self, now: float) -> None:
+        self._swapping = True
+        self._update_busy(now)
+
+    def end_swap(self, now: float) -> None:
+        self._swapping = False
+        self._update_busy(now)
+
+    def _update_busy(self, now: float) -> None:
+        busy = bool(self.inflight) or self._swapping
+        if busy and self._busy_since is None:
+            self._busy_since = now
+        elif not busy and self._busy_since is not None:
+            self.busy_s += now - self._busy_since
+            self._busy_since = None
+
+    def busy_until(self, now: float) -> float:
+        return self.busy_s + (now - self._busy_since if self._busy_since is not None else 0.0)
+
+
+class LiveCluster:
+    """The engines of a live scenario under one policy (implements ClusterView).
+
+    The HTTP side calls `submit` when a request arrives, awaits `wait_dispatch`, streams from the engine
+    it gets, and reports `first_token`, `tokens`, `finished` or `evicted`.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        policy: Policy,
+        *,
+        engines: Sequence[LiveEngineSpec] | None = None,
+        speedup: float | None = None,
+        swap_control: SwapControl | None = None,
+        metrics: GatewayMetrics | None = None,
+        record: bool = True,
+    ) -> None:
+        live = scenario.spec.live
+        specs = list(engines if engines is not None else (live.engines if live is not None else []))
+        if not specs:
+            raise ValueError("a live cluster needs engines (scenario live.engines)")
+        self.scenario = scenario
+        self.policy = policy
+        self.speedup = speedup if speedup is not None else (live.speedup if live is not None else 1.0)
+        self.metrics_interval_s = live.metrics_interval_s if live is not None else 0.5
+        max_conn = live.max_connections if live is not None else 4096
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
+        self.record = record
+        control = swap_control or SleepModeControl()
+        overrides = {name: spec.profile_overrides for name, spec in scenario.instance_specs()}
+        self._initial = {name: spec.model for name, spec in scenario.instance_specs()}
+        self._instances: list[LiveInstance] = []
+        by_name: dict[str, LiveInstance] = {}
+        for spec in specs:
+            inst = by_name.get(spec.instance)
+            if inst is None:
+                profiles = {m: scenario.profile(m, spec.gpu, overrides.get(spec.instance)) for m in scenario.models}
+                inst = LiveInstance(len(self._instances), spec.instance, spec.gpu, profiles, control)
+                by_name[spec.instance] = inst
+                self._instances.append(inst)
+            inst.engines[spec.model] = LiveEngine(spec, inst, EngineClient(spec.url, max_conn))
+        self.models = sorted({s.model for s in specs})
+        self._live: dict[int, LiveRequest] = {}
+        self.records: list[Request] = []
+        self.by_external: dict[str, Request] = {}
+        """Recorded requests by the client's x-request-id (a replay matches its records with them)."""
+        self.timeline: list[tuple[float, str, int, str, str, float]] = []
+        self._next_id = 0
+        self.t0 = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._kicked = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._running = False
+        self._tasks: set[asyncio.Task] = set()
+        self._poll_task: asyncio.Task | None = None
+        self.num_swaps = 0
+        self.num_evictions = 0
+        self.schedule_calls = 0
+
+    # ------------------------------------------------------------ ClusterView
+    @property
+    def instances(self) -> list[LiveInstance]:
+        return self._instances
+
+    def now(self) -> float:
+        return (time.monotonic() - self.t0) * self.speedup
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self, wait_healthy_s: float = 60.0) -> None:
+        """Wait for the engines, set each instance's awake model, start polling and scheduling."""
+        self._loop = asyncio.get_running_loop()
+        await asyncio.gather(*(self._sync_instance(inst, wait_healthy_s) for inst in self._instances))
+        self.t0 = time.monotonic()
+        self._running = True
+        self._poll_task = asyncio.create_task(self._poll_loop())
+        self.kick()
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+        tasks = [t for t in (self._poll_task, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        now = self.now()
+        for lr in list(self._live.values()):
+            if lr.waiter is not None and not lr.waiter.done():
+                lr.waiter.set_result(None)
+        for inst in self._instances:
+            inst._update_busy(now)
+        await asyncio.gather(*(e.client.aclose() for i in self._instances for e in i.engines.values()),
+                             return_exceptions=True)
+
+    async def _sync_instance(self, inst: LiveInstance, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        engines = [e for e in inst.engines.values() if inst.control.available(e)]
+        for e in inst.engines.values():
+            if e not in engines:
+                e.sleeping = True  # stopped: a restart swap starts it
+        while True:
+            ok = await asyncio.gather(*(e.client.health() for e in engines))
+            if all(ok):
+                break
+            if time.monotonic() > deadline:
+                bad = [e.url for e, good in zip(engines, ok) if not good]
+                raise ConnectionError(f"engines not healthy after {wait_s:g} s: {', '.join(bad)}")
+            await asyncio.sleep(0.2)
+        states = await asyncio.gather(*(e.client.is_sleeping() for e in engines))
+        for e, st in zip(engines, states):
+            e.sleeping = st
+        want = self._initial.get(inst.name)
+        if want not in inst.engines:
+            awake = [e.model for e in engines if not e.sleeping]
+            want = awake[0] if awake else next(iter(inst.engines))
+        for e in engines:
+            if e.model != want and e.sleeping is not True:
+                if e.sleeping is None and isinstance(inst.control, SleepModeControl):
+                    raise ConnectionError(f"{e.url} has no sleep mode (start vLLM with --enable-sleep-mode "
+                                          "and VLLM_SERVER_DEV_MODE=1) but shares instance "
+                                          f"'{inst.name}' with other engines")
+                await inst.control.release(e)
+                e.sleeping = True
+        target = inst.engines[want]
+        if target.sleeping:  # also a lone engine left asleep (by an earlier gateway, or by hand)
+            await inst.control.acquire(target)
+            target.sleeping = False
+        inst.awake = want
+        await asyncio.gather(*(self._poll_engine(e) for e in inst.engines.values() if inst.control.available(e)))
+
+    # ------------------------------------------------------------ requests (called by the HTTP side)
+    def new_request_id(self) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    def submit(self, lr: LiveRequest) -> None:
+        """A request arrived: hand it to the policy."""
+        r = lr.req
+        self._live[r.request_id] = lr
+        if self.record:
+            self.records.append(r)
+            if lr.external_id is not None:
+                self.by_external[lr.external_id] = r
+        lr.queued = True
+        lr.waiter = self._loop.create_future()  # type: ignore[union-attr]
+        self.policy.add_request(r, r.arrival_s)
+        self.kick()
+
+    async def wait_dispatch(self, lr: LiveRequest) -> LiveEngine | None:
+        """The engine the policy dispatched `lr` to (None when the gateway is stopping)."""
+        assert lr.waiter is not None
+        return await lr.waiter
+
+    def first_token(self, lr: LiveRequest) -> None:
+        """The engine produced the first token of this attempt."""
+        r = lr.req
+        now = self.now()
+        if r.first_token_s is None:
+            r.first_token_s = now
+        self.policy.on_first_token(r, now)
+        self.kick()
+
+    def tokens(self, lr: LiveRequest, n: int) -> None:
+        """`n` more output tokens reached the client."""
+        lr.sent += n
+        lr.req.generated_tokens = lr.sent
+        if lr.kv_tokens:
+            lr.kv_tokens += n
+            eng = lr.engine
+            if eng is not None:
+                eng.instance.kv_tokens += n
+
+    def finished(self, lr: LiveRequest, error: str | None = None, outcome: str | None = None) -> None:
+        """The request ended: complete, failed (`error`), or abandoned by its client."""
+        if lr.done:
+            return
+        r = lr.req
+        now = self.now()
+        lr.done = True
+        r.finish_s = now
+        r.generated_tokens = lr.sent
+        if error is not None:
+            r.error = error
+        self._live.pop(r.request_id, None)
+        if lr.engine is not None:
+            lr.engine.instance.remove(lr, now)
+        if lr.queued:
+            # Still in the policy's queues: it is finished when the policy dispatches it.
+            lr.cancelled = True
+        else:
+            self.policy.on_finished(r, now)
+            self.kick()
+        if outcome is None:
+            outcome = "error" if error is not None else ("slo_met" if r.slo_met else "slo_missed")
+        ttft = r.ttft_s / self.speedup if r.ttft_s is not None else None
+        e2e = r.e2el_s / self.speedup if r.e2el_s is not None else None
+        self.metrics.observe_end(r.slo_class, r.model, outcome, ttft, e2e)
+
+    def evicted(self, lr: LiveRequest) -> None:
+        """The upstream stream of `lr` was cancelled by an Evict: back to the policy."""
+        r = lr.req
+        now = self.now()
+        eng = lr.engine
+        lr.evict_pending = False
+        lr.engine = None
+        lr.scope = None
+        if eng is not None:
+            eng.instance.remove(lr, now)
+            eng.instance.evictions += 1
+        r.generated_tokens = lr.sent
+        r.num_evictions += 1
+        self.num_evictions += 1
+        self.timeline.append((now, "evict", r.instance_id if r.instance_id is not None else -1, r.model,
+                              r.slo_class, float(lr.sent)))
+        self.metrics.evictions.labels(r.slo_class).inc()
+        lr.queued = True
+        lr.waiter = self._loop.create_future()  # type: ignore[union-attr]
+        self.policy.on_evicted(r, now)
+        self.kick()
+
+    def evict(self, request_id: int) -> bool:
+        """Evict a running request now, as if the policy had decided it (operators and tests).
+
+        Only for policies that take evicted requests back (`on_evicted`); False when the request is not
+        running.
+        """
+        if type(self.policy).on_evicted is Policy.on_evicted:
+            raise RuntimeError(f"policy {self.policy.name} does not take evicted requests back")
+        lr = self._live.get(request_id)
+        if lr is None or lr.engine is None or lr.done:
+            return False
+        self._apply([Evict(lr.req, lr.engine.instance.instance_id)], self.now())
+        return True
+
+    # ------------------------------------------------------------ scheduling
+    def kick(self) -> None:
+        """Something changed: run the policy once at the end of this loop iteration."""
+        if not self._kicked and self._running:
+            self._kicked = True
+            self._loop.call_soon(self._schedule)  # type: ignore[union-attr]
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        self.kick()
+
+    def _schedule(self) -> None:
+        self._kicked = False
+        if not self._running:
+            return
+        now = self.now()
+        self.schedule_calls += 1
+        try:
+            decisions = self.policy.schedule(self)
+            if decisions:
+                self._apply(decisions, now)
+            wake = self.policy.next_wakeup(now)
+        except Exception:  # noqa: BLE001 - a policy bug must not take the gateway down
+            log.exception("policy %s failed in schedule()", self.policy.name)
+            wake = now + self.speedup  # try again in a second
+        self._arm_timer(wake, now)
+
+    def _arm_timer(self, wake: float | None, now: float) -> None:
+        loop = self._loop
+        assert loop is not None
+        if wake is None or wake == math.inf:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer, self._timer_at = None, math.inf
+            return
+        at = loop.time() + max(MIN_TIMER_S, (wake - now) / self.speedup)
+        if self._timer is not None:
+            if abs(at - self._timer_at) < MIN_TIMER_S:
+                return
+            self._timer.cancel()
+        self._timer = loop.call_at(at, self._on_timer)
+        self._timer_at = at
+
+    def _apply(self, decisions: list[Decision], now: float) -> None:
+        for d in decisions:
+            if isinstance(d, Dispatch):
+                self._dispatch(d, now)
+            elif isinstance(d, Evict):
+                lr = self._live.get(d.request.request_id)
+                if lr is None or lr.done or lr.engine is None or lr.engine.instance.instance_id != d.instance_id:
+                    continue  # finished meanwhile
+                lr.evict_pending = True
+                if lr.scope is not None:
+                    lr.scope.reschedule(self._loop.time())  # type: ignore[union-attr]
+                # else its handler has not opened the stream yet; it checks evict_pending first.
+            elif isinstance(d, SwapModel):
+                inst = self._instances[d.instance_id]
+                if inst.profile_for(d.model) is None:
+                    log.error("policy asked instance %s to load %s, which it has no engine for", inst.name, d.model)
+                    continue
+                if inst.awake == d.model and not inst.swapping:
+                    self.policy.on_instance_changed(d.instance_id)
+                    continue
+                if inst.swapping:
+                    continue
+                inst.begin_swap(now)
+                self._spawn(self._swap(inst, d.model, now))
+
+    def _dispatch(self, d: Dispatch, now: float) -> None:
+        r = d.request
+        lr = self._live.get(r.request_id)
+        inst = self._instances[d.instance_id]
+        if lr is None:
+            # Its client went away while it was queued: it ends here, never reaching an engine.
+            r.instance_id = d.instance_id
+            self.policy.on_finished(r, now)
+            self.kick()
+            return
+        lr.queued = False
+        if inst.model != r.model or inst.swapping:
+            log.error("policy dispatched request %d to instance %s, which serves %s, not %s",
+                      r.request_id, inst.name, inst.model, r.model)
+            self.finished(lr, error=f"policy error: dispatched to an instance serving {inst.model}")
+            if lr.waiter is not None and not lr.waiter.done():
+                lr.waiter.set_result(None)
+            return
+        if r.dispatch_s is None:
+            r.dispatch_s = now
+        r.instance_id = d.instance_id
+        eng = inst.engines[r.model]
+        lr.engine = eng
+        inst.add(lr, now)
+        if lr.waiter is not None and not lr.waiter.done():
+            lr.waiter.set_result(eng)
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _swap(self, inst: LiveInstance, model: str, started: float) -> None:
+        target = inst.engines[model]
+        old = inst.engines.get(inst.awake) if inst.awake is not None and inst.awake != model else None
+        ok = False
+        try:
+            await inst.drained.wait()
+            if old is not None:
+                await inst.control.release(old)
+                inst.awake = None
+            await inst.control.acquire(target)
+            inst.awake = model
+            ok = True
+        except Exception as e:  # noqa: BLE001 - a failed swap leaves the instance idle, not the gateway dead
+            log.error("swap of %s to %s failed: %s", inst.name, model, e)
+        finally:
+            now = self.now()
+            inst.end_swap(now)
+            if ok:
+                inst.swaps += 1
+                self.num_swaps += 1
+                self.metrics.swaps.labels(inst.name, model).inc()
+                self.timeline.append((started, "swap", inst.instance_id, model, "", now - started))
+            if self._running:
+                self.policy.on_instance_changed(inst.instance_id)
+                self.kick()
+
+    # ------------------------------------------------------------ engine state
+    async def _poll_loop(self) -> None:
+        engines = [e for inst in self._instances for e in inst.engines.values()]
+        while self._running:
+            await asyncio.sleep(self.metrics_interval_s)
+            await asyncio.gather(*(self._poll_engine(e) for e in engines if e.instance.control.available(e)))
+            now = self.now()
+            for cls, depth in self.queue_depth_by_class().items():
+                self.timeline.append((now, "queue_depth", -1, "", cls, float(depth)))
+            self.kick()
+
+    async def _poll_engine(self, e: LiveEngine) -> None:
+        inst = e.instance
+        try:
+            m = await e.client.metrics()
+        except Exception:  # noqa: BLE001 - any failure means "not answering"
+            e.fails += 1
+            if e.fails >= UNHEALTHY_AFTER and e.healthy:
+                e.healthy = False
+                log.warning("engine %s (%s on %s) stopped answering", e.url, e.model, inst.name)
+                if self._running:
+                    self.policy.on_instance_changed(inst.instance_id)
+            return
+        own = len(inst.inflight)
+        own_blocks = inst.kv_tokens // (inst._profiles[e.model].block_size) + own
+        e.metrics, e.metrics_at, e.fails = m, self.now(), 0
+        changed = not e.healthy
+        e.healthy = True
+        changed |= inst.set_engine_shape(e.model, m)
+        if e.awake:
+            # What the engine holds beyond what the gateway sent it (see module docstring). Policies
+            # cache an instance's load between the events they are told of, so a change is one.
+            ext = max(0, int(m.num_requests_running + m.num_requests_waiting) - own)
+            changed |= ext != inst.ext_requests
+            inst.ext_requests = ext
+            if m.kv_cache_usage is not None:
+                used = round(m.kv_cache_usage * inst._profiles[e.model].kv_blocks)
+                inst.ext_blocks = max(0, used - own_blocks)  # read afresh by policies: no event needed
+        if changed and self._running:
+            self.policy.on_instance_changed(inst.instance_id)
+
+    # ------------------------------------------------------------ observability
+    def queue_depth_by_class(self) -> dict[str, int]:
+        out = dict.fromkeys(self.scenario.spec.slo_classes, 0)
+        for lr in self._live.values():
+            if lr.queued:
+                c = lr.req.slo_class
+                out[c] = out.get(c, 0) + 1
+        return out
+
+    def queue_depth_by_group(self) -> dict[tuple[str, str], int]:
+        """Queued requests per (model, SLO bucket) group, as QLM forms them; "late" past the deadline."""
+        width = self.scenario.spec.scheduler.slo_bucket_s
+        now = self.now()
+        out: dict[tuple[str, str], int] = {}
+        for lr in self._live.values():
+            if not lr.queued:
+                continue
+            r = lr.req
+            if r.first_token_s is None and now > r.deadline_s:
+                label = "late"
+            else:
+                lo = group_key(r, width).bucket * width
+                label = f"{lo:g}-{lo + width:g}s"
+            key = (r.model, label)
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def engine_rows(self) -> list[tuple[str, str, LiveEngine]]:
+        return [(inst.name, e.model, e) for inst in self._instances for e in inst.engines.values()]
+
+    def instance_stats(self) -> list[dict[str, Any]]:
+        now = self.now()
+        return [
+            {
+                "instance_id": inst.instance_id,
+                "name": inst.name,
+                "gpu": inst.gpu,
+                "busy_s": inst.busy_until(now),
+                "swaps": inst.swaps,
+                "evictions": inst.evictions,
+                "engines": {m: e.url for m, e in inst.engines.items()},
+            }
+            for inst in self._instances
+        ]
+
+    def num_active(self) -> int:
+        """Requests queued or in flight."""
+        return len(self._live)

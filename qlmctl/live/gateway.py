@@ -1,0 +1,350 @@
+"""The QLM gateway: an OpenAI-compatible HTTP server whose requests wait in the QLM core.
+
+Endpoints (vLLM's OpenAI server's, so that clients need no change):
+
+- POST /v1/completions and /v1/chat/completions, streamed (server-sent events) or not;
+- GET /v1/models, /health, and /metrics (Prometheus text: see `qlmctl.live.prom`).
+
+A request names its SLO class in the `x-slo-class` header or the `slo_class` body field, or its own
+TTFT deadline (seconds) in `x-slo-ttft-s` / `slo_ttft_s`; otherwise it gets the scenario's default
+class (`live.default_slo_class`, else the class with the loosest TTFT deadline). An unknown class is a
+400 error.
+
+The HTTP layer is a plain ASGI application on uvicorn: the completion endpoints are on the hot path of
+every token, and a framework's per-request machinery (routing, dependency injection, response classes
+with their own task groups) would cost more than the whole relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from qlmctl.core.request import Request
+from qlmctl.live.backend import LiveCluster, LiveRequest, SwapControl
+from qlmctl.live.prom import GatewayMetrics
+from qlmctl.live.relay import JSONSink, Relay, StreamSink, error_body, send_json
+from qlmctl.policies import make_policy
+from qlmctl.scenario import LiveEngineSpec, Scenario
+
+log = logging.getLogger("qlmctl.live")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+CUSTOM_CLASS = "custom"
+"""SLO class label of requests that give their own TTFT deadline and no class."""
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+def estimate_tokens(text: str) -> int:
+    """Prompt tokens of `text` as the scheduler assumes them before the engine has counted: one per word.
+
+    Exact for qlmctl's synthetic prompts and the emulator's tokenizer; about 25 % low for English text
+    under a real tokenizer. The engine's own count replaces it in the results once the request runs.
+    """
+    return len(text.split())
+
+
+class GatewayApp:
+    """The ASGI application."""
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gw = gateway
+        self.cluster = gateway.cluster
+        sc = gateway.scenario
+        self._classes = {
+            name: (c.ttft_s, c.tpot_s, sc.slo_priority(name)) for name, c in sc.spec.slo_classes.items()
+        }
+        live = sc.spec.live
+        default = live.default_slo_class if live is not None else None
+        self.default_class = default or max(sc.spec.slo_classes, key=lambda k: sc.spec.slo_classes[k].ttft_s)
+        self._max_len = {m: sc.profile(m).max_model_len for m in self.cluster.models}
+        self._created = int(time.time())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if method == "POST" and path == "/v1/completions":
+            await self._completion(scope, receive, send, "completions")
+        elif method == "POST" and path == "/v1/chat/completions":
+            await self._completion(scope, receive, send, "chat")
+        elif method == "GET" and path == "/v1/models":
+            await send_json(send, 200, self._models())
+        elif method == "GET" and path == "/health":
+            healthy = any(inst.healthy for inst in self.cluster.instances)
+            await send_json(send, 200 if healthy else 503, {} if healthy else error_body("no healthy engine", 503))
+        elif method == "GET" and path == "/metrics":
+            body = self.gw.metrics.render()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]})
+            await send({"type": "http.response.body", "body": body})
+        else:
+            await send_json(send, 404, error_body(f"no route {method} {path}", 404))
+
+    def _models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": self._created, "owned_by": "qlmctl", "root": m,
+             "parent": None, "max_model_len": self._max_len[m]}
+            for m in self.cluster.models
+        ]}
+
+    async def _completion(self, scope: Scope, receive: Receive, send: Send, api: str) -> None:
+        raw = await _read_body(receive)
+        try:
+            lr = self._parse(scope, raw, api)
+        except BadRequest as e:
+            await send_json(send, e.status, error_body(str(e), e.status, param=e.param))
+            return
+        sink = StreamSink(send) if lr.stream else JSONSink(send)
+        relay = Relay(self.cluster, lr, sink, self.gw.resume, self.gw.token_count)
+        task = asyncio.current_task()
+        watcher = asyncio.create_task(_watch_disconnect(receive, lr, task))
+        try:
+            await relay.run()
+        except asyncio.CancelledError:
+            if not lr.done or lr.req.error != "client disconnected":
+                raise
+            # The client left; the relay aborted the upstream stream and recorded it. Nothing to send.
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()
+        finally:
+            watcher.cancel()
+
+    def _parse(self, scope: Scope, raw: bytes, api: str) -> LiveRequest:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise BadRequest(400, f"invalid JSON body: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest(400, "the body must be a JSON object")
+        headers = _headers(scope)
+        model = body.get("model")
+        if model is None and len(self.cluster.models) == 1:
+            model = body["model"] = self.cluster.models[0]
+        if model not in self._max_len:
+            raise BadRequest(404, f"The model `{model}` does not exist.", "model")
+        if (body.get("n") or 1) != 1 or (body.get("best_of") or 1) != 1:
+            raise BadRequest(400, "the gateway serves one sequence per request (n = best_of = 1)", "n")
+        cls, ttft, tpot, prio = self._slo(headers, body)
+        if api == "chat":
+            msgs = body.get("messages")
+            if not isinstance(msgs, list) or not msgs:
+                raise BadRequest(400, "messages must be a non-empty list", "messages")
+            prompt_tokens = sum(_content_tokens(m.get("content")) for m in msgs if isinstance(m, dict))
+            max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if isinstance(prompt, str):
+                prompt_tokens = estimate_tokens(prompt)
+            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                prompt_tokens = len(prompt)
+                if self.gw.resume == "continue":
+                    raise BadRequest(400, "token-id prompts need live.resume: restart", "prompt")
+            else:
+                raise BadRequest(400, "prompt must be one string (batches of prompts are not supported)", "prompt")
+            max_tokens = body.get("max_tokens", 16)  # vLLM's default for completions
+        limit = self._max_len[model]
+        if max_tokens is None:
+            max_tokens = max(1, limit - prompt_tokens)
+        elif not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadRequest(400, "max_tokens must be a positive integer", "max_tokens")
+        elif prompt_tokens + max_tokens > limit:
+            raise BadRequest(400, f"This model's maximum context length is {limit} tokens; the request asks "
+                                  f"for {prompt_tokens} prompt + {max_tokens} output tokens.", "max_tokens")
+        opts = body.get("stream_options") or {}
+        rid = self.cluster.new_request_id()
+        r = Request(
+            request_id=rid,
+            arrival_s=self.cluster.now(),
+            model=model,
+            slo_class=cls,
+            ttft_slo_s=ttft,
+            prompt_tokens=prompt_tokens,
+            output_tokens=max_tokens,
+            tpot_slo_s=tpot,
+            priority=prio,
+        )
+        prefix = "chatcmpl" if api == "chat" else "cmpl"
+        return LiveRequest(
+            req=r, api=api, body=body, client_id=f"{prefix}-qlm-{rid}", created=int(time.time()),
+            stream=bool(body.get("stream")), include_usage=bool(opts.get("include_usage")),
+            continuous_usage=bool(opts.get("continuous_usage_stats")), external_id=headers.get("x-request-id"),
+        )
+
+    def _slo(self, headers: dict[str, str], body: dict[str, Any]) -> tuple[str, float, float | None, int]:
+        cls = headers.get("x-slo-class") or body.get("slo_class")
+        ttft_raw = headers.get("x-slo-ttft-s") or body.get("slo_ttft_s")
+        if cls is not None and cls not in self._classes:
+            raise BadRequest(400, f"unknown SLO class '{cls}'; known: {', '.join(self._classes)}", "slo_class")
+        if ttft_raw is None:
+            name = cls or self.default_class
+            ttft, tpot, prio = self._classes[name]
+            return name, ttft, tpot, prio
+        try:
+            ttft = float(ttft_raw)
+        except (TypeError, ValueError):
+            ttft = -1.0
+        if not ttft > 0 or ttft == float("inf"):
+            raise BadRequest(400, f"slo_ttft_s must be a positive number of seconds, got {ttft_raw!r}", "slo_ttft_s")
+        if cls is not None:
+            _, tpot, prio = self._classes[cls]
+            return cls, ttft, tpot, prio
+        # Its own deadline: vLLM priority of the tightest class that is at least as loose.
+        looser = sorted((c for c in self._classes.values() if c[0] >= ttft), key=lambda c: c[0])
+        prio = looser[0][2] if looser else max(c[2] for c in self._classes.values()) + 1
+        return CUSTOM_CLASS, ttft, None, prio
+
+
+def _content_tokens(content: Any) -> int:
+    if isinstance(content, str):
+        return estimate_tokens(content)
+    if isinstance(content, list):
+        return sum(estimate_tokens(p.get("text", "")) for p in content if isinstance(p, dict))
+    return 0
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    out = {}
+    for k, v in scope["headers"]:
+        if k.startswith(b"x-"):
+            out[k.decode("latin-1")] = v.decode("latin-1")
+    return out
+
+
+async def _read_body(receive: Receive) -> bytes:
+    msg = await receive()
+    body = msg.get("body", b"")
+    if not msg.get("more_body"):
+        return body
+    parts = [body]
+    while msg.get("more_body"):
+        msg = await receive()
+        parts.append(msg.get("body", b""))
+    return b"".join(parts)
+
+
+async def _watch_disconnect(receive: Receive, lr: LiveRequest, task: asyncio.Task | None) -> None:
+    """Cancel the request's task when its client disconnects before the answer is complete."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            break
+    if not lr.done and task is not None:
+        task.cancel()
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class Gateway:
+    """A gateway with one policy in front of a scenario's engines; start/stop it inside an event loop.
+
+    Args:
+        scenario: A scenario with a `live` section (or `engines` given here).
+        policy: Policy name (see `qlmctl policies`).
+        host, port: Where to listen; default the scenario's `live.host`/`live.port` (port 0: any free one).
+        engines: The engines, replacing `live.engines` (e.g. those `--launch` started).
+        speedup: Gateway clock rate; default `live.speedup`.
+        swap_control: How instances swap models (default: vLLM sleep mode).
+        record: Keep every request for `records()` (results files); off for a long-running server.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        policy: str,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        engines: list[LiveEngineSpec] | None = None,
+        speedup: float | None = None,
+        swap_control: SwapControl | None = None,
+        record: bool = True,
+        access_log: bool = False,
+    ) -> None:
+        from qlmctl.runner import policy_context
+
+        live = scenario.spec.live
+        self.scenario = scenario
+        self.policy_name = policy
+        self.host = host or (live.host if live is not None else "127.0.0.1")
+        self.port = port if port is not None else (live.port if live is not None else 8000)
+        self.resume = live.resume if live is not None else "continue"
+        self.token_count = live.token_count if live is not None else "usage"
+        self.metrics = GatewayMetrics()
+        self.policy = make_policy(policy, policy_context(scenario))
+        self.cluster = LiveCluster(scenario, self.policy, engines=engines, speedup=speedup,
+                                   swap_control=swap_control, metrics=self.metrics, record=record)
+        self.metrics.attach(self.cluster)
+        self.app = GatewayApp(self)
+        self._access_log = access_log
+        self._server: Any = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self, wait_healthy_s: float = 60.0) -> None:
+        """Connect to the engines, then listen; returns once the server accepts connections."""
+        import uvicorn
+
+        await self.cluster.start(wait_healthy_s)
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="off",
+                                access_log=self._access_log, http="h11", loop="none",
+                                timeout_keep_alive=30, backlog=4096, timeout_graceful_shutdown=30)
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                await self.cluster.stop()
+                exc = self._task.exception()
+                raise OSError(f"gateway could not listen on {self.host}:{self.port}: {exc or 'exited'}")
+            await asyncio.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+    async def wait(self) -> None:
+        """Until the server exits (Ctrl-C, SIGTERM)."""
+        if self._task is not None:
+            await self._task
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.cluster.stop()
+
+    async def __aenter__(self) -> "Gateway":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,343 @@
+"""One request's way through the live cluster: queue, dispatch, stream from an engine, survive evictions.
+
+A `Relay` submits its request to the cluster, waits for the policy to dispatch it, streams the answer
+from that engine to a `Sink` (server-sent events, or one JSON body at the end) and reports progress
+back to the cluster. When the policy evicts the request, the upstream stream is cancelled (vLLM aborts
+a request whose connection closes), the request goes back to the policy, and on its next dispatch the
+relay *resumes* it so that the client sees one seamless answer:
+
+- `continue` (default): the new prompt is the original prompt followed by the text already sent
+  (completions), or the conversation with the partial answer as a final assistant message continued
+  with `continue_final_message` (chat); `max_tokens` becomes what is left. The engine recomputes the
+  KV cache of the text so far (as vLLM does after its own preemption) and carries on from there.
+- `restart`: the original request is sent again and the first tokens, already sent, are skipped.
+  Exact at temperature 0 (the engine regenerates the same tokens); wasteful, but tokenizer-independent.
+
+Tokens are counted from the engine's cumulative usage in every chunk (vLLM's
+`stream_options.continuous_usage_stats`), or one per non-empty chunk when an engine sends none. The
+relay counts what reached the client, so the client gets exactly `max_tokens` tokens, each once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+import orjson
+
+from qlmctl.live.backend import LiveCluster, LiveEngine, LiveRequest
+from qlmctl.live.engine_client import EngineError
+from qlmctl.live.http import timeout
+
+log = logging.getLogger("qlmctl.live")
+
+ResumeMode = str  # "continue" | "restart"
+
+_GATEWAY_FIELDS = ("slo_class", "slo_ttft_s")
+"""Body fields the gateway reads and engines must not see."""
+
+
+class Sink(Protocol):
+    """Where a relay's output goes (the client connection)."""
+
+    started: bool
+
+    async def start(self) -> None:
+        """The answer begins (status line and headers, for a stream)."""
+
+    async def send(self, events: list[dict[str, Any]]) -> None:
+        """Forward these rewritten chunks."""
+
+    async def finish(self, lr: LiveRequest) -> None:
+        """The answer is complete."""
+
+    async def fail(self, status: int, body: dict[str, Any]) -> None:
+        """The request failed with this OpenAI-style error."""
+
+
+def error_body(message: str, status: int, err_type: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """An OpenAI-style error body."""
+    types = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
+             502: "BadGatewayError", 503: "ServiceUnavailableError"}
+    return {"error": {"message": message, "type": err_type or types.get(status, "APIError"), "param": param,
+                      "code": status}}
+
+
+class Relay:
+    """Runs one request to its end: through the policy's queues and as many engine attempts as evictions ask."""
+
+    def __init__(self, cluster: LiveCluster, lr: LiveRequest, sink: Sink, resume: ResumeMode = "continue",
+                 token_count: str = "usage") -> None:
+        self.cluster = cluster
+        self.lr = lr
+        self.sink = sink
+        self.resume = resume
+        self._stream_options = {"include_usage": True, "continuous_usage_stats": token_count == "usage"}
+        self._chat = lr.api == "chat"
+        self._path = "/v1/chat/completions" if self._chat else "/v1/completions"
+        self._skip = 0
+        self._attempt_tokens = 0
+        self._fin: str | None = None
+
+    async def run(self) -> None:
+        """Queue, stream, resume after evictions; ends with the sink finished or failed.
+
+        Cancelling the task running this (the client went away) aborts the upstream stream and records
+        the request as cancelled.
+        """
+        cluster, lr = self.cluster, self.lr
+        cluster.submit(lr)
+        try:
+            while True:
+                engine = await cluster.wait_dispatch(lr)
+                if lr.done:
+                    return
+                if engine is None:
+                    cluster.finished(lr, error="gateway stopped")
+                    await self.sink.fail(503, error_body("the gateway is shutting down", 503))
+                    return
+                lr.attempts += 1
+                if lr.evict_pending and lr.finish_reason is None:
+                    cluster.evicted(lr)
+                    continue
+                try:
+                    async with timeout(None) as scope:
+                        lr.scope = scope
+                        try:
+                            await self._attempt(engine)
+                        finally:
+                            lr.scope = None
+                except TimeoutError:
+                    if not lr.evict_pending:
+                        raise
+                    if lr.finish_reason is None:
+                        cluster.evicted(lr)
+                        continue
+                    # Evicted between its last token and the end of the stream: it is complete.
+                except EngineError as e:
+                    cluster.finished(lr, error=f"{engine.url}: {e}")
+                    body = e.body if isinstance(e.body, dict) and "error" in e.body else None
+                    if body is None and isinstance(e.body, dict) and "message" in e.body:
+                        body = {"error": e.body}  # vLLM's older flat error body
+                    status = e.status if 400 <= e.status < 500 else 502
+                    await self.sink.fail(status, body or error_body(str(e), status))
+                    return
+                cluster.finished(lr)
+                await self.sink.finish(lr)
+                return
+        except asyncio.CancelledError:
+            cluster.finished(lr, error="client disconnected", outcome="cancelled")
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug here must still free the request's place on its engine
+            log.exception("request %d failed in the gateway", lr.req.request_id)
+            cluster.finished(lr, error=f"gateway error: {type(e).__name__}: {e}")
+            try:
+                await self.sink.fail(500, error_body(f"gateway error: {type(e).__name__}", 500))
+            except Exception:  # noqa: BLE001 - the client connection may be the broken part
+                pass
+
+    def upstream_body(self) -> dict[str, Any]:
+        """The body for the next attempt: the client's, streamed, resumed past what was already sent."""
+        lr = self.lr
+        body = {k: v for k, v in lr.body.items() if k not in _GATEWAY_FIELDS}
+        body["stream"] = True
+        body["stream_options"] = self._stream_options
+        self._attempt_tokens = 0
+        self._skip = 0
+        self._fin = None
+        if lr.sent == 0:
+            return body
+        if self.resume == "restart":
+            self._skip = lr.sent
+            return body
+        done = "".join(lr.pieces)
+        if self._chat:
+            body["messages"] = [*body["messages"], {"role": "assistant", "content": done}]
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
+            for key in ("max_completion_tokens", "max_tokens"):
+                if body.get(key) is not None:
+                    body[key] = max(1, body[key] - lr.sent)
+        else:
+            prompt = body["prompt"]
+            body["prompt"] = (prompt[0] if isinstance(prompt, list) else prompt) + done
+            body["echo"] = False
+            if body.get("max_tokens", 16) is not None:
+                body["max_tokens"] = max(1, body.get("max_tokens", 16) - lr.sent)
+        if body.get("min_tokens"):
+            body["min_tokens"] = max(0, body["min_tokens"] - lr.sent)
+        return body
+
+    async def _attempt(self, engine: LiveEngine) -> None:
+        lr, cluster, sink = self.lr, self.cluster, self.sink
+        body = self.upstream_body()
+        got_first = False
+        async with engine.client.stream(self._path, body) as stream:
+            if not sink.started:
+                await sink.start()
+            async for events in stream:
+                out: list[dict[str, Any]] = []
+                texts: list[str] = []
+                n = 0
+                for ev in events:
+                    k = self._rewrite(ev, texts)
+                    if k < 0:
+                        continue
+                    n += k
+                    out.append(ev)
+                if n and not got_first:
+                    got_first = True
+                    cluster.first_token(lr)
+                if out:
+                    await sink.send(out)
+                    # Only what reached the client counts (an eviction may cancel the send).
+                    cluster.tokens(lr, n)
+                    lr.pieces.extend(texts)
+                    if self._fin is not None:
+                        lr.finish_reason = self._fin
+        if not stream.done:
+            raise EngineError("engine closed the stream before the end")
+
+    def _rewrite(self, ev: dict[str, Any], texts: list[str]) -> int:
+        """Count `ev`'s tokens and rewrite it for the client; -1: drop it."""
+        lr = self.lr
+        if "error" in ev:
+            err = ev["error"]
+            msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+            raise EngineError(f"engine error in stream: {msg}")
+        usage = ev.get("usage")
+        choices = ev.get("choices")
+        n = 0
+        if usage:
+            if lr.prompt_tokens is None:
+                lr.prompt_tokens = usage.get("prompt_tokens")
+            ct = usage.get("completion_tokens")
+            if ct is not None:
+                n = ct - self._attempt_tokens
+                self._attempt_tokens = ct
+        if not choices:
+            return -1  # the usage-only chunk: the relay sends its own at the end
+        c = choices[0]
+        if self._chat:
+            delta = c.get("delta") or {}
+            text = delta.get("content") or ""
+            if lr.attempts > 1 and not text and c.get("finish_reason") is None:
+                return -1  # the role chunk of a resumed attempt: the client has had one
+        else:
+            text = c.get("text") or ""
+        if not usage or usage.get("completion_tokens") is None:
+            n = 1 if text else 0
+        if self._skip:
+            if n <= self._skip:
+                self._skip -= n
+                if c.get("finish_reason") is None:
+                    return -1
+                n, text = 0, ""
+                if self._chat:
+                    c["delta"] = {}
+                else:
+                    c["text"] = ""
+            else:
+                n -= self._skip  # an engine chunk straddling the resume point (rare): keep it whole
+                self._skip = 0
+        fin = c.get("finish_reason")
+        if fin is not None:
+            self._fin = fin
+        ev["id"] = lr.client_id
+        ev["created"] = lr.created
+        if lr.continuous_usage:
+            p = lr.prompt_tokens or lr.req.prompt_tokens
+            done = lr.sent + n
+            ev["usage"] = {"prompt_tokens": p, "total_tokens": p + done, "completion_tokens": done}
+        elif "usage" in ev:
+            del ev["usage"]
+        if text:
+            texts.append(text)
+        return n
+
+
+def usage_of(lr: LiveRequest) -> dict[str, int]:
+    p = lr.prompt_tokens if lr.prompt_tokens is not None else lr.req.prompt_tokens
+    return {"prompt_tokens": p, "total_tokens": p + lr.sent, "completion_tokens": lr.sent}
+
+
+class StreamSink:
+    """Server-sent events to an ASGI client, as vLLM sends them."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self.started = False
+
+    async def start(self) -> None:
+        self.started = True
+        await self._send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+
+    async def send(self, events: list[dict[str, Any]]) -> None:
+        body = b"".join([b"data: " + orjson.dumps(ev) + b"\n\n" for ev in events])
+        await self._send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def finish(self, lr: LiveRequest) -> None:
+        tail = b""
+        if lr.include_usage:
+            chunk = {"id": lr.client_id, "object": _chunk_object(lr), "created": lr.created, "model": lr.req.model,
+                     "choices": [], "usage": usage_of(lr)}
+            tail = b"data: " + orjson.dumps(chunk) + b"\n\n"
+        await self._send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
+
+    async def fail(self, status: int, body: dict[str, Any]) -> None:
+        if not self.started:
+            await send_json(self._send, status, body)
+            return
+        data = b"data: " + orjson.dumps(body) + b"\n\ndata: [DONE]\n\n"
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+class JSONSink:
+    """One JSON answer at the end (a non-streaming client); the engine is still streamed from."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self.started = False
+        self._text: list[str] = []
+        self._model: str | None = None
+
+    async def start(self) -> None:
+        self.started = True  # nothing to send before the end
+
+    async def send(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            c = ev["choices"][0]
+            t = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
+            if t:
+                self._text.append(t)
+            self._model = ev.get("model", self._model)
+
+    async def finish(self, lr: LiveRequest) -> None:
+        text = "".join(self._text)
+        if lr.api == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None, "finish_reason": lr.finish_reason, "stop_reason": None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": lr.finish_reason,
+                      "stop_reason": None}
+            obj = "text_completion"
+        body = {"id": lr.client_id, "object": obj, "created": lr.created, "model": self._model or lr.req.model,
+                "choices": [choice], "usage": usage_of(lr)}
+        await send_json(self._send, 200, body)
+
+    async def fail(self, status: int, body: dict[str, Any]) -> None:
+        await send_json(self._send, status, body)
+
+
+def _chunk_object(lr: LiveRequest) -> str:
+    return "chat.completion.chunk" if lr.api == "chat" else "text_completion"
+
+
+async def send_json(send: Any, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = orjson.dumps(body)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *(headers or [])]})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
