@@ -18,7 +18,8 @@ What changes for LLMs served by vLLM instances (and how this policy adapts each 
   instance (requests that can no longer meet their deadline count for little: goodput). Every model
   with load gets one instance, largest load first, while instances last (Herd places every model);
   the other instances go by the D'Hondt rule on that load (the model with the largest load per
-  instance it already has wins the next one). A model already loaded gets a stickiness bonus, so
+  instance it already has wins the next one), but only to models whose load exceeds the instances
+  they have; an instance left over keeps its model. A model already loaded gets a stickiness bonus, so
   that a load blip does not cause a swap; instances already holding a model fill its seats first.
   An instance assigned another model stops taking requests, drains, then swaps. Model placement
   changes only at plan time: this is SHEPHERD's coarse planning, and its weakness when many models
@@ -276,7 +277,10 @@ class ShepherdPolicy(Policy):
         backlog = float(running)
         if pool is not None:
             backlog += len(pool.ready) + len(pool.resumed) + LATE_WEIGHT * len(pool.late)
-        per_s = (len(arrivals) if arrivals else 0) / min(self.window_s, max(now, 1e-9)) + backlog / self.window_s
+        # Over the window, or the time elapsed so far (but at least one plan interval: no burst of
+        # the first second taken for a rate).
+        span = max(min(self.window_s, now), self.plan_interval_s)
+        per_s = (len(arrivals) if arrivals else 0) / span + backlog / self.window_s
         if per_s <= 0:
             return 0.0
         prof = self.ctx.profiles.get(model)
@@ -316,12 +320,16 @@ class ShepherdPolicy(Policy):
         for m in cover[: len(insts)]:
             seats[m] = 1
         for _ in range(len(insts) - sum(seats.values())):
+            # Only models whose load exceeds the instances they have compete for another one.
+            short = [m for m in sorted(loads) if loads[m] > seats[m]]
+            if not short:
+                break
+
             def quotient(m: str) -> float:
                 bonus = 1.0 + self.stickiness if seats[m] < held[m] else 1.0
                 return loads[m] * bonus / (seats[m] + 1)
 
-            best = max(sorted(loads), key=quotient)
-            seats[best] += 1
+            seats[max(short, key=quotient)] += 1
         target: dict[int, str] = {}
         free: list[InstanceView] = []
         for i in insts:

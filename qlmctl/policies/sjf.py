@@ -18,7 +18,7 @@ class SJFOraclePolicy(QueuePolicy):
     """Shortest job first by the trace's output length (oracle: output lengths known in advance)."""
 
     name = "sjf-oracle"
-    label = "sjf (oracle)"
+    label = "sjf-oracle (oracle)"
     """How tables and figures name it, so that no reader mistakes it for a deployable policy."""
 
     def key(self, r: Request) -> tuple[float, ...]:
