@@ -1,8 +1,8 @@
 """QLM: request groups on per-instance virtual queues, reordered by the RWT estimator (fast heuristic).
 
-- Requests join the group of their model and SLO bucket (FCFS inside). A request whose deadline passes
-  before it is dispatched moves to its model's late group, which is served last: it is a miss whatever
-  happens, and serving it first would only make others miss too.
+- Requests join the group of their model and SLO bucket (FCFS inside). A request that can no longer get
+  its first token in time (its deadline is nearer than its own prefill) moves to its model's late group,
+  which is served last: it is a miss whatever happens, and serving it first would only make others miss.
 - Each instance has a virtual queue of group keys; it pulls from the first group with requests, which must
   match its loaded model (else it drains and swaps). One group may sit on several instances (replicas
   share its FIFO), and an instance whose queue has run dry pulls from any group of its model (work
@@ -196,9 +196,17 @@ class QLMPolicy(Policy):
     def _ready_head(self, g: RequestGroup, now: float) -> bool:
         """Demote expired heads; True when `g` has a request to give."""
         q = g.queue
-        while q and not g.late and q[0].deadline_s < now and q[0].first_token_s is None:
+        while q and not g.late and self._hopeless(q[0], now):
             self._demote(g, q[0])
         return bool(q)
+
+    def _hopeless(self, r: Request, now: float) -> bool:
+        """Its first token cannot come in time even if it started now (its own prefill is too long)."""
+        if r.first_token_s is not None:
+            return False
+        prof = self.ctx.profiles.get(r.model)
+        prefill = prof.prefill_time(r.prompt_tokens) if prof is not None else 0.0
+        return now + prefill > r.deadline_s
 
     def _demote(self, g: RequestGroup, r: Request) -> None:
         g.queue.popleft()
@@ -214,7 +222,7 @@ class QLMPolicy(Policy):
         for g in list(self.groups.values()):
             if g.late:
                 continue
-            while g.queue and g.queue[0].deadline_s < now and g.queue[0].first_token_s is None:
+            while g.queue and self._hopeless(g.queue[0], now):
                 self._demote(g, g.queue[0])
 
     def _maybe_swap(self, inst: InstanceView) -> list[Decision]:
