@@ -255,7 +255,9 @@ class Engine:
             self._plan(self._clock)
             return
         done = self._steps_done(seg, now - seg.t0)
-        n = min(seg.n, done + 1)
+        # The step in flight is already scheduled; with asynchronous scheduling so is the one after it.
+        lag = 2 if self.profile is not None and self.profile.async_scheduling else 1
+        n = min(seg.n, done + lag)
         if n < seg.n:
             seg.n = n
             seg.end = seg.t0 + self._seg_time(seg, n)

@@ -43,6 +43,9 @@ class EngineProfile:
     """Prior for the RWT estimator's output-length distribution (mean)."""
     std_output_tokens: float = 256.0
     """Prior for the RWT estimator's output-length distribution (standard deviation)."""
+    async_scheduling: bool = False
+    """vLLM schedules step N+1 while step N runs (on by default in recent vLLM; its log says "Asynchronous
+    scheduling is enabled"): a request that arrives during step N first runs in step N+2."""
     frontend_latency_s: float = 0.0
     """Fixed latency a client sees on top of the engine's steps (API server, tokenizer, HTTP), added to the
     first-token and finish times a client observes; `profile-model` fits it as the TTFT intercept."""
