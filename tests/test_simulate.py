@@ -132,3 +132,20 @@ def test_all_registered_policies_run():
         run = simulate(sc, p, reqs)
         assert run.summary["completed"] == 80, p
         json.dumps(run.summary)
+
+
+@pytest.mark.parametrize("policy", ["qlm", "qlm-lp"])
+def test_a_group_that_empties_and_refills_is_still_served(policy):
+    """The public prototype lost requests that arrived at a group after it had emptied."""
+    if policy not in policy_names():
+        pytest.skip(f"{policy} not available")
+    sc = make_scenario(instances=2, kv_blocks=400, max_num_seqs=8)
+    bursts = [(0.0, 10), (50.0, 10), (200.0, 10)]  # the group drains between bursts
+    reqs, i = [], 0
+    for start, n in bursts:
+        for k in range(n):
+            reqs.append(Request(i, start + 0.01 * k, "m", "interactive", 5.0, 50, 20))
+            i += 1
+    run = simulate(sc, policy, reqs)
+    assert all(r.finish_s is not None for r in run.result.requests)
+    assert run.summary["slo_attainment"] == 1.0
