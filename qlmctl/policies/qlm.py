@@ -72,6 +72,7 @@ class QLMPolicy(Policy):
         self._evicting: set[int] = set()
         self._swapping_to: dict[int, str] = {}
         self._rates: dict[tuple[int, str], tuple[float, float, float]] = {}
+        self._resident_until: dict[int, float] = {}  # swap hysteresis, see _next_group
 
     # ------------------------------------------------------------- hooks
     def add_request(self, request: Request, now: float) -> None:
@@ -151,7 +152,7 @@ class QLMPolicy(Policy):
         for iid in book.unloaded():
             inst = insts[iid]
             if not inst.swapping and inst.healthy:
-                out.extend(self._maybe_swap(inst))
+                out.extend(self._maybe_swap(inst, now))
         # Least-loaded first, one request at a time, so replicas sharing a group share its load.
         rooms = [(rm.load, rm.inst.instance_id, rm) for rm in book.open_rooms()]
         heapq.heapify(rooms)
@@ -178,9 +179,13 @@ class QLMPolicy(Policy):
             if g is None or not self._ready_head(g, now):
                 continue
             if g.model != inst.model:
+                # Swap hysteresis (off by default): a model just loaded serves its own queue for a while
+                # first, so an instance shared by two busy models does not alternate every few seconds.
+                if now < self._resident_until.get(inst.instance_id, -math.inf) and self._has_queued(inst.model):
+                    continue
                 # The plan puts another model next: stop feeding this one, drain, then swap.
                 if room.load == 0:
-                    out.extend(self._swap(inst, g.model))
+                    out.extend(self._swap(inst, g.model, now))
                 return None
             return g if room.fits(g.queue[0]) else None
         # Work conserving: the queue ran dry, so take any group of this model, most urgent first.
@@ -225,20 +230,28 @@ class QLMPolicy(Policy):
             while g.queue and self._hopeless(g.queue[0], now):
                 self._demote(g, g.queue[0])
 
-    def _maybe_swap(self, inst: InstanceView) -> list[Decision]:
+    def _maybe_swap(self, inst: InstanceView, now: float) -> list[Decision]:
         if inst.profile is not None or inst.instance_id in self._swapping_to:
             return []
         # Nothing loaded: load the model of the first group planned here.
         for key in self.vqs.get(inst.instance_id, []):
             g = self.groups.get(key)
             if g is not None and g.queue:
-                return self._swap(inst, g.model)
+                return self._swap(inst, g.model, now)
         return []
 
-    def _swap(self, inst: InstanceView, model: str) -> list[Decision]:
+    def _has_queued(self, model: str | None) -> bool:
+        return any(g.queue and g.model == model and not g.late for g in self.groups.values())
+
+    def _swap(self, inst: InstanceView, model: str, now: float) -> list[Decision]:
         if not self.ctx.enable_swap or inst.instance_id in self._swapping_to or inst.profile_for(model) is None:
             return []
         self._swapping_to[inst.instance_id] = model
+        # Optional hysteresis (scheduler.params): keep a model at least this long after loading it.
+        load = inst.load_time(model)
+        residency = max(float(self.ctx.params.get("min_residency_s", 0.0)),
+                        float(self.ctx.params.get("residency_load_factor", 0.0)) * load)
+        self._resident_until[inst.instance_id] = now + load + residency
         self.stats.swaps += 1
         return [SwapModel(inst.instance_id, model)]
 
