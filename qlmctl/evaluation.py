@@ -86,7 +86,7 @@ class EvalScenario:
 
 
 SUITE: tuple[EvalScenario, ...] = (
-    # Two H200s saturate near 55 req/s with Azure-conversation lengths; 110 req/s is 2x overload,
+    # Two H200s saturate near 48 req/s with Azure-conversation lengths; 110 req/s is 2x overload,
     # where even the interactive + 60 s classes alone (60 % of requests) exceed capacity.
     EvalScenario("w_a", "scenarios/w_a.yaml", (30, 55, 80, 110, 140), duration_s=300, quick_duration_s=40),
     # Four models on two instances: capacity depends on the swaps; 45 req/s overloads every policy.

@@ -91,6 +91,10 @@ class RoomBook:
             if rm is not None and rm.blocked and rm.inst.model in models:
                 rm.blocked = False
 
+    def rooms(self) -> list[Room]:
+        """Rooms of every serving instance."""
+        return [rm for rm in self._rooms.values() if rm is not None]
+
     def unloaded(self) -> list[int]:
         """Instances serving nothing now (no model, swapping or unhealthy)."""
         return [iid for iid, rm in self._rooms.items() if rm is None]

@@ -73,6 +73,7 @@ class QLMPolicy(Policy):
         self._swapping_to: dict[int, str] = {}
         self._rates: dict[tuple[int, str], tuple[float, float, float]] = {}
         self._resident_until: dict[int, float] = {}  # swap hysteresis, see _next_group
+        self._lag: dict[str, float] = {}  # admission lag per model, see _hopeless
 
     # ------------------------------------------------------------- hooks
     def add_request(self, request: Request, now: float) -> None:
@@ -132,6 +133,7 @@ class QLMPolicy(Policy):
         out: list[Decision] = []
         if self._count and now >= self._next_plan:
             self._next_plan = now + self.ctx.reschedule_interval_s
+            self._update_lag()  # from the rooms as of the last call: refreshed once per plan, off the hot path
             self._demote_expired(now)
             if self._dirty or self._predicts_violation(cluster, now):
                 self.vqs = self.plan_queues(cluster, now)
@@ -186,6 +188,11 @@ class QLMPolicy(Policy):
                 # The plan puts another model next: stop feeding this one, drain, then swap.
                 if room.load == 0:
                     out.extend(self._swap(inst, g.model, now))
+                    return None
+                # While that group can wait well beyond the drain and the load, keep the batch full with
+                # this model's later groups instead of leaving slots idle (work conserving).
+                if self._can_defer(inst, g, room.load, now):
+                    continue
                 return None
             return g if room.fits(g.queue[0]) else None
         # Work conserving: the queue ran dry, so take any group of this model, most urgent first.
@@ -198,6 +205,14 @@ class QLMPolicy(Policy):
             return best
         return None
 
+    def _can_defer(self, inst: InstanceView, g: RequestGroup, load: int, now: float) -> bool:
+        """Can `g` (another model) wait while `inst` keeps serving its current model?"""
+        cur = self._rate_of(inst, inst.model) if inst.model is not None else None
+        if cur is None:
+            return False
+        drain = self._completions(load + 1, cur)
+        return g.head_deadline() - now > 2.0 * (drain + inst.load_time(g.model))
+
     def _ready_head(self, g: RequestGroup, now: float) -> bool:
         """Demote expired heads; True when `g` has a request to give."""
         q = g.queue
@@ -206,12 +221,28 @@ class QLMPolicy(Policy):
         return bool(q)
 
     def _hopeless(self, r: Request, now: float) -> bool:
-        """Its first token cannot come in time even if it started now (its own prefill is too long)."""
+        """Its first token cannot come in time even if it were dispatched now: its own prefill plus the
+        steps an engine runs before admitting it (one, two with asynchronous scheduling) are too long."""
         if r.first_token_s is not None:
             return False
         prof = self.ctx.profiles.get(r.model)
-        prefill = prof.prefill_time(r.prompt_tokens) if prof is not None else 0.0
-        return now + prefill > r.deadline_s
+        if prof is None:
+            return now > r.deadline_s
+        return now + prof.prefill_time(r.prompt_tokens) + self._lag.get(r.model, 0.0) > r.deadline_s
+
+    def _update_lag(self) -> None:
+        """Per model, the admission lag on its least-loaded instance (steps before a new request runs)."""
+        lag: dict[str, float] = {}
+        for rm in self._book.rooms():
+            prof = rm.inst.profile
+            if prof is None or rm.inst.model is None:
+                continue
+            d = rm.load
+            steps = 2 if prof.async_scheduling else 1
+            t = steps * prof.step_time(0, d, d * 1024) if d else 0.0
+            m = rm.inst.model
+            lag[m] = min(lag.get(m, math.inf), t)
+        self._lag = lag
 
     def _demote(self, g: RequestGroup, r: Request) -> None:
         g.queue.popleft()
