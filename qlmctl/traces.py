@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -173,6 +174,15 @@ def _supported() -> str:
     return "supported: " + "; ".join(parts)
 
 
+def _first_long_row(p: Path, header_line: int, width: int) -> tuple[int | None, int]:
+    """(line, field count) of the first data row with more fields than the header (error path only)."""
+    with p.open(newline="", encoding="utf-8-sig") as f:
+        for i, row in enumerate(csv.reader(f), start=1):
+            if i > header_line and len(row) > width:
+                return i, len(row)
+    return None, width + 1
+
+
 def _read_csv(p: Path, spec: _Format, first: str, header_line: int) -> tuple[pd.DataFrame, np.ndarray, int]:
     """The raw cells (object: str), each row's file line, and the number of data rows."""
     header = _header(first)
@@ -184,10 +194,16 @@ def _read_csv(p: Path, spec: _Format, first: str, header_line: int) -> tuple[pd.
     try:
         # All as strings, no "NA"-like text turned into NaN, blank lines kept: row i is then exactly
         # line header_line + 1 + i (quoted multi-line fields aside).
-        raw = pd.read_csv(
-            p, dtype=str, keep_default_na=False, skip_blank_lines=False, index_col=False,
-            encoding="utf-8-sig", skipinitialspace=True, skiprows=header_line - 1,
-        )
+        with warnings.catch_warnings():
+            # index_col=False makes pandas drop a row's extra fields with only a warning: an error here.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            raw = pd.read_csv(
+                p, dtype=str, keep_default_na=False, skip_blank_lines=False, index_col=False,
+                encoding="utf-8-sig", skipinitialspace=True, skiprows=header_line - 1,
+            )
+    except pd.errors.ParserWarning:
+        line, n = _first_long_row(p, header_line, len(header))
+        raise UserError(f"malformed CSV row: {n} fields, the header has {len(header)}", p, line) from None
     except pd.errors.ParserError as e:
         text = str(e).splitlines()[0]
         m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)

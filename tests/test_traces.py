@@ -437,3 +437,14 @@ def test_native_round_trip(tmp_path: Path, rows: list[tuple[float, str | None, s
     assert back["model"].tolist() == frame["model"].tolist()
     assert back["slo_class"].tolist() == frame["slo_class"].tolist()
     assert back["source_line"].tolist() == list(range(2, len(rows) + 2))
+
+
+def test_a_row_with_extra_fields_is_an_error_not_dropped(tmp_path):
+    from qlmctl.errors import UserError
+    from qlmctl.traces import load_trace
+
+    p = tmp_path / "t.csv"
+    p.write_text("arrival_s,prompt_tokens,output_tokens\n0,10,5\n1,10,5,99\n")
+    with pytest.raises(UserError) as e:
+        load_trace(p)
+    assert e.value.line == 3 and "4 fields" in e.value.message
