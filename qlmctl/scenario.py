@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from qlmctl.errors import UserError
 from simulator.profile import EngineProfile
@@ -193,6 +193,40 @@ class LiveSpec(_Strict):
     )
     max_connections: int = Field(default=4096, gt=0, description="HTTP connections per engine")
     launch: LaunchSpec | None = None
+    # Faults (docs/robustness.md). Timeouts and probe periods are wall-clock seconds.
+    max_retries: int = Field(
+        default=2, ge=0, description="times a request goes back to its queue after its engine failed it; then a 502")
+    first_token_timeout_s: float = Field(
+        default=300.0, gt=0, description="an engine attempt without a first token this long is hung, wall s")
+    inter_token_timeout_s: float = Field(
+        default=60.0, gt=0, description="an engine stream without a token this long is hung, wall s")
+    unhealthy_after: int = Field(
+        default=3, ge=1,
+        description="consecutive failed polls or 5xx answers after which an engine is unhealthy "
+                    "(a lost connection or a hung stream: at once)")
+    probe_interval_s: float = Field(default=1.0, gt=0, description="period of /health probes of an unhealthy engine, wall s")
+    probe_timeout_s: float = Field(default=2.0, gt=0, description="timeout of a /health probe or /metrics poll, wall s")
+    unavailable_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="requests of a model no healthy engine has served for this long fail with 503, wall s")
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, how long queued and running requests may still finish, wall s")
+    # Load and clients.
+    queue_limit: int | None = Field(
+        default=None, ge=1, description="most requests waiting in the gateway per SLO class (beyond: 429); none: no limit")
+    queue_limits: dict[str, int] = Field(default_factory=dict, description="per-SLO-class limits, over queue_limit")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429 or 503 answer, s")
+    max_body_bytes: int = Field(default=32 << 20, gt=0, description="largest request body accepted (beyond: 413), bytes")
+    api_key: SecretStr | None = Field(
+        default=None, description="clients must send `Authorization: Bearer <key>` (env QLMCTL_API_KEY also sets it)")
+
+    @field_validator("queue_limits")
+    @classmethod
+    def _limits(cls, v: dict[str, int]) -> dict[str, int]:
+        for k, n in v.items():
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"queue_limits.{k} must be a positive integer, got {n!r}")
+        return v
 
     @model_validator(mode="after")
     def _engines(self) -> "LiveSpec":
@@ -246,6 +280,10 @@ class ScenarioSpec(_Strict):
         d = self.live.default_slo_class
         if d is not None and d not in self.slo_classes:
             raise ValueError(f"live.default_slo_class: unknown SLO class '{d}'")
+        for k in self.live.queue_limits:
+            if k not in self.slo_classes and k != "custom":
+                raise ValueError(f"live.queue_limits.{k}: unknown SLO class '{k}' (known: "
+                                 f"{', '.join([*self.slo_classes, 'custom'])})")
         return self
 
 

@@ -48,21 +48,32 @@ def emulate(
     stream_interval_s: float = typer.Option(0.01, "--stream-interval", min=0.0, help="Shortest gap between token deliveries to a stream, wall seconds."),
     hold_while_asleep: bool = typer.Option(False, "--hold-while-asleep", help="Completions sent while asleep wait for /wake_up, as vLLM 0.24 does, instead of failing at once with 503."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level: debug, info, warning, error."),
+    fault_kill_after: Optional[float] = typer.Option(None, "--fault-kill-after", min=0.0, help="Fault injection: die this many wall seconds after start (drop every connection, answer nothing but /emulator/*)."),
+    fault_hang_after: Optional[float] = typer.Option(None, "--fault-hang-after", min=0.0, help="Fault injection: hang this many wall seconds after start (hold new requests, stall open streams)."),
+    fault_down_for: Optional[float] = typer.Option(None, "--fault-down-for", min=0.0, help="Fault injection: a kill or hang heals itself after this many wall seconds (default: stays until POST /emulator/faults {})."),
+    fault_error_rate: float = typer.Option(0.0, "--fault-error-rate", min=0.0, max=1.0, help="Fault injection: fraction (0..1) of completion requests answered with HTTP 500."),
+    fault_slowdown: float = typer.Option(1.0, "--fault-slowdown", min=1e-6, help="Fault injection: the emulated GPU runs this many times slower (2: half speed)."),
+    fault_seed: int = typer.Option(0, "--fault-seed", help="Fault injection: seed of the error-rate draws."),
 ) -> None:
     """Serve vLLM's OpenAI-compatible API (completions, chat, /metrics, sleep mode) from the simulated engine.
 
     One server emulates one `vllm serve` of one model; timing, batching and KV use follow the profile in real
-    time, scaled by --speedup. Latencies it reports are wall-clock seconds. See qlmctl/live/EMULATOR_API.md.
+    time, scaled by --speedup. Latencies it reports are wall-clock seconds. The --fault-* options inject engine
+    faults (also settable at run time: POST /emulator/faults); see docs/robustness.md and
+    qlmctl/live/EMULATOR_API.md.
     """
     from qlmctl.errors import UserError
     from qlmctl.live.emulator import bind_socket, create_app, uvicorn_server
+    from qlmctl.live.faults import Faults
 
     if scheduling_policy not in ("fcfs", "priority"):
         raise UserError("must be fcfs or priority", field="--scheduling-policy")
     prof, name = _load_profile(profile, scenario, model, gpu)
+    faults = Faults(kill_after_s=fault_kill_after, hang_after_s=fault_hang_after, down_for_s=fault_down_for,
+                    error_rate=fault_error_rate, slowdown=fault_slowdown, seed=fault_seed)
     try:
         app = create_app(prof, name, speedup=speedup, sleep_s=sleep_s, policy=scheduling_policy,
-                         stream_interval_s=stream_interval_s, hold_while_asleep=hold_while_asleep)
+                         stream_interval_s=stream_interval_s, hold_while_asleep=hold_while_asleep, faults=faults)
     except ValueError as e:
         raise UserError(str(e), profile or scenario) from None
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -24,6 +24,7 @@ def serve(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Replay output folder; default results/<scenario name>."),
     log_dir: Optional[Path] = typer.Option(None, "--engine-logs", help="With --launch: folder for the engines' output (default: a temp folder)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every HTTP request."),
+    drain_s: Optional[float] = typer.Option(None, "--drain-timeout", min=0.0, help="On SIGTERM or Ctrl-C: wall seconds queued and running requests may still finish before they get a 503; default live.drain_timeout_s (30)."),
 ) -> None:
     """Serve an OpenAI-compatible API whose requests wait in the QLM core before reaching vLLM engines.
 
@@ -31,6 +32,10 @@ def serve(
     seconds in `x-slo-ttft-s` (`slo_ttft_s`). /metrics serves Prometheus metrics (latencies in wall-clock
     seconds). With --trace or --replay, each policy gets its own gateway in front of the same engines; results
     (scenario seconds, client-side latencies) go to <out>/<policy>/ as with `simulate`. See docs/live.md.
+
+    SIGTERM (or Ctrl-C) stops intake (new requests get 503), lets what is queued or running finish for up to
+    --drain-timeout seconds, ends the rest with a 503 error, writes the results of a replay and exits 0; a
+    second Ctrl-C stops at once. Engine faults, backpressure and the API key: docs/robustness.md.
     """
     from qlmctl.cli import _fail, _overrides, console
     from qlmctl.errors import UserError
@@ -56,6 +61,8 @@ def serve(
                 console.print(f"[dim]{line}[/]", highlight=False)
         import asyncio
 
+        if drain_s is not None:
+            sc.spec.live.drain_timeout_s = drain_s
         asyncio.run(_main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log))
     except UserError as e:
         _fail(e)
@@ -63,9 +70,45 @@ def serve(
         console.print("stopped")
 
 
+def _stop_on_signals() -> Any:
+    """An event set by the first SIGTERM or SIGINT; a second SIGINT interrupts at once (KeyboardInterrupt)."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def first(sig: int) -> None:
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)  # the next Ctrl-C is Python's own: stop now
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, first, sig)
+    return stop
+
+
+async def _unless_stopped(aw, stop) -> bool:
+    """Await `aw` unless `stop` is set first (then `aw` is cancelled); True when `aw` completed."""
+    import asyncio
+
+    task = asyncio.ensure_future(aw)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done():
+        task.result()  # its exception, if any
+        return True
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return False
+
+
 async def _main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log) -> None:
     from qlmctl.cli import console
 
+    stop = _stop_on_signals()
     launcher = None
     swap_control = None
     if launch:
@@ -73,40 +116,62 @@ async def _main(sc, policies, launch, host, port, requests, concurrency, out, lo
 
         launcher = Launcher(sc, log_dir)
         console.print(f"starting {len(launcher.procs)} engine(s); logs in {launcher.log_dir}", highlight=False)
-        await launcher.start()
+        try:
+            started = await _unless_stopped(launcher.start(), stop)
+        except BaseException:
+            await launcher.stop()
+            raise
+        if not started:
+            console.print("stopped while the engines started", highlight=False)
+            await launcher.stop()
+            return
         swap_control = launcher.swap_control()
     try:
         if requests is None:
-            await _serve_forever(sc, policies[0], host, port, swap_control, access_log)
+            await _serve_forever(sc, policies[0], host, port, swap_control, access_log, stop)
         else:
-            await _replay_all(sc, policies, requests, swap_control, concurrency, out)
+            await _replay_all(sc, policies, requests, swap_control, concurrency, out, stop)
     finally:
         if launcher is not None:
             await launcher.stop()
 
 
-async def _serve_forever(sc, policy, host, port, swap_control, access_log) -> None:
+async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop) -> None:
+    import asyncio
+
     from qlmctl.cli import console
     from qlmctl.errors import UserError
     from qlmctl.live.gateway import Gateway
 
     gw = Gateway(sc, policy, host=host, port=port, swap_control=swap_control, record=False, access_log=access_log)
     try:
-        await gw.start()
+        started = await _unless_stopped(gw.start(), stop)
     except (ConnectionError, OSError) as e:
         raise UserError(str(e)) from None
+    if not started:
+        console.print("stopped while waiting for the engines", highlight=False)
+        await gw.stop()
+        return
     for inst in gw.cluster.instances:
         engines = ", ".join(f"{m} at {e.url}{' (awake)' if inst.awake == m else ''}" for m, e in inst.engines.items())
         console.print(f"  instance {inst.name} ({inst.gpu}): {engines}", highlight=False)
     console.print(f"QLM gateway ({policy}) on [bold]{gw.url}[/] (OpenAI base URL {gw.url}/v1); Ctrl-C stops",
                   highlight=False)
     try:
-        await gw.wait()
+        stopped = asyncio.ensure_future(stop.wait())
+        served = asyncio.ensure_future(gw.wait())
+        await asyncio.wait([stopped, served], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if stop.is_set():
+            grace = sc.spec.live.drain_timeout_s
+            console.print(f"stopping: no new requests; draining for up to {grace:g} s", highlight=False)
+            finished, failed = await gw.drain(grace)
+            console.print(f"drained: {finished} request(s) finished, {failed} ended with a 503", highlight=False)
     finally:
         await gw.stop()
 
 
-async def _replay_all(sc, policies, requests, swap_control, concurrency, out) -> None:
+async def _replay_all(sc, policies, requests, swap_control, concurrency, out, stop) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qlmctl.cli import console
@@ -126,17 +191,21 @@ async def _replay_all(sc, policies, requests, swap_control, concurrency, out) ->
     with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as prog:
         for name in policies:
+            if stop.is_set():
+                console.print(f"stopped: policy {name} not run", highlight=False)
+                continue
             task = prog.add_task(name, total=len(requests))
             try:
                 run = await run_live(sc, name, requests, swap_control=swap_control, concurrency=concurrency,
-                                     progress=lambda done, total, t=task: prog.update(t, completed=done))
+                                     progress=lambda done, total, t=task: prog.update(t, completed=done), stop=stop)
             except (ConnectionError, OSError) as e:
                 raise UserError(str(e)) from None
-            save_live(run, sc, out_dir)
+            save_live(run, sc, out_dir)  # also a run cut short by SIGTERM: what it did is in its results
             summaries[name] = run.summary
     n_inst = len({e.instance for e in live.engines})
-    print_results(console, summaries, f"{sc.spec.name}: live, {len(requests):,} requests, {n_inst} instance(s)")
-    console.print(f"results in [bold]{out_dir}[/]", highlight=False)
+    if summaries:
+        print_results(console, summaries, f"{sc.spec.name}: live, {len(requests):,} requests, {n_inst} instance(s)")
+        console.print(f"results in [bold]{out_dir}[/]", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

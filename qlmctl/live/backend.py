@@ -18,6 +18,9 @@ SLOs and results stay in scenario seconds).
 - Engine state: the gateway's own count of requests in flight per engine is exact and current; vLLM's
   /metrics (polled every `metrics_interval_s`) adds what the gateway cannot see (requests of other
   clients, aborts not yet reaped) and the engine's KV cache size.
+- Faults: an engine attempt that fails goes back to the policy like an eviction (`retry`, within the
+  request's retry budget); engine health, probes and models left without an engine are
+  `qlmctl.live.health`'s.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from qlmctl.core.cluster import Decision, Dispatch, Evict, SwapModel
 from qlmctl.core.groups import group_key
 from qlmctl.core.request import Request
 from qlmctl.live.engine_client import EngineClient, EngineError
+from qlmctl.live.health import FailureKind, HealthMetrics, HealthMonitor
 from qlmctl.live.prom import EngineMetrics, GatewayMetrics
 from qlmctl.policies.base import Policy
 from qlmctl.scenario import LiveEngineSpec, Scenario
@@ -43,9 +47,6 @@ log = logging.getLogger("qlmctl.live")
 
 MIN_TIMER_S = 0.001
 """Shortest wall-clock delay of the wake-up timer (a policy asking for `now` must not spin the loop)."""
-
-UNHEALTHY_AFTER = 2
-"""Consecutive failed /metrics polls after which an engine counts as unhealthy."""
 
 SLEEP_RETRIES = 100
 """Attempts at POST /sleep while the engine still holds aborted requests (409), 50 ms apart."""
@@ -89,6 +90,10 @@ class LiveRequest:
     kv_tokens: int = 0
     """Tokens this request counts for in its instance's KV estimate."""
     attempts: int = 0
+    retries: int = 0
+    """Times an engine failed it and it went back to its queue."""
+    abort: tuple[int, str] | None = None
+    """Set when the gateway ends it (shutting down, model unavailable): the HTTP status and message."""
 
 
 class SwapControl(Protocol):
@@ -150,7 +155,15 @@ class LiveEngine:
         """Last known sleep state; None when the engine has no sleep endpoints."""
         self.metrics: EngineMetrics | None = None
         self.metrics_at: float | None = None
+        # Health (see qlmctl.live.health).
         self.fails = 0
+        """Consecutive failed requests (since its last first token)."""
+        self.poll_fails = 0
+        """Consecutive failed /metrics polls."""
+        self.ejections = 0
+        """Times in a row it was marked unhealthy (its probe backoff)."""
+        self.eject_until = 0.0
+        """Loop time before which an unhealthy engine is not probed."""
 
     @property
     def awake(self) -> bool:
@@ -333,6 +346,7 @@ class LiveCluster:
         self.speedup = speedup if speedup is not None else (live.speedup if live is not None else 1.0)
         self.metrics_interval_s = live.metrics_interval_s if live is not None else 0.5
         max_conn = live.max_connections if live is not None else 4096
+        self.max_retries = live.max_retries if live is not None else 2
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         self.record = record
         control = swap_control or SleepModeControl()
@@ -365,7 +379,22 @@ class LiveCluster:
         self._poll_task: asyncio.Task | None = None
         self.num_swaps = 0
         self.num_evictions = 0
+        self.num_retries = 0
+        """Engine attempts that failed and were retried."""
+        self.num_retried_requests = 0
+        """Requests retried at least once."""
         self.schedule_calls = 0
+        self.queued_by_class: dict[str, int] = {}
+        """Requests waiting in the policy's queues per SLO class (exact, current: admission reads it)."""
+        self._takes_evicted = type(policy).on_evicted is not Policy.on_evicted
+        self.health = HealthMonitor(
+            self, HealthMetrics(self.metrics.registry),
+            unhealthy_after=live.unhealthy_after if live is not None else 3,
+            metrics_interval_s=self.metrics_interval_s,
+            probe_interval_s=live.probe_interval_s if live is not None else 1.0,
+            probe_timeout_s=live.probe_timeout_s if live is not None else 2.0,
+            unavailable_timeout_s=live.unavailable_timeout_s if live is not None else 30.0,
+        )
 
     # ------------------------------------------------------------ ClusterView
     @property
@@ -383,6 +412,9 @@ class LiveCluster:
         self.t0 = time.monotonic()
         self._running = True
         self._poll_task = asyncio.create_task(self._poll_loop())
+        for inst in self._instances:
+            for e in inst.engines.values():
+                self._spawn(self.health.watch(e))
         self.kick()
 
     async def stop(self) -> None:
@@ -436,7 +468,7 @@ class LiveCluster:
             await inst.control.acquire(target)
             target.sleeping = False
         inst.awake = want
-        await asyncio.gather(*(self._poll_engine(e) for e in inst.engines.values() if inst.control.available(e)))
+        await asyncio.gather(*(self.poll_engine(e) for e in inst.engines.values() if inst.control.available(e)))
 
     # ------------------------------------------------------------ requests (called by the HTTP side)
     def new_request_id(self) -> int:
@@ -452,10 +484,19 @@ class LiveCluster:
             self.records.append(r)
             if lr.external_id is not None:
                 self.by_external[lr.external_id] = r
-        lr.queued = True
-        lr.waiter = self._loop.create_future()  # type: ignore[union-attr]
+        self._enqueue(lr)
         self.policy.add_request(r, r.arrival_s)
         self.kick()
+
+    def _enqueue(self, lr: LiveRequest) -> None:
+        lr.queued = True
+        lr.waiter = self._loop.create_future()  # type: ignore[union-attr]
+        c = lr.req.slo_class
+        self.queued_by_class[c] = self.queued_by_class.get(c, 0) + 1
+
+    def _dequeue(self, lr: LiveRequest) -> None:
+        lr.queued = False
+        self.queued_by_class[lr.req.slo_class] -= 1
 
     async def wait_dispatch(self, lr: LiveRequest) -> LiveEngine | None:
         """The engine the policy dispatched `lr` to (None when the gateway is stopping)."""
@@ -468,6 +509,8 @@ class LiveCluster:
         now = self.now()
         if r.first_token_s is None:
             r.first_token_s = now
+        if lr.engine is not None:
+            self.health.success(lr.engine)
         self.policy.on_first_token(r, now)
         self.kick()
 
@@ -498,6 +541,7 @@ class LiveCluster:
         if lr.queued:
             # Still in the policy's queues: it is finished when the policy dispatches it.
             lr.cancelled = True
+            self._dequeue(lr)
         else:
             self.policy.on_finished(r, now)
             self.kick()
@@ -524,10 +568,76 @@ class LiveCluster:
         self.timeline.append((now, "evict", r.instance_id if r.instance_id is not None else -1, r.model,
                               r.slo_class, float(lr.sent)))
         self.metrics.evictions.labels(r.slo_class).inc()
-        lr.queued = True
-        lr.waiter = self._loop.create_future()  # type: ignore[union-attr]
+        self._enqueue(lr)
         self.policy.on_evicted(r, now)
         self.kick()
+
+    def retry(self, lr: LiveRequest, engine: LiveEngine, kind: FailureKind) -> bool:
+        """`engine` failed this attempt of `lr`: back to the head of its queue if its retry budget allows.
+
+        Counts the failure against the engine's health either way. False when the budget is spent (the
+        caller then fails the request).
+        """
+        self.health.failure(engine, kind)
+        if lr.retries >= self.max_retries or not self._running:
+            return False
+        r = lr.req
+        now = self.now()
+        lr.retries += 1
+        self.num_retried_requests += lr.retries == 1
+        lr.engine = None
+        lr.scope = None
+        lr.evict_pending = False
+        engine.instance.remove(lr, now)
+        r.generated_tokens = lr.sent
+        self.num_retries += 1
+        self.timeline.append((now, "retry", engine.instance.instance_id, r.model, r.slo_class, float(lr.sent)))
+        self.health.metrics.retries.labels(r.slo_class, kind.value).inc()
+        self._enqueue(lr)
+        if self._takes_evicted:
+            self.policy.on_evicted(r, now)  # the head of its group
+        else:
+            # Policies that never evict: free its place, then queue it again by its own key (arrival).
+            self.policy.on_finished(r, now)
+            self.policy.add_request(r, now)
+        self.kick()
+        return True
+
+    def end_queued(self, lr: LiveRequest, status: int, message: str) -> None:
+        """End a request still waiting in the queues with an error (its handler answers `status`)."""
+        if lr.done or not lr.queued:
+            return
+        lr.abort = (status, message)
+        if lr.waiter is not None and not lr.waiter.done():
+            lr.waiter.set_result(None)
+
+    def abort_all(self, status: int, message: str) -> int:
+        """End every request now (shutting down): queued ones at once, running ones by cancelling their
+        upstream stream. Returns how many were ended."""
+        n = 0
+        loop = self._loop
+        for lr in list(self._live.values()):
+            if lr.done:
+                continue
+            n += 1
+            if lr.queued:
+                self.end_queued(lr, status, message)
+            else:
+                lr.abort = (status, message)
+                if lr.scope is not None and loop is not None:
+                    lr.scope.reschedule(loop.time())
+        return n
+
+    def health_changed(self, e: LiveEngine) -> None:
+        """An engine turned unhealthy or healthy: the policy re-reads its instance."""
+        inst = e.instance
+        self.timeline.append((self.now(), "healthy" if e.healthy else "unhealthy", inst.instance_id, e.model, "", 0.0))
+        if self._running:
+            self.policy.on_instance_changed(inst.instance_id)
+            self.kick()
+
+    def requests_of(self, model: str) -> list[LiveRequest]:
+        return [lr for lr in self._live.values() if lr.req.model == model]
 
     def evict(self, request_id: int) -> bool:
         """Evict a running request now, as if the policy had decided it (operators and tests).
@@ -622,7 +732,7 @@ class LiveCluster:
             self.policy.on_finished(r, now)
             self.kick()
             return
-        lr.queued = False
+        self._dequeue(lr)
         if inst.model != r.model or inst.swapping:
             log.error("policy dispatched request %d to instance %s, which serves %s, not %s",
                       r.request_id, inst.name, inst.model, r.model)
@@ -672,33 +782,32 @@ class LiveCluster:
 
     # ------------------------------------------------------------ engine state
     async def _poll_loop(self) -> None:
-        engines = [e for inst in self._instances for e in inst.engines.values()]
+        """Every `metrics_interval_s`: queue depths to the timeline, models without engines, a schedule."""
+        loop = asyncio.get_running_loop()
         while self._running:
             await asyncio.sleep(self.metrics_interval_s)
-            await asyncio.gather(*(self._poll_engine(e) for e in engines if e.instance.control.available(e)))
             now = self.now()
             for cls, depth in self.queue_depth_by_class().items():
                 self.timeline.append((now, "queue_depth", -1, "", cls, float(depth)))
+            for model in self.health.check_models(loop.time()):
+                msg = self.health.unavailable_message(model) or ""
+                queued = [lr for lr in self.requests_of(model) if lr.queued]
+                log.error("%s; failing %d queued request(s)", msg, len(queued))
+                for lr in queued:
+                    self.end_queued(lr, 503, msg)
             self.kick()
 
-    async def _poll_engine(self, e: LiveEngine) -> None:
+    async def poll_engine(self, e: LiveEngine, timeout_s: float = 2.0) -> bool:
+        """Read the engine's /metrics into its instance's state; False when it did not answer."""
         inst = e.instance
         try:
-            m = await e.client.metrics()
+            m = await e.client.metrics(timeout_s)
         except Exception:  # noqa: BLE001 - any failure means "not answering"
-            e.fails += 1
-            if e.fails >= UNHEALTHY_AFTER and e.healthy:
-                e.healthy = False
-                log.warning("engine %s (%s on %s) stopped answering", e.url, e.model, inst.name)
-                if self._running:
-                    self.policy.on_instance_changed(inst.instance_id)
-            return
+            return False
         own = len(inst.inflight)
         own_blocks = inst.kv_tokens // (inst._profiles[e.model].block_size) + own
-        e.metrics, e.metrics_at, e.fails = m, self.now(), 0
-        changed = not e.healthy
-        e.healthy = True
-        changed |= inst.set_engine_shape(e.model, m)
+        e.metrics, e.metrics_at = m, self.now()
+        changed = inst.set_engine_shape(e.model, m)
         if e.awake:
             # What the engine holds beyond what the gateway sent it (see module docstring). Policies
             # cache an instance's load between the events they are told of, so a change is one.
@@ -710,6 +819,7 @@ class LiveCluster:
                 inst.ext_blocks = max(0, used - own_blocks)  # read afresh by policies: no event needed
         if changed and self._running:
             self.policy.on_instance_changed(inst.instance_id)
+        return True
 
     # ------------------------------------------------------------ observability
     def queue_depth_by_class(self) -> dict[str, int]:

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from qlmctl import __version__
 from qlmctl.live.emulator_core import EmulatedEngine, EmuRequest
+from qlmctl.live.faults import FaultInjector, FaultMiddleware, Faults
 from qlmctl.live.emulator_protocol import (
     DONE_EVENT,
     VLLM_API_VERSION,
@@ -61,6 +63,8 @@ class EmulatorConfig:
     """Shortest wall-clock gap between token deliveries to a stream, wall seconds."""
     hold_while_asleep: bool = False
     """Completions sent while asleep wait for /wake_up (vLLM 0.24) instead of failing with 503."""
+    faults: Faults = field(default_factory=Faults)
+    """Faults to inject from the start (see `qlmctl.live.faults`); changed at run time by POST /emulator/faults."""
 
 
 class EmulatorServer:
@@ -70,6 +74,7 @@ class EmulatorServer:
         self.cfg = cfg
         self.core = EmulatedEngine(cfg.profile, cfg.served_model_name, speedup=cfg.speedup, policy=cfg.policy,
                                    stream_interval_s=cfg.stream_interval_s)
+        self.injector = FaultInjector(cfg.faults, cfg.speedup, self.core.set_speed)
         self.sleep_state: SleepState = "awake"
         self.sleep_level = 0
         self._transition = asyncio.Lock()
@@ -89,6 +94,7 @@ class EmulatorServer:
     # ------------------------------------------------------------- lifecycle
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.injector.start()
         yield
         await self.core.aclose()
 
@@ -107,6 +113,8 @@ class EmulatorServer:
             Route("/reset_prefix_cache", self.reset_prefix_cache, methods=["POST"]),
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/emulator/state", self.emulator_state, methods=["GET"]),
+            Route("/emulator/faults", self.get_faults, methods=["GET"]),
+            Route("/emulator/faults", self.set_faults, methods=["POST"]),
         ]
 
     async def completions(self, request: Request) -> Response:
@@ -173,6 +181,20 @@ class EmulatorServer:
         st: dict[str, Any] = dict(self.core.state())
         st.update(model=self.name, sleep_state=self.sleep_state, is_sleeping=self.is_sleeping)
         return JSONResponse(st)
+
+    async def get_faults(self, request: Request) -> Response:
+        return JSONResponse(self.injector.status())
+
+    async def set_faults(self, request: Request) -> Response:
+        """POST /emulator/faults: replace the faults (a JSON object of `Faults` fields; `{}` heals)."""
+        try:
+            faults = Faults.from_json(await _json_body(request))
+        except ApiError as e:
+            return _error(e)
+        except (TypeError, ValueError) as e:
+            return _error(ApiError(400, str(e)))
+        self.injector.apply(faults)
+        return JSONResponse(self.injector.status())
 
     # ---------------------------------------------------------------- sleep
     async def sleep(self, request: Request) -> Response:
@@ -332,6 +354,7 @@ def create_app(
     policy: str = "fcfs",
     stream_interval_s: float = 0.01,
     hold_while_asleep: bool = False,
+    faults: Faults | None = None,
 ) -> Starlette:
     """An ASGI app emulating `vllm serve` of one model with `profile`'s timing and limits.
 
@@ -344,10 +367,14 @@ def create_app(
         stream_interval_s: Shortest wall-clock gap between token deliveries to one stream.
         hold_while_asleep: Completions sent while asleep wait for /wake_up (as vLLM 0.24) instead of
             failing at once with 503.
+        faults: Faults to inject from the start (kill, hang, error rate, slowdown; see
+            `qlmctl.live.faults`). Dropping connections (kill) needs the app served by `uvicorn_server`
+            or `start_emulator`.
     """
     server = EmulatorServer(EmulatorConfig(profile, served_model_name, speedup, sleep_s, policy,
-                                           stream_interval_s, hold_while_asleep))
-    app = Starlette(routes=server.routes(), lifespan=server.lifespan)
+                                           stream_interval_s, hold_while_asleep, faults or Faults()))
+    app = Starlette(routes=server.routes(), lifespan=server.lifespan,
+                    middleware=[Middleware(FaultMiddleware, injector=server.injector)])
     app.state.emulator = server
     return app
 
@@ -367,6 +394,14 @@ class EmulatorHandle:
     def url(self) -> str:
         """Base URL, e.g. http://127.0.0.1:40123 (append /v1 for an OpenAI client)."""
         return f"http://{self.host}:{self.port}"
+
+    def set_faults(self, faults: Faults, timeout_s: float = 5.0) -> dict[str, Any]:
+        """Replace the server's faults now (through POST /emulator/faults); returns the fault status."""
+        import httpx
+
+        resp = httpx.post(self.url + "/emulator/faults", json=faults.to_json(), timeout=timeout_s)
+        resp.raise_for_status()
+        return resp.json()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop serving; open streams are cut after a short grace period."""
@@ -394,7 +429,9 @@ class EmulatorHandle:
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: a free one). Raises OSError if it cannot bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it
+    # every streamed answer on a reused connection waits ~40 ms (Nagle + delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -406,11 +443,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def uvicorn_server(app: Starlette, log_level: str = "warning", access_log: bool = False) -> Any:
+    """A uvicorn server for an emulator app (run it with `.run(sockets=[bind_socket(...)])`)."""
     import uvicorn
 
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
                             timeout_graceful_shutdown=1, timeout_keep_alive=30)
-    return uvicorn.Server(config)
+    server = uvicorn.Server(config)
+    emu = getattr(app.state, "emulator", None)
+    if emu is not None:
+        emu.injector.attach_server(server)  # a kill drops the server's connections
+    return server
 
 
 def start_emulator(
@@ -424,14 +466,16 @@ def start_emulator(
     policy: str = "fcfs",
     stream_interval_s: float = 0.01,
     hold_while_asleep: bool = False,
+    faults: Faults | None = None,
     startup_timeout_s: float = 10.0,
 ) -> EmulatorHandle:
     """Start an emulator on a background thread (its own event loop) and return once it accepts.
 
-    `port=0` picks a free port; the handle's `.port` and `.url` report the real one.
+    `port=0` picks a free port; the handle's `.port` and `.url` report the real one. A port given
+    explicitly may be one a stopped emulator used (restarts of a killed engine on the same address).
     """
     app = create_app(profile, name, speedup=speedup, sleep_s=sleep_s, policy=policy,
-                     stream_interval_s=stream_interval_s, hold_while_asleep=hold_while_asleep)
+                     stream_interval_s=stream_interval_s, hold_while_asleep=hold_while_asleep, faults=faults)
     sock = bind_socket(host, port)
     real_port = sock.getsockname()[1]
     server = uvicorn_server(app)

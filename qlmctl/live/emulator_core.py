@@ -197,6 +197,14 @@ class EmulatedEngine:
         self._kick()
         return len(reqs)
 
+    def set_speed(self, rate: float) -> None:
+        """Run the engine at `rate` simulated seconds per wall second from now on (no jump in its time)."""
+        if rate == self.clock.rate:
+            return
+        self._advance(self.clock.now())
+        self.clock.set_rate(rate)
+        self._kick()  # the driver's sleep was computed at the old rate
+
     async def aclose(self) -> None:
         """Stop the driver; requests still in flight end with an error."""
         self._closed = True

@@ -16,21 +16,32 @@ from typing import Any
 
 import orjson
 
-from qlmctl.live.http import HTTPError, Pool, Response, timeout
+from qlmctl.live.health import FailureKind
+from qlmctl.live.http import ConnectError, HTTPError, Pool, Response, timeout
 from qlmctl.live.prom import EngineMetrics, parse_vllm_metrics
+
+RETRYABLE_4XX = frozenset({408, 429})
+"""Client-error statuses that say "not now" rather than "never": retried like a 5xx."""
 
 
 class EngineError(Exception):
     """The engine answered with an error status, or the connection failed.
 
     `status` is the HTTP status (502 when the engine could not be reached or the stream broke);
-    `body` the engine's error body when it sent one.
+    `body` the engine's error body when it sent one; `kind` how it failed (see `FailureKind`).
     """
 
-    def __init__(self, message: str, status: int = 502, body: Any = None) -> None:
+    def __init__(self, message: str, status: int = 502, body: Any = None,
+                 kind: FailureKind = FailureKind.LOST) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
+        self.kind = kind
+
+    @property
+    def retryable(self) -> bool:
+        """Whether another engine (or a later attempt) may succeed: all but the client's own errors (4xx)."""
+        return self.kind is not FailureKind.STATUS or self.status >= 500 or self.status in RETRYABLE_4XX
 
 
 _STREAM_HEADERS = [("content-type", "application/json"), ("accept", "text/event-stream")]
@@ -51,7 +62,8 @@ class SSEStream:
         try:
             resp = await self._pool.request("POST", self._path, self._body, _STREAM_HEADERS)
         except HTTPError as e:
-            raise EngineError(f"engine unreachable: {e}") from None
+            kind = FailureKind.CONNECT if isinstance(e, ConnectError) else FailureKind.LOST
+            raise EngineError(f"engine unreachable: {e}", kind=kind) from None
         self._resp = resp
         if resp.status != 200:
             try:
@@ -64,7 +76,7 @@ class SSEStream:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 body = raw.decode(errors="replace")
-            raise EngineError(f"engine answered {resp.status}", resp.status, body)
+            raise EngineError(f"engine answered {resp.status}", resp.status, body, FailureKind.STATUS)
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,

@@ -10,6 +10,12 @@ TTFT deadline (seconds) in `x-slo-ttft-s` / `slo_ttft_s`; otherwise it gets the 
 class (`live.default_slo_class`, else the class with the loosest TTFT deadline). An unknown class is a
 400 error.
 
+Bad input is a 4xx with an OpenAI-style body and never a 5xx; admission refuses at once, before a
+request reaches a queue: 401 without the API key (when one is set; `qlmctl.live.security`), 413 for
+a body over `live.max_body_bytes`, 429 with Retry-After beyond the class's queue limit
+(`qlmctl.live.limits`), 503 while draining (SIGTERM) or when no healthy engine has served the model for
+`live.unavailable_timeout_s`. GET /openapi.json describes the API.
+
 The HTTP layer is a plain ASGI application on uvicorn: the completion endpoints are on the hot path of
 every token, and a framework's per-request machinery (routing, dependency injection, response classes
 with their own task groups) would cost more than the whole relay.
@@ -27,8 +33,11 @@ import orjson
 
 from qlmctl.core.request import Request
 from qlmctl.live.backend import LiveCluster, LiveRequest, SwapControl
+from qlmctl.live.limits import AdmissionMetrics, QueueLimits
+from qlmctl.live.openapi import openapi_document
 from qlmctl.live.prom import GatewayMetrics
 from qlmctl.live.relay import JSONSink, Relay, StreamSink, error_body, send_json
+from qlmctl.live.security import APIKeyCheck, SecretFilter, resolve_api_key, scenario_secrets
 from qlmctl.policies import make_policy
 from qlmctl.scenario import LiveEngineSpec, Scenario
 
@@ -47,6 +56,16 @@ class BadRequest(Exception):
         super().__init__(message)
         self.status = status
         self.param = param
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _opt_int(body: dict[str, Any], key: str, low: int) -> None:
+    v = body.get(key)
+    if v is not None and (not _is_int(v) or v < low):
+        raise BadRequest(400, f"{key} must be an integer >= {low}", key)
 
 
 def estimate_tokens(text: str) -> int:
@@ -73,6 +92,15 @@ class GatewayApp:
         self.default_class = default or max(sc.spec.slo_classes, key=lambda k: sc.spec.slo_classes[k].ttft_s)
         self._max_len = {m: sc.profile(m).max_model_len for m in self.cluster.models}
         self._created = int(time.time())
+        self.accepting = True
+        """False once draining (SIGTERM): new completions get 503."""
+        self.limits = QueueLimits.from_live(live)
+        self._auth = APIKeyCheck(gateway.api_key) if gateway.api_key else None
+        self._max_body = live.max_body_bytes if live is not None else 32 << 20
+        self._first_token_timeout_s = live.first_token_timeout_s if live is not None else 300.0
+        self._inter_token_timeout_s = live.inter_token_timeout_s if live is not None else 60.0
+        self.admission = AdmissionMetrics(gateway.metrics.registry)
+        self._retry_after = [(b"retry-after", str(self.limits.retry_after_s).encode())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -82,15 +110,24 @@ class GatewayApp:
         if kind != "http":
             return
         path, method = scope["path"], scope["method"]
+        if method == "GET" and path == "/health":  # open to load balancers, even with an API key
+            healthy = self.accepting and any(inst.healthy for inst in self.cluster.instances)
+            reason = "no healthy engine" if self.accepting else "the gateway is shutting down"
+            await send_json(send, 200 if healthy else 503, {} if healthy else error_body(reason, 503))
+            return
+        if self._auth is not None and not self._auth.ok(_header(scope, b"authorization")):
+            self.admission.rejected.labels("", "unauthorized").inc()
+            await send_json(send, 401, error_body("Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                                                  401, param=None), [(b"www-authenticate", b"Bearer")])
+            return
         if method == "POST" and path == "/v1/completions":
             await self._completion(scope, receive, send, "completions")
         elif method == "POST" and path == "/v1/chat/completions":
             await self._completion(scope, receive, send, "chat")
         elif method == "GET" and path == "/v1/models":
             await send_json(send, 200, self._models())
-        elif method == "GET" and path == "/health":
-            healthy = any(inst.healthy for inst in self.cluster.instances)
-            await send_json(send, 200 if healthy else 503, {} if healthy else error_body("no healthy engine", 503))
+        elif method == "GET" and path == "/openapi.json":
+            await send_json(send, 200, openapi_document(self.cluster.models, list(self._classes)))
         elif method == "GET" and path == "/metrics":
             body = self.gw.metrics.render()
             await send({"type": "http.response.start", "status": 200,
@@ -107,14 +144,41 @@ class GatewayApp:
         ]}
 
     async def _completion(self, scope: Scope, receive: Receive, send: Send, api: str) -> None:
-        raw = await _read_body(receive)
+        if not self.accepting:
+            self.admission.rejected.labels("", "draining").inc()
+            await send_json(send, 503, error_body("the gateway is shutting down", 503), self._retry_after)
+            return
+        raw = await _read_body(receive, self._max_body)
         try:
-            lr = self._parse(scope, raw, api)
+            if raw is None:
+                raise BadRequest(413, f"the request body is over {self._max_body} bytes")
+            try:
+                lr = self._parse(scope, raw, api)
+            except BadRequest:
+                raise
+            except Exception as e:  # noqa: BLE001 - a body shape the checks missed is still the client's error
+                log.warning("unexpected request shape: %s: %s", type(e).__name__, e)
+                raise BadRequest(400, f"invalid request body ({type(e).__name__})") from None
         except BadRequest as e:
+            self.admission.rejected.labels("", "bad_request").inc()
             await send_json(send, e.status, error_body(str(e), e.status, param=e.param))
             return
+        r = lr.req
+        unavailable = self.cluster.health.unavailable_message(r.model)
+        if unavailable is not None:
+            self.admission.rejected.labels(r.slo_class, "unavailable").inc()
+            await send_json(send, 503, error_body(unavailable, 503), self._retry_after)
+            return
+        if self.limits.full(r.slo_class, self.cluster.queued_by_class.get(r.slo_class, 0)):
+            self.admission.rejected.labels(r.slo_class, "queue_full").inc()
+            await send_json(send, 429, error_body(
+                f"too many requests of SLO class '{r.slo_class}' are waiting (limit "
+                f"{self.limits.limit(r.slo_class)}); retry after {self.limits.retry_after_s} s", 429),
+                self._retry_after)
+            return
         sink = StreamSink(send) if lr.stream else JSONSink(send)
-        relay = Relay(self.cluster, lr, sink, self.gw.resume, self.gw.token_count)
+        relay = Relay(self.cluster, lr, sink, self.gw.resume, self.gw.token_count,
+                      self._first_token_timeout_s, self._inter_token_timeout_s)
         task = asyncio.current_task()
         watcher = asyncio.create_task(_watch_disconnect(receive, lr, task))
         try:
@@ -139,16 +203,38 @@ class GatewayApp:
         model = body.get("model")
         if model is None and len(self.cluster.models) == 1:
             model = body["model"] = self.cluster.models[0]
+        if not isinstance(model, str):
+            raise BadRequest(400 if model is not None else 404,
+                             "model must be a string" if model is not None else "The model `None` does not exist.",
+                             "model")
         if model not in self._max_len:
             raise BadRequest(404, f"The model `{model}` does not exist.", "model")
-        if (body.get("n") or 1) != 1 or (body.get("best_of") or 1) != 1:
-            raise BadRequest(400, "the gateway serves one sequence per request (n = best_of = 1)", "n")
+        for key in ("n", "best_of"):
+            v = body.get(key)
+            if v is not None and (not _is_int(v) or v != 1):
+                raise BadRequest(400, "the gateway serves one sequence per request (n = best_of = 1)", key)
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise BadRequest(400, "stream must be a boolean", "stream")
+        opts = body.get("stream_options")
+        if opts is not None and not isinstance(opts, dict):
+            raise BadRequest(400, "stream_options must be an object", "stream_options")
+        opts = opts or {}
+        _opt_int(body, "min_tokens", 0)
         cls, ttft, tpot, prio = self._slo(headers, body)
+        limit = self._max_len[model]
         if api == "chat":
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs:
                 raise BadRequest(400, "messages must be a non-empty list", "messages")
-            prompt_tokens = sum(_content_tokens(m.get("content")) for m in msgs if isinstance(m, dict))
+            for m in msgs:
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                    raise BadRequest(400, "each message must be an object with a string role", "messages")
+                if not _valid_content(m.get("content")):
+                    raise BadRequest(400, "message content must be a string or a list of content parts", "messages")
+            prompt_tokens = sum(_content_tokens(m.get("content")) for m in msgs)
+            _opt_int(body, "max_completion_tokens", 1)
+            _opt_int(body, "max_tokens", 1)
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         else:
             prompt = body.get("prompt")
@@ -156,22 +242,23 @@ class GatewayApp:
                 prompt = prompt[0]
             if isinstance(prompt, str):
                 prompt_tokens = estimate_tokens(prompt)
-            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
                 prompt_tokens = len(prompt)
                 if self.gw.resume == "continue":
                     raise BadRequest(400, "token-id prompts need live.resume: restart", "prompt")
             else:
                 raise BadRequest(400, "prompt must be one string (batches of prompts are not supported)", "prompt")
             max_tokens = body.get("max_tokens", 16)  # vLLM's default for completions
-        limit = self._max_len[model]
+        if prompt_tokens >= limit:
+            raise BadRequest(400, f"This model's maximum context length is {limit} tokens; the prompt has "
+                                  f"{prompt_tokens} or more.", "messages" if api == "chat" else "prompt")
         if max_tokens is None:
             max_tokens = max(1, limit - prompt_tokens)
-        elif not isinstance(max_tokens, int) or max_tokens < 1:
+        elif not _is_int(max_tokens) or max_tokens < 1:
             raise BadRequest(400, "max_tokens must be a positive integer", "max_tokens")
         elif prompt_tokens + max_tokens > limit:
             raise BadRequest(400, f"This model's maximum context length is {limit} tokens; the request asks "
                                   f"for {prompt_tokens} prompt + {max_tokens} output tokens.", "max_tokens")
-        opts = body.get("stream_options") or {}
         rid = self.cluster.new_request_id()
         r = Request(
             request_id=rid,
@@ -187,25 +274,27 @@ class GatewayApp:
         prefix = "chatcmpl" if api == "chat" else "cmpl"
         return LiveRequest(
             req=r, api=api, body=body, client_id=f"{prefix}-qlm-{rid}", created=int(time.time()),
-            stream=bool(body.get("stream")), include_usage=bool(opts.get("include_usage")),
+            stream=bool(stream), include_usage=bool(opts.get("include_usage")),
             continuous_usage=bool(opts.get("continuous_usage_stats")), external_id=headers.get("x-request-id"),
         )
 
     def _slo(self, headers: dict[str, str], body: dict[str, Any]) -> tuple[str, float, float | None, int]:
         cls = headers.get("x-slo-class") or body.get("slo_class")
         ttft_raw = headers.get("x-slo-ttft-s") or body.get("slo_ttft_s")
-        if cls is not None and cls not in self._classes:
-            raise BadRequest(400, f"unknown SLO class '{cls}'; known: {', '.join(self._classes)}", "slo_class")
+        if cls is not None and (not isinstance(cls, str) or cls not in self._classes):
+            raise BadRequest(400, f"unknown SLO class {_short(cls)}; known: {', '.join(self._classes)}", "slo_class")
         if ttft_raw is None:
             name = cls or self.default_class
             ttft, tpot, prio = self._classes[name]
             return name, ttft, tpot, prio
         try:
-            ttft = float(ttft_raw)
-        except (TypeError, ValueError):
+            ttft = float(ttft_raw) if isinstance(ttft_raw, (str, int, float)) and not isinstance(ttft_raw, bool) \
+                else -1.0
+        except (TypeError, ValueError, OverflowError):
             ttft = -1.0
         if not ttft > 0 or ttft == float("inf"):
-            raise BadRequest(400, f"slo_ttft_s must be a positive number of seconds, got {ttft_raw!r}", "slo_ttft_s")
+            raise BadRequest(400, f"slo_ttft_s must be a positive number of seconds, got {_short(ttft_raw)}",
+                             "slo_ttft_s")
         if cls is not None:
             _, tpot, prio = self._classes[cls]
             return cls, ttft, tpot, prio
@@ -213,6 +302,20 @@ class GatewayApp:
         looser = sorted((c for c in self._classes.values() if c[0] >= ttft), key=lambda c: c[0])
         prio = looser[0][2] if looser else max(c[2] for c in self._classes.values()) + 1
         return CUSTOM_CLASS, ttft, None, prio
+
+
+def _short(v: Any, n: int = 60) -> str:
+    """A client's value, quoted and cut short, for an error message."""
+    text = repr(v) if not isinstance(v, str) else f"'{v}'"
+    return text if len(text) <= n else text[:n] + "...'"
+
+
+def _valid_content(content: Any) -> bool:
+    if content is None or isinstance(content, str):
+        return True
+    if isinstance(content, list):
+        return all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content)
+    return False
 
 
 def _content_tokens(content: Any) -> int:
@@ -231,15 +334,30 @@ def _headers(scope: Scope) -> dict[str, str]:
     return out
 
 
-async def _read_body(receive: Receive) -> bytes:
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return v
+    return None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body; None when it is over `limit` bytes (the rest is not read)."""
     msg = await receive()
     body = msg.get("body", b"")
+    if len(body) > limit:
+        return None
     if not msg.get("more_body"):
         return body
     parts = [body]
+    size = len(body)
     while msg.get("more_body"):
         msg = await receive()
-        parts.append(msg.get("body", b""))
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
     return b"".join(parts)
 
 
@@ -251,6 +369,20 @@ async def _watch_disconnect(receive: Receive, lr: LiveRequest, task: asyncio.Tas
             break
     if not lr.done and task is not None:
         task.cancel()
+
+
+def _quiet_server(config: Any) -> Any:
+    """A uvicorn server without its signal handlers: SIGINT/SIGTERM are the caller's to handle
+    (`qlmctl serve` drains), and a gateway inside tests or another program must not take them."""
+    import contextlib
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def capture_signals(self) -> Any:
+            return contextlib.nullcontext()
+
+    return _Server(config)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -274,6 +406,9 @@ class Gateway:
         speedup: Gateway clock rate; default `live.speedup`.
         swap_control: How instances swap models (default: vLLM sleep mode).
         record: Keep every request for `records()` (results files); off for a long-running server.
+        access_log: Log every HTTP request (uvicorn's access log).
+        api_key: Clients must send `Authorization: Bearer <api_key>`; default live.api_key, else
+            $QLMCTL_API_KEY, else no authentication.
     """
 
     def __init__(
@@ -288,6 +423,7 @@ class Gateway:
         swap_control: SwapControl | None = None,
         record: bool = True,
         access_log: bool = False,
+        api_key: str | None = None,
     ) -> None:
         from qlmctl.runner import policy_context
 
@@ -298,8 +434,13 @@ class Gateway:
         self.port = port if port is not None else (live.port if live is not None else 8000)
         self.resume = live.resume if live is not None else "continue"
         self.token_count = live.token_count if live is not None else "usage"
+        self.drain_timeout_s = live.drain_timeout_s if live is not None else 30.0
+        self.api_key = resolve_api_key(scenario, api_key)
+        self._secret_filter = SecretFilter(scenario_secrets(scenario, [self.api_key]))
         self.metrics = GatewayMetrics()
-        self.policy = make_policy(policy, policy_context(scenario))
+        ctx = policy_context(scenario)
+        ctx.params.setdefault("async_plan", True)  # live: policies that solve (qlm-lp) do it off the event loop
+        self.policy = make_policy(policy, ctx)
         self.cluster = LiveCluster(scenario, self.policy, engines=engines, speedup=speedup,
                                    swap_control=swap_control, metrics=self.metrics, record=record)
         self.metrics.attach(self.cluster)
@@ -316,11 +457,16 @@ class Gateway:
         """Connect to the engines, then listen; returns once the server accepts connections."""
         import uvicorn
 
-        await self.cluster.start(wait_healthy_s)
+        log.addFilter(self._secret_filter)
+        try:
+            await self.cluster.start(wait_healthy_s)
+        except BaseException:
+            log.removeFilter(self._secret_filter)
+            raise
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="off",
                                 access_log=self._access_log, http="h11", loop="none",
-                                timeout_keep_alive=30, backlog=4096, timeout_graceful_shutdown=30)
-        self._server = uvicorn.Server(config)
+                                timeout_keep_alive=30, backlog=4096, timeout_graceful_shutdown=10)
+        self._server = _quiet_server(config)
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._task.done():
@@ -335,12 +481,51 @@ class Gateway:
         if self._task is not None:
             await self._task
 
+    @property
+    def draining(self) -> bool:
+        return not self.app.accepting
+
+    async def drain(self, grace_s: float | None = None) -> tuple[int, int]:
+        """Stop intake (new requests get 503), let queued and running requests finish for up to `grace_s`
+        wall seconds (default live.drain_timeout_s), then end the rest with a 503 error.
+
+        Returns (requests that finished during the grace period, requests ended with an error). The
+        server still listens (answering 503) until `stop()`.
+        """
+        loop = asyncio.get_running_loop()
+        grace = self.drain_timeout_s if grace_s is None else grace_s
+        self.app.accepting = False
+        cluster = self.cluster
+        active = cluster.num_active()
+        log.warning("draining: %d request(s) queued or running, up to %g s", active, grace)
+        deadline = loop.time() + grace
+        while cluster.num_active() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        failed = await self._end_all("the gateway shut down before this request finished")
+        if failed:
+            log.warning("drain: ended %d request(s) unfinished after %g s", failed, grace)
+        return active - failed, failed
+
+    async def _end_all(self, message: str) -> int:
+        """End every request still queued or running with a 503; wait (briefly) for their answers."""
+        failed = self.cluster.abort_all(503, message)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while self.cluster.num_active() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return failed
+
     async def stop(self) -> None:
+        """Stop at once: requests still queued or running end with a 503 (`drain` first to let them finish)."""
+        self.app.accepting = False
+        if self._server is not None and self.cluster.num_active():
+            await self._end_all("the gateway is shutting down")
         if self._server is not None:
             self._server.should_exit = True
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         await self.cluster.stop()
+        log.removeFilter(self._secret_filter)
 
     async def __aenter__(self) -> "Gateway":
         await self.start()

@@ -70,6 +70,10 @@ class HTTPError(ConnectionError):
     """The connection failed, or the server broke the HTTP framing."""
 
 
+class ConnectError(HTTPError):
+    """The connection could not be made (refused, unreachable, or the connect timed out)."""
+
+
 class Connection:
     __slots__ = ("reader", "writer")
 
@@ -214,7 +218,7 @@ class Pool:
             async with timeout(self.connect_timeout_s):
                 reader, writer = await asyncio.open_connection(self.host, self.port, limit=HEAD_LIMIT)
         except (OSError, TimeoutError) as e:
-            raise HTTPError(f"cannot connect to {self.host}:{self.port}: {e or type(e).__name__}") from None
+            raise ConnectError(f"cannot connect to {self.host}:{self.port}: {e or type(e).__name__}") from None
         return Connection(reader, writer)
 
     def _release(self, conn: Connection, keep: bool) -> None:

@@ -16,6 +16,13 @@ relay *resumes* it so that the client sees one seamless answer:
 Tokens are counted from the engine's cumulative usage in every chunk (vLLM's
 `stream_options.continuous_usage_stats`), or one per non-empty chunk when an engine sends none. The
 relay counts what reached the client, so the client gets exactly `max_tokens` tokens, each once.
+
+Engine faults take the eviction's way back: an attempt that fails (connection refused or lost, an
+error status or event, no first token within `live.first_token_timeout_s`, no token within
+`live.inter_token_timeout_s`) sends the request to the head of its queue, to resume elsewhere, up to
+`live.max_retries` times; then, or when the gateway ends it (shutting down, no engine for its model),
+the client gets one error: an OpenAI-style body, or in a stream an error event and `[DONE]`. Every
+request ends in exactly one complete answer or one error.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import orjson
 
 from qlmctl.live.backend import LiveCluster, LiveEngine, LiveRequest
 from qlmctl.live.engine_client import EngineError
+from qlmctl.live.health import FailureKind
 from qlmctl.live.http import timeout
 
 log = logging.getLogger("qlmctl.live")
@@ -58,21 +66,74 @@ class Sink(Protocol):
 
 def error_body(message: str, status: int, err_type: str | None = None, param: str | None = None) -> dict[str, Any]:
     """An OpenAI-style error body."""
-    types = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
-             502: "BadGatewayError", 503: "ServiceUnavailableError"}
+    types = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
+             429: "RateLimitError", 500: "InternalServerError", 502: "BadGatewayError",
+             503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
     return {"error": {"message": message, "type": err_type or types.get(status, "APIError"), "param": param,
                       "code": status}}
 
 
+class Watchdog:
+    """Expires an engine attempt's cancel scope when its stream goes quiet: no first token within
+    `first_s`, or no token within `inter_s` of the last one (wall seconds).
+
+    One timer per attempt, re-armed only when it fires early: a token costs one clock read.
+    """
+
+    __slots__ = ("_loop", "_scope", "_inter_s", "_limit", "_last", "_handle", "_got_first", "fired", "writing")
+
+    def __init__(self, scope: Any, first_s: float, inter_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._scope = scope
+        self._inter_s = inter_s
+        self._limit = first_s
+        self._last = self._loop.time()
+        self._got_first = False
+        self._handle: asyncio.TimerHandle | None = self._loop.call_at(self._last + first_s, self._fire)
+        self.fired: FailureKind | None = None
+        """Why it expired the scope, once it has."""
+        self.writing = False
+        """True while the relay writes to its client: a slow client is not the engine's stall."""
+
+    def progress(self) -> None:
+        """Tokens arrived."""
+        self._last = self._loop.time()
+        if not self._got_first:
+            self._got_first = True
+            self._limit = self._inter_s
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        if self.writing:
+            self._last = now  # the client is slow to take the last tokens: the engine's clock restarts
+        due = self._last + self._limit
+        if now < due:
+            self._handle = self._loop.call_at(due, self._fire)
+            return
+        self._handle = None
+        self.fired = FailureKind.STALLED if self._got_first else FailureKind.FIRST_TOKEN_TIMEOUT
+        self._scope.reschedule(now)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Relay:
-    """Runs one request to its end: through the policy's queues and as many engine attempts as evictions ask."""
+    """Runs one request to its end: through the policy's queues and as many engine attempts as evictions
+    and engine failures (within the retry budget) ask."""
 
     def __init__(self, cluster: LiveCluster, lr: LiveRequest, sink: Sink, resume: ResumeMode = "continue",
-                 token_count: str = "usage") -> None:
+                 token_count: str = "usage", first_token_timeout_s: float = 300.0,
+                 inter_token_timeout_s: float = 60.0) -> None:
         self.cluster = cluster
         self.lr = lr
         self.sink = sink
         self.resume = resume
+        self.first_token_timeout_s = first_token_timeout_s
+        self.inter_token_timeout_s = inter_token_timeout_s
+        self._watchdog: Watchdog | None = None
         self._stream_options = {"include_usage": True, "continuous_usage_stats": token_count == "usage"}
         self._chat = lr.api == "chat"
         self._path = "/v1/chat/completions" if self._chat else "/v1/completions"
@@ -93,35 +154,58 @@ class Relay:
                 engine = await cluster.wait_dispatch(lr)
                 if lr.done:
                     return
-                if engine is None:
-                    cluster.finished(lr, error="gateway stopped")
-                    await self.sink.fail(503, error_body("the gateway is shutting down", 503))
+                if engine is None or lr.abort is not None:
+                    status, message = lr.abort or (503, "the gateway is shutting down")
+                    await self._fail(status, message)
                     return
                 lr.attempts += 1
                 if lr.evict_pending and lr.finish_reason is None:
                     cluster.evicted(lr)
                     continue
+                failure: FailureKind | None = None
+                detail = ""
                 try:
                     async with timeout(None) as scope:
                         lr.scope = scope
+                        self._watchdog = Watchdog(scope, self.first_token_timeout_s, self.inter_token_timeout_s)
                         try:
                             await self._attempt(engine)
                         finally:
                             lr.scope = None
+                            self._watchdog.cancel()
                 except TimeoutError:
-                    if not lr.evict_pending:
+                    if lr.abort is not None:
+                        await self._fail(*lr.abort)
+                        return
+                    if lr.evict_pending:
+                        if lr.finish_reason is None:
+                            cluster.evicted(lr)
+                            continue
+                        # Evicted between its last token and the end of the stream: it is complete.
+                    elif self._watchdog.fired is not None:
+                        failure = self._watchdog.fired
+                        detail = f"no token for {self._quiet_limit(failure):g} s"
+                    else:
                         raise
-                    if lr.finish_reason is None:
-                        cluster.evicted(lr)
-                        continue
-                    # Evicted between its last token and the end of the stream: it is complete.
                 except EngineError as e:
-                    cluster.finished(lr, error=f"{engine.url}: {e}")
-                    body = e.body if isinstance(e.body, dict) and "error" in e.body else None
-                    if body is None and isinstance(e.body, dict) and "message" in e.body:
-                        body = {"error": e.body}  # vLLM's older flat error body
-                    status = e.status if 400 <= e.status < 500 else 502
-                    await self.sink.fail(status, body or error_body(str(e), status))
+                    if not e.retryable:
+                        # The engine refused the request itself (a 4xx): the client's to see, as sent.
+                        cluster.finished(lr, error=f"{engine.url}: {e}")
+                        body = e.body if isinstance(e.body, dict) and "error" in e.body else None
+                        if body is None and isinstance(e.body, dict) and "message" in e.body:
+                            body = {"error": e.body}  # vLLM's older flat error body
+                        await self.sink.fail(e.status, body or error_body(str(e), e.status))
+                        return
+                    failure, detail = e.kind, str(e)
+                if failure is not None and not self._complete():
+                    log.info("request %d: attempt %d on %s failed (%s): %s", lr.req.request_id, lr.attempts,
+                             engine.url, failure.value, detail)
+                    if cluster.retry(lr, engine, failure):
+                        continue
+                    await self._fail(502 if failure not in (FailureKind.FIRST_TOKEN_TIMEOUT, FailureKind.STALLED)
+                                     else 504,
+                                     f"{failure.describe()} on {lr.attempts} attempt(s) (retry budget "
+                                     f"{cluster.max_retries} spent)", internal=f"{engine.url}: {failure.value}: {detail}")
                     return
                 cluster.finished(lr)
                 await self.sink.finish(lr)
@@ -136,6 +220,19 @@ class Relay:
                 await self.sink.fail(500, error_body(f"gateway error: {type(e).__name__}", 500))
             except Exception:  # noqa: BLE001 - the client connection may be the broken part
                 pass
+
+    def _complete(self) -> bool:
+        """Whether the client already has the whole answer (a failure after the last token changes nothing)."""
+        lr = self.lr
+        return lr.finish_reason is not None or lr.sent >= lr.req.output_tokens
+
+    def _quiet_limit(self, kind: FailureKind) -> float:
+        return self.first_token_timeout_s if kind is FailureKind.FIRST_TOKEN_TIMEOUT else self.inter_token_timeout_s
+
+    async def _fail(self, status: int, message: str, internal: str | None = None) -> None:
+        """End the request with one error: recorded (`internal` detail, else `message`) and sent."""
+        self.cluster.finished(self.lr, error=internal or message)
+        await self.sink.fail(status, error_body(message, status))
 
     def upstream_body(self) -> dict[str, Any]:
         """The body for the next attempt: the client's, streamed, resumed past what was already sent."""
@@ -186,18 +283,25 @@ class Relay:
                         continue
                     n += k
                     out.append(ev)
-                if n and not got_first:
-                    got_first = True
-                    cluster.first_token(lr)
+                if n:
+                    self._watchdog.progress()  # type: ignore[union-attr]
+                    if not got_first:
+                        got_first = True
+                        cluster.first_token(lr)
                 if out:
-                    await sink.send(out)
+                    wd = self._watchdog
+                    wd.writing = True  # type: ignore[union-attr]
+                    try:
+                        await sink.send(out)
+                    finally:
+                        wd.writing = False  # type: ignore[union-attr]
                     # Only what reached the client counts (an eviction may cancel the send).
                     cluster.tokens(lr, n)
                     lr.pieces.extend(texts)
                     if self._fin is not None:
                         lr.finish_reason = self._fin
         if not stream.done:
-            raise EngineError("engine closed the stream before the end")
+            raise EngineError("engine closed the stream before the end", kind=FailureKind.LOST)
 
     def _rewrite(self, ev: dict[str, Any], texts: list[str]) -> int:
         """Count `ev`'s tokens and rewrite it for the client; -1: drop it."""
@@ -205,7 +309,7 @@ class Relay:
         if "error" in ev:
             err = ev["error"]
             msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-            raise EngineError(f"engine error in stream: {msg}")
+            raise EngineError(f"engine error in stream: {msg}", kind=FailureKind.STREAM_ERROR)
         usage = ev.get("usage")
         choices = ev.get("choices")
         n = 0

@@ -62,6 +62,7 @@ async def replay(
     progress: Callable[[int, int], None] | None = None,
     keep_text: bool = False,
     api_key: str | None = None,
+    stop: asyncio.Event | None = None,
 ) -> ReplayResult:
     """Send `requests` (fresh copies are filled in) to the server at `url` at arrival_s / speedup.
 
@@ -73,6 +74,7 @@ async def replay(
         progress: Called with (finished, total) as requests end.
         keep_text: Keep each answer's text in the result.
         api_key: Sent as a bearer token.
+        stop: Once set, no more requests are sent (those left get an error); those sent run to their end.
     """
     reqs = [copy.copy(r) for r in sorted(requests, key=lambda r: (r.arrival_s, r.request_id))]
     n = len(reqs)
@@ -101,7 +103,14 @@ async def replay(
         for i, r in enumerate(reqs):
             delay = (r.arrival_s - base) / speedup - (time.monotonic() - t0)
             if delay > 0:
-                await asyncio.sleep(delay)
+                if stop is None:
+                    await asyncio.sleep(delay)
+                else:
+                    await asyncio.wait([asyncio.ensure_future(stop.wait())], timeout=delay)
+            if stop is not None and stop.is_set():
+                for rest in reqs[i:]:
+                    rest.error = "not sent: the replay was stopped"
+                break
             await sem.acquire()
             tasks.append(loop.create_task(one(i)))
         await asyncio.gather(*tasks)
@@ -238,17 +247,30 @@ async def run_live(
     progress: Callable[[int, int], None] | None = None,
     keep_text: bool = False,
     wait_healthy_s: float = 60.0,
+    stop: asyncio.Event | None = None,
 ) -> LiveRun:
-    """Start a gateway with `policy` in front of the scenario's engines, replay `requests`, stop it."""
+    """Start a gateway with `policy` in front of the scenario's engines, replay `requests`, stop it.
+
+    Once `stop` is set (SIGTERM), no more requests are sent and the gateway drains (`Gateway.drain`).
+    """
     from qlmctl.live.gateway import Gateway
     from qlmctl.metrics import summarize
 
     gw = Gateway(scenario, policy, port=0, engines=engines, swap_control=swap_control)
     await gw.start(wait_healthy_s)
+    draining = None
+    if stop is not None:
+        async def drain_on_stop() -> None:
+            await stop.wait()
+            await gw.drain()
+
+        draining = asyncio.ensure_future(drain_on_stop())
     try:
         res = await replay(gw.url, requests, speedup=gw.cluster.speedup, concurrency=concurrency,
-                           progress=progress, keep_text=keep_text)
+                           progress=progress, keep_text=keep_text, api_key=gw.api_key, stop=stop)
     finally:
+        if draining is not None:
+            draining.cancel()
         await gw.stop()
     cluster = gw.cluster
     merge_server_side(res, cluster.by_external)

@@ -1,0 +1,505 @@
+"""Engine faults under the live gateway: kill, hang, error rate, slowdown, restart, no engine left.
+
+Emulated engines on loopback threads with fault injection (`qlmctl.live.faults`), a gateway in this
+test's loop. Every client request must end in exactly one complete answer (every token once, in
+order: the emulator's answer is a known function of the prompt) or one clear error; none lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import ExitStack
+
+import httpx
+import pytest
+
+from qlmctl.live.emulator import start_emulator
+from qlmctl.live.faults import Faults
+from qlmctl.live.gateway import Gateway
+from qlmctl.live.http import Pool
+from qlmctl.live.outcomes import Outcome, Tally, call
+from qlmctl.live.testing import live_scenario_spec
+from qlmctl.scenario import Scenario, ScenarioSpec
+from simulator.profile import EngineProfile
+
+# 11 ms (simulated) per decode step; at speed-up 4 a 120-token answer streams for about 0.35 s.
+PROFILE = dict(base_s=0.01, per_prefill_token_s=1e-4, per_decode_seq_s=1e-3, per_context_token_s=0.0,
+               kv_blocks=2000, block_size=16, max_num_seqs=8, max_num_batched_tokens=2048, max_model_len=2048,
+               load_cold_s=1.0, load_warm_s=0.5)
+SPEEDUP = 4
+# Short timeouts and fast probes, so that faults show within a second of wall time.
+FAST = dict(max_retries=2, first_token_timeout_s=1.0, inter_token_timeout_s=0.5, metrics_interval_s=0.1,
+            probe_interval_s=0.1, probe_timeout_s=0.3, unavailable_timeout_s=1.0, unhealthy_after=3)
+
+
+def scenario(urls: list[str], **live) -> Scenario:
+    spec = live_scenario_spec(PROFILE, [(f"g{i}", "m", u) for i, u in enumerate(urls)], speedup=SPEEDUP,
+                              **{**FAST, **live})
+    return Scenario(ScenarioSpec.model_validate(spec))
+
+
+def emulators(stack: ExitStack, n: int, faults: list[Faults | None] | None = None) -> list:
+    prof = EngineProfile(model="m", **PROFILE)
+    return [stack.enter_context(start_emulator(prof, "m", speedup=SPEEDUP, faults=(faults or [None] * n)[i]))
+            for i in range(n)]
+
+
+def words(first: int, n: int) -> str:
+    return "".join(f" w{first + j}" for j in range(n))
+
+
+def body(i: int, n_out: int, stream: bool, chat: bool = False) -> tuple[str, dict]:
+    prompt = " ".join(f"w{j}" for j in range(5 + i % 7))
+    if chat:
+        b = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": n_out}
+    else:
+        b = {"model": "m", "prompt": prompt, "max_tokens": n_out}
+    if stream:
+        b.update(stream=True, stream_options={"include_usage": True})
+    return ("/v1/chat/completions" if chat else "/v1/completions"), b
+
+
+def check_exact(o: Outcome, n_out: int) -> None:
+    """A completed answer holds every token once, in order, under one id."""
+    assert o.completion_tokens == n_out, o
+    assert o.text == words(o.prompt_tokens, n_out), (o.prompt_tokens, o.text[:80])
+    assert len(o.ids) == 1
+
+
+async def run_requests(gw: Gateway, n: int, n_out: int, *, during=None, chat: bool = False,
+                       timeout_s: float = 60.0) -> list[Outcome]:
+    """Send n requests at once (half streamed); `during(outcomes_so_far)` runs once they are under way."""
+    pool = Pool(gw.url, max_idle=n)
+    try:
+        tasks = [asyncio.ensure_future(call(pool, *body(i, n_out, stream=i % 2 == 0, chat=chat),
+                                            headers={"x-request-id": str(i)}, timeout_s=timeout_s))
+                 for i in range(n)]
+        if during is not None:
+            await during()
+        return list(await asyncio.gather(*tasks))
+    finally:
+        await pool.aclose()
+
+
+async def wait_until(pred, timeout_s: float = 10.0, step: float = 0.02) -> bool:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while loop.time() < end:
+        if pred():
+            return True
+        await asyncio.sleep(step)
+    return pred()
+
+
+def tally(outs: list[Outcome]) -> Tally:
+    t = Tally()
+    for o in outs:
+        t.add(o)
+    return t
+
+
+def engine(gw: Gateway, i: int):
+    return gw.cluster.instances[i].engines["m"]
+
+
+def failures(gw: Gateway) -> dict[str, float]:
+    """The gateway's qlm_engine_failures_total by kind."""
+    out: dict[str, float] = {}
+    for m in gw.metrics.registry.collect():
+        for smp in m.samples:
+            if smp.name == "qlm_engine_failures_total":
+                out[smp.labels["kind"]] = out.get(smp.labels["kind"], 0) + smp.value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["qlm", "fcfs"])  # fcfs takes failed requests back without on_evicted
+async def test_engine_killed_mid_stream_requests_resume_elsewhere(policy):
+    with ExitStack() as stack:
+        e0, e1 = emulators(stack, 2)
+        async with Gateway(scenario([e0.url, e1.url]), policy, port=0) as gw:
+            n, n_out = 12, 120
+
+            async def kill_g0_mid_answer():
+                # Both engines are streaming answers when g0 dies.
+                assert await wait_until(lambda: all(lr.sent >= 10 for lr in gw.cluster.instances[0].inflight.values())
+                                        and gw.cluster.instances[0].inflight, 10)
+                await asyncio.to_thread(e0.set_faults, Faults(kill_after_s=0))
+
+            outs = await run_requests(gw, n, n_out, during=kill_g0_mid_answer)
+            t = tally(outs)
+            assert (t.completed, t.failed, t.lost) == (n, 0, 0), [o for o in outs if o.kind != "completed"]
+            for o in outs:
+                check_exact(o, n_out)
+            assert gw.cluster.num_retries >= 1
+            assert not engine(gw, 0).healthy and engine(gw, 1).healthy
+            retried = [r for r in gw.cluster.records if r.instance_id == 1 and r.error is None]
+            assert len(retried) == n
+            assert [k for _, k, *_ in gw.cluster.timeline if k == "unhealthy"] == ["unhealthy"]
+
+            # Healed, it is probed and used again.
+            await asyncio.to_thread(e0.set_faults, Faults())
+            assert await wait_until(lambda: engine(gw, 0).healthy, 10)
+            outs = await run_requests(gw, 8, 20)
+            assert tally(outs).completed == 8
+            assert any(r.instance_id == 0 for r in gw.cluster.records[-8:])
+
+
+@pytest.mark.asyncio
+async def test_engine_hangs_streams_time_out_and_resume():
+    with ExitStack() as stack:
+        e0, e1 = emulators(stack, 2)
+        async with Gateway(scenario([e0.url, e1.url]), "qlm", port=0) as gw:
+            n, n_out = 10, 150
+
+            async def hang_g0():
+                assert await wait_until(lambda: gw.cluster.instances[0].inflight, 10)
+                await asyncio.sleep(0.05)
+                await asyncio.to_thread(e0.set_faults, Faults(hang_after_s=0))
+
+            outs = await run_requests(gw, n, n_out, during=hang_g0)
+            assert tally(outs).completed == n, [o for o in outs if o.kind != "completed"]
+            for o in outs:
+                check_exact(o, n_out)
+            assert gw.cluster.num_retries >= 1
+            assert not engine(gw, 0).healthy
+            assert set(failures(gw)) & {"stalled", "first_token_timeout"}
+            # Probes of a hung engine time out: it stays out until healed.
+            await asyncio.sleep(0.5)
+            assert not engine(gw, 0).healthy
+            await asyncio.to_thread(e0.set_faults, Faults())
+            assert await wait_until(lambda: engine(gw, 0).healthy, 10)
+
+
+@pytest.mark.asyncio
+async def test_error_rate_every_request_has_one_outcome_within_budget():
+    with ExitStack() as stack:
+        e0, e1 = emulators(stack, 2, [Faults(error_rate=0.6, seed=3), None])
+        async with Gateway(scenario([e0.url, e1.url]), "qlm", port=0) as gw:
+            n, n_out = 40, 30
+            outs = await run_requests(gw, n, n_out)
+            t = tally(outs)
+            assert t.lost == 0 and t.completed + t.failed == n
+            assert t.completed >= n // 2  # g1 is sound: most requests get there within their budget
+            for o in outs:
+                if o.kind == "completed":
+                    check_exact(o, n_out)
+                else:
+                    assert o.status == 502 and "retry budget" in o.error["message"], o
+            status = await asyncio.to_thread(lambda: httpx.get(e0.url + "/emulator/faults").json())
+            # Every injected 500 was either retried or ended its request (the last of its budget).
+            assert status["errors_injected"] == gw.cluster.num_retries + t.failed
+            assert status["errors_injected"] == failures(gw)["status"] and gw.cluster.num_retries >= 1
+            assert sum(r.error is not None for r in gw.cluster.records) == t.failed
+
+
+@pytest.mark.asyncio
+async def test_retry_budget_spent_is_one_clear_error():
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1, [Faults(error_rate=1.0)])
+        async with Gateway(scenario([e0.url], unhealthy_after=100), "qlm", port=0) as gw:
+            outs = await run_requests(gw, 6, 10)
+            assert tally(outs).failed == 6
+            for o in outs:
+                assert o.status == 502 and o.error["type"] == "BadGatewayError"
+                assert "retry budget 2 spent" in o.error["message"] and "http://" not in o.error["message"]
+            status = await asyncio.to_thread(lambda: httpx.get(e0.url + "/emulator/faults").json())
+            assert status["errors_injected"] == 6 * (FAST["max_retries"] + 1)  # each request tried 3 times
+            assert all(r.error is not None for r in gw.cluster.records)
+
+
+@pytest.mark.asyncio
+async def test_stream_that_failed_after_tokens_ends_with_one_error_event():
+    """Budget 0: a stream cut mid-answer cannot resume; the client gets an error event, then [DONE]."""
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        async with Gateway(scenario([e0.url], max_retries=0), "fcfs", port=0) as gw:
+            async def kill():
+                assert await wait_until(lambda: any(lr.sent > 5 for lr in gw.cluster.instances[0].inflight.values()))
+                await asyncio.to_thread(e0.set_faults, Faults(kill_after_s=0))
+
+            outs = await run_requests(gw, 2, 400, during=kill)
+            stream, plain = outs
+            assert stream.kind == "failed" and stream.status == 200 and stream.error_events == 1
+            assert stream.text and stream.done_events == 1 and stream.error["code"] == 502
+            assert plain.kind == "failed" and plain.status == 502
+
+
+@pytest.mark.asyncio
+async def test_slow_engine_still_serves_exactly():
+    with ExitStack() as stack:
+        e0, e1 = emulators(stack, 2, [Faults(slowdown=3.0), None])
+        async with Gateway(scenario([e0.url, e1.url], inter_token_timeout_s=5.0), "qlm", port=0) as gw:
+            outs = await run_requests(gw, 12, 60, chat=True)
+            assert tally(outs).completed == 12
+            for o in outs:
+                assert o.completion_tokens == 60 and len(o.ids) == 1
+            assert gw.cluster.num_retries == 0
+            assert {r.instance_id for r in gw.cluster.records} == {0, 1}
+
+
+@pytest.mark.asyncio
+async def test_engine_process_restart_on_same_port():
+    """A real stop (connections refused), then a new server on the same address: unhealthy, then used again."""
+    prof = EngineProfile(model="m", **PROFILE)
+    with ExitStack() as stack:
+        e0, e1 = emulators(stack, 2)
+        async with Gateway(scenario([e0.url, e1.url]), "qlm", port=0) as gw:
+            await asyncio.to_thread(e0.stop)
+            outs = await run_requests(gw, 10, 20)
+            assert tally(outs).completed == 10
+            assert await wait_until(lambda: not engine(gw, 0).healthy, 5)
+            again = await asyncio.to_thread(start_emulator, prof, "m", port=e0.port, speedup=SPEEDUP)
+            stack.callback(again.stop)
+            assert await wait_until(lambda: engine(gw, 0).healthy, 10)
+            outs = await run_requests(gw, 10, 20)
+            assert tally(outs).completed == 10
+            assert any(r.instance_id == 0 for r in gw.cluster.records[-10:])
+
+
+@pytest.mark.asyncio
+async def test_no_healthy_engine_for_too_long_fails_queued_and_new_requests():
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        async with Gateway(scenario([e0.url]), "qlm", port=0) as gw:
+            await asyncio.to_thread(e0.set_faults, Faults(kill_after_s=0))
+            outs = await run_requests(gw, 4, 10, timeout_s=30)
+            t = tally(outs)
+            assert t.failed == 4 and t.lost == 0
+            for o in outs:
+                assert o.status in (502, 503), o
+            # Past the timeout, new requests are refused at once.
+            o = (await run_requests(gw, 1, 10))[0]
+            assert o.status == 503 and "no healthy engine" in o.error["message"] and o.retry_after == "1"
+            assert (await asyncio.to_thread(httpx.get, gw.url + "/health")).status_code == 503
+            await asyncio.to_thread(e0.set_faults, Faults())
+            assert await wait_until(lambda: engine(gw, 0).healthy, 10)
+            assert await wait_until(lambda: not gw.cluster.health.unavailable, 5)
+            assert tally(await run_requests(gw, 3, 10)).completed == 3
+
+
+@pytest.mark.asyncio
+async def test_stop_ends_queued_and_running_requests_with_one_error_each():
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        gw = Gateway(scenario([e0.url], first_token_timeout_s=60, inter_token_timeout_s=60), "qlm", port=0)
+        await gw.start()
+        pool = Pool(gw.url, max_idle=32)
+        reqs = [asyncio.ensure_future(call(pool, *body(i, 2000, stream=i % 2 == 0))) for i in range(12)]
+        assert await wait_until(lambda: len(gw.cluster.instances[0].inflight) == PROFILE["max_num_seqs"]
+                                and gw.cluster.queued_by_class.get("batch") == 4)
+        await asyncio.to_thread(e0.set_faults, Faults(hang_after_s=0))
+        t0 = asyncio.get_running_loop().time()
+        await gw.stop()
+        outs = await asyncio.gather(*reqs)
+        assert asyncio.get_running_loop().time() - t0 < 5
+        t = tally(outs)
+        assert (t.failed, t.lost) == (12, 0)
+        assert all(o.error["code"] == 503 for o in outs)
+        await pool.aclose()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SIGTERM: stop intake, drain or fail what is queued, flush results, exit 0; a restart starts afresh
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(tmp_path, url: str, port: int, *args: str, **live):
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = live_scenario_spec(PROFILE, [("g0", "m", url)], speedup=SPEEDUP, metrics_interval_s=0.2, port=port,
+                              **live)
+    spec["scheduler"] = {"gurobi": {"WLSSECRET": "gurobi-secret-in-scenario"}}
+    spec["workload"] = {"synthetic": {"rate_rps": 40, "num_requests": 400, "prompt_tokens": 8, "output_tokens": 60},
+                        "slo_class": {"constant": "interactive"}}
+    path = tmp_path / f"serve-{port}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return subprocess.Popen([sys.executable, "-m", "qlmctl.cli", "serve", "-s", str(path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+
+
+async def _up(port: int, proc, timeout_s: float = 30.0) -> None:
+    async with httpx.AsyncClient() as c:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while loop.time() < end:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if (await c.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("gateway did not come up")
+
+
+async def _exit_code(proc, timeout_s: float = 30.0) -> int:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while proc.poll() is None and loop.time() < end:
+        await asyncio.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+    return proc.wait()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("drain_s", [20.0, 0.3])
+async def test_sigterm_drains_or_fails_cleanly_and_a_restart_starts_afresh(tmp_path, drain_s):
+    import signal
+
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        port = _free_port()
+        proc = _serve(tmp_path, e0.url, port, "--policy", "qlm", drain_timeout_s=drain_s)
+        try:
+            await _up(port, proc)
+            url = f"http://127.0.0.1:{port}"
+            pool = Pool(url, max_idle=32)
+            # 8 batch slots: 8 stream (about a second each), 4 wait in the gateway.
+            long = [asyncio.ensure_future(call(pool, *body(i, 400, stream=i % 2 == 0), timeout_s=60))
+                    for i in range(12)]
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.15)
+            late = await call(pool, *body(0, 5, stream=False))
+            assert late.status == 503 and "shutting down" in late.error["message"]  # intake stopped
+            outs = await asyncio.gather(*long)
+            code = await _exit_code(proc)
+            output = proc.stdout.read()
+            await pool.aclose()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert code == 0, output
+        t = tally(outs)
+        assert t.lost == 0 and t.sent == 12
+        if drain_s > 5:
+            assert t.completed == 12
+            for o in outs:
+                check_exact(o, 400)
+        else:
+            assert t.failed >= 4  # the queued ones at least; each with one clear 503
+            for o in outs:
+                if o.kind == "failed":
+                    assert o.error["code"] == 503 and "shut down" in o.error["message"]
+        assert "drained" in output and "gurobi-secret-in-scenario" not in output
+        # The engine holds nothing of the old gateway's.
+        assert await wait_until(lambda: httpx.get(e0.url + "/emulator/state").json()["in_flight"] == 0, 5)
+
+        # Restart on the same port at once: a fresh gateway (new counters, nothing queued).
+        proc = _serve(tmp_path, e0.url, port, "--policy", "qlm")
+        try:
+            await _up(port, proc)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+                metrics = (await c.get("/metrics")).text
+                assert "qlm_requests_total{" not in metrics
+                r = await c.post("/v1/completions", json={"model": "m", "prompt": "w1", "max_tokens": 3})
+                assert r.status_code == 200 and r.json()["id"] == "cmpl-qlm-0"
+            proc.send_signal(signal.SIGTERM)
+            assert await _exit_code(proc) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.mark.asyncio
+async def test_sigterm_during_replay_flushes_results(tmp_path):
+    import signal
+
+    from qlmctl.report import read_results
+
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        proc = _serve(tmp_path, e0.url, 0, "--replay", "--policy", "fcfs,qlm", "-o", str(tmp_path / "out"),
+                      drain_timeout_s=5.0)
+        try:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 30
+            while loop.time() < end and not (tmp_path / "out").exists() and proc.poll() is None:
+                await asyncio.sleep(0.05)
+                if httpx.get(e0.url + "/emulator/state").json()["steps"] > 50:
+                    break
+            await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            code = await _exit_code(proc)
+            output = proc.stdout.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert code == 0, output
+    summary, frame = read_results(tmp_path / "out" / "fcfs")
+    assert len(frame) == 400  # every request of the workload has its row
+    not_sent = frame["error"].astype(str).str.startswith("not sent").sum()
+    done = frame["error"].isna().sum()
+    assert done > 0 and not_sent > 0  # some had finished; those not yet due were never sent
+    assert summary["num_requests"] == 400
+    assert not (tmp_path / "out" / "qlm").exists() and "policy qlm not run" in output
+    secrets = [p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*") if p.suffix in (".json", ".yaml", ".csv")]
+    assert secrets and not any("gurobi-secret-in-scenario" in s for s in [*secrets, output])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the emulator's side
+
+
+def test_emulator_socket_is_tcp_so_asyncio_sets_nodelay():
+    import socket
+
+    from qlmctl.live.emulator import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP  # asyncio's _set_nodelay checks exactly this
+    finally:
+        sock.close()
+
+
+def test_faults_are_validated():
+    for bad in ({"error_rate": 1.5}, {"slowdown": 0}, {"kill_after_s": -1}, {"seed": "x"}, {"hang": 1}, [1]):
+        with pytest.raises(ValueError):
+            Faults.from_json(bad)
+    assert Faults.from_json({}) == Faults()
+
+
+@pytest.mark.asyncio
+async def test_emulate_cli_fault_flags(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump(PROFILE))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qlmctl.cli", "emulate", "--profile", str(prof), "--model", "m",
+                             "--port", str(port), "--fault-error-rate", "1", "--fault-slowdown", "2",
+                             "--fault-kill-after", "30"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        await _up(port, proc)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            r = await c.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})
+            assert r.status_code == 500 and r.json()["error"]["type"] == "InternalServerError"
+            st = (await c.get("/emulator/faults")).json()
+            assert st["faults"]["slowdown"] == 2 and st["faults"]["kill_after_s"] == 30 and st["state"] == "ok"
+            assert (await c.get("/emulator/state")).json()["speedup"] == 0.5
+            r = await c.post("/emulator/faults", json={"error_rate": 7})
+            assert r.status_code == 400 and "error_rate" in r.json()["error"]["message"]
+            assert (await c.post("/emulator/faults", json={})).json()["state"] == "ok"
+            assert (await c.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
