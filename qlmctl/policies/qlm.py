@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, InstanceView, SwapModel
@@ -40,6 +40,8 @@ class _Lane:
     ahead: float  # requests ahead (running + planned), in requests
     offset_s: float  # time before `ahead` starts counting (swaps planned)
     planned: list[GroupKey]
+    rates: dict[str, tuple[float, float, float] | None] = field(default_factory=dict)  # per model, this plan
+    loads: dict[str, float] = field(default_factory=dict)  # load time per model, this plan
 
 
 @dataclass(slots=True)
@@ -318,10 +320,16 @@ class QLMPolicy(Policy):
             return 0.0
         return max(0.0, n + rate[2] * math.sqrt(n)) * rate[1] / rate[0]
 
+    def _planned_rate(self, lane: _Lane, model: str) -> tuple[float, float, float] | None:
+        try:
+            return lane.rates[model]
+        except KeyError:
+            r = lane.rates[model] = self._rate_of(lane.inst, model)
+            return r
+
     def _start_on(self, lane: _Lane, model: str) -> tuple[float, bool]:
         """Estimated time from now until a request of `model` queued at the end of `lane` starts."""
-        inst = lane.inst
-        rate = self._rate_of(inst, model)
+        rate = self._planned_rate(lane, model)
         if rate is None:
             return math.inf, False
         if lane.model == model:
@@ -331,10 +339,13 @@ class QLMPolicy(Policy):
             return math.inf, True
         drain = 0.0
         if lane.model is not None and lane.ahead > 0:
-            cur = self._rate_of(inst, lane.model)
+            cur = self._planned_rate(lane, lane.model)
             if cur is not None:
                 drain = self._completions(lane.ahead, cur)
-        return lane.offset_s + drain + inst.load_time(model), True
+        load = lane.loads.get(model)
+        if load is None:
+            load = lane.loads[model] = lane.inst.load_time(model)
+        return lane.offset_s + drain + load, True
 
     def plan_queues(self, cluster: ClusterView, now: float) -> dict[int, list[GroupKey]]:
         """The heuristic global scheduler: place and order groups on virtual queues."""
