@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from qlmctl.live.health import FailureKind
-from qlmctl.live.http import ConnectError, HTTPError, Pool, Response, timeout
+from qlmctl.live.http import ConnectError, HTTPError, Pool, Response, sse_data, timeout
 from qlmctl.live.prom import EngineMetrics, parse_vllm_metrics
 
 RETRYABLE_4XX = frozenset({408, 429})
@@ -86,24 +86,12 @@ class SSEStream:
 
     async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
         assert self._resp is not None
-        buf = b""
         try:
-            async for chunk in self._resp.chunks():
+            async for payloads in sse_data(self._resp):
                 if self.done:
                     continue  # read to the end so that the connection goes back to the pool
-                buf = buf + chunk if buf else chunk
-                end = buf.rfind(b"\n\n")
-                if end < 0:
-                    continue
-                whole, buf = buf[:end], buf[end + 2:]
                 events = []
-                for block in whole.split(b"\n\n"):
-                    if block.startswith(b"data: ") and b"\n" not in block:
-                        data = block[6:]  # vLLM's form: one data line per event
-                    else:
-                        data = _data_of(block)
-                        if data is None:
-                            continue  # comments, keep-alives
+                for data in payloads:
                     if data == b"[DONE]":
                         self.done = True
                         break
@@ -115,12 +103,6 @@ class SSEStream:
                     yield events
         except HTTPError as e:
             raise EngineError(f"engine stream broke: {e}") from None
-
-
-def _data_of(block: bytes) -> bytes | None:
-    """The data of one server-sent event (its `data:` lines joined), None when it has none."""
-    lines = [ln[5:].removeprefix(b" ") for ln in block.split(b"\n") if ln.startswith(b"data:")]
-    return b"\n".join(lines) if lines else None
 
 
 class EngineClient:

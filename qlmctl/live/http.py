@@ -287,3 +287,34 @@ def _parse_head(raw: bytes, conn: Connection, pool: Pool) -> Response:
             k, _, v = line.partition(":")
             headers[k.strip().lower()] = v.strip()
     return Response(status, headers, conn, pool)
+
+
+async def sse_data(resp: Response) -> AsyncIterator[list[bytes]]:
+    """The data payloads of a server-sent-event body, one list per network chunk that completed events.
+
+    Events end with a blank line; an event's `data:` lines are joined (vLLM sends one per event, the fast
+    path); comments and keep-alives carry no data and are skipped.
+    """
+    buf = b""
+    async for chunk in resp.chunks():
+        buf = buf + chunk if buf else chunk
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            continue
+        whole, buf = buf[:end], buf[end + 2:]
+        payloads = []
+        for block in whole.split(b"\n\n"):
+            if block.startswith(b"data: ") and b"\n" not in block:
+                payloads.append(block[6:])
+            else:
+                data = _data_of(block)
+                if data is not None:
+                    payloads.append(data)
+        if payloads:
+            yield payloads
+
+
+def _data_of(block: bytes) -> bytes | None:
+    """The data of one server-sent event (its `data:` lines joined), None when it has none."""
+    lines = [ln[5:].removeprefix(b" ") for ln in block.split(b"\n") if ln.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None

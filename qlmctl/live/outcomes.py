@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from qlmctl.live.http import HTTPError, Pool, timeout
+from qlmctl.live.http import HTTPError, Pool, sse_data, timeout
 
 
 @dataclass(slots=True)
@@ -120,17 +120,8 @@ def _read_json(out: Outcome, raw: bytes, t0: float) -> None:
 
 
 async def _read_stream(out: Outcome, resp: Any, t0: float) -> None:
-    buf = b""
-    async for chunk in resp.chunks():
-        buf += chunk
-        end = buf.rfind(b"\n\n")
-        if end < 0:
-            continue
-        whole, buf = buf[:end], buf[end + 2:]
-        for block in whole.split(b"\n\n"):
-            if not block.startswith(b"data: "):
-                continue
-            data = block[6:]
+    async for payloads in sse_data(resp):
+        for data in payloads:
             if data == b"[DONE]":
                 out.done_events += 1
                 continue

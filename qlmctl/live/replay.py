@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from qlmctl.core.request import Request
-from qlmctl.live.http import HTTPError, Pool
+from qlmctl.live.http import HTTPError, Pool, sse_data
 
 VOCAB = 32000
 """Synthetic prompt words are w0 .. w31999."""
@@ -149,18 +149,9 @@ async def _send(pool: Pool, r: Request, i: int, out: ReplayResult, speedup: floa
         if resp.status != 200:
             r.error = f"HTTP {resp.status}: {_message(await resp.read())}"
             return
-        buf = b""
-        async for chunk in resp.chunks():
+        async for payloads in sse_data(resp):
             now = time.monotonic()
-            buf = buf + chunk if buf else chunk
-            end = buf.rfind(b"\n\n")
-            if end < 0:
-                continue
-            whole, buf = buf[:end], buf[end + 2:]
-            for block in whole.split(b"\n\n"):
-                if not block.startswith(b"data: "):
-                    continue
-                data = block[6:]
+            for data in payloads:
                 if data == b"[DONE]":
                     r.finish_s = (now - t0) * speedup
                     continue
