@@ -8,7 +8,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qlmctl.errors import UserError
 
@@ -63,7 +62,7 @@ def simulate(
 
     Times are in seconds of simulated time; latencies in the table are in ms or s as labelled.
     """
-    from qlmctl.report import print_results
+    from qlmctl.report import policy_progress, print_results
     from qlmctl.runner import parse_policies, save, simulate as run_sim
     from qlmctl.scenario import load_scenario
     from qlmctl.workload import build_requests
@@ -84,8 +83,7 @@ def simulate(
     )
     out_dir = out or Path("results") / sc.spec.name
     summaries = {}
-    with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as prog:
+    with policy_progress(console) as prog:
         for name in policies:
             task = prog.add_task(name, total=len(requests))
             run = run_sim(sc, name, requests, lambda done, total, t=task: prog.update(t, completed=done))

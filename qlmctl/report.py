@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 from rich import box
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -240,6 +241,12 @@ def results_table(summaries: dict[str, dict], title: str) -> Table:
     row("Swaps", [_int(s.get("num_swaps")) for s in runs])
     row("Mean utilisation", [_pct(s.get("mean_utilisation")) for s in runs])
     return table
+
+
+def policy_progress(console: Console) -> Progress:
+    """The progress display of a run over several policies: one bar per policy, requests done of total."""
+    return Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
 
 
 def print_results(console: Console, summaries: dict[str, dict], title: str) -> None:

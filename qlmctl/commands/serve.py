@@ -172,12 +172,11 @@ async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop)
 
 
 async def _replay_all(sc, policies, requests, swap_control, concurrency, out, stop) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qlmctl.cli import console
     from qlmctl.errors import UserError
     from qlmctl.live.replay import run_live, save_live
-    from qlmctl.report import print_results
+    from qlmctl.report import policy_progress, print_results
 
     live = sc.spec.live
     span = (requests[-1].arrival_s - requests[0].arrival_s) if requests else 0.0
@@ -188,8 +187,7 @@ async def _replay_all(sc, policies, requests, swap_control, concurrency, out, st
     )
     out_dir = out or Path("results") / sc.spec.name
     summaries = {}
-    with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as prog:
+    with policy_progress(console) as prog:
         for name in policies:
             if stop.is_set():
                 console.print(f"stopped: policy {name} not run", highlight=False)
