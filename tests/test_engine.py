@@ -12,28 +12,27 @@ from simulator.engine import Engine, OutputKind, Sequence
 from tests.conftest import small_profile
 
 
-def run_all(engine: Engine, seqs: list[Sequence], arrivals: list[float], probe: float | None = None):
-    """Submit at arrival times, advance through everything; optionally check state every `probe` s."""
+def run_all(engine: Engine, seqs: list[Sequence], arrivals: list[float]) -> list:
+    """Submit each sequence at its arrival time and advance through everything, checking at every step
+    that simulated time never goes back and that KV use and the batch stay within their limits."""
     outs = []
-    t = 0.0
+    t_prev = -1.0
     pending = sorted(zip(arrivals, range(len(seqs))))
     i = 0
     while True:
         nxt = pending[i][0] if i < len(pending) else math.inf
-        t_eng = engine.next_event_time()
-        t = min(nxt, t_eng)
-        if probe is not None and t < math.inf:
-            t = min(t, (math.floor(outs[-1].time / probe) + 1) * probe if outs else probe)
+        t = min(nxt, engine.next_event_time())
         if t == math.inf:
             break
+        assert t >= t_prev  # simulated time never goes back
+        t_prev = t
         outs.extend(engine.advance(t))
         while i < len(pending) and pending[i][0] <= t:
             engine.submit(seqs[pending[i][1]], t)
             i += 1
         outs.extend(engine.advance(t))
-        yield_state = (engine.used_blocks, engine.num_running)
-        assert yield_state[0] <= engine.total_blocks
-        assert yield_state[1] <= engine.profile.max_num_seqs
+        assert engine.used_blocks <= engine.total_blocks
+        assert engine.num_running <= engine.profile.max_num_seqs
     return outs
 
 
@@ -65,7 +64,7 @@ def test_preemption_when_kv_runs_out_and_everything_still_finishes():
     p = small_profile(kv_blocks=40, max_num_seqs=16)
     e = Engine(p)
     seqs = [Sequence(i, 100, 200) for i in range(8)]
-    outs = list(run_all(e, seqs, [0.0] * 8) or [])
+    run_all(e, seqs, [0.0] * 8)
     assert e.stats.preemptions > 0
     assert all(q.generated == 200 for q in seqs)
     assert e.used_blocks == 0 and e.stats.peak_blocks <= 40
@@ -115,31 +114,9 @@ def test_engine_invariants(reqs, kv, seqs_cap, budget, policy):
     p = small_profile(kv_blocks=kv, max_num_seqs=seqs_cap, max_num_batched_tokens=budget)
     e = Engine(p, policy)
     seqs = [Sequence(i, pr, out, prio, arr) for i, (arr, pr, out, prio) in enumerate(reqs)]
-    arrivals = [r[0] for r in reqs]
     # Every request fits the cache on its own (else vLLM would reject it too).
     seqs = [q for q in seqs if p.blocks_for(q.prompt_tokens + q.max_tokens + 1) <= kv]
-    arrivals = [q.arrival_s for q in seqs]
-    outs = []
-    t_prev = -1.0
-    import itertools
-
-    order = sorted(range(len(seqs)), key=lambda i: arrivals[i])
-    i = 0
-    while True:
-        nxt = arrivals[order[i]] if i < len(order) else math.inf
-        t = min(nxt, e.next_event_time())
-        if t == math.inf:
-            break
-        assert t >= t_prev  # simulated time never goes back
-        t_prev = t
-        new = e.advance(t)
-        while i < len(order) and arrivals[order[i]] <= t:
-            e.submit(seqs[order[i]], t)
-            i += 1
-        new += e.advance(t)
-        outs += new
-        assert e.used_blocks <= p.kv_blocks
-        assert e.num_running <= p.max_num_seqs
+    outs = run_all(e, seqs, [q.arrival_s for q in seqs])
     finished = [o.seq.seq_id for o in outs if o.kind is OutputKind.FINISHED]
     assert sorted(finished) == sorted(q.seq_id for q in seqs)  # each exactly once
     assert all(q.generated == q.max_tokens for q in seqs)  # tokens conserved
@@ -154,4 +131,3 @@ def test_engine_invariants(reqs, kv, seqs_cap, budget, policy):
     assert e.used_blocks == 0 and e.stats.peak_blocks <= kv and e.stats.peak_running <= seqs_cap
     times = [o.time for o in outs]
     assert times == sorted(times)
-    del itertools
