@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlmctl.core.cluster import InstanceView
+from qlmctl.core.cluster import ClusterView, InstanceView
 from qlmctl.core.request import Request
 
 
@@ -68,7 +68,7 @@ class RoomBook:
     def touch_all(self) -> None:
         self._stale = None
 
-    def refresh(self, cluster: "ClusterViewLike") -> None:
+    def refresh(self, cluster: ClusterView) -> None:
         insts = cluster.instances
         for rm in self._rooms.values():  # the last call's dispatches are on the engines now
             if rm is not None:
@@ -103,6 +103,3 @@ class RoomBook:
     def fresh_blocks(rm: Room) -> None:
         rm.blocks = rm.inst.free_kv_blocks - rm.taken_blocks
 
-
-class ClusterViewLike:  # typing aid only: anything with `.instances`
-    instances: list[InstanceView]
