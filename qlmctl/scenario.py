@@ -40,6 +40,7 @@ class ProfileSpec(_Strict):
     std_output_tokens: float = Field(default=256.0, ge=0)
     frontend_latency_s: float = Field(default=0.0, ge=0, description="client-visible latency added to TTFT, s")
     async_scheduling: bool = Field(default=False, description="vLLM's asynchronous scheduling (new requests join one step later)")
+    per_prefill_pair_s: float = Field(default=0.0, ge=0, description="prefill attention cost per (query, key) pair, s")
     provenance: dict[str, Any] | None = None
 
     def to_profile(self, model: str) -> EngineProfile:

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
 
-from simulator.profile import EngineProfile
+from simulator.profile import EngineProfile, chunk_pairs
 
 INF = math.inf
 
@@ -87,6 +87,8 @@ class _Segment:
     decode: int
     ctx0: int
     end: float
+    pairs: float = 0.0
+    """Prefill attention pairs of each step (segments with a quadratic prefill cost are one step long)."""
 
 
 @dataclass
@@ -266,7 +268,7 @@ class Engine:
         p = self.profile
         assert p is not None
         a = p.base_s + p.per_prefill_token_s * seg.prefill + p.per_decode_seq_s * seg.decode
-        a += p.per_context_token_s * seg.ctx0
+        a += p.per_context_token_s * seg.ctx0 + p.per_prefill_pair_s * seg.pairs
         return n * a + p.per_context_token_s * seg.decode * n * (n - 1) / 2.0
 
     def _steps_done(self, seg: _Segment, dt: float) -> int:
@@ -276,7 +278,7 @@ class Engine:
         p = self.profile
         assert p is not None
         a = p.base_s + p.per_prefill_token_s * seg.prefill + p.per_decode_seq_s * seg.decode
-        a += p.per_context_token_s * seg.ctx0
+        a += p.per_context_token_s * seg.ctx0 + p.per_prefill_pair_s * seg.pairs
         g = p.per_context_token_s * seg.decode / 2.0
         if g <= 0:
             k = int(dt / a)
@@ -485,6 +487,17 @@ class Engine:
                 return periods * bs + j
         raise AssertionError("a full period needs d blocks")
 
+    def _prefill_pairs(self, stream: int) -> float:
+        """Attention pairs of the next step's `stream` prefill tokens, FIFO over prefilling sequences."""
+        pairs = 0.0
+        for q in self._prefilling:
+            if stream <= 0:
+                break
+            take = min(q.prefill_left, stream)
+            pairs += chunk_pairs(q.prompt_tokens + q.generated - q.prefill_left, take)
+            stream -= take
+        return pairs
+
     def _plan(self, t: float) -> None:
         """At a boundary: apply queued commands, admit, handle KV pressure, start the next segment."""
         if self._pending:
@@ -525,7 +538,12 @@ class Engine:
                 continue
             if n_kv <= n:
                 n = n_kv - 1
-            seg = _Segment(t0=t, n=int(n), prefill=prefill, decode=d, ctx0=self._ctx, end=0.0)
+            pairs = 0.0
+            if prefill and p.per_prefill_pair_s:
+                # Each chunk of a long prompt sees more cached tokens than the last, so steps differ.
+                n = 1
+                pairs = self._prefill_pairs(prefill)
+            seg = _Segment(t0=t, n=int(n), prefill=prefill, decode=d, ctx0=self._ctx, end=0.0, pairs=pairs)
             seg.end = t + self._seg_time(seg, seg.n)
             self._seg = seg
             return

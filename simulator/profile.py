@@ -1,9 +1,13 @@
 """The engine timing profile: the cost of one vLLM engine step, and the instance's limits.
 
 Form of the step cost (seconds), for a step that computes P prefill tokens and D decode
-sequences whose KV context totals C tokens:
+sequences whose KV context totals C tokens, where the prefill tokens attend to A (query, key) pairs:
 
     step_time = base_s + per_prefill_token_s * P + per_decode_seq_s * D + per_context_token_s * C
+                + per_prefill_pair_s * A
+
+A prefill chunk of n tokens of a sequence that already holds c tokens of KV has n * (c + (n + 1) / 2)
+pairs (causal attention: each new token sees the cached ones, the chunk's earlier ones and itself).
 
 Why this form: a transformer step reads all weights once (a fixed cost, `base_s`, which dominates
 small decode batches on a memory-bound GPU), does GEMMs whose cost grows with the tokens in the
@@ -11,13 +15,29 @@ batch (prefill tokens are compute bound: `per_prefill_token_s`; each decode sequ
 row plus sampling: `per_decode_seq_s`), and runs attention whose decode cost is reading each
 sequence's KV cache (`per_context_token_s` per cached token). It is linear in what the scheduler
 controls, so the simulator can sum a run of steps in closed form, and it is the shape Vidur and
-LLMServingSim fit. What it leaves out (prefill attention's quadratic term, CUDA-graph batch
-padding) is small at the prompt lengths of the bundled traces; `profile-model` reports the fit error.
+LLMServingSim fit. Prefill attention is quadratic in prompt length (`per_prefill_pair_s`); a purely
+linear fit would let the longest prompts inflate the per-token cost of every mid-size one. What it leaves
+out (CUDA-graph batch padding, GEMM efficiency at small token counts) `profile-model` reports as fit error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+
+def chunk_pairs(done: int, take: int) -> float:
+    """Attention pairs of a prefill chunk of `take` tokens after `done` cached tokens of the same sequence."""
+    return take * (done + (take + 1) / 2.0)
+
+
+def prompt_pairs(prompt_tokens: int, chunk: int) -> float:
+    """Attention pairs of prefilling `prompt_tokens` alone, in chunks of at most `chunk` tokens."""
+    total, done = 0.0, 0
+    while done < prompt_tokens:
+        take = min(chunk, prompt_tokens - done)
+        total += chunk_pairs(done, take)
+        done += take
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,14 +69,18 @@ class EngineProfile:
     frontend_latency_s: float = 0.0
     """Fixed latency a client sees on top of the engine's steps (API server, tokenizer, HTTP), added to the
     first-token and finish times a client observes; `profile-model` fits it as the TTFT intercept."""
+    per_prefill_pair_s: float = 0.0
+    """Prefill attention: seconds per (query, key) pair that prefill tokens attend to (see module doc)."""
 
-    def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
+    def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int,
+                  prefill_pairs: float = 0.0) -> float:
         """Seconds for one engine step of the given composition."""
         return (
             self.base_s
             + self.per_prefill_token_s * prefill_tokens
             + self.per_decode_seq_s * decode_seqs
             + self.per_context_token_s * context_tokens
+            + self.per_prefill_pair_s * prefill_pairs
         )
 
     def decode_throughput(self, batch_size: int, mean_context: float) -> float:
@@ -71,7 +95,8 @@ class EngineProfile:
             return 0.0
         budget = self.max_num_batched_tokens
         steps = -(-prompt_tokens // budget)
-        return steps * self.base_s + self.per_prefill_token_s * prompt_tokens
+        pairs = prompt_pairs(prompt_tokens, budget) if self.per_prefill_pair_s else 0.0
+        return steps * self.base_s + self.per_prefill_token_s * prompt_tokens + self.per_prefill_pair_s * pairs
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)

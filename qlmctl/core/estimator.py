@@ -85,13 +85,12 @@ class RWTEstimator:
         st = self.stats.get(model) or OutputStats.with_prior(256.0, 256.0)
         mu = max(1.0, st.mean)
         prompt = self._prompt_mean[model].mean if model in self._prompt_mean else 512.0
-        per_req_tokens = prompt + mu
         kv_conc = int(profile.kv_blocks * profile.block_size / max(1.0, prompt + mu / 2))
         conc = max(1, min(profile.max_num_seqs, kv_conc))
         step = profile.step_time(0, conc, int(conc * (prompt + mu / 2)))
         # Prefill of each request is spread over the decode steps it shares with the batch.
-        req_time = mu * step + conc * profile.per_prefill_token_s * prompt
-        del per_req_tokens
+        prefill = profile.per_prefill_token_s * prompt + profile.per_prefill_pair_s * prompt * (prompt + 1) / 2
+        req_time = mu * step + conc * prefill
         return ServiceRate(conc, req_time, step, profile.per_prefill_token_s)
 
     def completions_time(self, n: float, rate: ServiceRate, model: str, pct: bool = True) -> float:
