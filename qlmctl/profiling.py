@@ -6,12 +6,17 @@ Measurements (all through the OpenAI completions API, token-id prompts so length
 - decode: B concurrent requests of a given prompt length, once with short and once with long outputs; the
   difference of the two rounds' last finishes over the difference in tokens is one engine step with D=B
   sequences and C=B*(context) cached tokens;
+- mixed steps: B sequences decoding while prefill-only requests of L tokens are injected one at a time;
+  from the engine's inter-token latency totals over a window with N injections and the pure-decode
+  windows around it, one step with B decodes plus an L-token prefill (what chunked prefill runs under
+  load, and where a sum of separately fitted prefill and decode costs can go wrong);
 - capacity: `vllm:cache_config_info{num_gpu_blocks, block_size}` from /metrics;
 - optionally the sleep (level 1) and wake-up times, i.e. the warm model-swap cost.
 
-The fit is a non-negative least squares on relative error over every point:
+The fit is a non-negative least squares on relative error over every point (A = attention pairs):
     decode point:  itl  = base + b*D + c*C
-    prefill point: ttft = overhead + ceil(L/budget)*base + a*L
+    prefill point: ttft = overhead + ceil(L/budget)*base + a*L + q*A(L)
+    mixed point:   step = base + a*L + q*A(L) + b*D + c*C
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from simulator.profile import chunk_pairs, prompt_pairs
 
 PROMPT_TOKEN_LOW = 1000
 PROMPT_TOKEN_HIGH = 30000
@@ -48,6 +55,21 @@ class DecodePoint:
 
 
 @dataclass
+class MixedPoint:
+    batch: int
+    prompt_tokens: int
+    """Prompt length of each decoding sequence."""
+    prefill_tokens: int
+    """Tokens of the prefill that shares the step with the decodes."""
+    step_s: float
+    """Time of one step with `batch` decodes and the prefill."""
+    decode_step_s: float
+    """Time of the pure-decode steps around it (same batch)."""
+    context_tokens: float
+    """KV tokens of the decoding sequences during the window."""
+
+
+@dataclass
 class RawProfile:
     """Everything measured, kept so fitting can be redone off the GPU."""
 
@@ -55,11 +77,16 @@ class RawProfile:
     url: str
     prefill: list[PrefillPoint] = field(default_factory=list)
     decode: list[DecodePoint] = field(default_factory=list)
+    mixed: list[MixedPoint] = field(default_factory=list)
     num_gpu_blocks: int | None = None
     block_size: int | None = None
     max_model_len: int | None = None
     sleep_s: float | None = None
     wake_s: float | None = None
+    launch_s: float | None = None
+    """Launch to /health of the engine (a cold model load), when profile-model started it."""
+    async_scheduling: bool | None = None
+    """Whether the engine schedules a step ahead (recorded from the command line; not visible over HTTP)."""
     engine_version: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -71,6 +98,7 @@ class RawProfile:
         d = json.loads(text)
         d["prefill"] = [PrefillPoint(**p) for p in d.get("prefill", [])]
         d["decode"] = [DecodePoint(**p) for p in d.get("decode", [])]
+        d["mixed"] = [MixedPoint(**p) for p in d.get("mixed", [])]
         return cls(**d)
 
 
@@ -80,6 +108,7 @@ class Fit:
     per_prefill_token_s: float
     per_decode_seq_s: float
     per_context_token_s: float
+    per_prefill_pair_s: float
     overhead_s: float
     errors: list[tuple[str, float, float, float]]
     """(point label, measured s, fitted s, relative error)."""
@@ -93,25 +122,36 @@ class Fit:
         return float(max(abs(e[3]) for e in self.errors)) if self.errors else 0.0
 
 
-def fit_profile(raw: RawProfile, max_num_batched_tokens: int) -> Fit:
-    """Fit the step-time coefficients to the raw measurements (see module docstring)."""
+def fit_profile(raw: RawProfile, max_num_batched_tokens: int, quadratic: bool = True) -> Fit:
+    """Fit the step-time coefficients to the raw measurements (see module docstring).
+
+    `quadratic=False` leaves out the prefill-attention term (the older, purely linear model)."""
     from scipy.optimize import nnls
 
     rows: list[list[float]] = []
     ys: list[float] = []
     labels: list[str] = []
-    # Columns: base, a (prefill/token), b (decode/seq), c (context/token), overhead.
+    # Columns: base, a (prefill/token), b (decode/seq), c (context/token), q (prefill pair), overhead.
     for p in raw.decode:
-        rows.append([1.0, 0.0, float(p.batch), float(p.context_tokens), 0.0])
+        rows.append([1.0, 0.0, float(p.batch), float(p.context_tokens), 0.0, 0.0])
         ys.append(p.itl_s)
         labels.append(f"decode B={p.batch} ctx={p.prompt_tokens}")
     for p in raw.prefill:
         chunks = math.ceil(p.prompt_tokens / max_num_batched_tokens)
-        rows.append([float(chunks), float(p.prompt_tokens), 0.0, 0.0, 1.0])
+        pairs = prompt_pairs(p.prompt_tokens, max_num_batched_tokens)
+        rows.append([float(chunks), float(p.prompt_tokens), 0.0, 0.0, pairs, 1.0])
         ys.append(p.ttft_s)
         labels.append(f"prefill L={p.prompt_tokens}")
-    if len(rows) < 5:
-        raise ValueError("too few measurements to fit five coefficients")
+    for p in raw.mixed:
+        rows.append([1.0, float(p.prefill_tokens), float(p.batch), float(p.context_tokens),
+                     chunk_pairs(0, p.prefill_tokens), 0.0])
+        ys.append(p.step_s)
+        labels.append(f"mixed B={p.batch} L={p.prefill_tokens}")
+    cols = 6 if quadratic else 5
+    if not quadratic:
+        rows = [r[:4] + r[5:] for r in rows]
+    if len(rows) < cols:
+        raise ValueError(f"too few measurements to fit {cols} coefficients")
     a = np.array(rows)
     y = np.array(ys)
     w = 1.0 / y  # relative error
@@ -120,13 +160,16 @@ def fit_profile(raw: RawProfile, max_num_batched_tokens: int) -> Fit:
     coef, _ = nnls((a * w[:, None]) / scale, y * w)
     coef = coef / scale
     pred = a @ coef
+    if not quadratic:
+        coef = np.concatenate([coef[:4], [0.0], coef[4:]])
     errors = [(lab, float(m), float(f), float((f - m) / m)) for lab, m, f in zip(labels, y, pred)]
     return Fit(
         base_s=float(coef[0]),
         per_prefill_token_s=float(coef[1]),
         per_decode_seq_s=float(coef[2]),
         per_context_token_s=float(coef[3]),
-        overhead_s=float(coef[4]),
+        per_prefill_pair_s=float(coef[4]),
+        overhead_s=float(coef[5]),
         errors=errors,
     )
 
@@ -142,6 +185,7 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         "per_prefill_token_s": float(f"{fit.per_prefill_token_s:.4g}"),
         "per_decode_seq_s": float(f"{fit.per_decode_seq_s:.4g}"),
         "per_context_token_s": float(f"{fit.per_context_token_s:.4g}"),
+        "per_prefill_pair_s": float(f"{fit.per_prefill_pair_s:.4g}"),
         "kv_blocks": int(blocks),
         "block_size": int(raw.block_size or 16),
         "max_num_seqs": max_num_seqs,
@@ -150,6 +194,10 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
     out["frontend_latency_s"] = round(fit.overhead_s, 6)
     if raw.max_model_len:
         out["max_model_len"] = int(raw.max_model_len)
+    if raw.async_scheduling is not None:
+        out["async_scheduling"] = raw.async_scheduling
+    if raw.launch_s is not None:
+        out["load_cold_s"] = round(raw.launch_s, 1)
     if raw.wake_s is not None:
         out["load_warm_s"] = round(raw.wake_s, 3)
     out["provenance"] = {
@@ -163,7 +211,7 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         "fit_mean_abs_rel_error": round(fit.mean_abs_error, 4),
         "fit_max_abs_rel_error": round(fit.max_abs_error, 4),
         "sleep_s": raw.sleep_s,
-        "points": {"prefill": len(raw.prefill), "decode": len(raw.decode)},
+        "points": {"prefill": len(raw.prefill), "decode": len(raw.decode), "mixed": len(raw.mixed)},
     }
     return out
 
@@ -271,6 +319,67 @@ class Profiler:
             raise RuntimeError(f"decode timing at batch {batch} is not increasing with output length")
         mid_gen = (short + long) / 2.0
         return DecodePoint(batch, prompt_tokens, output_tokens, float(itl), batch * (prompt_tokens + mid_gen))
+
+    async def mixed_points(self, batch: int, prompt_tokens: int, lengths: list[int], *, inject: int = 8,
+                           window_s: float = 0.5, max_tokens: int = 2000) -> list[MixedPoint]:
+        """Steps mixing `batch` decodes with one prefill of each length in `lengths` (see module docstring).
+
+        `batch` long requests decode throughout; each window injects `inject` prefill-only requests
+        (max_tokens=1) one after another, between pure-decode windows. Over a window the engine's ITL
+        totals give the steps taken (K = count / batch) and their total time (sum / batch); K - inject
+        of them are pure decodes, timed by the windows around it, and the rest is the mixed steps."""
+        if await self.itl_totals() is None:
+            raise RuntimeError("mixed-step timing needs the engine's vllm:inter_token_latency_seconds")
+        start = await self.itl_totals()
+        decoders = [asyncio.create_task(self.complete(prompt_tokens, max_tokens)) for _ in range(batch)]
+        points: list[MixedPoint] = []
+        try:
+            # Let every decoder get through its prefill (chunked prefill staggers them).
+            await asyncio.sleep(max(0.3, 4 * window_s))
+
+            async def window(length: int | None) -> tuple[float, float, float]:
+                before = await self.itl_totals()
+                if length is None:
+                    await asyncio.sleep(window_s)
+                else:
+                    for _ in range(inject):
+                        await self.stream(length, 1)
+                after = await self.itl_totals()
+                assert before is not None and after is not None and start is not None
+                if any(d.done() for d in decoders):
+                    raise RuntimeError(f"decoders finished early at batch {batch}: raise max_tokens")
+                steps_mid = ((before[1] + after[1]) / 2 - start[1]) / batch
+                return after[0] - before[0], after[1] - before[1], steps_mid
+
+            pure_before = window(None)
+            dsum, dcount, _ = await pure_before
+            for length in lengths:
+                isum, icount, steps_mid = await window(length)
+                psum, pcount, _ = await window(None)
+                t_dec = (dsum + psum) / (dcount + pcount)
+                steps = icount / batch
+                mixed = (isum / batch - (steps - inject) * t_dec) / inject
+                ctx = batch * (prompt_tokens + steps_mid)
+                points.append(MixedPoint(batch, prompt_tokens, length, float(mixed), float(t_dec), float(ctx)))
+                dsum, dcount = psum, pcount
+        finally:
+            for d in decoders:
+                d.cancel()
+            await asyncio.gather(*decoders, return_exceptions=True)
+            await self.wait_idle()
+        return points
+
+    async def wait_idle(self, timeout_s: float = 30.0) -> None:
+        """Wait until the engine reports no running or waiting request (after aborting the decoders)."""
+        from qlmctl.live.prom import parse_vllm_metrics
+
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout_s:
+            resp = await self.client.get("/metrics")
+            m = parse_vllm_metrics(resp.text)
+            if m.num_requests_running + m.num_requests_waiting == 0:
+                return
+            await asyncio.sleep(0.2)
 
     async def itl_totals(self) -> tuple[float, float] | None:
         """(sum s, count) of the engine's `vllm:inter_token_latency_seconds` histogram, if it has one."""

@@ -10,30 +10,35 @@ import yaml
 from typer.testing import CliRunner
 
 from qlmctl.cli import app
-from qlmctl.profiling import DecodePoint, PrefillPoint, RawProfile, fit_profile
-from simulator.profile import EngineProfile
+from qlmctl.profiling import DecodePoint, MixedPoint, PrefillPoint, RawProfile, fit_profile
+from simulator.profile import EngineProfile, chunk_pairs
 
 TRUTH = EngineProfile(model="m", base_s=0.02, per_prefill_token_s=1.5e-4, per_decode_seq_s=1.0e-3,
                       per_context_token_s=4.0e-6, kv_blocks=4096, block_size=16, max_num_seqs=64,
-                      max_num_batched_tokens=2048, max_model_len=8192)
+                      max_num_batched_tokens=2048, max_model_len=8192, per_prefill_pair_s=2.0e-8)
+COEFS = ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s", "per_prefill_pair_s")
 
 
 def test_fit_recovers_exact_synthetic_points():
     raw = RawProfile(model="m", url="-", num_gpu_blocks=100)
     for n in (128, 512, 1024, 4000):
-        chunks = -(-n // TRUTH.max_num_batched_tokens)
-        raw.prefill.append(PrefillPoint(n, 0.003 + chunks * TRUTH.base_s + TRUTH.per_prefill_token_s * n))
+        raw.prefill.append(PrefillPoint(n, 0.003 + TRUTH.prefill_time(n)))
     for b in (1, 4, 16):
         for ctx in (100, 1000):
             c = b * (ctx + 16)
             raw.decode.append(DecodePoint(b, ctx, 32, TRUTH.step_time(0, b, c), c))
+    for n in (256, 1024):
+        step = TRUTH.step_time(n, 8, 8 * 600, chunk_pairs(0, n))
+        raw.mixed.append(MixedPoint(8, 512, n, step, TRUTH.step_time(0, 8, 8 * 600), 8 * 600))
     fit = fit_profile(raw, TRUTH.max_num_batched_tokens)
-    assert fit.base_s == pytest.approx(TRUTH.base_s, rel=1e-6)
-    assert fit.per_prefill_token_s == pytest.approx(TRUTH.per_prefill_token_s, rel=1e-6)
-    assert fit.per_decode_seq_s == pytest.approx(TRUTH.per_decode_seq_s, rel=1e-6)
-    assert fit.per_context_token_s == pytest.approx(TRUTH.per_context_token_s, rel=1e-6)
+    for k in COEFS:
+        assert getattr(fit, k) == pytest.approx(getattr(TRUTH, k), rel=1e-6), k
     assert fit.overhead_s == pytest.approx(0.003, rel=1e-6)
     assert fit.max_abs_error < 1e-9
+    # The older linear model cannot fit prompts whose attention cost is quadratic.
+    assert fit_profile(raw, TRUTH.max_num_batched_tokens, quadratic=False).max_abs_error > 0.01
+    # Raw measurements round-trip through JSON, mixed points included.
+    assert RawProfile.from_json(raw.to_json()) == raw
 
 
 def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
@@ -47,12 +52,14 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
             "profile-model", "m", "--url", emu.url, "--out", str(out), "--raw", str(raw),
             "--prompt-lengths", "256,1024,2048,3000", "--batches", "1,8,32", "--contexts", "128,512",
             "--output-tokens", "40", "--reps", "3", "--max-num-seqs", "64", "--max-num-batched-tokens", "2048",
+            "--mixed-batches", "16", "--mixed-contexts", "256", "--mixed-lengths", "256,1024",
             "--gpu", "emulated", "--sleep",
         ])
     assert res.exit_code == 0, res.output
     prof = yaml.safe_load(out.read_text())
-    for k in ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s"):
+    for k in COEFS:
         assert prof[k] == pytest.approx(getattr(TRUTH, k), rel=0.05), (k, prof[k])
+    assert prof["provenance"]["points"]["mixed"] == 2
     assert prof["kv_blocks"] == TRUTH.kv_blocks and prof["block_size"] == 16
     assert prof["max_model_len"] == TRUTH.max_model_len
     assert prof["provenance"]["gpu"] == "emulated" and "vllm" in prof["provenance"]["engine"]

@@ -45,14 +45,16 @@ def _wait_health(url: str, proc: subprocess.Popen | None, timeout_s: float) -> N
 
 
 async def _measure(url: str, model: str, prompt_lengths: list[int], batches: list[int], contexts: list[int],
-                   output_tokens: int, reps: int, sleep: bool, seed: int, budget: int, progress, raw) -> None:
+                   output_tokens: int, reps: int, sleep: bool, seed: int, budget: int, progress, raw,
+                   mixed_batches: list[int], mixed_lengths: list[int], mixed_contexts: list[int]) -> None:
     from qlmctl.profiling import Profiler
 
     prof = Profiler(url, model, seed=seed)
     try:
         await prof.capacity(raw)
         await prof.stream(16, 8)  # warm-up
-        total = len(prompt_lengths) + len(batches) * len(contexts) + (1 if sleep else 0)
+        total = (len(prompt_lengths) + len(batches) * len(contexts) + len(mixed_batches) * len(mixed_contexts)
+                 + (1 if sleep else 0))
         task = progress.add_task("profiling", total=total)
         for n in prompt_lengths:
             progress.update(task, description=f"prefill {n} tok")
@@ -62,6 +64,18 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
             for b in batches:
                 progress.update(task, description=f"decode B={b} ctx={ctx}")
                 raw.decode.append(await prof.decode_point(b, ctx, output_tokens, budget))
+                progress.advance(task)
+        kv_tokens = (raw.num_gpu_blocks or 0) * (raw.block_size or 16)
+        for ctx in mixed_contexts:
+            for b in mixed_batches:
+                progress.update(task, description=f"mixed B={b} ctx={ctx}")
+                # The decoders must outlast every window without filling the KV cache (no preemption).
+                room = min(int(0.8 * kv_tokens / b) if kv_tokens else 2000, (raw.max_model_len or 8192) - 1)
+                max_tokens = min(2000, room - ctx)
+                if max_tokens < 64:
+                    progress.console.print(f"[yellow]skipping mixed steps at B={b} ctx={ctx}: too little KV cache[/]")
+                else:
+                    raw.mixed.extend(await prof.mixed_points(b, ctx, mixed_lengths, max_tokens=max_tokens))
                 progress.advance(task)
         if sleep:
             progress.update(task, description="sleep / wake_up")
@@ -85,15 +99,21 @@ def profile_model(
     contexts: str = typer.Option("128,1024", help="Decode points: prompt length of each stream, tokens."),
     output_tokens: int = typer.Option(128, min=8, help="Decode steps measured per point (extra tokens in the long round)."),
     reps: int = typer.Option(3, min=1, help="Repetitions of each prefill point (median taken)."),
+    mixed: bool = typer.Option(True, "--mixed/--no-mixed", help="Also time steps that mix decodes with a prefill."),
+    mixed_batches: str = typer.Option("32,128,224", help="Mixed steps: decoding streams, each with a --mixed-context prompt."),
+    mixed_lengths: str = typer.Option("256,1024,2048", help="Mixed steps: prefill lengths injected, tokens."),
+    mixed_contexts: str = typer.Option("512,1536", help="Mixed steps: prompt length of the decoding streams, tokens."),
     max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile)."),
     max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens."),
     kv_blocks: Optional[int] = typer.Option(None, min=1, help="KV blocks, if the engine does not report them."),
     sleep: bool = typer.Option(False, "--sleep/--no-sleep", help="Also time POST /sleep and /wake_up (warm swap cost)."),
+    async_scheduling: bool = typer.Option(True, "--async-scheduling/--no-async-scheduling", help="Whether the engine schedules one step ahead, as vLLM 0.24 does by default (its log: 'Asynchronous scheduling is enabled'); recorded in the profile."),
+    load_cold_s: Optional[float] = typer.Option(None, min=0, help="Cold load time to record (launch to /health), s; measured when --launch starts the engine."),
     health_timeout_s: float = typer.Option(600.0, help="Wait at most this long for the engine's /health, s."),
     seed: int = typer.Option(0, help="Seed for the prompts' token ids."),
 ) -> None:
-    """Measure a vLLM engine (prefill vs prompt length, step time vs batch and context, KV capacity) and fit
-    the simulator's step-time model. Prints the fit and its error per point; writes the profile with its
+    """Measure a vLLM engine (prefill vs prompt length, step time vs batch and context, steps mixing decodes
+    with a prefill, KV capacity) and fit the simulator's step-time model. Prints the fit and its error per point; writes the profile with its
     provenance. Times in seconds."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -109,20 +129,34 @@ def profile_model(
                 raw = RawProfile.from_json(from_raw.read_text())
             except (OSError, ValueError, TypeError) as e:
                 raise UserError(f"cannot read raw measurements: {e}", from_raw) from None
+            # Older raw files predate these fields; the command line fills them in.
+            if raw.async_scheduling is None:
+                raw.async_scheduling = async_scheduling
+            if raw.launch_s is None:
+                raw.launch_s = load_cold_s
         else:
-            raw = RawProfile(model=model, url=url, meta={"gpu": gpu, "flags": flags})
+            raw = RawProfile(model=model, url=url, meta={"gpu": gpu, "flags": flags},
+                             async_scheduling=async_scheduling)
             pl, bs, cx = (_ints(prompt_lengths, "--prompt-lengths"), _ints(batches, "--batches"),
                           _ints(contexts, "--contexts"))
+            mb = _ints(mixed_batches, "--mixed-batches") if mixed else []
+            ml = _ints(mixed_lengths, "--mixed-lengths")
+            mc = _ints(mixed_contexts, "--mixed-contexts")
             proc = None
             if launch:
                 env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
                 proc = subprocess.Popen(shlex.split(launch), env=env, start_new_session=True)
             try:
+                t_launch = time.monotonic()
                 _wait_health(url, proc, health_timeout_s)
+                if proc is not None:
+                    raw.launch_s = time.monotonic() - t_launch
+                elif load_cold_s is not None:
+                    raw.launch_s = load_cold_s
                 with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                               TimeElapsedColumn(), console=console) as progress:
                     asyncio.run(_measure(url, model, pl, bs, cx, output_tokens, reps, sleep, seed,
-                                         max_num_batched_tokens, progress, raw))
+                                         max_num_batched_tokens, progress, raw, mb, ml, mc))
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted: keeping what was measured[/]")
             finally:
@@ -148,7 +182,7 @@ def profile_model(
     t = Table(title=f"step-time fit for {raw.model}")
     t.add_column("coefficient")
     t.add_column("value", justify="right")
-    for k in ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s"):
+    for k in ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s", "per_prefill_pair_s"):
         t.add_row(k, f"{prof[k]:.4g}")
     t.add_row("HTTP overhead (s)", f"{fit.overhead_s:.4g}")
     t.add_row("KV blocks", f"{prof['kv_blocks']:,}")
