@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import sys
+import time
 
 import httpx
 import openai
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qlmctl.live.gateway import Gateway
 from qlmctl.live.launcher import Launcher
-from qlmctl.live.prom import parse_vllm_metrics
+from qlmctl.live.prom import engine_totals_delta, parse_engine_totals, parse_vllm_metrics
 from qlmctl.live.testing import live_scenario_spec, local_emulators
 from qlmctl.scenario import Scenario, ScenarioSpec, load_scenario
 from simulator.profile import EngineProfile
@@ -187,6 +188,82 @@ def test_vllm_metrics_parser(one_engine):
     m = parse_vllm_metrics(page)
     assert (m.num_requests_running, m.num_requests_waiting, m.kv_cache_usage) == (5.0, 7.0, 0.25)
     assert (m.num_gpu_blocks, m.block_size) == (1234, 32)
+
+
+def test_engine_totals_sum_label_sets_take_both_counter_spellings_and_survive_a_restart():
+    page = (
+        '# TYPE vllm:request_queue_time_seconds histogram\n'
+        'vllm:request_queue_time_seconds_bucket{engine="0",le="0.3",model_name="x"} 2.0\n'
+        'vllm:request_queue_time_seconds_bucket{engine="0",le="+Inf",model_name="x"} 3.0\n'
+        'vllm:request_queue_time_seconds_count{engine="0",model_name="x"} 3.0\n'
+        'vllm:request_queue_time_seconds_sum{engine="0",model_name="x"} 1.5\n'
+        'vllm:request_queue_time_seconds_bucket{engine="1",le="0.3",model_name="x"} 1.0\n'
+        'vllm:request_queue_time_seconds_bucket{engine="1",le="+Inf",model_name="x"} 1.0\n'
+        'vllm:request_queue_time_seconds_count{engine="1",model_name="x"} 1.0\n'
+        'vllm:request_queue_time_seconds_sum{engine="1",model_name="x"} 0.1\n'
+        'vllm:request_queue_time_seconds_created{engine="1",model_name="x"} 1.7e9\n'
+        '# TYPE vllm:iteration_tokens_total histogram\n'
+        'vllm:iteration_tokens_total_bucket{le="1.0"} 4.0\n'
+        'vllm:iteration_tokens_total_bucket{le="+Inf"} 5.0\n'
+        'vllm:iteration_tokens_total_count 5.0\n'
+        'vllm:iteration_tokens_total_sum 40.0\n'
+        '# TYPE vllm:num_preemptions counter\n'      # typed: the parser's family name loses `_total`
+        'vllm:num_preemptions_total{engine="0"} 2.0\n'
+        'vllm:num_preemptions_total{engine="1"} 3.0\n'
+        'vllm:num_preemptions_created{engine="0"} 1.7e9\n'
+        'vllm:prompt_tokens_total 70.0\n'             # untyped: the name keeps it
+        'vllm:generation_tokens 9.0\n'
+        'vllm:request_prompt_tokens_sum 5.0\n'
+    )
+    t = parse_engine_totals(page)
+    q = t.histograms["vllm:request_queue_time_seconds"]
+    assert (q.count, q.sum, q.buckets) == (4.0, 1.6, {"0.3": 3.0, "+Inf": 4.0})
+    assert t.histograms["vllm:iteration_tokens_total"].count == 5.0
+    assert t.counters == {"vllm:num_preemptions": 5.0, "vllm:prompt_tokens": 70.0, "vllm:generation_tokens": 9.0}
+    assert set(t.histograms) == {"vllm:request_queue_time_seconds", "vllm:iteration_tokens_total"}
+
+    later = parse_engine_totals(page.replace(' 3.0\n', ' 13.0\n').replace('_sum{engine="0",model_name="x"} 1.5',
+                                                                            '_sum{engine="0",model_name="x"} 4.5'))
+    d = engine_totals_delta(t, later)
+    qd = d["vllm:request_queue_time_seconds"]
+    assert (qd["count"], qd["sum"], qd["buckets"]) == (10.0, pytest.approx(3.0), {"0.3": 0.0, "+Inf": 10.0})
+    assert qd["mean"] == pytest.approx(0.3)
+    assert d["vllm:iteration_tokens_total"] == {"count": 0.0, "sum": 0.0, "mean": None,
+                                                "buckets": {"1.0": 0.0, "+Inf": 0.0}}
+    assert d["vllm:num_preemptions"] == 10.0 and d["vllm:prompt_tokens"] == 0.0
+    # The engine restarted in between (its totals went down): the later totals are the change.
+    restarted = engine_totals_delta(later, t)
+    assert restarted["vllm:request_queue_time_seconds"]["count"] == 4.0 and restarted["vllm:num_preemptions"] == 5.0
+    json.dumps(d, allow_nan=False)
+
+
+@pytest.mark.asyncio
+async def test_loop_lag_is_small_when_idle_and_seen_when_the_loop_is_blocked(one_engine):
+    sc = scenario([("g0", "m", one_engine.url)], speedup=4)
+    async with Gateway(sc, "fcfs", port=0) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        lag = gw.loop_lag
+        await asyncio.sleep(0.5)
+        idle = lag.summary()
+        assert len(lag.samples) >= 10
+        assert idle["gateway_loop_lag_p50_ms"] < 10 and idle["gateway_loop_lag_max_ms"] < 150, idle
+
+        async def hog() -> None:
+            time.sleep(0.2)  # blocks the gateway's loop, as a slow callback would
+
+        await asyncio.ensure_future(hog())
+        await asyncio.sleep(1.6)  # the 1 s timeline windows of the block and of the quiet after it close
+        assert lag.max_s >= 0.15
+        assert lag.summary()["gateway_loop_lag_max_ms"] >= 150
+        timeline = [v for _, kind, iid, *_, v in gw.cluster.timeline if kind == "loop_lag"]
+        assert timeline and all(iid == -1 for _, kind, iid, *_ in gw.cluster.timeline if kind == "loop_lag")
+        assert max(timeline) >= 0.15 and min(timeline) < 0.15
+        text = (await c.get("/metrics")).text
+    samples = {(s.name, s.labels.get("le")): s.value for fam in text_string_to_metric_families(text)
+               for s in fam.samples if s.name.startswith("qlm_gateway_event_loop_lag_seconds")}
+    count = samples[("qlm_gateway_event_loop_lag_seconds_count", None)]
+    assert count >= 30
+    assert samples[("qlm_gateway_event_loop_lag_seconds_bucket", "0.1")] <= count - 1  # the blocked wake-up
+    assert samples[("qlm_gateway_event_loop_lag_seconds_bucket", "0.01")] >= count / 2  # most are prompt
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,6 +91,91 @@ async def test_mixed_trace_exact_and_qlm_beats_fcfs(tmp_path, engines):
     assert attainment["qlm"] >= 0.5 and attainment["fcfs"] <= 0.25, attainment
 
 
+@pytest.mark.asyncio
+async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_path, engines, monkeypatch):
+    trace = tmp_path / "small.csv"
+    mixed_trace(trace, n_batch=24, n_interactive=16, span_s=4.0, seed=1)
+    _, sc = live_scenario(tmp_path, engines, trace)
+    requests, _ = build_requests(sc)
+    n = len(requests)
+
+    async def not_here(*args, **kw):
+        raise AssertionError("the client ran in the gateway's process")
+
+    # The client process imports its own `replay`; this process's must not be the one that runs.
+    monkeypatch.setattr("qlmctl.live.replay.replay", not_here)
+    seen: list[tuple[int, int]] = []
+    run = await run_live(sc, "fcfs", requests, keep_text=True, progress=lambda d, total: seen.append((d, total)))
+
+    assert sorted(r.request_id for r in run.requests) == list(range(n))
+    for r, text, p in zip(run.requests, run.texts, run.replay.usage_prompt_tokens):
+        assert r.error is None, (r.request_id, r.error)
+        assert r.generated_tokens == r.output_tokens
+        assert text == expected_text(p, r.output_tokens), r.request_id
+        # Server-side times merged onto the client's clock, in order.
+        assert r.arrival_s <= r.dispatch_s <= r.first_token_s <= r.finish_s
+    assert run.replay.usage_tokens == [r.output_tokens for r in run.requests]
+    assert run.summary["completed"] == n
+    assert seen[-1] == (n, n) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+    # The gateway's timeline lines up with the client's clock (time.monotonic() in both processes).
+    span = run.replay.wall_s * SPEEDUP
+    times = [t for t, *_ in run.timeline]
+    assert min(times) > -5 * SPEEDUP and max(times) < span + 5 * SPEEDUP
+    lags = [v for _, kind, *_, v in run.timeline if kind == "loop_lag"]
+    assert len(lags) >= int(run.replay.wall_s) - 1
+    s = run.summary
+    assert 0 <= s["gateway_loop_lag_p50_ms"] <= s["gateway_loop_lag_p99_ms"] <= s["gateway_loop_lag_max_ms"]
+    assert max(lags) * 1e3 <= s["gateway_loop_lag_max_ms"] + 1e-9
+
+    em = s["engine_metrics"]
+    assert set(em) == {"g0", "g1"}
+    ttft = [em[g]["vllm:time_to_first_token_seconds"] for g in em]
+    assert sum(h["count"] for h in ttft) == n  # the module's engines served other tests before: deltas
+    assert sum(em[g]["vllm:e2e_request_latency_seconds"]["count"] for g in em) == n
+    assert sum(em[g]["vllm:generation_tokens"] for g in em) == sum(r.output_tokens for r in run.requests)
+    assert sum(em[g]["vllm:prompt_tokens"] for g in em) == sum(run.replay.usage_prompt_tokens)
+    for g, m in em.items():
+        t = m["vllm:time_to_first_token_seconds"]
+        if not t["count"]:
+            continue
+        assert t["buckets"]["+Inf"] == t["count"] and list(t["buckets"].values()) == sorted(t["buckets"].values())
+        q, pf = m["vllm:request_queue_time_seconds"], m["vllm:request_prefill_time_seconds"]
+        assert q["count"] == pf["count"] == m["vllm:request_decode_time_seconds"]["count"] == t["count"]
+        # The engine's TTFT is its queueing plus its prefill (vLLM adds its frontend's latency).
+        assert q["mean"] + pf["mean"] <= t["mean"] + 1e-3, (g, q["mean"], pf["mean"], t["mean"])
+        assert q["mean"] + pf["mean"] == pytest.approx(t["mean"], abs=2e-3)
+        inference = m["vllm:request_inference_time_seconds"]["mean"]
+        assert inference == pytest.approx(pf["mean"] + m["vllm:request_decode_time_seconds"]["mean"], rel=1e-6)
+    json.dumps(s, allow_nan=False)  # summary.json stays plain JSON
+
+
+@pytest.mark.asyncio
+async def test_engine_metrics_of_an_engine_that_does_not_answer_is_an_error_entry(engines):
+    from types import SimpleNamespace
+
+    from qlmctl.live.engine_client import EngineClient
+    from qlmctl.live.replay import _engine_deltas, _scrape_engines
+
+    def instance(name: str, urls: dict[str, str]) -> SimpleNamespace:
+        return SimpleNamespace(name=name, engines={m: SimpleNamespace(client=EngineClient(u)) for m, u in urls.items()})
+
+    # g1 shares its GPU between two models, one of which is on a port nobody listens on.
+    cluster = SimpleNamespace(instances=[instance("g0", {"m": engines[0].url}),
+                                         instance("g1", {"m": engines[1].url, "x": "http://127.0.0.1:9"})])
+    before = await _scrape_engines(cluster, timeout_s=2.0)
+    after = await _scrape_engines(cluster, timeout_s=2.0)
+    got = _engine_deltas(before, after)
+    assert set(got) == {"g0", "g1/m", "g1/x"}
+    assert list(got["g1/x"]) == ["error"] and got["g1/x"]["error"]
+    assert got["g0"]["vllm:time_to_first_token_seconds"]["count"] == 0  # nothing ran in between
+    assert got["g1/m"]["vllm:num_preemptions"] == 0
+    assert "vllm:iteration_tokens_total" not in got["g0"]  # not exported by the emulator: absent
+    for inst in cluster.instances:
+        for e in inst.engines.values():
+            await e.client.aclose()
+
+
 def test_serve_trace_cli_writes_results_like_simulate(tmp_path, engines):
     trace = tmp_path / "small.csv"
     mixed_trace(trace, n_batch=12, n_interactive=8, span_s=3.0)
@@ -104,7 +191,7 @@ def test_serve_trace_cli_writes_results_like_simulate(tmp_path, engines):
         assert len(frame) == 20 and frame["dispatch_s"].notna().all()
         assert (frame["generated_tokens"] == frame["output_tokens"]).all()
         timeline = read_timeline(out / policy)
-        assert timeline is not None and set(timeline["kind"]) <= {"queue_depth", "swap", "evict"}
+        assert timeline is not None and set(timeline["kind"]) <= {"queue_depth", "swap", "evict", "loop_lag"}
 
     # The standalone client against an engine directly (a gateway or vLLM alike).
     res = CliRunner().invoke(app, ["replay", str(trace), "-s", str(path), "--url", engines[0].url, "-l", "direct",

@@ -21,6 +21,7 @@ def serve(
     rate: Optional[float] = typer.Option(None, "--rate", min=0.0, help="Rescale arrivals to this mean rate, requests per scenario second."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the workload's random choices."),
     concurrency: int = typer.Option(1024, "--concurrency", min=1, help="Replay: most requests open at once (later ones are sent late)."),
+    client_process: bool = typer.Option(True, "--client-process/--in-process-client", help="Replay: run the client in a process of its own (default), or on the gateway's event loop."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Replay output folder; default results/<scenario name>."),
     log_dir: Optional[Path] = typer.Option(None, "--engine-logs", help="With --launch: folder for the engines' output (default: a temp folder)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every HTTP request."),
@@ -63,7 +64,8 @@ def serve(
 
         if drain_s is not None:
             sc.spec.live.drain_timeout_s = drain_s
-        asyncio.run(_main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log))
+        asyncio.run(_main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log,
+                          client_process))
     except UserError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -105,7 +107,8 @@ async def _unless_stopped(aw, stop) -> bool:
     return False
 
 
-async def _main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log) -> None:
+async def _main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log,
+                client_process=True) -> None:
     from qlmctl.cli import console
 
     stop = _stop_on_signals()
@@ -130,7 +133,7 @@ async def _main(sc, policies, launch, host, port, requests, concurrency, out, lo
         if requests is None:
             await _serve_forever(sc, policies[0], host, port, swap_control, access_log, stop)
         else:
-            await _replay_all(sc, policies, requests, swap_control, concurrency, out, stop)
+            await _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process)
     finally:
         if launcher is not None:
             await launcher.stop()
@@ -171,7 +174,7 @@ async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop)
         await gw.stop()
 
 
-async def _replay_all(sc, policies, requests, swap_control, concurrency, out, stop) -> None:
+async def _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process=True) -> None:
 
     from qlmctl.cli import console
     from qlmctl.errors import UserError
@@ -195,7 +198,8 @@ async def _replay_all(sc, policies, requests, swap_control, concurrency, out, st
             task = prog.add_task(name, total=len(requests))
             try:
                 run = await run_live(sc, name, requests, swap_control=swap_control, concurrency=concurrency,
-                                     progress=lambda done, total, t=task: prog.update(t, completed=done), stop=stop)
+                                     progress=lambda done, total, t=task: prog.update(t, completed=done), stop=stop,
+                                     client_process=client_process)
             except (ConnectionError, OSError) as e:
                 raise UserError(str(e)) from None
             save_live(run, sc, out_dir)  # also a run cut short by SIGTERM: what it did is in its results

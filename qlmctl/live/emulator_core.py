@@ -76,6 +76,8 @@ class EmuRequest:
     """Set when there is news: new tokens (streaming requests only), finish, abort, or error."""
     produced: int = 0
     """Output tokens produced so far, as last seen by the driver."""
+    scheduled_s: float | None = None
+    """Simulated time the engine first admitted it into its batch (vLLM's scheduled timestamp)."""
     first_token_s: float | None = None
     last_token_s: float = 0.0
     finish_s: float | None = None
@@ -98,6 +100,23 @@ class EmuRequest:
         return self.seq.prompt_tokens
 
 
+class _TimedEngine(Engine):
+    """An `Engine` that notes when each request is first admitted into the batch, for vLLM's queue, prefill
+    and inference time metrics.
+
+    The engine reports no such event (the simulator has no use for it), and admission happens inside a
+    step boundary that one `advance` call may pass several of, so the time is taken where the engine
+    pops its waiting queue: `_clock` is then the boundary being planned.
+    """
+
+    def _pop_waiting(self) -> Sequence:
+        q = super()._pop_waiting()
+        tag = q.tag
+        if isinstance(tag, EmuRequest) and tag.scheduled_s is None:  # the first time only, as vLLM
+            tag.scheduled_s = self._clock
+        return q
+
+
 class EmulatedEngine:
     """An `Engine` driven by the wall clock, with per-request notification and vLLM metrics."""
 
@@ -117,7 +136,7 @@ class EmulatedEngine:
                 f"max_model_len ({profile.max_model_len} tokens)"
             )
         self.profile = profile
-        self.engine = Engine(profile, policy=policy)
+        self.engine = _TimedEngine(profile, policy=policy)
         self.clock = Clock(speedup)
         self.stream_interval_s = stream_interval_s
         self.metrics = EmulatorMetrics(model_name, profile, self.gauges)
@@ -338,3 +357,10 @@ class EmulatedEngine:
         m.request_max_tokens.observe(req.max_tokens)
         if n > 1 and req.first_token_s is not None:
             m.request_tpot.observe(self.clock.wall(t - req.first_token_s) / (n - 1))
+        if req.scheduled_s is not None:
+            m.queue_time.observe(self.clock.wall(req.scheduled_s - req.arrival_s))
+            if req.first_token_s is not None:
+                last = req.last_token_s  # = t for a finished request
+                m.prefill_time.observe(self.clock.wall(req.first_token_s - req.scheduled_s))
+                m.decode_time.observe(self.clock.wall(last - req.first_token_s))
+                m.inference_time.observe(self.clock.wall(last - req.scheduled_s))

@@ -96,6 +96,13 @@ class EmulatorMetrics:
         self.itl = Hist(ITL_BUCKETS)
         self.e2e = Hist(LATENCY_BUCKETS)
         self.request_tpot = Hist(ITL_BUCKETS)
+        # vLLM V1's per-request phases, observed when a request ends: queue = first scheduled - arrival at
+        # the engine, prefill = first token - first scheduled, decode = last token - first token,
+        # inference = last token - first scheduled.
+        self.queue_time = Hist(LATENCY_BUCKETS)
+        self.prefill_time = Hist(LATENCY_BUCKETS)
+        self.decode_time = Hist(LATENCY_BUCKETS)
+        self.inference_time = Hist(LATENCY_BUCKETS)
         self.request_prompt_tokens = Hist(tok)
         self.request_generation_tokens = Hist(tok)
         self.request_max_tokens = Hist(tok)
@@ -166,6 +173,14 @@ class EmulatorMetrics:
         yield hist("vllm:request_time_per_output_token_seconds",
                    "Histogram of time_per_output_token_seconds per request.", self.request_tpot)
         yield hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", self.e2e)
+        yield hist("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
+                   self.queue_time)
+        yield hist("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
+                   self.inference_time)
+        yield hist("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
+                   self.prefill_time)
+        yield hist("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
+                   self.decode_time)
         yield hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", self.request_prompt_tokens)
         yield hist("vllm:request_generation_tokens", "Number of generation tokens processed.",
                    self.request_generation_tokens)

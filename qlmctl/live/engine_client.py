@@ -128,10 +128,14 @@ class EngineClient:
             raise EngineError(f"{method} {path} failed: {e or type(e).__name__}") from None
 
     async def metrics(self, timeout_s: float = 2.0) -> EngineMetrics:
+        return parse_vllm_metrics(await self.metrics_text(timeout_s))
+
+    async def metrics_text(self, timeout_s: float = 2.0) -> str:
+        """The engine's /metrics page (Prometheus text)."""
         status, body = await self._call("GET", "/metrics", timeout_s)
         if status != 200:
             raise EngineError(f"GET /metrics: engine answered {status}", status)
-        return parse_vllm_metrics(body.decode(errors="replace"))
+        return body.decode(errors="replace")
 
     async def health(self, timeout_s: float = 2.0) -> bool:
         try:

@@ -34,6 +34,7 @@ import orjson
 from qlmctl.core.request import Request
 from qlmctl.live.backend import LiveCluster, LiveRequest, SwapControl
 from qlmctl.live.limits import AdmissionMetrics, QueueLimits
+from qlmctl.live.looplag import LoopLagMonitor
 from qlmctl.live.openapi import openapi_document
 from qlmctl.live.prom import GatewayMetrics
 from qlmctl.live.relay import JSONSink, Relay, StreamSink, error_body, send_json
@@ -445,6 +446,9 @@ class Gateway:
                                    swap_control=swap_control, metrics=self.metrics, record=record)
         self.metrics.attach(self.cluster)
         self.app = GatewayApp(self)
+        self.loop_lag = LoopLagMonitor(observe=self.metrics.loop_lag.observe,
+                                       on_window=self._record_lag if record else None, keep=record)
+        """The event loop's lag while the gateway runs (/metrics; per second in the timeline when recording)."""
         self._access_log = access_log
         self._server: Any = None
         self._task: asyncio.Task | None = None
@@ -452,6 +456,9 @@ class Gateway:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def _record_lag(self, max_lag_s: float) -> None:
+        self.cluster.timeline.append((self.cluster.now(), "loop_lag", -1, "", "", max_lag_s))
 
     async def start(self, wait_healthy_s: float = 60.0) -> None:
         """Connect to the engines, then listen; returns once the server accepts connections."""
@@ -463,6 +470,7 @@ class Gateway:
         except BaseException:
             log.removeFilter(self._secret_filter)
             raise
+        self.loop_lag.start()
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="off",
                                 access_log=self._access_log, http="h11", loop="none",
                                 timeout_keep_alive=30, backlog=4096, timeout_graceful_shutdown=10)
@@ -470,6 +478,7 @@ class Gateway:
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._task.done():
+                await self.loop_lag.stop()
                 await self.cluster.stop()
                 exc = self._task.exception()
                 raise OSError(f"gateway could not listen on {self.host}:{self.port}: {exc or 'exited'}")
@@ -524,6 +533,7 @@ class Gateway:
             self._server.should_exit = True
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+        await self.loop_lag.stop()
         await self.cluster.stop()
         log.removeFilter(self._secret_filter)
 

@@ -4,6 +4,10 @@ Reading: a vLLM server's /metrics page is large (tens of KB of histograms) and i
 half second per engine, so it is scanned line by line for the few series the gateway needs rather
 than parsed in full (the full parser takes milliseconds, which would stall the event loop).
 
+Over a run: `parse_engine_totals` reads the cumulative vLLM histograms and counters that decompose an
+engine's latency (queue, prefill, decode, ...) with prometheus_client's full parser (only at the start and
+end of a live run), and `engine_totals_delta` takes their difference over the run.
+
 Exporting: one `CollectorRegistry` per gateway (no global state, so several gateways can live in one
 process, as in tests). Counters and histograms are updated as requests finish; queue depths and
 engine state are read from the live cluster at scrape time by a custom collector.
@@ -13,8 +17,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -30,6 +34,25 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
     1800.0, 3600.0, float("inf"),
 )
+# Event-loop lag buckets (s): a healthy loop lags well under a millisecond.
+LOOP_LAG_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, float("inf"),
+)
+
+RUN_HISTOGRAMS: tuple[str, ...] = (
+    "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:request_time_per_output_token_seconds",
+    "vllm:e2e_request_latency_seconds",
+    "vllm:request_queue_time_seconds",
+    "vllm:request_prefill_time_seconds",
+    "vllm:request_decode_time_seconds",
+    "vllm:request_inference_time_seconds",
+    "vllm:iteration_tokens_total",
+)
+"""vLLM histograms whose change over a live run `run_live` reports (the engine's latency decomposition)."""
+RUN_COUNTERS: tuple[str, ...] = ("vllm:num_preemptions", "vllm:prompt_tokens", "vllm:generation_tokens")
+"""vLLM counters whose change over a live run `run_live` reports (names without `_total`)."""
 
 
 @dataclass(slots=True)
@@ -85,6 +108,92 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
     return m
 
 
+@dataclass(slots=True)
+class HistogramTotals:
+    """One histogram's cumulative state, summed over its label sets."""
+
+    count: float = 0.0
+    sum: float = 0.0
+    buckets: dict[str, float] = field(default_factory=dict)
+    """Cumulative count per upper bound, keyed by the `le` label as the page spells it ("0.5", "+Inf")."""
+
+
+@dataclass(slots=True)
+class EngineTotals:
+    """The cumulative histograms and counters of one /metrics page that are present on it."""
+
+    histograms: dict[str, HistogramTotals] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+def parse_engine_totals(text: str, histograms: tuple[str, ...] = RUN_HISTOGRAMS,
+                        counters: tuple[str, ...] = RUN_COUNTERS) -> EngineTotals:
+    """Sum `histograms` and `counters` over their label sets (model_name, engine, ...) on a /metrics page.
+
+    Samples are matched by name, not by family, so that both spellings of a counter work: the parser
+    strips `_total` from a counter family's name when the page types it, and keeps it when the page does
+    not (and `vllm:iteration_tokens_total` is a histogram whose name ends in `_total`). Series that are
+    absent are absent from the result.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    roles: dict[str, tuple[str, str]] = {}
+    for h in histograms:
+        for suffix in ("_bucket", "_count", "_sum"):
+            roles[h + suffix] = (h, suffix)
+    for c in counters:
+        roles[c] = roles[c + "_total"] = (c, "")
+    out = EngineTotals()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            role = roles.get(s.name)
+            if role is None:
+                continue
+            name, suffix = role
+            if not suffix:
+                out.counters[name] = out.counters.get(name, 0.0) + s.value
+                continue
+            h = out.histograms.setdefault(name, HistogramTotals())
+            if suffix == "_count":
+                h.count += s.value
+            elif suffix == "_sum":
+                h.sum += s.value
+            elif "le" in s.labels:
+                le = s.labels["le"]
+                h.buckets[le] = h.buckets.get(le, 0.0) + s.value
+    return out
+
+
+def _bound(le: str) -> float:
+    try:
+        return float(le)
+    except ValueError:
+        return float("inf")
+
+
+def engine_totals_delta(before: EngineTotals, after: EngineTotals) -> dict[str, Any]:
+    """What changed between two scrapes of one engine, as plain JSON-serialisable values.
+
+    Returns {histogram: {"count", "sum", "mean" (None without observations), "buckets": {le: cumulative
+    count}}, counter: change}, for the series on the later page. A series that went down (the engine
+    restarted in between) counts from zero, as Prometheus' `increase` does.
+    """
+    out: dict[str, Any] = {}
+    for name, h in after.histograms.items():
+        b = before.histograms.get(name)
+        if b is None or h.count < b.count:
+            b = HistogramTotals()
+        count = h.count - b.count
+        total = h.sum - b.sum
+        les = sorted(h.buckets, key=_bound)
+        buckets = {le: h.buckets[le] - b.buckets.get(le, 0.0) for le in les}
+        out[name] = {"count": count, "sum": total, "mean": total / count if count > 0 else None, "buckets": buckets}
+    for name, v in after.counters.items():
+        prev = before.counters.get(name, 0.0)
+        out[name] = v - prev if v >= prev else v
+    return out
+
+
 class GatewayMetrics:
     """The gateway's Prometheus metrics, in a registry of its own."""
 
@@ -101,6 +210,10 @@ class GatewayMetrics:
                               ["slo_class"], buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("qlm_e2e_request_latency_seconds", "Gateway-side end-to-end latency, s.",
                              ["slo_class"], buckets=LATENCY_BUCKETS, registry=r)
+        self.loop_lag = Histogram("qlm_gateway_event_loop_lag_seconds",
+                                  "How much later than due the gateway's event loop ran a task that slept a "
+                                  "fixed interval, s (time spent on other work first).",
+                                  buckets=LOOP_LAG_BUCKETS, registry=r)
         self._children: dict[tuple[str, ...], object] = {}
 
     def attach(self, cluster: "LiveCluster") -> None:

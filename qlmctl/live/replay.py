@@ -7,23 +7,33 @@ Each request becomes a streamed /v1/completions call with a synthetic prompt of 
 TTFT from sending to the first token, ITL between successive token chunks, E2EL from sending to the
 end of the stream; they are scaled by `speedup` into scenario seconds.
 
-`run_live` does one policy's whole live run in this process: a gateway with that policy in front of
-the scenario's engines, the replay through it, and the same summary and result files as `simulate`.
+`run_live` does one policy's whole live run: a gateway with that policy in front of the scenario's
+engines, the replay through it, and the same summary and result files as `simulate`. The replay
+client runs in a process of its own (`replay_in_subprocess`) so that parsing hundreds of streams does
+not compete with the gateway for its event loop (vLLM's benchmark client is not in vLLM's process either).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import multiprocessing
+import pickle
+import signal
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from qlmctl.core.request import Request
 from qlmctl.live.http import HTTPError, Pool, sse_data
+
+if TYPE_CHECKING:  # the client process imports this module: it needs neither the gateway nor Prometheus
+    from qlmctl.live.prom import EngineTotals
 
 VOCAB = 32000
 """Synthetic prompt words are w0 .. w31999."""
@@ -198,6 +208,160 @@ def _message(raw: bytes) -> str:
         return raw[:200].decode(errors="replace")
 
 
+@dataclass(frozen=True)
+class _ClientJob:
+    """What the client process needs to run `replay` (pickled to it)."""
+
+    url: str
+    requests: list[Request]
+    speedup: float
+    concurrency: int
+    keep_text: bool
+    api_key: str | None
+
+
+PARENT_POLL_S = 0.05
+"""How often the client process looks for a stop request or a parent gone away."""
+
+
+def _client_main(job: _ClientJob, conn: Any, done: Any, stop_flag: Any) -> None:
+    """The client process: run the replay and send back ("ok", ReplayResult) or ("error", exception).
+
+    `done` is a shared integer the parent reads for progress; `stop_flag` a multiprocessing Event the
+    parent sets to stop sending.
+    """
+    # Ctrl-C reaches the whole process group; the parent decides what it means (drain, then stop).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        msg: tuple[str, Any] = ("ok", asyncio.run(_client_replay(job, done, stop_flag)))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+        msg = ("error", _portable(e))
+    with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
+        conn.send(msg)
+    conn.close()
+
+
+async def _client_replay(job: _ClientJob, done: Any, stop_flag: Any) -> ReplayResult:
+    stop = asyncio.Event()
+    if stop_flag.is_set():  # stopped while this process started: send nothing at all
+        stop.set()
+    parent = multiprocessing.parent_process()
+
+    async def watch() -> None:
+        # A stopped or vanished parent means: send nothing more (its gateway is draining, or gone).
+        while not stop_flag.is_set() and (parent is None or parent.is_alive()):
+            await asyncio.sleep(PARENT_POLL_S)
+        stop.set()
+
+    def progress(finished: int, total: int) -> None:
+        done.value = finished
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await replay(job.url, job.requests, speedup=job.speedup, concurrency=job.concurrency,
+                            progress=progress, keep_text=job.keep_text, api_key=job.api_key, stop=stop)
+    finally:
+        watcher.cancel()
+
+
+def _portable(e: BaseException) -> BaseException:
+    """`e` if it survives pickling, else a RuntimeError carrying its traceback."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError("the replay client failed:\n" + "".join(traceback.format_exception(e)))
+
+
+async def replay_in_subprocess(
+    url: str,
+    requests: Sequence[Request],
+    *,
+    speedup: float = 1.0,
+    concurrency: int = 1024,
+    progress: Callable[[int, int], None] | None = None,
+    keep_text: bool = False,
+    api_key: str | None = None,
+    stop: asyncio.Event | None = None,
+    progress_interval_s: float = 0.2,
+) -> ReplayResult:
+    """`replay` run in a separate (spawned) process; same arguments and result.
+
+    `progress` is called here, every `progress_interval_s` while the count changes. Setting `stop` stops
+    the client from sending (within `PARENT_POLL_S`). The result's `t0` is the child's `time.monotonic()`,
+    which is the same clock as this process's: CLOCK_MONOTONIC is system-wide on Linux (and macOS), so
+    `t0` still lines up with a gateway's clock in this process.
+
+    The client is a spawned process: it imports this module afresh (and the main module, so a script
+    that calls this needs the `if __name__ == "__main__":` guard).
+    """
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and a running loop
+    job = _ClientJob(url, list(requests), speedup, concurrency, keep_text, api_key)
+    done = ctx.RawValue("q", 0)  # written by the child only
+    stop_flag = ctx.Event()
+    reader, writer = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_client_main, args=(job, writer, done, stop_flag), name="qlmctl-replay-client",
+                       daemon=True)
+    n = len(job.requests)
+    forward = None
+    if stop is not None:
+        async def forward_stop() -> None:
+            await stop.wait()
+            stop_flag.set()
+
+        forward = asyncio.ensure_future(forward_stop())
+    try:
+        # Off the loop: spawning writes the pickled job to the child while it starts up (~0.1-1 s).
+        await asyncio.to_thread(proc.start)
+    except BaseException:
+        stop_flag.set()  # cancelled while it started: let it send nothing
+        reader.close()
+        writer.close()
+        if forward is not None:
+            forward.cancel()
+        raise
+    writer.close()  # the child holds the only write end now, so its exit ends `_receive`
+    result = asyncio.ensure_future(asyncio.to_thread(_receive, reader))
+    try:
+        last = -1
+        while True:
+            await asyncio.wait([result], timeout=progress_interval_s)
+            finished = done.value
+            if progress is not None and finished != last:
+                progress(finished, n)
+                last = finished
+            if result.done():
+                break
+        message = result.result()
+    except BaseException:
+        if proc.is_alive():
+            proc.terminate()  # interrupted here (a second Ctrl-C, a cancelled task): no orphan client
+        raise
+    finally:
+        if forward is not None:
+            forward.cancel()
+        await asyncio.to_thread(proc.join, 5.0)
+    if message is None:
+        raise RuntimeError(
+            f"the replay client process exited without a result (exit code {proc.exitcode}); a script that "
+            "calls this must guard its top level with `if __name__ == '__main__':` (multiprocessing's spawn "
+            "re-imports it in the client)")
+    kind, value = message
+    if kind == "error":
+        raise value
+    return value
+
+
+def _receive(conn: Any) -> tuple[str, Any] | None:
+    """The child's message, None if it sent none; closes `conn` (here: this thread may be reading it)."""
+    try:
+        return conn.recv()
+    except EOFError:
+        return None
+    finally:
+        conn.close()
+
+
 def merge_server_side(result: ReplayResult, server: dict[str, Request]) -> None:
     """Copy what only the gateway knows (queueing, placement, evictions) onto the client-side records.
 
@@ -239,10 +403,17 @@ async def run_live(
     keep_text: bool = False,
     wait_healthy_s: float = 60.0,
     stop: asyncio.Event | None = None,
+    client_process: bool = True,
 ) -> LiveRun:
     """Start a gateway with `policy` in front of the scenario's engines, replay `requests`, stop it.
 
     Once `stop` is set (SIGTERM), no more requests are sent and the gateway drains (`Gateway.drain`).
+    The client runs in a process of its own unless `client_process` is False (then it shares the
+    gateway's event loop: for tests that patch something in this process).
+
+    Besides `summarize`'s keys, the summary has the gateway's event-loop lag over the run
+    (`gateway_loop_lag_{p50,p99,max}_ms`) and `engine_metrics`: per engine, what its vLLM latency
+    histograms and counters (`prom.RUN_HISTOGRAMS`, `prom.RUN_COUNTERS`) gained during the run.
     """
     from qlmctl.live.gateway import Gateway
     from qlmctl.metrics import summarize
@@ -256,15 +427,19 @@ async def run_live(
             await gw.drain()
 
         draining = asyncio.ensure_future(drain_on_stop())
+    client = replay_in_subprocess if client_process else replay
     try:
-        res = await replay(gw.url, requests, speedup=gw.cluster.speedup, concurrency=concurrency,
+        before = await _scrape_engines(gw.cluster)
+        res = await client(gw.url, requests, speedup=gw.cluster.speedup, concurrency=concurrency,
                            progress=progress, keep_text=keep_text, api_key=gw.api_key, stop=stop)
+        after = await _scrape_engines(gw.cluster)
     finally:
         if draining is not None:
             draining.cancel()
         await gw.stop()
     cluster = gw.cluster
     merge_server_side(res, cluster.by_external)
+    # Both are time.monotonic(), also when the client ran in another process (a system-wide clock).
     shift = (res.t0 - cluster.t0) * cluster.speedup
     timeline = [(t - shift, *rest) for t, *rest in cluster.timeline]
     busy = {str(i["instance_id"]): i["busy_s"] for i in cluster.instance_stats()}
@@ -282,9 +457,48 @@ async def run_live(
             "engines": [e.url for inst in cluster.instances for e in inst.engines.values()],
             "schedule_calls": cluster.schedule_calls,
             "policy_stats": _policy_stats(gw.policy),
+            **gw.loop_lag.summary(),
+            "engine_metrics": _engine_deltas(before, after),
         },
     )
     return LiveRun(policy, res.requests, summary, timeline, res, res.texts)
+
+
+EngineKey = str
+"""An engine in `engine_metrics`: its instance's name, or "instance/model" on an instance with several."""
+
+
+async def _scrape_engines(cluster: Any, timeout_s: float = 5.0) -> dict[EngineKey, EngineTotals | str]:
+    """Every engine's cumulative vLLM latency histograms and counters; an error message where it failed."""
+    from qlmctl.live.prom import parse_engine_totals
+
+    keyed = [(inst.name if len(inst.engines) == 1 else f"{inst.name}/{model}", e)
+             for inst in cluster.instances for model, e in inst.engines.items()]
+
+    async def one(e: Any) -> EngineTotals | str:
+        try:
+            text = await e.client.metrics_text(timeout_s)
+            # The full parser takes milliseconds on a vLLM page: not on the gateway's loop.
+            return await asyncio.to_thread(parse_engine_totals, text)
+        except Exception as exc:  # noqa: BLE001 - a missing scrape is reported, never fatal
+            return f"{type(exc).__name__}: {exc}"
+
+    got = await asyncio.gather(*(one(e) for _, e in keyed))
+    return {key: value for (key, _), value in zip(keyed, got)}
+
+
+def _engine_deltas(before: dict[EngineKey, EngineTotals | str],
+                   after: dict[EngineKey, EngineTotals | str]) -> dict[EngineKey, dict[str, Any]]:
+    from qlmctl.live.prom import EngineTotals, engine_totals_delta
+
+    out: dict[EngineKey, dict[str, Any]] = {}
+    for key, end in after.items():
+        start = before.get(key, EngineTotals())
+        if isinstance(start, str) or isinstance(end, str):
+            out[key] = {"error": start if isinstance(start, str) else end}
+        else:
+            out[key] = engine_totals_delta(start, end)
+    return out
 
 
 def _policy_stats(policy: Any) -> dict[str, Any]:
