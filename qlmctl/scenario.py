@@ -39,8 +39,10 @@ class ProfileSpec(_Strict):
     mean_output_tokens: float = Field(default=256.0, gt=0)
     std_output_tokens: float = Field(default=256.0, ge=0)
     frontend_latency_s: float = Field(default=0.0, ge=0, description="client-visible latency added to TTFT, s")
+    frontend_per_stream_s: float = Field(default=0.0, ge=0, description="extra client-visible latency per stream relayed, s")
     async_scheduling: bool = Field(default=False, description="vLLM's asynchronous scheduling (new requests join one step later)")
     per_prefill_pair_s: float = Field(default=0.0, ge=0, description="prefill attention cost per (query, key) pair, s")
+    knee_tokens: int = Field(default=0, ge=0, description="tokens a step carries within base_s (memory-bound GEMMs)")
     provenance: dict[str, Any] | None = None
 
     def to_profile(self, model: str) -> EngineProfile:

@@ -87,8 +87,8 @@ class _Segment:
     decode: int
     ctx0: int
     end: float
-    pairs: float = 0.0
-    """Prefill attention pairs of each step (segments with a quadratic prefill cost are one step long)."""
+    fixed: float = 0.0
+    """Cost of each step apart from the decode context (which grows by `decode` tokens a step)."""
 
 
 @dataclass
@@ -267,8 +267,7 @@ class Engine:
     def _seg_time(self, seg: _Segment, n: int) -> float:
         p = self.profile
         assert p is not None
-        a = p.base_s + p.per_prefill_token_s * seg.prefill + p.per_decode_seq_s * seg.decode
-        a += p.per_context_token_s * seg.ctx0 + p.per_prefill_pair_s * seg.pairs
+        a = seg.fixed + p.per_context_token_s * seg.ctx0
         return n * a + p.per_context_token_s * seg.decode * n * (n - 1) / 2.0
 
     def _steps_done(self, seg: _Segment, dt: float) -> int:
@@ -277,8 +276,7 @@ class Engine:
             return 0
         p = self.profile
         assert p is not None
-        a = p.base_s + p.per_prefill_token_s * seg.prefill + p.per_decode_seq_s * seg.decode
-        a += p.per_context_token_s * seg.ctx0 + p.per_prefill_pair_s * seg.pairs
+        a = seg.fixed + p.per_context_token_s * seg.ctx0
         g = p.per_context_token_s * seg.decode / 2.0
         if g <= 0:
             k = int(dt / a)
@@ -543,7 +541,8 @@ class Engine:
                 # Each chunk of a long prompt sees more cached tokens than the last, so steps differ.
                 n = 1
                 pairs = self._prefill_pairs(prefill)
-            seg = _Segment(t0=t, n=int(n), prefill=prefill, decode=d, ctx0=self._ctx, end=0.0, pairs=pairs)
+            fixed = p.step_time(prefill, d, 0, pairs)
+            seg = _Segment(t0=t, n=int(n), prefill=prefill, decode=d, ctx0=self._ctx, end=0.0, fixed=fixed)
             seg.end = t + self._seg_time(seg, seg.n)
             self._seg = seg
             return

@@ -3,8 +3,13 @@
 Form of the step cost (seconds), for a step that computes P prefill tokens and D decode
 sequences whose KV context totals C tokens, where the prefill tokens attend to A (query, key) pairs:
 
-    step_time = base_s + per_prefill_token_s * P + per_decode_seq_s * D + per_context_token_s * C
-                + per_prefill_pair_s * A
+    step_time = base_s + per_prefill_token_s * P' + per_decode_seq_s * D + per_context_token_s * C
+                + per_prefill_pair_s * A,    P' = max(0, P - max(0, knee_tokens - D))
+
+`knee_tokens` is how many tokens a step carries before its GEMMs turn compute-bound: below it the step
+costs what reading the weights costs (in `base_s`), so the first prefill tokens that join a small decode
+batch are nearly free (measured on an H200: 256 prefill tokens add 3.7 ms to a 32-sequence decode step,
+but 2,048 add 44 ms). Decode sequences fill the knee first; `knee_tokens = 0` gives a plain linear model.
 
 A prefill chunk of n tokens of a sequence that already holds c tokens of KV has n * (c + (n + 1) / 2)
 pairs (causal attention: each new token sees the cached ones, the chunk's earlier ones and itself).
@@ -69,15 +74,30 @@ class EngineProfile:
     frontend_latency_s: float = 0.0
     """Fixed latency a client sees on top of the engine's steps (API server, tokenizer, HTTP), added to the
     first-token and finish times a client observes; `profile-model` fits it as the TTFT intercept."""
+    frontend_per_stream_s: float = 0.0
+    """Extra client-visible latency per stream the server is relaying: vLLM's API server is one Python
+    process that detokenises and formats every streamed token, so a new request's first token (and each
+    request's last) waits longer the more streams it serves. Measured by `profile-model` with probes."""
     per_prefill_pair_s: float = 0.0
     """Prefill attention: seconds per (query, key) pair that prefill tokens attend to (see module doc)."""
+    knee_tokens: int = 0
+    """Tokens a step carries within `base_s` (memory-bound GEMMs); prefill tokens beyond it cost
+    `per_prefill_token_s` each (see module doc)."""
+
+    def frontend_delay(self, streams: int) -> float:
+        """Client-visible latency outside the engine's steps while the server relays `streams` streams."""
+        return self.frontend_latency_s + self.frontend_per_stream_s * streams
+
+    def billed_prefill_tokens(self, prefill_tokens: int, decode_seqs: int) -> int:
+        """Prefill tokens that cost `per_prefill_token_s`: those beyond the knee left by the decodes."""
+        return max(0, prefill_tokens - max(0, self.knee_tokens - decode_seqs))
 
     def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int,
                   prefill_pairs: float = 0.0) -> float:
         """Seconds for one engine step of the given composition."""
         return (
             self.base_s
-            + self.per_prefill_token_s * prefill_tokens
+            + self.per_prefill_token_s * self.billed_prefill_tokens(prefill_tokens, decode_seqs)
             + self.per_decode_seq_s * decode_seqs
             + self.per_context_token_s * context_tokens
             + self.per_prefill_pair_s * prefill_pairs
@@ -94,9 +114,11 @@ class EngineProfile:
         if prompt_tokens <= 0:
             return 0.0
         budget = self.max_num_batched_tokens
-        steps = -(-prompt_tokens // budget)
+        full, last = divmod(prompt_tokens, budget)
+        billed = full * self.billed_prefill_tokens(budget, 0) + self.billed_prefill_tokens(last, 0)
+        steps = full + (1 if last else 0)
         pairs = prompt_pairs(prompt_tokens, budget) if self.per_prefill_pair_s else 0.0
-        return steps * self.base_s + self.per_prefill_token_s * prompt_tokens + self.per_prefill_pair_s * pairs
+        return steps * self.base_s + self.per_prefill_token_s * billed + self.per_prefill_pair_s * pairs
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
