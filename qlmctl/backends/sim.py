@@ -86,11 +86,11 @@ class SimInstance:
     def profile_for(self, model: str) -> EngineProfile | None:
         return self._profiles.get(model)
 
-    @property
-    def frontend_latency_s(self) -> float:
-        """What a client sees on top of the engine's time (from the profile of the model loaded)."""
+    def frontend_delay(self) -> float:
+        """What a client sees on top of the engine's time now (profile of the model loaded; it grows with the
+        streams the server relays)."""
         prof = self.engine.profile
-        return prof.frontend_latency_s if prof is not None else 0.0
+        return prof.frontend_delay(self.engine.num_running) if prof is not None else 0.0
 
     def load_time(self, model: str) -> float:
         prof = self._profiles.get(model)
@@ -297,7 +297,7 @@ class SimulatedCluster:
             if kind is OutputKind.FINISHED:
                 seq = o.seq
                 r: Request = seq.tag
-                r.finish_s = o.time + inst.frontend_latency_s
+                r.finish_s = o.time + inst.frontend_delay()
                 r.generated_tokens = seq.generated
                 del inst.requests[r.request_id]
                 del self._seqs[r.request_id]
@@ -306,7 +306,7 @@ class SimulatedCluster:
             elif kind is OutputKind.FIRST_TOKEN:
                 r = o.seq.tag
                 if r.first_token_s is None:
-                    r.first_token_s = o.time + inst.frontend_latency_s
+                    r.first_token_s = o.time + inst.frontend_delay()
                 policy.on_first_token(r, o.time)
             elif kind is OutputKind.PREEMPTED:
                 o.seq.tag.num_preemptions += 1
