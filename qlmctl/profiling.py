@@ -13,10 +13,12 @@ Measurements (all through the OpenAI completions API, token-id prompts so length
 - capacity: `vllm:cache_config_info{num_gpu_blocks, block_size}` from /metrics;
 - optionally the sleep (level 1) and wake-up times, i.e. the warm model-swap cost.
 
-The fit is a non-negative least squares on relative error over every point (A = attention pairs):
+The fit is a non-negative least squares on relative error over every point (A = attention pairs,
+L' = prefill tokens beyond the knee, see simulator.profile):
     decode point:  itl  = base + b*D + c*C
-    prefill point: ttft = overhead + ceil(L/budget)*base + a*L + q*A(L)
-    mixed point:   step = base + a*L + q*A(L) + b*D + c*C
+    prefill point: ttft = overhead + ceil(L/budget)*base + a*L' + q*A(L)
+    mixed point:   step = base + a*L' + q*A(L) + b*D + c*C
+With mixed points the knee is chosen (0 to 512 tokens) for the least mean error; without them it is 0.
 """
 
 from __future__ import annotations
@@ -70,6 +72,17 @@ class MixedPoint:
 
 
 @dataclass
+class FrontendPoint:
+    streams: int
+    """Streaming decodes the server was relaying while the probes ran."""
+    step_s: float
+    """The engine's decode step meanwhile (its inter-token latency)."""
+    ttft_s: float
+    """Median TTFT of the probes (prefill-only requests of `probe_tokens`)."""
+    probe_tokens: int
+
+
+@dataclass
 class RawProfile:
     """Everything measured, kept so fitting can be redone off the GPU."""
 
@@ -78,6 +91,7 @@ class RawProfile:
     prefill: list[PrefillPoint] = field(default_factory=list)
     decode: list[DecodePoint] = field(default_factory=list)
     mixed: list[MixedPoint] = field(default_factory=list)
+    frontend: list[FrontendPoint] = field(default_factory=list)
     num_gpu_blocks: int | None = None
     block_size: int | None = None
     max_model_len: int | None = None
@@ -99,6 +113,7 @@ class RawProfile:
         d["prefill"] = [PrefillPoint(**p) for p in d.get("prefill", [])]
         d["decode"] = [DecodePoint(**p) for p in d.get("decode", [])]
         d["mixed"] = [MixedPoint(**p) for p in d.get("mixed", [])]
+        d["frontend"] = [FrontendPoint(**p) for p in d.get("frontend", [])]
         return cls(**d)
 
 
@@ -109,9 +124,13 @@ class Fit:
     per_decode_seq_s: float
     per_context_token_s: float
     per_prefill_pair_s: float
+    knee_tokens: int
     overhead_s: float
     errors: list[tuple[str, float, float, float]]
     """(point label, measured s, fitted s, relative error)."""
+    frontend_per_stream_s: float = 0.0
+    frontend_errors: list[tuple[str, float, float, float]] = field(default_factory=list)
+    """Probe TTFTs under streaming load: measured, modelled (engine + frontend), relative error."""
 
     @property
     def mean_abs_error(self) -> float:
@@ -122,12 +141,57 @@ class Fit:
         return float(max(abs(e[3]) for e in self.errors)) if self.errors else 0.0
 
 
-def fit_profile(raw: RawProfile, max_num_batched_tokens: int, quadratic: bool = True) -> Fit:
+KNEES = range(0, 513, 16)
+
+
+def fit_profile(raw: RawProfile, max_num_batched_tokens: int, quadratic: bool = True,
+                knee: int | None = None) -> Fit:
     """Fit the step-time coefficients to the raw measurements (see module docstring).
 
-    `quadratic=False` leaves out the prefill-attention term (the older, purely linear model)."""
+    `quadratic=False` leaves out the prefill-attention term; `knee` fixes the knee instead of searching."""
+    knees = [knee] if knee is not None else (list(KNEES) if raw.mixed else [0])
+    fits = [_fit_at(raw, max_num_batched_tokens, quadratic, k) for k in knees]
+    best = min(fits, key=lambda f: f.mean_abs_error)
+    if raw.frontend:
+        _fit_frontend(raw, best, max_num_batched_tokens)
+    return best
+
+
+def _fit_frontend(raw: RawProfile, fit: Fit, budget: int) -> None:
+    """Frontend delay per stream relayed: probe TTFT = engine part + overhead + k * streams (least squares
+    through the fitted overhead). The engine part of a probe joining `streams` decodes is half a step
+    (it lands mid-step), one more step with asynchronous scheduling, then its own mixed step."""
+    from simulator.profile import EngineProfile
+
+    prof = EngineProfile(model="", base_s=fit.base_s, per_prefill_token_s=fit.per_prefill_token_s,
+                         per_decode_seq_s=fit.per_decode_seq_s, per_context_token_s=fit.per_context_token_s,
+                         kv_blocks=1, max_num_batched_tokens=budget, per_prefill_pair_s=fit.per_prefill_pair_s,
+                         knee_tokens=fit.knee_tokens)
+    lag = 1.5 if raw.async_scheduling is not False else 0.5
+    rows = []
+    for p in raw.frontend:
+        if p.streams == 0 or p.step_s <= 0:
+            engine = prof.prefill_time(p.probe_tokens)
+        else:
+            extra = prof.step_time(p.probe_tokens, p.streams, 0, chunk_pairs(0, p.probe_tokens))
+            extra -= prof.step_time(0, p.streams, 0)
+            engine = lag * p.step_s + p.step_s + extra
+        rows.append((p, engine))
+    num = sum(p.streams * (p.ttft_s - engine - fit.overhead_s) for p, engine in rows)
+    den = sum(p.streams ** 2 for p, _ in rows)
+    fit.frontend_per_stream_s = max(0.0, num / den) if den else 0.0
+    for p, engine in rows:
+        model = engine + fit.overhead_s + fit.frontend_per_stream_s * p.streams
+        fit.frontend_errors.append((f"probe with {p.streams} streams", p.ttft_s, model, (model - p.ttft_s) / p.ttft_s))
+
+
+def _fit_at(raw: RawProfile, budget: int, quadratic: bool, knee: int) -> Fit:
     from scipy.optimize import nnls
 
+    from simulator.profile import EngineProfile
+
+    shape = EngineProfile(model="", base_s=1.0, per_prefill_token_s=0.0, per_decode_seq_s=0.0,
+                          per_context_token_s=0.0, kv_blocks=1, max_num_batched_tokens=budget, knee_tokens=knee)
     rows: list[list[float]] = []
     ys: list[float] = []
     labels: list[str] = []
@@ -137,16 +201,19 @@ def fit_profile(raw: RawProfile, max_num_batched_tokens: int, quadratic: bool = 
         ys.append(p.itl_s)
         labels.append(f"decode B={p.batch} ctx={p.prompt_tokens}")
     for p in raw.prefill:
-        chunks = math.ceil(p.prompt_tokens / max_num_batched_tokens)
-        pairs = prompt_pairs(p.prompt_tokens, max_num_batched_tokens)
-        rows.append([float(chunks), float(p.prompt_tokens), 0.0, 0.0, pairs, 1.0])
+        full, last = divmod(p.prompt_tokens, budget)
+        chunks = full + (1 if last else 0)
+        billed = full * shape.billed_prefill_tokens(budget, 0) + shape.billed_prefill_tokens(last, 0)
+        pairs = prompt_pairs(p.prompt_tokens, budget)
+        rows.append([float(chunks), float(billed), 0.0, 0.0, pairs, 1.0])
         ys.append(p.ttft_s)
         labels.append(f"prefill L={p.prompt_tokens}")
     for p in raw.mixed:
-        rows.append([1.0, float(p.prefill_tokens), float(p.batch), float(p.context_tokens),
+        billed = shape.billed_prefill_tokens(p.prefill_tokens, p.batch)
+        rows.append([1.0, float(billed), float(p.batch), float(p.context_tokens),
                      chunk_pairs(0, p.prefill_tokens), 0.0])
         ys.append(p.step_s)
-        labels.append(f"mixed B={p.batch} L={p.prefill_tokens}")
+        labels.append(f"mixed B={p.batch} ctx={p.prompt_tokens} L={p.prefill_tokens}")
     cols = 6 if quadratic else 5
     if not quadratic:
         rows = [r[:4] + r[5:] for r in rows]
@@ -169,6 +236,7 @@ def fit_profile(raw: RawProfile, max_num_batched_tokens: int, quadratic: bool = 
         per_decode_seq_s=float(coef[2]),
         per_context_token_s=float(coef[3]),
         per_prefill_pair_s=float(coef[4]),
+        knee_tokens=knee,
         overhead_s=float(coef[5]),
         errors=errors,
     )
@@ -186,12 +254,15 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         "per_decode_seq_s": float(f"{fit.per_decode_seq_s:.4g}"),
         "per_context_token_s": float(f"{fit.per_context_token_s:.4g}"),
         "per_prefill_pair_s": float(f"{fit.per_prefill_pair_s:.4g}"),
+        "knee_tokens": fit.knee_tokens,
         "kv_blocks": int(blocks),
         "block_size": int(raw.block_size or 16),
         "max_num_seqs": max_num_seqs,
         "max_num_batched_tokens": max_num_batched_tokens,
     }
     out["frontend_latency_s"] = round(fit.overhead_s, 6)
+    if raw.frontend:
+        out["frontend_per_stream_s"] = float(f"{fit.frontend_per_stream_s:.4g}")
     if raw.max_model_len:
         out["max_model_len"] = int(raw.max_model_len)
     if raw.async_scheduling is not None:
@@ -211,7 +282,8 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         "fit_mean_abs_rel_error": round(fit.mean_abs_error, 4),
         "fit_max_abs_rel_error": round(fit.max_abs_error, 4),
         "sleep_s": raw.sleep_s,
-        "points": {"prefill": len(raw.prefill), "decode": len(raw.decode), "mixed": len(raw.mixed)},
+        "points": {"prefill": len(raw.prefill), "decode": len(raw.decode), "mixed": len(raw.mixed),
+                   "frontend": len(raw.frontend)},
     }
     return out
 
@@ -226,6 +298,8 @@ class Profiler:
         self.url = url.rstrip("/")
         self.model = model
         self.rng = np.random.default_rng(seed)
+        self.skipped: list[str] = []
+        """Points measured but not kept, with the reason."""
         # Keep-alive shorter than uvicorn's 5 s idle timeout, so a reused connection is never one the
         # server is closing (that race surfaces as ReadError under hundreds of concurrent requests).
         self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout_s,
@@ -330,12 +404,21 @@ class Profiler:
         of them are pure decodes, timed by the windows around it, and the rest is the mixed steps."""
         if await self.itl_totals() is None:
             raise RuntimeError("mixed-step timing needs the engine's vllm:inter_token_latency_seconds")
+        prompted = await self.counter("vllm:prompt_tokens")
         start = await self.itl_totals()
         decoders = [asyncio.create_task(self.complete(prompt_tokens, max_tokens)) for _ in range(batch)]
         points: list[MixedPoint] = []
         try:
-            # Let every decoder get through its prefill (chunked prefill staggers them).
-            await asyncio.sleep(max(0.3, 4 * window_s))
+            # Every decoder must be through its prefill (chunked prefill staggers them over many steps)
+            # before a window counts as pure decode: wait for the engine's prompt-token counter.
+            if prompted is not None:
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < 120.0:
+                    now = await self.counter("vllm:prompt_tokens")
+                    if now is not None and now - prompted >= batch * prompt_tokens:
+                        break
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(max(0.3, 2 * window_s))
 
             async def window(length: int | None) -> tuple[float, float, float]:
                 before = await self.itl_totals()
@@ -356,6 +439,13 @@ class Profiler:
             for length in lengths:
                 isum, icount, steps_mid = await window(length)
                 psum, pcount, _ = await window(None)
+                before, after = dsum / dcount, psum / pcount
+                if abs(after - before) > 0.15 * before:
+                    # The decode batch changed under the window (a straggling prefill, a preemption).
+                    self.skipped.append(f"mixed B={batch} ctx={prompt_tokens} L={length}: decode step "
+                                        f"{before * 1e3:.2f} ms before, {after * 1e3:.2f} ms after")
+                    dsum, dcount = psum, pcount
+                    continue
                 t_dec = (dsum + psum) / (dcount + pcount)
                 steps = icount / batch
                 mixed = (isum / batch - (steps - inject) * t_dec) / inject
@@ -369,6 +459,67 @@ class Profiler:
             await self.wait_idle()
         return points
 
+    async def frontend_point(self, streams: int, prompt_tokens: int, probe_tokens: int = 128, probes: int = 20,
+                             max_tokens: int = 2000) -> FrontendPoint:
+        """TTFT of short probes while the server streams `streams` decodes to clients.
+
+        A server process that relays hundreds of streams (detokenising, formatting each chunk) is slower to
+        take in a new request and to hand back its first token; the probes time that against the engine's
+        own step (`vllm:inter_token_latency_seconds`). The streams are read raw (not parsed) so the client
+        here stays light."""
+        prompted = await self.counter("vllm:prompt_tokens")
+        loads = [asyncio.create_task(self._raw_stream(prompt_tokens, max_tokens)) for _ in range(streams)]
+        try:
+            if streams and prompted is not None:
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < 120.0:
+                    now = await self.counter("vllm:prompt_tokens")
+                    if now is not None and now - prompted >= streams * prompt_tokens:
+                        break
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            before = await self.itl_totals()
+            ttfts = []
+            for _ in range(probes):
+                ttft, _ = await self.stream(probe_tokens, 1)
+                ttfts.append(ttft)
+                await asyncio.sleep(float(self.rng.uniform(0.0, 0.02)))  # land at random points of a step
+            after = await self.itl_totals()
+            for t in loads:
+                if t.done():
+                    err = t.exception()
+                    raise RuntimeError(f"a load stream ended early with {streams} streams: {err or 'finished'}")
+        finally:
+            for t in loads:
+                t.cancel()
+            await asyncio.gather(*loads, return_exceptions=True)
+            await self.wait_idle()
+        step = 0.0
+        if before is not None and after is not None and after[1] > before[1]:
+            step = (after[0] - before[0]) / (after[1] - before[1])
+        return FrontendPoint(streams, float(step), float(statistics.median(ttfts)), probe_tokens)
+
+    async def _raw_stream(self, prompt_tokens: int, max_tokens: int) -> None:
+        """A streamed completion whose bytes are read and dropped (load, not measurement)."""
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.url)
+        body = json.dumps({"model": self.model, "prompt": self._prompt(prompt_tokens), "max_tokens": max_tokens,
+                           "temperature": 0.0, "ignore_eos": True, "stream": True}).encode()
+        reader, writer = await asyncio.open_connection(u.hostname, u.port or 80)
+        try:
+            writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json"
+                         f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+            status = await reader.readline()
+            if b" 200 " not in status:
+                raise RuntimeError(f"engine answered {status.decode(errors='replace').strip()!r}: "
+                                   f"{(await reader.read(300)).decode(errors='replace')}")
+            while await reader.read(1 << 16):
+                pass
+        finally:
+            writer.close()
+
     async def wait_idle(self, timeout_s: float = 30.0) -> None:
         """Wait until the engine reports no running or waiting request (after aborting the decoders)."""
         from qlmctl.live.prom import parse_vllm_metrics
@@ -380,6 +531,22 @@ class Profiler:
             if m.num_requests_running + m.num_requests_waiting == 0:
                 return
             await asyncio.sleep(0.2)
+
+    async def counter(self, name: str) -> float | None:
+        """A counter of the engine's /metrics (summed over labels; `_total` suffix optional), if present."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        resp = await self.client.get("/metrics")
+        if resp.status_code != 200:
+            return None
+        base = name.removesuffix("_total")
+        total = None
+        for fam in text_string_to_metric_families(resp.text):
+            if fam.name == base:
+                for smp in fam.samples:
+                    if smp.name in (base, base + "_total"):
+                        total = (total or 0.0) + smp.value
+        return total
 
     async def itl_totals(self) -> tuple[float, float] | None:
         """(sum s, count) of the engine's `vllm:inter_token_latency_seconds` histogram, if it has one."""

@@ -15,7 +15,7 @@ from simulator.profile import EngineProfile, chunk_pairs
 
 TRUTH = EngineProfile(model="m", base_s=0.02, per_prefill_token_s=1.5e-4, per_decode_seq_s=1.0e-3,
                       per_context_token_s=4.0e-6, kv_blocks=4096, block_size=16, max_num_seqs=64,
-                      max_num_batched_tokens=2048, max_model_len=8192, per_prefill_pair_s=2.0e-8)
+                      max_num_batched_tokens=2048, max_model_len=8192, per_prefill_pair_s=5.0e-8)
 COEFS = ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s", "per_prefill_pair_s")
 
 
@@ -53,6 +53,7 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
             "--prompt-lengths", "256,1024,2048,3000", "--batches", "1,8,32", "--contexts", "128,512",
             "--output-tokens", "40", "--reps", "3", "--max-num-seqs", "64", "--max-num-batched-tokens", "2048",
             "--mixed-batches", "16", "--mixed-contexts", "256", "--mixed-lengths", "256,1024",
+            "--frontend-streams", "0,16,32", "--no-async-scheduling",
             "--gpu", "emulated", "--sleep",
         ])
     assert res.exit_code == 0, res.output
@@ -60,6 +61,11 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     for k in COEFS:
         assert prof[k] == pytest.approx(getattr(TRUTH, k), rel=0.05), (k, prof[k])
     assert prof["provenance"]["points"]["mixed"] == 2
+    # The emulator relays streams at no extra cost, so the probes' TTFTs are the engine's alone: the
+    # frontend term must explain under a third of a step at 32 streams (on an H200 it is about ten).
+    assert prof["provenance"]["points"]["frontend"] == 3
+    step32 = TRUTH.step_time(0, 32, 32 * 600)
+    assert prof["frontend_per_stream_s"] * 32 < step32 / 3
     assert prof["kv_blocks"] == TRUTH.kv_blocks and prof["block_size"] == 16
     assert prof["max_model_len"] == TRUTH.max_model_len
     assert prof["provenance"]["gpu"] == "emulated" and "vllm" in prof["provenance"]["engine"]

@@ -46,7 +46,8 @@ def _wait_health(url: str, proc: subprocess.Popen | None, timeout_s: float) -> N
 
 async def _measure(url: str, model: str, prompt_lengths: list[int], batches: list[int], contexts: list[int],
                    output_tokens: int, reps: int, sleep: bool, seed: int, budget: int, progress, raw,
-                   mixed_batches: list[int], mixed_lengths: list[int], mixed_contexts: list[int]) -> None:
+                   mixed_batches: list[int], mixed_lengths: list[int], mixed_contexts: list[int],
+                   frontend_streams: list[int]) -> None:
     from qlmctl.profiling import Profiler
 
     prof = Profiler(url, model, seed=seed)
@@ -54,7 +55,7 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
         await prof.capacity(raw)
         await prof.stream(16, 8)  # warm-up
         total = (len(prompt_lengths) + len(batches) * len(contexts) + len(mixed_batches) * len(mixed_contexts)
-                 + (1 if sleep else 0))
+                 + len(frontend_streams) + (1 if sleep else 0))
         task = progress.add_task("profiling", total=total)
         for n in prompt_lengths:
             progress.update(task, description=f"prefill {n} tok")
@@ -77,6 +78,20 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
                 else:
                     raw.mixed.extend(await prof.mixed_points(b, ctx, mixed_lengths, max_tokens=max_tokens))
                 progress.advance(task)
+        for n in frontend_streams:
+            progress.update(task, description=f"frontend, {n} streams")
+            room = min(int(0.8 * kv_tokens / max(1, n)) if kv_tokens else 2000, (raw.max_model_len or 8192) - 1)
+            if n and room - 512 < 64:
+                progress.console.print(f"[yellow]skipping the frontend probe with {n} streams: too little KV cache[/]")
+            else:
+                try:
+                    raw.frontend.append(await prof.frontend_point(n, 512, max_tokens=min(2000, room - 512)))
+                except RuntimeError as e:  # keep everything else measured; say why this point is missing
+                    prof.skipped.append(f"frontend probe with {n} streams: {e}")
+            progress.advance(task)
+        for why in prof.skipped:
+            progress.console.print(f"[yellow]not kept:[/] {why}")
+        raw.meta.setdefault("skipped", []).extend(prof.skipped)
         if sleep:
             progress.update(task, description="sleep / wake_up")
             await prof.sleep_wake(raw)
@@ -102,6 +117,8 @@ def profile_model(
     mixed: bool = typer.Option(True, "--mixed/--no-mixed", help="Also time steps that mix decodes with a prefill."),
     mixed_batches: str = typer.Option("32,128,224", help="Mixed steps: decoding streams, each with a --mixed-context prompt."),
     mixed_lengths: str = typer.Option("256,1024,2048", help="Mixed steps: prefill lengths injected, tokens."),
+    frontend: bool = typer.Option(True, "--frontend/--no-frontend", help="Also time short probes while the server streams to many clients."),
+    frontend_streams: str = typer.Option("0,64,128,256", help="Frontend probes: concurrent streams relayed, each with a 512-token prompt."),
     mixed_contexts: str = typer.Option("512,1536", help="Mixed steps: prompt length of the decoding streams, tokens."),
     max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile)."),
     max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens."),
@@ -142,6 +159,13 @@ def profile_model(
             mb = _ints(mixed_batches, "--mixed-batches") if mixed else []
             ml = _ints(mixed_lengths, "--mixed-lengths")
             mc = _ints(mixed_contexts, "--mixed-contexts")
+            try:
+                fs = [int(x) for x in frontend_streams.split(",") if x.strip()] if frontend else []
+            except ValueError:
+                raise UserError(f"expected comma-separated integers, got '{frontend_streams}'",
+                                field="--frontend-streams") from None
+            if any(x < 0 for x in fs):
+                raise UserError("expected non-negative integers", field="--frontend-streams")
             proc = None
             if launch:
                 env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
@@ -156,7 +180,7 @@ def profile_model(
                 with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                               TimeElapsedColumn(), console=console) as progress:
                     asyncio.run(_measure(url, model, pl, bs, cx, output_tokens, reps, sleep, seed,
-                                         max_num_batched_tokens, progress, raw, mb, ml, mc))
+                                         max_num_batched_tokens, progress, raw, mb, ml, mc, fs))
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted: keeping what was measured[/]")
             finally:
@@ -182,15 +206,18 @@ def profile_model(
     t = Table(title=f"step-time fit for {raw.model}")
     t.add_column("coefficient")
     t.add_column("value", justify="right")
-    for k in ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s", "per_prefill_pair_s"):
+    for k in ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s", "per_prefill_pair_s",
+              "knee_tokens"):
         t.add_row(k, f"{prof[k]:.4g}")
     t.add_row("HTTP overhead (s)", f"{fit.overhead_s:.4g}")
+    if raw.frontend:
+        t.add_row("frontend per stream (s)", f"{fit.frontend_per_stream_s:.4g}")
     t.add_row("KV blocks", f"{prof['kv_blocks']:,}")
     console.print(t)
     e = Table(title=f"fit error per point (mean |err| {fit.mean_abs_error:.1%}, max {fit.max_abs_error:.1%})")
     for c in ("point", "measured (ms)", "fitted (ms)", "error"):
         e.add_column(c, justify="right" if c != "point" else "left")
-    for lab, m, f, err in fit.errors:
+    for lab, m, f, err in fit.errors + fit.frontend_errors:
         e.add_row(lab, f"{m * 1e3:.2f}", f"{f * 1e3:.2f}", f"{err:+.1%}")
     console.print(e)
     if out is not None:
