@@ -1,20 +1,28 @@
 #!/bin/bash
-# One device call: profile a Llama-3.1-8B and a Llama-3.2-3B shape (dummy weights) on the H200 with real vLLM.
+# One device call: profile a Llama-3.1-8B shape (dummy weights) on the H200 with real vLLM: prefill, decode
+# and mixed steps. Leaves the server up (prefix caching off) for fidelity_h200.sh on the warm machine.
 # run(command="bash bench/device/profile_h200.sh", carry=[".vllmkit/bin", ".vllmkit/p0"])
+# MODELS="m3b:llama-3.2-3b m8b:llama-3.1-8b" profiles both shapes (the last one stays up).
 set -u
-source bench/device/vllm_env.sh
+PREFIX_CACHING=off source bench/device/vllm_env.sh
 make_models
 log "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 VER=$(python3 -c "import vllm; print(vllm.__version__)")
 log "vllm $VER"
-for spec in "m3b llama-3.2-3b" "m8b llama-3.1-8b"; do
-  set -- $spec
-  if start_vllm "$K/$1" "$2" 8000; then
-    profile_cmd "$2" --url http://127.0.0.1:8000 --out "$OUT/h200-$2.yaml" --raw "$OUT/raw-$2.json" \
+for spec in ${MODELS:-m8b:llama-3.1-8b}; do
+  dir=${spec%%:*}; name=${spec#*:}
+  t0=$(date +%s)
+  if ensure_vllm "$K/$dir" "$name" 8000; then
+    cold=$(( $(date +%s) - t0 ))
+    profile_cmd "$name" --url http://127.0.0.1:8000 --out "$OUT/h200-$name.yaml" --raw "$OUT/raw-$name.json" \
       --gpu "NVIDIA H200" --flags "vllm $VER: $VLLM_FLAGS (torch.compile + CUDA graphs)" --sleep \
-      --prompt-lengths 128,512,1024,2048,4096,8000 --batches 1,8,32,64,128,256 --contexts 128,1024 \
-      --output-tokens 128 --reps 3 2>&1 | tail -40
-    [ "$2" = llama-3.1-8b ] || stop_vllm   # the 8B server stays up for fidelity_h200.sh
+      --prompt-lengths 128,256,512,768,1024,1536,2048,3072,4096,6144,8000 --reps 3 \
+      --batches 1,8,32,64,128,192,256 --contexts 128,1024 --output-tokens 128 \
+      --mixed-batches 32,96,160,224 --mixed-contexts 512,1536 --mixed-lengths 256,1024,2048 \
+      --frontend-streams 0,32,64,128,192,256 \
+      $( [ "$cold" -gt 30 ] && echo --load-cold-s "$cold" ) 2>&1 | grep -vE "━" | tail -60
+    cp "$OUT/h200-$name.yaml" "$K/" 2>/dev/null   # for fidelity_h200.sh on this warm machine (PROFILE_FROM)
+    [ "$name" = llama-3.1-8b ] || stop_vllm   # the 8B server stays up for fidelity_h200.sh
   fi
 done
 log "done"

@@ -47,6 +47,16 @@ start_vllm() {  # $1 model dir, $2 served name, $3 port, rest: extra flags
   log "healthy after ${t}s"
   grep -E "KV cache|Maximum concurrency|Model loading took|Graph capturing" "$OUT/server_$name.log" | sed 's/^.*\] //' | cut -c1-150
 }
+ensure_vllm() {  # like start_vllm, unless a healthy server already answers on that port (a warm machine)
+  if python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$3/health', timeout=2)" 2>/dev/null; then
+    log "reusing the vllm server on :$3"; return 0
+  fi
+  start_vllm "$@"
+}
+watch_cpu() {  # CPU use of vLLM's API server, its engine core and qlmctl, every 2 s, into $OUT/top.log
+  (while sleep 2; do echo "t=$(( $(date +%s) - T0 ))"; top -b -n 1 -w 160 | grep -E "python|VLLM" | head -8; done) \
+    > "$OUT/top.log" 2>&1 &
+}
 stop_vllm() { [ -n "$SPID" ] && kill -- -$SPID 2>/dev/null; sleep 4; kill -9 -- -$SPID 2>/dev/null; SPID=; }
 qlm() { python3 -c "from qlmctl.cli import main; main()" "$@"; }
 profile_cmd() { python3 -c "import typer; from qlmctl.commands.profile import profile_model; typer.run(profile_model)" "$@"; }
