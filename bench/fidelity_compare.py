@@ -50,6 +50,39 @@ def main() -> None:
                     worst[label] = max(worst.get(label, 0.0), abs(err))
                 fmt = (lambda x: f"{x:.1%}") if key == "slo_attainment" else (lambda x: f"{x:,.1f}")
                 lines.append(f"| {load} ({rate} req/s) | {policy} | {label} | {fmt(lv)} | {fmt(sv)} | {err:+.0%} |")
+    lines += ["", "Where the TTFT goes (means, ms). Client: the replay client's TTFT through `qlmctl serve`; vLLM: "
+              "the engine's own histograms over the run (API server arrival to first token; engine-core queue + "
+              "prefill); simulated: the whole client TTFT and its engine part (frontend delay left out).", "",
+              "| load | policy | client | vLLM TTFT | vLLM queue + prefill | simulated | simulated engine part |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for load, (rate, n) in LOADS.items():
+        sc = load_scenario(args.scenario, {"workload": {"target_rate_rps": rate, "max_requests": n}})
+        reqs, _ = build_requests(sc)
+        # The same cluster with the frontend delay removed: what the engine alone takes.
+        insts = [dict(i.model_dump(), profile_overrides={**i.profile_overrides, "frontend_latency_s": 0.0,
+                                                         "frontend_per_stream_s": 0.0})
+                 for i in sc.spec.cluster.instances]
+        bare = load_scenario(args.scenario, {"workload": {"target_rate_rps": rate, "max_requests": n},
+                                             "cluster": {"instances": insts}})
+        for policy in ("fcfs", "qlm"):
+            live_file = args.live / load / policy / "summary.json"
+            if not live_file.exists():
+                continue
+            live = json.loads(live_file.read_text())
+            em = next(iter(live.get("engine_metrics", {}).values()), {})
+
+            def mean_ms(key: str) -> float | None:
+                v = em.get(key)
+                return v["mean"] * 1e3 if isinstance(v, dict) and v.get("mean") is not None else None
+
+            q, pf = mean_ms("vllm:request_queue_time_seconds"), mean_ms("vllm:request_prefill_time_seconds")
+            sim = simulate(sc, policy, reqs).summary
+            engine_only = simulate(bare, policy, reqs).summary
+            cells = [live.get("mean_ttft_ms"), mean_ms("vllm:time_to_first_token_seconds"),
+                     q + pf if q is not None and pf is not None else None, sim.get("mean_ttft_ms"),
+                     engine_only.get("mean_ttft_ms")]
+            lines.append(f"| {load} ({rate} req/s) | {policy} | " + " | ".join(
+                "-" if c is None else f"{c:,.1f}" for c in cells) + " |")
     table = "\n".join(lines)
     print(table)
     print("\nworst |error| per latency metric:", {k: f"{v:.0%}" for k, v in worst.items()})
