@@ -411,13 +411,7 @@ class Profiler:
         try:
             # Every decoder must be through its prefill (chunked prefill staggers them over many steps)
             # before a window counts as pure decode: wait for the engine's prompt-token counter.
-            if prompted is not None:
-                t0 = time.perf_counter()
-                while time.perf_counter() - t0 < 120.0:
-                    now = await self.counter("vllm:prompt_tokens")
-                    if now is not None and now - prompted >= batch * prompt_tokens:
-                        break
-                    await asyncio.sleep(0.05)
+            await self._wait_prefilled(prompted, batch * prompt_tokens)
             await asyncio.sleep(max(0.3, 2 * window_s))
 
             async def window(length: int | None) -> tuple[float, float, float]:
@@ -470,13 +464,7 @@ class Profiler:
         prompted = await self.counter("vllm:prompt_tokens")
         loads = [asyncio.create_task(self._raw_stream(prompt_tokens, max_tokens)) for _ in range(streams)]
         try:
-            if streams and prompted is not None:
-                t0 = time.perf_counter()
-                while time.perf_counter() - t0 < 120.0:
-                    now = await self.counter("vllm:prompt_tokens")
-                    if now is not None and now - prompted >= streams * prompt_tokens:
-                        break
-                    await asyncio.sleep(0.05)
+            await self._wait_prefilled(prompted, streams * prompt_tokens)
             await asyncio.sleep(0.5)
             before = await self.itl_totals()
             ttfts = []
@@ -519,6 +507,17 @@ class Profiler:
                 pass
         finally:
             writer.close()
+
+    async def _wait_prefilled(self, start: float | None, tokens: int, timeout_s: float = 120.0) -> None:
+        """Wait until the engine's prompt-token counter has grown by `tokens` since `start` (if it has one)."""
+        if start is None or tokens <= 0:
+            return
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout_s:
+            now = await self.counter("vllm:prompt_tokens")
+            if now is not None and now - start >= tokens:
+                return
+            await asyncio.sleep(0.05)
 
     async def wait_idle(self, timeout_s: float = 30.0) -> None:
         """Wait until the engine reports no running or waiting request (after aborting the decoders)."""
