@@ -113,12 +113,16 @@ class EngineProfile:
         """Seconds to prefill `prompt_tokens` alone on an idle engine (chunked by the budget)."""
         if prompt_tokens <= 0:
             return 0.0
+        steps, billed, pairs = self.prefill_terms(prompt_tokens)
+        return steps * self.base_s + self.per_prefill_token_s * billed + self.per_prefill_pair_s * pairs
+
+    def prefill_terms(self, prompt_tokens: int) -> tuple[int, int, float]:
+        """(steps, billed prefill tokens, attention pairs) of prefilling `prompt_tokens` alone on an idle
+        engine, in chunks of the token budget: what `prefill_time` weighs with the coefficients."""
         budget = self.max_num_batched_tokens
         full, last = divmod(prompt_tokens, budget)
         billed = full * self.billed_prefill_tokens(budget, 0) + self.billed_prefill_tokens(last, 0)
-        steps = full + (1 if last else 0)
-        pairs = prompt_pairs(prompt_tokens, budget) if self.per_prefill_pair_s else 0.0
-        return steps * self.base_s + self.per_prefill_token_s * billed + self.per_prefill_pair_s * pairs
+        return full + (1 if last else 0), billed, prompt_pairs(prompt_tokens, budget)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
