@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from simulator.profile import chunk_pairs, prompt_pairs
+from simulator.profile import chunk_pairs
+
+if TYPE_CHECKING:
+    from qlmctl.live.prom import EngineTotals
 
 PROMPT_TOKEN_LOW = 1000
 PROMPT_TOKEN_HIGH = 30000
@@ -201,10 +203,7 @@ def _fit_at(raw: RawProfile, budget: int, quadratic: bool, knee: int) -> Fit:
         ys.append(p.itl_s)
         labels.append(f"decode B={p.batch} ctx={p.prompt_tokens}")
     for p in raw.prefill:
-        full, last = divmod(p.prompt_tokens, budget)
-        chunks = full + (1 if last else 0)
-        billed = full * shape.billed_prefill_tokens(budget, 0) + shape.billed_prefill_tokens(last, 0)
-        pairs = prompt_pairs(p.prompt_tokens, budget)
+        chunks, billed, pairs = shape.prefill_terms(p.prompt_tokens)
         rows.append([float(chunks), float(billed), 0.0, 0.0, pairs, 1.0])
         ys.append(p.ttft_s)
         labels.append(f"prefill L={p.prompt_tokens}")
@@ -402,10 +401,10 @@ class Profiler:
         (max_tokens=1) one after another, between pure-decode windows. Over a window the engine's ITL
         totals give the steps taken (K = count / batch) and their total time (sum / batch); K - inject
         of them are pure decodes, timed by the windows around it, and the rest is the mixed steps."""
-        if await self.itl_totals() is None:
+        start = await self.itl_totals()
+        if start is None:
             raise RuntimeError("mixed-step timing needs the engine's vllm:inter_token_latency_seconds")
         prompted = await self.counter("vllm:prompt_tokens")
-        start = await self.itl_totals()
         decoders = [asyncio.create_task(self.complete(prompt_tokens, max_tokens)) for _ in range(batch)]
         points: list[MixedPoint] = []
         try:
@@ -422,14 +421,13 @@ class Profiler:
                     for _ in range(inject):
                         await self.stream(length, 1)
                 after = await self.itl_totals()
-                assert before is not None and after is not None and start is not None
+                assert before is not None and after is not None
                 if any(d.done() for d in decoders):
                     raise RuntimeError(f"decoders finished early at batch {batch}: raise max_tokens")
                 steps_mid = ((before[1] + after[1]) / 2 - start[1]) / batch
                 return after[0] - before[0], after[1] - before[1], steps_mid
 
-            pure_before = window(None)
-            dsum, dcount, _ = await pure_before
+            dsum, dcount, _ = await window(None)
             for length in lengths:
                 isum, icount, steps_mid = await window(length)
                 psum, pcount, _ = await window(None)
@@ -531,38 +529,27 @@ class Profiler:
                 return
             await asyncio.sleep(0.2)
 
-    async def counter(self, name: str) -> float | None:
-        """A counter of the engine's /metrics (summed over labels; `_total` suffix optional), if present."""
-        from prometheus_client.parser import text_string_to_metric_families
+    async def _totals(self, histograms: tuple[str, ...] = (), counters: tuple[str, ...] = ()) -> EngineTotals | None:
+        """Those histograms and counters of the engine's /metrics, summed over labels (None without a page)."""
+        from qlmctl.live.prom import parse_engine_totals
 
         resp = await self.client.get("/metrics")
         if resp.status_code != 200:
             return None
+        return parse_engine_totals(resp.text, histograms, counters)
+
+    async def counter(self, name: str) -> float | None:
+        """A counter of the engine's /metrics (summed over labels; `_total` suffix optional), if present."""
         base = name.removesuffix("_total")
-        total = None
-        for fam in text_string_to_metric_families(resp.text):
-            if fam.name == base:
-                for smp in fam.samples:
-                    if smp.name in (base, base + "_total"):
-                        total = (total or 0.0) + smp.value
-        return total
+        totals = await self._totals(counters=(base,))
+        return totals.counters.get(base) if totals is not None else None
 
     async def itl_totals(self) -> tuple[float, float] | None:
         """(sum s, count) of the engine's `vllm:inter_token_latency_seconds` histogram, if it has one."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        resp = await self.client.get("/metrics")
-        if resp.status_code != 200:
-            return None
-        total = count = None
-        for fam in text_string_to_metric_families(resp.text):
-            if fam.name == "vllm:inter_token_latency_seconds":
-                for smp in fam.samples:
-                    if smp.name.endswith("_sum"):
-                        total = (total or 0.0) + smp.value
-                    elif smp.name.endswith("_count"):
-                        count = (count or 0.0) + smp.value
-        return (total, count) if total is not None and count is not None else None
+        name = "vllm:inter_token_latency_seconds"
+        totals = await self._totals(histograms=(name,))
+        h = totals.histograms.get(name) if totals is not None else None
+        return (h.sum, h.count) if h is not None else None
 
     async def capacity(self, raw: RawProfile) -> None:
         from prometheus_client.parser import text_string_to_metric_families
