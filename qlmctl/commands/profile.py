@@ -9,21 +9,33 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
+if TYPE_CHECKING:
+    from qlmctl.profiling import RawProfile
 
-def _ints(text: str, name: str) -> list[int]:
+
+def _ints(text: str, name: str, minimum: int = 1) -> list[int]:
     from qlmctl.errors import UserError
 
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"expected comma-separated integers, got '{text}'", field=name) from None
-    if not vals or min(vals) < 1:
-        raise UserError("expected positive integers", field=name)
+    if not vals or min(vals) < minimum:
+        raise UserError("expected positive integers" if minimum == 1 else f"expected integers >= {minimum}",
+                        field=name)
     return vals
+
+
+def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int) -> int:
+    """Output length for `streams` long requests of `prompt_tokens` that must outlast a measurement
+    without filling the KV cache (no preemption) or passing the model length."""
+    kv_tokens = (raw.num_gpu_blocks or 0) * (raw.block_size or 16)
+    room = min(int(0.8 * kv_tokens / max(1, streams)) if kv_tokens else 2000, (raw.max_model_len or 8192) - 1)
+    return min(2000, room - prompt_tokens)
 
 
 def _wait_health(url: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
@@ -66,13 +78,10 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
                 progress.update(task, description=f"decode B={b} ctx={ctx}")
                 raw.decode.append(await prof.decode_point(b, ctx, output_tokens, budget))
                 progress.advance(task)
-        kv_tokens = (raw.num_gpu_blocks or 0) * (raw.block_size or 16)
         for ctx in mixed_contexts:
             for b in mixed_batches:
                 progress.update(task, description=f"mixed B={b} ctx={ctx}")
-                # The decoders must outlast every window without filling the KV cache (no preemption).
-                room = min(int(0.8 * kv_tokens / b) if kv_tokens else 2000, (raw.max_model_len or 8192) - 1)
-                max_tokens = min(2000, room - ctx)
+                max_tokens = _max_tokens(raw, b, ctx)
                 if max_tokens < 64:
                     progress.console.print(f"[yellow]skipping mixed steps at B={b} ctx={ctx}: too little KV cache[/]")
                 else:
@@ -80,12 +89,12 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
                 progress.advance(task)
         for n in frontend_streams:
             progress.update(task, description=f"frontend, {n} streams")
-            room = min(int(0.8 * kv_tokens / max(1, n)) if kv_tokens else 2000, (raw.max_model_len or 8192) - 1)
-            if n and room - 512 < 64:
+            max_tokens = _max_tokens(raw, n, 512)
+            if n and max_tokens < 64:
                 progress.console.print(f"[yellow]skipping the frontend probe with {n} streams: too little KV cache[/]")
             else:
                 try:
-                    raw.frontend.append(await prof.frontend_point(n, 512, max_tokens=min(2000, room - 512)))
+                    raw.frontend.append(await prof.frontend_point(n, 512, max_tokens=max_tokens))
                 except RuntimeError as e:  # keep everything else measured; say why this point is missing
                     prof.skipped.append(f"frontend probe with {n} streams: {e}")
             progress.advance(task)
@@ -117,9 +126,9 @@ def profile_model(
     mixed: bool = typer.Option(True, "--mixed/--no-mixed", help="Also time steps that mix decodes with a prefill."),
     mixed_batches: str = typer.Option("32,128,224", help="Mixed steps: decoding streams, each with a --mixed-context prompt."),
     mixed_lengths: str = typer.Option("256,1024,2048", help="Mixed steps: prefill lengths injected, tokens."),
+    mixed_contexts: str = typer.Option("512,1536", help="Mixed steps: prompt length of the decoding streams, tokens."),
     frontend: bool = typer.Option(True, "--frontend/--no-frontend", help="Also time short probes while the server streams to many clients."),
     frontend_streams: str = typer.Option("0,64,128,256", help="Frontend probes: concurrent streams relayed, each with a 512-token prompt."),
-    mixed_contexts: str = typer.Option("512,1536", help="Mixed steps: prompt length of the decoding streams, tokens."),
     max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile)."),
     max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens."),
     kv_blocks: Optional[int] = typer.Option(None, min=1, help="KV blocks, if the engine does not report them."),
@@ -130,8 +139,8 @@ def profile_model(
     seed: int = typer.Option(0, help="Seed for the prompts' token ids."),
 ) -> None:
     """Measure a vLLM engine (prefill vs prompt length, step time vs batch and context, steps mixing decodes
-    with a prefill, KV capacity) and fit the simulator's step-time model. Prints the fit and its error per point; writes the profile with its
-    provenance. Times in seconds."""
+    with a prefill, first-token delay under streaming load, KV capacity) and fit the simulator's step-time
+    model. Prints the fit and its error per point; writes the profile with its provenance. Times in seconds."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -159,13 +168,7 @@ def profile_model(
             mb = _ints(mixed_batches, "--mixed-batches") if mixed else []
             ml = _ints(mixed_lengths, "--mixed-lengths")
             mc = _ints(mixed_contexts, "--mixed-contexts")
-            try:
-                fs = [int(x) for x in frontend_streams.split(",") if x.strip()] if frontend else []
-            except ValueError:
-                raise UserError(f"expected comma-separated integers, got '{frontend_streams}'",
-                                field="--frontend-streams") from None
-            if any(x < 0 for x in fs):
-                raise UserError("expected non-negative integers", field="--frontend-streams")
+            fs = _ints(frontend_streams, "--frontend-streams", minimum=0) if frontend else []
             proc = None
             if launch:
                 env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
