@@ -35,6 +35,8 @@ class SeqState(IntEnum):
     PREFILL = 1
     DECODE = 2
     DONE = 3
+    TRANSIT = 4
+    """Submitted but not yet at the engine (held up in the API server in front of it)."""
 
 
 class OutputKind(IntEnum):
@@ -128,6 +130,10 @@ class Engine:
         self._pending: list[tuple[str, Sequence]] = []
         self._pending_submits = 0
         self._pending_blocks = 0
+        self._transit: list[tuple[float, int, Sequence]] = []  # (arrival at the engine, order, seq)
+        self._transit_count = 0
+        self._transit_blocks = 0
+        self._transit_order = 0
         self._clock = 0.0  # time of the last boundary processed
         self._load_until: float | None = None
         self._load_profile: EngineProfile | None = None
@@ -148,7 +154,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting) + len(self._waiting_heap) + self._pending_submits
+        return len(self._waiting) + len(self._waiting_heap) + self._pending_submits + self._transit_count
 
     @property
     def used_blocks(self) -> int:
@@ -161,7 +167,7 @@ class Engine:
     @property
     def free_blocks(self) -> int:
         """Blocks not in use and not needed by sequences already waiting here."""
-        return self.total_blocks - self._used - self._waiting_blocks - self._pending_blocks
+        return self.total_blocks - self._used - self._waiting_blocks - self._pending_blocks - self._transit_blocks
 
     @property
     def idle(self) -> bool:
@@ -171,9 +177,18 @@ class Engine:
         """Time of the next internal boundary (inf when idle)."""
         if self._load_until is not None:
             return self._load_until
-        if self._seg is not None:
-            return self._seg.end
-        return INF
+        t = self._seg.end if self._seg is not None else INF
+        transit = self._transit
+        while transit and transit[0][2].state is not SeqState.TRANSIT:
+            heapq.heappop(transit)  # aborted on the way
+        return min(t, transit[0][0]) if transit else t
+
+    def step_s(self) -> float:
+        """Duration of the step in flight (the fixed cost of a step when idle), seconds."""
+        seg = self._seg
+        if seg is None or self.profile is None:
+            return self.profile.base_s if self.profile is not None else 0.0
+        return seg.fixed + self.profile.per_context_token_s * seg.ctx0
 
     def generated(self, seq: Sequence, now: float) -> int:
         """Output tokens `seq` has produced by `now` (exact at step granularity)."""
@@ -186,10 +201,18 @@ class Engine:
         return min(seq.max_tokens, seq.gen_at_join + (s - seq.join_step))
 
     # ------------------------------------------------------------- commands
-    def submit(self, seq: Sequence, now: float) -> None:
-        """Queue `seq`; it can be admitted at the end of the step in flight (or now if idle)."""
+    def submit(self, seq: Sequence, now: float, delay_s: float = 0.0) -> None:
+        """Queue `seq`; it can be admitted at the end of the step in flight (or now if idle). With
+        `delay_s`, it reaches the engine that much later (it counts as waiting here meanwhile)."""
         if self.profile is None or self.loading:
             raise RuntimeError("engine has no model loaded")
+        if delay_s > 0.0:
+            seq.state = SeqState.TRANSIT
+            self._transit_order += 1
+            heapq.heappush(self._transit, (now + delay_s, self._transit_order, seq))
+            self._transit_count += 1
+            self._transit_blocks += self._blocks_needed(seq)
+            return
         seq.state = SeqState.WAITING
         seq.prefill_left = seq.prompt_tokens + seq.generated
         self._pending.append(("submit", seq))
@@ -199,6 +222,11 @@ class Engine:
 
     def abort(self, seq: Sequence, now: float) -> None:
         """Remove `seq` at the end of the step in flight; an ABORTED output reports it."""
+        if seq.state is SeqState.TRANSIT:  # not at the engine yet: gone at once
+            self._leave_transit(seq)
+            seq.state = SeqState.DONE
+            self._outputs.append(Output(OutputKind.ABORTED, now, seq))
+            return
         self._pending.append(("abort", seq))
         self._interrupt(now)
 
@@ -222,6 +250,10 @@ class Engine:
                 break
             if self._load_until is not None:
                 self._finish_load()
+            elif self._transit and self._transit[0][0] < (self._seg.end if self._seg is not None else INF):
+                ready, _, q = heapq.heappop(self._transit)
+                self._leave_transit(q)
+                self.submit(q, ready)
             else:
                 self._boundary()
         if self._outputs:
@@ -234,6 +266,10 @@ class Engine:
         # Room for the prompt (plus recomputed output) and the first new token.
         bs = self.profile.block_size if self.profile else 16
         return -(-(seq.prompt_tokens + seq.generated + 1) // bs)
+
+    def _leave_transit(self, q: Sequence) -> None:
+        self._transit_count -= 1
+        self._transit_blocks -= self._blocks_needed(q)
 
     def _finish_load(self) -> None:
         t = self._load_until

@@ -30,6 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 
+FRONTEND_RHO_CAP = 0.95
+
+
 def chunk_pairs(done: int, take: int) -> float:
     """Attention pairs of a prefill chunk of `take` tokens after `done` cached tokens of the same sequence."""
     return take * (done + (take + 1) / 2.0)
@@ -83,10 +86,43 @@ class EngineProfile:
     knee_tokens: int = 0
     """Tokens a step carries within `base_s` (memory-bound GEMMs); prefill tokens beyond it cost
     `per_prefill_token_s` each (see module doc)."""
+    frontend_cpu_per_request_s: float = 0.0
+    """CPU seconds vLLM's API server spends taking in one request (HTTP, tokenising, hand-off)."""
+    frontend_cpu_per_token_s: float = 0.0
+    """CPU seconds the API server spends per streamed output token (detokenising, formatting, sending)."""
+    frontend_queue_factor: float = 0.0
+    """How many queueing waits of the API server's event loop a request's first token goes through
+    (fitted by `profile-model` from probes under load; 0 turns the queue model off). See `frontend_wait`."""
 
     def frontend_delay(self, streams: int) -> float:
         """Client-visible latency outside the engine's steps while the server relays `streams` streams."""
         return self.frontend_latency_s + self.frontend_per_stream_s * streams
+
+    def client_delay(self, streams: int) -> float:
+        """All the client-visible delay outside the engine's steps at `streams` streams: `frontend_delay`
+        plus the API server's queueing wait at the step such a decode batch takes (no arrival term: the
+        caller estimating ahead does not know the arrival rate)."""
+        step = self.step_time(0, streams, streams * 1024) if streams else self.base_s
+        return self.frontend_delay(streams) + self.frontend_wait(streams, step, 0.0)
+
+    def frontend_wait(self, streams: int, step_s: float, rate_rps: float) -> float:
+        """Queueing delay in vLLM's API server before a new request reaches the engine, seconds.
+
+        The API server is one Python event loop: a single server whose work is `frontend_cpu_per_token_s`
+        per streamed token (a burst of `streams` tokens every engine step of `step_s`) and
+        `frontend_cpu_per_request_s` per request arriving at `rate_rps`. Its utilisation is rho; a request
+        waits the mean residual work R of an M/G/1 queue over (1 - rho) (Pollaczek-Khinchine), once per
+        loop hop on its way (`frontend_queue_factor`). rho is capped at 0.95: past that the real server
+        merges the tokens it is late with into fewer chunks instead of falling behind without bound."""
+        h = self.frontend_queue_factor
+        if h <= 0.0:
+            return 0.0
+        ct, cr = self.frontend_cpu_per_token_s, self.frontend_cpu_per_request_s
+        burst = streams * ct
+        per_step = burst / step_s if step_s > 0 else 0.0
+        rho = min(FRONTEND_RHO_CAP, per_step + rate_rps * cr)
+        residual = (burst * burst / (2.0 * step_s) if step_s > 0 else 0.0) + rate_rps * cr * cr / 2.0
+        return h * residual / (1.0 - rho)
 
     def billed_prefill_tokens(self, prefill_tokens: int, decode_seqs: int) -> int:
         """Prefill tokens that cost `per_prefill_token_s`: those beyond the knee left by the decodes."""

@@ -131,3 +131,47 @@ def test_engine_invariants(reqs, kv, seqs_cap, budget, policy):
     assert e.used_blocks == 0 and e.stats.peak_blocks <= kv and e.stats.peak_running <= seqs_cap
     times = [o.time for o in outs]
     assert times == sorted(times)
+
+
+def test_a_delayed_submit_reaches_the_engine_late_and_waits_meanwhile():
+    p = small_profile()
+    e = Engine(p)
+    q = Sequence(0, 100, 10)
+    free = e.free_blocks
+    e.submit(q, 0.0, delay_s=0.25)
+    # In transit it counts as waiting here and holds its KV blocks against new dispatches.
+    assert e.num_waiting == 1 and e.free_blocks == free - e._blocks_needed(q)
+    assert e.next_event_time() == pytest.approx(0.25)
+    outs = e.advance(math.inf)
+    first = next(o for o in outs if o.kind is OutputKind.FIRST_TOKEN)
+    assert first.time == pytest.approx(0.25 + p.prefill_time(100), rel=1e-12)
+    assert any(o.kind is OutputKind.FINISHED for o in outs) and e.free_blocks == free
+
+
+def test_abort_in_transit_never_runs():
+    p = small_profile()
+    e = Engine(p)
+    a, b = Sequence(0, 100, 10), Sequence(1, 100, 10)
+    e.submit(a, 0.0, delay_s=0.5)
+    e.submit(b, 0.0, delay_s=0.1)
+    e.advance(0.2)
+    e.abort(a, 0.2)
+    outs = e.advance(math.inf)
+    assert [(o.kind, o.time) for o in outs if o.seq is a] == [(OutputKind.ABORTED, 0.2)]
+    assert b.generated == 10 and a.generated == 0
+    assert e.num_waiting == 0 and e.used_blocks == 0 and e.free_blocks == e.total_blocks
+
+
+def test_frontend_wait_grows_with_streams_and_arrivals_and_is_bounded():
+    p = small_profile(frontend_cpu_per_request_s=0.005, frontend_cpu_per_token_s=6e-5, frontend_queue_factor=2.0)
+    assert small_profile().frontend_wait(100, 0.02, 10.0) == 0.0  # no queue model by default
+    waits = [p.frontend_wait(n, 0.02, 10.0) for n in (0, 50, 100, 200)]
+    assert waits == sorted(waits) and waits[0] > 0
+    assert p.frontend_wait(100, 0.02, 20.0) > p.frontend_wait(100, 0.02, 5.0)
+    # Pollaczek-Khinchine by hand at 100 streams, 20 ms steps, 10 requests/s.
+    burst = 100 * 6e-5
+    rho = burst / 0.02 + 10 * 0.005
+    r = burst ** 2 / (2 * 0.02) + 10 * 0.005 ** 2 / 2
+    assert p.frontend_wait(100, 0.02, 10.0) == pytest.approx(2.0 * r / (1 - rho))
+    # Past saturation the wait stops growing without bound (rho is capped).
+    assert p.frontend_wait(10_000, 0.02, 10.0) < math.inf

@@ -149,3 +149,24 @@ def test_a_group_that_empties_and_refills_is_still_served(policy):
     run = simulate(sc, policy, reqs)
     assert all(r.finish_s is not None for r in run.result.requests)
     assert run.summary["slo_attainment"] == 1.0
+
+
+def test_api_server_queue_delays_first_tokens_under_load_only():
+    """With the frontend queue model on, TTFT grows with load (streams and arrivals); TPOT does not."""
+    def run(rate: float, factor: float):
+        over = {"frontend_cpu_per_request_s": 0.004, "frontend_cpu_per_token_s": 1e-4, "frontend_queue_factor": factor}
+        sc = make_scenario(instances=1, max_num_seqs=64, kv_blocks=4000,
+                           workload={"synthetic": {"rate_rps": rate, "num_requests": 200, "prompt_tokens": 200,
+                                                   "output_tokens": 100},
+                                     "slo_class": {"constant": "batch"}},
+                           cluster={"instances": [{"model": "m", "profile_overrides": over}]})
+        reqs, _ = build_requests(sc)
+        return simulate(sc, "fcfs", reqs).summary
+
+    light_off, light_on = run(2.0, 0.0), run(2.0, 2.0)
+    busy_off, busy_on = run(20.0, 0.0), run(20.0, 2.0)
+    light_gap = light_on["mean_ttft_ms"] - light_off["mean_ttft_ms"]
+    busy_gap = busy_on["mean_ttft_ms"] - busy_off["mean_ttft_ms"]
+    assert 0 < light_gap < busy_gap
+    assert busy_on["completed"] == 200
+    assert busy_on["mean_tpot_ms"] == pytest.approx(busy_off["mean_tpot_ms"], rel=0.1)

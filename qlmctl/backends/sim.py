@@ -22,6 +22,8 @@ from simulator.engine import Engine, OutputKind, Sequence
 from simulator.profile import EngineProfile
 
 INF = math.inf
+RATE_WINDOW_S = 1.0
+"""Time constant of the arrival rate an instance's API server is seen to take in."""
 
 
 class SimInstance:
@@ -44,6 +46,8 @@ class SimInstance:
         self._warm: set[str] = {model} if model else set()
         self.requests: dict[int, tuple[Request, Sequence]] = {}
         self.swaps = 0
+        self._rate = 0.0  # dispatches per second into this instance, decayed over RATE_WINDOW_S
+        self._rate_t = 0.0
 
     @property
     def instance_id(self) -> int:
@@ -91,6 +95,16 @@ class SimInstance:
         streams the server relays)."""
         prof = self.engine.profile
         return prof.frontend_delay(self.engine.num_running) if prof is not None else 0.0
+
+    def ingress_delay(self, now: float) -> float:
+        """Count a dispatch at `now`; return how long its request waits in the API server before the engine
+        sees it (the profile's frontend queue model at the streams, step and arrival rate now)."""
+        self._rate = self._rate * math.exp(-(now - self._rate_t) / RATE_WINDOW_S) + 1.0 / RATE_WINDOW_S
+        self._rate_t = now
+        prof = self.engine.profile
+        if prof is None or prof.frontend_queue_factor <= 0.0:
+            return 0.0
+        return prof.frontend_wait(self.engine.num_running, self.engine.step_s(), self._rate)
 
     def load_time(self, model: str) -> float:
         prof = self._profiles.get(model)
@@ -258,7 +272,7 @@ class SimulatedCluster:
                 if seq is None:
                     seq = Sequence(r.request_id, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, tag=r)
                     self._seqs[r.request_id] = seq
-                inst.engine.submit(seq, now)
+                inst.engine.submit(seq, now, inst.ingress_delay(now))
                 if r.dispatch_s is None:
                     r.dispatch_s = now
                 r.instance_id = d.instance_id

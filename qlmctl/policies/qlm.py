@@ -242,7 +242,7 @@ class QLMPolicy(Policy):
                 continue
             d = rm.load
             steps = 2 if prof.async_scheduling else 1
-            t = (steps * prof.step_time(0, d, d * 1024) if d else 0.0) + prof.frontend_delay(d)
+            t = (steps * prof.step_time(0, d, d * 1024) if d else 0.0) + prof.client_delay(d)
             m = rm.inst.model
             lag[m] = min(lag.get(m, math.inf), t)
         self._lag = lag
@@ -431,7 +431,7 @@ class QLMPolicy(Policy):
             rate = self.est.rate(prof, head.model)
             wait = self.est.wait_time(0, inst.num_running + inst.num_waiting, rate, head.model)
             r0 = head.queue[0]
-            slack = r0.deadline_s - now - prof.prefill_time(r0.prompt_tokens) - prof.frontend_delay(inst.num_running)
+            slack = r0.deadline_s - now - prof.prefill_time(r0.prompt_tokens) - prof.client_delay(inst.num_running)
             if wait <= slack:
                 continue
             # Victims: requests of groups whose SLO is far looser, youngest first (least recompute).
