@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from simulator.profile import chunk_pairs
+from simulator.profile import EngineProfile, chunk_pairs
 
 if TYPE_CHECKING:
     from qlmctl.live.prom import EngineTotals
@@ -85,6 +85,29 @@ class FrontendPoint:
 
 
 @dataclass
+class FrontendLoadPoint:
+    """One window of probes arriving at `rate_rps` (Poisson) while the server streams to `streams` clients."""
+
+    streams: int
+    rate_rps: float
+    """Probes sent over the window, per second."""
+    probes: int
+    probe_tokens: int
+    step_s: float
+    """The engine's mean step meanwhile (its inter-token latency; 0 without streams)."""
+    tokens_per_s: float
+    """Tokens streamed per second (the engine's inter-token latency count over the window)."""
+    client_ttft_s: float
+    """Mean TTFT of the probes, as this client saw it."""
+    cpu_per_s: float | None = None
+    """CPU seconds per second of the API server process (its `process_cpu_seconds_total`), if exported."""
+    vllm_ttft_s: float | None = None
+    """Mean TTFT of the probes by vLLM's own histogram (API server arrival to first token)."""
+    engine_s: float | None = None
+    """Mean queue + prefill time of the probes by vLLM's histograms (engine core only)."""
+
+
+@dataclass
 class RawProfile:
     """Everything measured, kept so fitting can be redone off the GPU."""
 
@@ -94,6 +117,7 @@ class RawProfile:
     decode: list[DecodePoint] = field(default_factory=list)
     mixed: list[MixedPoint] = field(default_factory=list)
     frontend: list[FrontendPoint] = field(default_factory=list)
+    frontend_load: list[FrontendLoadPoint] = field(default_factory=list)
     num_gpu_blocks: int | None = None
     block_size: int | None = None
     max_model_len: int | None = None
@@ -116,6 +140,7 @@ class RawProfile:
         d["decode"] = [DecodePoint(**p) for p in d.get("decode", [])]
         d["mixed"] = [MixedPoint(**p) for p in d.get("mixed", [])]
         d["frontend"] = [FrontendPoint(**p) for p in d.get("frontend", [])]
+        d["frontend_load"] = [FrontendLoadPoint(**p) for p in d.get("frontend_load", [])]
         return cls(**d)
 
 
@@ -133,6 +158,13 @@ class Fit:
     frontend_per_stream_s: float = 0.0
     frontend_errors: list[tuple[str, float, float, float]] = field(default_factory=list)
     """Probe TTFTs under streaming load: measured, modelled (engine + frontend), relative error."""
+    frontend_cpu_per_request_s: float = 0.0
+    frontend_cpu_per_token_s: float = 0.0
+    frontend_idle_cpu: float = 0.0
+    """The API server's CPU use with nothing to do (its polling), CPU s per s."""
+    frontend_queue_factor: float = 0.0
+    frontend_latency_s: float | None = None
+    """Intercept of the queue-model fit (replaces the HTTP overhead as the profile's frontend latency)."""
 
     @property
     def mean_abs_error(self) -> float:
@@ -156,29 +188,76 @@ def fit_profile(raw: RawProfile, max_num_batched_tokens: int, quadratic: bool = 
     best = min(fits, key=lambda f: f.mean_abs_error)
     if raw.frontend:
         _fit_frontend(raw, best, max_num_batched_tokens)
+    if raw.frontend_load:
+        _fit_frontend_queue(raw, best, max_num_batched_tokens)
     return best
+
+
+def _step_profile(fit: Fit, budget: int, **fields: Any) -> EngineProfile:
+    return EngineProfile(model="", base_s=fit.base_s, per_prefill_token_s=fit.per_prefill_token_s,
+                         per_decode_seq_s=fit.per_decode_seq_s, per_context_token_s=fit.per_context_token_s,
+                         kv_blocks=1, max_num_batched_tokens=budget, per_prefill_pair_s=fit.per_prefill_pair_s,
+                         knee_tokens=fit.knee_tokens, **fields)
+
+
+def _probe_engine_s(prof: EngineProfile, streams: int, step_s: float, probe_tokens: int, lag: float) -> float:
+    """Engine part of a probe's TTFT: alone, its prefill; joining `streams` decodes of `step_s`, the rest of
+    the step it lands in, one more with asynchronous scheduling (`lag` 1.5 or 0.5 steps), then its own
+    mixed step."""
+    if streams == 0 or step_s <= 0:
+        return prof.prefill_time(probe_tokens)
+    extra = (prof.step_time(probe_tokens, streams, 0, chunk_pairs(0, probe_tokens))
+             - prof.step_time(0, streams, 0))
+    return lag * step_s + step_s + extra
+
+
+def _fit_frontend_queue(raw: RawProfile, fit: Fit, budget: int) -> None:
+    """The API server as one queue (see EngineProfile.frontend_wait): its CPU cost per request and per
+    streamed token by least squares on its CPU counter over the windows, then the probes' TTFT beyond
+    the engine's part = latency + factor * (queueing wait at those costs), fitted over the windows."""
+    from scipy.optimize import nnls
+
+    pts = raw.frontend_load
+    cpu = [p for p in pts if p.cpu_per_s is not None]
+    if len(cpu) >= 3:
+        a = np.array([[1.0, p.rate_rps, p.tokens_per_s] for p in cpu])
+        y = np.array([p.cpu_per_s for p in cpu])
+        coef, _ = nnls(a, y)
+        fit.frontend_idle_cpu, fit.frontend_cpu_per_request_s, fit.frontend_cpu_per_token_s = map(float, coef)
+    if fit.frontend_cpu_per_token_s <= 0 and fit.frontend_cpu_per_request_s <= 0:
+        return  # no CPU counter (or no cost seen): no queue model; the probes' per-stream fit stands
+    lag = 1.5 if raw.async_scheduling is not False else 0.5
+    costs = _step_profile(fit, budget, frontend_cpu_per_request_s=fit.frontend_cpu_per_request_s,
+                          frontend_cpu_per_token_s=fit.frontend_cpu_per_token_s, frontend_queue_factor=1.0)
+    rows = []
+    for p in pts:
+        if p.engine_s is not None:
+            # vLLM's queue + prefill times start when the engine core takes the request in, at the end of
+            # the step it arrived in: half a step on average, which the simulator counts as engine time.
+            engine = p.engine_s + (0.5 * p.step_s if p.streams else 0.0)
+        else:  # an engine without those histograms: the step model's view (probes assumed not to overlap)
+            engine = _probe_engine_s(costs, p.streams, p.step_s, p.probe_tokens, lag)
+        rows.append((p, engine, costs.frontend_wait(p.streams, p.step_s, p.rate_rps)))
+    a = np.array([[1.0, w] for _, _, w in rows])
+    y = np.array([p.client_ttft_s - engine for p, engine, _ in rows])
+    w = 1.0 / np.array([p.client_ttft_s for p, _, _ in rows])  # relative error, like the step fit
+    coef, _ = nnls(a * w[:, None], y * w)
+    fit.frontend_latency_s, fit.frontend_queue_factor = float(coef[0]), float(coef[1])
+    fit.frontend_per_stream_s = 0.0  # the queue model's burst term is what the per-stream delay stood for
+    fit.frontend_errors = []
+    for (p, engine, wait) in rows:
+        model = engine + fit.frontend_latency_s + fit.frontend_queue_factor * wait
+        fit.frontend_errors.append((f"probes {p.rate_rps:.0f}/s, {p.streams} streams", p.client_ttft_s, model,
+                                    (model - p.client_ttft_s) / p.client_ttft_s))
 
 
 def _fit_frontend(raw: RawProfile, fit: Fit, budget: int) -> None:
     """Frontend delay per stream relayed: probe TTFT = engine part + overhead + k * streams (least squares
     through the fitted overhead). The engine part of a probe joining `streams` decodes is half a step
     (it lands mid-step), one more step with asynchronous scheduling, then its own mixed step."""
-    from simulator.profile import EngineProfile
-
-    prof = EngineProfile(model="", base_s=fit.base_s, per_prefill_token_s=fit.per_prefill_token_s,
-                         per_decode_seq_s=fit.per_decode_seq_s, per_context_token_s=fit.per_context_token_s,
-                         kv_blocks=1, max_num_batched_tokens=budget, per_prefill_pair_s=fit.per_prefill_pair_s,
-                         knee_tokens=fit.knee_tokens)
+    prof = _step_profile(fit, budget)
     lag = 1.5 if raw.async_scheduling is not False else 0.5
-    rows = []
-    for p in raw.frontend:
-        if p.streams == 0 or p.step_s <= 0:
-            engine = prof.prefill_time(p.probe_tokens)
-        else:
-            extra = prof.step_time(p.probe_tokens, p.streams, 0, chunk_pairs(0, p.probe_tokens))
-            extra -= prof.step_time(0, p.streams, 0)
-            engine = lag * p.step_s + p.step_s + extra
-        rows.append((p, engine))
+    rows = [(p, _probe_engine_s(prof, p.streams, p.step_s, p.probe_tokens, lag)) for p in raw.frontend]
     num = sum(p.streams * (p.ttft_s - engine - fit.overhead_s) for p, engine in rows)
     den = sum(p.streams ** 2 for p, _ in rows)
     fit.frontend_per_stream_s = max(0.0, num / den) if den else 0.0
@@ -189,8 +268,6 @@ def _fit_frontend(raw: RawProfile, fit: Fit, budget: int) -> None:
 
 def _fit_at(raw: RawProfile, budget: int, quadratic: bool, knee: int) -> Fit:
     from scipy.optimize import nnls
-
-    from simulator.profile import EngineProfile
 
     shape = EngineProfile(model="", base_s=1.0, per_prefill_token_s=0.0, per_decode_seq_s=0.0,
                           per_context_token_s=0.0, kv_blocks=1, max_num_batched_tokens=budget, knee_tokens=knee)
@@ -259,9 +336,13 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         "max_num_seqs": max_num_seqs,
         "max_num_batched_tokens": max_num_batched_tokens,
     }
-    out["frontend_latency_s"] = round(fit.overhead_s, 6)
-    if raw.frontend:
+    out["frontend_latency_s"] = round(fit.overhead_s if fit.frontend_latency_s is None else fit.frontend_latency_s, 6)
+    if raw.frontend or raw.frontend_load:
         out["frontend_per_stream_s"] = float(f"{fit.frontend_per_stream_s:.4g}")
+    if fit.frontend_queue_factor > 0:
+        out["frontend_cpu_per_request_s"] = float(f"{fit.frontend_cpu_per_request_s:.4g}")
+        out["frontend_cpu_per_token_s"] = float(f"{fit.frontend_cpu_per_token_s:.4g}")
+        out["frontend_queue_factor"] = float(f"{fit.frontend_queue_factor:.4g}")
     if raw.max_model_len:
         out["max_model_len"] = int(raw.max_model_len)
     if raw.async_scheduling is not None:
@@ -282,9 +363,33 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         "fit_max_abs_rel_error": round(fit.max_abs_error, 4),
         "sleep_s": raw.sleep_s,
         "points": {"prefill": len(raw.prefill), "decode": len(raw.decode), "mixed": len(raw.mixed),
-                   "frontend": len(raw.frontend)},
+                   "frontend": len(raw.frontend), "frontend_load": len(raw.frontend_load)},
     }
     return out
+
+
+def _load_point(streams: int, probes: int, probe_tokens: int, elapsed: float, client_ttft: float,
+                before: "EngineTotals", after: "EngineTotals") -> FrontendLoadPoint:
+    """A FrontendLoadPoint from the /metrics totals around its window."""
+
+    def delta(name: str) -> tuple[float, float]:
+        b, a = before.histograms.get(name), after.histograms.get(name)
+        return (a.sum - b.sum, a.count - b.count) if a is not None and b is not None else (0.0, 0.0)
+
+    def mean(name: str) -> float | None:
+        total, count = delta(name)
+        return total / count if count > 0 else None
+
+    itl_sum, itl_count = delta("vllm:inter_token_latency_seconds")
+    cpu_b, cpu_a = before.counters.get("process_cpu_seconds"), after.counters.get("process_cpu_seconds")
+    queue, prefill = mean("vllm:request_queue_time_seconds"), mean("vllm:request_prefill_time_seconds")
+    return FrontendLoadPoint(
+        streams=streams, rate_rps=probes / elapsed, probes=probes, probe_tokens=probe_tokens,
+        step_s=itl_sum / itl_count if itl_count > 0 else 0.0, tokens_per_s=itl_count / elapsed,
+        client_ttft_s=client_ttft,
+        cpu_per_s=(cpu_a - cpu_b) / elapsed if cpu_a is not None and cpu_b is not None else None,
+        vllm_ttft_s=mean("vllm:time_to_first_token_seconds"),
+        engine_s=queue + prefill if queue is not None and prefill is not None else None)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -326,10 +431,11 @@ class Profiler:
                     continue
                 chunk = json.loads(line[6:])
                 choices = chunk.get("choices") or []
-                if choices and choices[0].get("text"):
+                # A token can decode to no text (random ids): the chunk that ends the stream still counts.
+                if choices and (choices[0].get("text") or (choices[0].get("finish_reason") and not times)):
                     now = time.perf_counter() - t0
                     # vLLM may pack several tokens in one chunk when the client lags; count words.
-                    n = max(1, len(choices[0]["text"].split()))
+                    n = max(1, len((choices[0].get("text") or "").split()))
                     times.extend([now] * n)
         if not times:
             raise RuntimeError("no tokens streamed")
@@ -445,10 +551,7 @@ class Profiler:
                 points.append(MixedPoint(batch, prompt_tokens, length, float(mixed), float(t_dec), float(ctx)))
                 dsum, dcount = psum, pcount
         finally:
-            for d in decoders:
-                d.cancel()
-            await asyncio.gather(*decoders, return_exceptions=True)
-            await self.wait_idle()
+            await self._stop(decoders)
         return points
 
     async def frontend_point(self, streams: int, prompt_tokens: int, probe_tokens: int = 128, probes: int = 20,
@@ -476,14 +579,60 @@ class Profiler:
                     err = t.exception()
                     raise RuntimeError(f"a load stream ended early with {streams} streams: {err or 'finished'}")
         finally:
-            for t in loads:
-                t.cancel()
-            await asyncio.gather(*loads, return_exceptions=True)
-            await self.wait_idle()
+            await self._stop(loads)
         step = 0.0
         if before is not None and after is not None and after[1] > before[1]:
             step = (after[0] - before[0]) / (after[1] - before[1])
         return FrontendPoint(streams, float(step), float(statistics.median(ttfts)), probe_tokens)
+
+    async def frontend_load_points(self, streams: int, rates: list[float], probe_tokens: int = 1024,
+                                   prompt_tokens: int = 512, window_s: float = 5.0,
+                                   max_tokens: int = 2000) -> list[FrontendLoadPoint]:
+        """Windows of probes (prefill-only requests of `probe_tokens`, Poisson arrivals at each of `rates`)
+        while the server streams `streams` decodes to clients, as a trace's requests meet it.
+
+        Over each window: the API server's CPU seconds (`process_cpu_seconds_total`, which vLLM's /metrics
+        exports for its API server process), the tokens streamed and the engine's step (inter-token latency
+        totals), and the probes' TTFT as this client and as vLLM's histograms see it. The load streams were
+        admitted before the first window, so the request-level histograms' deltas are the probes' alone."""
+        names = ("vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds",
+                 "vllm:request_prefill_time_seconds", "vllm:inter_token_latency_seconds")
+        prompted = await self.counter("vllm:prompt_tokens")
+        loads = [asyncio.create_task(self._raw_stream(prompt_tokens, max_tokens)) for _ in range(streams)]
+        points: list[FrontendLoadPoint] = []
+        try:
+            await self._wait_prefilled(prompted, streams * prompt_tokens)
+            await asyncio.sleep(0.5)
+            for rate in rates:
+                before = await self._totals(names, ("process_cpu_seconds",))
+                t0 = time.perf_counter()
+                probes: list[asyncio.Task] = []
+                t_next = float(self.rng.exponential(1.0 / rate))
+                while t_next < window_s:
+                    await asyncio.sleep(max(0.0, t0 + t_next - time.perf_counter()))
+                    probes.append(asyncio.create_task(self.stream(probe_tokens, 1)))
+                    t_next += float(self.rng.exponential(1.0 / rate))
+                ttfts = [t for t, _ in await asyncio.gather(*probes)]
+                after = await self._totals(names, ("process_cpu_seconds",))
+                elapsed = time.perf_counter() - t0
+                for t in loads:
+                    if t.done():
+                        raise RuntimeError(f"a load stream ended early with {streams} streams: "
+                                           f"{t.exception() or 'finished'}")
+                if not ttfts or before is None or after is None:
+                    continue
+                points.append(_load_point(streams, len(ttfts), probe_tokens, elapsed,
+                                          float(np.mean(ttfts)), before, after))
+        finally:
+            await self._stop(loads)
+        return points
+
+    async def _stop(self, tasks: list[asyncio.Task]) -> None:
+        """Cancel the load requests (the engine aborts them) and wait until the engine is idle again."""
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.wait_idle()
 
     async def _raw_stream(self, prompt_tokens: int, max_tokens: int) -> None:
         """A streamed completion whose bytes are read and dropped (load, not measurement)."""

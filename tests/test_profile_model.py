@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from qlmctl.cli import app
-from qlmctl.profiling import DecodePoint, MixedPoint, PrefillPoint, RawProfile, fit_profile
+from qlmctl.profiling import DecodePoint, FrontendLoadPoint, MixedPoint, PrefillPoint, RawProfile, fit_profile
 from simulator.profile import EngineProfile, chunk_pairs
 
 TRUTH = EngineProfile(model="m", base_s=0.02, per_prefill_token_s=1.5e-4, per_decode_seq_s=1.0e-3,
@@ -41,6 +41,35 @@ def test_fit_recovers_exact_synthetic_points():
     assert RawProfile.from_json(raw.to_json()) == raw
 
 
+def test_frontend_queue_fit_recovers_known_costs():
+    """Windows generated from a known API-server queue: the CPU regression and the queue fit recover it."""
+    truth = TRUTH.with_overrides(frontend_cpu_per_request_s=0.005, frontend_cpu_per_token_s=6e-5,
+                                 frontend_queue_factor=1.8, frontend_latency_s=0.012)
+    raw = RawProfile(model="m", url="-", num_gpu_blocks=100, async_scheduling=True)
+    for n in (256, 1024, 2048):
+        raw.prefill.append(PrefillPoint(n, 0.003 + TRUTH.prefill_time(n)))
+    for b in (1, 8, 32):
+        raw.decode.append(DecodePoint(b, 128, 32, TRUTH.step_time(0, b, b * 144), b * 144))
+    for streams, step in ((0, 0.0), (64, 0.012), (128, 0.018), (192, 0.03)):
+        for rate in (4.0, 12.0, 20.0):
+            tokens = streams / step if step else 0.0
+            engine = 0.03 + 0.001 * rate  # vLLM's queue + prefill, as its histograms report it
+            client = (engine + (0.5 * step if streams else 0.0) + truth.frontend_latency_s
+                      + truth.frontend_wait(streams, step, rate))
+            raw.frontend_load.append(FrontendLoadPoint(
+                streams=streams, rate_rps=rate, probes=int(rate * 5), probe_tokens=1024, step_s=step,
+                tokens_per_s=tokens, client_ttft_s=client, cpu_per_s=0.04 + 0.005 * rate + 6e-5 * tokens,
+                vllm_ttft_s=None, engine_s=engine))
+    fit = fit_profile(raw, TRUTH.max_num_batched_tokens)
+    assert fit.frontend_cpu_per_request_s == pytest.approx(0.005, rel=1e-6)
+    assert fit.frontend_cpu_per_token_s == pytest.approx(6e-5, rel=1e-6)
+    assert fit.frontend_idle_cpu == pytest.approx(0.04, rel=1e-6)
+    assert fit.frontend_queue_factor == pytest.approx(1.8, rel=1e-6)
+    assert fit.frontend_latency_s == pytest.approx(0.012, rel=1e-6)
+    assert max(abs(e[3]) for e in fit.frontend_errors) < 1e-9
+    assert RawProfile.from_json(raw.to_json()) == raw
+
+
 def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     from qlmctl.live.emulator import start_emulator
 
@@ -54,6 +83,7 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
             "--output-tokens", "40", "--reps", "3", "--max-num-seqs", "64", "--max-num-batched-tokens", "2048",
             "--mixed-batches", "16", "--mixed-contexts", "256", "--mixed-lengths", "256,1024",
             "--frontend-streams", "0,16,32", "--no-async-scheduling",
+            "--load-streams", "0,16", "--load-rates", "5", "--load-window-s", "1", "--probe-tokens", "256",
             "--gpu", "emulated", "--sleep",
         ])
     assert res.exit_code == 0, res.output
@@ -66,6 +96,11 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     assert prof["provenance"]["points"]["frontend"] == 3
     step32 = TRUTH.step_time(0, 32, 32 * 600)
     assert prof["frontend_per_stream_s"] * 32 < step32 / 3
+    # The API server load windows ran and were kept (the emulator exports no process CPU counter, so
+    # there is no queue model to fit; the windows' probes are timed by its vLLM-style histograms).
+    loads = json.loads(raw.read_text())["frontend_load"]
+    assert [p["streams"] for p in loads] == [0, 16] and all(p["probes"] > 0 and p["engine_s"] for p in loads)
+    assert prof["provenance"]["points"]["frontend_load"] == 2 and "frontend_queue_factor" not in prof
     assert prof["kv_blocks"] == TRUTH.kv_blocks and prof["block_size"] == 16
     assert prof["max_model_len"] == TRUTH.max_model_len
     assert prof["provenance"]["gpu"] == "emulated" and "vllm" in prof["provenance"]["engine"]

@@ -59,4 +59,5 @@ watch_cpu() {  # CPU use of vLLM's API server, its engine core and qlmctl, every
 }
 stop_vllm() { [ -n "$SPID" ] && kill -- -$SPID 2>/dev/null; sleep 4; kill -9 -- -$SPID 2>/dev/null; SPID=; }
 qlm() { python3 -c "from qlmctl.cli import main; main()" "$@"; }
-profile_cmd() { python3 -c "import typer; from qlmctl.commands.profile import profile_model; typer.run(profile_model)" "$@"; }
+PROFILE_PY="import typer; from qlmctl.commands.profile import profile_model; typer.run(profile_model)"
+profile_cmd() { python3 -c "$PROFILE_PY" "$@"; }

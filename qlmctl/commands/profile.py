@@ -30,12 +30,12 @@ def _ints(text: str, name: str, minimum: int = 1) -> list[int]:
     return vals
 
 
-def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int) -> int:
+def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int, cap: int = 2000) -> int:
     """Output length for `streams` long requests of `prompt_tokens` that must outlast a measurement
     without filling the KV cache (no preemption) or passing the model length."""
     kv_tokens = (raw.num_gpu_blocks or 0) * (raw.block_size or 16)
     room = min(int(0.8 * kv_tokens / max(1, streams)) if kv_tokens else 2000, (raw.max_model_len or 8192) - 1)
-    return min(2000, room - prompt_tokens)
+    return min(cap, room - prompt_tokens)
 
 
 def _wait_health(url: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
@@ -59,7 +59,8 @@ def _wait_health(url: str, proc: subprocess.Popen | None, timeout_s: float) -> N
 async def _measure(url: str, model: str, prompt_lengths: list[int], batches: list[int], contexts: list[int],
                    output_tokens: int, reps: int, sleep: bool, seed: int, budget: int, progress, raw,
                    mixed_batches: list[int], mixed_lengths: list[int], mixed_contexts: list[int],
-                   frontend_streams: list[int]) -> None:
+                   frontend_streams: list[int], load_streams: list[int], load_rates: list[float],
+                   load_window_s: float, probe_tokens: int, max_num_seqs: int) -> None:
     from qlmctl.profiling import Profiler
 
     prof = Profiler(url, model, seed=seed)
@@ -67,8 +68,24 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
         await prof.capacity(raw)
         await prof.stream(16, 8)  # warm-up
         total = (len(prompt_lengths) + len(batches) * len(contexts) + len(mixed_batches) * len(mixed_contexts)
-                 + len(frontend_streams) + (1 if sleep else 0))
+                 + len(frontend_streams) + len(load_streams) + (1 if sleep else 0))
         task = progress.add_task("profiling", total=total)
+        # The API server under load first: a run cut short (Ctrl-C, a time limit) still has it.
+        for n in load_streams:
+            progress.update(task, description=f"API server load, {n} streams")
+            max_tokens = _max_tokens(raw, n, 512, cap=4000)  # must outlast every window
+            if n >= max_num_seqs:
+                progress.console.print(f"[yellow]skipping the API server load with {n} streams: the probes would "
+                                       f"wait for one of the {max_num_seqs} batch slots (--max-num-seqs)[/]")
+            elif n and max_tokens < 64:
+                progress.console.print(f"[yellow]skipping the API server load with {n} streams: too little KV cache[/]")
+            else:
+                try:
+                    raw.frontend_load.extend(await prof.frontend_load_points(
+                        n, load_rates, probe_tokens=probe_tokens, window_s=load_window_s, max_tokens=max_tokens))
+                except RuntimeError as e:
+                    prof.skipped.append(f"API server load with {n} streams: {e}")
+            progress.advance(task)
         for n in prompt_lengths:
             progress.update(task, description=f"prefill {n} tok")
             raw.prefill.append(await prof.prefill_point(n, reps))
@@ -129,6 +146,11 @@ def profile_model(
     mixed_contexts: str = typer.Option("512,1536", help="Mixed steps: prompt length of the decoding streams, tokens."),
     frontend: bool = typer.Option(True, "--frontend/--no-frontend", help="Also time short probes while the server streams to many clients."),
     frontend_streams: str = typer.Option("0,64,128,256", help="Frontend probes: concurrent streams relayed, each with a 512-token prompt."),
+    frontend_load: bool = typer.Option(True, "--frontend-load/--no-frontend-load", help="Also measure the API server as a queue: its CPU per request and per streamed token, and probe TTFTs under Poisson arrivals while it streams (fits the frontend queue model)."),
+    load_streams: str = typer.Option("0,64,128,192", help="API server load: concurrent streams relayed, each with a 512-token prompt (fewer than --max-num-seqs, so that probes get a batch slot)."),
+    load_rates: str = typer.Option("4,12,20", help="API server load: probe arrival rates, requests/s (Poisson)."),
+    load_window_s: float = typer.Option(5.0, min=0.5, help="API server load: seconds of probes per rate."),
+    probe_tokens: int = typer.Option(1024, min=1, help="API server load: prompt length of each probe, tokens."),
     max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile)."),
     max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens."),
     kv_blocks: Optional[int] = typer.Option(None, min=1, help="KV blocks, if the engine does not report them."),
@@ -169,6 +191,8 @@ def profile_model(
             ml = _ints(mixed_lengths, "--mixed-lengths")
             mc = _ints(mixed_contexts, "--mixed-contexts")
             fs = _ints(frontend_streams, "--frontend-streams", minimum=0) if frontend else []
+            ls = _ints(load_streams, "--load-streams", minimum=0) if frontend_load else []
+            lr = [float(r) for r in _ints(load_rates, "--load-rates")] if frontend_load else []
             proc = None
             if launch:
                 env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
@@ -183,7 +207,8 @@ def profile_model(
                 with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                               TimeElapsedColumn(), console=console) as progress:
                     asyncio.run(_measure(url, model, pl, bs, cx, output_tokens, reps, sleep, seed,
-                                         max_num_batched_tokens, progress, raw, mb, ml, mc, fs))
+                                         max_num_batched_tokens, progress, raw, mb, ml, mc, fs, ls, lr,
+                                         load_window_s, probe_tokens, max_num_seqs))
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted: keeping what was measured[/]")
             finally:
@@ -215,6 +240,12 @@ def profile_model(
     t.add_row("HTTP overhead (s)", f"{fit.overhead_s:.4g}")
     if raw.frontend:
         t.add_row("frontend per stream (s)", f"{fit.frontend_per_stream_s:.4g}")
+    if raw.frontend_load:
+        t.add_row("frontend latency (s)", f"{prof['frontend_latency_s']:.4g}")
+        t.add_row("API server CPU per request (s)", f"{fit.frontend_cpu_per_request_s:.4g}")
+        t.add_row("API server CPU per streamed token (s)", f"{fit.frontend_cpu_per_token_s:.4g}")
+        t.add_row("API server idle CPU (s/s)", f"{fit.frontend_idle_cpu:.3g}")
+        t.add_row("API server queue factor", f"{fit.frontend_queue_factor:.3g}")
     t.add_row("KV blocks", f"{prof['kv_blocks']:,}")
     console.print(t)
     e = Table(title=f"fit error per point (mean |err| {fit.mean_abs_error:.1%}, max {fit.max_abs_error:.1%})")
