@@ -52,7 +52,8 @@ def main() -> None:
                 lines.append(f"| {load} ({rate} req/s) | {policy} | {label} | {fmt(lv)} | {fmt(sv)} | {err:+.0%} |")
     lines += ["", "Where the TTFT goes (means, ms). Client: the replay client's TTFT through `qlmctl serve`; vLLM: "
               "the engine's own histograms over the run (API server arrival to first token; engine-core queue + "
-              "prefill); simulated: the whole client TTFT and its engine part (frontend delay left out).", "",
+              "prefill); simulated: the whole client TTFT and its engine part (frontend delay and API server queue "
+              "left out).", "",
               "| load | policy | client | vLLM TTFT | vLLM queue + prefill | simulated | simulated engine part |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for load, (rate, n) in LOADS.items():
@@ -60,7 +61,8 @@ def main() -> None:
         reqs, _ = build_requests(sc)
         # The same cluster with the frontend delay removed: what the engine alone takes.
         insts = [dict(i.model_dump(), profile_overrides={**i.profile_overrides, "frontend_latency_s": 0.0,
-                                                         "frontend_per_stream_s": 0.0})
+                                                         "frontend_per_stream_s": 0.0,
+                                                         "frontend_queue_factor": 0.0})
                  for i in sc.spec.cluster.instances]
         bare = load_scenario(args.scenario, {"workload": {"target_rate_rps": rate, "max_requests": n},
                                              "cluster": {"instances": insts}})
