@@ -102,7 +102,7 @@ class SimInstance:
         self._rate = self._rate * math.exp(-(now - self._rate_t) / RATE_WINDOW_S) + 1.0 / RATE_WINDOW_S
         self._rate_t = now
         prof = self.engine.profile
-        if prof is None or prof.frontend_queue_factor <= 0.0:
+        if prof is None:
             return 0.0
         return prof.frontend_wait(self.engine.num_running, self.engine.step_s(), self._rate)
 
