@@ -15,10 +15,11 @@ Measurements (all through the OpenAI completions API, token-id prompts so length
 
 The fit is a non-negative least squares on relative error over every point (A = attention pairs,
 L' = prefill tokens beyond the knee, see simulator.profile):
-    decode point:  itl  = base + b*D + c*C
-    prefill point: ttft = overhead + ceil(L/budget)*base + a*L' + q*A(L)
-    mixed point:   step = base + a*L' + q*A(L) + b*D + c*C
-With mixed points the knee is chosen (0 to 512 tokens) for the least mean error; without them it is 0.
+    decode point:  itl  = base + b*D + c*C       (also the pure-decode steps around each mixed window)
+    prefill point: ttft = overhead + ceil(L/budget)*(base + m) + a*L' + q*A(L)
+    mixed point:   step = base + m + a*L' + q*A(L) + b*D + c*C
+With mixed points the knee is chosen (0 to 512 tokens) for the least mean error; without them it is 0,
+and so is m (the cost of a step carrying prefill, which only mixed steps tell apart from base).
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ class Fit:
     overhead_s: float
     errors: list[tuple[str, float, float, float]]
     """(point label, measured s, fitted s, relative error)."""
+    per_prefill_step_s: float = 0.0
     frontend_per_stream_s: float = 0.0
     frontend_errors: list[tuple[str, float, float, float]] = field(default_factory=list)
     """Probe TTFTs under streaming load: measured, modelled (engine + frontend), relative error."""
@@ -197,7 +199,7 @@ def _step_profile(fit: Fit, budget: int, **fields: Any) -> EngineProfile:
     return EngineProfile(model="", base_s=fit.base_s, per_prefill_token_s=fit.per_prefill_token_s,
                          per_decode_seq_s=fit.per_decode_seq_s, per_context_token_s=fit.per_context_token_s,
                          kv_blocks=1, max_num_batched_tokens=budget, per_prefill_pair_s=fit.per_prefill_pair_s,
-                         knee_tokens=fit.knee_tokens, **fields)
+                         knee_tokens=fit.knee_tokens, per_prefill_step_s=fit.per_prefill_step_s, **fields)
 
 
 def _probe_engine_s(prof: EngineProfile, streams: int, step_s: float, probe_tokens: int, lag: float) -> float:
@@ -274,25 +276,30 @@ def _fit_at(raw: RawProfile, budget: int, quadratic: bool, knee: int) -> Fit:
     rows: list[list[float]] = []
     ys: list[float] = []
     labels: list[str] = []
-    # Columns: base, a (prefill/token), b (decode/seq), c (context/token), q (prefill pair), overhead.
+    # Columns: base, a (prefill/token), b (decode/seq), c (context/token), q (prefill pair), overhead,
+    # m (a step with prefill). m is told apart from base only by mixed steps next to pure-decode ones.
     for p in raw.decode:
-        rows.append([1.0, 0.0, float(p.batch), float(p.context_tokens), 0.0, 0.0])
+        rows.append([1.0, 0.0, float(p.batch), float(p.context_tokens), 0.0, 0.0, 0.0])
         ys.append(p.itl_s)
         labels.append(f"decode B={p.batch} ctx={p.prompt_tokens}")
+    for p in raw.mixed:  # the pure-decode steps around each mixed window are decode points too
+        rows.append([1.0, 0.0, float(p.batch), float(p.context_tokens), 0.0, 0.0, 0.0])
+        ys.append(p.decode_step_s)
+        labels.append(f"decode B={p.batch} ctx={p.prompt_tokens} (by L={p.prefill_tokens})")
     for p in raw.prefill:
         chunks, billed, pairs = shape.prefill_terms(p.prompt_tokens)
-        rows.append([float(chunks), float(billed), 0.0, 0.0, pairs, 1.0])
+        rows.append([float(chunks), float(billed), 0.0, 0.0, pairs, 1.0, float(chunks)])
         ys.append(p.ttft_s)
         labels.append(f"prefill L={p.prompt_tokens}")
     for p in raw.mixed:
         billed = shape.billed_prefill_tokens(p.prefill_tokens, p.batch)
         rows.append([1.0, float(billed), float(p.batch), float(p.context_tokens),
-                     chunk_pairs(0, p.prefill_tokens), 0.0])
+                     chunk_pairs(0, p.prefill_tokens), 0.0, 1.0])
         ys.append(p.step_s)
         labels.append(f"mixed B={p.batch} ctx={p.prompt_tokens} L={p.prefill_tokens}")
-    cols = 6 if quadratic else 5
-    if not quadratic:
-        rows = [r[:4] + r[5:] for r in rows]
+    keep = [0, 1, 2, 3] + ([4] if quadratic else []) + [5] + ([6] if raw.mixed else [])
+    rows = [[r[i] for i in keep] for r in rows]
+    cols = len(keep)
     if len(rows) < cols:
         raise ValueError(f"too few measurements to fit {cols} coefficients")
     a = np.array(rows)
@@ -303,8 +310,9 @@ def _fit_at(raw: RawProfile, budget: int, quadratic: bool, knee: int) -> Fit:
     coef, _ = nnls((a * w[:, None]) / scale, y * w)
     coef = coef / scale
     pred = a @ coef
-    if not quadratic:
-        coef = np.concatenate([coef[:4], [0.0], coef[4:]])
+    full = np.zeros(7)
+    full[keep] = coef
+    coef = full
     errors = [(lab, float(m), float(f), float((f - m) / m)) for lab, m, f in zip(labels, y, pred)]
     return Fit(
         base_s=float(coef[0]),
@@ -315,6 +323,7 @@ def _fit_at(raw: RawProfile, budget: int, quadratic: bool, knee: int) -> Fit:
         knee_tokens=knee,
         overhead_s=float(coef[5]),
         errors=errors,
+        per_prefill_step_s=float(coef[6]),
     )
 
 
@@ -330,6 +339,7 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         "per_decode_seq_s": float(f"{fit.per_decode_seq_s:.4g}"),
         "per_context_token_s": float(f"{fit.per_context_token_s:.4g}"),
         "per_prefill_pair_s": float(f"{fit.per_prefill_pair_s:.4g}"),
+        "per_prefill_step_s": float(f"{fit.per_prefill_step_s:.4g}"),
         "knee_tokens": fit.knee_tokens,
         "kv_blocks": int(blocks),
         "block_size": int(raw.block_size or 16),

@@ -4,7 +4,7 @@ Form of the step cost (seconds), for a step that computes P prefill tokens and D
 sequences whose KV context totals C tokens, where the prefill tokens attend to A (query, key) pairs:
 
     step_time = base_s + per_prefill_token_s * P' + per_decode_seq_s * D + per_context_token_s * C
-                + per_prefill_pair_s * A,    P' = max(0, P - max(0, knee_tokens - D))
+                + per_prefill_pair_s * A + per_prefill_step_s * [P > 0],    P' = max(0, P - max(0, knee_tokens - D))
 
 `knee_tokens` is how many tokens a step carries before its GEMMs turn compute-bound: below it the step
 costs what reading the weights costs (in `base_s`), so the first prefill tokens that join a small decode
@@ -23,6 +23,11 @@ controls, so the simulator can sum a run of steps in closed form, and it is the 
 LLMServingSim fit. Prefill attention is quadratic in prompt length (`per_prefill_pair_s`); a purely
 linear fit would let the longest prompts inflate the per-token cost of every mid-size one. What it leaves
 out (CUDA-graph batch padding, GEMM efficiency at small token counts) `profile-model` reports as fit error.
+
+`per_prefill_step_s` is what a step pays for carrying any prefill tokens at all: vLLM V1 replays a
+decode-only batch as one full CUDA graph, but runs a batch with prefill tokens piecewise (attention
+launched layer by layer outside the graphs). Measured on an H200 (8B shape) at about 2.3 ms; without it
+the fit pushed that cost into the decode coefficients and overestimated steps of 96-160 decodes by 8-9 %.
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ class EngineProfile:
     knee_tokens: int = 0
     """Tokens a step carries within `base_s` (memory-bound GEMMs); prefill tokens beyond it cost
     `per_prefill_token_s` each (see module doc)."""
+    per_prefill_step_s: float = 0.0
+    """Extra seconds of a step that carries prefill tokens over a decode-only one (see module doc)."""
     frontend_cpu_per_request_s: float = 0.0
     """CPU seconds vLLM's API server spends taking in one request (HTTP, tokenising, hand-off)."""
     frontend_cpu_per_token_s: float = 0.0
@@ -137,6 +144,7 @@ class EngineProfile:
             + self.per_decode_seq_s * decode_seqs
             + self.per_context_token_s * context_tokens
             + self.per_prefill_pair_s * prefill_pairs
+            + (self.per_prefill_step_s if prefill_tokens > 0 else 0.0)
         )
 
     def decode_throughput(self, batch_size: int, mean_context: float) -> float:
@@ -150,7 +158,8 @@ class EngineProfile:
         if prompt_tokens <= 0:
             return 0.0
         steps, billed, pairs = self.prefill_terms(prompt_tokens)
-        return steps * self.base_s + self.per_prefill_token_s * billed + self.per_prefill_pair_s * pairs
+        return (steps * (self.base_s + self.per_prefill_step_s) + self.per_prefill_token_s * billed
+                + self.per_prefill_pair_s * pairs)
 
     def prefill_terms(self, prompt_tokens: int) -> tuple[int, int, float]:
         """(steps, billed prefill tokens, attention pairs) of prefilling `prompt_tokens` alone on an idle

@@ -60,6 +60,25 @@ def test_lone_request_decode_closed_form():
     assert q.generated == 50
 
 
+def test_steps_with_prefill_pay_the_prefill_step_cost_and_decode_steps_do_not():
+    m = 0.004
+    p = small_profile(max_num_batched_tokens=512)
+    pm = p.with_overrides(per_prefill_step_s=m)
+    for prompt, chunks in ((100, 1), (512, 1), (1300, 3)):
+        e = Engine(pm)
+        q = Sequence(0, prompt, 20)
+        e.submit(q, 0.0)
+        outs = e.advance(math.inf)
+        first = next(o for o in outs if o.kind is OutputKind.FIRST_TOKEN).time
+        fin = next(o for o in outs if o.kind is OutputKind.FINISHED).time
+        # Every prefill chunk is one step that pays m; the 19 decode steps after it do not.
+        assert first == pytest.approx(p.prefill_time(prompt) + chunks * m, rel=1e-12)
+        decode = sum(p.step_time(0, 1, prompt + 1 + k) for k in range(19))
+        assert fin - first == pytest.approx(decode, rel=1e-9)
+    assert pm.step_time(64, 8, 800) - p.step_time(64, 8, 800) == pytest.approx(m)
+    assert pm.step_time(0, 8, 800) == p.step_time(0, 8, 800)
+
+
 def test_preemption_when_kv_runs_out_and_everything_still_finishes():
     p = small_profile(kv_blocks=40, max_num_seqs=16)
     e = Engine(p)

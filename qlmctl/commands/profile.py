@@ -235,7 +235,7 @@ def profile_model(
     t.add_column("coefficient")
     t.add_column("value", justify="right")
     for k in ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s", "per_prefill_pair_s",
-              "knee_tokens"):
+              "per_prefill_step_s", "knee_tokens"):
         t.add_row(k, f"{prof[k]:.4g}")
     t.add_row("HTTP overhead (s)", f"{fit.overhead_s:.4g}")
     if raw.frontend:

@@ -89,7 +89,8 @@ class RWTEstimator:
         conc = max(1, min(profile.max_num_seqs, kv_conc))
         step = profile.step_time(0, conc, int(conc * (prompt + mu / 2)))
         # Prefill of each request is spread over the decode steps it shares with the batch.
-        prefill = profile.per_prefill_token_s * prompt + profile.per_prefill_pair_s * chunk_pairs(0, prompt)
+        prefill = (profile.per_prefill_token_s * prompt + profile.per_prefill_pair_s * chunk_pairs(0, prompt)
+                   + profile.per_prefill_step_s * math.ceil(prompt / profile.max_num_batched_tokens))
         req_time = mu * step + conc * prefill
         return ServiceRate(conc, req_time, step, profile.per_prefill_token_s)
 
