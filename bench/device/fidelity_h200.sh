@@ -4,6 +4,8 @@
 # profile_h200.sh left one up). Each run's summary holds the engine's own /metrics deltas (engine_metrics)
 # and the gateway's event-loop lag; $OUT/top.log samples the processes' CPU use.
 # run(command="bash bench/device/fidelity_h200.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
+# Repetitions: LOADS="near 20 600;near_b 20 600" (bench/fidelity_compare.py pools near, near_b, ...);
+# POLICIES="qlm,fcfs" reverses the order.
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
@@ -22,7 +24,7 @@ for spec in "${SPECS[@]}"; do
   qlm serve -s "${SCENARIO:-scenarios/fidelity_h200.yaml}" --replay --rate "$2" -n "$3" -p "${POLICIES:-fcfs,qlm}" \
     -o "$OUT/fid/$1" 2>&1 | grep -vE "━|^\s*$" | tail -32
 done
-if [ -n "${INPROC:-1}" ]; then  # the same near-saturation fcfs run with the client inside the gateway's process
+if [ -n "${INPROC-1}" ]; then  # the same near-saturation fcfs run with the client inside the gateway's process (INPROC= skips it)
   log "live replay near, client in the gateway's process"
   qlm serve -s "${SCENARIO:-scenarios/fidelity_h200.yaml}" --replay --rate 20 -n 600 -p fcfs --in-process-client \
     -o "$OUT/fid/near_inproc" 2>&1 | grep -vE "━|^\s*$" | tail -12
