@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("live", type=Path)
     ap.add_argument("--scenario", type=Path, default=REPO / "scenarios" / "fidelity_h200.yaml")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--api-servers", type=int, default=1,
+                    help="vLLM's --api-server-count in the live runs (the simulated profile takes it too)")
     args = ap.parse_args()
 
     runs = {load: repetitions(args.live, load) for load in LOADS}
@@ -88,7 +90,12 @@ def main() -> None:
                  "|---|---|---:|---:|---:|---:|---:|"]
     worst: dict[str, float] = {}
     for load, (rate, n) in LOADS.items():
-        over = {"workload": {"target_rate_rps": rate, "max_requests": n}}
+        over: dict = {"workload": {"target_rate_rps": rate, "max_requests": n}}
+        if args.api_servers != 1:
+            base = load_scenario(args.scenario, over)
+            over["cluster"] = {"instances": [
+                dict(i.model_dump(), profile_overrides={**i.profile_overrides, "api_server_count": args.api_servers})
+                for i in base.spec.cluster.instances]}
         sc = load_scenario(args.scenario, over)
         reqs, _ = build_requests(sc)
         # The same cluster with the frontend delay removed: what the engine alone takes.

@@ -47,6 +47,7 @@ class ProfileSpec(_Strict):
     frontend_cpu_per_request_s: float = Field(default=0.0, ge=0, description="API server CPU per request taken in, s")
     frontend_cpu_per_token_s: float = Field(default=0.0, ge=0, description="API server CPU per streamed token, s")
     frontend_queue_factor: float = Field(default=0.0, ge=0, description="API server queueing waits per request (0: no queue model)")
+    api_server_count: int = Field(default=1, ge=1, description="vLLM's --api-server-count: API server processes sharing requests")
     provenance: dict[str, Any] | None = None
 
     def to_profile(self, model: str) -> EngineProfile:

@@ -97,6 +97,9 @@ class EngineProfile:
     """CPU seconds vLLM's API server spends taking in one request (HTTP, tokenising, hand-off)."""
     frontend_cpu_per_token_s: float = 0.0
     """CPU seconds the API server spends per streamed output token (detokenising, formatting, sending)."""
+    api_server_count: int = 1
+    """vLLM's `--api-server-count`: requests, and the tokens streamed to them, are spread over that many
+    API-server processes, each one queue with the measured per-process costs (see `frontend_wait`)."""
     frontend_queue_factor: float = 0.0
     """How many queueing waits of the API server's event loop a request's first token goes through
     (fitted by `profile-model` from probes under load; 0 turns the queue model off). See `frontend_wait`."""
@@ -120,15 +123,18 @@ class EngineProfile:
         `frontend_cpu_per_request_s` per request arriving at `rate_rps`. Its utilisation is rho; a request
         waits the mean residual work R of an M/G/1 queue over (1 - rho) (Pollaczek-Khinchine), once per
         loop hop on its way (`frontend_queue_factor`). rho is capped at 0.95: past that the real server
-        merges the tokens it is late with into fewer chunks instead of falling behind without bound."""
+        merges the tokens it is late with into fewer chunks instead of falling behind without bound.
+        With `api_server_count` N, each process serves 1/N of the streams and of the arrivals."""
         h = self.frontend_queue_factor
         if h <= 0.0:
             return 0.0
+        n = max(1, self.api_server_count)
+        per_streams, per_rate = streams / n, rate_rps / n  # one process's share
         ct, cr = self.frontend_cpu_per_token_s, self.frontend_cpu_per_request_s
-        burst = streams * ct
+        burst = per_streams * ct
         per_step = burst / step_s if step_s > 0 else 0.0
-        rho = min(FRONTEND_RHO_CAP, per_step + rate_rps * cr)
-        residual = (burst * burst / (2.0 * step_s) if step_s > 0 else 0.0) + rate_rps * cr * cr / 2.0
+        rho = min(FRONTEND_RHO_CAP, per_step + per_rate * cr)
+        residual = (burst * burst / (2.0 * step_s) if step_s > 0 else 0.0) + per_rate * cr * cr / 2.0
         return h * residual / (1.0 - rho)
 
     def billed_prefill_tokens(self, prefill_tokens: int, decode_seqs: int) -> int:

@@ -194,3 +194,11 @@ def test_frontend_wait_grows_with_streams_and_arrivals_and_is_bounded():
     assert p.frontend_wait(100, 0.02, 10.0) == pytest.approx(2.0 * r / (1 - rho))
     # Past saturation the wait stops growing without bound (rho is capped).
     assert p.frontend_wait(10_000, 0.02, 10.0) < math.inf
+
+
+def test_api_servers_share_streams_and_arrivals():
+    p = small_profile(frontend_cpu_per_request_s=0.005, frontend_cpu_per_token_s=6e-5, frontend_queue_factor=2.0)
+    p4 = p.with_overrides(api_server_count=4)
+    # Four processes: each takes a quarter of the streams and of the arrivals, and waits that much less.
+    assert p4.frontend_wait(200, 0.02, 16.0) == pytest.approx(p.frontend_wait(50, 0.02, 4.0))
+    assert p4.frontend_wait(200, 0.02, 16.0) < p.frontend_wait(200, 0.02, 16.0) / 4
