@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -170,3 +171,22 @@ def test_api_server_queue_delays_first_tokens_under_load_only():
     assert 0 < light_gap < busy_gap
     assert busy_on["completed"] == 200
     assert busy_on["mean_tpot_ms"] == pytest.approx(busy_off["mean_tpot_ms"], rel=0.1)
+
+
+def test_qlm_demoting_while_the_queue_runs_dry_in_overload():
+    """Overload on one instance (the fidelity scenario at 32 req/s, a step model fitted on an H200): qlm's
+    work-conserving pass demotes hopeless heads into a new late group while it scans the groups, which
+    once broke the scan. Every request must still be served exactly once."""
+    fitted = dict(base_s=0.0048565, per_prefill_token_s=2.189e-05, per_decode_seq_s=1.443e-05,
+                  per_context_token_s=3.017e-08, per_prefill_pair_s=1.248e-09, per_prefill_step_s=0.001587,
+                  knee_tokens=176)
+    over = {"workload": {"target_rate_rps": 32, "max_requests": 960}}
+    path = Path(__file__).resolve().parents[1] / "scenarios" / "fidelity_h200.yaml"
+    base = load_scenario(path, over)
+    insts = [dict(i.model_dump(), profile_overrides={**i.profile_overrides, **fitted}) for i in base.spec.cluster.instances]
+    sc = load_scenario(path, {**over, "cluster": {"instances": insts}})
+    reqs, _ = build_requests(sc)
+    run = simulate(sc, "qlm", reqs)
+    assert run.result.policy_stats["demoted"] > 0
+    assert all(r.finish_s is not None and r.error is None for r in run.result.requests)
+    assert len({r.request_id for r in run.result.requests}) == 960

@@ -199,7 +199,7 @@ class QLMPolicy(Policy):
             return g if room.fits(g.queue[0]) else None
         # Work conserving: the queue ran dry, so take any group of this model, most urgent first.
         best = None
-        for g in self.groups.values():
+        for g in list(self.groups.values()):  # _ready_head may demote into a new late group
             if g.model == inst.model and self._ready_head(g, now):
                 if best is None or (g.late, g.head_deadline()) < (best.late, best.head_deadline()):
                     best = g
