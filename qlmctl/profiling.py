@@ -14,10 +14,10 @@ Measurements (all through the OpenAI completions API, token-id prompts so length
 - optionally the sleep (level 1) and wake-up times, i.e. the warm model-swap cost.
 
 The fit is a non-negative least squares on relative error over every point (A = attention pairs,
-L' = prefill tokens beyond the knee, see simulator.profile):
-    decode point:  itl  = base + b*D + c*C       (also the pure-decode steps around each mixed window)
-    prefill point: ttft = overhead + ceil(L/budget)*(base + m) + a*L' + q*A(L)
-    mixed point:   step = base + m + a*L' + q*A(L) + b*D + c*C
+T' = token rows beyond the knee, see simulator.profile):
+    decode point:  itl  = base + a*T'(0, D) + b*D + c*C   (also the pure-decode steps around each mixed window)
+    prefill point: ttft = overhead + ceil(L/budget)*(base + m) + a*T'(L) + q*A(L)
+    mixed point:   step = base + m + a*T'(L, D) + q*A(L) + b*D + c*C
 With mixed points the knee is chosen (0 to 512 tokens) for the least mean error; without them it is 0,
 and so is m (the cost of a step carrying prefill, which only mixed steps tell apart from base).
 """
@@ -279,11 +279,13 @@ def _fit_at(raw: RawProfile, budget: int, quadratic: bool, knee: int) -> Fit:
     # Columns: base, a (prefill/token), b (decode/seq), c (context/token), q (prefill pair), overhead,
     # m (a step with prefill). m is told apart from base only by mixed steps next to pure-decode ones.
     for p in raw.decode:
-        rows.append([1.0, 0.0, float(p.batch), float(p.context_tokens), 0.0, 0.0, 0.0])
+        rows.append([1.0, float(shape.billed_tokens(0, p.batch)), float(p.batch), float(p.context_tokens),
+                     0.0, 0.0, 0.0])
         ys.append(p.itl_s)
         labels.append(f"decode B={p.batch} ctx={p.prompt_tokens}")
     for p in raw.mixed:  # the pure-decode steps around each mixed window are decode points too
-        rows.append([1.0, 0.0, float(p.batch), float(p.context_tokens), 0.0, 0.0, 0.0])
+        rows.append([1.0, float(shape.billed_tokens(0, p.batch)), float(p.batch), float(p.context_tokens),
+                     0.0, 0.0, 0.0])
         ys.append(p.decode_step_s)
         labels.append(f"decode B={p.batch} ctx={p.prompt_tokens} (by L={p.prefill_tokens})")
     for p in raw.prefill:
@@ -292,7 +294,7 @@ def _fit_at(raw: RawProfile, budget: int, quadratic: bool, knee: int) -> Fit:
         ys.append(p.ttft_s)
         labels.append(f"prefill L={p.prompt_tokens}")
     for p in raw.mixed:
-        billed = shape.billed_prefill_tokens(p.prefill_tokens, p.batch)
+        billed = shape.billed_tokens(p.prefill_tokens, p.batch)
         rows.append([1.0, float(billed), float(p.batch), float(p.context_tokens),
                      chunk_pairs(0, p.prefill_tokens), 0.0, 1.0])
         ys.append(p.step_s)

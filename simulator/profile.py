@@ -3,13 +3,16 @@
 Form of the step cost (seconds), for a step that computes P prefill tokens and D decode
 sequences whose KV context totals C tokens, where the prefill tokens attend to A (query, key) pairs:
 
-    step_time = base_s + per_prefill_token_s * P' + per_decode_seq_s * D + per_context_token_s * C
-                + per_prefill_pair_s * A + per_prefill_step_s * [P > 0],    P' = max(0, P - max(0, knee_tokens - D))
+    step_time = base_s + per_prefill_token_s * T' + per_decode_seq_s * D + per_context_token_s * C
+                + per_prefill_pair_s * A + per_prefill_step_s * [P > 0],    T' = max(0, P + D - knee_tokens)
 
-`knee_tokens` is how many tokens a step carries before its GEMMs turn compute-bound: below it the step
-costs what reading the weights costs (in `base_s`), so the first prefill tokens that join a small decode
-batch are nearly free (measured on an H200: 256 prefill tokens add 3.7 ms to a 32-sequence decode step,
-but 2,048 add 44 ms). Decode sequences fill the knee first; `knee_tokens = 0` gives a plain linear model.
+`knee_tokens` is how many token rows a step's GEMMs carry before they turn compute-bound: below it the
+step costs what reading the weights costs (in `base_s`), so the first prefill tokens that join a small
+decode batch are nearly free (measured on an H200: 256 prefill tokens add 3.5 ms to a 32-sequence decode
+step, but 2,048 add 44 ms), and every row beyond it, prefill token or decode sequence alike, costs
+`per_prefill_token_s`. That is also why a decode-only step of more than `knee_tokens` sequences grows
+faster per sequence (on the H200's 8B: 3.5 % too fast at 256 decodes when decode rows were not billed).
+`knee_tokens = 0` gives a plain linear model (T' = P: prefill tokens only).
 
 A prefill chunk of n tokens of a sequence that already holds c tokens of KV has n * (c + (n + 1) / 2)
 pairs (causal attention: each new token sees the cached ones, the chunk's earlier ones and itself).
@@ -137,16 +140,19 @@ class EngineProfile:
         residual = (burst * burst / (2.0 * step_s) if step_s > 0 else 0.0) + per_rate * cr * cr / 2.0
         return h * residual / (1.0 - rho)
 
-    def billed_prefill_tokens(self, prefill_tokens: int, decode_seqs: int) -> int:
-        """Prefill tokens that cost `per_prefill_token_s`: those beyond the knee left by the decodes."""
-        return max(0, prefill_tokens - max(0, self.knee_tokens - decode_seqs))
+    def billed_tokens(self, prefill_tokens: int, decode_seqs: int) -> int:
+        """Token rows that cost `per_prefill_token_s`: those of the step beyond the knee (prefill tokens only
+        when there is no knee)."""
+        if self.knee_tokens <= 0:
+            return prefill_tokens
+        return max(0, prefill_tokens + decode_seqs - self.knee_tokens)
 
     def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int,
                   prefill_pairs: float = 0.0) -> float:
         """Seconds for one engine step of the given composition."""
         return (
             self.base_s
-            + self.per_prefill_token_s * self.billed_prefill_tokens(prefill_tokens, decode_seqs)
+            + self.per_prefill_token_s * self.billed_tokens(prefill_tokens, decode_seqs)
             + self.per_decode_seq_s * decode_seqs
             + self.per_context_token_s * context_tokens
             + self.per_prefill_pair_s * prefill_pairs
@@ -172,7 +178,7 @@ class EngineProfile:
         engine, in chunks of the token budget: what `prefill_time` weighs with the coefficients."""
         budget = self.max_num_batched_tokens
         full, last = divmod(prompt_tokens, budget)
-        billed = full * self.billed_prefill_tokens(budget, 0) + self.billed_prefill_tokens(last, 0)
+        billed = full * self.billed_tokens(budget, 0) + self.billed_tokens(last, 0)
         return full + (1 if last else 0), billed, prompt_pairs(prompt_tokens, budget)
 
     def blocks_for(self, tokens: int) -> int:

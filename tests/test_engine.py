@@ -202,3 +202,18 @@ def test_api_servers_share_streams_and_arrivals():
     # Four processes: each takes a quarter of the streams and of the arrivals, and waits that much less.
     assert p4.frontend_wait(200, 0.02, 16.0) == pytest.approx(p.frontend_wait(50, 0.02, 4.0))
     assert p4.frontend_wait(200, 0.02, 16.0) < p.frontend_wait(200, 0.02, 16.0) / 4
+
+
+def test_rows_beyond_the_knee_cost_the_token_rate_prefill_and_decode_alike():
+    p = small_profile(knee_tokens=64)
+    a = p.per_prefill_token_s
+    # Below the knee, decode rows and the first prefill tokens ride on the weight read (base_s).
+    assert p.step_time(16, 32, 0) == pytest.approx(p.step_time(0, 32, 0))
+    assert p.step_time(48, 32, 0) - p.step_time(0, 32, 0) == pytest.approx(16 * a)
+    # A decode-only batch beyond the knee pays for its extra rows too.
+    assert p.step_time(0, 100, 0) - p.step_time(0, 99, 0) == pytest.approx(p.per_decode_seq_s + a)
+    assert p.step_time(0, 40, 0) - p.step_time(0, 39, 0) == pytest.approx(p.per_decode_seq_s)
+    # Without a knee the model stays linear in prefill tokens only.
+    lin = small_profile()
+    assert lin.step_time(0, 100, 0) - lin.step_time(0, 99, 0) == pytest.approx(lin.per_decode_seq_s)
+    assert lin.step_time(10, 100, 0) - lin.step_time(0, 100, 0) == pytest.approx(10 * lin.per_prefill_token_s)

@@ -43,6 +43,26 @@ def test_fit_recovers_exact_synthetic_points():
     assert RawProfile.from_json(raw.to_json()) == raw
 
 
+def test_fit_finds_the_knee_from_decode_and_mixed_steps():
+    truth = TRUTH.with_overrides(knee_tokens=48)
+    raw = RawProfile(model="m", url="-", num_gpu_blocks=100)
+    for n in (128, 512, 1024, 4000):
+        raw.prefill.append(PrefillPoint(n, 0.003 + truth.prefill_time(n)))
+    for b in (1, 16, 32, 64, 128):  # batches on both sides of the knee
+        for ctx in (100, 1000):
+            c = b * (ctx + 16)
+            raw.decode.append(DecodePoint(b, ctx, 32, truth.step_time(0, b, c), c))
+    for b in (8, 32):
+        for n in (32, 256, 1024):
+            step = truth.step_time(n, b, b * 600, chunk_pairs(0, n))
+            raw.mixed.append(MixedPoint(b, 512, n, step, truth.step_time(0, b, b * 600), b * 600))
+    fit = fit_profile(raw, truth.max_num_batched_tokens)
+    assert fit.knee_tokens == 48
+    for k in COEFS:
+        assert getattr(fit, k) == pytest.approx(getattr(truth, k), rel=1e-6), k
+    assert fit.max_abs_error < 1e-9
+
+
 def test_frontend_queue_fit_recovers_known_costs():
     """Windows generated from a known API-server queue: the CPU regression and the queue fit recover it."""
     truth = TRUTH.with_overrides(frontend_cpu_per_request_s=0.005, frontend_cpu_per_token_s=6e-5,
