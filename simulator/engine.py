@@ -184,11 +184,10 @@ class Engine:
         return min(t, transit[0][0]) if transit else t
 
     def step_s(self) -> float:
-        """Duration of the step in flight (the fixed cost of a step when idle), seconds."""
-        seg = self._seg
-        if seg is None or self.profile is None:
-            return self.profile.base_s if self.profile is not None else 0.0
-        return seg.fixed + self.profile.per_context_token_s * seg.ctx0
+        """Duration of a step of the segment in flight (its first; the fixed cost of a step when idle), s."""
+        if self.profile is None:
+            return 0.0
+        return self.profile.base_s if self._seg is None else self._first_step_s(self._seg)
 
     def generated(self, seq: Sequence, now: float) -> int:
         """Output tokens `seq` has produced by `now` (exact at step granularity)."""
@@ -300,10 +299,16 @@ class Engine:
             seg.n = n
             seg.end = seg.t0 + self._seg_time(seg, n)
 
+    def _first_step_s(self, seg: _Segment) -> float:
+        """Duration of `seg`'s first step; each later one reads `decode` more context tokens."""
+        p = self.profile
+        assert p is not None
+        return seg.fixed + p.per_context_token_s * seg.ctx0
+
     def _seg_time(self, seg: _Segment, n: int) -> float:
         p = self.profile
         assert p is not None
-        a = seg.fixed + p.per_context_token_s * seg.ctx0
+        a = self._first_step_s(seg)
         return n * a + p.per_context_token_s * seg.decode * n * (n - 1) / 2.0
 
     def _steps_done(self, seg: _Segment, dt: float) -> int:
@@ -312,7 +317,7 @@ class Engine:
             return 0
         p = self.profile
         assert p is not None
-        a = seg.fixed + p.per_context_token_s * seg.ctx0
+        a = self._first_step_s(seg)
         g = p.per_context_token_s * seg.decode / 2.0
         if g <= 0:
             k = int(dt / a)
