@@ -42,7 +42,7 @@ class ProfileSpec(_Strict):
     frontend_per_stream_s: float = Field(default=0.0, ge=0, description="extra client-visible latency per stream relayed, s")
     async_scheduling: bool = Field(default=False, description="vLLM's asynchronous scheduling (new requests join one step later)")
     per_prefill_pair_s: float = Field(default=0.0, ge=0, description="prefill attention cost per (query, key) pair, s")
-    knee_tokens: int = Field(default=0, ge=0, description="tokens a step carries within base_s (memory-bound GEMMs)")
+    knee_tokens: int = Field(default=0, ge=0, description="token rows (prefill tokens and decode sequences) a step carries within base_s")
     per_prefill_step_s: float = Field(default=0.0, ge=0, description="extra cost of a step that carries prefill tokens, s")
     frontend_cpu_per_request_s: float = Field(default=0.0, ge=0, description="API server CPU per request taken in, s")
     frontend_cpu_per_token_s: float = Field(default=0.0, ge=0, description="API server CPU per streamed token, s")

@@ -29,7 +29,7 @@ out (CUDA-graph batch padding, GEMM efficiency at small token counts) `profile-m
 
 `per_prefill_step_s` is what a step pays for carrying any prefill tokens at all: vLLM V1 replays a
 decode-only batch as one full CUDA graph, but runs a batch with prefill tokens piecewise (attention
-launched layer by layer outside the graphs). Measured on an H200 (8B shape) at about 2.3 ms; without it
+launched layer by layer outside the graphs). Measured on an H200 (8B shape) at about 1.6 ms; without it
 the fit pushed that cost into the decode coefficients and overestimated steps of 96-160 decodes by 8-9 %.
 """
 
@@ -92,8 +92,8 @@ class EngineProfile:
     per_prefill_pair_s: float = 0.0
     """Prefill attention: seconds per (query, key) pair that prefill tokens attend to (see module doc)."""
     knee_tokens: int = 0
-    """Tokens a step carries within `base_s` (memory-bound GEMMs); prefill tokens beyond it cost
-    `per_prefill_token_s` each (see module doc)."""
+    """Token rows a step carries within `base_s` (memory-bound GEMMs); every row beyond it, prefill token or
+    decode sequence, costs `per_prefill_token_s` (see module doc). 0: prefill tokens only, no knee."""
     per_prefill_step_s: float = 0.0
     """Extra seconds of a step that carries prefill tokens over a decode-only one (see module doc)."""
     frontend_cpu_per_request_s: float = 0.0
