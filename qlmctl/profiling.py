@@ -16,7 +16,8 @@ Measurements (all through the OpenAI completions API, token-id prompts so length
 The fit is a non-negative least squares on relative error over every point (A = attention pairs,
 T' = token rows beyond the knee, see simulator.profile):
     decode point:  itl  = base + a*T'(0, D) + b*D + c*C   (also the pure-decode steps around each mixed window)
-    prefill point: ttft = overhead + ceil(L/budget)*(base + m) + a*T'(L) + q*A(L)
+    prefill point: ttft = overhead + ceil(L/budget)*(base + m) + a*T'(L) + q*A(L)   (by the engine's own
+                   prefill histogram, without the overhead, when it exports one; overhead = the median gap)
     mixed point:   step = base + m + a*T'(L, D) + q*A(L) + b*D + c*C
 With mixed points the knee is chosen (0 to 512 tokens) for the least mean error; without them it is 0,
 and so is m (the cost of a step carrying prefill, which only mixed steps tell apart from base).
@@ -46,6 +47,10 @@ PROMPT_TOKEN_HIGH = 30000
 class PrefillPoint:
     prompt_tokens: int
     ttft_s: float
+    """Median TTFT as this client saw it (HTTP and the API server included)."""
+    engine_s: float | None = None
+    """Median of vLLM's own prefill time for it (`vllm:request_prefill_time_seconds`: scheduled to first
+    token), when the engine exports it: the steps alone, without the client-side noise."""
 
 
 @dataclass
@@ -290,8 +295,10 @@ def _fit_at(raw: RawProfile, budget: int, quadratic: bool, knee: int) -> Fit:
         labels.append(f"decode B={p.batch} ctx={p.prompt_tokens} (by L={p.prefill_tokens})")
     for p in raw.prefill:
         chunks, billed, pairs = shape.prefill_terms(p.prompt_tokens)
-        rows.append([float(chunks), float(billed), 0.0, 0.0, pairs, 1.0, float(chunks)])
-        ys.append(p.ttft_s)
+        # Timed by the engine itself when it could be: no HTTP overhead in it (see _overhead).
+        timed = p.engine_s is not None
+        rows.append([float(chunks), float(billed), 0.0, 0.0, pairs, 0.0 if timed else 1.0, float(chunks)])
+        ys.append(p.engine_s if timed else p.ttft_s)
         labels.append(f"prefill L={p.prompt_tokens}")
     for p in raw.mixed:
         billed = shape.billed_tokens(p.prefill_tokens, p.batch)
@@ -323,10 +330,19 @@ def _fit_at(raw: RawProfile, budget: int, quadratic: bool, knee: int) -> Fit:
         per_context_token_s=float(coef[3]),
         per_prefill_pair_s=float(coef[4]),
         knee_tokens=knee,
-        overhead_s=float(coef[5]),
+        overhead_s=_overhead(raw, float(coef[5])),
         errors=errors,
         per_prefill_step_s=float(coef[6]),
     )
+
+
+def _overhead(raw: RawProfile, fitted: float) -> float:
+    """The client-visible time around a lone prefill (HTTP, the API server): measured as client TTFT minus
+    the engine's own prefill time where the engine timed every prefill point, else the fit's intercept."""
+    timed = [p.ttft_s - p.engine_s for p in raw.prefill if p.engine_s is not None]
+    if raw.prefill and len(timed) == len(raw.prefill):
+        return max(0.0, float(statistics.median(timed)))
+    return fitted
 
 
 def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batched_tokens: int,
@@ -383,23 +399,20 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
 def _load_point(streams: int, probes: int, probe_tokens: int, elapsed: float, client_ttft: float,
                 before: "EngineTotals", after: "EngineTotals") -> FrontendLoadPoint:
     """A FrontendLoadPoint from the /metrics totals around its window."""
+    from qlmctl.live.prom import engine_totals_delta
 
-    def delta(name: str) -> tuple[float, float]:
-        b, a = before.histograms.get(name), after.histograms.get(name)
-        return (a.sum - b.sum, a.count - b.count) if a is not None and b is not None else (0.0, 0.0)
+    d = engine_totals_delta(before, after)
 
     def mean(name: str) -> float | None:
-        total, count = delta(name)
-        return total / count if count > 0 else None
+        return d[name]["mean"] if name in d else None
 
-    itl_sum, itl_count = delta("vllm:inter_token_latency_seconds")
-    cpu_b, cpu_a = before.counters.get("process_cpu_seconds"), after.counters.get("process_cpu_seconds")
+    itl = d.get("vllm:inter_token_latency_seconds", {"sum": 0.0, "count": 0.0})
+    cpu = d.get("process_cpu_seconds")
     queue, prefill = mean("vllm:request_queue_time_seconds"), mean("vllm:request_prefill_time_seconds")
     return FrontendLoadPoint(
         streams=streams, rate_rps=probes / elapsed, probes=probes, probe_tokens=probe_tokens,
-        step_s=itl_sum / itl_count if itl_count > 0 else 0.0, tokens_per_s=itl_count / elapsed,
-        client_ttft_s=client_ttft,
-        cpu_per_s=(cpu_a - cpu_b) / elapsed if cpu_a is not None and cpu_b is not None else None,
+        step_s=itl["sum"] / itl["count"] if itl["count"] > 0 else 0.0, tokens_per_s=itl["count"] / elapsed,
+        client_ttft_s=client_ttft, cpu_per_s=cpu / elapsed if cpu is not None else None,
         vllm_ttft_s=mean("vllm:time_to_first_token_seconds"),
         engine_s=queue + prefill if queue is not None and prefill is not None else None)
 
@@ -454,11 +467,25 @@ class Profiler:
         return times[0], times
 
     async def prefill_point(self, prompt_tokens: int, reps: int) -> PrefillPoint:
-        ttfts = []
+        name = "vllm:request_prefill_time_seconds"
+        ttfts: list[float] = []
+        engine: list[float] = []
         for _ in range(reps):
+            before = await self._totals((name,))
             ttft, _ = await self.stream(prompt_tokens, 1)
             ttfts.append(ttft)
-        return PrefillPoint(prompt_tokens, float(statistics.median(ttfts)))
+            h0 = before.histograms.get(name) if before is not None else None
+            # The engine may record the request's stats just after its last chunk: wait for them briefly.
+            for _ in range(25):
+                after = await self._totals((name,))
+                h1 = after.histograms.get(name) if after is not None else None
+                if h0 is None or h1 is None or h1.count > h0.count:
+                    break
+                await asyncio.sleep(0.02)
+            if h0 is not None and h1 is not None and h1.count == h0.count + 1:
+                engine.append(h1.sum - h0.sum)
+        return PrefillPoint(prompt_tokens, float(statistics.median(ttfts)),
+                            float(statistics.median(engine)) if len(engine) == reps else None)
 
     async def complete(self, prompt_tokens: int, max_tokens: int) -> float:
         """One non-streamed completion; its end-to-end latency, s."""
