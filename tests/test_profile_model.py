@@ -21,10 +21,8 @@ COEFS = ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token
          "per_prefill_step_s")
 
 
-def test_fit_recovers_exact_synthetic_points():
-    raw = RawProfile(model="m", url="-", num_gpu_blocks=100)
-    for n in (128, 512, 1024, 4000):
-        raw.prefill.append(PrefillPoint(n, 0.003 + TRUTH.prefill_time(n)))
+def synthetic_steps(raw: RawProfile) -> RawProfile:
+    """`raw` plus decode points (B 1-16, two contexts) and mixed points (B 8) exact under TRUTH."""
     for b in (1, 4, 16):
         for ctx in (100, 1000):
             c = b * (ctx + 16)
@@ -32,6 +30,14 @@ def test_fit_recovers_exact_synthetic_points():
     for n in (256, 1024):
         step = TRUTH.step_time(n, 8, 8 * 600, chunk_pairs(0, n))
         raw.mixed.append(MixedPoint(8, 512, n, step, TRUTH.step_time(0, 8, 8 * 600), 8 * 600))
+    return raw
+
+
+def test_fit_recovers_exact_synthetic_points():
+    raw = RawProfile(model="m", url="-", num_gpu_blocks=100)
+    for n in (128, 512, 1024, 4000):
+        raw.prefill.append(PrefillPoint(n, 0.003 + TRUTH.prefill_time(n)))
+    synthetic_steps(raw)
     fit = fit_profile(raw, TRUTH.max_num_batched_tokens)
     for k in COEFS:
         assert getattr(fit, k) == pytest.approx(getattr(TRUTH, k), rel=1e-6), k
@@ -49,13 +55,7 @@ def test_engine_timed_prefill_keeps_client_noise_out_of_the_fit():
     raw = RawProfile(model="m", url="-", num_gpu_blocks=100)
     for n, noise in ((128, 0.001), (512, 0.009), (1024, 0.002), (4000, 0.007)):
         raw.prefill.append(PrefillPoint(n, 0.003 + noise + TRUTH.prefill_time(n), TRUTH.prefill_time(n)))
-    for b in (1, 4, 16):
-        for ctx in (100, 1000):
-            c = b * (ctx + 16)
-            raw.decode.append(DecodePoint(b, ctx, 32, TRUTH.step_time(0, b, c), c))
-    for n in (256, 1024):
-        step = TRUTH.step_time(n, 8, 8 * 600, chunk_pairs(0, n))
-        raw.mixed.append(MixedPoint(8, 512, n, step, TRUTH.step_time(0, 8, 8 * 600), 8 * 600))
+    synthetic_steps(raw)
     fit = fit_profile(raw, TRUTH.max_num_batched_tokens)
     for k in COEFS:
         assert getattr(fit, k) == pytest.approx(getattr(TRUTH, k), rel=1e-6), k
