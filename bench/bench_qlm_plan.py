@@ -12,7 +12,7 @@ import time
 from qlmctl.backends.sim import SimulatedCluster
 from qlmctl.core.request import Request
 from qlmctl.policies import make_policy
-from qlmctl.runner import policy_context
+from qlmctl.policies import PolicyContext
 from qlmctl.scenario import Scenario, ScenarioSpec
 
 
@@ -26,7 +26,7 @@ def cluster(groups: int, instances: int, models: int = 4):
         "workload": {"synthetic": {"rate_rps": 1, "num_requests": 1, "prompt_tokens": 1, "output_tokens": 1}},
     })
     sc = Scenario(spec)
-    pol = make_policy("qlm", policy_context(sc))
+    pol = make_policy("qlm", PolicyContext.from_scenario(sc))
     sim = SimulatedCluster(sc, pol, [])
     rid = 0
     for g in range(groups):

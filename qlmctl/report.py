@@ -32,6 +32,8 @@ REQUESTS_FILE = "requests"
 SUMMARY_FILE = "summary.json"
 SCENARIO_FILE = "scenario.yaml"
 TIMELINE_FILE = "timeline"
+TIMELINE_COLUMNS = ["time_s", "kind", "instance_id", "model", "slo_class", "value"]
+"""Columns of a run's timeline rows (queue depth samples, swaps, evictions, retries...), in both worlds."""
 
 _MISSING = "–"
 
@@ -75,6 +77,11 @@ def _read_frame(folder: Path, stem: str) -> pd.DataFrame | None:
     if csv.exists():
         return pd.read_csv(csv)
     return None
+
+
+def timeline_frame(rows: Sequence[tuple[float, str, int, str, str, float]]) -> pd.DataFrame:
+    """A run's timeline rows as a frame with `TIMELINE_COLUMNS`."""
+    return pd.DataFrame(rows, columns=TIMELINE_COLUMNS)
 
 
 def write_results(

@@ -8,34 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from qlmctl.backends.sim import SimResult, SimulatedCluster
 from qlmctl.core.request import Request
 from qlmctl.metrics import summarize
 from qlmctl.policies import PolicyContext, make_policy, policy_class
-from qlmctl.report import write_results
+from qlmctl.report import timeline_frame, write_results
 from qlmctl.scenario import Scenario
-
-TIMELINE_COLUMNS = ["time_s", "kind", "instance_id", "model", "slo_class", "value"]
-
-
-def policy_context(scenario: Scenario) -> PolicyContext:
-    s = scenario.spec.scheduler
-    return PolicyContext(
-        profiles={m: scenario.profile(m) for m in scenario.models},
-        slo_bucket_s=s.slo_bucket_s,
-        percentile=s.percentile,
-        reschedule_interval_s=s.reschedule_interval_s,
-        dispatch_limit=s.dispatch_limit,
-        enable_eviction=s.enable_eviction,
-        enable_swap=s.enable_swap,
-        seed=scenario.spec.seed,
-        params=dict(s.params),
-        solver=s.solver,
-        solver_time_limit_s=s.solver_time_limit_s,
-        gurobi=s.gurobi,
-    )
 
 
 @dataclass
@@ -57,7 +35,7 @@ def simulate(
     requests: Sequence[Request],
     progress: Callable[[int, int], None] | None = None,
 ) -> PolicyRun:
-    pol = make_policy(policy, policy_context(scenario))
+    pol = make_policy(policy, PolicyContext.from_scenario(scenario))
     cluster = SimulatedCluster(scenario, pol, fresh_copies(requests))
     result = cluster.run(progress)
     busy = {str(i["instance_id"]): i["busy_s"] for i in result.instances}
@@ -72,18 +50,15 @@ def simulate(
             "sim_wall_s": result.wall_s,
             "sim_events": result.events,
             "policy_stats": result.policy_stats,
+            "policy_errors": result.policy_errors,
         },
     )
     return PolicyRun(policy, result, summary)
 
 
-def timeline_frame(result: SimResult) -> pd.DataFrame:
-    return pd.DataFrame(result.timeline, columns=TIMELINE_COLUMNS)
-
-
 def save(run: PolicyRun, scenario: Scenario, out_dir: Path) -> Path:
     run.folder = write_results(
-        out_dir, run.policy, run.result.requests, run.summary, scenario.dump(), timeline_frame(run.result)
+        out_dir, run.policy, run.result.requests, run.summary, scenario.dump(), timeline_frame(run.result.timeline)
     )
     return run.folder
 

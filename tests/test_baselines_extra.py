@@ -118,9 +118,9 @@ def test_shepherd_planner_moves_instances_to_the_loaded_model():
 
 
 def test_shepherd_rejects_bad_parameters():
-    from qlmctl.runner import policy_context
+    from qlmctl.policies import PolicyContext
 
-    ctx = policy_context(scenario(params={"shepherd_plan_interval_s": 0}))
+    ctx = PolicyContext.from_scenario(scenario(params={"shepherd_plan_interval_s": 0}))
     with pytest.raises(ValueError):
         ShepherdPolicy(ctx)
 

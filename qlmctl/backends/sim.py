@@ -1,8 +1,10 @@
 """The simulated cluster: simulator engines behind the ClusterView seam, driven by a discrete-event loop.
 
 The loop jumps between three kinds of time points: the next request arrival, the next engine boundary
-(each engine reports its own), and the policy's next wake-up. After each, the policy's `schedule` runs and
-its decisions are carried out at that same instant.
+(each engine reports its own), and the policy's next wake-up. After each, the driver
+(`qlmctl.core.driver`) runs the policy and carries out its decisions at that same instant; this module
+supplies the driver's `World`: a clock that jumps, a timer that is the loop's next time point, and the
+engines' operations.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
-from qlmctl.core.cluster import Decision, Dispatch, Evict, SwapModel
+from qlmctl.core.driver import Driver
 from qlmctl.core.request import Request
 from qlmctl.policies.base import Policy
 from qlmctl.scenario import Scenario
@@ -22,6 +24,8 @@ from simulator.engine import Engine, OutputKind, Sequence
 from simulator.profile import EngineProfile
 
 INF = math.inf
+SIM_RESOLUTION_S = 1e-6
+"""The simulated clock's tick: a wake-up asked for at or before now comes this much later."""
 RATE_WINDOW_S = 1.0
 """Time constant of the arrival rate an instance's API server is seen to take in."""
 
@@ -46,6 +50,8 @@ class SimInstance:
         self._warm: set[str] = {model} if model else set()
         self.requests: dict[int, tuple[Request, Sequence]] = {}
         self.swaps = 0
+        self.swap_after_drain: str | None = None
+        """A model to load once the requests still on the engine have finished (the instance takes none meanwhile)."""
         self._rate = 0.0  # dispatches per second into this instance, decayed over RATE_WINDOW_S
         self._rate_t = 0.0
 
@@ -59,7 +65,7 @@ class SimInstance:
 
     @property
     def swapping(self) -> bool:
-        return self.engine.loading
+        return self.engine.loading or self.swap_after_drain is not None
 
     @property
     def healthy(self) -> bool:
@@ -126,6 +132,8 @@ class SimResult:
     timeline: list[tuple[float, str, int, str, str, float]] = field(default_factory=list)
     """(time_s, kind, instance_id, model, slo_class, value) rows: queue depth samples, swaps, evictions."""
     policy_stats: dict[str, Any] = field(default_factory=dict)
+    policy_errors: int = 0
+    """Decisions the driver refused (see qlmctl.core.driver)."""
 
 
 class SimulatedCluster:
@@ -154,6 +162,8 @@ class SimulatedCluster:
         self._sample_dt = sample_interval_s or max(0.5, span / 400.0)
         self._next_sample = 0.0
         self.timeline: list[tuple[float, str, int, str, str, float]] = []
+        self._touched: set[int] = set()
+        self.driver = Driver(policy, self)
 
     # ClusterView
     @property
@@ -163,6 +173,56 @@ class SimulatedCluster:
     def now(self) -> float:
         return self._now
 
+    # World (the driver's operations)
+    resolution_s = SIM_RESOLUTION_S
+
+    def holds(self, request: Request, instance_id: int) -> bool:
+        return request.request_id in self._instances[instance_id].requests
+
+    def dispatch(self, request: Request, instance_id: int, now: float) -> bool:
+        r = request
+        inst = self._instances[instance_id]
+        seq = self._seqs.get(r.request_id)
+        if seq is None:
+            seq = Sequence(r.request_id, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, tag=r)
+            self._seqs[r.request_id] = seq
+        inst.engine.submit(seq, now, inst.ingress_delay(now))
+        inst.requests[r.request_id] = (r, seq)
+        self._touched.add(instance_id)
+        return True
+
+    def preempt(self, request: Request, instance_id: int, now: float) -> None:
+        inst = self._instances[instance_id]
+        inst.engine.abort(inst.requests[request.request_id][1], now)
+        self._touched.add(instance_id)
+
+    def load_model(self, instance_id: int, model: str, now: float) -> None:
+        inst = self._instances[instance_id]
+        if inst.requests:
+            inst.swap_after_drain = model
+            return
+        self._load(inst, model, now)
+        self._touched.add(instance_id)
+
+    def fail_request(self, request: Request, error: str, now: float) -> None:
+        request.error = error
+        self._done += 1
+
+    def applied(self, now: float) -> None:
+        for iid in self._touched:
+            self._handle(iid, self._instances[iid].engine.advance(now))
+            self._push(iid)
+        self._touched.clear()
+
+    def _load(self, inst: SimInstance, model: str, now: float) -> None:
+        prof = inst.profile_for(model)
+        assert prof is not None  # the driver checked
+        dur = inst.load_time(model)
+        inst.engine.load_model(prof, now, dur)
+        inst._warm.add(model)
+        inst.swaps += 1
+        self.timeline.append((now, "swap", inst.instance_id, model, "", dur))
+
     # ------------------------------------------------------------------ run
     def run(self, progress: Callable[[int, int], None] | None = None) -> SimResult:
         wall0 = time.perf_counter()
@@ -171,7 +231,8 @@ class SimulatedCluster:
         i = 0
         events = 0
         heap = self._heap
-        policy = self.policy
+        driver = self.driver
+        arrived = driver.arrived
         wake: float | None = None
         last_progress = 0
         max_len = {m: max(inst.profile_for(m).max_model_len for inst in self._instances) for m in self.scenario.models}
@@ -200,15 +261,10 @@ class SimulatedCluster:
                     r.error = "prompt_tokens + max_tokens exceeds max_model_len"
                     self._done += 1
                     continue
-                policy.add_request(r, now)
+                arrived(r, now)
             if now >= self._next_sample:
                 self._sample(now)
-            decisions = policy.schedule(self)
-            if decisions:
-                self._apply(decisions, now)
-            wake = policy.next_wakeup(now)
-            if wake is not None and wake <= now:
-                wake = now + 1e-6
+            wake = driver.schedule(now)
             if progress is not None and self._done - last_progress >= 2000:
                 last_progress = self._done
                 progress(self._done, n)
@@ -234,9 +290,8 @@ class SimulatedCluster:
             }
             for inst in self._instances
         ]
-        stats = getattr(policy, "stats", None)
         return SimResult(
-            policy=policy.name,
+            policy=self.policy.name,
             requests=list(reqs),
             instances=insts,
             num_swaps=sum(inst.swaps for inst in self._instances),
@@ -245,8 +300,8 @@ class SimulatedCluster:
             wall_s=time.perf_counter() - wall0,
             events=events,
             timeline=self.timeline,
-            policy_stats=dict(stats.__dict__) if stats is not None and hasattr(stats, "__dict__") else
-            ({k: getattr(stats, k) for k in stats.__slots__} if stats is not None else {}),
+            policy_stats=self.policy.stats_dict(),
+            policy_errors=driver.stats.policy_errors,
         )
 
     def _push(self, iid: int) -> None:
@@ -259,53 +314,9 @@ class SimulatedCluster:
             self.timeline.append((now, "queue_depth", -1, "", cls, float(depth)))
         self._next_sample = now + self._sample_dt
 
-    def _apply(self, decisions: list[Decision], now: float) -> None:
-        touched: set[int] = set()
-        for d in decisions:
-            if isinstance(d, Dispatch):
-                r = d.request
-                inst = self._instances[d.instance_id]
-                if inst.model != r.model or inst.swapping:
-                    raise RuntimeError(f"policy dispatched request {r.request_id} to instance {d.instance_id} "
-                                       f"which serves {inst.model}, not {r.model}")
-                seq = self._seqs.get(r.request_id)
-                if seq is None:
-                    seq = Sequence(r.request_id, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, tag=r)
-                    self._seqs[r.request_id] = seq
-                inst.engine.submit(seq, now, inst.ingress_delay(now))
-                if r.dispatch_s is None:
-                    r.dispatch_s = now
-                r.instance_id = d.instance_id
-                inst.requests[r.request_id] = (r, seq)
-                touched.add(d.instance_id)
-            elif isinstance(d, Evict):
-                inst = self._instances[d.instance_id]
-                pair = inst.requests.get(d.request.request_id)
-                if pair is None:
-                    continue  # finished meanwhile
-                inst.engine.abort(pair[1], now)
-                touched.add(d.instance_id)
-            elif isinstance(d, SwapModel):
-                inst = self._instances[d.instance_id]
-                prof = inst.profile_for(d.model)
-                if prof is None:
-                    raise RuntimeError(f"instance {d.instance_id} cannot host {d.model}")
-                if inst.model == d.model and not inst.swapping:
-                    self.policy.on_instance_changed(d.instance_id)
-                    continue
-                dur = inst.load_time(d.model)
-                inst.engine.load_model(prof, now, dur)
-                inst._warm.add(d.model)
-                inst.swaps += 1
-                self.timeline.append((now, "swap", d.instance_id, d.model, "", dur))
-                touched.add(d.instance_id)
-        for iid in touched:
-            self._handle(iid, self._instances[iid].engine.advance(now))
-            self._push(iid)
-
     def _handle(self, iid: int, outs: list) -> None:
         inst = self._instances[iid]
-        policy = self.policy
+        driver = self.driver
         for o in outs:
             kind = o.kind
             if kind is OutputKind.FINISHED:
@@ -316,12 +327,12 @@ class SimulatedCluster:
                 del inst.requests[r.request_id]
                 del self._seqs[r.request_id]
                 self._done += 1
-                policy.on_finished(r, o.time)
+                driver.finished(r, o.time)
             elif kind is OutputKind.FIRST_TOKEN:
                 r = o.seq.tag
                 if r.first_token_s is None:
                     r.first_token_s = o.time + inst.frontend_delay()
-                policy.on_first_token(r, o.time)
+                driver.first_token(r, o.time)
             elif kind is OutputKind.PREEMPTED:
                 o.seq.tag.num_preemptions += 1
             elif kind is OutputKind.ABORTED:
@@ -332,6 +343,9 @@ class SimulatedCluster:
                 self._evictions += 1
                 del inst.requests[r.request_id]
                 self.timeline.append((o.time, "evict", iid, r.model, r.slo_class, float(seq.generated)))
-                policy.on_evicted(r, o.time)
+                driver.evicted(r, o.time)
             elif kind is OutputKind.LOADED:
-                policy.on_instance_changed(iid)
+                driver.instance_changed(iid)
+        if inst.swap_after_drain is not None and not inst.requests and outs:
+            model, inst.swap_after_drain = inst.swap_after_drain, None
+            self._load(inst, model, outs[-1].time)

@@ -11,9 +11,10 @@ SLOs and results stay in scenario seconds).
   swap done, metrics refresh) calls `kick()`, which queues one `policy.schedule(cluster)` at the end of
   the current loop iteration, so a burst of changes costs one schedule call. A timer serves
   `policy.next_wakeup`.
-- Decisions: a Dispatch hands the request's handler its engine (the handler streams it); an Evict
-  cancels the handler's upstream stream (vLLM aborts a request whose connection closes) and the request
-  goes back to the policy through `on_evicted`; a SwapModel runs as a task (drain, sleep the awake
+- Decisions are carried out by the driver (`qlmctl.core.driver`, its rules are the simulator's too); this
+  cluster is its `World`: a Dispatch hands the request's handler its engine (the handler streams it); an
+  Evict cancels the handler's upstream stream (vLLM aborts a request whose connection closes) and the
+  request goes back to the policy through `on_evicted`; a SwapModel runs as a task (drain, sleep the awake
   engine, wake the target).
 - Engine state: the gateway's own count of requests in flight per engine is exact and current; vLLM's
   /metrics (polled every `metrics_interval_s`) adds what the gateway cannot see (requests of other
@@ -33,8 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from qlmctl.core.cluster import Decision, Dispatch, Evict, SwapModel
-from qlmctl.core.groups import group_key
+from qlmctl.core.cluster import Evict
+from qlmctl.core.driver import Driver
 from qlmctl.core.request import Request
 from qlmctl.live.engine_client import EngineClient, EngineError
 from qlmctl.live.health import FailureKind, HealthMetrics, HealthMonitor
@@ -46,7 +47,7 @@ from simulator.profile import EngineProfile
 log = logging.getLogger("qlmctl.live")
 
 MIN_TIMER_S = 0.001
-"""Shortest wall-clock delay of the wake-up timer (a policy asking for `now` must not spin the loop)."""
+"""The live clock's tick in wall seconds: the shortest delay of the wake-up timer."""
 
 SLEEP_RETRIES = 100
 """Attempts at POST /sleep while the engine still holds aborted requests (409), 50 ms apart."""
@@ -386,7 +387,7 @@ class LiveCluster:
         self.schedule_calls = 0
         self.queued_by_class: dict[str, int] = {}
         """Requests waiting in the policy's queues per SLO class (exact, current: admission reads it)."""
-        self._takes_evicted = type(policy).on_evicted is not Policy.on_evicted
+        self.driver = Driver(policy, self)
         self.health = HealthMonitor(
             self, HealthMetrics(self.metrics.registry),
             unhealthy_after=live.unhealthy_after if live is not None else 3,
@@ -403,6 +404,54 @@ class LiveCluster:
 
     def now(self) -> float:
         return (time.monotonic() - self.t0) * self.speedup
+
+    # ------------------------------------------------------------ World (the driver's operations)
+    @property
+    def resolution_s(self) -> float:
+        return MIN_TIMER_S * self.speedup
+
+    def holds(self, request: Request, instance_id: int) -> bool:
+        lr = self._live.get(request.request_id)
+        return (lr is not None and not lr.done and lr.engine is not None
+                and lr.engine.instance.instance_id == instance_id)
+
+    def dispatch(self, request: Request, instance_id: int, now: float) -> bool:
+        lr = self._live.get(request.request_id)
+        if lr is None:
+            return False  # its client went away while it was queued: it ends here, never reaching an engine
+        self._dequeue(lr)
+        inst = self._instances[instance_id]
+        eng = inst.engines[request.model]
+        lr.engine = eng
+        inst.add(lr, now)
+        if lr.waiter is not None and not lr.waiter.done():
+            lr.waiter.set_result(eng)
+        return True
+
+    def preempt(self, request: Request, instance_id: int, now: float) -> None:
+        lr = self._live[request.request_id]
+        lr.evict_pending = True
+        if lr.scope is not None:
+            lr.scope.reschedule(self._loop.time())  # type: ignore[union-attr]
+        # else its handler has not opened the stream yet; it checks evict_pending first.
+
+    def load_model(self, instance_id: int, model: str, now: float) -> None:
+        inst = self._instances[instance_id]
+        inst.begin_swap(now)
+        self._spawn(self._swap(inst, model, now))
+
+    def fail_request(self, request: Request, error: str, now: float) -> None:
+        lr = self._live.get(request.request_id)
+        if lr is None:
+            return
+        if lr.queued:
+            self._dequeue(lr)
+        self.finished(lr, error=error, tell_policy=False)
+        if lr.waiter is not None and not lr.waiter.done():
+            lr.waiter.set_result(None)
+
+    def applied(self, now: float) -> None:
+        pass
 
     # ------------------------------------------------------------ lifecycle
     async def start(self, wait_healthy_s: float = 60.0) -> None:
@@ -485,7 +534,7 @@ class LiveCluster:
             if lr.external_id is not None:
                 self.by_external[lr.external_id] = r
         self._enqueue(lr)
-        self.policy.add_request(r, r.arrival_s)
+        self.driver.arrived(r, r.arrival_s)
         self.kick()
 
     def _enqueue(self, lr: LiveRequest) -> None:
@@ -511,7 +560,7 @@ class LiveCluster:
             r.first_token_s = now
         if lr.engine is not None:
             self.health.success(lr.engine)
-        self.policy.on_first_token(r, now)
+        self.driver.first_token(r, now)
         self.kick()
 
     def tokens(self, lr: LiveRequest, n: int) -> None:
@@ -524,8 +573,10 @@ class LiveCluster:
             if eng is not None:
                 eng.instance.kv_tokens += n
 
-    def finished(self, lr: LiveRequest, error: str | None = None, outcome: str | None = None) -> None:
-        """The request ended: complete, failed (`error`), or abandoned by its client."""
+    def finished(self, lr: LiveRequest, error: str | None = None, outcome: str | None = None,
+                 tell_policy: bool = True) -> None:
+        """The request ended: complete, failed (`error`), or abandoned by its client. `tell_policy` False: the
+        driver tells the policy itself."""
         if lr.done:
             return
         r = lr.req
@@ -542,8 +593,8 @@ class LiveCluster:
             # Still in the policy's queues: it is finished when the policy dispatches it.
             lr.cancelled = True
             self._dequeue(lr)
-        else:
-            self.policy.on_finished(r, now)
+        elif tell_policy:
+            self.driver.finished(r, now)
             self.kick()
         if outcome is None:
             outcome = "error" if error is not None else ("slo_met" if r.slo_met else "slo_missed")
@@ -569,7 +620,7 @@ class LiveCluster:
                               r.slo_class, float(lr.sent)))
         self.metrics.evictions.labels(r.slo_class).inc()
         self._enqueue(lr)
-        self.policy.on_evicted(r, now)
+        self.driver.evicted(r, now)
         self.kick()
 
     def retry(self, lr: LiveRequest, engine: LiveEngine, kind: FailureKind) -> bool:
@@ -594,12 +645,7 @@ class LiveCluster:
         self.timeline.append((now, "retry", engine.instance.instance_id, r.model, r.slo_class, float(lr.sent)))
         self.health.metrics.retries.labels(r.slo_class, kind.value).inc()
         self._enqueue(lr)
-        if self._takes_evicted:
-            self.policy.on_evicted(r, now)  # the head of its group
-        else:
-            # Policies that never evict: free its place, then queue it again by its own key (arrival).
-            self.policy.on_finished(r, now)
-            self.policy.add_request(r, now)
+        self.driver.requeue(r, now)
         self.kick()
         return True
 
@@ -633,7 +679,7 @@ class LiveCluster:
         inst = e.instance
         self.timeline.append((self.now(), "healthy" if e.healthy else "unhealthy", inst.instance_id, e.model, "", 0.0))
         if self._running:
-            self.policy.on_instance_changed(inst.instance_id)
+            self.driver.instance_changed(inst.instance_id)
             self.kick()
 
     def requests_of(self, model: str) -> list[LiveRequest]:
@@ -645,12 +691,12 @@ class LiveCluster:
         Only for policies that take evicted requests back (`on_evicted`); False when the request is not
         running.
         """
-        if type(self.policy).on_evicted is Policy.on_evicted:
+        if not self.policy.takes_evictions:
             raise RuntimeError(f"policy {self.policy.name} does not take evicted requests back")
         lr = self._live.get(request_id)
         if lr is None or lr.engine is None or lr.done:
             return False
-        self._apply([Evict(lr.req, lr.engine.instance.instance_id)], self.now())
+        self.driver.apply([Evict(lr.req, lr.engine.instance.instance_id)], self.now())
         return True
 
     # ------------------------------------------------------------ scheduling
@@ -672,10 +718,7 @@ class LiveCluster:
         now = self.now()
         self.schedule_calls += 1
         try:
-            decisions = self.policy.schedule(self)
-            if decisions:
-                self._apply(decisions, now)
-            wake = self.policy.next_wakeup(now)
+            wake = self.driver.schedule(now)
         except Exception:  # noqa: BLE001 - a policy bug must not take the gateway down
             log.exception("policy %s failed in schedule()", self.policy.name)
             wake = now + self.speedup  # try again in a second
@@ -689,65 +732,13 @@ class LiveCluster:
                 self._timer.cancel()
                 self._timer, self._timer_at = None, math.inf
             return
-        at = loop.time() + max(MIN_TIMER_S, (wake - now) / self.speedup)
+        at = loop.time() + (wake - now) / self.speedup  # the driver keeps it at least one tick ahead
         if self._timer is not None:
             if abs(at - self._timer_at) < MIN_TIMER_S:
                 return
             self._timer.cancel()
         self._timer = loop.call_at(at, self._on_timer)
         self._timer_at = at
-
-    def _apply(self, decisions: list[Decision], now: float) -> None:
-        for d in decisions:
-            if isinstance(d, Dispatch):
-                self._dispatch(d, now)
-            elif isinstance(d, Evict):
-                lr = self._live.get(d.request.request_id)
-                if lr is None or lr.done or lr.engine is None or lr.engine.instance.instance_id != d.instance_id:
-                    continue  # finished meanwhile
-                lr.evict_pending = True
-                if lr.scope is not None:
-                    lr.scope.reschedule(self._loop.time())  # type: ignore[union-attr]
-                # else its handler has not opened the stream yet; it checks evict_pending first.
-            elif isinstance(d, SwapModel):
-                inst = self._instances[d.instance_id]
-                if inst.profile_for(d.model) is None:
-                    log.error("policy asked instance %s to load %s, which it has no engine for", inst.name, d.model)
-                    continue
-                if inst.awake == d.model and not inst.swapping:
-                    self.policy.on_instance_changed(d.instance_id)
-                    continue
-                if inst.swapping:
-                    continue
-                inst.begin_swap(now)
-                self._spawn(self._swap(inst, d.model, now))
-
-    def _dispatch(self, d: Dispatch, now: float) -> None:
-        r = d.request
-        lr = self._live.get(r.request_id)
-        inst = self._instances[d.instance_id]
-        if lr is None:
-            # Its client went away while it was queued: it ends here, never reaching an engine.
-            r.instance_id = d.instance_id
-            self.policy.on_finished(r, now)
-            self.kick()
-            return
-        self._dequeue(lr)
-        if inst.model != r.model or inst.swapping:
-            log.error("policy dispatched request %d to instance %s, which serves %s, not %s",
-                      r.request_id, inst.name, inst.model, r.model)
-            self.finished(lr, error=f"policy error: dispatched to an instance serving {inst.model}")
-            if lr.waiter is not None and not lr.waiter.done():
-                lr.waiter.set_result(None)
-            return
-        if r.dispatch_s is None:
-            r.dispatch_s = now
-        r.instance_id = d.instance_id
-        eng = inst.engines[r.model]
-        lr.engine = eng
-        inst.add(lr, now)
-        if lr.waiter is not None and not lr.waiter.done():
-            lr.waiter.set_result(eng)
 
     def _spawn(self, coro: Any) -> None:
         t = asyncio.create_task(coro)
@@ -777,7 +768,7 @@ class LiveCluster:
                 self.metrics.swaps.labels(inst.name, model).inc()
                 self.timeline.append((started, "swap", inst.instance_id, model, "", now - started))
             if self._running:
-                self.policy.on_instance_changed(inst.instance_id)
+                self.driver.instance_changed(inst.instance_id)
                 self.kick()
 
     # ------------------------------------------------------------ engine state
@@ -818,7 +809,7 @@ class LiveCluster:
                 used = round(m.kv_cache_usage * inst._profiles[e.model].kv_blocks)
                 inst.ext_blocks = max(0, used - own_blocks)  # read afresh by policies: no event needed
         if changed and self._running:
-            self.policy.on_instance_changed(inst.instance_id)
+            self.driver.instance_changed(inst.instance_id)
         return True
 
     # ------------------------------------------------------------ observability
@@ -831,22 +822,8 @@ class LiveCluster:
         return out
 
     def queue_depth_by_group(self) -> dict[tuple[str, str], int]:
-        """Queued requests per (model, SLO bucket) group, as QLM forms them; "late" past the deadline."""
-        width = self.scenario.spec.scheduler.slo_bucket_s
-        now = self.now()
-        out: dict[tuple[str, str], int] = {}
-        for lr in self._live.values():
-            if not lr.queued:
-                continue
-            r = lr.req
-            if r.first_token_s is None and now > r.deadline_s:
-                label = "late"
-            else:
-                lo = group_key(r, width).bucket * width
-                label = f"{lo:g}-{lo + width:g}s"
-            key = (r.model, label)
-            out[key] = out.get(key, 0) + 1
-        return out
+        """Queued requests per (model, group) as the policy holds them."""
+        return self.policy.queue_groups()
 
     def engine_rows(self) -> list[tuple[str, str, LiveEngine]]:
         return [(inst.name, e.model, e) for inst in self._instances for e in inst.engines.values()]

@@ -39,7 +39,7 @@ from qlmctl.live.openapi import openapi_document
 from qlmctl.live.prom import GatewayMetrics
 from qlmctl.live.relay import JSONSink, Relay, StreamSink, error_body, send_json
 from qlmctl.live.security import APIKeyCheck, SecretFilter, resolve_api_key, scenario_secrets
-from qlmctl.policies import make_policy
+from qlmctl.policies import Policy, PolicyContext, make_policy
 from qlmctl.scenario import LiveEngineSpec, Scenario
 
 log = logging.getLogger("qlmctl.live")
@@ -401,7 +401,7 @@ class Gateway:
 
     Args:
         scenario: A scenario with a `live` section (or `engines` given here).
-        policy: Policy name (see `qlmctl policies`).
+        policy: Policy name (see `qlmctl policies`), or a policy object.
         host, port: Where to listen; default the scenario's `live.host`/`live.port` (port 0: any free one).
         engines: The engines, replacing `live.engines` (e.g. those `--launch` started).
         speedup: Gateway clock rate; default `live.speedup`.
@@ -415,7 +415,7 @@ class Gateway:
     def __init__(
         self,
         scenario: Scenario,
-        policy: str,
+        policy: str | Policy,
         *,
         host: str | None = None,
         port: int | None = None,
@@ -426,11 +426,9 @@ class Gateway:
         access_log: bool = False,
         api_key: str | None = None,
     ) -> None:
-        from qlmctl.runner import policy_context
-
         live = scenario.spec.live
         self.scenario = scenario
-        self.policy_name = policy
+        self.policy_name = policy if isinstance(policy, str) else policy.name
         self.host = host or (live.host if live is not None else "127.0.0.1")
         self.port = port if port is not None else (live.port if live is not None else 8000)
         self.resume = live.resume if live is not None else "continue"
@@ -439,9 +437,8 @@ class Gateway:
         self.api_key = resolve_api_key(scenario, api_key)
         self._secret_filter = SecretFilter(scenario_secrets(scenario, [self.api_key]))
         self.metrics = GatewayMetrics()
-        ctx = policy_context(scenario)
-        ctx.params.setdefault("async_plan", True)  # live: policies that solve (qlm-lp) do it off the event loop
-        self.policy = make_policy(policy, ctx)
+        self.policy = (make_policy(policy, PolicyContext.from_scenario(scenario, realtime=True))
+                       if isinstance(policy, str) else policy)
         self.cluster = LiveCluster(scenario, self.policy, engines=engines, speedup=speedup,
                                    swap_control=swap_control, metrics=self.metrics, record=record)
         self.metrics.attach(self.cluster)

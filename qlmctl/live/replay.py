@@ -456,7 +456,7 @@ async def run_live(
             "live_wall_s": res.wall_s,
             "engines": [e.url for inst in cluster.instances for e in inst.engines.values()],
             "schedule_calls": cluster.schedule_calls,
-            "policy_stats": _policy_stats(gw.policy),
+            "policy_stats": gw.policy.stats_dict(),
             **gw.loop_lag.summary(),
             "engine_metrics": _engine_deltas(before, after),
         },
@@ -501,21 +501,9 @@ def _engine_deltas(before: dict[EngineKey, EngineTotals | str],
     return out
 
 
-def _policy_stats(policy: Any) -> dict[str, Any]:
-    stats = getattr(policy, "stats", None)
-    if stats is None:
-        return {}
-    if hasattr(stats, "__dict__"):
-        return dict(stats.__dict__)
-    return {k: getattr(stats, k) for k in getattr(stats, "__slots__", ())}
-
-
 def save_live(run: LiveRun, scenario: Any, out_dir: Any) -> Any:
     """Write a live run like a simulated one: `<out_dir>/<policy>/` (requests, summary, scenario, timeline)."""
-    import pandas as pd
+    from qlmctl.report import timeline_frame, write_results
 
-    from qlmctl.report import write_results
-    from qlmctl.runner import TIMELINE_COLUMNS
-
-    frame = pd.DataFrame(run.timeline, columns=TIMELINE_COLUMNS)
-    return write_results(out_dir, run.policy, run.requests, run.summary, scenario.dump(), frame)
+    return write_results(out_dir, run.policy, run.requests, run.summary, scenario.dump(),
+                         timeline_frame(run.timeline))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qlmctl.core.cluster import ClusterView, Decision
 from qlmctl.core.request import Request
 from simulator.profile import EngineProfile
+
+if TYPE_CHECKING:
+    from qlmctl.scenario import Scenario
 
 
 @dataclass(slots=True)
@@ -28,22 +31,66 @@ class PolicyContext:
     solver: str = "auto"
     solver_time_limit_s: float = 0.5
     gurobi: dict[str, str] | None = None
+    realtime: bool = False
+    """The clock is the wall clock (the live gateway): time spent in `schedule` delays everything else, so a
+    policy with slow work (qlm-lp's solver) does it off the caller's thread."""
+
+    @classmethod
+    def from_scenario(cls, scenario: "Scenario", *, realtime: bool = False) -> "PolicyContext":
+        """The context a scenario's `scheduler` section and models give, in either world."""
+        s = scenario.spec.scheduler
+        return cls(
+            profiles={m: scenario.profile(m) for m in scenario.models},
+            slo_bucket_s=s.slo_bucket_s,
+            percentile=s.percentile,
+            reschedule_interval_s=s.reschedule_interval_s,
+            dispatch_limit=s.dispatch_limit,
+            enable_eviction=s.enable_eviction,
+            enable_swap=s.enable_swap,
+            seed=scenario.spec.seed,
+            params=dict(s.params),
+            solver=s.solver,
+            solver_time_limit_s=s.solver_time_limit_s,
+            gurobi=s.gurobi,
+            realtime=realtime,
+        )
 
 
 class Policy(ABC):
     """A scheduling policy.
 
-    The backend calls `add_request` when a request arrives, the `on_*` hooks as requests progress, and
-    `schedule` after any change (arrival, completion, swap end, a wake-up the policy asked for); it then
-    carries out the returned decisions in order. A policy never reads a clock of its own.
+    The driver (`qlmctl.core.driver`) calls `add_request` when a request arrives, the `on_*` hooks as
+    requests progress, and `schedule` after any change (arrival, completion, swap end, a wake-up the policy
+    asked for); it then carries out the returned decisions in order, by the rules its module states. A
+    policy never reads a clock of its own.
     """
 
     name: ClassVar[str]
-    #: Engine-side queue discipline the backend should use ("fcfs" or "priority").
+    label: ClassVar[str | None] = None
+    """How tables and figures name the policy, where that differs from `name` (see `display_name`)."""
     engine_policy: ClassVar[str] = "fcfs"
+    """Engine-side queue discipline the backend should use ("fcfs" or "priority")."""
+    takes_evictions: ClassVar[bool] = False
+    """Whether the policy emits `Evict` and takes evicted requests back through `on_evicted`. A policy that
+    sets it must override `on_evicted`."""
 
     def __init__(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
+        self.stats: Any = None
+        """The policy's own counters, a dataclass instance (None: none); `stats_dict` reports them."""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.takes_evictions and cls.on_evicted is Policy.on_evicted:
+            raise TypeError(f"{cls.__name__} sets takes_evictions but does not override on_evicted")
+
+    @classmethod
+    def display_name(cls) -> str:
+        return cls.label or cls.name
+
+    def stats_dict(self) -> dict[str, Any]:
+        """The policy's counters for summary.json (`policy_stats`)."""
+        return asdict(self.stats) if self.stats is not None else {}
 
     @abstractmethod
     def add_request(self, request: Request, now: float) -> None:
@@ -76,4 +123,9 @@ class Policy(ABC):
 
     def queue_depths(self) -> dict[str, int]:
         """Waiting requests per SLO class (for metrics and plots)."""
+        return {}
+
+    def queue_groups(self) -> dict[tuple[str, str], int]:
+        """Waiting requests per (model, group label) as the policy holds them (for /metrics); policies
+        without groups report one group per model."""
         return {}

@@ -52,6 +52,10 @@ class QueuePolicy(Policy):
     def queue_depths(self) -> dict[str, int]:
         return dict(self._depth)
 
+    def queue_groups(self) -> dict[tuple[str, str], int]:
+        """One queue per model, labelled with the policy's name."""
+        return {(m, self.name): len(q) for m, q in self._queues.items() if q}
+
     def schedule(self, cluster: ClusterView) -> list[Decision]:
         if not self._count:
             return []

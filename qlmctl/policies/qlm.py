@@ -57,6 +57,7 @@ class QLMPolicy(Policy):
     """QLM (fast heuristic): request groups on virtual queues, RWT-estimator reordering, eviction, swaps."""
 
     name: ClassVar[str] = "qlm"
+    takes_evictions: ClassVar[bool] = True
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)
@@ -123,6 +124,15 @@ class QLMPolicy(Policy):
 
     def queue_depths(self) -> dict[str, int]:
         return dict(self._depth)
+
+    def queue_groups(self) -> dict[tuple[str, str], int]:
+        width = self.ctx.slo_bucket_s
+        out: dict[tuple[str, str], int] = {}
+        for key, g in self.groups.items():
+            if g.queue:
+                label = "late" if g.late else f"{key.bucket * width:g}-{(key.bucket + 1) * width:g}s"
+                out[(key.model, label)] = out.get((key.model, label), 0) + len(g.queue)
+        return out
 
     def next_wakeup(self, now: float) -> float | None:
         if not self._count:

@@ -12,7 +12,7 @@ of expired requests, and when a replan happens. `plan_queues` adds the program:
 3. The program's plan is used only if it puts strictly more requests on time (and scores better). A
    failed or timed-out solve therefore leaves the heuristic's plan, and the plan used is never worse than the heuristic's under that score.
 
-With `params.async_plan` (for the live mode) the solve runs in a worker thread on a frozen snapshot, and its
+When the clock is real (`PolicyContext.realtime`, the live gateway; `params.async_plan` overrides) the solve runs in a worker thread on a frozen snapshot, and its
 plan is adopted by the first `schedule` after it is ready if it scores better, on the state then, than the
 plan in use. Simulation keeps it synchronous (deterministic, up to the solver's time limit).
 
@@ -108,7 +108,7 @@ class LPParams:
                 raise UserError(f"must be {kind_word} >= {low:g}", field=f"scheduler.params.{name}")
             return kind(v)
 
-        async_plan = p.get("async_plan", default.async_plan)
+        async_plan = p.get("async_plan", ctx.realtime)  # off the loop when the clock is real
         if not isinstance(async_plan, bool):
             raise UserError("must be true or false", field="scheduler.params.async_plan")
         return cls(

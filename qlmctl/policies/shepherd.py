@@ -135,6 +135,7 @@ class ShepherdPolicy(Policy):
     """SHEPHERD-like (NSDI'23, adapted): periodic load-based model planner, EDF batches, preemption."""
 
     name: ClassVar[str] = "shepherd"
+    takes_evictions: ClassVar[bool] = True
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)
@@ -196,6 +197,10 @@ class ShepherdPolicy(Policy):
             for r in pool.requests():
                 out[r.slo_class] = out.get(r.slo_class, 0) + 1
         return out
+
+    def queue_groups(self) -> dict[tuple[str, str], int]:
+        """One pool per model."""
+        return {(m, self.name): n for m, pool in self._pools.items() if (n := sum(1 for _ in pool.requests()))}
 
     def next_wakeup(self, now: float) -> float | None:
         if not self._count:
