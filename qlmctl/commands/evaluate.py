@@ -10,17 +10,12 @@ from typing import Optional
 
 import typer
 
-
-def _split(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    return [x.strip() for x in text.split(",") if x.strip()]
+from qlmctl.commands.common import console, fail, split_list
+from qlmctl.errors import UserError
 
 
 def _rates(text: str | None) -> list[float | None] | None:
-    from qlmctl.errors import UserError
-
-    items = _split(text)
+    items = split_list(text)
     if items is None:
         return None
     out: list[float | None] = []
@@ -82,8 +77,6 @@ def register(app: typer.Typer) -> None:
         """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from qlmctl.cli import _fail, console
-        from qlmctl.errors import UserError
         from qlmctl.evaluation import (
             Evaluation,
             default_jobs,
@@ -99,23 +92,23 @@ def register(app: typer.Typer) -> None:
 
         md_path = out if out.suffix == ".md" else out / "evaluation.md"
         figures_dir = md_path.parent / "figures"
-        fmts = _split(formats) or ["png"]
+        fmts = split_list(formats) or ["png"]
         try:
             check_choices([], fmts)
-            chosen = resolve_scenarios(_split(scenarios), quick)
+            chosen = resolve_scenarios(split_list(scenarios), quick)
             skipped: dict[str, str] = {}
             if policies is None:
                 names = policy_names()
                 if "qlm-lp" not in names:
                     skipped["qlm-lp"] = "not registered (qlmctl.policies.qlm_lp is not available)"
             else:
-                names = _split(policies) or []
+                names = split_list(policies) or []
                 for n in names:
                     policy_class(n)  # a UserError naming the choices
             rate_list = _rates(rates)
             points = plan_points(chosen, names, runs_dir, rate_list, quick)
         except UserError as e:
-            _fail(e)
+            fail(e)
         n_jobs = jobs or default_jobs()
         ev = Evaluation(chosen, names, skipped_policies=skipped)
         console.print(
