@@ -67,8 +67,7 @@ def sweep(
         executor = make_executor(ray_address, workers)
     except UserError as e:
         fail(e)
-    where = f"Ray ({executor.cpus} CPUs)" if executor.name == "ray" else f"{executor.workers} local worker(s)"
-    console.print(f"running on {where}", highlight=False)
+    console.print(f"running on {executor.where}", highlight=False)
     try:
         with executor, _ProgressReporter(console, plan) as reporter:
             result = run_sweep(plan, executor, store, reporter)
