@@ -1,7 +1,9 @@
 """The evaluation suite: every scenario against every policy at several offered loads, in parallel.
 
-A *point* is one (scenario, offered rate, policy) simulation. Points run in a process pool (one
-simulation per process at a time; they share nothing), each writes a results folder
+A *point* is one (scenario, offered rate, policy) simulation. Points run on a sweep executor
+(`qlmctl.sweep.executors`: local worker processes, or Ray), one simulation per worker at a time; each
+scenario travels to the workers as a bundle, the workers send back each run's summary and tables, and
+this process writes a results folder per point
 
     <runs_dir>/<scenario key>/<rate label>/<policy>/   (summary.json, requests, timeline, scenario)
 
@@ -19,19 +21,24 @@ their pattern kept), or its own timing for `None`.
 
 from __future__ import annotations
 
+import json
 import math
-import multiprocessing
-import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qlmctl.errors import UserError
-from qlmctl.scenario import REPO_ROOT
+from qlmctl.scenario import REPO_ROOT, load_scenario
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from qlmctl.sweep.bundle import Bundle
+    from qlmctl.sweep.executors import Executor
+    from qlmctl.sweep.point import LocalBundle
 
 BEGIN_MARK = "<!-- qlmctl evaluate: generated tables begin (do not edit by hand) -->"
 END_MARK = "<!-- qlmctl evaluate: generated tables end -->"
@@ -121,6 +128,37 @@ class PointResult:
     summary: dict[str, Any] | None
     folder: str | None
     wall_s: float
+    """Seconds the simulation took in its worker (loading, building requests, simulating)."""
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EvalTask:
+    """A point as an executor task (`qlmctl.sweep.executors.Task`): simulated on its scenario's bundle."""
+
+    index: int
+    """The point's place in the list given to `run_points`."""
+    point: EvalPoint
+    bundle: str
+    """Digest of the bundle of the point's scenario file."""
+
+    def run(self, source: Bundle | LocalBundle) -> PointRun:
+        return simulate_point(self, source)
+
+    def lost(self, e: BaseException, what: str) -> PointRun:
+        return PointRun(self.index, None, None, None, 0.0, f"{type(e).__name__}: {what}: {e}")
+
+
+@dataclass(slots=True)
+class PointRun:
+    """What a worker sends back for one point: the run's summary and tables, or why it failed."""
+
+    index: int
+    summary: dict[str, Any] | None
+    requests: pd.DataFrame | None
+    """`qlmctl.report.requests_frame` of the finished run."""
+    timeline: pd.DataFrame | None
+    wall_s: float
     error: str | None = None
 
 
@@ -132,8 +170,8 @@ class Evaluation:
     policies: list[str]
     results: list[PointResult] = field(default_factory=list)
     wall_s: float = 0.0
-    skipped_policies: dict[str, str] = field(default_factory=dict)
-    """Policies asked for by default but not available, with why."""
+    ran_on: str = ""
+    """Where the points ran, for the report (`Executor.where`: "16 local worker(s)", "Ray (64 CPUs)")."""
 
     @property
     def failed(self) -> list[PointResult]:
@@ -193,8 +231,6 @@ def plan_points(
 
     `rates` replaces every scenario's own rates. Raises UserError for a scenario that fails to load.
     """
-    from qlmctl.scenario import load_scenario
-
     points: list[EvalPoint] = []
     for sc in scenarios:
         spec = load_scenario(sc.path).spec  # validates the file before any work starts
@@ -223,62 +259,102 @@ def plan_points(
     return points
 
 
-def run_point(point: EvalPoint) -> PointResult:
-    """Simulate one point and write its results folder (runs in a worker process)."""
-    from qlmctl.runner import save, simulate
-    from qlmctl.scenario import load_scenario
+def simulate_point(task: EvalTask, source: Bundle | LocalBundle) -> PointRun:
+    """Simulate one point on its bundled scenario (in a worker); never raises."""
+    from qlmctl.report import requests_frame
+    from qlmctl.runner import simulate, timeline_frame
+    from qlmctl.sweep.bundle import with_origins
+    from qlmctl.sweep.point import error_in_origins, open_bundle
     from qlmctl.workload import build_requests
 
+    point = task.point
     t0 = time.perf_counter()
+    folder: Path | None = None
+    origins: dict[str, str] = {}
     try:
-        sc = load_scenario(point.path, point.overrides)
+        scenario_file, origins = open_bundle(source)
+        folder = scenario_file.parent
+        sc = load_scenario(scenario_file, point.overrides)
         requests, report = build_requests(sc)
         run = simulate(sc, point.policy, requests)
         run.summary["eval_scenario"] = point.scenario
         run.summary["target_rate_rps"] = point.rate
         run.summary["offered_rate_rps"] = report.mean_rate_rps
-        folder = save(run, sc, Path(point.out_dir))
-        return PointResult(point, run.summary, str(folder), time.perf_counter() - t0)
+        return PointRun(task.index, run.summary, requests_frame(run.result.requests), timeline_frame(run.result),
+                        time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - one failed point must not sink the whole evaluation
+        # Errors name the user's files, not the bundle's copies in this worker.
         if isinstance(e, UserError):
-            msg = e.one_line()
+            msg = (e if folder is None else error_in_origins(e, folder, origins)).one_line()
         else:
             msg = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
-        return PointResult(point, None, None, time.perf_counter() - t0, msg)
+            if folder is not None:
+                msg = with_origins(msg, folder, origins)
+        return PointRun(task.index, None, None, None, time.perf_counter() - t0, msg)
 
 
 def run_points(
     points: Sequence[EvalPoint],
-    jobs: int,
+    executor: Executor,
     on_done: Callable[[PointResult], None] | None = None,
 ) -> list[PointResult]:
-    """Run `points` on `jobs` processes (1: in this process); results in the order of `points`."""
+    """Run `points` on `executor` and write each one's results folder; results in the order of `points`.
+
+    Each scenario file goes to the executor once, as a bundle with the files it names, so that workers
+    need not see this machine's disk; the workers send back each run's summary and tables, written here
+    with the scenario as the user's file gives it. A point that fails (its scenario, its run, its worker,
+    or writing its folder) comes back with its error; nothing is retried.
+    """
+    from qlmctl.sweep.bundle import make_bundle
+    from qlmctl.sweep.executors import run_all
+
     results: dict[int, PointResult] = {}
-    if jobs <= 1 or len(points) <= 1:
-        for i, p in enumerate(points):
-            results[i] = run_point(p)
-            if on_done is not None:
-                on_done(results[i])
-    else:
-        # spawn: workers start clean (no copy of this process's threads, e.g. the progress bar's).
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(jobs, len(points)), mp_context=ctx) as pool:
-            pending = {pool.submit(run_point, p): i for i, p in enumerate(points)}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    i = pending.pop(fut)
-                    results[i] = fut.result()
-                    if on_done is not None:
-                        on_done(results[i])
+
+    def finish(i: int, result: PointResult) -> None:
+        results[i] = result
+        if on_done is not None:
+            on_done(result)
+
+    digests: dict[str, str | UserError] = {}
+    tasks: list[EvalTask] = []
+    for i, p in enumerate(points):
+        if p.path not in digests:
+            try:
+                bundle = make_bundle(load_scenario(p.path))
+            except UserError as e:
+                digests[p.path] = e
+            else:
+                executor.add_bundle(bundle)
+                digests[p.path] = bundle.digest
+        digest = digests[p.path]
+        if isinstance(digest, UserError):
+            finish(i, PointResult(p, None, None, 0.0, digest.one_line()))
+        else:
+            tasks.append(EvalTask(i, p, digest))
+
+    dumps: dict[tuple[str, str], dict[str, Any]] = {}
+    run_all(executor, tasks, lambda run: finish(run.index, _save(points[run.index], run, dumps)))
     return [results[i] for i in range(len(points))]
 
 
-def default_jobs() -> int:
+def _save(point: EvalPoint, run: PointRun, dumps: dict[tuple[str, str], dict[str, Any]]) -> PointResult:
+    """Write a finished run's results folder as `qlmctl.runner.save` would have in the worker."""
+    from qlmctl.report import write_results
+
+    if run.error is not None or run.summary is None:
+        return PointResult(point, None, None, run.wall_s, run.error or "no result")
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        # The scenario as loaded from the user's file (the worker's names the bundle's copies);
+        # the policies of one scenario and rate share it.
+        key = (point.path, json.dumps(point.overrides, sort_keys=True))
+        if key not in dumps:
+            dumps[key] = load_scenario(point.path, point.overrides).dump()
+        folder = write_results(Path(point.out_dir), point.policy, run.requests, run.summary, dumps[key],
+                               run.timeline)
+    except Exception as e:  # noqa: BLE001 - reported with the point, like a failed simulation
+        msg = e.one_line() if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        return PointResult(point, None, None, run.wall_s, f"writing the results: {msg}")
+    return PointResult(point, run.summary, str(folder), run.wall_s)
 
 
 # --- the markdown report ---------------------------------------------------------------------------
@@ -421,14 +497,10 @@ def markdown_report(ev: Evaluation, command: str, figures: dict[str, list[str]] 
     from qlmctl.plots import policy_label
 
     out: list[str] = [BEGIN_MARK, ""]
-    out.append(f"Generated by `{command}` ({len(ev.results)} simulations, {ev.wall_s:,.0f} s on "
-               f"{default_jobs()} cores). Policies: "
+    where = f" on {ev.ran_on}" if ev.ran_on else ""
+    out.append(f"Generated by `{command}` ({len(ev.results)} simulations, {ev.wall_s:,.0f} s{where}). Policies: "
                + ", ".join(f"`{p}`{policy_label(p).removeprefix(p)}" for p in ev.policies)
                + ".")
-    if ev.skipped_policies:
-        out.append("")
-        for p, why in ev.skipped_policies.items():
-            out.append(f"- `{p}` was not run: {why}")
     if ev.failed:
         out.append("")
         out.append(f"**{len(ev.failed)} point(s) failed:**")
@@ -462,8 +534,6 @@ def markdown_report(ev: Evaluation, command: str, figures: dict[str, list[str]] 
 
 def _description(sc: EvalScenario) -> str:
     try:
-        from qlmctl.scenario import load_scenario
-
         spec = load_scenario(sc.path).spec
     except UserError:
         return ""

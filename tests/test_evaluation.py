@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -26,6 +27,9 @@ from qlmctl.evaluation import (
 )
 from qlmctl.plots import policy_label
 from qlmctl.scenario import load_scenario
+from qlmctl.sweep import Executor, LocalExecutor
+from qlmctl.sweep.bundle import materialise
+from qlmctl.sweep.point import LocalBundle
 from tests.conftest import small_profile
 
 TINY = {
@@ -68,7 +72,8 @@ def test_table_rows_match_the_summaries(tiny, tmp_path):
     scs = resolve_scenarios([str(tiny)])
     points = plan_points(scs, ["fcfs", "qlm", "sjf-oracle"], tmp_path / "runs", rates=[5.0, 40.0])
     assert len(points) == 6
-    ev = Evaluation(scs, ["fcfs", "qlm", "sjf-oracle"], results=run_points(points, jobs=1))
+    with LocalExecutor(2) as ex:
+        ev = Evaluation(scs, ["fcfs", "qlm", "sjf-oracle"], results=run_points(points, ex))
     assert not ev.failed
     md = markdown_report(ev, "qlmctl evaluate (test)")
     rows = parse_rows(md, "tiny")
@@ -93,12 +98,32 @@ def test_table_rows_match_the_summaries(tiny, tmp_path):
     assert "sjf-oracle (oracle)" in md
 
 
-def test_pool_and_inline_runs_agree(tiny, tmp_path):
+def test_executor_runs_write_what_simulate_writes(tiny, tmp_path):
+    """A point run on the local executor (its scenario shipped as a bundle) writes the folder that
+    simulating the user's file here and saving it writes, byte for byte but the wall-clock fields."""
+    from qlmctl.runner import save, simulate
+    from qlmctl.workload import build_requests
+
     scs = resolve_scenarios([str(tiny)])
-    a = run_points(plan_points(scs, ["edf", "shepherd"], tmp_path / "a", rates=[30.0]), jobs=1)
-    b = run_points(plan_points(scs, ["edf", "shepherd"], tmp_path / "b", rates=[30.0]), jobs=2)
-    assert [r.summary["slo_attainment"] for r in a] == [r.summary["slo_attainment"] for r in b]
-    assert [r.summary["p99_ttft_ms"] for r in a] == [r.summary["p99_ttft_ms"] for r in b]
+    points = plan_points(scs, ["edf", "shepherd"], tmp_path / "pool", rates=[30.0])
+    with LocalExecutor(2) as ex:
+        res = run_points(points, ex)
+    for r in res:
+        assert r.error is None, r.error
+        sc = load_scenario(r.point.path, r.point.overrides)
+        requests, report = build_requests(sc)
+        run = simulate(sc, r.point.policy, requests)
+        run.summary.update(eval_scenario="tiny", target_rate_rps=30.0, offered_rate_rps=report.mean_rate_rps)
+        here = save(run, sc, tmp_path / "here")
+        pool = Path(r.folder)
+        assert pool == tmp_path / "pool" / "tiny" / "rate-30" / r.point.policy
+        assert sorted(f.name for f in pool.iterdir()) == sorted(f.name for f in here.iterdir())
+        assert (pool / "scenario.yaml").read_text() == (here / "scenario.yaml").read_text()
+        for name in ("requests.parquet", "timeline.parquet"):
+            pd.testing.assert_frame_equal(pd.read_parquet(pool / name), pd.read_parquet(here / name))
+        a, b = (json.loads((f / "summary.json").read_text()) for f in (pool, here))
+        a.pop("sim_wall_s"), b.pop("sim_wall_s")
+        assert a == b
 
 
 def test_a_synthetic_suite_scenario_keeps_its_time_span_at_every_rate(tmp_path):
@@ -127,10 +152,18 @@ def test_unknown_scenario_is_a_user_error():
 def test_failed_point_is_reported_not_fatal(tiny, tmp_path):
     scs = resolve_scenarios([str(tiny)])
     points = plan_points(scs, ["fcfs"], tmp_path, rates=[5.0])
-    res = run_points([replace(points[0], path=str(tmp_path / "missing.yaml"))], jobs=1)
+    missing = replace(points[0], path=str(tmp_path / "missing.yaml"))  # fails before any worker runs it
+    broken = replace(points[0], overrides={"workload": {"model": {"constant": "gone"}}})  # fails in the worker
+    seen = []
+    with LocalExecutor(2) as ex:
+        res = run_points([missing, points[0], broken], ex, seen.append)
+    assert len(seen) == 3 and [r.point for r in res] == [missing, points[0], broken]
     assert res[0].summary is None and "file not found" in res[0].error
+    assert res[1].error is None and res[1].summary["completed"] > 0
+    # The error names the user's scenario file, not the bundle's copy the worker loaded.
+    assert res[2].summary is None and "unknown model 'gone'" in res[2].error and str(tiny) in res[2].error
     md = markdown_report(Evaluation(scs, ["fcfs"], results=res), "x")
-    assert "1 point(s) failed" in md
+    assert "2 point(s) failed" in md
 
 
 def test_cli_writes_the_report_and_keeps_hand_written_text(tiny, tmp_path):
@@ -152,3 +185,58 @@ def test_cli_writes_the_report_and_keeps_hand_written_text(tiny, tmp_path):
 def test_write_report_creates_a_file(tmp_path):
     write_report(tmp_path / "e.md", f"{BEGIN_MARK}\nx\n{END_MARK}\n")
     assert (tmp_path / "e.md").read_text().startswith("# Evaluation\n")
+
+
+def test_evaluate_on_ray_without_ray_installed_is_a_user_error(tiny, tmp_path):
+    try:
+        import ray  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        pytest.skip("Ray is installed")
+    res = CliRunner().invoke(app, ["evaluate", "-s", str(tiny), "-p", "fcfs", "--ray-address", "local", "-o",
+                                   str(tmp_path / "e.md"), "--runs-dir", str(tmp_path / "runs"), "--no-figures"])
+    assert res.exit_code == 2 and "Ray is not installed" in res.output
+    assert not (tmp_path / "runs").exists()
+
+
+class InProcess(Executor):
+    """Runs each task as it is submitted, in this process; tasks of `lose` come back lost."""
+
+    name = "in-process"
+    slots = 1
+
+    def __init__(self, root: Path, lose: str) -> None:
+        self.root, self.lose = root, lose
+        self.bundles: dict[str, LocalBundle] = {}
+        self.done: list = []
+
+    def add_bundle(self, bundle) -> None:
+        self.bundles[bundle.digest] = LocalBundle(materialise(bundle, self.root), bundle.origins)
+
+    def submit(self, task) -> None:
+        if task.point.policy == self.lose:
+            self.done.append(task.lost(RuntimeError("killed"), "a worker process died"))
+        else:
+            self.done.append(task.run(self.bundles[task.bundle]))
+
+    def wait(self, timeout_s=None) -> list:
+        out, self.done = self.done, []
+        return out
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.done)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_lost_worker_fails_its_point_only(tiny, tmp_path):
+    scs = resolve_scenarios([str(tiny)])
+    points = plan_points(scs, ["fcfs", "edf"], tmp_path / "runs", rates=[5.0])
+    res = run_points(points, InProcess(tmp_path / "bundles", lose="edf"))
+    by = {r.point.policy: r for r in res}
+    assert by["edf"].summary is None and by["edf"].error == "RuntimeError: a worker process died: killed"
+    assert by["fcfs"].error is None and Path(by["fcfs"].folder, "summary.json").is_file()
+    assert not (tmp_path / "runs" / "tiny" / "rate-5" / "edf").exists()

@@ -10,17 +10,12 @@ from typing import Optional
 
 import typer
 
-
-def _split(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    return [x.strip() for x in text.split(",") if x.strip()]
+from qlmctl.commands.common import RAY_ADDRESS_HELP, console, fail, split_list
+from qlmctl.errors import UserError
 
 
 def _rates(text: str | None) -> list[float | None] | None:
-    from qlmctl.errors import UserError
-
-    items = _split(text)
+    items = split_list(text)
     if items is None:
         return None
     out: list[float | None] = []
@@ -55,8 +50,11 @@ def register(app: typer.Typer) -> None:
             "its own pace); default: each scenario's own list (see qlmctl/evaluation.py SUITE).",
         ),
         jobs: Optional[int] = typer.Option(
-            None, "--jobs", "-j", min=1, help="Simulations run at once, one process each; default: all cores."
+            None, "--jobs", "-j", min=1,
+            help="Simulations run at once, one process each; default: all cores. With --ray-address local, the "
+            "CPUs Ray may use.",
         ),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
         out: Path = typer.Option(
             Path("docs"), "--out", "-o",
             help="Folder for evaluation.md and figures/ (or a .md path: figures/ goes beside it). Hand-written "
@@ -82,11 +80,8 @@ def register(app: typer.Typer) -> None:
         """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from qlmctl.cli import _fail, console
-        from qlmctl.errors import UserError
         from qlmctl.evaluation import (
             Evaluation,
-            default_jobs,
             markdown_report,
             plan_points,
             resolve_scenarios,
@@ -96,37 +91,30 @@ def register(app: typer.Typer) -> None:
         )
         from qlmctl.plots import check_choices
         from qlmctl.policies import policy_class, policy_names
+        from qlmctl.sweep import make_executor
 
         md_path = out if out.suffix == ".md" else out / "evaluation.md"
         figures_dir = md_path.parent / "figures"
-        fmts = _split(formats) or ["png"]
+        fmts = split_list(formats) or ["png"]
         try:
             check_choices([], fmts)
-            chosen = resolve_scenarios(_split(scenarios), quick)
-            skipped: dict[str, str] = {}
-            if policies is None:
-                names = policy_names()
-                if "qlm-lp" not in names:
-                    skipped["qlm-lp"] = "not registered (qlmctl.policies.qlm_lp is not available)"
-            else:
-                names = _split(policies) or []
-                for n in names:
-                    policy_class(n)  # a UserError naming the choices
+            chosen = resolve_scenarios(split_list(scenarios), quick)
+            names = policy_names() if policies is None else split_list(policies) or []
+            for n in names:
+                policy_class(n)  # a UserError naming the choices
             rate_list = _rates(rates)
             points = plan_points(chosen, names, runs_dir, rate_list, quick)
+            executor = make_executor(ray_address, jobs)
         except UserError as e:
-            _fail(e)
-        n_jobs = jobs or default_jobs()
-        ev = Evaluation(chosen, names, skipped_policies=skipped)
+            fail(e)
+        ev = Evaluation(chosen, names, ran_on=executor.where)
         console.print(
-            f"{len(points)} simulations: {len(chosen)} scenario(s) x {len(names)} policies x their rates, "
-            f"{n_jobs} at once; results in [bold]{runs_dir}[/]", highlight=False,
+            f"{len(points)} simulations: {len(chosen)} scenario(s) x {len(names)} policies x their rates, on "
+            f"{executor.where}; results in [bold]{runs_dir}[/]", highlight=False,
         )
-        for p, why in skipped.items():
-            console.print(f"[yellow]{p}: {why}[/]", highlight=False)
         t0 = time.perf_counter()
-        with Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as prog:
+        with executor, Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=console) as prog:
             task = prog.add_task("simulating", total=len(points))
 
             def done(r) -> None:
@@ -136,7 +124,7 @@ def register(app: typer.Typer) -> None:
                     prog.console.print(f"[red]failed[/] {r.point.scenario} {rate} {r.point.policy}: "
                                        f"{r.error.splitlines()[0]}", highlight=False)
 
-            ev.results = run_points(points, n_jobs, done)
+            ev.results = run_points(points, executor, done)
         ev.wall_s = time.perf_counter() - t0
         stems: dict[str, list[str]] = {}
         if not no_figures:

@@ -7,11 +7,7 @@ from typing import Optional
 
 import typer
 
-
-def _split(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    return [x.strip() for x in text.split(",") if x.strip()]
+from qlmctl.commands.common import console, fail, split_list
 
 
 def register(app: typer.Typer) -> None:
@@ -46,7 +42,6 @@ def register(app: typer.Typer) -> None:
         """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from qlmctl.cli import _fail, console
         from qlmctl.errors import UserError
         from qlmctl.plots import FIGURES, plot_results
 
@@ -58,13 +53,13 @@ def register(app: typer.Typer) -> None:
                 written = plot_results(
                     results,
                     out_dir,
-                    formats=_split(formats) or ["png", "svg"],
-                    figures=_split(figures) or list(FIGURES),
+                    formats=split_list(formats) or ["png", "svg"],
+                    figures=split_list(figures) or list(FIGURES),
                     progress=lambda done, total: prog.update(task, completed=done, total=total),
-                    timeline_policies=_split(timeline_policies),
+                    timeline_policies=split_list(timeline_policies),
                 )
         except UserError as e:
-            _fail(e)
+            fail(e)
         stems = sorted({p.stem for p in written})
         console.print(f"wrote {len(written)} files ({len(stems)} figures) to [bold]{out_dir}[/]", highlight=False)
         for s in stems:

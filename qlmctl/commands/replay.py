@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from qlmctl.commands.common import console, fail, workload_overrides
+
 
 def replay(
     trace: Optional[Path] = typer.Argument(None, help="Trace file (CSV or JSONL); default: the scenario's workload."),
@@ -32,7 +34,6 @@ def replay(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from qlmctl.cli import _fail, _overrides, console
     from qlmctl.errors import UserError
     from qlmctl.live.replay import LiveRun, replay as run_replay, save_live
     from qlmctl.metrics import summarize
@@ -41,10 +42,10 @@ def replay(
     from qlmctl.workload import build_requests
 
     try:
-        sc = load_scenario(scenario, _overrides(trace, fmt, max_requests, rate, seed))
+        sc = load_scenario(scenario, workload_overrides(trace, fmt, max_requests, rate, seed))
         requests, report = build_requests(sc)
     except UserError as e:
-        _fail(e)
+        fail(e)
     for line in report.lines():
         console.print(f"[dim]{line}[/]", highlight=False)
     s = speedup or (sc.spec.live.speedup if sc.spec.live is not None else 1.0)
@@ -56,7 +57,7 @@ def replay(
                                      progress=lambda done, total: prog.update(task, completed=done)))
     failed = [r.error for r in res.requests if r.error is not None]
     if failed and len(failed) == len(res.requests):
-        _fail(UserError(f"every request failed; the first: {failed[0]}", field="--url"))
+        fail(UserError(f"every request failed; the first: {failed[0]}", field="--url"))
     summary = summarize(res.requests, itls=res.itls,
                         extra={"policy": label, "scenario": sc.spec.name, "backend": "replay", "url": url,
                                "speedup": s, "live_wall_s": res.wall_s})

@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import typer
 
+from qlmctl.commands.common import console, fail, workload_overrides
+
 
 def serve(
     scenario: Optional[Path] = typer.Option(None, "--scenario", "-s", help="Scenario YAML with a `live` section (engines, port, default SLO class)."),
@@ -38,13 +40,12 @@ def serve(
     --drain-timeout seconds, ends the rest with a 503 error, writes the results of a replay and exits 0; a
     second Ctrl-C stops at once. Engine faults, backpressure and the API key: docs/robustness.md.
     """
-    from qlmctl.cli import _fail, _overrides, console
     from qlmctl.errors import UserError
     from qlmctl.runner import parse_policies
     from qlmctl.scenario import load_scenario
 
     try:
-        sc = load_scenario(scenario, _overrides(trace, fmt, max_requests, rate, seed))
+        sc = load_scenario(scenario, workload_overrides(trace, fmt, max_requests, rate, seed))
         if sc.spec.live is None:
             raise UserError("the scenario has no `live` section (engines to serve from); see docs/live.md",
                             sc.path, field="live")
@@ -67,7 +68,7 @@ def serve(
         asyncio.run(_main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log,
                           client_process))
     except UserError as e:
-        _fail(e)
+        fail(e)
     except KeyboardInterrupt:
         console.print("stopped")
 
@@ -109,8 +110,6 @@ async def _unless_stopped(aw, stop) -> bool:
 
 async def _main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log,
                 client_process=True) -> None:
-    from qlmctl.cli import console
-
     stop = _stop_on_signals()
     launcher = None
     swap_control = None
@@ -142,7 +141,6 @@ async def _main(sc, policies, launch, host, port, requests, concurrency, out, lo
 async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop) -> None:
     import asyncio
 
-    from qlmctl.cli import console
     from qlmctl.errors import UserError
     from qlmctl.live.gateway import Gateway
 
@@ -175,8 +173,6 @@ async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop)
 
 
 async def _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process=True) -> None:
-
-    from qlmctl.cli import console
     from qlmctl.errors import UserError
     from qlmctl.live.replay import run_live, save_live
     from qlmctl.report import policy_progress, print_results

@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from qlmctl.commands.common import RAY_ADDRESS_HELP, console, err_console, fail
+from qlmctl.errors import UserError
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -26,11 +29,7 @@ def sweep(
         None, "--workers", "-j", min=1,
         help="Local worker processes (default: one per core); with --ray-address local, the CPUs Ray may use.",
     ),
-    ray_address: Optional[str] = typer.Option(
-        None, "--ray-address",
-        help="Run on Ray: a cluster address (auto, host:6379, ray://host:10001) or 'local' to start Ray here. "
-             "Needs the extra: pip install -e '.\\[ray]'.",
-    ),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
     fresh: bool = typer.Option(False, "--fresh", help="Forget the results already in the output folder."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and count the points, run nothing."),
 ) -> None:
@@ -45,22 +44,13 @@ def sweep(
 
     Exits 1 when a point failed after its retries (results.md names it with its error), 2 on bad input.
     """
-    from rich.console import Console
-    from rich.markup import escape
-
-    from qlmctl.errors import UserError
     from qlmctl.sweep import ResultStore, build_plan, load_sweep, make_executor, run_sweep
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 110))
-    err_console = Console(stderr=True)
     try:
         spec = load_sweep(sweep_file)
         plan = build_plan(spec, sweep_file)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {escape(e.one_line())}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        fail(e)
 
     out_dir = out or Path("results") / "sweeps" / str(spec.name)
     store = ResultStore(out_dir)
@@ -76,10 +66,8 @@ def sweep(
     try:
         executor = make_executor(ray_address, workers)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {escape(e.one_line())}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-    where = f"Ray ({executor.cpus} CPUs)" if executor.name == "ray" else f"{executor.workers} local worker(s)"
-    console.print(f"running on {where}", highlight=False)
+        fail(e)
+    console.print(f"running on {executor.where}", highlight=False)
     try:
         with executor, _ProgressReporter(console, plan) as reporter:
             result = run_sweep(plan, executor, store, reporter)

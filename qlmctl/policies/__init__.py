@@ -1,62 +1,52 @@
-"""Scheduling policies, built by name through `make_policy`."""
+"""Scheduling policies, built by name through `make_policy`.
+
+`POLICIES` is the one registry: a policy's name and the `module:Class` that implements it. Adding a
+policy is one new module (a `Policy` subclass whose `name` is its key here) plus one line in
+`POLICIES`. Modules are imported on first use, so a command that runs `fcfs` never loads the MILP
+solvers that `qlm-lp` needs. An explicit table rather than self-registration on import: the list of
+names needs no imports, and nothing depends on which modules happen to have been imported.
+"""
 
 from __future__ import annotations
 
-from enum import Enum
+import importlib
 
 from qlmctl.errors import UserError
 from qlmctl.policies.base import Policy, PolicyContext
-from qlmctl.policies.baselines import EDFPolicy, FCFSPolicy, PriorityPolicy
-from qlmctl.policies.qlm import QLMPolicy
 
-
-class PolicyName(str, Enum):
-    FCFS = "fcfs"
-    PRIORITY = "priority"
-    EDF = "edf"
-    QLM = "qlm"
-
-
-_REGISTRY: dict[str, type[Policy]] = {
-    PolicyName.FCFS.value: FCFSPolicy,
-    PolicyName.PRIORITY.value: PriorityPolicy,
-    PolicyName.EDF.value: EDFPolicy,
-    PolicyName.QLM.value: QLMPolicy,
+POLICIES: dict[str, str] = {
+    "fcfs": "qlmctl.policies.baselines:FCFSPolicy",
+    "priority": "qlmctl.policies.baselines:PriorityPolicy",
+    "edf": "qlmctl.policies.baselines:EDFPolicy",
+    "qlm": "qlmctl.policies.qlm:QLMPolicy",
+    "qlm-lp": "qlmctl.policies.qlm_lp:QLMLPPolicy",
+    "shepherd": "qlmctl.policies.shepherd:ShepherdPolicy",
+    "sjf-oracle": "qlmctl.policies.sjf:SJFOraclePolicy",
 }
-
-
-def register(name: str, cls: type[Policy]) -> None:
-    """Add a policy (other modules register theirs on import)."""
-    _REGISTRY[name] = cls
+"""Policy name -> "module:Class"; the order is the order `qlmctl policies` and `evaluate` show them in."""
 
 
 def policy_names() -> list[str]:
-    _load_optional()
-    return list(_REGISTRY)
+    """Every policy's name, without importing any policy module."""
+    return list(POLICIES)
 
 
 def policy_class(name: str) -> type[Policy]:
-    _load_optional()
+    """The class implementing policy `name` (its module imported now if it was not yet).
+
+    Raises:
+        UserError: `name` is not a policy; the message lists the choices.
+    """
     try:
-        return _REGISTRY[name]
+        target = POLICIES[name]
     except KeyError:
-        raise UserError(f"unknown policy '{name}'; choose from {', '.join(_REGISTRY)}", field="policy") from None
+        raise UserError(f"unknown policy '{name}'; choose from {', '.join(POLICIES)}", field="policy") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def make_policy(name: str, ctx: PolicyContext) -> Policy:
     return policy_class(name)(ctx)
 
 
-def _load_optional() -> None:
-    """Import policy modules that register themselves (kept lazy: some pull in solvers)."""
-    import importlib
-
-    for mod in ("qlmctl.policies.qlm_lp", "qlmctl.policies.shepherd", "qlmctl.policies.sjf"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-__all__ = ["Policy", "PolicyContext", "PolicyName", "make_policy", "policy_names", "policy_class", "register"]
+__all__ = ["POLICIES", "Policy", "PolicyContext", "make_policy", "policy_class", "policy_names"]

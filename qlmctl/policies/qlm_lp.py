@@ -33,7 +33,6 @@ import numpy as np
 from qlmctl.core.cluster import ClusterView, Decision
 from qlmctl.core.groups import GroupKey, RequestGroup
 from qlmctl.errors import UserError
-from qlmctl.policies import register
 from qlmctl.policies.base import PolicyContext
 from qlmctl.policies.qlm import QLMPolicy
 from qlmctl.solvers import MilpSolver, MilpStatus
@@ -332,6 +331,3 @@ class QLMLPPolicy(QLMPolicy):
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
         self.solver.close()
-
-
-register("qlm-lp", QLMLPPolicy)

@@ -56,7 +56,6 @@ from typing import ClassVar
 from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, InstanceView, SwapModel
 from qlmctl.core.estimator import RWTEstimator
 from qlmctl.core.request import Request
-from qlmctl.policies import register
 from qlmctl.policies.base import Policy, PolicyContext
 from qlmctl.policies.common import Room, room_of
 
@@ -406,6 +405,3 @@ class ShepherdPolicy(Policy):
                 self.stats.evictions += 1
                 out.append(Evict(r, inst.instance_id))
         return out
-
-
-register(ShepherdPolicy.name, ShepherdPolicy)

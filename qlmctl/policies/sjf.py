@@ -10,7 +10,6 @@ is no bound on SLO attainment: long requests with tight deadlines starve under l
 from __future__ import annotations
 
 from qlmctl.core.request import Request
-from qlmctl.policies import register
 from qlmctl.policies.baselines import QueuePolicy
 
 
@@ -24,6 +23,3 @@ class SJFOraclePolicy(QueuePolicy):
     def key(self, r: Request) -> tuple[float, ...]:
         # Ties (same length) in arrival order, so the order is deterministic and FCFS-fair.
         return (float(r.output_tokens), r.arrival_s)
-
-
-register(SJFOraclePolicy.name, SJFOraclePolicy)

@@ -5,10 +5,21 @@ scenario travels as a self-contained `bundle`; `run_point` simulates one point i
 `executors` backend (process pool or Ray) runs them; the `runner` feeds the executor, retries
 failures and drives the `bisection` searches; the `store` makes a sweep resumable; `tables` and
 `figures` write the results.
+
+The executors run any `Task` on a bundle, not only sweep points: `qlmctl evaluate` runs its
+points on them too (`qlmctl.evaluation`).
 """
 
 from qlmctl.sweep.bisection import Bisection, CapacityStatus
-from qlmctl.sweep.executors import Executor, LocalExecutor, RayExecutor, make_executor
+from qlmctl.sweep.executors import (
+    Executor,
+    LocalExecutor,
+    RayExecutor,
+    Task,
+    available_cpus,
+    make_executor,
+    run_all,
+)
 from qlmctl.sweep.plan import Configuration, Point, SweepPlan, build_plan
 from qlmctl.sweep.point import PointOutcome, run_point
 from qlmctl.sweep.runner import SweepReporter, SweepResult, run_sweep
@@ -30,9 +41,12 @@ __all__ = [
     "SweepReporter",
     "SweepResult",
     "SweepSpec",
+    "Task",
+    "available_cpus",
     "build_plan",
     "load_sweep",
     "make_executor",
+    "run_all",
     "run_point",
     "run_sweep",
 ]

@@ -1,8 +1,10 @@
-"""Where points run: a local process pool, or a Ray cluster. Both ship the same `run_point`.
+"""Where batches of simulations run: a local process pool, or a Ray cluster.
 
-An executor takes bundles (once each) and points, and hands back outcomes as they complete.
-Neither retries on its own: a crashed worker or a lost task comes back as a failed outcome, and
-the sweep runner decides about retries, so that every failure is counted and reported once.
+An executor runs *tasks*: a sweep's points (`qlmctl.sweep.plan.Point`) or an evaluation's
+(`qlmctl.evaluation.EvalTask`). It takes scenario bundles (once each) and tasks, runs each task's
+`run` in a worker on the bundle it names, and hands back the outcomes as they complete. Neither
+executor retries on its own: a crashed worker or a lost task comes back as the task's `lost` outcome,
+and the caller decides about retries, so that every failure is counted and reported once.
 """
 
 from __future__ import annotations
@@ -13,53 +15,85 @@ import multiprocessing
 import os
 import signal
 import tempfile
-import traceback
 from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qlmctl.errors import UserError
 from qlmctl.sweep.bundle import Bundle, materialise
-from qlmctl.sweep.plan import Point
-from qlmctl.sweep.point import LocalBundle, PointOutcome, run_point
+from qlmctl.sweep.point import LocalBundle
 
 LOCAL_RAY = "local"
 """`--ray-address` value that starts a Ray instance on this machine."""
+WAIT_S = 0.5
+"""Longest block in `Executor.wait` of the drivers, so that Ctrl-C and progress bars stay responsive."""
 
 
-def _lost(point: Point, e: BaseException, what: str) -> PointOutcome:
-    """The outcome of a point whose worker died or whose task was lost."""
-    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    return PointOutcome(point.key, False, None, f"{type(e).__name__}: {what}: {e}", tb, 0.0, "?")
+class Task(Protocol):
+    """Work for an executor: picklable, run in a worker on one scenario bundle."""
+
+    @property
+    def bundle(self) -> str:
+        """Digest of the bundle `run` reads (added to the executor before the task is submitted)."""
+        ...
+
+    def run(self, source: Bundle | LocalBundle) -> Any:
+        """In the worker: do the work and return its outcome (picklable). Must not raise."""
+        ...
+
+    def lost(self, e: BaseException, what: str) -> Any:
+        """In the driver: the outcome of this task when its worker died or its result could not come back."""
+        ...
+
+
+def run_task(task: Task, source: Bundle | LocalBundle) -> Any:
+    """The one function both executors ship to their workers."""
+    return task.run(source)
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (its CPU affinity, where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 class Executor(ABC):
-    """Runs points; `submit` them, then `wait` for outcomes as they complete."""
+    """Runs tasks; `submit` them, then `wait` for their outcomes as they complete."""
 
     name: str
     slots: int
-    """Points worth keeping in flight (enough to keep every worker busy)."""
+    """Tasks worth keeping in flight (enough to keep every worker busy)."""
 
     @abstractmethod
     def add_bundle(self, bundle: Bundle) -> None:
         """Make a scenario bundle available to the workers (call once per bundle)."""
 
     @abstractmethod
-    def submit(self, point: Point) -> None:
-        """Start `point`; its bundle must have been added."""
+    def submit(self, task: Task) -> None:
+        """Start `task`; its bundle must have been added."""
 
     @abstractmethod
-    def wait(self, timeout_s: float | None = None) -> list[PointOutcome]:
-        """Block until at least one submitted point is done (or `timeout_s`), return all done."""
+    def wait(self, timeout_s: float | None = None) -> list[Any]:
+        """Block until at least one submitted task is done (or `timeout_s`); the outcomes of all done
+        (each what its task's `run` returned, or its `lost` outcome)."""
 
     @property
     @abstractmethod
     def in_flight(self) -> int:
-        """Points submitted and not yet returned by `wait`."""
+        """Tasks submitted and not yet returned by `wait`."""
+
+    @property
+    def where(self) -> str:
+        """Where the tasks run, for messages: "4 local worker(s)", "Ray (64 CPUs)"."""
+        return self.name
 
     @abstractmethod
     def close(self) -> None:
-        """Stop the workers; points still running are abandoned."""
+        """Stop the workers; tasks still running are abandoned."""
 
     def __enter__(self) -> "Executor":
         return self
@@ -84,17 +118,17 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 class LocalExecutor(Executor):
-    """A pool of worker processes on this machine (`workers` of them, default: one per core)."""
+    """A pool of worker processes on this machine (`workers` of them, default: one per available core)."""
 
     name = "local"
 
     def __init__(self, workers: int | None = None) -> None:
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or available_cpus()
         self.slots = 2 * self.workers
         self._tmp = tempfile.TemporaryDirectory(prefix="qlmctl-sweep-")
         self._bundles: dict[str, LocalBundle] = {}
         self._pool: cf.ProcessPoolExecutor | None = None
-        self._futures: dict[cf.Future[PointOutcome], Point] = {}
+        self._futures: dict[cf.Future[Any], Task] = {}
 
     def _ensure_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
@@ -105,35 +139,39 @@ class LocalExecutor(Executor):
         path = materialise(bundle, Path(self._tmp.name))
         self._bundles[bundle.digest] = LocalBundle(path, bundle.origins)
 
-    def submit(self, point: Point) -> None:
-        fut = self._ensure_pool().submit(run_point, point, self._bundles[point.config.bundle])
-        self._futures[fut] = point
+    def submit(self, task: Task) -> None:
+        fut = self._ensure_pool().submit(run_task, task, self._bundles[task.bundle])
+        self._futures[fut] = task
 
-    def wait(self, timeout_s: float | None = None) -> list[PointOutcome]:
+    def wait(self, timeout_s: float | None = None) -> list[Any]:
         if not self._futures:
             return []
         done, _ = cf.wait(self._futures, timeout_s, cf.FIRST_COMPLETED)
-        out: list[PointOutcome] = []
+        out: list[Any] = []
         for fut in done:
-            point = self._futures.pop(fut)
+            task = self._futures.pop(fut)
             try:
                 out.append(fut.result())
             except cf.process.BrokenProcessPool as e:
-                # Every point in flight fails with it; a new pool serves the retries.
+                # Every task in flight fails with it; a new pool serves the retries.
                 self._drop_pool()
-                out.append(_lost(point, e, "a worker process died"))
+                out.append(task.lost(e, "a worker process died"))
             except Exception as e:  # noqa: BLE001 - e.g. an unpicklable result; reported, retried
-                out.append(_lost(point, e, "the worker could not return the result"))
+                out.append(task.lost(e, "the worker could not return the result"))
         return out
 
     @property
     def in_flight(self) -> int:
         return len(self._futures)
 
+    @property
+    def where(self) -> str:
+        return f"{self.workers} local worker(s)"
+
     def _drop_pool(self, terminate: bool = False) -> None:
         if self._pool is None:
             return
-        # Points still running would hold the interpreter's exit until they finish.
+        # Tasks still running would hold the interpreter's exit until they finish.
         processes = list((getattr(self._pool, "_processes", None) or {}).values()) if terminate else []
         self._pool.shutdown(wait=False, cancel_futures=True)
         for proc in processes:
@@ -155,7 +193,7 @@ def _ship_code_env() -> dict[str, Any]:
 
 
 class RayExecutor(Executor):
-    """Ray tasks on a cluster (`address`), or on a Ray instance started here (`"local"`).
+    """One Ray task per executor task, on a cluster (`address`), or on a Ray instance started here (`"local"`).
 
     Args:
         address: A Ray address (`auto`, `host:6379`, `ray://host:10001`) or `"local"`.
@@ -188,21 +226,21 @@ class RayExecutor(Executor):
             except ConnectionError as e:
                 raise UserError(f"cannot reach the Ray cluster at {address}: {e}", field="--ray-address") from None
             self._owns = True
-        self._task = ray.remote(num_cpus=1, max_retries=0)(run_point)
+        self._task = ray.remote(num_cpus=1, max_retries=0)(run_task)
         self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.slots = 2 * self.cpus
         self._refs: dict[str, Any] = {}
-        self._pending: dict[Any, Point] = {}
+        self._pending: dict[Any, Task] = {}
 
     def add_bundle(self, bundle: Bundle) -> None:
         # One copy in the object store, fetched once per node rather than once per task.
         self._refs[bundle.digest] = self._ray.put(bundle)
 
-    def submit(self, point: Point) -> None:
-        ref = self._task.remote(point, self._refs[point.config.bundle])
-        self._pending[ref] = point
+    def submit(self, task: Task) -> None:
+        ref = self._task.remote(task, self._refs[task.bundle])
+        self._pending[ref] = task
 
-    def wait(self, timeout_s: float | None = None) -> list[PointOutcome]:
+    def wait(self, timeout_s: float | None = None) -> list[Any]:
         if not self._pending:
             return []
         ray = self._ray
@@ -210,18 +248,22 @@ class RayExecutor(Executor):
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
         if ready:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        out: list[PointOutcome] = []
+        out: list[Any] = []
         for ref in ready:
-            point = self._pending.pop(ref)
+            task = self._pending.pop(ref)
             try:
                 out.append(ray.get(ref))
             except Exception as e:  # noqa: BLE001 - worker crash, node loss, OOM kill: retried
-                out.append(_lost(point, e, "the Ray task was lost"))
+                out.append(task.lost(e, "the Ray task was lost"))
         return out
 
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    @property
+    def where(self) -> str:
+        return f"Ray ({self.cpus} CPUs)"
 
     def close(self) -> None:
         for ref in self._pending:
@@ -230,6 +272,17 @@ class RayExecutor(Executor):
         self._refs.clear()
         if self._owns:
             self._ray.shutdown()
+
+
+def run_all(executor: Executor, tasks: Iterable[Task], on_outcome: Callable[[Any], None]) -> None:
+    """Run `tasks` in their order on `executor`, at most `executor.slots` in flight, calling `on_outcome`
+    (in this thread) with each outcome as it arrives. Nothing is retried."""
+    queue = deque(tasks)
+    while queue or executor.in_flight:
+        while queue and executor.in_flight < executor.slots:
+            executor.submit(queue.popleft())
+        for outcome in executor.wait(WAIT_S):
+            on_outcome(outcome)
 
 
 def make_executor(ray_address: str | None, workers: int | None) -> Executor:

@@ -15,12 +15,15 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qlmctl.errors import UserError
 from qlmctl.scenario import REPO_ROOT, Scenario, _deep_merge, load_scenario
 from qlmctl.sweep.bundle import Bundle, make_bundle
 from qlmctl.sweep.spec import ListedPoint, SweepSpec, line_of
+
+if TYPE_CHECKING:
+    from qlmctl.sweep.point import LocalBundle, PointOutcome
 
 TRACE_RATE_FIELD = ("workload", "target_rate_rps")
 SYNTHETIC_RATE_FIELD = ("workload", "synthetic", "rate_rps")
@@ -101,6 +104,22 @@ class Point:
 
     def describe(self) -> str:
         return f"{self.config.describe()} rate={self.rate_rps:g} req/s"
+
+    # The executor's task protocol (`qlmctl.sweep.executors.Task`); the work itself is in `point`.
+
+    @property
+    def bundle(self) -> str:
+        return self.config.bundle
+
+    def run(self, source: Bundle | LocalBundle) -> PointOutcome:
+        from qlmctl.sweep.point import run_point
+
+        return run_point(self, source)
+
+    def lost(self, e: BaseException, what: str) -> PointOutcome:
+        from qlmctl.sweep.point import lost_outcome
+
+        return lost_outcome(self, e, what)
 
 
 @dataclass

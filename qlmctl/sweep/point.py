@@ -1,8 +1,9 @@
 """One point of a sweep, run in a worker: load the bundled scenario, build requests, simulate.
 
-`run_point` is the one function every executor ships (a process pool's worker or a Ray task).
-It never raises: a failure comes back as an outcome with the error and its traceback, so that the
-driver can report it with the point's parameters and retry it.
+`run_point` is what a sweep point's task runs in an executor's worker (`Point.run`). It never
+raises: a failure comes back as an outcome with the error and its traceback, so that the driver can
+report it with the point's parameters and retry it. `open_bundle` and `error_in_origins` serve any
+task that runs on a bundle (the evaluation's too).
 """
 
 from __future__ import annotations
@@ -67,22 +68,34 @@ class PointOutcome:
     """host:pid of the process that ran it."""
 
 
-def _scenario_file(source: Bundle | LocalBundle) -> tuple[Path, dict[str, str]]:
+def open_bundle(source: Bundle | LocalBundle) -> tuple[Path, dict[str, str]]:
+    """The scenario file of `source` on this machine (written out once if it is not yet) and its
+    origins (local file name -> the path the driver read it from)."""
     if isinstance(source, LocalBundle):
         return source.scenario_file, source.origins
     return materialise(source), source.origins
+
+
+def error_in_origins(e: UserError, folder: Path, origins: dict[str, str]) -> UserError:
+    """`e` raised on the bundle materialised in `folder`, naming the user's files instead."""
+    path = original_path(e.path, folder, origins)
+    # A line in the bundled copy means nothing in the user's file; the field still does.
+    line = e.line if path == e.path else None
+    return UserError(with_origins(e.message, folder, origins), path, line, e.field)
 
 
 def _describe_error(e: BaseException, folder: Path | None, origins: dict[str, str]) -> str:
     if folder is None:
         return f"{type(e).__name__}: {e}"
     if isinstance(e, UserError):
-        path = original_path(e.path, folder, origins)
-        # A line in the bundled copy means nothing in the user's file; the field still does.
-        line = e.line if path == e.path else None
-        e = UserError(with_origins(e.message, folder, origins), path, line, e.field)
-        return f"UserError: {e.one_line()}"
+        return f"UserError: {error_in_origins(e, folder, origins).one_line()}"
     return f"{type(e).__name__}: {with_origins(str(e), folder, origins)}"
+
+
+def lost_outcome(point: Point, e: BaseException, what: str) -> PointOutcome:
+    """The outcome of a point whose worker died or whose task was lost."""
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    return PointOutcome(point.key, False, None, f"{type(e).__name__}: {what}: {e}", tb, 0.0, "?")
 
 
 def run_point(point: Point, source: Bundle | LocalBundle) -> PointOutcome:
@@ -96,7 +109,7 @@ def run_point(point: Point, source: Bundle | LocalBundle) -> PointOutcome:
     folder: Path | None = None
     origins: dict[str, str] = {}
     try:
-        scenario_file, origins = _scenario_file(source)
+        scenario_file, origins = open_bundle(source)
         folder = scenario_file.parent
         sc = load_scenario(scenario_file, point.overrides())
         requests, report = build_requests(sc)
@@ -115,4 +128,5 @@ def run_point(point: Point, source: Bundle | LocalBundle) -> PointOutcome:
         )
 
 
-__all__ = ["LocalBundle", "PointOutcome", "SUMMARY_METRICS", "run_point"]
+__all__ = ["LocalBundle", "PointOutcome", "SUMMARY_METRICS", "error_in_origins", "lost_outcome", "open_bundle",
+           "run_point"]

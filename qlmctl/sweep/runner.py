@@ -14,14 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qlmctl.sweep.bisection import Bisection
-from qlmctl.sweep.executors import Executor
+from qlmctl.sweep.executors import WAIT_S, Executor
 from qlmctl.sweep.plan import Configuration, Point, SweepPlan
 from qlmctl.sweep.point import PointOutcome
 from qlmctl.sweep.store import PointRecord, ResultStore
-
-WAIT_S = 0.5
-"""Longest block in `Executor.wait`, so that Ctrl-C and the progress bar stay responsive."""
-
 
 class SweepReporter:
     """Hooks for progress and failure reports; the defaults do nothing."""
