@@ -30,7 +30,6 @@ def _clean(x):
 
 
 def _point(args: tuple[str, str, int | None]) -> tuple[str, dict]:
-    from qlmctl.policies import policy_names  # noqa: F401  (registers the optional policies)
     from qlmctl.runner import simulate
     from qlmctl.scenario import load_scenario
     from qlmctl.workload import build_requests

@@ -11,7 +11,7 @@ from typing import Any
 from qlmctl.backends.sim import SimResult, SimulatedCluster
 from qlmctl.core.request import Request
 from qlmctl.metrics import summarize
-from qlmctl.policies import PolicyContext, make_policy, policy_class
+from qlmctl.policies import PolicyContext, make_policy
 from qlmctl.report import timeline_frame, write_results
 from qlmctl.scenario import Scenario
 
@@ -61,10 +61,3 @@ def save(run: PolicyRun, scenario: Scenario, out_dir: Path) -> Path:
         out_dir, run.policy, run.result.requests, run.summary, scenario.dump(), timeline_frame(run.result.timeline)
     )
     return run.folder
-
-
-def parse_policies(text: str | None, scenario: Scenario) -> list[str]:
-    names = [p.strip() for p in (text or scenario.spec.scheduler.policy).split(",") if p.strip()]
-    for n in names:
-        policy_class(n)  # raises a UserError naming the choices
-    return names

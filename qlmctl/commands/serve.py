@@ -41,7 +41,7 @@ def serve(
     second Ctrl-C stops at once. Engine faults, backpressure and the API key: docs/robustness.md.
     """
     from qlmctl.errors import UserError
-    from qlmctl.runner import parse_policies
+    from qlmctl.policies import parse_policy_list
     from qlmctl.scenario import load_scenario
 
     try:
@@ -49,7 +49,7 @@ def serve(
         if sc.spec.live is None:
             raise UserError("the scenario has no `live` section (engines to serve from); see docs/live.md",
                             sc.path, field="live")
-        policies = parse_policies(policy, sc)
+        policies = parse_policy_list(policy or sc.spec.scheduler.policy)
         replaying = trace is not None or replay_workload
         if not replaying and len(policies) != 1:
             raise UserError(f"a gateway runs one policy; got {', '.join(policies)} (pick one with --policy)",

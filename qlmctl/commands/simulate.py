@@ -26,13 +26,14 @@ def simulate(
     Times are in seconds of simulated time; latencies in the table are in ms or s as labelled.
     """
     from qlmctl.report import policy_progress, print_results
-    from qlmctl.runner import parse_policies, save, simulate as run_sim
+    from qlmctl.policies import parse_policy_list
+    from qlmctl.runner import save, simulate as run_sim
     from qlmctl.scenario import load_scenario
     from qlmctl.workload import build_requests
 
     try:
         sc = load_scenario(scenario, workload_overrides(trace, fmt, max_requests, rate, seed))
-        policies = parse_policies(policy, sc)
+        policies = parse_policy_list(policy or sc.spec.scheduler.policy)
         requests, report = build_requests(sc)
     except UserError as e:
         fail(e)

@@ -49,4 +49,17 @@ def make_policy(name: str, ctx: PolicyContext) -> Policy:
     return policy_class(name)(ctx)
 
 
-__all__ = ["POLICIES", "Policy", "PolicyContext", "make_policy", "policy_class", "policy_names"]
+def parse_policy_list(text: str) -> list[str]:
+    """Policy names from a comma-separated list ("fcfs, qlm"), each checked.
+
+    Raises:
+        UserError: a name is not a policy; the message lists the choices.
+    """
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    for n in names:
+        policy_class(n)
+    return names
+
+
+__all__ = ["POLICIES", "Policy", "PolicyContext", "make_policy", "parse_policy_list", "policy_class",
+           "policy_names"]
