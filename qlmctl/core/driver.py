@@ -22,8 +22,10 @@ Rules for decisions, the same in both worlds (tests/test_conformance.py holds bo
 - `SwapModel` on an instance that is swapping is ignored: the swap under way finishes and the policy is told.
 - `SwapModel` on an instance with requests on it: the instance stops taking dispatches at once (it reports
   `swapping`), lets its requests finish, then loads.
-- A wake-up at or before `now` is moved one clock tick (`World.resolution_s`) ahead, so a policy that asks
-  for "now" cannot spin the loop.
+- A wake-up sooner than one clock tick (`World.resolution_s`) from `now` is moved to one tick from now, so a
+  policy that asks for "now" (or for a moment just past it, read off a clock that moved on) cannot spin.
+- What a rule tells the policy at once (a failed or ended dispatch's `on_finished`, a swap-to-loaded's
+  `on_instance_changed`) is a change like any other: the policy is scheduled again one tick later.
 - A request an engine failed goes back to the policy as an eviction would (`requeue`); a policy that does
   not take evictions is told it finished and gets it again as a new arrival, in its own order.
 """
@@ -92,6 +94,7 @@ class Driver:
         self.policy = policy
         self.world = world
         self.stats = DriverStats()
+        self._told = False  # a rule told the policy something during this schedule call
         # Events the world reports go straight to the policy: bound once, as they are on the simulator's hot path.
         self.arrived = policy.add_request
         self.first_token = policy.on_first_token
@@ -110,12 +113,17 @@ class Driver:
     def schedule(self, now: float) -> float | None:
         """Run the policy once at `now`, carry out its decisions; return the wake-up it asks for (None: none)."""
         self.stats.schedules += 1
+        self._told = False
         decisions = self.policy.schedule(self.world)
         if decisions:
             self.apply(decisions, now)
         wake = self.policy.next_wakeup(now)
-        if wake is not None and wake <= now:
-            wake = now + self.world.resolution_s
+        if self._told:
+            wake = now if wake is None else min(wake, now)
+        if wake is not None:
+            tick = now + self.world.resolution_s
+            if wake < tick:
+                wake = tick
         return wake
 
     def apply(self, decisions: list[Decision], now: float) -> None:
@@ -132,9 +140,11 @@ class Driver:
                                        f"{d.instance_id}, which serves {state}")
                     world.fail_request(r, f"policy error: dispatched to an instance serving {state}, not {r.model}", now)
                     self.policy.on_finished(r, now)
+                    self._told = True
                     continue
                 if not world.dispatch(r, d.instance_id, now):
                     self.policy.on_finished(r, now)
+                    self._told = True
                     continue
                 if r.dispatch_s is None:
                     r.dispatch_s = now
@@ -154,6 +164,7 @@ class Driver:
                     continue
                 elif inst.model == d.model:
                     self.policy.on_instance_changed(d.instance_id)
+                    self._told = True
                 else:
                     world.load_model(d.instance_id, d.model, now)
         world.applied(now)
