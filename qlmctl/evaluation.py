@@ -262,7 +262,8 @@ def plan_points(
 def simulate_point(task: EvalTask, source: Bundle | LocalBundle) -> PointRun:
     """Simulate one point on its bundled scenario (in a worker); never raises."""
     from qlmctl.report import requests_frame
-    from qlmctl.runner import simulate, timeline_frame
+    from qlmctl.report import timeline_frame
+    from qlmctl.runner import simulate
     from qlmctl.sweep.bundle import with_origins
     from qlmctl.sweep.point import error_in_origins, open_bundle
     from qlmctl.workload import build_requests
@@ -280,7 +281,7 @@ def simulate_point(task: EvalTask, source: Bundle | LocalBundle) -> PointRun:
         run.summary["eval_scenario"] = point.scenario
         run.summary["target_rate_rps"] = point.rate
         run.summary["offered_rate_rps"] = report.mean_rate_rps
-        return PointRun(task.index, run.summary, requests_frame(run.result.requests), timeline_frame(run.result),
+        return PointRun(task.index, run.summary, requests_frame(run.result.requests), timeline_frame(run.result.timeline),
                         time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - one failed point must not sink the whole evaluation
         # Errors name the user's files, not the bundle's copies in this worker.

@@ -117,6 +117,29 @@ class SyntheticSpec(_Strict):
     output_tokens: int | None = Field(default=None, gt=0, description="fixed output length")
 
 
+class LengthDistSpec(_Strict):
+    """Token lengths drawn from a log-normal distribution with this mean and coefficient of variation."""
+
+    mean: float = Field(gt=0, description="mean length, tokens")
+    cv: float = Field(default=0.0, ge=0, description="standard deviation / mean (0: every length is the mean)")
+    min: int = Field(default=1, ge=1, description="shortest length, tokens")
+    max: int | None = Field(default=None, ge=1, description="longest length, tokens")
+
+
+class ClassLengthsSpec(_Strict):
+    """One SLO class's own token lengths: resampled from a trace, or drawn from distributions."""
+
+    lengths_from: str | None = Field(default=None, description="trace whose (prompt, output) pairs are resampled")
+    prompt: LengthDistSpec | None = None
+    output: LengthDistSpec | None = None
+
+    @model_validator(mode="after")
+    def _source(self) -> "ClassLengthsSpec":
+        if (self.lengths_from is None) == (self.prompt is None or self.output is None):
+            raise ValueError("give lengths_from, or both prompt and output (and not both forms)")
+        return self
+
+
 class WorkloadSpec(_Strict):
     trace: str | None = None
     format: str = "auto"
@@ -127,6 +150,8 @@ class WorkloadSpec(_Strict):
     target_rate_rps: float | None = Field(default=None, gt=0, description="rescale arrivals to this rate")
     start_s: float = Field(default=0.0, ge=0, description="skip the trace before this offset, s")
     max_requests: int | None = Field(default=None, gt=0)
+    lengths_by_class: dict[str, ClassLengthsSpec] = Field(
+        default_factory=dict, description="per SLO class, token lengths that replace the trace's")
 
     @model_validator(mode="after")
     def _source(self) -> "WorkloadSpec":
@@ -272,6 +297,9 @@ class ScenarioSpec(_Strict):
         names = set(self.models) | set(self.token_throughput)
         if not names:
             raise ValueError("no models: give models or token_throughput")
+        for c in self.workload.lengths_by_class:
+            if c not in self.slo_classes:
+                raise ValueError(f"workload.lengths_by_class.{c}: unknown SLO class '{c}'")
         for i, inst in enumerate(self.cluster.instances):
             if inst.model is not None and inst.model not in names:
                 raise ValueError(f"cluster.instances.{i}.model: unknown model '{inst.model}'")

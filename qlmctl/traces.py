@@ -405,7 +405,8 @@ def _frame(
     )
 
 
-def synthetic_trace(spec: SyntheticSpec, rng: np.random.Generator, lengths: pd.DataFrame | None) -> LoadedTrace:
+def synthetic_trace(spec: SyntheticSpec, rng: np.random.Generator, lengths: pd.DataFrame | None,
+                    lengths_later: bool = False) -> LoadedTrace:
     """A synthetic trace: Poisson or gamma arrivals, token lengths resampled from a trace or fixed.
 
     Arrivals: the first at 0.0, then `num_requests - 1` gaps, exponential with mean 1/rate_rps
@@ -415,11 +416,13 @@ def synthetic_trace(spec: SyntheticSpec, rng: np.random.Generator, lengths: pd.D
     `output_tokens` of the spec, when set, override the drawn values. Draws arrivals first, then
     lengths, from `rng`. source_line is the 1-based request index.
 
+    `lengths_later`: every request's lengths are drawn afterwards (per SLO class), so none are needed here.
+
     Raises:
         UserError: no lengths source and no fixed prompt_tokens and output_tokens.
     """
     n = spec.num_requests
-    if lengths is None and (spec.prompt_tokens is None or spec.output_tokens is None):
+    if lengths is None and (spec.prompt_tokens is None or spec.output_tokens is None) and not lengths_later:
         missing = "prompt_tokens" if spec.prompt_tokens is None else "output_tokens"
         raise UserError(
             "synthetic workload needs token lengths: give lengths_from (a trace), "
@@ -438,8 +441,8 @@ def synthetic_trace(spec: SyntheticSpec, rng: np.random.Generator, lengths: pd.D
         prompt = lengths["prompt_tokens"].to_numpy(dtype=np.int64)[idx]
         output = lengths["output_tokens"].to_numpy(dtype=np.int64)[idx]
     else:
-        prompt = np.empty(n, dtype=np.int64)
-        output = np.empty(n, dtype=np.int64)
+        prompt = np.ones(n, dtype=np.int64)
+        output = np.ones(n, dtype=np.int64)
     if spec.prompt_tokens is not None:
         prompt[:] = spec.prompt_tokens
     if spec.output_tokens is not None:

@@ -102,6 +102,8 @@ def build_requests(scenario: Scenario) -> tuple[list[Request], WorkloadReport]:
     n = len(frame)
     models = _assign(scenario, trace, frame, "model", wl.model, scenario.models, rng, notes)
     classes = _assign(scenario, trace, frame, "slo_class", wl.slo_class, list(spec.slo_classes), rng, notes)
+    if wl.lengths_by_class:
+        frame = _class_lengths(scenario, frame, classes)
 
     slo = {
         name: (c.ttft_s, c.tpot_s, scenario.slo_priority(name)) for name, c in spec.slo_classes.items()
@@ -157,7 +159,54 @@ def _load(scenario: Scenario, rng: np.random.Generator) -> LoadedTrace:
     lengths = None
     if wl.synthetic.lengths_from is not None:
         lengths = load_trace(scenario.resolve_path(wl.synthetic.lengths_from)).frame
-    return synthetic_trace(wl.synthetic, rng, lengths)
+    classes = set(wl.slo_class.split) if wl.slo_class is not None and wl.slo_class.split else (
+        {wl.slo_class.constant} if wl.slo_class is not None and wl.slo_class.constant else
+        (set(scenario.spec.slo_classes) if len(scenario.spec.slo_classes) == 1 else set()))
+    later = bool(classes) and classes <= set(wl.lengths_by_class)
+    return synthetic_trace(wl.synthetic, rng, lengths, lengths_later=later)
+
+
+LENGTHS_STREAM = 0x1E6
+"""Second key of the random stream for per-class lengths, so adding them leaves every other draw as it was."""
+
+
+def _class_lengths(scenario: Scenario, frame: pd.DataFrame, classes: np.ndarray) -> pd.DataFrame:
+    """`frame` with the lengths of the classes in `workload.lengths_by_class` drawn anew, class by class."""
+    rng = np.random.default_rng([scenario.spec.seed, LENGTHS_STREAM])
+    prompt = frame["prompt_tokens"].to_numpy(dtype=np.int64, copy=True)
+    output = frame["output_tokens"].to_numpy(dtype=np.int64, copy=True)
+    for cls, spec in scenario.spec.workload.lengths_by_class.items():
+        rows = np.flatnonzero(classes == cls)
+        if not len(rows):
+            continue
+        if spec.lengths_from is not None:
+            src = load_trace(scenario.resolve_path(spec.lengths_from)).frame
+            if not len(src):
+                raise UserError("the lengths trace has no rows", scenario.path,
+                                field=f"workload.lengths_by_class.{cls}.lengths_from")
+            idx = rng.integers(0, len(src), size=len(rows))
+            prompt[rows] = src["prompt_tokens"].to_numpy(dtype=np.int64)[idx]
+            output[rows] = src["output_tokens"].to_numpy(dtype=np.int64)[idx]
+        else:
+            assert spec.prompt is not None and spec.output is not None
+            prompt[rows] = lognormal_lengths(spec.prompt.mean, spec.prompt.cv, spec.prompt.min, spec.prompt.max,
+                                             len(rows), rng)
+            output[rows] = lognormal_lengths(spec.output.mean, spec.output.cv, spec.output.min, spec.output.max,
+                                             len(rows), rng)
+    frame = frame.copy()
+    frame["prompt_tokens"] = prompt
+    frame["output_tokens"] = output
+    return frame
+
+
+def lognormal_lengths(mean: float, cv: float, lo: int, hi: int | None, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` whole token lengths from a log-normal with this mean and coefficient of variation, within [lo, hi]."""
+    if cv <= 0:
+        x = np.full(n, mean)
+    else:
+        sigma2 = np.log1p(cv * cv)
+        x = rng.lognormal(np.log(mean) - sigma2 / 2.0, np.sqrt(sigma2), size=n)
+    return np.clip(np.rint(x), lo, hi if hi is not None else None).astype(np.int64)
 
 
 def _rescale(scenario: Scenario, arrival: np.ndarray, notes: list[str]) -> np.ndarray:
