@@ -86,7 +86,7 @@ def policy_label(policy: str) -> str:
     try:
         from qlmctl.policies import policy_class
 
-        return str(getattr(policy_class(policy), "label", policy))
+        return policy_class(policy).display_name()
     except UserError:
         return policy
 
