@@ -1,5 +1,5 @@
-"""The live path: qlmctl in front of real (or emulated) vLLM servers over HTTP.
+"""The gateway (`qlmctl serve`): QLM in front of engine servers, as an OpenAI-compatible HTTP server.
 
-Modules here import their HTTP stack (starlette, uvicorn, httpx) themselves; importing this package
-loads nothing heavy.
+Modules import their HTTP stack (uvicorn, prometheus_client) themselves; importing this package loads
+nothing heavy.
 """
