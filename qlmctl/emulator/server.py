@@ -1,7 +1,7 @@
 """`qlmctl emulate`: an HTTP server that answers like one `vllm serve` instance, without a GPU.
 
 Token timing, batching, preemption and KV use come from the simulator's vLLM V1 engine model run in
-real time (`emulator_core`). The endpoints, bodies and metric names follow vLLM's OpenAI-compatible
+real time (`qlmctl.emulator.core`). The endpoints, bodies and metric names follow vLLM's OpenAI-compatible
 server with VLLM_SERVER_DEV_MODE=1 (sleep mode on); see EMULATOR_API.md next to this file.
 
 Use `create_app` for an ASGI app, or `start_emulator` for a server on a background thread (tests).
