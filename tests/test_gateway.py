@@ -465,6 +465,32 @@ def test_live_section_is_validated(tmp_path):
         load(engines=[{"instance": "g0", "model": "m", "url": "http://127.0.0.1:9"}] * 2)
     with pytest.raises(UserError, match="http://host:port"):
         load(engines=[{"instance": "g0", "model": "m", "url": "https://example.com"}])
+    with pytest.raises(UserError, match="unknown engine kind 'sglang'; known: vllm"):
+        load(engines=[{"instance": "g0", "model": "m", "url": "http://127.0.0.1:9", "kind": "sglang"}])
     with pytest.raises(UserError, match="bad launch command template"):
         load(launch={"command": "vllm serve {modle}"})
         Launcher(load_scenario(tmp_path / "s.yaml"))
+
+
+@pytest.mark.asyncio
+async def test_every_engine_kind_implements_the_engine_seam():
+    import inspect
+
+    from qlmctl.engines import ENGINE_KINDS, engine_kind
+    from qlmctl.engines.base import EngineServer
+
+    wanted = {name: inspect.iscoroutinefunction(f) for name, f in vars(EngineServer).items()
+              if callable(f) and not name.startswith("_")}
+    assert {"stream", "metrics", "run_totals", "health", "is_sleeping", "sleep", "wake_up", "aclose"} <= set(wanted)
+    for name in ENGINE_KINDS:
+        kind = engine_kind(name)
+        assert kind.name == name
+        server = kind.connect("http://127.0.0.1:9", max_connections=1)
+        try:
+            assert server.url == "http://127.0.0.1:9"
+            for method, is_async in wanted.items():
+                assert inspect.iscoroutinefunction(getattr(server, method)) == is_async, (name, method)
+            assert await server.health(timeout_s=1.0) is False  # nobody listens: an answer, not an exception
+        finally:
+            await server.aclose()
+
