@@ -47,9 +47,9 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qlmctl.live.http import Pool  # noqa: E402
-from qlmctl.live.outcomes import Outcome, Tally, call  # noqa: E402
-from qlmctl.live.testing import live_scenario_spec  # noqa: E402
+from qlmctl.client.outcomes import Outcome, Tally, call  # noqa: E402
+from qlmctl.emulator.testing import live_scenario_spec  # noqa: E402
+from qlmctl.engines.http import Pool  # noqa: E402
 
 FAULT_PROFILE = dict(base_s=0.01, per_prefill_token_s=1e-4, per_decode_seq_s=1e-3, per_context_token_s=0.0,
                      kv_blocks=4000, block_size=16, max_num_seqs=32, max_num_batched_tokens=4096, max_model_len=4096,
@@ -124,7 +124,7 @@ def exact(o: Outcome, n_out: int) -> bool:
 
 async def fault_run(name: str, engines: list[EngineProc], n: int, rate: float, n_out: int, speedup: float,
                     console: Console) -> dict:
-    from qlmctl.live.gateway import Gateway
+    from qlmctl.gateway.server import Gateway
     from qlmctl.scenario import Scenario, ScenarioSpec
 
     for e in engines:

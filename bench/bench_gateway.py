@@ -50,11 +50,11 @@ TARGETS = {"ttft_p50_ms": 2.0, "rps": 500.0, "tokens_per_s": 50_000.0}
 def _emulator_main(port: int, speedup: float, stream_interval_s: float) -> None:
     import uvicorn
 
-    from qlmctl.live.emulator import create_app
+    from qlmctl.emulator.server import create_app
     from simulator.profile import EngineProfile
 
     app = create_app(EngineProfile(model="m", **PROFILE), "m", speedup=speedup, stream_interval_s=stream_interval_s)
-    # uvicorn binds host:port itself, so the accepted sockets get TCP_NODELAY (see qlmctl.live.testing).
+    # uvicorn binds host:port itself, so the accepted sockets get TCP_NODELAY (see qlmctl.emulator.testing).
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_keep_alive=60)
 
 

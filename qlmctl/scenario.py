@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from qlmctl.engines import ENGINE_KINDS
 from qlmctl.errors import UserError
 from simulator.profile import EngineProfile
 
@@ -177,11 +178,13 @@ class SchedulerSpec(_Strict):
 
 
 class LiveEngineSpec(_Strict):
-    """One vLLM OpenAI-compatible server the gateway sends requests to (`qlmctl serve`)."""
+    """One engine server the gateway sends requests to (`qlmctl serve`): one model on one GPU."""
 
     instance: str = Field(description="the GPU (serving instance) this engine runs on; engines sharing it swap")
     model: str = Field(description="model it serves (a key of models); also the served model name")
     url: str = Field(description="base URL, e.g. http://127.0.0.1:8001")
+    kind: str = Field(default="vllm", description="engine server kind: how the gateway talks to it and launches it "
+                                                  "(qlmctl.engines.ENGINE_KINDS; the emulator is vllm)")
     gpu: str = Field(default="H200", description="GPU type, for the profile's by_gpu overrides")
     device: int | None = Field(default=None, ge=0, description="CUDA device index for --launch; default: instance order")
 
@@ -191,6 +194,13 @@ class LiveEngineSpec(_Strict):
         if not v.startswith("http://"):
             raise ValueError(f"url must be http://host:port (engines speak plain HTTP), got '{v}'")
         return v.rstrip("/")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in ENGINE_KINDS:
+            raise ValueError(f"unknown engine kind '{v}'; known: {', '.join(ENGINE_KINDS)}")
+        return v
 
 
 class LaunchSpec(_Strict):

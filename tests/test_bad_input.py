@@ -13,12 +13,12 @@ import logging
 import httpx
 import pytest
 
-from qlmctl.live.emulator import start_emulator
-from qlmctl.live.faults import Faults
-from qlmctl.live.gateway import Gateway
-from qlmctl.live.http import Pool
-from qlmctl.live.outcomes import call
-from qlmctl.live.testing import live_scenario_spec
+from qlmctl.client.outcomes import call
+from qlmctl.emulator.faults import Faults
+from qlmctl.emulator.server import start_emulator
+from qlmctl.emulator.testing import live_scenario_spec
+from qlmctl.engines.http import Pool
+from qlmctl.gateway.server import Gateway
 from qlmctl.scenario import Scenario, ScenarioSpec
 from simulator.profile import EngineProfile
 
@@ -205,7 +205,8 @@ def test_gateway_binds_loopback_by_default(emu):
 
 @pytest.mark.asyncio
 async def test_no_secret_in_logs_metrics_results_or_errors(emu, tmp_path, caplog):
-    from qlmctl.live.replay import run_live, save_live
+    from qlmctl.client.replay import save_live
+    from qlmctl.gateway.run import run_live
     from qlmctl.workload import build_requests
 
     spec = live_scenario_spec(PROFILE, [("g0", "m", emu.url)], speedup=SPEEDUP, metrics_interval_s=0.1,

@@ -19,8 +19,8 @@ import pytest
 from qlmctl.backends.sim import SimulatedCluster
 from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, SwapModel
 from qlmctl.core.request import Request
-from qlmctl.live.gateway import Gateway
-from qlmctl.live.testing import live_scenario_spec, local_emulators
+from qlmctl.emulator.testing import live_scenario_spec, local_emulators
+from qlmctl.gateway.server import Gateway
 from qlmctl.policies.base import Policy, PolicyContext
 from qlmctl.scenario import Scenario, ScenarioSpec
 from simulator.profile import EngineProfile

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qlmctl.live.emulator import create_app, start_emulator
+from qlmctl.emulator.server import create_app, start_emulator
 from simulator.profile import EngineProfile
 
 

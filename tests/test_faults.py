@@ -1,6 +1,6 @@
 """Engine faults under the live gateway: kill, hang, error rate, slowdown, restart, no engine left.
 
-Emulated engines on loopback threads with fault injection (`qlmctl.live.faults`), a gateway in this
+Emulated engines on loopback threads with fault injection (`qlmctl.emulator.faults`), a gateway in this
 test's loop. Every client request must end in exactly one complete answer (every token once, in
 order: the emulator's answer is a known function of the prompt) or one clear error; none lost.
 """
@@ -13,12 +13,12 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from qlmctl.live.emulator import start_emulator
-from qlmctl.live.faults import Faults
-from qlmctl.live.gateway import Gateway
-from qlmctl.live.http import Pool
-from qlmctl.live.outcomes import Outcome, Tally, call
-from qlmctl.live.testing import live_scenario_spec
+from qlmctl.client.outcomes import Outcome, Tally, call
+from qlmctl.emulator.faults import Faults
+from qlmctl.emulator.server import start_emulator
+from qlmctl.emulator.testing import live_scenario_spec
+from qlmctl.engines.http import Pool
+from qlmctl.gateway.server import Gateway
 from qlmctl.scenario import Scenario, ScenarioSpec
 from simulator.profile import EngineProfile
 
@@ -459,7 +459,7 @@ async def test_sigterm_during_replay_flushes_results(tmp_path):
 def test_emulator_socket_is_tcp_so_asyncio_sets_nodelay():
     import socket
 
-    from qlmctl.live.emulator import bind_socket
+    from qlmctl.emulator.server import bind_socket
 
     sock = bind_socket("127.0.0.1", 0)
     try:

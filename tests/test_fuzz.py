@@ -20,10 +20,10 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from qlmctl.emulator.server import start_emulator
+from qlmctl.emulator.testing import live_scenario_spec
 from qlmctl.errors import UserError
-from qlmctl.live.emulator import start_emulator
-from qlmctl.live.gateway import Gateway
-from qlmctl.live.testing import live_scenario_spec
+from qlmctl.gateway.server import Gateway
 from qlmctl.scenario import Scenario, ScenarioSpec, load_scenario
 from qlmctl.traces import LoadedTrace, load_trace
 from simulator.profile import EngineProfile

@@ -14,10 +14,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from qlmctl.live.gateway import Gateway
-from qlmctl.live.launcher import Launcher
-from qlmctl.live.prom import engine_totals_delta, parse_engine_totals, parse_vllm_metrics
-from qlmctl.live.testing import live_scenario_spec, local_emulators
+from qlmctl.emulator.testing import live_scenario_spec, local_emulators
+from qlmctl.engines.totals import engine_totals_delta
+from qlmctl.engines.vllm import parse_vllm_metrics, parse_vllm_totals
+from qlmctl.gateway.launcher import Launcher
+from qlmctl.gateway.server import Gateway
 from qlmctl.scenario import Scenario, ScenarioSpec, load_scenario
 from simulator.profile import EngineProfile
 
@@ -215,14 +216,14 @@ def test_engine_totals_sum_label_sets_take_both_counter_spellings_and_survive_a_
         'vllm:generation_tokens 9.0\n'
         'vllm:request_prompt_tokens_sum 5.0\n'
     )
-    t = parse_engine_totals(page)
+    t = parse_vllm_totals(page)
     q = t.histograms["vllm:request_queue_time_seconds"]
     assert (q.count, q.sum, q.buckets) == (4.0, 1.6, {"0.3": 3.0, "+Inf": 4.0})
     assert t.histograms["vllm:iteration_tokens_total"].count == 5.0
     assert t.counters == {"vllm:num_preemptions": 5.0, "vllm:prompt_tokens": 70.0, "vllm:generation_tokens": 9.0}
     assert set(t.histograms) == {"vllm:request_queue_time_seconds", "vllm:iteration_tokens_total"}
 
-    later = parse_engine_totals(page.replace(' 3.0\n', ' 13.0\n').replace('_sum{engine="0",model_name="x"} 1.5',
+    later = parse_vllm_totals(page.replace(' 3.0\n', ' 13.0\n').replace('_sum{engine="0",model_name="x"} 1.5',
                                                                             '_sum{engine="0",model_name="x"} 4.5'))
     d = engine_totals_delta(t, later)
     qd = d["vllm:request_queue_time_seconds"]
@@ -409,7 +410,7 @@ async def test_launch_engines_from_template(tmp_path, sleep_mode):
 
 
 def test_dechunk_handles_split_chunks_and_trailers():
-    from qlmctl.live.http import _dechunk
+    from qlmctl.engines.http import _dechunk
 
     body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     assert _dechunk(body) == ([b"hello", b" world"], len(body), True)
@@ -422,7 +423,7 @@ def test_dechunk_handles_split_chunks_and_trailers():
 
 @pytest.mark.asyncio
 async def test_pool_reuses_connections_and_drops_abandoned_ones(one_engine):
-    from qlmctl.live.http import Pool
+    from qlmctl.engines.http import Pool
 
     pool = Pool(one_engine.url, max_idle=8)
     for _ in range(3):
@@ -464,6 +465,32 @@ def test_live_section_is_validated(tmp_path):
         load(engines=[{"instance": "g0", "model": "m", "url": "http://127.0.0.1:9"}] * 2)
     with pytest.raises(UserError, match="http://host:port"):
         load(engines=[{"instance": "g0", "model": "m", "url": "https://example.com"}])
+    with pytest.raises(UserError, match="unknown engine kind 'sglang'; known: vllm"):
+        load(engines=[{"instance": "g0", "model": "m", "url": "http://127.0.0.1:9", "kind": "sglang"}])
     with pytest.raises(UserError, match="bad launch command template"):
         load(launch={"command": "vllm serve {modle}"})
         Launcher(load_scenario(tmp_path / "s.yaml"))
+
+
+@pytest.mark.asyncio
+async def test_every_engine_kind_implements_the_engine_seam():
+    import inspect
+
+    from qlmctl.engines import ENGINE_KINDS, engine_kind
+    from qlmctl.engines.base import EngineServer
+
+    wanted = {name: inspect.iscoroutinefunction(f) for name, f in vars(EngineServer).items()
+              if callable(f) and not name.startswith("_")}
+    assert {"stream", "metrics", "run_totals", "health", "is_sleeping", "sleep", "wake_up", "aclose"} <= set(wanted)
+    for name in ENGINE_KINDS:
+        kind = engine_kind(name)
+        assert kind.name == name
+        server = kind.connect("http://127.0.0.1:9", max_connections=1)
+        try:
+            assert server.url == "http://127.0.0.1:9"
+            for method, is_async in wanted.items():
+                assert inspect.iscoroutinefunction(getattr(server, method)) == is_async, (name, method)
+            assert await server.health(timeout_s=1.0) is False  # nobody listens: an answer, not an exception
+        finally:
+            await server.aclose()
+

@@ -11,8 +11,9 @@ import yaml
 from typer.testing import CliRunner
 
 from qlmctl.cli import app
-from qlmctl.live.replay import run_live, synthetic_prompt
-from qlmctl.live.testing import live_scenario_spec, local_emulators
+from qlmctl.client.replay import synthetic_prompt
+from qlmctl.emulator.testing import live_scenario_spec, local_emulators
+from qlmctl.gateway.run import run_live
 from qlmctl.report import read_results, read_timeline
 from qlmctl.scenario import load_scenario
 from qlmctl.traces import write_native_csv
@@ -103,7 +104,8 @@ async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_
         raise AssertionError("the client ran in the gateway's process")
 
     # The client process imports its own `replay`; this process's must not be the one that runs.
-    monkeypatch.setattr("qlmctl.live.replay.replay", not_here)
+    monkeypatch.setattr("qlmctl.client.replay.replay", not_here)
+    monkeypatch.setattr("qlmctl.gateway.run.replay", not_here)
     seen: list[tuple[int, int]] = []
     run = await run_live(sc, "fcfs", requests, keep_text=True, progress=lambda d, total: seen.append((d, total)))
 
@@ -154,11 +156,11 @@ async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_
 async def test_engine_metrics_of_an_engine_that_does_not_answer_is_an_error_entry(engines):
     from types import SimpleNamespace
 
-    from qlmctl.live.engine_client import EngineClient
-    from qlmctl.live.replay import _engine_deltas, _scrape_engines
+    from qlmctl.engines.vllm import VLLMServer
+    from qlmctl.gateway.run import _engine_deltas, _scrape_engines
 
     def instance(name: str, urls: dict[str, str]) -> SimpleNamespace:
-        return SimpleNamespace(name=name, engines={m: SimpleNamespace(client=EngineClient(u)) for m, u in urls.items()})
+        return SimpleNamespace(name=name, engines={m: SimpleNamespace(server=VLLMServer(u)) for m, u in urls.items()})
 
     # g1 shares its GPU between two models, one of which is on a port nobody listens on.
     cluster = SimpleNamespace(instances=[instance("g0", {"m": engines[0].url}),
@@ -173,7 +175,7 @@ async def test_engine_metrics_of_an_engine_that_does_not_answer_is_an_error_entr
     assert "vllm:iteration_tokens_total" not in got["g0"]  # not exported by the emulator: absent
     for inst in cluster.instances:
         for e in inst.engines.values():
-            await e.client.aclose()
+            await e.server.aclose()
 
 
 def test_serve_trace_cli_writes_results_like_simulate(tmp_path, engines):

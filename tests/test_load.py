@@ -16,11 +16,11 @@ from contextlib import ExitStack
 
 import pytest
 
-from qlmctl.live.emulator import start_emulator
-from qlmctl.live.gateway import Gateway
-from qlmctl.live.http import Pool
-from qlmctl.live.outcomes import Tally, call
-from qlmctl.live.testing import live_scenario_spec
+from qlmctl.client.outcomes import Tally, call
+from qlmctl.emulator.server import start_emulator
+from qlmctl.emulator.testing import live_scenario_spec
+from qlmctl.engines.http import Pool
+from qlmctl.gateway.server import Gateway
 from qlmctl.scenario import Scenario, ScenarioSpec
 from simulator.profile import EngineProfile
 

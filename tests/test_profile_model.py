@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from qlmctl.cli import app
-from qlmctl.profiling import DecodePoint, FrontendLoadPoint, MixedPoint, PrefillPoint, RawProfile, fit_profile
+from simulator.fit import DecodePoint, FrontendLoadPoint, MixedPoint, PrefillPoint, RawProfile, fit_profile
 from simulator.profile import EngineProfile, chunk_pairs
 
 TRUTH = EngineProfile(model="m", base_s=0.02, per_prefill_token_s=1.5e-4, per_decode_seq_s=1.0e-3,
@@ -113,7 +113,7 @@ def test_frontend_queue_fit_recovers_known_costs():
 
 
 def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
-    from qlmctl.live.emulator import start_emulator
+    from qlmctl.emulator.server import start_emulator
 
     out = tmp_path / "prof.yaml"
     raw = tmp_path / "raw.json"

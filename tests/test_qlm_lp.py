@@ -394,8 +394,8 @@ async def test_live_gateway_solves_off_the_event_loop(tmp_path):
     import pandas as pd
     import yaml
 
-    from qlmctl.live.replay import run_live
-    from qlmctl.live.testing import live_scenario_spec, local_emulators
+    from qlmctl.emulator.testing import live_scenario_spec, local_emulators
+    from qlmctl.gateway.run import run_live
     from qlmctl.scenario import load_scenario
     from qlmctl.traces import write_native_csv
     from qlmctl.workload import build_requests

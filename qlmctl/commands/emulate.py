@@ -60,11 +60,11 @@ def emulate(
     One server emulates one `vllm serve` of one model; timing, batching and KV use follow the profile in real
     time, scaled by --speedup. Latencies it reports are wall-clock seconds. The --fault-* options inject engine
     faults (also settable at run time: POST /emulator/faults); see docs/robustness.md and
-    qlmctl/live/EMULATOR_API.md.
+    qlmctl/emulator/EMULATOR_API.md.
     """
+    from qlmctl.emulator.faults import Faults
+    from qlmctl.emulator.server import bind_socket, create_app, uvicorn_server
     from qlmctl.errors import UserError
-    from qlmctl.live.emulator import bind_socket, create_app, uvicorn_server
-    from qlmctl.live.faults import Faults
 
     if scheduling_policy not in ("fcfs", "priority"):
         raise UserError("must be fcfs or priority", field="--scheduling-policy")

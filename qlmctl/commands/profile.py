@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 if TYPE_CHECKING:
-    from qlmctl.profiling import RawProfile
+    from simulator.fit import RawProfile
 
 
 def _ints(text: str, name: str, minimum: int = 1) -> list[int]:
@@ -61,7 +61,7 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
                    mixed_batches: list[int], mixed_lengths: list[int], mixed_contexts: list[int],
                    frontend_streams: list[int], load_streams: list[int], load_rates: list[float],
                    load_window_s: float, probe_tokens: int, max_num_seqs: int) -> None:
-    from qlmctl.profiling import Profiler
+    from qlmctl.client.prober import Profiler
 
     prof = Profiler(url, model, seed=seed)
     try:
@@ -168,7 +168,7 @@ def profile_model(
     from rich.table import Table
 
     from qlmctl.errors import UserError
-    from qlmctl.profiling import RawProfile, fit_profile, profile_dict
+    from simulator.fit import RawProfile, fit_profile, profile_dict
 
     console = Console()
     try:

@@ -34,8 +34,8 @@ def replay(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from qlmctl.client.replay import LiveRun, replay as run_replay, save_live
     from qlmctl.errors import UserError
-    from qlmctl.live.replay import LiveRun, replay as run_replay, save_live
     from qlmctl.metrics import summarize
     from qlmctl.report import print_results
     from qlmctl.scenario import load_scenario

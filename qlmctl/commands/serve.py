@@ -114,7 +114,7 @@ async def _main(sc, policies, launch, host, port, requests, concurrency, out, lo
     launcher = None
     swap_control = None
     if launch:
-        from qlmctl.live.launcher import Launcher
+        from qlmctl.gateway.launcher import Launcher
 
         launcher = Launcher(sc, log_dir)
         console.print(f"starting {len(launcher.procs)} engine(s); logs in {launcher.log_dir}", highlight=False)
@@ -142,7 +142,7 @@ async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop)
     import asyncio
 
     from qlmctl.errors import UserError
-    from qlmctl.live.gateway import Gateway
+    from qlmctl.gateway.server import Gateway
 
     gw = Gateway(sc, policy, host=host, port=port, swap_control=swap_control, record=False, access_log=access_log)
     try:
@@ -173,8 +173,9 @@ async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop)
 
 
 async def _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process=True) -> None:
+    from qlmctl.client.replay import save_live
     from qlmctl.errors import UserError
-    from qlmctl.live.replay import run_live, save_live
+    from qlmctl.gateway.run import run_live
     from qlmctl.report import policy_progress, print_results
 
     live = sc.spec.live

@@ -14,11 +14,10 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qlmctl.errors import UserError
 from qlmctl.sweep.bundle import Bundle, materialise, original_path, with_origins
-from qlmctl.sweep.plan import Point
 
 SUMMARY_METRICS: tuple[str, ...] = (
     "num_requests",
@@ -40,6 +39,24 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "sim_wall_s",
 )
 """Keys of `metrics.summarize` kept per point (same names and units: ms, req/s, tok/s, s)."""
+
+
+class _Config(Protocol):
+    @property
+    def policy(self) -> str: ...
+
+
+class Point(Protocol):
+    """What running a point needs of it: `qlmctl.sweep.plan.Point` (a protocol here, as the plan's points
+    run themselves through this module)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def config(self) -> _Config: ...
+
+    def overrides(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

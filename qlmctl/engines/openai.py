@@ -1,8 +1,9 @@
-"""An asyncio client for one vLLM OpenAI-compatible server: streamed completions, /metrics, sleep mode.
+"""An engine server that speaks the OpenAI API over HTTP: streamed completions, health, the metrics page.
 
-Only what the gateway needs, over a keep-alive connection pool (`qlmctl.live.http`). Streams are
-server-sent events; each network read is split into whole events and decoded with orjson, and the
-events of one read are handed over together so that the gateway can forward them in one write.
+The base of engine kinds whose servers are OpenAI-compatible (vLLM's is): a keep-alive connection pool
+(`qlmctl.engines.http`), streams read as server-sent events, each network read split into whole events
+and decoded with orjson, and the events of one read handed over together so that the gateway can forward
+them in one write.
 
 Leaving a stream before its end (an eviction, a client gone away) closes its connection, which is how
 vLLM learns to abort the request.
@@ -16,33 +17,10 @@ from typing import Any
 
 import orjson
 
-from qlmctl.live.health import FailureKind
-from qlmctl.live.http import ConnectError, HTTPError, Pool, Response, sse_data, timeout
-from qlmctl.live.prom import EngineMetrics, parse_vllm_metrics
+from qlmctl.engines.base import Api, EngineError, FailureKind
+from qlmctl.engines.http import ConnectError, HTTPError, Pool, Response, sse_data, timeout
 
-RETRYABLE_4XX = frozenset({408, 429})
-"""Client-error statuses that say "not now" rather than "never": retried like a 5xx."""
-
-
-class EngineError(Exception):
-    """The engine answered with an error status, or the connection failed.
-
-    `status` is the HTTP status (502 when the engine could not be reached or the stream broke);
-    `body` the engine's error body when it sent one; `kind` how it failed (see `FailureKind`).
-    """
-
-    def __init__(self, message: str, status: int = 502, body: Any = None,
-                 kind: FailureKind = FailureKind.LOST) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = body
-        self.kind = kind
-
-    @property
-    def retryable(self) -> bool:
-        """Whether another engine (or a later attempt) may succeed: all but the client's own errors (4xx)."""
-        return self.kind is not FailureKind.STATUS or self.status >= 500 or self.status in RETRYABLE_4XX
-
+PATHS: dict[Api, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 _STREAM_HEADERS = [("content-type", "application/json"), ("accept", "text/event-stream")]
 
@@ -105,16 +83,19 @@ class SSEStream:
             raise EngineError(f"engine stream broke: {e}") from None
 
 
-class EngineClient:
-    """HTTP access to one vLLM server (base URL without /v1)."""
+class OpenAIServer:
+    """HTTP access to one OpenAI-compatible server (base URL without /v1): the parts every such kind shares.
+
+    A kind subclasses it with what its API adds (metrics, sleep mode).
+    """
 
     def __init__(self, url: str, max_connections: int = 4096, connect_timeout_s: float = 5.0) -> None:
         self.url = url.rstrip("/")
         self._pool = Pool(self.url, max_idle=max_connections, connect_timeout_s=connect_timeout_s)
 
-    def stream(self, path: str, body: dict[str, Any]) -> SSEStream:
-        """A streamed POST to `path` (e.g. /v1/completions) with `body`; use as `async with`."""
-        return SSEStream(self._pool, path, orjson.dumps(body))
+    def stream(self, api: Api, body: dict[str, Any]) -> SSEStream:
+        """A streamed POST of `body` to the `api` endpoint; use as `async with`."""
+        return SSEStream(self._pool, PATHS[api], orjson.dumps(body))
 
     async def _call(self, method: str, path: str, timeout_s: float) -> tuple[int, bytes]:
         try:
@@ -127,11 +108,8 @@ class EngineClient:
         except (HTTPError, TimeoutError) as e:
             raise EngineError(f"{method} {path} failed: {e or type(e).__name__}") from None
 
-    async def metrics(self, timeout_s: float = 2.0) -> EngineMetrics:
-        return parse_vllm_metrics(await self.metrics_text(timeout_s))
-
     async def metrics_text(self, timeout_s: float = 2.0) -> str:
-        """The engine's /metrics page (Prometheus text)."""
+        """The server's /metrics page (Prometheus text)."""
         status, body = await self._call("GET", "/metrics", timeout_s)
         if status != 200:
             raise EngineError(f"GET /metrics: engine answered {status}", status)
@@ -143,23 +121,6 @@ class EngineClient:
         except EngineError:
             return False
         return status == 200
-
-    async def is_sleeping(self, timeout_s: float = 5.0) -> bool | None:
-        """The engine's sleep state; None when it has no sleep endpoint (not in dev mode)."""
-        try:
-            status, body = await self._call("GET", "/is_sleeping", timeout_s)
-            if status != 200:
-                return None
-            return bool(orjson.loads(body).get("is_sleeping"))
-        except (EngineError, orjson.JSONDecodeError, AttributeError):
-            return None
-
-    async def sleep(self, level: int = 1, timeout_s: float = 600.0) -> None:
-        """POST /sleep?level=N (vLLM sleep mode: weights to CPU at level 1, KV cache freed)."""
-        await self._post(f"/sleep?level={level}", timeout_s)
-
-    async def wake_up(self, timeout_s: float = 600.0) -> None:
-        await self._post("/wake_up", timeout_s)
 
     async def _post(self, path: str, timeout_s: float) -> None:
         status, body = await self._call("POST", path, timeout_s)

@@ -1,9 +1,9 @@
-"""The QLM gateway: an OpenAI-compatible HTTP server whose requests wait in the QLM core.
+"""The gateway's HTTP side: an OpenAI-compatible ASGI app whose requests wait in the QLM core.
 
 Endpoints (vLLM's OpenAI server's, so that clients need no change):
 
 - POST /v1/completions and /v1/chat/completions, streamed (server-sent events) or not;
-- GET /v1/models, /health, and /metrics (Prometheus text: see `qlmctl.live.prom`).
+- GET /v1/models, /health, and /metrics (Prometheus text: see `qlmctl.gateway.exporter`).
 
 A request names its SLO class in the `x-slo-class` header or the `slo_class` body field, or its own
 TTFT deadline (seconds) in `x-slo-ttft-s` / `slo_ttft_s`; otherwise it gets the scenario's default
@@ -11,9 +11,9 @@ class (`live.default_slo_class`, else the class with the loosest TTFT deadline).
 400 error.
 
 Bad input is a 4xx with an OpenAI-style body and never a 5xx; admission refuses at once, before a
-request reaches a queue: 401 without the API key (when one is set; `qlmctl.live.security`), 413 for
+request reaches a queue: 401 without the API key (when one is set; `qlmctl.gateway.security`), 413 for
 a body over `live.max_body_bytes`, 429 with Retry-After beyond the class's queue limit
-(`qlmctl.live.limits`), 503 while draining (SIGTERM) or when no healthy engine has served the model for
+(`qlmctl.gateway.limits`), 503 while draining (SIGTERM) or when no healthy engine has served the model for
 `live.unavailable_timeout_s`. GET /openapi.json describes the API.
 
 The HTTP layer is a plain ASGI application on uvicorn: the completion endpoints are on the hot path of
@@ -32,17 +32,16 @@ from typing import Any
 import orjson
 
 from qlmctl.core.request import Request
-from qlmctl.live.backend import LiveCluster, LiveRequest, SwapControl
-from qlmctl.live.limits import AdmissionMetrics, QueueLimits
-from qlmctl.live.looplag import LoopLagMonitor
-from qlmctl.live.openapi import openapi_document
-from qlmctl.live.prom import GatewayMetrics
-from qlmctl.live.relay import JSONSink, Relay, StreamSink, error_body, send_json
-from qlmctl.live.security import APIKeyCheck, SecretFilter, resolve_api_key, scenario_secrets
-from qlmctl.policies import Policy, PolicyContext, make_policy
-from qlmctl.scenario import LiveEngineSpec, Scenario
+from qlmctl.gateway.cluster import LiveCluster
+from qlmctl.gateway.exporter import GatewayMetrics
+from qlmctl.gateway.limits import AdmissionMetrics, QueueLimits
+from qlmctl.gateway.openapi import openapi_document
+from qlmctl.gateway.relay import JSONSink, Relay, StreamSink, error_body, send_json
+from qlmctl.gateway.request import LiveRequest
+from qlmctl.gateway.security import APIKeyCheck
+from qlmctl.scenario import Scenario
 
-log = logging.getLogger("qlmctl.live")
+log = logging.getLogger("qlmctl.gateway")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -81,10 +80,13 @@ def estimate_tokens(text: str) -> int:
 class GatewayApp:
     """The ASGI application."""
 
-    def __init__(self, gateway: "Gateway") -> None:
-        self.gw = gateway
-        self.cluster = gateway.cluster
-        sc = gateway.scenario
+    def __init__(self, cluster: LiveCluster, scenario: Scenario, metrics: GatewayMetrics, *,
+                 api_key: str | None = None, resume: str = "continue", token_count: str = "usage") -> None:
+        self.cluster = cluster
+        self.metrics = metrics
+        self.resume = resume
+        self.token_count = token_count
+        sc = scenario
         self._classes = {
             name: (c.ttft_s, c.tpot_s, sc.slo_priority(name)) for name, c in sc.spec.slo_classes.items()
         }
@@ -96,11 +98,11 @@ class GatewayApp:
         self.accepting = True
         """False once draining (SIGTERM): new completions get 503."""
         self.limits = QueueLimits.from_live(live)
-        self._auth = APIKeyCheck(gateway.api_key) if gateway.api_key else None
+        self._auth = APIKeyCheck(api_key) if api_key else None
         self._max_body = live.max_body_bytes if live is not None else 32 << 20
         self._first_token_timeout_s = live.first_token_timeout_s if live is not None else 300.0
         self._inter_token_timeout_s = live.inter_token_timeout_s if live is not None else 60.0
-        self.admission = AdmissionMetrics(gateway.metrics.registry)
+        self.admission = AdmissionMetrics(metrics.registry)
         self._retry_after = [(b"retry-after", str(self.limits.retry_after_s).encode())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -130,7 +132,7 @@ class GatewayApp:
         elif method == "GET" and path == "/openapi.json":
             await send_json(send, 200, openapi_document(self.cluster.models, list(self._classes)))
         elif method == "GET" and path == "/metrics":
-            body = self.gw.metrics.render()
+            body = self.metrics.render()
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]})
             await send({"type": "http.response.body", "body": body})
@@ -178,7 +180,7 @@ class GatewayApp:
                 self._retry_after)
             return
         sink = StreamSink(send) if lr.stream else JSONSink(send)
-        relay = Relay(self.cluster, lr, sink, self.gw.resume, self.gw.token_count,
+        relay = Relay(self.cluster, lr, sink, self.resume, self.token_count,
                       self._first_token_timeout_s, self._inter_token_timeout_s)
         task = asyncio.current_task()
         watcher = asyncio.create_task(_watch_disconnect(receive, lr, task))
@@ -245,7 +247,7 @@ class GatewayApp:
                 prompt_tokens = estimate_tokens(prompt)
             elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
                 prompt_tokens = len(prompt)
-                if self.gw.resume == "continue":
+                if self.resume == "continue":
                     raise BadRequest(400, "token-id prompts need live.resume: restart", "prompt")
             else:
                 raise BadRequest(400, "prompt must be one string (batches of prompts are not supported)", "prompt")
@@ -372,20 +374,6 @@ async def _watch_disconnect(receive: Receive, lr: LiveRequest, task: asyncio.Tas
         task.cancel()
 
 
-def _quiet_server(config: Any) -> Any:
-    """A uvicorn server without its signal handlers: SIGINT/SIGTERM are the caller's to handle
-    (`qlmctl serve` drains), and a gateway inside tests or another program must not take them."""
-    import contextlib
-
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        def capture_signals(self) -> Any:
-            return contextlib.nullcontext()
-
-    return _Server(config)
-
-
 async def _lifespan(receive: Receive, send: Send) -> None:
     while True:
         msg = await receive()
@@ -394,149 +382,3 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif msg["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
-
-
-class Gateway:
-    """A gateway with one policy in front of a scenario's engines; start/stop it inside an event loop.
-
-    Args:
-        scenario: A scenario with a `live` section (or `engines` given here).
-        policy: Policy name (see `qlmctl policies`), or a policy object.
-        host, port: Where to listen; default the scenario's `live.host`/`live.port` (port 0: any free one).
-        engines: The engines, replacing `live.engines` (e.g. those `--launch` started).
-        speedup: Gateway clock rate; default `live.speedup`.
-        swap_control: How instances swap models (default: vLLM sleep mode).
-        record: Keep every request for `records()` (results files); off for a long-running server.
-        access_log: Log every HTTP request (uvicorn's access log).
-        api_key: Clients must send `Authorization: Bearer <api_key>`; default live.api_key, else
-            $QLMCTL_API_KEY, else no authentication.
-    """
-
-    def __init__(
-        self,
-        scenario: Scenario,
-        policy: str | Policy,
-        *,
-        host: str | None = None,
-        port: int | None = None,
-        engines: list[LiveEngineSpec] | None = None,
-        speedup: float | None = None,
-        swap_control: SwapControl | None = None,
-        record: bool = True,
-        access_log: bool = False,
-        api_key: str | None = None,
-    ) -> None:
-        live = scenario.spec.live
-        self.scenario = scenario
-        self.policy_name = policy if isinstance(policy, str) else policy.name
-        self.host = host or (live.host if live is not None else "127.0.0.1")
-        self.port = port if port is not None else (live.port if live is not None else 8000)
-        self.resume = live.resume if live is not None else "continue"
-        self.token_count = live.token_count if live is not None else "usage"
-        self.drain_timeout_s = live.drain_timeout_s if live is not None else 30.0
-        self.api_key = resolve_api_key(scenario, api_key)
-        self._secret_filter = SecretFilter(scenario_secrets(scenario, [self.api_key]))
-        self.metrics = GatewayMetrics()
-        self.policy = (make_policy(policy, PolicyContext.from_scenario(scenario, realtime=True))
-                       if isinstance(policy, str) else policy)
-        self.cluster = LiveCluster(scenario, self.policy, engines=engines, speedup=speedup,
-                                   swap_control=swap_control, metrics=self.metrics, record=record)
-        self.metrics.attach(self.cluster)
-        self.app = GatewayApp(self)
-        self.loop_lag = LoopLagMonitor(observe=self.metrics.loop_lag.observe,
-                                       on_window=self._record_lag if record else None, keep=record)
-        """The event loop's lag while the gateway runs (/metrics; per second in the timeline when recording)."""
-        self._access_log = access_log
-        self._server: Any = None
-        self._task: asyncio.Task | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def _record_lag(self, max_lag_s: float) -> None:
-        self.cluster.timeline.append((self.cluster.now(), "loop_lag", -1, "", "", max_lag_s))
-
-    async def start(self, wait_healthy_s: float = 60.0) -> None:
-        """Connect to the engines, then listen; returns once the server accepts connections."""
-        import uvicorn
-
-        log.addFilter(self._secret_filter)
-        try:
-            await self.cluster.start(wait_healthy_s)
-        except BaseException:
-            log.removeFilter(self._secret_filter)
-            raise
-        self.loop_lag.start()
-        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="off",
-                                access_log=self._access_log, http="h11", loop="none",
-                                timeout_keep_alive=30, backlog=4096, timeout_graceful_shutdown=10)
-        self._server = _quiet_server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            if self._task.done():
-                await self.loop_lag.stop()
-                await self.cluster.stop()
-                exc = self._task.exception()
-                raise OSError(f"gateway could not listen on {self.host}:{self.port}: {exc or 'exited'}")
-            await asyncio.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
-
-    async def wait(self) -> None:
-        """Until the server exits (Ctrl-C, SIGTERM)."""
-        if self._task is not None:
-            await self._task
-
-    @property
-    def draining(self) -> bool:
-        return not self.app.accepting
-
-    async def drain(self, grace_s: float | None = None) -> tuple[int, int]:
-        """Stop intake (new requests get 503), let queued and running requests finish for up to `grace_s`
-        wall seconds (default live.drain_timeout_s), then end the rest with a 503 error.
-
-        Returns (requests that finished during the grace period, requests ended with an error). The
-        server still listens (answering 503) until `stop()`.
-        """
-        loop = asyncio.get_running_loop()
-        grace = self.drain_timeout_s if grace_s is None else grace_s
-        self.app.accepting = False
-        cluster = self.cluster
-        active = cluster.num_active()
-        log.warning("draining: %d request(s) queued or running, up to %g s", active, grace)
-        deadline = loop.time() + grace
-        while cluster.num_active() and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        failed = await self._end_all("the gateway shut down before this request finished")
-        if failed:
-            log.warning("drain: ended %d request(s) unfinished after %g s", failed, grace)
-        return active - failed, failed
-
-    async def _end_all(self, message: str) -> int:
-        """End every request still queued or running with a 503; wait (briefly) for their answers."""
-        failed = self.cluster.abort_all(503, message)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5.0
-        while self.cluster.num_active() and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        return failed
-
-    async def stop(self) -> None:
-        """Stop at once: requests still queued or running end with a 503 (`drain` first to let them finish)."""
-        self.app.accepting = False
-        if self._server is not None and self.cluster.num_active():
-            await self._end_all("the gateway is shutting down")
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self.loop_lag.stop()
-        await self.cluster.stop()
-        log.removeFilter(self._secret_filter)
-
-    async def __aenter__(self) -> "Gateway":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()

@@ -1,7 +1,7 @@
 """`qlmctl emulate`: an HTTP server that answers like one `vllm serve` instance, without a GPU.
 
 Token timing, batching, preemption and KV use come from the simulator's vLLM V1 engine model run in
-real time (`emulator_core`). The endpoints, bodies and metric names follow vLLM's OpenAI-compatible
+real time (`qlmctl.emulator.core`). The endpoints, bodies and metric names follow vLLM's OpenAI-compatible
 server with VLLM_SERVER_DEV_MODE=1 (sleep mode on); see EMULATOR_API.md next to this file.
 
 Use `create_app` for an ASGI app, or `start_emulator` for a server on a background thread (tests).
@@ -27,9 +27,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from qlmctl import __version__
-from qlmctl.live.emulator_core import EmulatedEngine, EmuRequest
-from qlmctl.live.faults import FaultInjector, FaultMiddleware, Faults
-from qlmctl.live.emulator_protocol import (
+from qlmctl.emulator.core import EmulatedEngine, EmuRequest
+from qlmctl.emulator.faults import FaultInjector, FaultMiddleware, Faults
+from qlmctl.emulator.protocol import (
     DONE_EVENT,
     VLLM_API_VERSION,
     ApiError,
@@ -64,7 +64,7 @@ class EmulatorConfig:
     hold_while_asleep: bool = False
     """Completions sent while asleep wait for /wake_up (vLLM 0.24) instead of failing with 503."""
     faults: Faults = field(default_factory=Faults)
-    """Faults to inject from the start (see `qlmctl.live.faults`); changed at run time by POST /emulator/faults."""
+    """Faults to inject from the start (see `qlmctl.emulator.faults`); changed at run time by POST /emulator/faults."""
 
 
 class EmulatorServer:
@@ -368,7 +368,7 @@ def create_app(
         hold_while_asleep: Completions sent while asleep wait for /wake_up (as vLLM 0.24) instead of
             failing at once with 503.
         faults: Faults to inject from the start (kill, hang, error rate, slowdown; see
-            `qlmctl.live.faults`). Dropping connections (kill) needs the app served by `uvicorn_server`
+            `qlmctl.emulator.faults`). Dropping connections (kill) needs the app served by `uvicorn_server`
             or `start_emulator`.
     """
     server = EmulatorServer(EmulatorConfig(profile, served_model_name, speedup, sleep_s, policy,

@@ -1,7 +1,7 @@
 """What a client got from the gateway, classified: a complete answer, one clear error, or neither (lost).
 
 For fault, load and shutdown tests and benchmarks (`tests/test_faults.py`, `bench/bench_faults.py`):
-`call` sends one completion through `qlmctl.live.http.Pool` (cheap enough for thousands of
+`call` sends one completion through `qlmctl.engines.http.Pool` (cheap enough for thousands of
 concurrent streams from one process) and records everything the client saw; `Outcome.kind` says
 which of the three it was, and `Tally` counts them.
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from qlmctl.live.http import HTTPError, Pool, sse_data, timeout
+from qlmctl.engines.http import HTTPError, Pool, sse_data, timeout
 
 
 @dataclass(slots=True)

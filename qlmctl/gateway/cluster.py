@@ -1,27 +1,27 @@
-"""The live cluster: vLLM engines behind the ClusterView seam, driven by asyncio events.
+"""The live cluster: engine servers behind the ClusterView seam, driven by asyncio events (the driver's World).
 
 The policies in `qlmctl.policies` run here unchanged, exactly as under the simulator
 (`qlmctl.backends.sim`), on another clock: `now()` is seconds since the gateway started, times
 `speedup` (1 in front of vLLM; an emulator's speed-up in front of emulated engines, so that profiles,
 SLOs and results stay in scenario seconds).
 
-- An *instance* is a GPU. It hosts one engine (a vLLM server) per model it can serve; at most one is
-  awake, the others sleep (vLLM sleep mode) or are stopped (restart swaps under `--launch`).
+- An *instance* is a GPU (`qlmctl.gateway.instance`). It hosts one engine server per model it can serve;
+  at most one is awake, the others sleep (sleep mode) or are stopped (restart swaps under `--launch`).
 - The scheduler is a loop callback, not a task: every change (arrival, first token, finish, eviction,
   swap done, metrics refresh) calls `kick()`, which queues one `policy.schedule(cluster)` at the end of
   the current loop iteration, so a burst of changes costs one schedule call. A timer serves
   `policy.next_wakeup`.
 - Decisions are carried out by the driver (`qlmctl.core.driver`, its rules are the simulator's too); this
   cluster is its `World`: a Dispatch hands the request's handler its engine (the handler streams it); an
-  Evict cancels the handler's upstream stream (vLLM aborts a request whose connection closes) and the
+  Evict cancels the handler's upstream stream (an engine aborts a request whose connection closes) and the
   request goes back to the policy through `on_evicted`; a SwapModel runs as a task (drain, sleep the awake
   engine, wake the target).
-- Engine state: the gateway's own count of requests in flight per engine is exact and current; vLLM's
-  /metrics (polled every `metrics_interval_s`) adds what the gateway cannot see (requests of other
+- Engine state: the gateway's own count of requests in flight per engine is exact and current; the
+  engine's metrics (polled every `metrics_interval_s`) add what the gateway cannot see (requests of other
   clients, aborts not yet reaped) and the engine's KV cache size.
 - Faults: an engine attempt that fails goes back to the policy like an eviction (`retry`, within the
   request's retry budget); engine health, probes and models left without an engine are
-  `qlmctl.live.health`'s.
+  `qlmctl.gateway.health`'s.
 """
 
 from __future__ import annotations
@@ -31,293 +31,25 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from qlmctl.core.cluster import Evict
 from qlmctl.core.driver import Driver
 from qlmctl.core.request import Request
-from qlmctl.live.engine_client import EngineClient, EngineError
-from qlmctl.live.health import FailureKind, HealthMetrics, HealthMonitor
-from qlmctl.live.prom import EngineMetrics, GatewayMetrics
+from qlmctl.engines import engine_kind
+from qlmctl.engines.base import FailureKind
+from qlmctl.gateway.exporter import GatewayMetrics
+from qlmctl.gateway.health import HealthMetrics, HealthMonitor
+from qlmctl.gateway.instance import LiveEngine, LiveInstance, SwapControl
+from qlmctl.gateway.request import LiveRequest
+from qlmctl.gateway.swap import SleepModeControl
 from qlmctl.policies.base import Policy
 from qlmctl.scenario import LiveEngineSpec, Scenario
-from simulator.profile import EngineProfile
 
-log = logging.getLogger("qlmctl.live")
+log = logging.getLogger("qlmctl.gateway")
 
 MIN_TIMER_S = 0.001
 """The live clock's tick in wall seconds: the shortest delay of the wake-up timer."""
-
-SLEEP_RETRIES = 100
-"""Attempts at POST /sleep while the engine still holds aborted requests (409), 50 ms apart."""
-
-
-@dataclass(slots=True, eq=False)
-class LiveRequest:
-    """A request as the gateway handles it: the policy's `Request` plus what the HTTP side needs."""
-
-    req: Request
-    api: str
-    """"completions" or "chat"."""
-    body: dict[str, Any]
-    """The client's request body."""
-    client_id: str
-    """The id the client sees in every chunk, whatever engine produced it."""
-    created: int
-    stream: bool
-    include_usage: bool = False
-    continuous_usage: bool = False
-    external_id: str | None = None
-    """The client's x-request-id, if it sent one."""
-    # Progress, kept across evictions.
-    sent: int = 0
-    """Output tokens delivered to the client."""
-    pieces: list[str] = field(default_factory=list)
-    """Output text delivered to the client, in order (the resume prompt is built from it)."""
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    """The engine's prompt token count (first attempt), once known."""
-    # Placement.
-    engine: "LiveEngine | None" = None
-    waiter: asyncio.Future | None = None
-    scope: Any = None
-    """Cancel scope around the upstream stream while one is open; an eviction expires it."""
-    evict_pending: bool = False
-    queued: bool = False
-    cancelled: bool = False
-    """The client went away."""
-    done: bool = False
-    kv_tokens: int = 0
-    """Tokens this request counts for in its instance's KV estimate."""
-    attempts: int = 0
-    retries: int = 0
-    """Times an engine failed it and it went back to its queue."""
-    abort: tuple[int, str] | None = None
-    """Set when the gateway ends it (shutting down, model unavailable): the HTTP status and message."""
-
-
-class SwapControl(Protocol):
-    """How an instance changes its awake model: sleep/wake_up (default) or process restarts."""
-
-    warm: bool
-    """True when a sleeping model wakes from CPU memory (load_warm_s), False for cold loads."""
-
-    async def release(self, engine: "LiveEngine") -> None:
-        """Free the GPU of `engine`'s model (sleep, or stop its process)."""
-
-    async def acquire(self, engine: "LiveEngine") -> None:
-        """Load `engine`'s model on the GPU (wake up, or start its process and wait for health)."""
-
-    def available(self, engine: "LiveEngine") -> bool:
-        """Whether the engine's server is up (asleep or awake) rather than stopped."""
-
-
-class SleepModeControl:
-    """Swap by vLLM sleep mode: POST /sleep?level=1 on the awake engine, POST /wake_up on the target.
-
-    The engines run with `--enable-sleep-mode` and VLLM_SERVER_DEV_MODE=1.
-    """
-
-    warm = True
-
-    async def release(self, engine: "LiveEngine") -> None:
-        # vLLM must hold no requests to sleep; those the gateway aborted may linger for a step or two
-        # (the emulator answers 409 meanwhile).
-        for attempt in range(SLEEP_RETRIES):
-            try:
-                await engine.client.sleep(level=1)
-                break
-            except EngineError as e:
-                if e.status != 409 or attempt == SLEEP_RETRIES - 1:
-                    raise
-                await asyncio.sleep(0.05)
-        engine.sleeping = True
-
-    async def acquire(self, engine: "LiveEngine") -> None:
-        await engine.client.wake_up()
-        engine.sleeping = False
-
-    def available(self, engine: "LiveEngine") -> bool:
-        return True
-
-
-class LiveEngine:
-    """One vLLM server: one model on one instance."""
-
-    def __init__(self, spec: LiveEngineSpec, instance: "LiveInstance", client: EngineClient) -> None:
-        self.spec = spec
-        self.model = spec.model
-        self.url = spec.url
-        self.instance = instance
-        self.client = client
-        self.healthy = True
-        self.sleeping: bool | None = None
-        """Last known sleep state; None when the engine has no sleep endpoints."""
-        self.metrics: EngineMetrics | None = None
-        self.metrics_at: float | None = None
-        # Health (see qlmctl.live.health).
-        self.fails = 0
-        """Consecutive failed requests (since its last first token)."""
-        self.poll_fails = 0
-        """Consecutive failed /metrics polls."""
-        self.ejections = 0
-        """Times in a row it was marked unhealthy (its probe backoff)."""
-        self.eject_until = 0.0
-        """Loop time before which an unhealthy engine is not probed."""
-
-    @property
-    def awake(self) -> bool:
-        return self.instance.awake == self.model and not self.instance.swapping
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.instance.inflight) if self.awake else 0
-
-    @property
-    def free_kv_blocks(self) -> int:
-        return self.instance.free_kv_blocks if self.awake else 0
-
-
-class LiveInstance:
-    """One GPU and its engines, as the scheduler sees it (implements InstanceView)."""
-
-    def __init__(self, instance_id: int, name: str, gpu: str, profiles: dict[str, EngineProfile],
-                 control: SwapControl) -> None:
-        self._id = instance_id
-        self.name = name
-        self.gpu = gpu
-        self.engines: dict[str, LiveEngine] = {}
-        self._profiles = profiles
-        self._base_profiles = dict(profiles)
-        self.control = control
-        self.awake: str | None = None
-        self._swapping = False
-        self.inflight: dict[int, LiveRequest] = {}
-        self.kv_tokens = 0
-        """Prompt + output tokens (+1 each) of the requests in flight: the gateway's KV estimate."""
-        self.ext_requests = 0
-        """Requests the engine reported beyond the gateway's own, at the last poll."""
-        self.ext_blocks = 0
-        self.swaps = 0
-        self.evictions = 0
-        self.busy_s = 0.0
-        self._busy_since: float | None = None
-        self.drained = asyncio.Event()
-        self.drained.set()
-
-    # ------------------------------------------------------------ InstanceView
-    @property
-    def instance_id(self) -> int:
-        return self._id
-
-    @property
-    def model(self) -> str | None:
-        return None if self._swapping else self.awake
-
-    @property
-    def swapping(self) -> bool:
-        return self._swapping
-
-    @property
-    def healthy(self) -> bool:
-        if self._swapping:
-            return True
-        if self.awake is None:
-            return any(e.healthy for e in self.engines.values())
-        return self.engines[self.awake].healthy
-
-    @property
-    def profile(self) -> EngineProfile | None:
-        m = self.model
-        return self._profiles[m] if m is not None else None
-
-    @property
-    def num_running(self) -> int:
-        return self._total() - self.num_waiting
-
-    @property
-    def num_waiting(self) -> int:
-        prof = self.profile
-        cap = prof.max_num_seqs if prof is not None else 0
-        return max(0, self._total() - cap)
-
-    def _total(self) -> int:
-        return len(self.inflight) + self.ext_requests
-
-    @property
-    def free_kv_blocks(self) -> int:
-        prof = self.profile
-        if prof is None:
-            return 0
-        own = self.kv_tokens // prof.block_size + len(self.inflight)  # + 1 a request: partial blocks
-        return prof.kv_blocks - own - self.ext_blocks
-
-    def running_requests(self) -> list[Request]:
-        return [lr.req for lr in self.inflight.values()]
-
-    def remaining_output_tokens(self) -> int:
-        return sum(lr.req.output_tokens - lr.sent for lr in self.inflight.values())
-
-    def profile_for(self, model: str) -> EngineProfile | None:
-        return self._profiles.get(model) if model in self.engines else None
-
-    def load_time(self, model: str) -> float:
-        prof = self.profile_for(model)
-        if prof is None:
-            return math.inf
-        return prof.load_warm_s if self.control.warm else prof.load_cold_s
-
-    # ------------------------------------------------------------ bookkeeping
-    def add(self, lr: LiveRequest, now: float) -> None:
-        r = lr.req
-        lr.kv_tokens = r.prompt_tokens + lr.sent + 1
-        self.kv_tokens += lr.kv_tokens
-        self.inflight[r.request_id] = lr
-        self.drained.clear()
-        self._update_busy(now)
-
-    def remove(self, lr: LiveRequest, now: float) -> None:
-        if self.inflight.pop(lr.req.request_id, None) is None:
-            return
-        self.kv_tokens -= lr.kv_tokens
-        lr.kv_tokens = 0
-        if not self.inflight:
-            self.drained.set()
-        self._update_busy(now)
-
-    def set_engine_shape(self, model: str, m: EngineMetrics) -> bool:
-        """Take the KV cache size the engine reports over the scenario's; True when it changed."""
-        base = self._base_profiles[model]
-        over: dict[str, int] = {}
-        if m.num_gpu_blocks:
-            over["kv_blocks"] = m.num_gpu_blocks
-        if m.block_size:
-            over["block_size"] = m.block_size
-        prof = base.with_overrides(**over) if over else base
-        if prof == self._profiles[model]:
-            return False
-        self._profiles[model] = prof
-        return True
-
-    def begin_swap(self, now: float) -> None:
-        self._swapping = True
-        self._update_busy(now)
-
-    def end_swap(self, now: float) -> None:
-        self._swapping = False
-        self._update_busy(now)
-
-    def _update_busy(self, now: float) -> None:
-        busy = bool(self.inflight) or self._swapping
-        if busy and self._busy_since is None:
-            self._busy_since = now
-        elif not busy and self._busy_since is not None:
-            self.busy_s += now - self._busy_since
-            self._busy_since = None
-
-    def busy_until(self, now: float) -> float:
-        return self.busy_s + (now - self._busy_since if self._busy_since is not None else 0.0)
 
 
 class LiveCluster:
@@ -362,7 +94,8 @@ class LiveCluster:
                 inst = LiveInstance(len(self._instances), spec.instance, spec.gpu, profiles, control)
                 by_name[spec.instance] = inst
                 self._instances.append(inst)
-            inst.engines[spec.model] = LiveEngine(spec, inst, EngineClient(spec.url, max_conn))
+            kind = engine_kind(spec.kind)
+            inst.engines[spec.model] = LiveEngine(spec, inst, kind.connect(spec.url, max_conn), kind)
         self.models = sorted({s.model for s in specs})
         self._live: dict[int, LiveRequest] = {}
         self.records: list[Request] = []
@@ -480,7 +213,7 @@ class LiveCluster:
                 lr.waiter.set_result(None)
         for inst in self._instances:
             inst._update_busy(now)
-        await asyncio.gather(*(e.client.aclose() for i in self._instances for e in i.engines.values()),
+        await asyncio.gather(*(e.server.aclose() for i in self._instances for e in i.engines.values()),
                              return_exceptions=True)
 
     async def _sync_instance(self, inst: LiveInstance, wait_s: float) -> None:
@@ -490,14 +223,14 @@ class LiveCluster:
             if e not in engines:
                 e.sleeping = True  # stopped: a restart swap starts it
         while True:
-            ok = await asyncio.gather(*(e.client.health() for e in engines))
+            ok = await asyncio.gather(*(e.server.health() for e in engines))
             if all(ok):
                 break
             if time.monotonic() > deadline:
                 bad = [e.url for e, good in zip(engines, ok) if not good]
                 raise ConnectionError(f"engines not healthy after {wait_s:g} s: {', '.join(bad)}")
             await asyncio.sleep(0.2)
-        states = await asyncio.gather(*(e.client.is_sleeping() for e in engines))
+        states = await asyncio.gather(*(e.server.is_sleeping() for e in engines))
         for e, st in zip(engines, states):
             e.sleeping = st
         want = self._initial.get(inst.name)
@@ -507,9 +240,8 @@ class LiveCluster:
         for e in engines:
             if e.model != want and e.sleeping is not True:
                 if e.sleeping is None and isinstance(inst.control, SleepModeControl):
-                    raise ConnectionError(f"{e.url} has no sleep mode (start vLLM with --enable-sleep-mode "
-                                          "and VLLM_SERVER_DEV_MODE=1) but shares instance "
-                                          f"'{inst.name}' with other engines")
+                    raise ConnectionError(f"{e.url} has no sleep mode ({e.kind.sleep_mode_hint}) but shares "
+                                          f"instance '{inst.name}' with other engines")
                 await inst.control.release(e)
                 e.sleeping = True
         target = inst.engines[want]
@@ -792,7 +524,7 @@ class LiveCluster:
         """Read the engine's /metrics into its instance's state; False when it did not answer."""
         inst = e.instance
         try:
-            m = await e.client.metrics(timeout_s)
+            m = await e.server.metrics(timeout_s)
         except Exception:  # noqa: BLE001 - any failure means "not answering"
             return False
         own = len(inst.inflight)

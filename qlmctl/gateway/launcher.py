@@ -10,12 +10,13 @@ One process per `live.engines` entry, from the `live.launch.command` template:
     {python}   this Python interpreter
     {scenario} the scenario file's absolute path (e.g. for `qlmctl emulate --scenario`)
 
-The environment adds VLLM_SERVER_DEV_MODE=1 (vLLM's sleep and wake-up endpoints),
-CUDA_VISIBLE_DEVICES={gpu}, and `live.launch.env`. Each process runs in its own process group (so that
-vLLM's workers stop with it) and writes its output to `<log_dir>/<instance>-<model>.log`.
+The environment adds the engine kind's (`EngineKind.launch_env`; vLLM's: VLLM_SERVER_DEV_MODE=1, for its
+sleep and wake-up endpoints), CUDA_VISIBLE_DEVICES={gpu}, and `live.launch.env`. Each process runs in its
+own process group (so that vLLM's workers stop with it) and writes its output to
+`<log_dir>/<instance>-<model>.log`.
 
-Swaps between the engines of one GPU use vLLM's sleep mode when `launch.sleep_mode` is true (all
-engines start; all but one are put to sleep). Otherwise only one engine per GPU runs at a time, and a
+Swaps between the engines of one GPU use sleep mode when `launch.sleep_mode` is true (all engines start;
+all but one are put to sleep). Otherwise only one engine per GPU runs at a time, and a
 swap stops its process and starts the other model's (a cold load: the profile's `load_cold_s`).
 """
 
@@ -34,12 +35,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from qlmctl.engines import engine_kind
 from qlmctl.errors import UserError
-from qlmctl.live.engine_client import EngineClient
+from qlmctl.gateway.instance import SwapControl
+from qlmctl.gateway.swap import SleepModeControl
 from qlmctl.scenario import LaunchSpec, LiveEngineSpec, Scenario
 
 if TYPE_CHECKING:
-    from qlmctl.live.backend import LiveEngine, SwapControl
+    from qlmctl.gateway.instance import LiveEngine
 
 STOP_GRACE_S = 15.0
 """Seconds between SIGTERM and SIGKILL when stopping an engine."""
@@ -92,7 +95,8 @@ class Launcher:
                 raise UserError(f"bad launch command template: {err!r}; placeholders are "
                                 f"{', '.join('{' + k + '}' for k in fields)}", scenario.path,
                                 field="live.launch.command") from None
-            env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "CUDA_VISIBLE_DEVICES": str(device), **self.launch.env}
+            env = {**os.environ, **engine_kind(e.kind).launch_env, "CUDA_VISIBLE_DEVICES": str(device),
+                   **self.launch.env}
             log_path = self.log_dir / f"{e.instance}-{e.model}.log".replace("/", "_")
             self.procs[(e.instance, e.model)] = EngineProcess(e, argv, env, log_path)
 
@@ -128,7 +132,7 @@ class Launcher:
             log.close()
 
     async def wait_healthy(self, p: EngineProcess) -> None:
-        client = EngineClient(p.spec.url, max_connections=4)
+        client = engine_kind(p.spec.kind).connect(p.spec.url, max_connections=4)
         deadline = time.monotonic() + self.launch.health_timeout_s
         try:
             while True:
@@ -175,9 +179,7 @@ class Launcher:
         """Stop every engine this launcher started (its whole process group)."""
         await asyncio.gather(*(self.stop_one(p) for p in self.procs.values()))
 
-    def swap_control(self) -> "SwapControl":
-        from qlmctl.live.backend import SleepModeControl
-
+    def swap_control(self) -> SwapControl:
         return SleepModeControl() if self.launch.sleep_mode else RestartControl(self)
 
     async def __aenter__(self) -> "Launcher":
@@ -196,16 +198,16 @@ class RestartControl:
     def __init__(self, launcher: Launcher) -> None:
         self.launcher = launcher
 
-    async def release(self, engine: "LiveEngine") -> None:
+    async def release(self, engine: LiveEngine) -> None:
         await self.launcher.stop_one(self.launcher.procs[(engine.instance.name, engine.model)])
         engine.sleeping = True
 
-    async def acquire(self, engine: "LiveEngine") -> None:
+    async def acquire(self, engine: LiveEngine) -> None:
         p = self.launcher.procs[(engine.instance.name, engine.model)]
         if not p.running:
             self.launcher._spawn(p)
         await self.launcher.wait_healthy(p)
         engine.sleeping = False
 
-    def available(self, engine: "LiveEngine") -> bool:
+    def available(self, engine: LiveEngine) -> bool:
         return self.launcher.procs[(engine.instance.name, engine.model)].running

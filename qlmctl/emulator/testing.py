@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from qlmctl.live.emulator import EmulatorHandle, start_emulator
+from qlmctl.emulator.server import EmulatorHandle, start_emulator
 from simulator.profile import EngineProfile
 
 

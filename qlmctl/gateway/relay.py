@@ -2,8 +2,8 @@
 
 A `Relay` submits its request to the cluster, waits for the policy to dispatch it, streams the answer
 from that engine to a `Sink` (server-sent events, or one JSON body at the end) and reports progress
-back to the cluster. When the policy evicts the request, the upstream stream is cancelled (vLLM aborts
-a request whose connection closes), the request goes back to the policy, and on its next dispatch the
+back to the cluster. When the policy evicts the request, the upstream stream is cancelled (an engine
+aborts a request whose connection closes), the request goes back to the policy, and on its next dispatch the
 relay *resumes* it so that the client sees one seamless answer:
 
 - `continue` (default): the new prompt is the original prompt followed by the text already sent
@@ -33,12 +33,13 @@ from typing import Any, Protocol
 
 import orjson
 
-from qlmctl.live.backend import LiveCluster, LiveEngine, LiveRequest
-from qlmctl.live.engine_client import EngineError
-from qlmctl.live.health import FailureKind
-from qlmctl.live.http import timeout
+from qlmctl.engines.base import EngineError, FailureKind
+from qlmctl.engines.http import timeout
+from qlmctl.gateway.cluster import LiveCluster
+from qlmctl.gateway.instance import LiveEngine
+from qlmctl.gateway.request import LiveRequest
 
-log = logging.getLogger("qlmctl.live")
+log = logging.getLogger("qlmctl.gateway")
 
 ResumeMode = str  # "continue" | "restart"
 
@@ -136,7 +137,6 @@ class Relay:
         self._watchdog: Watchdog | None = None
         self._stream_options = {"include_usage": True, "continuous_usage_stats": token_count == "usage"}
         self._chat = lr.api == "chat"
-        self._path = "/v1/chat/completions" if self._chat else "/v1/completions"
         self._skip = 0
         self._attempt_tokens = 0
         self._fin: str | None = None
@@ -270,7 +270,7 @@ class Relay:
         lr, cluster, sink = self.lr, self.cluster, self.sink
         body = self.upstream_body()
         got_first = False
-        async with engine.client.stream(self._path, body) as stream:
+        async with engine.server.stream(lr.api, body) as stream:
             if not sink.started:
                 await sink.start()
             async for events in stream:

@@ -18,65 +18,28 @@ an engine that answers /health but fails every request (it looks idle, so least-
 would send it everything) is tried less and less often. A model none of whose engines has been
 healthy for `unavailable_timeout_s` fails its queued requests, and new ones at once, with 503.
 
-The request's side (re-queueing within its retry budget) is in `qlmctl.live.relay`.
+The request's side (re-queueing within its retry budget) is in `qlmctl.gateway.relay`; the failure kinds
+are the engine seam's (`qlmctl.engines.base.FailureKind`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from enum import Enum
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
-if TYPE_CHECKING:
-    from qlmctl.live.backend import LiveCluster, LiveEngine
+from qlmctl.engines.base import FailureKind
 
-log = logging.getLogger("qlmctl.live")
+if TYPE_CHECKING:
+    from qlmctl.gateway.instance import LiveEngine, LiveInstance
+
+log = logging.getLogger("qlmctl.gateway")
 
 MAX_BACKOFF_DOUBLINGS = 5
 """An engine ejected again and again waits at most 2**5 = 32 probe intervals before its next probe."""
-
-
-class FailureKind(str, Enum):
-    """Why an engine attempt failed."""
-
-    CONNECT = "connect"
-    """The connection could not be made (refused, or no answer to the connect)."""
-    LOST = "lost"
-    """The connection was lost, or the stream ended early or was malformed."""
-    STATUS = "status"
-    """The engine answered an error status (5xx, 408, 429; other 4xx are the client's and not retried)."""
-    STREAM_ERROR = "stream_error"
-    """The engine sent an error event in the stream."""
-    FIRST_TOKEN_TIMEOUT = "first_token_timeout"
-    """No first token within `live.first_token_timeout_s`."""
-    STALLED = "stalled"
-    """No token within `live.inter_token_timeout_s` of the last one."""
-    POLL = "poll"
-    """A /metrics poll failed (not a request's failure)."""
-
-    @property
-    def hard(self) -> bool:
-        """Whether one such failure marks the engine unhealthy at once."""
-        return self in _HARD
-
-    def describe(self) -> str:
-        """A short phrase for a client-facing error message (no engine address: clients need none)."""
-        return _PHRASES[self]
-
-
-_HARD = frozenset({FailureKind.CONNECT, FailureKind.LOST, FailureKind.FIRST_TOKEN_TIMEOUT, FailureKind.STALLED})
-_PHRASES = {
-    FailureKind.CONNECT: "the engine could not be reached",
-    FailureKind.LOST: "the connection to the engine was lost",
-    FailureKind.STATUS: "the engine answered with an error",
-    FailureKind.STREAM_ERROR: "the engine reported an error in the stream",
-    FailureKind.FIRST_TOKEN_TIMEOUT: "the engine sent no first token in time",
-    FailureKind.STALLED: "the engine's stream stalled",
-    FailureKind.POLL: "the engine did not answer",
-}
 
 
 class HealthMetrics:
@@ -93,10 +56,27 @@ class HealthMetrics:
                                       ["instance", "model", "healthy"], registry=registry)
 
 
+class Watched(Protocol):
+    """What the monitor needs of the cluster whose engines it watches."""
+
+    @property
+    def models(self) -> Sequence[str]: ...
+
+    @property
+    def instances(self) -> Sequence[LiveInstance]: ...
+
+    def health_changed(self, e: LiveEngine) -> None:
+        """`e` turned unhealthy or healthy."""
+
+    async def poll_engine(self, e: LiveEngine, timeout_s: float = 2.0) -> bool:
+        """Read `e`'s metrics into the cluster's state; False when it did not answer."""
+        ...
+
+
 class HealthMonitor:
     """Marks a live cluster's engines unhealthy and healthy, polls and probes them, times out lost models."""
 
-    def __init__(self, cluster: "LiveCluster", metrics: HealthMetrics, *, unhealthy_after: int = 3,
+    def __init__(self, cluster: Watched, metrics: HealthMetrics, *, unhealthy_after: int = 3,
                  metrics_interval_s: float = 0.5, probe_interval_s: float = 1.0, probe_timeout_s: float = 2.0,
                  unavailable_timeout_s: float = 30.0) -> None:
         self.cluster = cluster
@@ -112,24 +92,24 @@ class HealthMonitor:
         """Models without a healthy engine for longer than `unavailable_timeout_s`."""
 
     # ------------------------------------------------------------ events
-    def failure(self, e: "LiveEngine", kind: FailureKind) -> None:
+    def failure(self, e: LiveEngine, kind: FailureKind) -> None:
         """An attempt on `e` failed."""
         self.metrics.engine_failures.labels(e.instance.name, e.model, kind.value).inc()
         e.fails += 1
         if kind.hard or e.fails >= self.unhealthy_after:
             self.mark_unhealthy(e, kind)
 
-    def success(self, e: "LiveEngine") -> None:
+    def success(self, e: LiveEngine) -> None:
         """A request got its first token from `e`."""
         e.fails = 0
         e.ejections = 0
 
-    def poll_failed(self, e: "LiveEngine") -> None:
+    def poll_failed(self, e: LiveEngine) -> None:
         e.poll_fails += 1
         if e.poll_fails >= self.unhealthy_after:
             self.mark_unhealthy(e, FailureKind.POLL)
 
-    def mark_unhealthy(self, e: "LiveEngine", kind: FailureKind) -> None:
+    def mark_unhealthy(self, e: LiveEngine, kind: FailureKind) -> None:
         if not e.healthy:
             return
         e.healthy = False
@@ -141,7 +121,7 @@ class HealthMonitor:
         self.metrics.health_changes.labels(e.instance.name, e.model, "0").inc()
         self.cluster.health_changed(e)
 
-    def mark_healthy(self, e: "LiveEngine") -> None:
+    def mark_healthy(self, e: LiveEngine) -> None:
         e.fails = 0
         e.poll_fails = 0
         if e.healthy:
@@ -152,7 +132,7 @@ class HealthMonitor:
         self.cluster.health_changed(e)
 
     # ------------------------------------------------------------ watch tasks
-    async def watch(self, e: "LiveEngine") -> None:
+    async def watch(self, e: LiveEngine) -> None:
         """Poll `e` while healthy, probe it while not; runs until cancelled."""
         cluster = self.cluster
         while True:
@@ -168,7 +148,7 @@ class HealthMonitor:
                 await asyncio.sleep(self.probe_interval_s)
                 if not e.instance.control.available(e) or asyncio.get_running_loop().time() < e.eject_until:
                     continue
-                if await e.client.health(self.probe_timeout_s) and await cluster.poll_engine(e, self.probe_timeout_s):
+                if await e.server.health(self.probe_timeout_s) and await cluster.poll_engine(e, self.probe_timeout_s):
                     self.mark_healthy(e)
 
     def check_models(self, now: float) -> list[str]:

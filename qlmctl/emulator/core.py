@@ -20,8 +20,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from qlmctl.live.emulator_metrics import EmulatorMetrics, EngineGauges
-from qlmctl.live.emulator_protocol import FinishReason
+from qlmctl.emulator.metrics import EmulatorMetrics, EngineGauges
+from qlmctl.emulator.protocol import FinishReason
 from simulator.engine import Engine, OutputKind, Sequence
 from simulator.profile import EngineProfile
 

@@ -1,0 +1,57 @@
+"""A request as the gateway handles it: the policy's `Request`, its client's connection, its progress."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qlmctl.core.request import Request
+from qlmctl.engines.base import Api
+
+if TYPE_CHECKING:
+    from qlmctl.gateway.instance import LiveEngine
+
+
+@dataclass(slots=True, eq=False)
+class LiveRequest:
+    """A request as the gateway handles it: the policy's `Request` plus what the HTTP side needs."""
+
+    req: Request
+    api: Api
+    body: dict[str, Any]
+    """The client's request body."""
+    client_id: str
+    """The id the client sees in every chunk, whatever engine produced it."""
+    created: int
+    stream: bool
+    include_usage: bool = False
+    continuous_usage: bool = False
+    external_id: str | None = None
+    """The client's x-request-id, if it sent one."""
+    # Progress, kept across evictions.
+    sent: int = 0
+    """Output tokens delivered to the client."""
+    pieces: list[str] = field(default_factory=list)
+    """Output text delivered to the client, in order (the resume prompt is built from it)."""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    """The engine's prompt token count (first attempt), once known."""
+    # Placement.
+    engine: LiveEngine | None = None
+    """The engine it was dispatched to, while it is on one."""
+    waiter: asyncio.Future | None = None
+    scope: Any = None
+    """Cancel scope around the upstream stream while one is open; an eviction expires it."""
+    evict_pending: bool = False
+    queued: bool = False
+    cancelled: bool = False
+    """The client went away."""
+    done: bool = False
+    kv_tokens: int = 0
+    """Tokens this request counts for in its instance's KV estimate."""
+    attempts: int = 0
+    retries: int = 0
+    """Times an engine failed it and it went back to its queue."""
+    abort: tuple[int, str] | None = None
+    """Set when the gateway ends it (shutting down, model unavailable): the HTTP status and message."""

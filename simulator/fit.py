@@ -1,0 +1,380 @@
+"""Fit the step-time model of `simulator.profile` to an engine's measurements, and write the profile.
+
+The measurements (`RawProfile`: prefill, decode, mixed-step and frontend points, the KV capacity, swap
+times) come from `qlmctl profile-model`'s prober (`qlmctl.client.prober`, which says how each is taken);
+they are kept as JSON so that a fit can be redone off the GPU. Here is only arithmetic over them.
+
+The fit is a non-negative least squares on relative error over every point (A = attention pairs,
+T' = token rows beyond the knee, see simulator.profile):
+    decode point:  itl  = base + a*T'(0, D) + b*D + c*C   (also the pure-decode steps around each mixed window)
+    prefill point: ttft = overhead + ceil(L/budget)*(base + m) + a*T'(L) + q*A(L)   (by the engine's own
+                   prefill histogram, without the overhead, when it exports one; overhead = the median gap)
+    mixed point:   step = base + m + a*T'(L, D) + q*A(L) + b*D + c*C
+With mixed points the knee is chosen (0 to 512 tokens) for the least mean error; without them it is 0,
+and so is m (the cost of a step carrying prefill, which only mixed steps tell apart from base).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from simulator.profile import EngineProfile, chunk_pairs
+
+
+@dataclass
+class PrefillPoint:
+    prompt_tokens: int
+    ttft_s: float
+    """Median TTFT as this client saw it (HTTP and the API server included)."""
+    engine_s: float | None = None
+    """Median of vLLM's own prefill time for it (`vllm:request_prefill_time_seconds`: scheduled to first
+    token), when the engine exports it: the steps alone, without the client-side noise."""
+
+
+@dataclass
+class DecodePoint:
+    batch: int
+    prompt_tokens: int
+    output_tokens: int
+    itl_s: float
+    """Step time with every sequence decoding (from two rounds of different output lengths)."""
+    context_tokens: float
+    """Mean KV tokens of the whole batch during that part."""
+
+
+@dataclass
+class MixedPoint:
+    batch: int
+    prompt_tokens: int
+    """Prompt length of each decoding sequence."""
+    prefill_tokens: int
+    """Tokens of the prefill that shares the step with the decodes."""
+    step_s: float
+    """Time of one step with `batch` decodes and the prefill."""
+    decode_step_s: float
+    """Time of the pure-decode steps around it (same batch)."""
+    context_tokens: float
+    """KV tokens of the decoding sequences during the window."""
+
+
+@dataclass
+class FrontendPoint:
+    streams: int
+    """Streaming decodes the server was relaying while the probes ran."""
+    step_s: float
+    """The engine's decode step meanwhile (its inter-token latency)."""
+    ttft_s: float
+    """Median TTFT of the probes (prefill-only requests of `probe_tokens`)."""
+    probe_tokens: int
+
+
+@dataclass
+class FrontendLoadPoint:
+    """One window of probes arriving at `rate_rps` (Poisson) while the server streams to `streams` clients."""
+
+    streams: int
+    rate_rps: float
+    """Probes sent over the window, per second."""
+    probes: int
+    probe_tokens: int
+    step_s: float
+    """The engine's mean step meanwhile (its inter-token latency; 0 without streams)."""
+    tokens_per_s: float
+    """Tokens streamed per second (the engine's inter-token latency count over the window)."""
+    client_ttft_s: float
+    """Mean TTFT of the probes, as this client saw it."""
+    cpu_per_s: float | None = None
+    """CPU seconds per second of the API server process (its `process_cpu_seconds_total`), if exported."""
+    vllm_ttft_s: float | None = None
+    """Mean TTFT of the probes by vLLM's own histogram (API server arrival to first token)."""
+    engine_s: float | None = None
+    """Mean queue + prefill time of the probes by vLLM's histograms (engine core only)."""
+
+
+@dataclass
+class RawProfile:
+    """Everything measured, kept so fitting can be redone off the GPU."""
+
+    model: str
+    url: str
+    prefill: list[PrefillPoint] = field(default_factory=list)
+    decode: list[DecodePoint] = field(default_factory=list)
+    mixed: list[MixedPoint] = field(default_factory=list)
+    frontend: list[FrontendPoint] = field(default_factory=list)
+    frontend_load: list[FrontendLoadPoint] = field(default_factory=list)
+    num_gpu_blocks: int | None = None
+    block_size: int | None = None
+    max_model_len: int | None = None
+    sleep_s: float | None = None
+    wake_s: float | None = None
+    launch_s: float | None = None
+    """Launch to /health of the engine (a cold model load), when profile-model started it."""
+    async_scheduling: bool | None = None
+    """Whether the engine schedules a step ahead (recorded from the command line; not visible over HTTP)."""
+    engine_version: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RawProfile":
+        d = json.loads(text)
+        d["prefill"] = [PrefillPoint(**p) for p in d.get("prefill", [])]
+        d["decode"] = [DecodePoint(**p) for p in d.get("decode", [])]
+        d["mixed"] = [MixedPoint(**p) for p in d.get("mixed", [])]
+        d["frontend"] = [FrontendPoint(**p) for p in d.get("frontend", [])]
+        d["frontend_load"] = [FrontendLoadPoint(**p) for p in d.get("frontend_load", [])]
+        return cls(**d)
+
+
+@dataclass
+class Fit:
+    base_s: float
+    per_prefill_token_s: float
+    per_decode_seq_s: float
+    per_context_token_s: float
+    per_prefill_pair_s: float
+    knee_tokens: int
+    overhead_s: float
+    errors: list[tuple[str, float, float, float]]
+    """(point label, measured s, fitted s, relative error)."""
+    per_prefill_step_s: float = 0.0
+    frontend_per_stream_s: float = 0.0
+    frontend_errors: list[tuple[str, float, float, float]] = field(default_factory=list)
+    """Probe TTFTs under streaming load: measured, modelled (engine + frontend), relative error."""
+    frontend_cpu_per_request_s: float = 0.0
+    frontend_cpu_per_token_s: float = 0.0
+    frontend_idle_cpu: float = 0.0
+    """The API server's CPU use with nothing to do (its polling), CPU s per s."""
+    frontend_queue_factor: float = 0.0
+    frontend_latency_s: float | None = None
+    """Intercept of the queue-model fit (replaces the HTTP overhead as the profile's frontend latency)."""
+
+    @property
+    def mean_abs_error(self) -> float:
+        return float(np.mean([abs(e[3]) for e in self.errors])) if self.errors else 0.0
+
+    @property
+    def max_abs_error(self) -> float:
+        return float(max(abs(e[3]) for e in self.errors)) if self.errors else 0.0
+
+
+KNEES = range(0, 513, 16)
+
+
+def fit_profile(raw: RawProfile, max_num_batched_tokens: int, quadratic: bool = True,
+                knee: int | None = None) -> Fit:
+    """Fit the step-time coefficients to the raw measurements (see module docstring).
+
+    `quadratic=False` leaves out the prefill-attention term; `knee` fixes the knee instead of searching."""
+    knees = [knee] if knee is not None else (list(KNEES) if raw.mixed else [0])
+    fits = [_fit_at(raw, max_num_batched_tokens, quadratic, k) for k in knees]
+    best = min(fits, key=lambda f: f.mean_abs_error)
+    if raw.frontend:
+        _fit_frontend(raw, best, max_num_batched_tokens)
+    if raw.frontend_load:
+        _fit_frontend_queue(raw, best, max_num_batched_tokens)
+    return best
+
+
+def _step_profile(fit: Fit, budget: int, **fields: Any) -> EngineProfile:
+    return EngineProfile(model="", base_s=fit.base_s, per_prefill_token_s=fit.per_prefill_token_s,
+                         per_decode_seq_s=fit.per_decode_seq_s, per_context_token_s=fit.per_context_token_s,
+                         kv_blocks=1, max_num_batched_tokens=budget, per_prefill_pair_s=fit.per_prefill_pair_s,
+                         knee_tokens=fit.knee_tokens, per_prefill_step_s=fit.per_prefill_step_s, **fields)
+
+
+def _probe_engine_s(prof: EngineProfile, streams: int, step_s: float, probe_tokens: int, lag: float) -> float:
+    """Engine part of a probe's TTFT: alone, its prefill; joining `streams` decodes of `step_s`, the rest of
+    the step it lands in, one more with asynchronous scheduling (`lag` 1.5 or 0.5 steps), then its own
+    mixed step."""
+    if streams == 0 or step_s <= 0:
+        return prof.prefill_time(probe_tokens)
+    extra = (prof.step_time(probe_tokens, streams, 0, chunk_pairs(0, probe_tokens))
+             - prof.step_time(0, streams, 0))
+    return lag * step_s + step_s + extra
+
+
+def _fit_frontend_queue(raw: RawProfile, fit: Fit, budget: int) -> None:
+    """The API server as one queue (see EngineProfile.frontend_wait): its CPU cost per request and per
+    streamed token by least squares on its CPU counter over the windows, then the probes' TTFT beyond
+    the engine's part = latency + factor * (queueing wait at those costs), fitted over the windows."""
+    from scipy.optimize import nnls
+
+    pts = raw.frontend_load
+    cpu = [p for p in pts if p.cpu_per_s is not None]
+    if len(cpu) >= 3:
+        a = np.array([[1.0, p.rate_rps, p.tokens_per_s] for p in cpu])
+        y = np.array([p.cpu_per_s for p in cpu])
+        coef, _ = nnls(a, y)
+        fit.frontend_idle_cpu, fit.frontend_cpu_per_request_s, fit.frontend_cpu_per_token_s = map(float, coef)
+    if fit.frontend_cpu_per_token_s <= 0 and fit.frontend_cpu_per_request_s <= 0:
+        return  # no CPU counter (or no cost seen): no queue model; the probes' per-stream fit stands
+    lag = 1.5 if raw.async_scheduling is not False else 0.5
+    costs = _step_profile(fit, budget, frontend_cpu_per_request_s=fit.frontend_cpu_per_request_s,
+                          frontend_cpu_per_token_s=fit.frontend_cpu_per_token_s, frontend_queue_factor=1.0)
+    rows = []
+    for p in pts:
+        if p.engine_s is not None:
+            # vLLM's queue + prefill times start when the engine core takes the request in, at the end of
+            # the step it arrived in: half a step on average, which the simulator counts as engine time.
+            engine = p.engine_s + (0.5 * p.step_s if p.streams else 0.0)
+        else:  # an engine without those histograms: the step model's view (probes assumed not to overlap)
+            engine = _probe_engine_s(costs, p.streams, p.step_s, p.probe_tokens, lag)
+        rows.append((p, engine, costs.frontend_wait(p.streams, p.step_s, p.rate_rps)))
+    a = np.array([[1.0, w] for _, _, w in rows])
+    y = np.array([p.client_ttft_s - engine for p, engine, _ in rows])
+    w = 1.0 / np.array([p.client_ttft_s for p, _, _ in rows])  # relative error, like the step fit
+    coef, _ = nnls(a * w[:, None], y * w)
+    fit.frontend_latency_s, fit.frontend_queue_factor = float(coef[0]), float(coef[1])
+    fit.frontend_per_stream_s = 0.0  # the queue model's burst term is what the per-stream delay stood for
+    fit.frontend_errors = []
+    for (p, engine, wait) in rows:
+        model = engine + fit.frontend_latency_s + fit.frontend_queue_factor * wait
+        fit.frontend_errors.append((f"probes {p.rate_rps:.0f}/s, {p.streams} streams", p.client_ttft_s, model,
+                                    (model - p.client_ttft_s) / p.client_ttft_s))
+
+
+def _fit_frontend(raw: RawProfile, fit: Fit, budget: int) -> None:
+    """Frontend delay per stream relayed: probe TTFT = engine part + overhead + k * streams (least squares
+    through the fitted overhead). The engine part of a probe joining `streams` decodes is half a step
+    (it lands mid-step), one more step with asynchronous scheduling, then its own mixed step."""
+    prof = _step_profile(fit, budget)
+    lag = 1.5 if raw.async_scheduling is not False else 0.5
+    rows = [(p, _probe_engine_s(prof, p.streams, p.step_s, p.probe_tokens, lag)) for p in raw.frontend]
+    num = sum(p.streams * (p.ttft_s - engine - fit.overhead_s) for p, engine in rows)
+    den = sum(p.streams ** 2 for p, _ in rows)
+    fit.frontend_per_stream_s = max(0.0, num / den) if den else 0.0
+    for p, engine in rows:
+        model = engine + fit.overhead_s + fit.frontend_per_stream_s * p.streams
+        fit.frontend_errors.append((f"probe with {p.streams} streams", p.ttft_s, model, (model - p.ttft_s) / p.ttft_s))
+
+
+def _fit_at(raw: RawProfile, budget: int, quadratic: bool, knee: int) -> Fit:
+    from scipy.optimize import nnls
+
+    shape = EngineProfile(model="", base_s=1.0, per_prefill_token_s=0.0, per_decode_seq_s=0.0,
+                          per_context_token_s=0.0, kv_blocks=1, max_num_batched_tokens=budget, knee_tokens=knee)
+    rows: list[list[float]] = []
+    ys: list[float] = []
+    labels: list[str] = []
+    # Columns: base, a (prefill/token), b (decode/seq), c (context/token), q (prefill pair), overhead,
+    # m (a step with prefill). m is told apart from base only by mixed steps next to pure-decode ones.
+    for p in raw.decode:
+        rows.append([1.0, float(shape.billed_tokens(0, p.batch)), float(p.batch), float(p.context_tokens),
+                     0.0, 0.0, 0.0])
+        ys.append(p.itl_s)
+        labels.append(f"decode B={p.batch} ctx={p.prompt_tokens}")
+    for p in raw.mixed:  # the pure-decode steps around each mixed window are decode points too
+        rows.append([1.0, float(shape.billed_tokens(0, p.batch)), float(p.batch), float(p.context_tokens),
+                     0.0, 0.0, 0.0])
+        ys.append(p.decode_step_s)
+        labels.append(f"decode B={p.batch} ctx={p.prompt_tokens} (by L={p.prefill_tokens})")
+    for p in raw.prefill:
+        chunks, billed, pairs = shape.prefill_terms(p.prompt_tokens)
+        # Timed by the engine itself when it could be: no HTTP overhead in it (see _overhead).
+        timed = p.engine_s is not None
+        rows.append([float(chunks), float(billed), 0.0, 0.0, pairs, 0.0 if timed else 1.0, float(chunks)])
+        ys.append(p.engine_s if timed else p.ttft_s)
+        labels.append(f"prefill L={p.prompt_tokens}")
+    for p in raw.mixed:
+        billed = shape.billed_tokens(p.prefill_tokens, p.batch)
+        rows.append([1.0, float(billed), float(p.batch), float(p.context_tokens),
+                     chunk_pairs(0, p.prefill_tokens), 0.0, 1.0])
+        ys.append(p.step_s)
+        labels.append(f"mixed B={p.batch} ctx={p.prompt_tokens} L={p.prefill_tokens}")
+    keep = [0, 1, 2, 3] + ([4] if quadratic else []) + [5] + ([6] if raw.mixed else [])
+    rows = [[r[i] for i in keep] for r in rows]
+    cols = len(keep)
+    if len(rows) < cols:
+        raise ValueError(f"too few measurements to fit {cols} coefficients")
+    a = np.array(rows)
+    y = np.array(ys)
+    w = 1.0 / y  # relative error
+    # Scale columns so that NNLS is well conditioned.
+    scale = np.maximum(np.abs(a * w[:, None]).max(axis=0), 1e-30)
+    coef, _ = nnls((a * w[:, None]) / scale, y * w)
+    coef = coef / scale
+    pred = a @ coef
+    full = np.zeros(7)
+    full[keep] = coef
+    coef = full
+    errors = [(lab, float(m), float(f), float((f - m) / m)) for lab, m, f in zip(labels, y, pred)]
+    return Fit(
+        base_s=float(coef[0]),
+        per_prefill_token_s=float(coef[1]),
+        per_decode_seq_s=float(coef[2]),
+        per_context_token_s=float(coef[3]),
+        per_prefill_pair_s=float(coef[4]),
+        knee_tokens=knee,
+        overhead_s=_overhead(raw, float(coef[5])),
+        errors=errors,
+        per_prefill_step_s=float(coef[6]),
+    )
+
+
+def _overhead(raw: RawProfile, fitted: float) -> float:
+    """The client-visible time around a lone prefill (HTTP, the API server): measured as client TTFT minus
+    the engine's own prefill time where the engine timed every prefill point, else the fit's intercept."""
+    timed = [p.ttft_s - p.engine_s for p in raw.prefill if p.engine_s is not None]
+    if raw.prefill and len(timed) == len(raw.prefill):
+        return max(0.0, float(statistics.median(timed)))
+    return fitted
+
+
+def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 gpu: str, flags: str, kv_blocks: int | None = None) -> dict[str, Any]:
+    """The profile as a scenario `profile_file` (ProfileSpec fields + provenance)."""
+    blocks = kv_blocks or raw.num_gpu_blocks
+    if not blocks:
+        raise ValueError("KV capacity unknown: the engine did not report vllm:cache_config_info; pass --kv-blocks")
+    out: dict[str, Any] = {
+        "base_s": round(fit.base_s, 7),
+        "per_prefill_token_s": float(f"{fit.per_prefill_token_s:.4g}"),
+        "per_decode_seq_s": float(f"{fit.per_decode_seq_s:.4g}"),
+        "per_context_token_s": float(f"{fit.per_context_token_s:.4g}"),
+        "per_prefill_pair_s": float(f"{fit.per_prefill_pair_s:.4g}"),
+        "per_prefill_step_s": float(f"{fit.per_prefill_step_s:.4g}"),
+        "knee_tokens": fit.knee_tokens,
+        "kv_blocks": int(blocks),
+        "block_size": int(raw.block_size or 16),
+        "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": max_num_batched_tokens,
+    }
+    out["frontend_latency_s"] = round(fit.overhead_s if fit.frontend_latency_s is None else fit.frontend_latency_s, 6)
+    if raw.frontend or raw.frontend_load:
+        out["frontend_per_stream_s"] = float(f"{fit.frontend_per_stream_s:.4g}")
+    if fit.frontend_queue_factor > 0:
+        out["frontend_cpu_per_request_s"] = float(f"{fit.frontend_cpu_per_request_s:.4g}")
+        out["frontend_cpu_per_token_s"] = float(f"{fit.frontend_cpu_per_token_s:.4g}")
+        out["frontend_queue_factor"] = float(f"{fit.frontend_queue_factor:.4g}")
+    if raw.max_model_len:
+        out["max_model_len"] = int(raw.max_model_len)
+    if raw.async_scheduling is not None:
+        out["async_scheduling"] = raw.async_scheduling
+    if raw.launch_s is not None:
+        out["load_cold_s"] = round(raw.launch_s, 1)
+    if raw.wake_s is not None:
+        out["load_warm_s"] = round(raw.wake_s, 3)
+    out["provenance"] = {
+        "tool": "qlmctl profile-model",
+        "engine": raw.engine_version or "unknown",
+        "model": raw.model,
+        "gpu": gpu,
+        "flags": flags,
+        "date": time.strftime("%Y-%m-%d"),
+        "http_overhead_s": round(fit.overhead_s, 6),
+        "fit_mean_abs_rel_error": round(fit.mean_abs_error, 4),
+        "fit_max_abs_rel_error": round(fit.max_abs_error, 4),
+        "sleep_s": raw.sleep_s,
+        "points": {"prefill": len(raw.prefill), "decode": len(raw.decode), "mixed": len(raw.mixed),
+                   "frontend": len(raw.frontend), "frontend_load": len(raw.frontend_load)},
+    }
+    return out
