@@ -73,12 +73,22 @@ class ModelSpec(_Strict):
         return self
 
 
+class EngineFlagsSpec(_Strict):
+    """The engine server's flags on an instance (vLLM's), as far as they change how it schedules."""
+
+    scheduling_policy: Literal["fcfs", "priority"] | None = Field(
+        default=None,
+        description="vLLM's --scheduling-policy; default: what the policy asks for (priority for the `priority` "
+                    "baseline, fcfs otherwise)")
+
+
 class InstanceSpec(_Strict):
     name: str | None = None
     count: int = Field(default=1, gt=0, description="replicas of this line")
     gpu: str = "H200"
     model: str | None = Field(default=None, description="model loaded at start")
     profile_overrides: dict[str, Any] = Field(default_factory=dict)
+    engine: EngineFlagsSpec = Field(default_factory=EngineFlagsSpec)
 
 
 class ClusterSpec(_Strict):

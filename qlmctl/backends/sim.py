@@ -152,7 +152,8 @@ class SimulatedCluster:
         self._instances: list[SimInstance] = []
         for iid, (name, spec) in enumerate(scenario.instance_specs()):
             profiles = {m: scenario.profile(m, spec.gpu, spec.profile_overrides) for m in scenario.models}
-            self._instances.append(SimInstance(iid, name, spec.gpu, profiles, spec.model, policy.engine_policy))
+            discipline = spec.engine.scheduling_policy or policy.engine_policy
+            self._instances.append(SimInstance(iid, name, spec.gpu, profiles, spec.model, discipline))
         self._now = 0.0
         self._seqs: dict[int, Sequence] = {}
         self._heap: list[tuple[float, int]] = []
