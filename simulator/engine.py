@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
 
-from simulator.profile import EngineProfile, chunk_pairs
+from simulator.profile import DEFAULT_BLOCK_SIZE, EngineProfile, admission_blocks, chunk_pairs, kv_blocks_for
 
 INF = math.inf
 
@@ -122,7 +122,7 @@ class Engine:
         self._decode_heap: list[tuple[int, int, Sequence]] = []
         self._num_decode = 0
         self._ctx = 0  # total KV tokens of decoding sequences at step counter `_s`
-        self._phase_cnt = [0] * (profile.block_size if profile else 16)
+        self._phase_cnt = [0] * (profile.block_size if profile else DEFAULT_BLOCK_SIZE)
         self._used = 0  # KV blocks in use at step `_s` (prefill allocations + decode, lazily exact)
         self._s = 0
         self._admit_counter = 0
@@ -262,9 +262,8 @@ class Engine:
 
     # ------------------------------------------------------------ internals
     def _blocks_needed(self, seq: Sequence) -> int:
-        # Room for the prompt (plus recomputed output) and the first new token.
-        bs = self.profile.block_size if self.profile else 16
-        return -(-(seq.prompt_tokens + seq.generated + 1) // bs)
+        bs = self.profile.block_size if self.profile else DEFAULT_BLOCK_SIZE
+        return admission_blocks(seq.prompt_tokens + seq.generated, bs)
 
     def _leave_transit(self, q: Sequence) -> None:
         self._transit_count -= 1
@@ -391,7 +390,7 @@ class Engine:
         # Join decode: blocks now counted lazily from the token count.
         bs = len(self._phase_cnt)
         tokens = q.prompt_tokens + q.generated
-        self._used += -(-tokens // bs) - q.blocks
+        self._used += kv_blocks_for(tokens, bs) - q.blocks
         q.blocks = 0
         q.state = SeqState.DECODE
         q.join_step = self._s
@@ -408,7 +407,7 @@ class Engine:
         bs = len(self._phase_cnt)
         q.generated = q.gen_at_join + (self._s - q.join_step)
         tokens = q.prompt_tokens + q.generated
-        self._used -= -(-tokens // bs)
+        self._used -= kv_blocks_for(tokens, bs)
         self._phase_cnt[q.phase] -= 1
         self._num_decode -= 1
         self._ctx -= tokens

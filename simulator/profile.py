@@ -44,6 +44,17 @@ FRONTEND_RHO_CAP = 0.95
 """Most utilisation the API-server queue model lets the server reach (see `EngineProfile.frontend_wait`)."""
 
 
+def kv_blocks_for(tokens: int, block_size: int) -> int:
+    """KV blocks that hold `tokens` tokens (the last one maybe partly filled)."""
+    return -(-tokens // block_size)
+
+
+def admission_blocks(tokens: int, block_size: int) -> int:
+    """KV blocks the engine needs free to admit a sequence of `tokens` tokens (its prompt plus any output it
+    recomputes): room for those and for the first new token."""
+    return kv_blocks_for(tokens + 1, block_size)
+
+
 def chunk_pairs(done: int, take: int) -> float:
     """Attention pairs of a prefill chunk of `take` tokens after `done` cached tokens of the same sequence."""
     return take * (done + (take + 1) / 2.0)
@@ -201,7 +212,8 @@ class EngineProfile:
         return full + (1 if last else 0), billed, prompt_pairs(prompt_tokens, budget)
 
     def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+        """KV blocks that hold `tokens` tokens."""
+        return kv_blocks_for(tokens, self.block_size)
 
     def with_overrides(self, **fields: object) -> "EngineProfile":
         return replace(self, **fields)  # type: ignore[arg-type]

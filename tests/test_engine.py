@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simulator.engine import Engine, OutputKind, Sequence
+from simulator.profile import admission_blocks, kv_blocks_for
 from tests.conftest import small_profile
 
 
@@ -217,3 +218,11 @@ def test_rows_beyond_the_knee_cost_the_token_rate_prefill_and_decode_alike():
     lin = small_profile()
     assert lin.step_time(0, 100, 0) - lin.step_time(0, 99, 0) == pytest.approx(lin.per_decode_seq_s)
     assert lin.step_time(10, 100, 0) - lin.step_time(0, 100, 0) == pytest.approx(10 * lin.per_prefill_token_s)
+
+
+def test_kv_block_counts():
+    assert [kv_blocks_for(n, 16) for n in (0, 1, 16, 17, 32, 33)] == [0, 1, 1, 2, 2, 3]
+    # Admission also needs room for the first new token.
+    assert [admission_blocks(n, 16) for n in (1, 15, 16, 31)] == [1, 1, 2, 2]
+    e = Engine(small_profile(block_size=8))
+    assert e._blocks_needed(Sequence(0, 16, 4)) == admission_blocks(16, 8) == 3
