@@ -34,11 +34,15 @@ each term.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, dataclass, field, replace
 from typing import Any
 
 DEFAULT_BLOCK_SIZE = 16
 """vLLM's default KV block size, tokens."""
+
+TYPICAL_CONTEXT_TOKENS = 1024
+"""KV context assumed per decoding sequence where a step is estimated ahead, without knowing its batch."""
 
 FRONTEND_RHO_CAP = 0.95
 """Most utilisation the API-server queue model lets the server reach (see `EngineProfile.frontend_wait`)."""
@@ -55,7 +59,7 @@ def admission_blocks(tokens: int, block_size: int) -> int:
     return kv_blocks_for(tokens + 1, block_size)
 
 
-def chunk_pairs(done: int, take: int) -> float:
+def chunk_pairs(done: float, take: float) -> float:
     """Attention pairs of a prefill chunk of `take` tokens after `done` cached tokens of the same sequence."""
     return take * (done + (take + 1) / 2.0)
 
@@ -145,7 +149,7 @@ class EngineProfile:
         """All the client-visible delay outside the engine's steps at `streams` streams: `frontend_delay`
         plus the API server's queueing wait at the step such a decode batch takes (no arrival term: the
         caller estimating ahead does not know the arrival rate)."""
-        step = self.step_time(0, streams, streams * 1024) if streams else self.base_s
+        step = self.decode_step_time(streams) if streams else self.base_s
         return self.frontend_delay(streams) + self.frontend_wait(streams, step, 0.0)
 
     def frontend_wait(self, streams: int, step_s: float, rate_rps: float) -> float:
@@ -189,6 +193,11 @@ class EngineProfile:
             + (self.per_prefill_step_s if prefill_tokens > 0 else 0.0)
         )
 
+    def decode_step_time(self, seqs: int) -> float:
+        """Seconds of a decode-only step of `seqs` sequences of `TYPICAL_CONTEXT_TOKENS` context each: a step
+        estimated ahead, when the contexts of its batch are not known."""
+        return self.step_time(0, seqs, seqs * TYPICAL_CONTEXT_TOKENS)
+
     def decode_throughput(self, batch_size: int, mean_context: float) -> float:
         """Output tokens per second of a pure-decode batch of `batch_size` sequences."""
         if batch_size <= 0:
@@ -202,6 +211,13 @@ class EngineProfile:
         steps, billed, pairs = self.prefill_terms(prompt_tokens)
         return (steps * (self.base_s + self.per_prefill_step_s) + self.per_prefill_token_s * billed
                 + self.per_prefill_pair_s * pairs)
+
+    def prefill_work_s(self, prompt_tokens: float) -> float:
+        """Seconds a prompt of `prompt_tokens` adds to the steps of a busy batch it is prefilled in: its token
+        rows, their attention pairs (as one chunk) and the prefill extra of each step its chunks ride in; no
+        `base_s` and no knee, which the batch's decodes pay and fill anyway."""
+        return (self.per_prefill_token_s * prompt_tokens + self.per_prefill_pair_s * chunk_pairs(0, prompt_tokens)
+                + self.per_prefill_step_s * math.ceil(prompt_tokens / self.max_num_batched_tokens))
 
     def prefill_terms(self, prompt_tokens: int) -> tuple[int, int, float]:
         """(steps, billed prefill tokens, attention pairs) of prefilling `prompt_tokens` alone on an idle

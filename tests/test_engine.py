@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simulator.engine import Engine, OutputKind, Sequence
-from simulator.profile import admission_blocks, kv_blocks_for
+from simulator.profile import TYPICAL_CONTEXT_TOKENS, admission_blocks, kv_blocks_for
 from tests.conftest import small_profile
 
 
@@ -226,3 +226,19 @@ def test_kv_block_counts():
     assert [admission_blocks(n, 16) for n in (1, 15, 16, 31)] == [1, 1, 2, 2]
     e = Engine(small_profile(block_size=8))
     assert e._blocks_needed(Sequence(0, 16, 4)) == admission_blocks(16, 8) == 3
+
+
+def test_prefill_work_is_a_lone_prefill_without_the_fixed_step_cost():
+    p = small_profile(per_prefill_pair_s=1e-9, per_prefill_step_s=1e-3)  # no knee: every prefill token billed
+    for n in (1, 100, 512):  # one chunk of the 512-token budget
+        assert p.prefill_work_s(n) == pytest.approx(p.prefill_time(n) - p.base_s, rel=1e-12)
+    # Two chunks: two steps' prefill extra, and the causal pairs do not depend on the chunking.
+    assert p.prefill_work_s(1000) == pytest.approx(p.prefill_time(1000) - 2 * p.base_s, rel=1e-12)
+
+
+def test_a_decode_step_estimated_ahead_reads_the_typical_context():
+    p = small_profile()
+    assert p.decode_step_time(8) - p.decode_step_time(0) == pytest.approx(
+        8 * (p.per_decode_seq_s + TYPICAL_CONTEXT_TOKENS * p.per_context_token_s))
+    q = p.with_overrides(frontend_cpu_per_token_s=6e-5, frontend_queue_factor=2.0)
+    assert q.client_delay(8) == q.frontend_delay(8) + q.frontend_wait(8, q.decode_step_time(8), 0.0) > 0.0
