@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from simulator.api_server import RATE_WINDOW_S, APIServer
 from simulator.engine import Engine, OutputKind, Sequence
 from simulator.profile import TYPICAL_CONTEXT_TOKENS, admission_blocks, kv_blocks_for
 from tests.conftest import small_profile
@@ -242,3 +243,26 @@ def test_a_decode_step_estimated_ahead_reads_the_typical_context():
         8 * (p.per_decode_seq_s + TYPICAL_CONTEXT_TOKENS * p.per_context_token_s))
     q = p.with_overrides(frontend_cpu_per_token_s=6e-5, frontend_queue_factor=2.0)
     assert q.client_delay(8) == q.frontend_delay(8) + q.frontend_wait(8, q.decode_step_time(8), 0.0) > 0.0
+
+
+def test_api_server_delays_are_the_profiles_at_the_engines_state():
+    p = small_profile(frontend_latency_s=0.01, frontend_per_stream_s=1e-3, frontend_cpu_per_request_s=0.005,
+                      frontend_cpu_per_token_s=6e-5, frontend_queue_factor=2.0)
+    e = Engine(p)
+    api = APIServer(e)
+    assert api.frontend_delay() == p.frontend_delay(0) == 0.01
+    # The first arrival: a rate of one per window, an idle engine whose step is the fixed cost.
+    assert api.ingress_delay(0.0) == p.frontend_wait(0, p.base_s, 1.0 / RATE_WINDOW_S)
+    for i in range(3):
+        e.submit(Sequence(i, 100, 500), 0.0)
+    e.advance(0.5)
+    assert e.num_running == 3 and api.frontend_delay() == p.frontend_delay(3)
+    rate = 1.0 / RATE_WINDOW_S * math.exp(-0.5 / RATE_WINDOW_S) + 1.0 / RATE_WINDOW_S
+    assert api.ingress_delay(0.5) == p.frontend_wait(3, e.step_s(), rate) > p.frontend_wait(0, p.base_s, 1.0)
+    assert api.arrival_rate(2.5) == pytest.approx(rate * math.exp(-2.0 / RATE_WINDOW_S))
+    # No model loaded (a swap under way): no delay, but the arrival still counts.
+    idle = Engine(p)
+    idle.load_model(p, 0.0, 1.0)
+    api = APIServer(idle)
+    assert api.frontend_delay() == 0.0 and api.ingress_delay(0.0) == 0.0
+    assert api.arrival_rate(0.0) == 1.0 / RATE_WINDOW_S
