@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -107,10 +108,15 @@ class EngineStats:
 class Engine:
     """A simulated vLLM V1 engine serving one model at a time."""
 
-    def __init__(self, profile: EngineProfile | None, policy: str = "fcfs") -> None:
+    def __init__(self, profile: EngineProfile | None, policy: str = "fcfs",
+                 on_admit: Callable[[Sequence, float], None] | None = None) -> None:
+        """`on_admit(seq, t)`, if given, is called whenever a sequence is admitted into the batch at boundary
+        `t`: the first time and again after each preemption (vLLM's SCHEDULED event). It runs inside
+        `advance` or a command and must not call back into the engine."""
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"engine policy must be fcfs or priority, not {policy!r}")
         self.policy = policy
+        self._on_admit = on_admit
         self.profile: EngineProfile | None = profile
         self.stats = EngineStats()
         self._waiting: deque[Sequence] = deque()
@@ -485,9 +491,10 @@ class Engine:
                 q.state = SeqState.DONE
                 self._outputs.append(Output(OutputKind.ABORTED, t, q))
 
-    def _admit(self) -> None:
+    def _admit(self, t: float) -> None:
         p = self.profile
         assert p is not None
+        on_admit = self._on_admit
         budget_left = p.max_num_batched_tokens - self._num_decode - self._prefill_total
         while budget_left > 0 and len(self._running) < p.max_num_seqs:
             q = self._peek_waiting()
@@ -506,6 +513,8 @@ class Engine:
             self._prefilling.append(q)
             self._prefill_total += q.prefill_left
             budget_left -= q.prefill_left
+            if on_admit is not None:
+                on_admit(q, t)
         if len(self._running) > self.stats.peak_running:
             self.stats.peak_running = len(self._running)
 
@@ -543,7 +552,7 @@ class Engine:
         p = self.profile
         if p is None:
             return
-        self._admit()
+        self._admit(t)
         while True:
             d = self._num_decode
             chunk = p.max_num_batched_tokens - d

@@ -266,3 +266,34 @@ def test_api_server_delays_are_the_profiles_at_the_engines_state():
     api = APIServer(idle)
     assert api.frontend_delay() == 0.0 and api.ingress_delay(0.0) == 0.0
     assert api.arrival_rate(0.0) == 1.0 / RATE_WINDOW_S
+
+
+def test_on_admit_reports_each_admission_at_its_boundary():
+    p = small_profile(max_num_seqs=1)
+    admitted: list[tuple[int, float]] = []
+    e = Engine(p, on_admit=lambda q, t: admitted.append((q.seq_id, t)))
+    outs = run_all(e, [Sequence(i, 100, 10) for i in range(3)], [0.0, 0.0, 0.01])
+    fin = {o.seq.seq_id: o.time for o in outs if o.kind is OutputKind.FINISHED}
+    # One batch slot: each request is admitted once, at the boundary where the one before it finished.
+    assert admitted == [(0, 0.0), (1, fin[0]), (2, fin[1])]
+    # With asynchronous scheduling a request arriving mid-step is admitted a step later, and reported then.
+    admitted.clear()
+    e = Engine(small_profile(async_scheduling=True), on_admit=lambda q, t: admitted.append((q.seq_id, t)))
+    outs = run_all(e, [Sequence(0, 10, 50), Sequence(1, 10, 5)], [0.0, 0.001])
+    first1 = next(o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN and o.seq.seq_id == 1)
+    assert admitted[0] == (0, 0.0) and admitted[1][0] == 1 and 0.001 < admitted[1][1] < first1
+
+
+def test_on_admit_fires_again_after_a_preemption_and_changes_nothing():
+    p = small_profile(kv_blocks=40, max_num_seqs=16)
+    admitted: dict[int, list[float]] = {}
+    seqs = [Sequence(i, 100, 200) for i in range(8)]
+    outs = run_all(Engine(p, on_admit=lambda q, t: admitted.setdefault(q.seq_id, []).append(t)), seqs, [0.0] * 8)
+    assert sum(q.num_preemptions for q in seqs) > 0
+    for q in seqs:
+        assert len(admitted[q.seq_id]) == 1 + q.num_preemptions
+    first = {o.seq.seq_id: o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN}
+    assert all(admitted[i][0] < first[i] for i in first)
+    plain = run_all(Engine(p), [Sequence(i, 100, 200) for i in range(8)], [0.0] * 8)
+    assert [(o.kind, o.time, o.seq and o.seq.seq_id) for o in plain] == \
+        [(o.kind, o.time, o.seq and o.seq.seq_id) for o in outs]
