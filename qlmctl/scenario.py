@@ -5,11 +5,13 @@ Loaded from YAML and validated on load with pydantic; every error names the file
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from qlmctl.engines import ENGINE_KINDS
 from qlmctl.errors import UserError
@@ -23,37 +25,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ProfileSpec(_Strict):
-    """An engine timing profile (see simulator.profile for the step-cost form)."""
-
-    base_s: float = Field(gt=0, description="fixed cost of one engine step, s")
-    per_prefill_token_s: float = Field(ge=0)
-    per_decode_seq_s: float = Field(ge=0)
-    per_context_token_s: float = Field(default=0.0, ge=0)
-    kv_blocks: int = Field(gt=0, description="KV cache capacity in blocks")
-    block_size: int = Field(default=16, gt=0)
-    max_num_seqs: int = Field(default=256, gt=0)
-    max_num_batched_tokens: int = Field(default=8192, gt=0)
-    max_model_len: int = Field(default=32768, gt=0)
-    load_cold_s: float = Field(default=30.0, ge=0)
-    load_warm_s: float = Field(default=1.0, ge=0)
-    mean_output_tokens: float = Field(default=256.0, gt=0)
-    std_output_tokens: float = Field(default=256.0, ge=0)
-    frontend_latency_s: float = Field(default=0.0, ge=0, description="client-visible latency added to TTFT, s")
-    frontend_per_stream_s: float = Field(default=0.0, ge=0, description="extra client-visible latency per stream relayed, s")
-    async_scheduling: bool = Field(default=False, description="vLLM's asynchronous scheduling (new requests join one step later)")
-    per_prefill_pair_s: float = Field(default=0.0, ge=0, description="prefill attention cost per (query, key) pair, s")
-    knee_tokens: int = Field(default=0, ge=0, description="token rows (prefill tokens and decode sequences) a step carries within base_s")
-    per_prefill_step_s: float = Field(default=0.0, ge=0, description="extra cost of a step that carries prefill tokens, s")
-    frontend_cpu_per_request_s: float = Field(default=0.0, ge=0, description="API server CPU per request taken in, s")
-    frontend_cpu_per_token_s: float = Field(default=0.0, ge=0, description="API server CPU per streamed token, s")
-    frontend_queue_factor: float = Field(default=0.0, ge=0, description="API server queueing waits per request (0: no queue model)")
-    api_server_count: int = Field(default=1, ge=1, description="vLLM's --api-server-count: API server processes sharing requests")
-    provenance: dict[str, Any] | None = None
+class _ProfileFields(_Strict):
+    """The base of `ProfileSpec`: what a profile section does besides holding its fields."""
 
     def to_profile(self, model: str) -> EngineProfile:
         data = self.model_dump(exclude={"provenance"})
         return EngineProfile(model=model, **data)
+
+
+def _profile_fields() -> dict[str, Any]:
+    """`ProfileSpec`'s fields, from `EngineProfile`'s: their types and defaults, and the description and bounds
+    each declares in its metadata (see `simulator.profile.param`). `model` is the scenario's key instead."""
+    hints = get_type_hints(EngineProfile)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(EngineProfile):
+        if f.name == "model":
+            continue
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else meta["file_default"]
+        bounds = {k: meta[k] for k in ("gt", "ge") if meta[k] is not None}
+        out[f.name] = (hints[f.name], Field(... if default is dataclasses.MISSING else default,
+                                           description=meta["doc"], **bounds))
+    return out
+
+
+ProfileSpec = create_model(
+    "ProfileSpec", __base__=_ProfileFields, __module__=__name__,
+    __doc__="An engine timing profile (simulator.profile.EngineProfile's fields; see there for the step-cost "
+            "form), with where its figures come from (`provenance`, free-form).",
+    **_profile_fields(), provenance=(dict[str, Any] | None, None),
+)
 
 
 class ModelSpec(_Strict):

@@ -86,9 +86,16 @@ def test_lane_rate_is_the_estimators_completions_time():
         est.observe("m", 700, out)
     rate = est.rate(prof, "m")
     st = est.stats["m"]
-    lr = LaneRate(rate.request_time_s / rate.concurrency, est.z * st.std / st.mean, rate.concurrency)
+    assert rate.spread == est.z * st.std / st.mean
+    lr = LaneRate(rate.request_time_s / rate.concurrency, rate.spread, rate.concurrency)
     ns = np.array([0.0, 1.0, 7.0, 100.0, 2500.5])
-    assert np.allclose(lr.completions(ns), [est.completions_time(n, rate, "m") for n in ns])
+    expect = [est.completions_time(n, rate, "m") for n in ns]
+    assert np.allclose(lr.completions(ns), expect)
+    # The rate's own form (qlm's planner calls it), at the same percentile.
+    assert np.allclose([rate.completions_time(n) for n in ns], expect, rtol=1e-12)
+    assert rate.completions_time(-1.0) == 0.0
+    # A model nothing was learnt of yet: the prior (mean = std), so the spread is z itself.
+    assert est.rate(prof, "unseen").spread == est.z
 
 
 # (seed, groups, models) chosen to cover one to three models, swaps at the first slot, late groups.

@@ -20,14 +20,13 @@ from qlmctl.core.driver import Driver
 from qlmctl.core.request import Request
 from qlmctl.policies.base import Policy
 from qlmctl.scenario import Scenario
+from simulator.api_server import APIServer
 from simulator.engine import Engine, OutputKind, Sequence
 from simulator.profile import EngineProfile
 
 INF = math.inf
 SIM_RESOLUTION_S = 1e-6
 """The simulated clock's tick: a wake-up asked for at or before now comes this much later."""
-RATE_WINDOW_S = 1.0
-"""Time constant of the arrival rate an instance's API server is seen to take in."""
 
 
 class SimInstance:
@@ -52,8 +51,7 @@ class SimInstance:
         self.swaps = 0
         self.swap_after_drain: str | None = None
         """A model to load once the requests still on the engine have finished (the instance takes none meanwhile)."""
-        self._rate = 0.0  # dispatches per second into this instance, decayed over RATE_WINDOW_S
-        self._rate_t = 0.0
+        self.api_server = APIServer(self.engine)
 
     @property
     def instance_id(self) -> int:
@@ -97,20 +95,13 @@ class SimInstance:
         return self._profiles.get(model)
 
     def frontend_delay(self) -> float:
-        """What a client sees on top of the engine's time now (profile of the model loaded; it grows with the
-        streams the server relays)."""
-        prof = self.engine.profile
-        return prof.frontend_delay(self.engine.num_running) if prof is not None else 0.0
+        """What a client sees on top of the engine's time now (see `APIServer.frontend_delay`)."""
+        return self.api_server.frontend_delay()
 
     def ingress_delay(self, now: float) -> float:
         """Count a dispatch at `now`; return how long its request waits in the API server before the engine
-        sees it (the profile's frontend queue model at the streams, step and arrival rate now)."""
-        self._rate = self._rate * math.exp(-(now - self._rate_t) / RATE_WINDOW_S) + 1.0 / RATE_WINDOW_S
-        self._rate_t = now
-        prof = self.engine.profile
-        if prof is None:
-            return 0.0
-        return prof.frontend_wait(self.engine.num_running, self.engine.step_s(), self._rate)
+        sees it (see `APIServer.ingress_delay`)."""
+        return self.api_server.ingress_delay(now)
 
     def load_time(self, model: str) -> float:
         prof = self._profiles.get(model)

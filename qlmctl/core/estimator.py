@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from simulator.profile import EngineProfile, chunk_pairs
+from simulator.profile import EngineProfile
 
 
 @dataclass(slots=True)
@@ -51,10 +51,19 @@ class ServiceRate:
     token_time_s: float
     """Seconds per output token of one sequence at that concurrency (a decode step)."""
     prefill_s_per_token: float
+    spread: float
+    """The percentile's share of the output-length sum, per request: z * std / mean of the output length."""
 
     @property
     def requests_per_s(self) -> float:
         return self.concurrency / self.request_time_s if self.request_time_s > 0 else math.inf
+
+    def completions_time(self, n: float) -> float:
+        """Time for `n` request completions, at the estimator's percentile: `RWTEstimator.completions_time`
+        with the output statistics as of this rate, per request (the planners call it in their inner loops)."""
+        if n <= 0:
+            return 0.0
+        return max(0.0, n + self.spread * math.sqrt(n)) * self.request_time_s / self.concurrency
 
 
 class RWTEstimator:
@@ -89,10 +98,8 @@ class RWTEstimator:
         conc = max(1, min(profile.max_num_seqs, kv_conc))
         step = profile.step_time(0, conc, int(conc * (prompt + mu / 2)))
         # Prefill of each request is spread over the decode steps it shares with the batch.
-        prefill = (profile.per_prefill_token_s * prompt + profile.per_prefill_pair_s * chunk_pairs(0, prompt)
-                   + profile.per_prefill_step_s * math.ceil(prompt / profile.max_num_batched_tokens))
-        req_time = mu * step + conc * prefill
-        return ServiceRate(conc, req_time, step, profile.per_prefill_token_s)
+        req_time = mu * step + conc * profile.prefill_work_s(prompt)
+        return ServiceRate(conc, req_time, step, profile.per_prefill_token_s, self.z * st.std / mu)
 
     def completions_time(self, n: float, rate: ServiceRate, model: str, pct: bool = True) -> float:
         """Time for `n` request completions on an instance serving at `rate` (CLT percentile)."""

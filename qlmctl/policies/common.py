@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from qlmctl.core.cluster import ClusterView, InstanceView
 from qlmctl.core.request import Request
+from simulator.profile import admission_blocks
 
 
 @dataclass(slots=True)
@@ -23,7 +24,8 @@ class Room:
     """Blocks taken by this call's dispatches, which the engine's free figure does not show yet."""
 
     def blocks_for(self, r: Request) -> int:
-        return -(-(r.prompt_tokens + r.generated_tokens + 1) // self.block_size)
+        """KV blocks the engine needs free to admit `r` (as `simulator.engine.Engine` counts them)."""
+        return admission_blocks(r.prompt_tokens + r.generated_tokens, self.block_size)
 
     def fits(self, r: Request) -> bool:
         if self.slots <= 0:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, InstanceView, SwapModel
-from qlmctl.core.estimator import RWTEstimator
+from qlmctl.core.estimator import RWTEstimator, ServiceRate
 from qlmctl.core.groups import LATE_BUCKET, GroupKey, RequestGroup, group_key
 from qlmctl.core.request import Request
 from qlmctl.policies.base import Policy, PolicyContext
@@ -40,7 +40,7 @@ class _Lane:
     ahead: float  # requests ahead (running + planned), in requests
     offset_s: float  # time before `ahead` starts counting (swaps planned)
     planned: list[GroupKey]
-    rates: dict[str, tuple[float, float, float] | None] = field(default_factory=dict)  # per model, this plan
+    rates: dict[str, ServiceRate | None] = field(default_factory=dict)  # per model, this plan
     loads: dict[str, float] = field(default_factory=dict)  # load time per model, this plan
 
 
@@ -74,7 +74,7 @@ class QLMPolicy(Policy):
         self._planned: set[GroupKey] = set()  # keys on some virtual queue
         self._evicting: set[int] = set()
         self._swapping_to: dict[int, str] = {}
-        self._rates: dict[tuple[int, str], tuple[float, float, float]] = {}
+        self._rates: dict[tuple[int, str], ServiceRate] = {}
         self._resident_until: dict[int, float] = {}  # swap hysteresis, see _next_group
         self._lag: dict[str, float] = {}  # admission lag per model, see _hopeless
 
@@ -222,7 +222,7 @@ class QLMPolicy(Policy):
         cur = self._rate_of(inst, inst.model) if inst.model is not None else None
         if cur is None:
             return False
-        drain = self._completions(load + 1, cur)
+        drain = cur.completions_time(load + 1)
         return g.head_deadline() - now > 2.0 * (drain + inst.load_time(g.model))
 
     def _ready_head(self, g: RequestGroup, now: float) -> bool:
@@ -252,7 +252,7 @@ class QLMPolicy(Policy):
                 continue
             d = rm.load
             steps = 2 if prof.async_scheduling else 1
-            t = (steps * prof.step_time(0, d, d * 1024) if d else 0.0) + prof.client_delay(d)
+            t = (steps * prof.decode_step_time(d) if d else 0.0) + prof.client_delay(d)
             m = rm.inst.model
             lag[m] = min(lag.get(m, math.inf), t)
         self._lag = lag
@@ -310,28 +310,18 @@ class QLMPolicy(Policy):
             lanes.append(_Lane(inst, model, float(inst.num_running + inst.num_waiting), offset, []))
         return lanes
 
-    def _rate_of(self, inst: InstanceView, model: str) -> tuple[float, float, float] | None:
-        """(concurrency, request time, CLT factor) of `model` on `inst`, cached for one plan."""
+    def _rate_of(self, inst: InstanceView, model: str) -> ServiceRate | None:
+        """The estimator's service rate of `model` on `inst`, cached for one plan."""
         key = (inst.instance_id, model)
         hit = self._rates.get(key)
         if hit is None:
             prof = inst.profile_for(model)
             if prof is None:
                 return None
-            rate = self.est.rate(prof, model)
-            st = self.est.stats.get(model)
-            kz = self.est.z * st.std / max(1.0, st.mean) if st is not None else self.est.z
-            hit = self._rates[key] = (float(rate.concurrency), rate.request_time_s, kz)
+            hit = self._rates[key] = self.est.rate(prof, model)
         return hit
 
-    @staticmethod
-    def _completions(n: float, rate: tuple[float, float, float]) -> float:
-        """Time for `n` completions at `rate` (RWTEstimator.completions_time, inlined for speed)."""
-        if n <= 0:
-            return 0.0
-        return max(0.0, n + rate[2] * math.sqrt(n)) * rate[1] / rate[0]
-
-    def _planned_rate(self, lane: _Lane, model: str) -> tuple[float, float, float] | None:
+    def _planned_rate(self, lane: _Lane, model: str) -> ServiceRate | None:
         try:
             return lane.rates[model]
         except KeyError:
@@ -345,14 +335,14 @@ class QLMPolicy(Policy):
             return math.inf, False
         if lane.model == model:
             # It starts once `ahead - concurrency + 1` of the requests ahead have finished.
-            return lane.offset_s + self._completions(lane.ahead - rate[0] + 1, rate), False
+            return lane.offset_s + rate.completions_time(lane.ahead - rate.concurrency + 1), False
         if not self.ctx.enable_swap:
             return math.inf, True
         drain = 0.0
         if lane.model is not None and lane.ahead > 0:
             cur = self._planned_rate(lane, lane.model)
             if cur is not None:
-                drain = self._completions(lane.ahead, cur)
+                drain = cur.completions_time(lane.ahead)
         load = lane.loads.get(model)
         if load is None:
             load = lane.loads[model] = lane.inst.load_time(model)
@@ -386,7 +376,7 @@ class QLMPolicy(Policy):
                 if lane is chosen[0][2] or swap:
                     continue
                 k = len(chosen)
-                tail_now = max(o[0] for o in chosen) + self._completions(n / k, rate)
+                tail_now = max(o[0] for o in chosen) + rate.completions_time(n / k)
                 if start >= tail_now:
                     break
                 chosen.append((start, swap, lane))

@@ -320,10 +320,7 @@ class QLMLPPolicy(QLMPolicy):
     def _lane_rate(self, profile: EngineProfile, model: str) -> LaneRate:
         """The estimator's service rate of `model` on `profile`, as the placement model takes it."""
         rate = self.est.rate(profile, model)
-        st = self.est.stats.get(model)
-        mean = max(1.0, st.mean) if st is not None else 256.0
-        std = st.std if st is not None else 256.0
-        return LaneRate(rate.request_time_s / rate.concurrency, self.est.z * std / mean, rate.concurrency)
+        return LaneRate(rate.request_time_s / rate.concurrency, rate.spread, rate.concurrency)
 
     def close(self) -> None:
         """Stop the worker thread (live mode) and release the solver."""
