@@ -389,7 +389,7 @@ def test_create_app_rejects_kv_smaller_than_context():
 
 @pytest.mark.asyncio
 async def test_scheduled_time_is_the_engines_admission():
-    from qlmctl.live.emulator_core import EmulatedEngine
+    from qlmctl.emulator.core import EmulatedEngine
 
     # One batch slot: the second request is admitted when the first finishes, the first when it arrives.
     eng = EmulatedEngine(profile(max_num_seqs=1), "m", speedup=50)
