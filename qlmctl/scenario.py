@@ -100,6 +100,8 @@ class SLOClassSpec(_Strict):
     ttft_s: float = Field(gt=0, description="time-to-first-token deadline, s")
     tpot_s: float | None = Field(default=None, gt=0, description="time-per-output-token deadline, s")
     priority: int | None = Field(default=None, description="vLLM priority (lower first); default by ttft")
+    weight: float = Field(default=1.0, gt=0, description="worth of one request of this class met on time "
+                                                         "(scheduler.objective: weighted)")
 
 
 class MappingSpec(_Strict):
@@ -186,6 +188,17 @@ class SchedulerSpec(_Strict):
     solver_time_limit_s: float = Field(default=0.5, gt=0)
     gurobi: dict[str, str] | None = Field(default=None, repr=False, description="licence settings; never printed")
     params: dict[str, Any] = Field(default_factory=dict, description="policy-specific parameters")
+    objective: Literal["most", "weighted", "strict"] = Field(
+        default="most",
+        description="what qlm maximises: most requests within SLO (the paper's), the sum of class weights met "
+                    "(slo_classes.*.weight), or strict class precedence (a tighter TTFT class is never given up "
+                    "for a looser one)")
+    admission: Literal["off", "reject"] = Field(
+        default="off", description="qlm: refuse at arrival a request predicted to miss its SLO (429 live)")
+    prefill_lookahead_steps: float = Field(
+        default=2.0, gt=0,
+        description="qlm keeps at most this many engine steps of prefill tokens (max_num_batched_tokens each) "
+                    "inside an engine; the rest waits in qlm's queues, where it can still be reordered")
 
 
 class LiveEngineSpec(_Strict):

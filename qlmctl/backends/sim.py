@@ -85,6 +85,14 @@ class SimInstance:
     def free_kv_blocks(self) -> int:
         return self.engine.free_blocks
 
+    @property
+    def pending_prefill_tokens(self) -> int:
+        return self.engine.pending_prefill_tokens
+
+    @property
+    def scheduling_policy(self) -> str:
+        return self.engine.policy
+
     def running_requests(self) -> list[Request]:
         return [r for r, _ in self.requests.values()]
 
@@ -171,13 +179,15 @@ class SimulatedCluster:
     def holds(self, request: Request, instance_id: int) -> bool:
         return request.request_id in self._instances[instance_id].requests
 
-    def dispatch(self, request: Request, instance_id: int, now: float) -> bool:
+    def dispatch(self, request: Request, instance_id: int, now: float, priority: int | None) -> bool:
         r = request
         inst = self._instances[instance_id]
         seq = self._seqs.get(r.request_id)
         if seq is None:
             seq = Sequence(r.request_id, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, tag=r)
             self._seqs[r.request_id] = seq
+        if priority is not None:
+            seq.priority = priority
         inst.engine.submit(seq, now, inst.ingress_delay(now))
         inst.requests[r.request_id] = (r, seq)
         self._touched.add(instance_id)
@@ -198,6 +208,9 @@ class SimulatedCluster:
 
     def fail_request(self, request: Request, error: str, now: float) -> None:
         request.error = error
+        self._done += 1
+
+    def reject(self, request: Request, now: float) -> None:
         self._done += 1
 
     def applied(self, now: float) -> None:
