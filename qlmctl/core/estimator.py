@@ -76,15 +76,31 @@ class RWTEstimator:
             m: OutputStats.with_prior(p.mean_output_tokens, p.std_output_tokens) for m, p in profiles.items()
         }
         self._prompt_mean: dict[str, OutputStats] = {m: OutputStats.with_prior(512.0, 512.0, 1.0) for m in profiles}
+        self.class_stats: dict[tuple[str, str], OutputStats] = {}
+        """Output lengths per (model, SLO class): classes of one model can differ by 10x (code vs chat)."""
 
-    def observe(self, model: str, prompt_tokens: int, output_tokens: int) -> None:
-        """Learn from a finished request."""
+    def observe(self, model: str, prompt_tokens: int, output_tokens: int, slo_class: str | None = None) -> None:
+        """Learn from a finished request (per class too, when `slo_class` is given)."""
         st = self.stats.get(model)
         if st is None:
             st = self.stats[model] = OutputStats.with_prior(256.0, 256.0)
             self._prompt_mean[model] = OutputStats.with_prior(512.0, 512.0, 1.0)
         st.add(output_tokens)
         self._prompt_mean[model].add(prompt_tokens)
+        if slo_class is not None:
+            key = (model, slo_class)
+            cs = self.class_stats.get(key)
+            if cs is None:  # starts from the model's prior, worth a few samples
+                cs = self.class_stats[key] = OutputStats.with_prior(st.mean, st.std, 5.0)
+            cs.add(output_tokens)
+
+    def class_output_mean(self, model: str, slo_class: str) -> float:
+        """Mean output length of `model`'s requests of `slo_class` (the model's while none has finished)."""
+        cs = self.class_stats.get((model, slo_class))
+        return cs.mean if cs is not None else self.output_mean(model)
+
+    def prompt_mean(self, model: str) -> float:
+        return self._prompt_mean[model].mean if model in self._prompt_mean else 512.0
 
     def output_mean(self, model: str) -> float:
         st = self.stats.get(model)
