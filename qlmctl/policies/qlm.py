@@ -182,11 +182,16 @@ class _Server:
     prefill_s: float = 0.0
     """Prefill work ahead of the next request: what the engine still has, plus what the walk put here."""
     tpot_cap: int | None = None
+    concurrency: int = 0
+    """Sequences the engine runs now."""
 
     def start_s(self, pct: bool) -> float:
         """Time until the next request put here can start: a free batch slot, and the prefill ahead."""
         rate = self.rate
-        conc = rate.concurrency if self.tpot_cap is None else min(rate.concurrency, self.tpot_cap)
+        # What the engine runs now it evidently can: the estimator's concurrency (from mean lengths) is a floor.
+        conc = max(rate.concurrency, self.concurrency)
+        if self.tpot_cap is not None:
+            conc = min(conc, self.tpot_cap)
         need = self.running + self.queued - conc + 1
         slot = 0.0
         if need > 0:
@@ -589,7 +594,8 @@ class QLMPolicy(Policy):
             caps[inst.instance_id] = cap
             pending = inst.pending_prefill_tokens
             srv = _Server(rate, inst.num_running + inst.num_waiting,
-                          prefill_s=pending * self._prefill_s_per_token(inst.profile, m), tpot_cap=cap)
+                          prefill_s=pending * self._prefill_s_per_token(inst.profile, m), tpot_cap=cap,
+                          concurrency=inst.num_running)
             servers_by_model.setdefault(m, []).append((inst, srv))
         self._tpot_caps = caps
         self._served = set(servers_by_model)
