@@ -257,15 +257,16 @@ class QLMPolicy(Policy):
         self._prefill_times: dict[int, _Memo] = {}
         self._horizon_s = max(60.0, 20.0 * ctx.reschedule_interval_s)
         """The walk looks at requests due within this long; later ones wait for a later walk."""
-        self._calib: dict[tuple[str, str, int | None], _Calibration] = {}
+        self._calib: dict[tuple[str, str, tuple[int, bool] | None], _Calibration] = {}
         """Per (model, class, scale of the prediction; None: any scale): the recent actual / predicted ratios.
         How far off an estimate is depends on how long the wait is (a request dispatched at once, or one
         behind a queue or a swap), so each scale has its own."""
         self._group_start: dict[GroupKey, tuple[float, float, float]] = {}
         """From the last plan, per group: (its time, the predicted start of its head, and of each further
         request), for requests of models no instance serves now (their start is a swap away)."""
-        self._mean_ttft: dict[int, float] = {}
-        """Per request not yet started: the estimator's mean TTFT prediction (the calibration's reference)."""
+        self._mean_ttft: dict[int, tuple[float, tuple[int, bool]]] = {}
+        """Per request not yet started: the estimator's mean TTFT prediction (the calibration's reference), and
+        the calibration it belongs to."""
         self._rejects: list[Decision] = []
 
     # ------------------------------------------------------------- hooks
@@ -298,10 +299,11 @@ class QLMPolicy(Policy):
                 if seen is None:
                     seen = self._lag_seen[request.model] = _Quantiles()
                 seen.add(max(0.0, now - request.dispatch_s - prof.prefill_time(request.prompt_tokens)))
-        mean = self._mean_ttft.pop(request.request_id, None)
+        pred = self._mean_ttft.pop(request.request_id, None)
         ttft = request.ttft_s
-        if mean is not None and ttft is not None:
-            for key in ((request.model, request.slo_class, _scale(mean)), (request.model, request.slo_class, None)):
+        if pred is not None and ttft is not None:
+            mean, where = pred
+            for key in ((request.model, request.slo_class, where), (request.model, request.slo_class, None)):
                 cal = self._calib.get(key)
                 if cal is None:
                     cal = self._calib[key] = _Calibration(self.ctx.percentile)
@@ -785,9 +787,12 @@ class QLMPolicy(Policy):
     def _predict(self, r: Request, mean_s: float, pct_s: float) -> None:
         """Record `r`'s predicted TTFT: the mean times its class's calibrated ratio, or the estimator's own
         percentile until the class has enough history."""
-        self._mean_ttft[r.request_id] = mean_s
+        # How far off an estimate runs depends on its scale, and on whether the model is loaded (else its
+        # start waits on the swaps the plan foresees): each has its own calibration.
+        where = (_scale(mean_s), r.model in self._served)
+        self._mean_ttft[r.request_id] = (mean_s, where)
         f = None
-        for key in ((r.model, r.slo_class, _scale(mean_s)), (r.model, r.slo_class, None)):
+        for key in ((r.model, r.slo_class, where), (r.model, r.slo_class, None)):
             cal = self._calib.get(key)
             f = cal.factor() if cal is not None else None
             if f is not None:
