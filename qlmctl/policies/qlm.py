@@ -875,12 +875,23 @@ class QLMPolicy(Policy):
         lanes = self._lanes(cluster)
         groups = [g for g in self.groups.values() if g.queue]
         groups.sort(key=lambda g: (g.late, g.head_deadline(), g.key))
+        sqrt = math.sqrt
         for g in groups:
             n = len(g.queue)
+            model = g.model
             slack = g.head_deadline() - now
             options = []
             for lane in lanes:
-                start, swap = self._start_on(lane, g.model)
+                if lane.model == model:  # `_start_on` for a lane already serving the model, inlined (hot loop)
+                    rate_l = lane.rates[model] if model in lane.rates else self._planned_rate(lane, model)
+                    if rate_l is None:
+                        continue
+                    k = lane.ahead - rate_l.concurrency + 1
+                    wait = (max(0.0, k + rate_l.spread * sqrt(k)) * rate_l.request_time_s / rate_l.concurrency
+                            if k > 0 else 0.0)
+                    options.append((lane.offset_s + wait, False, lane))
+                    continue
+                start, swap = self._start_on(lane, model)
                 if start < math.inf:
                     options.append((start, swap, lane))
             if not options:
