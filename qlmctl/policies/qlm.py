@@ -913,7 +913,12 @@ class QLMPolicy(Policy):
                     break
                 chosen.append((start, swap, lane))
             share = n / len(chosen)
-            self._group_start[g.key] = (now, chosen[0][0], rate.completions_time(1.0) / len(chosen))
+            head = chosen[0][0]
+            if chosen[0][1]:
+                # A swap waits while the group can (`_can_defer`: twice the drain and the load): the instance
+                # keeps its model busy until the head's slack comes down to that, then drains and loads.
+                head = max(head, slack - (head - chosen[0][2].offset_s))
+            self._group_start[g.key] = (now, head, rate.completions_time(1.0) / len(chosen))
             for start, swap, lane in chosen:
                 if swap:
                     lane.offset_s = start
