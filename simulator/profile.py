@@ -103,6 +103,9 @@ class EngineProfile:
     api_server_count: int = 1
     """vLLM's `--api-server-count`: requests, and the tokens streamed to them, are spread over that many
     API-server processes, each one queue with the measured per-process costs (see `frontend_wait`)."""
+    enable_prefix_caching: bool = True
+    """vLLM's `--enable-prefix-caching` (on by default in V1), as the scenario runs the engine; for the engine
+    model to read (the step model does not use it)."""
     frontend_queue_factor: float = 0.0
     """How many queueing waits of the API server's event loop a request's first token goes through
     (fitted by `profile-model` from probes under load; 0 turns the queue model off). See `frontend_wait`."""

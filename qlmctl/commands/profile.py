@@ -151,8 +151,8 @@ def profile_model(
     load_rates: str = typer.Option("4,12,20", help="API server load: probe arrival rates, requests/s (Poisson)."),
     load_window_s: float = typer.Option(5.0, min=0.5, help="API server load: seconds of probes per rate."),
     probe_tokens: int = typer.Option(1024, min=1, help="API server load: prompt length of each probe, tokens."),
-    max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile)."),
-    max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens."),
+    max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile's engine_flags: what it was measured with)."),
+    max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens (recorded in engine_flags)."),
     kv_blocks: Optional[int] = typer.Option(None, min=1, help="KV blocks, if the engine does not report them."),
     sleep: bool = typer.Option(False, "--sleep/--no-sleep", help="Also time POST /sleep and /wake_up (warm swap cost)."),
     async_scheduling: bool = typer.Option(True, "--async-scheduling/--no-async-scheduling", help="Whether the engine schedules one step ahead, as vLLM 0.24 does by default (its log: 'Asynchronous scheduling is enabled'); recorded in the profile."),
@@ -227,6 +227,7 @@ def profile_model(
             raise UserError(str(e)) from None
         prof = profile_dict(raw, fit, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             gpu=raw.meta.get("gpu", gpu), flags=raw.meta.get("flags", flags), kv_blocks=kv_blocks)
+        prof = _with_engine_flags(prof, str(raw.meta.get("flags", flags) or launch or ""))
     except UserError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e.one_line()}", highlight=False)
         raise typer.Exit(2)
@@ -260,6 +261,28 @@ def profile_model(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(f"# Fitted by qlmctl profile-model; see provenance.\n{yaml.safe_dump(prof, sort_keys=False)}")
         console.print(f"profile written to [bold]{out}[/]")
+
+
+def _with_engine_flags(prof: dict, command: str) -> dict:
+    """The fitted profile with the engine flags it was measured with in `engine_flags`, not at the top level:
+    a scenario runs its engines with its own flags (vLLM's defaults unless it says otherwise), and is warned
+    where they differ from these (`qlmctl.scenario.ProfileSpec`)."""
+    from qlmctl.scenario import _flags_from_command
+
+    out = {k: v for k, v in prof.items() if k not in ("max_num_seqs", "max_num_batched_tokens", "provenance")}
+    measured: dict = {"max_num_seqs": prof.get("max_num_seqs"),
+                      "max_num_batched_tokens": prof.get("max_num_batched_tokens"),
+                      "max_model_len": prof.get("max_model_len"), "block_size": prof.get("block_size")}
+    given = _flags_from_command(command)
+    measured.update(given)
+    measured.setdefault("enable_prefix_caching", None)
+    if "async_scheduling" in prof:
+        measured["async_scheduling"] = prof["async_scheduling"]
+    if command:
+        measured["command"] = command
+    out["engine_flags"] = {k: v for k, v in measured.items() if v is not None}
+    out["provenance"] = prof["provenance"]
+    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from rich.markup import escape
+
 from qlmctl.commands.common import console, fail, workload_overrides
 from qlmctl.errors import UserError
 
@@ -37,8 +39,10 @@ def simulate(
         requests, report = build_requests(sc)
     except UserError as e:
         fail(e)
-    for line in report.lines():
+    for line in report.lines() + sc.engine_notes():
         console.print(f"[dim]{line}[/]", highlight=False)
+    for line in sc.engine_mismatches():
+        console.print(f"[yellow]note:[/] {escape(line)}", highlight=False)
     n_inst = len(sc.instance_specs())
     console.print(
         f"scenario [bold]{sc.spec.name}[/]: {len(requests):,} requests over {report.duration_s:,.0f} s "
