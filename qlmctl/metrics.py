@@ -353,3 +353,37 @@ def summarize(
             raise ValueError(f"extra keys collide with computed metrics: {clash}")
         summary.update(extra)
     return summary
+
+
+def window_summary(requests: Sequence[Request], start_s: float, end_s: float) -> dict[str, Any]:
+    """Steady-state figures over the arrival window [start_s, end_s) (e.g. a run less its warm-up).
+
+    Returns `window_s`; `window_requests` (arrived in the window); `window_offered_rps` (their rate);
+    `window_completed_rps` (requests of any arrival time completed within the window, per second: what
+    the system delivered while the window's load was on it); `window_throughput_ratio` (completed over
+    offered: about 1 in a steady state, below when a backlog builds); `window_goodput` (completed within
+    the window and meeting their SLO, per second); `window_slo_attainment` over the window's requests
+    (one never finished is a miss) and `window_attainment_by_class`.
+    """
+    c = _columns(requests)
+    span = end_s - start_s
+    if span <= 0:
+        raise ValueError(f"empty window [{start_s}, {end_s})")
+    inside = (c.arrival_s >= start_s) & (c.arrival_s < end_s)
+    with np.errstate(invalid="ignore"):
+        done_in = c.completed & (c.finish_s >= start_s) & (c.finish_s < end_s)
+    n_in = int(inside.sum())
+    offered = n_in / span
+    completed = int(done_in.sum()) / span
+    labels = [cls for cls, keep in zip(c.slo_class, inside.tolist()) if keep]
+    by_class, _ = _fraction_by(labels, c.slo_met[inside])
+    return {
+        "window_s": _num(span),
+        "window_requests": n_in,
+        "window_offered_rps": _num(offered),
+        "window_completed_rps": _num(completed),
+        "window_throughput_ratio": _num(completed / offered) if offered > 0 else None,
+        "window_goodput": _num(int((done_in & c.slo_met).sum()) / span),
+        "window_slo_attainment": _num(c.slo_met[inside].mean()) if n_in else None,
+        "window_attainment_by_class": by_class,
+    }

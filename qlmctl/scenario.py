@@ -242,6 +242,10 @@ class WorkloadSpec(_Strict):
     target_rate_rps: float | None = Field(default=None, gt=0, description="rescale arrivals to this rate")
     start_s: float = Field(default=0.0, ge=0, description="skip the trace before this offset, s")
     max_requests: int | None = Field(default=None, gt=0)
+    duration_s: float | None = Field(
+        default=None, gt=0,
+        description="arrivals span this long: a trace (after start_s, max_requests and rescaling) is repeated end "
+                    "to end to fill it and cut at it; a synthetic workload arrives until it (num_requests ignored)")
     lengths_by_class: dict[str, ClassLengthsSpec] = Field(
         default_factory=dict, description="per SLO class, token lengths that replace the trace's")
 
