@@ -5,6 +5,7 @@ Loaded from YAML and validated on load with pydantic; every error names the file
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -242,6 +243,10 @@ class WorkloadSpec(_Strict):
     target_rate_rps: float | None = Field(default=None, gt=0, description="rescale arrivals to this rate")
     start_s: float = Field(default=0.0, ge=0, description="skip the trace before this offset, s")
     max_requests: int | None = Field(default=None, gt=0)
+    burstiness: float | None = Field(
+        default=None, gt=0,
+        description="replace the arrival times by a gamma process of this shape at the target rate (as vllm bench "
+                    "serve --burstiness: 1 is Poisson, lower is burstier; coefficient of variation 1/sqrt(B))")
     duration_s: float | None = Field(
         default=None, gt=0,
         description="arrivals span this long: a trace (after start_s, max_requests and rescaling) is repeated end "
@@ -255,6 +260,8 @@ class WorkloadSpec(_Strict):
             raise ValueError("give exactly one of trace, synthetic")
         if self.target_rate_rps is not None and self.time_scale != 1.0:
             raise ValueError("give at most one of time_scale, target_rate_rps")
+        if self.target_rate_rps is not None and math.isnan(self.target_rate_rps):
+            raise ValueError("target_rate_rps: not a number")
         return self
 
 

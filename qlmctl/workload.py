@@ -99,7 +99,8 @@ def build_requests(scenario: Scenario) -> tuple[list[Request], WorkloadReport]:
     if wl.max_requests is not None and len(frame) > wl.max_requests:
         skipped[BEYOND_MAX] = len(frame) - wl.max_requests
         frame = frame.iloc[: wl.max_requests].reset_index(drop=True)
-    if wl.duration_s is not None and wl.target_rate_rps is not None and wl.trace is not None:
+    if (wl.duration_s is not None and wl.target_rate_rps is not None and wl.trace is not None
+            and math.isfinite(wl.target_rate_rps)):
         # A trace longer than the span at that rate: its first rate x span requests, rescaled to the rate
         # (so that the rate holds for the requests replayed, as with max_requests).
         need = int(math.ceil(wl.target_rate_rps * wl.duration_s)) + 1
@@ -109,6 +110,8 @@ def build_requests(scenario: Scenario) -> tuple[list[Request], WorkloadReport]:
     arrival = frame["arrival_s"].to_numpy(dtype=np.float64, copy=True)
     arrival -= arrival[0]
     arrival = _rescale(scenario, arrival, notes)
+    if wl.burstiness is not None and wl.trace is not None:
+        arrival = _gamma_arrivals(scenario, arrival, notes)
     if wl.duration_s is not None:
         frame, arrival = _fill(frame, arrival, wl.duration_s, notes, synthetic=wl.synthetic is not None)
 
@@ -164,6 +167,26 @@ def build_requests(scenario: Scenario) -> tuple[list[Request], WorkloadReport]:
     return requests, report
 
 
+BURSTINESS_STREAM = 0xB0257
+"""Second key of the random stream for `workload.burstiness` arrivals (the other draws stay as they were)."""
+
+
+def _gamma_arrivals(scenario: Scenario, arrival: np.ndarray, notes: list[str]) -> np.ndarray:
+    """As many arrivals as `arrival` holds, drawn as vLLM's benchmark does: gaps gamma-distributed with shape
+    `burstiness` and mean 1/rate, the rate being the target rate (else the trace's own mean rate)."""
+    wl = scenario.spec.workload
+    n = len(arrival)
+    span = float(arrival[-1] - arrival[0]) if n else 0.0
+    rate = wl.target_rate_rps or ((n - 1) / span if n >= 2 and span > 0 else None)
+    if rate is None or math.isinf(rate) or n < 2:
+        return arrival  # all at once: no gaps to draw
+    shape = float(wl.burstiness)  # type: ignore[arg-type]
+    rng = np.random.default_rng([scenario.spec.seed, BURSTINESS_STREAM])
+    gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n - 1)
+    notes.append(f"arrival times drawn anew: gamma gaps of shape {shape:g} (burstiness) at {rate:.4g} req/s")
+    return np.concatenate(([0.0], np.cumsum(gaps)))
+
+
 def _fill(frame: pd.DataFrame, arrival: np.ndarray, duration_s: float, notes: list[str],
           synthetic: bool) -> tuple[pd.DataFrame, np.ndarray]:
     """The rows arriving within `duration_s`; a trace shorter than that is repeated end to end first (each copy
@@ -192,6 +215,8 @@ def _load(scenario: Scenario, rng: np.random.Generator) -> LoadedTrace:
         return load_trace(scenario.resolve_path(wl.trace), wl.format)
     assert wl.synthetic is not None
     spec = wl.synthetic
+    if wl.burstiness is not None:  # vLLM's burstiness is a gamma shape: cv = 1/sqrt(shape)
+        spec = spec.model_copy(update={"arrival": "gamma", "cv": 1.0 / math.sqrt(wl.burstiness)})
     if wl.duration_s is not None:
         # Enough arrivals to pass duration_s (cut there later): the mean count, plus a margin of many
         # standard deviations of a gamma renewal process's count (var ~ rate * t * cv^2).
@@ -264,6 +289,9 @@ def _rescale(scenario: Scenario, arrival: np.ndarray, notes: list[str]) -> np.nd
         return arrival
     n = len(arrival)
     span = float(arrival[-1] - arrival[0])
+    if math.isinf(wl.target_rate_rps):
+        notes.append("every request arrives at time 0 (request rate inf)")
+        return np.zeros_like(arrival)
     if n < 2:
         notes.append("target_rate_rps ignored: a single request has no rate")
         return arrival

@@ -6,18 +6,23 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from qlmctl.commands.common import console, fail, split_list
 
 
 def register(app: typer.Typer) -> None:
+    app.command("compare")(compare)
+
     @app.command()
     def plot(
         results: list[Path] = typer.Argument(
             ...,
             help="Results folders: a policy folder (with summary.json), a folder of policy folders (as "
-            "simulate writes), or any folder above them (e.g. an evaluate run). Several may be given, "
-            "e.g. a simulated and a live run of one trace: runs of one scenario and rate share figures.",
+            "simulate writes), or any folder above them (e.g. an evaluate run); or vllm bench serve result "
+            "files (--save-result JSON). Several may be given, e.g. a simulated and a live run of one trace: "
+            "runs of one workload (scenario, rate, requests) share figures; a vllm result joins the runs of its "
+            "rate and request count.",
         ),
         out: Optional[Path] = typer.Option(
             None, "--out", "-o", help="Folder for the figures; default: <first RESULTS>/figures."
@@ -34,6 +39,10 @@ def register(app: typer.Typer) -> None:
         timeline_policies: Optional[str] = typer.Option(
             None, "--timeline-policies", help="Draw instance timelines only for these policies (comma-separated)."
         ),
+        mixed: bool = typer.Option(
+            False, "--mixed", help="Draw every run given in one set of figures, even runs of different workloads or "
+            "rates (by default they are drawn apart, and said so)."
+        ),
     ) -> None:
         """Draw figures from results folders: SLO attainment, latency CDFs, queue depth, throughput,
         instance timelines, and attainment against the offered rate (req/s) when runs span several rates.
@@ -46,6 +55,7 @@ def register(app: typer.Typer) -> None:
         from qlmctl.plots import FIGURES, plot_results
 
         out_dir = out or (results[0] if results[0].is_dir() else results[0].parent) / "figures"
+        notes: list[str] = []
         try:
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=console, transient=True) as prog:
@@ -57,10 +67,51 @@ def register(app: typer.Typer) -> None:
                     figures=split_list(figures) or list(FIGURES),
                     progress=lambda done, total: prog.update(task, completed=done, total=total),
                     timeline_policies=split_list(timeline_policies),
+                    mixed=mixed,
+                    notes=notes,
                 )
         except UserError as e:
             fail(e)
+        for note in notes:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         stems = sorted({p.stem for p in written})
         console.print(f"wrote {len(written)} files ({len(stems)} figures) to [bold]{out_dir}[/]", highlight=False)
         for s in stems:
             console.print(f"  {s}", highlight=False)
+
+
+def compare(
+    results: list[Path] = typer.Argument(..., help="Results folders (of simulate, replay, serve --replay, evaluate) and "
+                                                   "vllm bench serve result files, in any mix."),
+    metric_percentiles: Optional[str] = typer.Option(None, "--metric-percentiles", help="Show these latency "
+                                                     "percentiles (e.g. 50,90,99), as vLLM's --metric-percentiles."),
+) -> None:
+    """Print the results table of runs side by side: one column per run (qlmctl's own and vllm bench serve's),
+    the same rows as simulate prints. Runs of different workloads or rates are flagged."""
+    from qlmctl.errors import UserError
+    from qlmctl.plots import group_runs, load_runs
+    from qlmctl.report import print_results
+
+    try:
+        runs = load_runs(results)
+        pcts = None
+        if metric_percentiles:
+            from qlmctl.vllm_bench import BenchOptions
+
+            pcts = BenchOptions.parse(metric_percentiles=metric_percentiles).percentiles
+    except UserError as e:
+        fail(e)
+    groups = group_runs(runs, mixed=True)
+    columns: dict[str, dict] = {}
+    for run in groups[0].runs:
+        name = run.label or run.policy
+        k = 2
+        while name in columns:
+            name, k = f"{run.label} #{k}", k + 1
+        columns[name] = run.summary
+    print_results(console, columns, groups[0].title, percentiles=pcts)
+    apart = group_runs(runs)
+    if len(apart) > 1:
+        what = "; ".join(f"{g.title}: {', '.join(r.label for r in g.runs)}" for g in apart)
+        console.print(f"[yellow]note:[/] these runs are not of one workload (scenario, rate, requests): "
+                      f"{escape(what)}", highlight=False)
