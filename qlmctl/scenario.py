@@ -197,6 +197,11 @@ class MappingSpec(_Strict):
         if self.split is not None:
             if any(v < 0 for v in self.split.values()) or sum(self.split.values()) <= 0:
                 raise ValueError("split weights must be non-negative and not all zero")
+            total = sum(self.split.values())
+            fractions = any(float(v) != int(v) for v in self.split.values())
+            if fractions and abs(total - 1.0) > 1e-3:
+                raise ValueError(f"split fractions sum to {total:g}, not 1: give fractions that sum to 1, or "
+                                 f"whole-number weights (e.g. {{a: 3, b: 7}})")
         return self
 
 

@@ -16,4 +16,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qlmctl.commands.plot",
     "qlmctl.commands.evaluate",
     "qlmctl.commands.sweep",
+    "qlmctl.commands.schema",
 )
