@@ -655,17 +655,21 @@ MIN_PER_BIN = 30
 
 
 def _bin_width(span_s: float, count: int = 0) -> float:
-    """A round bin width (1, 2 or 5 times a power of ten) giving at most about 60 bins over `span_s`, and on
+    """A round bin width (`_TIME_BINS`: 1, 2, 5, 10, 15, 30 s, 1, 2, 5 min...) giving at most about 60 bins over `span_s`, and on
     average at least `MIN_PER_BIN` of `count` events per bin (so that a rate per bin is readable)."""
     raw = max(span_s / 60.0, 1e-3)
     if count > 0:
         raw = max(raw, span_s * MIN_PER_BIN / count)
     raw = min(raw, max(span_s / 8.0, 1e-3))  # still a curve: 8 bins at least
-    mag = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 5, 10):
-        if raw <= m * mag:
-            return m * mag
-    return 10 * mag
+    for w in _TIME_BINS:
+        if raw <= w:
+            return w
+    return 3600.0 * math.ceil(raw / 3600.0)
+
+
+_TIME_BINS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800,
+              3600)
+"""Bin widths a time axis reads easily, s."""
 
 
 def fig_throughput(group: RunGroup) -> "Figure | None":

@@ -94,6 +94,13 @@ class SSEParser:
                 out.append(b"\n".join(lines))
         return out
 
+    def finish(self) -> list[bytes]:
+        """At the end of the body: the events a trailing CR completes (held back in case an LF followed)."""
+        if self._buf.endswith(b"\r"):
+            self._buf = self._buf[:-1] + b"\n"
+            return self.feed(b"")
+        return []
+
     def pending(self) -> bool:
         """Whether bytes of an unfinished event are left (a stream cut in the middle of an event)."""
         return bool(self._buf.strip())

@@ -138,6 +138,13 @@ async def replay(
     return out
 
 
+async def _with_end(chunks: Any) -> Any:
+    """The body's reads, then None for its end."""
+    async for chunk in chunks:
+        yield chunk
+    yield None
+
+
 async def _send(client: Any, r: Request, i: int, out: ReplayResult, speedup: float,
                 model_map: dict[str, str] | None) -> None:
     body = orjson.dumps({
@@ -167,10 +174,10 @@ async def _send(client: Any, r: Request, i: int, out: ReplayResult, speedup: flo
                 r.error = (f"HTTP {resp.status_code}: {error_message(raw)}"
                            f"{status_hint(resp.status_code, root, COMPLETIONS)}")
                 return
-            async for chunk in resp.aiter_bytes():
+            async for chunk in _with_end(resp.aiter_bytes()):
                 now = time.monotonic()
                 got = 0  # events with text in this read: they share its time
-                for data in parser.feed(chunk):
+                for data in (parser.feed(chunk) if chunk is not None else parser.finish()):
                     if data == b"[DONE]":
                         r.finish_s = (now - t0) * speedup
                         continue
