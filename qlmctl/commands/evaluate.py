@@ -123,6 +123,13 @@ def register(app: typer.Typer) -> None:
         except UserError as e:
             fail(e)
         ev = Evaluation(chosen, names, ran_on=executor.where)
+        from rich.markup import escape
+
+        from qlmctl.scenario import load_scenario
+
+        for sc in chosen:
+            for line in load_scenario(sc.path).engine_mismatches():
+                console.print(f"[yellow]note:[/] {escape(sc.key)}: {escape(line)}", highlight=False)
         console.print(
             f"{len(points)} simulations: {len(chosen)} scenario(s) x {len(names)} policies x their rates, on "
             f"{executor.where}; results in [bold]{runs_dir}[/]", highlight=False,

@@ -52,6 +52,11 @@ def sweep(
     except UserError as e:
         fail(e)
 
+    from rich.markup import escape
+
+    for entry in plan.scenarios.values():
+        for line in entry.scenario.engine_mismatches():
+            console.print(f"[yellow]note:[/] {escape(entry.label)}: {escape(line)}", highlight=False)
     out_dir = out or Path("results") / "sweeps" / str(spec.name)
     store = ResultStore(out_dir)
     if fresh:
