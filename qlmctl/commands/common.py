@@ -129,8 +129,7 @@ def prepare_out(out: Path | None, name: str, force: bool, labels: list[str]) -> 
                         field="--out")
     for p in held:
         shutil.rmtree(p)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out  # made when the first results are written
 
 
 # Options shared by the commands that run a workload (simulate, replay, serve --replay), with vLLM's names.
