@@ -55,6 +55,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def plain(value: Any) -> Any:
+    """`value` as plain JSON/YAML data (numpy unwrapped, NaN and infinity as None, tuples as lists)."""
+    return _plain(value)
+
+
 def _write_frame(frame: pd.DataFrame, folder: Path, stem: str) -> Path:
     """Write `frame` as `<stem>.parquet`, else as `<stem>.csv`; remove the other, stale one."""
     parquet, csv = folder / f"{stem}.parquet", folder / f"{stem}.csv"

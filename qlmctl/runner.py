@@ -51,18 +51,16 @@ def simulate(
     """
     pol = make_policy(policy, PolicyContext.from_scenario(scenario))
     cluster = SimulatedCluster(scenario, pol, fresh_copies(requests))
-    tick = progress
-    if stop_if is not None:
-        def tick(done: int, total: int) -> None:
-            if progress is not None:
-                progress(done, total)
-            if done < total and stop_if(cluster.now(), done, cluster.requests):
-                raise _Stop
+    def watch(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        if stop_if is not None and done < total and stop_if(cluster.now(), done, cluster.requests):
+            raise _Stop
 
     wall0 = time.perf_counter()
     stopped = False
     try:
-        result = cluster.run(tick)
+        result = cluster.run(watch if stop_if is not None else progress)
     except _Stop:
         stopped = True
         result = _partial_result(cluster, time.perf_counter() - wall0)

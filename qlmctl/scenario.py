@@ -92,7 +92,7 @@ class ProfileSpec(_Strict):
         """The flags it was measured with (`engine_flags`, else what its provenance's `flags` line says)."""
         if self.engine_flags is not None:
             return {k: v for k, v in self.engine_flags.model_dump().items() if v is not None and k != "command"}
-        return _flags_from_command(str((self.provenance or {}).get("flags") or ""))
+        return flags_from_command(str((self.provenance or {}).get("flags") or ""))
 
 
 _FLAG_OPTIONS = {
@@ -105,7 +105,7 @@ _FLAG_OPTIONS = {
 }
 
 
-def _flags_from_command(text: str) -> dict[str, Any]:
+def flags_from_command(text: str) -> dict[str, Any]:
     """The engine flags a `vllm serve` command line sets (`--max-num-seqs 256`, `--no-enable-prefix-caching`)."""
     out: dict[str, Any] = {}
     words = text.replace("=", " ").split()
@@ -635,6 +635,11 @@ class Scenario:
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(x) for x in loc)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; UserError (file, line) when it cannot be read or parsed."""
+    return _read_yaml(path)
 
 
 def _read_yaml(path: Path) -> Any:

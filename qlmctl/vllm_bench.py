@@ -242,7 +242,7 @@ def result_json(summary: dict[str, Any], requests: Sequence[Request] | None = No
                 detailed: bool = False) -> dict[str, Any]:
     """The run as `vllm bench serve --save-result` writes it: its keys first, then qlmctl's summary; with
     `detailed`, the per-request arrays (s; a failed request has ttft 0 and its error, as in vLLM)."""
-    from qlmctl.report import _plain
+    from qlmctl.report import plain
 
     head = {k: summary.get(k) for k in HEADER_KEYS}
     head["endpoint_type"] = summary.get("backend")
@@ -257,7 +257,7 @@ def result_json(summary: dict[str, Any], requests: Sequence[Request] | None = No
         out["start_times"] = [r.arrival_s - t0 for r in requests]
         out["generated_texts"] = list(texts) if texts is not None else ["" for _ in requests]
         out["errors"] = [r.error or "" for r in requests]
-    return _plain(out)
+    return plain(out)
 
 
 def write_result_file(opts: BenchOptions, summary: dict[str, Any], requests: Sequence[Request] | None = None,

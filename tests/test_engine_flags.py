@@ -7,7 +7,7 @@ import pytest
 
 from qlmctl.engine_defaults import canonical_gpu, vllm_defaults
 from qlmctl.errors import UserError
-from qlmctl.scenario import REPO_ROOT, _flags_from_command, load_scenario
+from qlmctl.scenario import REPO_ROOT, flags_from_command, load_scenario
 
 DEFAULT = REPO_ROOT / "scenarios" / "default.yaml"
 
@@ -66,7 +66,7 @@ def test_a_gpu_changes_the_defaults_and_an_unknown_gpu_is_refused():
 
 
 def test_flags_of_a_command_line():
-    assert _flags_from_command("vllm serve m --max-num-seqs 256 --max-model-len=8192 --no-enable-prefix-caching") \
+    assert flags_from_command("vllm serve m --max-num-seqs 256 --max-model-len=8192 --no-enable-prefix-caching") \
         == {"max_num_seqs": 256, "max_model_len": 8192, "enable_prefix_caching": False}
 
 

@@ -81,10 +81,10 @@ def workload_overrides(trace: Path | None, fmt: str | None, max_requests: int | 
 
 def _synthetic(scenario: Path | None) -> bool:
     """Whether the scenario file's workload is synthetic (a rate then sets its rate_rps)."""
-    from qlmctl.scenario import DEFAULT_SCENARIO, _read_yaml
+    from qlmctl.scenario import DEFAULT_SCENARIO, read_yaml
 
     try:
-        data = _read_yaml(Path(scenario) if scenario is not None else DEFAULT_SCENARIO)
+        data = read_yaml(Path(scenario) if scenario is not None else DEFAULT_SCENARIO)
     except UserError:
         return False  # loading it reports the error
     wl = data.get("workload") if isinstance(data, dict) else None

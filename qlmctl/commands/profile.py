@@ -314,13 +314,13 @@ def _with_engine_flags(prof: dict, command: str) -> dict:
     """The fitted profile with the engine flags it was measured with in `engine_flags`, not at the top level:
     a scenario runs its engines with its own flags (vLLM's defaults unless it says otherwise), and is warned
     where they differ from these (`qlmctl.scenario.ProfileSpec`)."""
-    from qlmctl.scenario import _flags_from_command
+    from qlmctl.scenario import flags_from_command
 
     out = {k: v for k, v in prof.items() if k not in ("max_num_seqs", "max_num_batched_tokens", "provenance")}
     measured: dict = {"max_num_seqs": prof.get("max_num_seqs"),
                       "max_num_batched_tokens": prof.get("max_num_batched_tokens"),
                       "max_model_len": prof.get("max_model_len"), "block_size": prof.get("block_size")}
-    given = _flags_from_command(command)
+    given = flags_from_command(command)
     measured.update(given)
     measured.setdefault("enable_prefix_caching", None)
     if "async_scheduling" in prof:
