@@ -57,6 +57,8 @@ FRAME_COLUMNS: tuple[str, ...] = (
     "ttft_slo_s",
     "tpot_slo_s",
     "error",
+    "rejected",
+    "predicted_ttft_s",
 )
 """Columns of `requests_frame`, in order."""
 
@@ -195,6 +197,8 @@ def requests_frame(requests: Sequence[Request]) -> pd.DataFrame:
         "tpot_slo_s": c.tpot_slo_s,
         # object dtype keeps None (not NaN) for "no error"; parquet stores it as null.
         "error": pd.Series(c.error, dtype=object),
+        "rejected": np.fromiter(map(attrgetter("rejected"), requests), dtype=bool, count=n),
+        "predicted_ttft_s": _optional_floats(requests, "predicted_ttft_s", n),
     }
     return pd.DataFrame(data, columns=list(FRAME_COLUMNS))
 
@@ -245,6 +249,23 @@ def _pooled_itls(
         raise ValueError(f"itls has {len(itls)} entries for {n} requests; give one per request")
     kept = compress(itls, completed.tolist())
     return np.fromiter(chain.from_iterable(kept), dtype=np.float64)
+
+
+def estimator_accuracy(predicted_s: np.ndarray, actual_s: np.ndarray) -> dict[str, Any]:
+    """How well a policy's TTFT predictions held, over requests with both a prediction and a first token.
+
+    `estimator_coverage` is the fraction whose TTFT came within the prediction (a prediction at the
+    estimator's percentile p should cover about p of them); `estimator_median_rel_error` the median of
+    |predicted - actual| / actual; `estimator_samples` how many requests they cover (None: no predictions).
+    """
+    both = ~np.isnan(predicted_s) & ~np.isnan(actual_s)
+    k = int(both.sum())
+    if not k:
+        return {"estimator_coverage": None, "estimator_median_rel_error": None, "estimator_samples": 0}
+    p, a = predicted_s[both], actual_s[both]
+    rel = np.abs(p - a) / np.maximum(a, 1e-9)
+    return {"estimator_coverage": _num((a <= p).mean()), "estimator_median_rel_error": _num(np.median(rel)),
+            "estimator_samples": k}
 
 
 def summarize(
@@ -329,6 +350,9 @@ def summarize(
     summary["num_preemptions"] = int(c.num_preemptions.sum())
     summary["num_evictions"] = int(c.num_evictions.sum())
     summary["num_swaps"] = int(num_swaps)
+
+    summary["rejected"] = sum(map(attrgetter("rejected"), requests))
+    summary.update(estimator_accuracy(_optional_floats(requests, "predicted_ttft_s", c.n), c.ttft_s))
 
     queueing = (c.dispatch_s - c.arrival_s)[~np.isnan(c.dispatch_s)]
     summary["mean_queueing_delay_ms"] = _num(queueing.mean() * 1000) if queueing.size else None

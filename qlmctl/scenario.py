@@ -5,13 +5,15 @@ Loaded from YAML and validated on load with pydantic; every error names the file
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from qlmctl.engine_defaults import ENGINE_FLAGS, canonical_gpu, describe_flags, unknown_gpu_message, vllm_defaults
 from qlmctl.engines import ENGINE_KINDS
@@ -43,42 +45,13 @@ class MeasuredFlagsSpec(_Strict):
     command: str | None = Field(default=None, description="the engine's command line, as given")
 
 
-class ProfileSpec(_Strict):
-    """An engine timing profile (see simulator.profile for the step-cost form).
+class _ProfileFields(_Strict):
+    """The base of `ProfileSpec`: what a profile section does besides holding its fields.
 
-    `block_size`, `max_num_seqs`, `max_num_batched_tokens`, `max_model_len` and `api_server_count` given here
-    pin the engine's setting for this model (a scenario's `cluster.instances[].engine` still overrides them);
-    left out, the engine runs with vLLM's default for its GPU. `engine_flags` records what the profile was
-    measured with."""
-
-    base_s: float = Field(gt=0, description="fixed cost of one engine step, s")
-    per_prefill_token_s: float = Field(ge=0)
-    per_decode_seq_s: float = Field(ge=0)
-    per_context_token_s: float = Field(default=0.0, ge=0)
-    kv_blocks: int = Field(gt=0, description="KV cache capacity in blocks")
-    block_size: int = Field(default=16, gt=0)
-    max_num_seqs: int = Field(default=256, gt=0)
-    max_num_batched_tokens: int = Field(default=8192, gt=0)
-    max_model_len: int = Field(default=32768, gt=0)
-    load_cold_s: float = Field(default=30.0, ge=0)
-    load_warm_s: float = Field(default=1.0, ge=0)
-    mean_output_tokens: float = Field(default=256.0, gt=0)
-    std_output_tokens: float = Field(default=256.0, ge=0)
-    frontend_latency_s: float = Field(default=0.0, ge=0, description="client-visible latency added to TTFT, s")
-    frontend_per_stream_s: float = Field(default=0.0, ge=0, description="extra client-visible latency per stream relayed, s")
-    async_scheduling: bool = Field(default=False, description="vLLM's asynchronous scheduling (new requests join one step later)")
-    per_prefill_pair_s: float = Field(default=0.0, ge=0, description="prefill attention cost per (query, key) pair, s")
-    knee_tokens: int = Field(default=0, ge=0, description="token rows (prefill tokens and decode sequences) a step carries within base_s")
-    per_prefill_step_s: float = Field(default=0.0, ge=0, description="extra cost of a step that carries prefill tokens, s")
-    frontend_cpu_per_request_s: float = Field(default=0.0, ge=0, description="API server CPU per request taken in, s")
-    frontend_cpu_per_token_s: float = Field(default=0.0, ge=0, description="API server CPU per streamed token, s")
-    frontend_queue_factor: float = Field(default=0.0, ge=0, description="API server queueing waits per request (0: no queue model)")
-    api_server_count: int = Field(default=1, ge=1, description="vLLM's --api-server-count: API server processes sharing requests")
-    enable_prefix_caching: bool = Field(default=True, description="vLLM's --enable-prefix-caching (read by the engine model)")
-    engine_flags: MeasuredFlagsSpec | None = Field(
-        default=None, description="the engine flags the profile was measured with (shown, and compared with the "
-                                  "flags a scenario runs the engine with)")
-    provenance: dict[str, Any] | None = None
+    `block_size`, `max_num_seqs`, `max_num_batched_tokens`, `max_model_len`, `api_server_count` and
+    `enable_prefix_caching` given in a profile pin the engine's setting for this model (a scenario's
+    `cluster.instances[].engine` still overrides them); left out, the engine runs with vLLM's default for its
+    GPU. `engine_flags` records what the profile was measured with."""
 
     def to_profile(self, model: str) -> EngineProfile:
         data = self.model_dump(exclude={"provenance", "engine_flags"})
@@ -121,6 +94,34 @@ def flags_from_command(text: str) -> dict[str, Any]:
         elif w == "--no-enable-prefix-caching":
             out["enable_prefix_caching"] = False
     return out
+
+
+def _profile_fields() -> dict[str, Any]:
+    """`ProfileSpec`'s fields, from `EngineProfile`'s: their types and defaults, and the description and bounds
+    each declares in its metadata (see `simulator.profile.param`). `model` is the scenario's key instead."""
+    hints = get_type_hints(EngineProfile)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(EngineProfile):
+        if f.name == "model":
+            continue
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else meta["file_default"]
+        bounds = {k: meta[k] for k in ("gt", "ge") if meta[k] is not None}
+        out[f.name] = (hints[f.name], Field(... if default is dataclasses.MISSING else default,
+                                           description=meta["doc"], **bounds))
+    return out
+
+
+ProfileSpec = create_model(
+    "ProfileSpec", __base__=_ProfileFields, __module__=__name__,
+    __doc__="An engine timing profile (simulator.profile.EngineProfile's fields; see there for the step-cost "
+            "form), with where its figures come from (`provenance`, free-form).",
+    **_profile_fields(),
+    engine_flags=(MeasuredFlagsSpec | None, Field(
+        None, description="the engine flags the profile was measured with (shown, and compared with the flags a "
+                          "scenario runs the engine with)")),
+    provenance=(dict[str, Any] | None, None),
+)
 
 
 class ModelSpec(_Strict):
@@ -181,6 +182,8 @@ class SLOClassSpec(_Strict):
     ttft_s: float = Field(gt=0, description="time-to-first-token deadline, s")
     tpot_s: float | None = Field(default=None, gt=0, description="time-per-output-token deadline, s")
     priority: int | None = Field(default=None, description="vLLM priority (lower first); default by ttft")
+    weight: float = Field(default=1.0, gt=0, description="worth of one request of this class met on time "
+                                                         "(scheduler.objective: weighted)")
 
 
 class MappingSpec(_Strict):
@@ -282,6 +285,17 @@ class SchedulerSpec(_Strict):
     solver_time_limit_s: float = Field(default=0.5, gt=0)
     gurobi: dict[str, str] | None = Field(default=None, repr=False, description="licence settings; never printed")
     params: dict[str, Any] = Field(default_factory=dict, description="policy-specific parameters")
+    objective: Literal["most", "weighted", "strict"] = Field(
+        default="most",
+        description="what qlm maximises: most requests within SLO (the paper's), the sum of class weights met "
+                    "(slo_classes.*.weight), or strict class precedence (a tighter TTFT class is never given up "
+                    "for a looser one)")
+    admission: Literal["off", "reject"] = Field(
+        default="off", description="qlm: refuse at arrival a request predicted to miss its SLO (429 live)")
+    prefill_lookahead_steps: float = Field(
+        default=2.0, gt=0,
+        description="qlm keeps at most this many engine steps of prefill tokens (max_num_batched_tokens each) "
+                    "inside an engine; the rest waits in qlm's queues, where it can still be reordered")
 
 
 class LiveEngineSpec(_Strict):

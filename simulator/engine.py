@@ -22,10 +22,11 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from simulator.profile import EngineProfile, chunk_pairs
+from simulator.profile import DEFAULT_BLOCK_SIZE, EngineProfile, admission_blocks, chunk_pairs, kv_blocks_for
 
 INF = math.inf
 
@@ -107,10 +108,15 @@ class EngineStats:
 class Engine:
     """A simulated vLLM V1 engine serving one model at a time."""
 
-    def __init__(self, profile: EngineProfile | None, policy: str = "fcfs") -> None:
+    def __init__(self, profile: EngineProfile | None, policy: str = "fcfs",
+                 on_admit: Callable[[Sequence, float], None] | None = None) -> None:
+        """`on_admit(seq, t)`, if given, is called whenever a sequence is admitted into the batch at boundary
+        `t`: the first time and again after each preemption (vLLM's SCHEDULED event). It runs inside
+        `advance` or a command and must not call back into the engine."""
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"engine policy must be fcfs or priority, not {policy!r}")
         self.policy = policy
+        self._on_admit = on_admit
         self.profile: EngineProfile | None = profile
         self.stats = EngineStats()
         self._waiting: deque[Sequence] = deque()
@@ -122,7 +128,7 @@ class Engine:
         self._decode_heap: list[tuple[int, int, Sequence]] = []
         self._num_decode = 0
         self._ctx = 0  # total KV tokens of decoding sequences at step counter `_s`
-        self._phase_cnt = [0] * (profile.block_size if profile else 16)
+        self._phase_cnt = [0] * (profile.block_size if profile else DEFAULT_BLOCK_SIZE)
         self._used = 0  # KV blocks in use at step `_s` (prefill allocations + decode, lazily exact)
         self._s = 0
         self._admit_counter = 0
@@ -155,6 +161,23 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting) + len(self._waiting_heap) + self._pending_submits + self._transit_count
+
+    @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens (with output to recompute) handed to this engine and not prefilled yet: in transit,
+        queued for the next boundary, waiting, and the rest of the prefilling sequences' prompts."""
+        n = self._prefill_total
+        for q in self._waiting:
+            n += q.prompt_tokens + q.generated
+        for e in self._waiting_heap:
+            n += e[3].prompt_tokens + e[3].generated
+        for op, q in self._pending:
+            if op == "submit":
+                n += q.prompt_tokens + q.generated
+        for _, _, q in self._transit:
+            if q.state is SeqState.TRANSIT:
+                n += q.prompt_tokens + q.generated
+        return n
 
     @property
     def used_blocks(self) -> int:
@@ -262,9 +285,8 @@ class Engine:
 
     # ------------------------------------------------------------ internals
     def _blocks_needed(self, seq: Sequence) -> int:
-        # Room for the prompt (plus recomputed output) and the first new token.
-        bs = self.profile.block_size if self.profile else 16
-        return -(-(seq.prompt_tokens + seq.generated + 1) // bs)
+        bs = self.profile.block_size if self.profile else DEFAULT_BLOCK_SIZE
+        return admission_blocks(seq.prompt_tokens + seq.generated, bs)
 
     def _leave_transit(self, q: Sequence) -> None:
         self._transit_count -= 1
@@ -391,7 +413,7 @@ class Engine:
         # Join decode: blocks now counted lazily from the token count.
         bs = len(self._phase_cnt)
         tokens = q.prompt_tokens + q.generated
-        self._used += -(-tokens // bs) - q.blocks
+        self._used += kv_blocks_for(tokens, bs) - q.blocks
         q.blocks = 0
         q.state = SeqState.DECODE
         q.join_step = self._s
@@ -408,7 +430,7 @@ class Engine:
         bs = len(self._phase_cnt)
         q.generated = q.gen_at_join + (self._s - q.join_step)
         tokens = q.prompt_tokens + q.generated
-        self._used -= -(-tokens // bs)
+        self._used -= kv_blocks_for(tokens, bs)
         self._phase_cnt[q.phase] -= 1
         self._num_decode -= 1
         self._ctx -= tokens
@@ -486,9 +508,10 @@ class Engine:
                 q.state = SeqState.DONE
                 self._outputs.append(Output(OutputKind.ABORTED, t, q))
 
-    def _admit(self) -> None:
+    def _admit(self, t: float) -> None:
         p = self.profile
         assert p is not None
+        on_admit = self._on_admit
         budget_left = p.max_num_batched_tokens - self._num_decode - self._prefill_total
         while budget_left > 0 and len(self._running) < p.max_num_seqs:
             q = self._peek_waiting()
@@ -507,6 +530,8 @@ class Engine:
             self._prefilling.append(q)
             self._prefill_total += q.prefill_left
             budget_left -= q.prefill_left
+            if on_admit is not None:
+                on_admit(q, t)
         if len(self._running) > self.stats.peak_running:
             self.stats.peak_running = len(self._running)
 
@@ -544,7 +569,7 @@ class Engine:
         p = self.profile
         if p is None:
             return
-        self._admit()
+        self._admit(t)
         while True:
             d = self._num_decode
             chunk = p.max_num_batched_tokens - d

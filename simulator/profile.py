@@ -8,11 +8,9 @@ sequences whose KV context totals C tokens, where the prefill tokens attend to A
 
 `knee_tokens` is how many token rows a step's GEMMs carry before they turn compute-bound: below it the
 step costs what reading the weights costs (in `base_s`), so the first prefill tokens that join a small
-decode batch are nearly free (measured on an H200: 256 prefill tokens add 3.5 ms to a 32-sequence decode
-step, but 2,048 add 44 ms), and every row beyond it, prefill token or decode sequence alike, costs
+decode batch are nearly free, and every row beyond it, prefill token or decode sequence alike, costs
 `per_prefill_token_s`. That is also why a decode-only step of more than `knee_tokens` sequences grows
-faster per sequence (on the H200's 8B: 3.5 % too fast at 256 decodes when decode rows were not billed).
-`knee_tokens = 0` gives a plain linear model (T' = P: prefill tokens only).
+faster per sequence. `knee_tokens = 0` gives a plain linear model (T' = P: prefill tokens only).
 
 A prefill chunk of n tokens of a sequence that already holds c tokens of KV has n * (c + (n + 1) / 2)
 pairs (causal attention: each new token sees the cached ones, the chunk's earlier ones and itself).
@@ -29,19 +27,39 @@ out (CUDA-graph batch padding, GEMM efficiency at small token counts) `profile-m
 
 `per_prefill_step_s` is what a step pays for carrying any prefill tokens at all: vLLM V1 replays a
 decode-only batch as one full CUDA graph, but runs a batch with prefill tokens piecewise (attention
-launched layer by layer outside the graphs). Measured on an H200 (8B shape) at about 1.6 ms; without it
-the fit pushed that cost into the decode coefficients and overestimated steps of 96-160 decodes by 8-9 %.
+launched layer by layer outside the graphs). Without it a fit pushes that cost into the decode
+coefficients and overestimates mid-size decode batches. docs/fidelity.md has the measurements behind
+each term.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import MISSING, dataclass, field, replace
+from typing import Any
 
+DEFAULT_BLOCK_SIZE = 16
+"""vLLM's default KV block size, tokens."""
+
+TYPICAL_CONTEXT_TOKENS = 1024
+"""KV context assumed per decoding sequence where a step is estimated ahead, without knowing its batch."""
 
 FRONTEND_RHO_CAP = 0.95
+"""Most utilisation the API-server queue model lets the server reach (see `EngineProfile.frontend_wait`)."""
 
 
-def chunk_pairs(done: int, take: int) -> float:
+def kv_blocks_for(tokens: int, block_size: int) -> int:
+    """KV blocks that hold `tokens` tokens (the last one maybe partly filled)."""
+    return -(-tokens // block_size)
+
+
+def admission_blocks(tokens: int, block_size: int) -> int:
+    """KV blocks the engine needs free to admit a sequence of `tokens` tokens (its prompt plus any output it
+    recomputes): room for those and for the first new token."""
+    return kv_blocks_for(tokens + 1, block_size)
+
+
+def chunk_pairs(done: float, take: float) -> float:
     """Attention pairs of a prefill chunk of `take` tokens after `done` cached tokens of the same sequence."""
     return take * (done + (take + 1) / 2.0)
 
@@ -56,59 +74,75 @@ def prompt_pairs(prompt_tokens: int, chunk: int) -> float:
     return total
 
 
+def param(default: Any = MISSING, *, doc: str, gt: float | None = None, ge: float | None = None,
+          file_default: Any = MISSING) -> Any:
+    """A field of `EngineProfile` with its `default`, and in its metadata what a profile file needs to know of
+    it: what it means (`doc`), the bounds `gt` / `ge` a value must respect, and `file_default`, the value a
+    file may leave out for a field that has no default here (it keeps its place among the positional ones)."""
+    return field(default=default, metadata={"doc": doc, "gt": gt, "ge": ge, "file_default": file_default})
+
+
 @dataclass(frozen=True, slots=True)
 class EngineProfile:
-    """Timing and capacity of one model on one GPU type."""
+    """Timing and capacity of one model on one GPU type.
+
+    Each field but `model` declares (see `param`) what it means and the bounds a profile file must keep to;
+    `qlmctl.scenario` builds the profile section of a scenario from them."""
 
     model: str
-    base_s: float
-    per_prefill_token_s: float
-    per_decode_seq_s: float
-    per_context_token_s: float
-    kv_blocks: int
-    """KV cache capacity, in blocks of `block_size` tokens."""
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int = 32768
-    load_cold_s: float = 30.0
-    """Time to load the model from disk onto a GPU that does not hold it."""
-    load_warm_s: float = 1.0
-    """Time to wake the model from CPU memory (vLLM sleep mode level 1)."""
-    mean_output_tokens: float = 256.0
-    """Prior for the RWT estimator's output-length distribution (mean)."""
-    std_output_tokens: float = 256.0
-    """Prior for the RWT estimator's output-length distribution (standard deviation)."""
-    async_scheduling: bool = False
-    """vLLM schedules step N+1 while step N runs (on by default in recent vLLM; its log says "Asynchronous
-    scheduling is enabled"): a request that arrives during step N first runs in step N+2."""
-    frontend_latency_s: float = 0.0
-    """Fixed latency a client sees on top of the engine's steps (API server, tokenizer, HTTP), added to the
-    first-token and finish times a client observes; `profile-model` fits it as the TTFT intercept."""
-    frontend_per_stream_s: float = 0.0
-    """Extra client-visible latency per stream the server is relaying: vLLM's API server is one Python
-    process that detokenises and formats every streamed token, so a new request's first token (and each
-    request's last) waits longer the more streams it serves. Measured by `profile-model` with probes."""
-    per_prefill_pair_s: float = 0.0
-    """Prefill attention: seconds per (query, key) pair that prefill tokens attend to (see module doc)."""
-    knee_tokens: int = 0
-    """Token rows a step carries within `base_s` (memory-bound GEMMs); every row beyond it, prefill token or
-    decode sequence, costs `per_prefill_token_s` (see module doc). 0: prefill tokens only, no knee."""
-    per_prefill_step_s: float = 0.0
-    """Extra seconds of a step that carries prefill tokens over a decode-only one (see module doc)."""
-    frontend_cpu_per_request_s: float = 0.0
-    """CPU seconds vLLM's API server spends taking in one request (HTTP, tokenising, hand-off)."""
-    frontend_cpu_per_token_s: float = 0.0
-    """CPU seconds the API server spends per streamed output token (detokenising, formatting, sending)."""
-    api_server_count: int = 1
-    """vLLM's `--api-server-count`: requests, and the tokens streamed to them, are spread over that many
-    API-server processes, each one queue with the measured per-process costs (see `frontend_wait`)."""
-    enable_prefix_caching: bool = True
-    """vLLM's `--enable-prefix-caching` (on by default in V1), as the scenario runs the engine; for the engine
-    model to read (the step model does not use it)."""
-    frontend_queue_factor: float = 0.0
-    """How many queueing waits of the API server's event loop a request's first token goes through
-    (fitted by `profile-model` from probes under load; 0 turns the queue model off). See `frontend_wait`."""
+    base_s: float = param(gt=0, doc="fixed cost of one engine step (reading the weights), s")
+    per_prefill_token_s: float = param(
+        ge=0, doc="cost of each token row of a step beyond `knee_tokens` (prefill tokens only without a knee), s")
+    per_decode_seq_s: float = param(ge=0, doc="cost of each decoding sequence of a step (its token row, sampling), s")
+    per_context_token_s: float = param(
+        ge=0, file_default=0.0, doc="cost of each KV-cache token the decoding sequences of a step read, s")
+    kv_blocks: int = param(gt=0, doc="KV cache capacity, in blocks of `block_size` tokens")
+    block_size: int = param(DEFAULT_BLOCK_SIZE, gt=0, doc="tokens per KV block")
+    max_num_seqs: int = param(256, gt=0, doc="vLLM's --max-num-seqs: most sequences in a step")
+    max_num_batched_tokens: int = param(8192, gt=0, doc="vLLM's --max-num-batched-tokens: token budget of a step")
+    max_model_len: int = param(32768, gt=0, doc="vLLM's --max-model-len: most prompt plus output tokens of a request")
+    load_cold_s: float = param(30.0, ge=0, doc="time to load the model from disk onto a GPU that does not hold it, s")
+    load_warm_s: float = param(1.0, ge=0, doc="time to wake the model from CPU memory (vLLM sleep mode level 1), s")
+    mean_output_tokens: float = param(
+        256.0, gt=0, doc="prior for the RWT estimator's output-length distribution (mean)")
+    std_output_tokens: float = param(
+        256.0, ge=0, doc="prior for the RWT estimator's output-length distribution (standard deviation)")
+    async_scheduling: bool = param(
+        False, doc="vLLM schedules step N+1 while step N runs (on by default in recent vLLM; its log says "
+                   "\"Asynchronous scheduling is enabled\"): a request that arrives during step N first runs in "
+                   "step N+2")
+    frontend_latency_s: float = param(
+        0.0, ge=0, doc="fixed latency a client sees on top of the engine's steps (API server, tokenizer, HTTP), "
+                       "added to the first-token and finish times a client observes; `profile-model` fits it as "
+                       "the TTFT intercept, s")
+    frontend_per_stream_s: float = param(
+        0.0, ge=0, doc="extra client-visible latency per stream the server is relaying: vLLM's API server is one "
+                       "Python process that detokenises and formats every streamed token, so a new request's "
+                       "first token (and each request's last) waits longer the more streams it serves, s")
+    per_prefill_pair_s: float = param(
+        0.0, ge=0, doc="prefill attention: cost of each (query, key) pair that prefill tokens attend to, s")
+    knee_tokens: int = param(
+        0, ge=0, doc="token rows (prefill tokens and decode sequences) a step carries within `base_s` "
+                     "(memory-bound GEMMs); every row beyond costs `per_prefill_token_s`. 0: prefill tokens "
+                     "only, no knee")
+    per_prefill_step_s: float = param(
+        0.0, ge=0, doc="extra cost of a step that carries prefill tokens over a decode-only one, s")
+    frontend_cpu_per_request_s: float = param(
+        0.0, ge=0, doc="CPU time vLLM's API server spends taking in one request (HTTP, tokenising, hand-off), s")
+    frontend_cpu_per_token_s: float = param(
+        0.0, ge=0, doc="CPU time the API server spends per streamed output token (detokenising, formatting, "
+                       "sending), s")
+    api_server_count: int = param(
+        1, ge=1, doc="vLLM's --api-server-count: requests, and the tokens streamed to them, are spread over "
+                     "that many API-server processes, each one queue with the measured per-process costs (see "
+                     "`frontend_wait`)")
+    frontend_queue_factor: float = param(
+        0.0, ge=0, doc="how many queueing waits of the API server's event loop a request's first token goes "
+                       "through (fitted by `profile-model` from probes under load; 0 turns the queue model off; "
+                       "see `frontend_wait`)")
+    enable_prefix_caching: bool = param(
+        True, doc="vLLM's --enable-prefix-caching (on by default in V1), as the scenario runs the engine; for the "
+                  "engine model to read (the step model does not use it)")
 
     def frontend_delay(self, streams: int) -> float:
         """Client-visible latency outside the engine's steps while the server relays `streams` streams."""
@@ -118,7 +152,7 @@ class EngineProfile:
         """All the client-visible delay outside the engine's steps at `streams` streams: `frontend_delay`
         plus the API server's queueing wait at the step such a decode batch takes (no arrival term: the
         caller estimating ahead does not know the arrival rate)."""
-        step = self.step_time(0, streams, streams * 1024) if streams else self.base_s
+        step = self.decode_step_time(streams) if streams else self.base_s
         return self.frontend_delay(streams) + self.frontend_wait(streams, step, 0.0)
 
     def frontend_wait(self, streams: int, step_s: float, rate_rps: float) -> float:
@@ -162,6 +196,11 @@ class EngineProfile:
             + (self.per_prefill_step_s if prefill_tokens > 0 else 0.0)
         )
 
+    def decode_step_time(self, seqs: int) -> float:
+        """Seconds of a decode-only step of `seqs` sequences of `TYPICAL_CONTEXT_TOKENS` context each: a step
+        estimated ahead, when the contexts of its batch are not known."""
+        return self.step_time(0, seqs, seqs * TYPICAL_CONTEXT_TOKENS)
+
     def decode_throughput(self, batch_size: int, mean_context: float) -> float:
         """Output tokens per second of a pure-decode batch of `batch_size` sequences."""
         if batch_size <= 0:
@@ -176,6 +215,13 @@ class EngineProfile:
         return (steps * (self.base_s + self.per_prefill_step_s) + self.per_prefill_token_s * billed
                 + self.per_prefill_pair_s * pairs)
 
+    def prefill_work_s(self, prompt_tokens: float) -> float:
+        """Seconds a prompt of `prompt_tokens` adds to the steps of a busy batch it is prefilled in: its token
+        rows, their attention pairs (as one chunk) and the prefill extra of each step its chunks ride in; no
+        `base_s` and no knee, which the batch's decodes pay and fill anyway."""
+        return (self.per_prefill_token_s * prompt_tokens + self.per_prefill_pair_s * chunk_pairs(0, prompt_tokens)
+                + self.per_prefill_step_s * math.ceil(prompt_tokens / self.max_num_batched_tokens))
+
     def prefill_terms(self, prompt_tokens: int) -> tuple[int, int, float]:
         """(steps, billed prefill tokens, attention pairs) of prefilling `prompt_tokens` alone on an idle
         engine, in chunks of the token budget: what `prefill_time` weighs with the coefficients."""
@@ -185,7 +231,8 @@ class EngineProfile:
         return full + (1 if last else 0), billed, prompt_pairs(prompt_tokens, budget)
 
     def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+        """KV blocks that hold `tokens` tokens."""
+        return kv_blocks_for(tokens, self.block_size)
 
     def with_overrides(self, **fields: object) -> "EngineProfile":
         return replace(self, **fields)  # type: ignore[arg-type]

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from simulator.api_server import RATE_WINDOW_S, APIServer
 from simulator.engine import Engine, OutputKind, Sequence
+from simulator.profile import TYPICAL_CONTEXT_TOKENS, admission_blocks, kv_blocks_for
 from tests.conftest import small_profile
 
 
@@ -217,3 +219,81 @@ def test_rows_beyond_the_knee_cost_the_token_rate_prefill_and_decode_alike():
     lin = small_profile()
     assert lin.step_time(0, 100, 0) - lin.step_time(0, 99, 0) == pytest.approx(lin.per_decode_seq_s)
     assert lin.step_time(10, 100, 0) - lin.step_time(0, 100, 0) == pytest.approx(10 * lin.per_prefill_token_s)
+
+
+def test_kv_block_counts():
+    assert [kv_blocks_for(n, 16) for n in (0, 1, 16, 17, 32, 33)] == [0, 1, 1, 2, 2, 3]
+    # Admission also needs room for the first new token.
+    assert [admission_blocks(n, 16) for n in (1, 15, 16, 31)] == [1, 1, 2, 2]
+    e = Engine(small_profile(block_size=8))
+    assert e._blocks_needed(Sequence(0, 16, 4)) == admission_blocks(16, 8) == 3
+
+
+def test_prefill_work_is_a_lone_prefill_without_the_fixed_step_cost():
+    p = small_profile(per_prefill_pair_s=1e-9, per_prefill_step_s=1e-3)  # no knee: every prefill token billed
+    for n in (1, 100, 512):  # one chunk of the 512-token budget
+        assert p.prefill_work_s(n) == pytest.approx(p.prefill_time(n) - p.base_s, rel=1e-12)
+    # Two chunks: two steps' prefill extra, and the causal pairs do not depend on the chunking.
+    assert p.prefill_work_s(1000) == pytest.approx(p.prefill_time(1000) - 2 * p.base_s, rel=1e-12)
+
+
+def test_a_decode_step_estimated_ahead_reads_the_typical_context():
+    p = small_profile()
+    assert p.decode_step_time(8) - p.decode_step_time(0) == pytest.approx(
+        8 * (p.per_decode_seq_s + TYPICAL_CONTEXT_TOKENS * p.per_context_token_s))
+    q = p.with_overrides(frontend_cpu_per_token_s=6e-5, frontend_queue_factor=2.0)
+    assert q.client_delay(8) == q.frontend_delay(8) + q.frontend_wait(8, q.decode_step_time(8), 0.0) > 0.0
+
+
+def test_api_server_delays_are_the_profiles_at_the_engines_state():
+    p = small_profile(frontend_latency_s=0.01, frontend_per_stream_s=1e-3, frontend_cpu_per_request_s=0.005,
+                      frontend_cpu_per_token_s=6e-5, frontend_queue_factor=2.0)
+    e = Engine(p)
+    api = APIServer(e)
+    assert api.frontend_delay() == p.frontend_delay(0) == 0.01
+    # The first arrival: a rate of one per window, an idle engine whose step is the fixed cost.
+    assert api.ingress_delay(0.0) == p.frontend_wait(0, p.base_s, 1.0 / RATE_WINDOW_S)
+    for i in range(3):
+        e.submit(Sequence(i, 100, 500), 0.0)
+    e.advance(0.5)
+    assert e.num_running == 3 and api.frontend_delay() == p.frontend_delay(3)
+    rate = 1.0 / RATE_WINDOW_S * math.exp(-0.5 / RATE_WINDOW_S) + 1.0 / RATE_WINDOW_S
+    assert api.ingress_delay(0.5) == p.frontend_wait(3, e.step_s(), rate) > p.frontend_wait(0, p.base_s, 1.0)
+    assert api.arrival_rate(2.5) == pytest.approx(rate * math.exp(-2.0 / RATE_WINDOW_S))
+    # No model loaded (a swap under way): no delay, but the arrival still counts.
+    idle = Engine(p)
+    idle.load_model(p, 0.0, 1.0)
+    api = APIServer(idle)
+    assert api.frontend_delay() == 0.0 and api.ingress_delay(0.0) == 0.0
+    assert api.arrival_rate(0.0) == 1.0 / RATE_WINDOW_S
+
+
+def test_on_admit_reports_each_admission_at_its_boundary():
+    p = small_profile(max_num_seqs=1)
+    admitted: list[tuple[int, float]] = []
+    e = Engine(p, on_admit=lambda q, t: admitted.append((q.seq_id, t)))
+    outs = run_all(e, [Sequence(i, 100, 10) for i in range(3)], [0.0, 0.0, 0.01])
+    fin = {o.seq.seq_id: o.time for o in outs if o.kind is OutputKind.FINISHED}
+    # One batch slot: each request is admitted once, at the boundary where the one before it finished.
+    assert admitted == [(0, 0.0), (1, fin[0]), (2, fin[1])]
+    # With asynchronous scheduling a request arriving mid-step is admitted a step later, and reported then.
+    admitted.clear()
+    e = Engine(small_profile(async_scheduling=True), on_admit=lambda q, t: admitted.append((q.seq_id, t)))
+    outs = run_all(e, [Sequence(0, 10, 50), Sequence(1, 10, 5)], [0.0, 0.001])
+    first1 = next(o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN and o.seq.seq_id == 1)
+    assert admitted[0] == (0, 0.0) and admitted[1][0] == 1 and 0.001 < admitted[1][1] < first1
+
+
+def test_on_admit_fires_again_after_a_preemption_and_changes_nothing():
+    p = small_profile(kv_blocks=40, max_num_seqs=16)
+    admitted: dict[int, list[float]] = {}
+    seqs = [Sequence(i, 100, 200) for i in range(8)]
+    outs = run_all(Engine(p, on_admit=lambda q, t: admitted.setdefault(q.seq_id, []).append(t)), seqs, [0.0] * 8)
+    assert sum(q.num_preemptions for q in seqs) > 0
+    for q in seqs:
+        assert len(admitted[q.seq_id]) == 1 + q.num_preemptions
+    first = {o.seq.seq_id: o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN}
+    assert all(admitted[i][0] < first[i] for i in first)
+    plain = run_all(Engine(p), [Sequence(i, 100, 200) for i in range(8)], [0.0] * 8)
+    assert [(o.kind, o.time, o.seq and o.seq.seq_id) for o in plain] == \
+        [(o.kind, o.time, o.seq and o.seq.seq_id) for o in outs]

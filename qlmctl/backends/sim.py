@@ -20,14 +20,13 @@ from qlmctl.core.driver import Driver
 from qlmctl.core.request import Request
 from qlmctl.policies.base import Policy
 from qlmctl.scenario import Scenario
+from simulator.api_server import APIServer
 from simulator.engine import Engine, OutputKind, Sequence
 from simulator.profile import EngineProfile
 
 INF = math.inf
 SIM_RESOLUTION_S = 1e-6
 """The simulated clock's tick: a wake-up asked for at or before now comes this much later."""
-RATE_WINDOW_S = 1.0
-"""Time constant of the arrival rate an instance's API server is seen to take in."""
 
 
 class SimInstance:
@@ -52,8 +51,7 @@ class SimInstance:
         self.swaps = 0
         self.swap_after_drain: str | None = None
         """A model to load once the requests still on the engine have finished (the instance takes none meanwhile)."""
-        self._rate = 0.0  # dispatches per second into this instance, decayed over RATE_WINDOW_S
-        self._rate_t = 0.0
+        self.api_server = APIServer(self.engine)
 
     @property
     def instance_id(self) -> int:
@@ -87,6 +85,14 @@ class SimInstance:
     def free_kv_blocks(self) -> int:
         return self.engine.free_blocks
 
+    @property
+    def pending_prefill_tokens(self) -> int:
+        return self.engine.pending_prefill_tokens
+
+    @property
+    def scheduling_policy(self) -> str:
+        return self.engine.policy
+
     def running_requests(self) -> list[Request]:
         return [r for r, _ in self.requests.values()]
 
@@ -97,20 +103,13 @@ class SimInstance:
         return self._profiles.get(model)
 
     def frontend_delay(self) -> float:
-        """What a client sees on top of the engine's time now (profile of the model loaded; it grows with the
-        streams the server relays)."""
-        prof = self.engine.profile
-        return prof.frontend_delay(self.engine.num_running) if prof is not None else 0.0
+        """What a client sees on top of the engine's time now (see `APIServer.frontend_delay`)."""
+        return self.api_server.frontend_delay()
 
     def ingress_delay(self, now: float) -> float:
         """Count a dispatch at `now`; return how long its request waits in the API server before the engine
-        sees it (the profile's frontend queue model at the streams, step and arrival rate now)."""
-        self._rate = self._rate * math.exp(-(now - self._rate_t) / RATE_WINDOW_S) + 1.0 / RATE_WINDOW_S
-        self._rate_t = now
-        prof = self.engine.profile
-        if prof is None:
-            return 0.0
-        return prof.frontend_wait(self.engine.num_running, self.engine.step_s(), self._rate)
+        sees it (see `APIServer.ingress_delay`)."""
+        return self.api_server.ingress_delay(now)
 
     def load_time(self, model: str) -> float:
         prof = self._profiles.get(model)
@@ -180,13 +179,15 @@ class SimulatedCluster:
     def holds(self, request: Request, instance_id: int) -> bool:
         return request.request_id in self._instances[instance_id].requests
 
-    def dispatch(self, request: Request, instance_id: int, now: float) -> bool:
+    def dispatch(self, request: Request, instance_id: int, now: float, priority: int | None) -> bool:
         r = request
         inst = self._instances[instance_id]
         seq = self._seqs.get(r.request_id)
         if seq is None:
             seq = Sequence(r.request_id, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, tag=r)
             self._seqs[r.request_id] = seq
+        if priority is not None:
+            seq.priority = priority
         inst.engine.submit(seq, now, inst.ingress_delay(now))
         inst.requests[r.request_id] = (r, seq)
         self._touched.add(instance_id)
@@ -207,6 +208,9 @@ class SimulatedCluster:
 
     def fail_request(self, request: Request, error: str, now: float) -> None:
         request.error = error
+        self._done += 1
+
+    def reject(self, request: Request, now: float) -> None:
         self._done += 1
 
     def applied(self, now: float) -> None:

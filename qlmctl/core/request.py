@@ -37,6 +37,11 @@ class Request:
     num_evictions: int = 0
     """Scheduler-side evictions (QLM moved the request out to make room)."""
     error: str | None = None
+    rejected: bool = False
+    """Refused at admission (a `Reject` decision); `error` says why."""
+    predicted_ttft_s: float | None = None
+    """The scheduler's estimate of this request's TTFT (at its estimator percentile), made when it first
+    planned the request; None when the policy makes no estimate."""
 
     @property
     def deadline_s(self) -> float:

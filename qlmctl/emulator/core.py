@@ -100,21 +100,12 @@ class EmuRequest:
         return self.seq.prompt_tokens
 
 
-class _TimedEngine(Engine):
-    """An `Engine` that notes when each request is first admitted into the batch, for vLLM's queue, prefill
-    and inference time metrics.
-
-    The engine reports no such event (the simulator has no use for it), and admission happens inside a
-    step boundary that one `advance` call may pass several of, so the time is taken where the engine
-    pops its waiting queue: `_clock` is then the boundary being planned.
-    """
-
-    def _pop_waiting(self) -> Sequence:
-        q = super()._pop_waiting()
-        tag = q.tag
-        if isinstance(tag, EmuRequest) and tag.scheduled_s is None:  # the first time only, as vLLM
-            tag.scheduled_s = self._clock
-        return q
+def _note_scheduled(seq: Sequence, t: float) -> None:
+    """Note when a request is first admitted into the batch, for vLLM's queue, prefill and inference time
+    metrics (the first time only, as vLLM: a preempted request keeps its first scheduled time)."""
+    tag = seq.tag
+    if isinstance(tag, EmuRequest) and tag.scheduled_s is None:
+        tag.scheduled_s = t
 
 
 class EmulatedEngine:
@@ -136,7 +127,7 @@ class EmulatedEngine:
                 f"max_model_len ({profile.max_model_len} tokens)"
             )
         self.profile = profile
-        self.engine = _TimedEngine(profile, policy=policy)
+        self.engine = Engine(profile, policy=policy, on_admit=_note_scheduled)
         self.clock = Clock(speedup)
         self.stream_interval_s = stream_interval_s
         self.metrics = EmulatorMetrics(model_name, profile, self.gauges)
