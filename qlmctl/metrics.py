@@ -377,3 +377,93 @@ def summarize(
             raise ValueError(f"extra keys collide with computed metrics: {clash}")
         summary.update(extra)
     return summary
+
+
+def window_summary(requests: Sequence[Request], start_s: float, end_s: float) -> dict[str, Any]:
+    """Steady-state figures over the arrival window [start_s, end_s) (e.g. a run less its warm-up).
+
+    Returns `window_s`; `window_requests` (arrived in the window); `window_offered_rps` (their rate);
+    `window_completed_rps` (requests of any arrival time completed within the window, per second: what
+    the system delivered while the window's load was on it); `window_throughput_ratio` (completed over
+    offered: about 1 in a steady state, below when a backlog builds); `window_goodput` (completed within
+    the window and meeting their SLO, per second); `window_slo_attainment` over the window's requests
+    (one never finished is a miss) and `window_attainment_by_class`.
+    """
+    c = _columns(requests)
+    span = end_s - start_s
+    if span <= 0:
+        raise ValueError(f"empty window [{start_s}, {end_s})")
+    inside = (c.arrival_s >= start_s) & (c.arrival_s < end_s)
+    with np.errstate(invalid="ignore"):
+        done_in = c.completed & (c.finish_s >= start_s) & (c.finish_s < end_s)
+    n_in = int(inside.sum())
+    offered = n_in / span
+    completed = int(done_in.sum()) / span
+    labels = [cls for cls, keep in zip(c.slo_class, inside.tolist()) if keep]
+    by_class, _ = _fraction_by(labels, c.slo_met[inside])
+    return {
+        "window_s": _num(span),
+        "window_requests": n_in,
+        "window_offered_rps": _num(offered),
+        "window_completed_rps": _num(completed),
+        "window_throughput_ratio": _num(completed / offered) if offered > 0 else None,
+        "window_goodput": _num(int((done_in & c.slo_met).sum()) / span),
+        "window_slo_attainment": _num(c.slo_met[inside].mean()) if n_in else None,
+        "window_attainment_by_class": by_class,
+    }
+
+
+GOODPUT_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2el")
+"""Metrics `vllm bench serve --goodput` takes thresholds for (ms)."""
+
+
+def percentile_key(p: float, metric: str) -> str:
+    """vLLM's key of a percentile: `p99_ttft_ms`, `p99.9_ttft_ms`."""
+    word = str(int(p)) if int(p) == p else str(p)
+    return f"p{word}_{metric}_ms"
+
+
+def bench_metrics(
+    requests: Sequence[Request],
+    *,
+    itls: Sequence[Sequence[float]] | None = None,
+    percentiles: Sequence[float] = (),
+    percentile_metrics: Sequence[str] = LATENCY_METRICS,
+    goodput: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """What `vllm bench serve`'s options add to a summary: `--metric-percentiles` of `--percentile-metrics`
+    (keys `percentile_key`, in ms, over completed requests as `summarize`'s), and `--goodput`.
+
+    With `goodput` ({metric: threshold ms} over `GOODPUT_METRICS`), `request_goodput` is vLLM's: completed
+    requests within every threshold, per second of the run; the SLO classes' goodput (what `summarize`
+    calls request_goodput) is kept as `slo_goodput`. `goodput_config` records the thresholds (None: none).
+    """
+    c = _columns(requests)
+    done = c.completed
+    samples = {
+        "ttft": c.ttft_s[done & ~np.isnan(c.ttft_s)],
+        "tpot": c.tpot_s[done & ~np.isnan(c.tpot_s)],
+        "itl": _pooled_itls(itls, done, c.n),
+        "e2el": c.e2el_s[done],
+    }
+    out: dict[str, Any] = {}
+    for metric in percentile_metrics:
+        values = samples.get(metric)
+        for p in percentiles:
+            out[percentile_key(p, metric)] = (
+                None if values is None or values.size == 0 else _num(np.percentile(values * 1000.0, p)))
+    out["goodput_config"] = dict(goodput) if goodput else None
+    if goodput:
+        ok = done.copy()
+        with np.errstate(invalid="ignore"):
+            if "ttft" in goodput:
+                ok &= c.ttft_s * 1000.0 <= goodput["ttft"]
+            if "tpot" in goodput:
+                ok &= ~(c.tpot_s * 1000.0 > goodput["tpot"])  # no TPOT (one token): within
+            if "e2el" in goodput:
+                ok &= c.e2el_s * 1000.0 <= goodput["e2el"]
+        duration = None
+        if c.n and not np.isnan(c.finish_s).all():
+            duration = _num(np.nanmax(c.finish_s) - c.arrival_s.min())
+        out["request_goodput"] = _rate(int(ok.sum()), duration)
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,12 @@ class PolicyRun:
     result: SimResult
     summary: dict[str, Any]
     folder: Path | None = None
+    stopped_early: bool = False
+    """`stop_if` ended the run before every request was served (the rest count as unfinished)."""
+
+
+class _Stop(Exception):
+    """Raised out of the simulation loop to end a run early."""
 
 
 def fresh_copies(requests: Sequence[Request]) -> list[Request]:
@@ -34,10 +41,29 @@ def simulate(
     policy: str,
     requests: Sequence[Request],
     progress: Callable[[int, int], None] | None = None,
+    stop_if: Callable[[float, int, Sequence[Request]], bool] | None = None,
 ) -> PolicyRun:
+    """Simulate `requests` under `policy`.
+
+    `stop_if(now, done, requests)` is asked every few thousand finished requests (simulated time, requests
+    finished, the run's requests); True ends the run there (`PolicyRun.stopped_early`): a sweep stops a
+    point that can no longer be in a steady state.
+    """
     pol = make_policy(policy, PolicyContext.from_scenario(scenario))
     cluster = SimulatedCluster(scenario, pol, fresh_copies(requests))
-    result = cluster.run(progress)
+    def watch(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        if stop_if is not None and done < total and stop_if(cluster.now(), done, cluster.requests):
+            raise _Stop
+
+    wall0 = time.perf_counter()
+    stopped = False
+    try:
+        result = cluster.run(watch if stop_if is not None else progress)
+    except _Stop:
+        stopped = True
+        result = _partial_result(cluster, time.perf_counter() - wall0)
     busy = {str(i["instance_id"]): i["busy_s"] for i in result.instances}
     summary = summarize(
         result.requests,
@@ -51,9 +77,23 @@ def simulate(
             "sim_events": result.events,
             "policy_stats": result.policy_stats,
             "policy_errors": result.policy_errors,
+            **({"stopped_early": True} if stopped else {}),
         },
     )
-    return PolicyRun(policy, result, summary)
+    return PolicyRun(policy, result, summary, stopped_early=stopped)
+
+
+def _partial_result(cluster: SimulatedCluster, wall_s: float) -> SimResult:
+    """What a run stopped by `stop_if` did so far."""
+    reqs = list(cluster.requests)
+    end = max((r.finish_s for r in reqs if r.finish_s is not None), default=0.0)
+    start = reqs[0].arrival_s if reqs else 0.0
+    insts = [{"instance_id": inst.instance_id, "name": inst.name, "gpu": inst.gpu,
+              "busy_s": inst.engine.stats.busy_s, "swaps": inst.swaps} for inst in cluster.instances]
+    return SimResult(policy=cluster.policy.name, requests=reqs, instances=insts,
+                     num_swaps=sum(inst.swaps for inst in cluster.instances),
+                     num_evictions=sum(r.num_evictions for r in reqs), sim_duration_s=end - start, wall_s=wall_s,
+                     events=0, timeline=list(cluster.timeline))
 
 
 def save(run: PolicyRun, scenario: Scenario, out_dir: Path) -> Path:

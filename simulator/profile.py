@@ -140,6 +140,9 @@ class EngineProfile:
         0.0, ge=0, doc="how many queueing waits of the API server's event loop a request's first token goes "
                        "through (fitted by `profile-model` from probes under load; 0 turns the queue model off; "
                        "see `frontend_wait`)")
+    enable_prefix_caching: bool = param(
+        True, doc="vLLM's --enable-prefix-caching (on by default in V1), as the scenario runs the engine; for the "
+                  "engine model to read (the step model does not use it)")
 
     def frontend_delay(self, streams: int) -> float:
         """Client-visible latency outside the engine's steps while the server relays `streams` streams."""

@@ -44,7 +44,7 @@ def _write(tmp_path: Path, profile: str) -> tuple[Path, Path]:
 
 def test_the_section_has_every_profile_field_with_its_default_and_a_description():
     fields = {f.name: f for f in dataclasses.fields(EngineProfile) if f.name != "model"}
-    assert set(ProfileSpec.model_fields) == set(fields) | {"provenance"}
+    assert set(ProfileSpec.model_fields) == set(fields) | {"provenance", "engine_flags"}
     for name, f in fields.items():
         info = ProfileSpec.model_fields[name]
         assert info.description, name
@@ -59,7 +59,8 @@ def test_the_section_has_every_profile_field_with_its_default_and_a_description(
 def test_a_short_profile_file_gives_the_dataclass_defaults(tmp_path: Path):
     scen, _ = _write(tmp_path, PROFILE_FILE)
     prof = load_scenario(scen).profile("m")
-    assert prof == EngineProfile("m", 0.005, 4.0e-5, 2.0e-4, 0.0, 400)
+    # ... but for the engine flags it leaves out: vLLM's defaults on the instance's GPU (an H200: 1,024 sequences).
+    assert prof == EngineProfile("m", 0.005, 4.0e-5, 2.0e-4, 0.0, 400, max_num_seqs=1024)
 
 
 @pytest.mark.parametrize("change, field, line, message", [

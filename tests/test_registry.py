@@ -59,7 +59,8 @@ def test_policy_modules_load_only_when_used():
 def test_help_lists_every_command():
     res = CliRunner().invoke(app, ["--help"])
     assert res.exit_code == 0, res.output
-    commands = ["simulate", "policies", "serve", "emulate", "replay", "profile-model", "plot", "evaluate", "sweep"]
+    commands = ["simulate", "policies", "serve", "emulate", "replay", "profile-model", "plot", "compare", "evaluate",
+                "sweep", "schema"]
     assert [c.name or c.callback.__name__ for c in app.registered_commands] == commands
     assert len(COMMAND_MODULES) == len(commands)  # one command per module
     listed = [line.split()[1] for line in res.output.splitlines() if line.startswith("│ ") and

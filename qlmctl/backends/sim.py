@@ -150,7 +150,7 @@ class SimulatedCluster:
         self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
         self._instances: list[SimInstance] = []
         for iid, (name, spec) in enumerate(scenario.instance_specs()):
-            profiles = {m: scenario.profile(m, spec.gpu, spec.profile_overrides) for m in scenario.models}
+            profiles = {m: scenario.profile(m, spec.gpu, spec.profile_overrides, spec.engine) for m in scenario.models}
             discipline = spec.engine.scheduling_policy or policy.engine_policy
             self._instances.append(SimInstance(iid, name, spec.gpu, profiles, spec.model, discipline))
         self._now = 0.0
