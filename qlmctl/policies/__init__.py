@@ -19,6 +19,7 @@ POLICIES: dict[str, str] = {
     "priority": "qlmctl.policies.baselines:PriorityPolicy",
     "edf": "qlmctl.policies.baselines:EDFPolicy",
     "qlm": "qlmctl.policies.qlm:QLMPolicy",
+    "qlm-strict": "qlmctl.policies.qlm:QLMStrictPolicy",
     "qlm-basic": "qlmctl.policies.qlm_basic:QLMBasicPolicy",
     "qlm-lp": "qlmctl.policies.qlm_lp:QLMLPPolicy",
     "shepherd": "qlmctl.policies.shepherd:ShepherdPolicy",

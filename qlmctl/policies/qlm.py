@@ -37,7 +37,7 @@ import bisect
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, InstanceView, Reject, SwapModel
@@ -982,3 +982,12 @@ class QLMPolicy(Policy):
                 self.stats.evictions += 1
                 out.append(Evict(r, inst.instance_id))
         return out
+
+
+class QLMStrictPolicy(QLMPolicy):
+    """qlm with strict class precedence, whatever the scenario's objective: a tighter class is never given up."""
+
+    name: ClassVar[str] = "qlm-strict"
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        super().__init__(replace(ctx, objective="strict"))
