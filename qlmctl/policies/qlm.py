@@ -985,7 +985,7 @@ class QLMPolicy(Policy):
 
 
 class QLMStrictPolicy(QLMPolicy):
-    """qlm with strict class precedence, whatever the scenario's objective: a tighter class is never given up."""
+    """qlm with strict class precedence: a tighter class is never given up for a looser one."""
 
     name: ClassVar[str] = "qlm-strict"
 
