@@ -77,6 +77,7 @@ async def replay(
     stop: asyncio.Event | None = None,
     model_map: dict[str, str] | None = None,
     verify: bool = True,
+    send_priority: bool = False,
 ) -> ReplayResult:
     """Send `requests` (fresh copies are filled in) to the server at `url` at arrival_s / speedup.
 
@@ -92,6 +93,8 @@ async def replay(
         stop: Once set, no more requests are sent (those left get an error); those sent run to their end.
         model_map: The model name to send for each request's model (default: its own).
         verify: Check the server's TLS certificate.
+        send_priority: Send each request's SLO-class priority as vLLM's `priority` field (lower first), for a
+            server started with `--scheduling-policy priority` (a server in fcfs mode refuses it).
     """
     reqs = [copy.copy(r) for r in sorted(requests, key=lambda r: (r.arrival_s, r.request_id))]
     n = len(reqs)
@@ -106,7 +109,7 @@ async def replay(
     async def one(i: int) -> None:
         nonlocal done
         try:
-            await _send(client, reqs[i], i, out, speedup, model_map)
+            await _send(client, reqs[i], i, out, speedup, model_map, send_priority)
         finally:
             sem.release()
             done += 1
@@ -146,8 +149,8 @@ async def _with_end(chunks: Any) -> Any:
 
 
 async def _send(client: Any, r: Request, i: int, out: ReplayResult, speedup: float,
-                model_map: dict[str, str] | None) -> None:
-    body = orjson.dumps({
+                model_map: dict[str, str] | None, send_priority: bool = False) -> None:
+    fields = {
         "model": model_map.get(r.model, r.model) if model_map else r.model,
         "prompt": synthetic_prompt(r.prompt_tokens, r.request_id),
         "max_tokens": r.output_tokens,
@@ -155,7 +158,10 @@ async def _send(client: Any, r: Request, i: int, out: ReplayResult, speedup: flo
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
-    })
+    }
+    if send_priority:
+        fields["priority"] = r.priority
+    body = orjson.dumps(fields)
     headers = {"content-type": "application/json", "x-slo-class": r.slo_class, "x-request-id": str(r.request_id)}
     t0 = out.t0
     start = time.monotonic()
@@ -236,6 +242,7 @@ class _ClientJob:
     keep_text: bool
     api_key: str | None
     model_map: dict[str, str] | None = None
+    send_priority: bool = False
 
 
 PARENT_POLL_S = 0.05
@@ -278,7 +285,7 @@ async def _client_replay(job: _ClientJob, done: Any, stop_flag: Any) -> ReplayRe
     try:
         return await replay(job.url, job.requests, speedup=job.speedup, concurrency=job.concurrency,
                             progress=progress, keep_text=job.keep_text, api_key=job.api_key, stop=stop,
-                            model_map=job.model_map)
+                            model_map=job.model_map, send_priority=job.send_priority)
     finally:
         watcher.cancel()
 
@@ -304,6 +311,7 @@ async def replay_in_subprocess(
     stop: asyncio.Event | None = None,
     progress_interval_s: float = 0.2,
     model_map: dict[str, str] | None = None,
+    send_priority: bool = False,
 ) -> ReplayResult:
     """`replay` run in a separate (spawned) process; same arguments and result.
 
@@ -316,7 +324,7 @@ async def replay_in_subprocess(
     that calls this needs the `if __name__ == "__main__":` guard).
     """
     ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and a running loop
-    job = _ClientJob(url, list(requests), speedup, concurrency, keep_text, api_key, model_map)
+    job = _ClientJob(url, list(requests), speedup, concurrency, keep_text, api_key, model_map, send_priority)
     done = ctx.RawValue("q", 0)  # written by the child only
     stop_flag = ctx.Event()
     reader, writer = ctx.Pipe(duplex=False)

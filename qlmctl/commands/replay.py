@@ -45,6 +45,7 @@ def replay(
     concurrency: int = typer.Option(1024, "--max-concurrency", "--concurrency", min=1, help="Most requests open at once (later ones are sent late), as vLLM's --max-concurrency."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="Bearer token, if the server wants one."),
     insecure: bool = typer.Option(False, "--insecure", help="Do not check the server's TLS certificate (https)."),
+    priority: bool = typer.Option(False, "--priority", help="Send each request's SLO-class priority (lower first) as vLLM's `priority` field, for a vLLM server started with --scheduling-policy priority."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default: a new results/<scenario name>/<date-time>/."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     metric_percentiles: Optional[str] = typer.Option(None, "--metric-percentiles", help=METRIC_PERCENTILES_HELP),
@@ -109,7 +110,8 @@ def replay(
         task = prog.add_task(label, total=len(requests))
         res = asyncio.run(run_replay(root, requests, speedup=s, concurrency=concurrency, api_key=api_key,
                                      progress=lambda done, total: prog.update(task, completed=done),
-                                     model_map=model_map, verify=not insecure, keep_text=opts.save_detailed))
+                                     model_map=model_map, verify=not insecure, keep_text=opts.save_detailed,
+                                     send_priority=priority))
     failed = [r.error for r in res.requests if r.error is not None]
     if failed and len(failed) == len(res.requests):
         fail(UserError(f"every request failed; the first: {failed[0]}", field="--url"))
