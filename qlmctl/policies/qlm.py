@@ -642,7 +642,8 @@ class QLMPolicy(Policy):
             start_pct = srv.start_s(True)
             if r.predicted_ttft_s is None:
                 base = now - r.arrival_s + own_pf + lag
-                self._predict(r, base + start, base + self._with_arrivals(start_pct, r, future, now))
+                self._predict(r, base + self._with_arrivals(start, r, future, now),
+                              base + self._with_arrivals(start_pct, r, future, now))
             keys.append(self._key(r))
             starts.append(start)
             starts_pct.append(start_pct)
@@ -781,8 +782,9 @@ class QLMPolicy(Policy):
                 start = max(0.0, starts[i] - (now - t))
                 start_pct = self._with_arrivals(max(0.0, starts_pct[i] - (now - t)), r,
                                                 self._future.get(r.model, []), now)
-        self._predict(r, start + own, start_pct + own)
-        return now + start + own > r.deadline_s
+        miss = now + start + own > r.deadline_s
+        self._predict(r, self._with_arrivals(start, r, self._future.get(r.model, []), now) + own, start_pct + own)
+        return miss
 
     def _predict(self, r: Request, mean_s: float, pct_s: float) -> None:
         """Record `r`'s predicted TTFT: the mean times its class's calibrated ratio, or the estimator's own
