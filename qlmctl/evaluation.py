@@ -97,7 +97,7 @@ SUITE: tuple[EvalScenario, ...] = (
     # where even the interactive + 60 s classes alone (60 % of requests) exceed capacity.
     EvalScenario("w_a", "scenarios/w_a.yaml", (30, 55, 80, 110, 140), duration_s=300, quick_duration_s=40),
     # Four models on two instances: capacity depends on the swaps; 45 req/s overloads every policy.
-    EvalScenario("w_b", "scenarios/w_b.yaml", (10, 20, 30, 45), duration_s=900, quick_duration_s=120),
+    EvalScenario("w_b", "scenarios/w_b.yaml", (10, 20, 30, 45, 60), duration_s=900, quick_duration_s=120),
     # Long prompts: KV-bound, about 5 req/s of capacity.
     EvalScenario("w_c", "scenarios/w_c.yaml", (3, 5, 7, 10), duration_s=600, quick_duration_s=80),
     # Real traces, arrivals compressed to each rate (their burstiness kept).
