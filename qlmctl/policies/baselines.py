@@ -66,22 +66,35 @@ class QueuePolicy(Policy):
         for model, q in self._queues.items():
             if not q:
                 continue
-            serving = [rm for rm in rooms if rm.inst.model == model]
+            # Least-loaded first (ties by instance id). A room the head does not fit is passed over for that
+            # head only: a later, smaller head may fit it. So a call leaves each model's head fitting no room,
+            # and a second call with nothing changed dispatches nothing (the simulator relies on that).
+            serving = [(rm.load, rm.inst.instance_id, rm) for rm in rooms if rm.inst.model == model]
+            heapq.heapify(serving)
             while q and serving:
                 r = q[0][2]
-                # Least-loaded first; its KV figure is re-read, as decoding shrinks it between events.
-                best = min(serving, key=lambda rm: (rm.load, rm.inst.instance_id))
-                book.fresh_blocks(best)
-                if not best.fits(r):
-                    serving.remove(best)
-                    continue
+                passed = []
+                while serving:
+                    best = serving[0][2]
+                    # Its KV figure is re-read, as decoding shrinks it between events.
+                    book.fresh_blocks(best)
+                    if best.fits(r):
+                        break
+                    passed.append(heapq.heappop(serving))
+                else:
+                    break  # the head fits nowhere: it waits, and so does everything behind it
                 heapq.heappop(q)
                 self._count -= 1
                 self._depth[r.slo_class] -= 1
                 best.take(r)
-                out.append(Dispatch(r, best.inst.instance_id))
+                iid = best.inst.instance_id
+                out.append(Dispatch(r, iid))
                 if best.slots <= 0:
-                    serving.remove(best)
+                    heapq.heappop(serving)
+                else:
+                    heapq.heapreplace(serving, (best.load, iid, best))
+                for e in passed:
+                    heapq.heappush(serving, e)
         if self.ctx.enable_swap and self._count:
             out.extend(self._swaps(cluster))
         return out
