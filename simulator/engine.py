@@ -92,6 +92,11 @@ class _Segment:
     end: float
     fixed: float = 0.0
     """Cost of each step apart from the decode context (which grows by `decode` tokens a step)."""
+    n_cmd: int = 0
+    """`n` as commands have cut it; `n` itself may be cut further, ahead of time, by the next arrival from
+    transit (see `Engine.next_event_time`)."""
+    cut_by: object = None
+    """The sequence in transit whose arrival's cut `n` already holds (None: none)."""
 
 
 @dataclass
@@ -118,6 +123,9 @@ class Engine:
         self.policy = policy
         self._on_admit = on_admit
         self.profile: EngineProfile | None = profile
+        self._lag = 2 if profile is not None and profile.async_scheduling else 1
+        """Steps already scheduled when a command comes: the one in flight, and with asynchronous scheduling
+        the one after it."""
         self.stats = EngineStats()
         self._waiting: deque[Sequence] = deque()
         self._waiting_heap: list[tuple[int, float, int, Sequence]] = []
@@ -180,14 +188,30 @@ class Engine:
         return not self._running and self.num_waiting == 0 and not self.loading
 
     def next_event_time(self) -> float:
-        """Time of the next internal boundary (inf when idle)."""
+        """Time of the next internal boundary (inf when idle).
+
+        A sequence arriving from transit while a segment runs changes nothing anyone outside sees until
+        the step end where it can be admitted: it cuts the segment there. That cut is known as soon as the
+        arrival is the next one, so it is made then, and the arrival itself is no event of its own (the
+        sequence reaches the waiting queue in `advance`, in time order, before that boundary). Only
+        an idle engine wakes at an arrival from transit."""
         if self._load_until is not None:
             return self._load_until
-        t = self._seg.end if self._seg is not None else INF
         transit = self._transit
         while transit and transit[0][2].state is not SeqState.TRANSIT:
             heapq.heappop(transit)  # aborted on the way
-        return min(t, transit[0][0]) if transit else t
+        seg = self._seg
+        if seg is None:
+            return transit[0][0] if transit else INF
+        if transit:
+            ready, _, q = transit[0]
+            if ready < seg.end and seg.cut_by is not q:
+                seg.cut_by = q
+                n = min(seg.n, self._steps_done(seg, ready - seg.t0) + self._lag)
+                if n < seg.n:
+                    seg.n = n
+                    seg.end = seg.t0 + self._seg_time(seg, n)
+        return seg.end
 
     def step_s(self) -> float:
         """Duration of a step of the segment in flight (its first; the fixed cost of a step when idle), s."""
@@ -229,6 +253,12 @@ class Engine:
         """Remove `seq` at the end of the step in flight; an ABORTED output reports it."""
         if seq.state is SeqState.TRANSIT:  # not at the engine yet: gone at once
             self._leave_transit(seq)
+            seg = self._seg
+            if seg is not None and seg.cut_by is seq:  # its arrival's cut, made ahead of time, is void
+                seg.cut_by = None
+                if seg.n != seg.n_cmd:
+                    seg.n = seg.n_cmd
+                    seg.end = seg.t0 + self._seg_time(seg, seg.n)
             seq.state = SeqState.DONE
             self._outputs.append(Output(OutputKind.ABORTED, now, seq))
             return
@@ -279,6 +309,7 @@ class Engine:
         t = self._load_until
         assert t is not None and self._load_profile is not None
         self.profile = self._load_profile
+        self._lag = 2 if self.profile.async_scheduling else 1
         self._phase_cnt = [0] * self.profile.block_size
         self._load_until = None
         self._load_profile = None
@@ -298,11 +329,12 @@ class Engine:
             return
         done = self._steps_done(seg, now - seg.t0)
         # The step in flight is already scheduled; with asynchronous scheduling so is the one after it.
-        lag = 2 if self.profile is not None and self.profile.async_scheduling else 1
-        n = min(seg.n, done + lag)
-        if n < seg.n:
-            seg.n = n
-            seg.end = seg.t0 + self._seg_time(seg, n)
+        n = done + self._lag
+        if n < seg.n_cmd:
+            seg.n_cmd = n
+            if n < seg.n:
+                seg.n = n
+                seg.end = seg.t0 + self._seg_time(seg, n)
 
     def _first_step_s(self, seg: _Segment) -> float:
         """Duration of `seg`'s first step; each later one reads `decode` more context tokens."""
@@ -591,7 +623,8 @@ class Engine:
                 n = 1
                 pairs = self._prefill_pairs(prefill)
             fixed = p.step_time(prefill, d, 0, pairs)
-            seg = _Segment(t0=t, n=int(n), prefill=prefill, decode=d, ctx0=self._ctx, end=0.0, fixed=fixed)
+            seg = _Segment(t0=t, n=int(n), prefill=prefill, decode=d, ctx0=self._ctx, end=0.0, fixed=fixed,
+                           n_cmd=int(n))
             seg.end = t + self._seg_time(seg, seg.n)
             self._seg = seg
             return
