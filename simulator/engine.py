@@ -65,6 +65,8 @@ class Sequence:
     prefill_left: int = 0
     blocks: int = 0
     """KV blocks held while waiting-admitted or prefilling (decoding sequences are counted lazily)."""
+    need: int = 0
+    """KV blocks it needs free to be admitted (set whenever it is queued: its tokens do not change then)."""
     join_step: int = 0
     gen_at_join: int = 0
     finish_step: int = 0
@@ -97,6 +99,8 @@ class _Segment:
     transit (see `Engine.next_event_time`)."""
     cut_by: object = None
     """The sequence in transit whose arrival's cut `n` already holds (None: none)."""
+    cut_n: int = 0
+    """That cut: the steps of this segment begun by that arrival's step end."""
 
 
 @dataclass
@@ -136,7 +140,8 @@ class Engine:
         self._decode_heap: list[tuple[int, int, Sequence]] = []
         self._num_decode = 0
         self._ctx = 0  # total KV tokens of decoding sequences at step counter `_s`
-        self._phase_cnt = [0] * (profile.block_size if profile else DEFAULT_BLOCK_SIZE)
+        self._bs = profile.block_size if profile else DEFAULT_BLOCK_SIZE
+        self._phase_cnt = [0] * self._bs
         self._used = 0  # KV blocks in use at step `_s` (prefill allocations + decode, lazily exact)
         self._s = 0
         self._admit_counter = 0
@@ -152,6 +157,8 @@ class Engine:
         self._load_until: float | None = None
         self._load_profile: EngineProfile | None = None
         self._outputs: list[Output] = []
+        self._fcfs = policy == "fcfs"
+        self._next = INF  # next_event_time(), kept current by every command and by advance()
 
     # ----------------------------------------------------------------- views
     @property
@@ -188,7 +195,11 @@ class Engine:
         return not self._running and self.num_waiting == 0 and not self.loading
 
     def next_event_time(self) -> float:
-        """Time of the next internal boundary (inf when idle).
+        """Time of the next internal boundary (inf when idle); see `_update_next`."""
+        return self._next
+
+    def _update_next(self) -> None:
+        """Work out `next_event_time` after a change.
 
         A sequence arriving from transit while a segment runs changes nothing anyone outside sees until
         the step end where it can be admitted: it cuts the segment there. That cut is known as soon as the
@@ -196,22 +207,24 @@ class Engine:
         sequence reaches the waiting queue in `advance`, in time order, before that boundary). Only
         an idle engine wakes at an arrival from transit."""
         if self._load_until is not None:
-            return self._load_until
+            self._next = self._load_until
+            return
         transit = self._transit
         while transit and transit[0][2].state is not SeqState.TRANSIT:
             heapq.heappop(transit)  # aborted on the way
         seg = self._seg
         if seg is None:
-            return transit[0][0] if transit else INF
+            self._next = transit[0][0] if transit else INF
+            return
         if transit:
             ready, _, q = transit[0]
             if ready < seg.end and seg.cut_by is not q:
                 seg.cut_by = q
-                n = min(seg.n, self._steps_done(seg, ready - seg.t0) + self._lag)
+                n = seg.cut_n = self._steps_done(seg, ready - seg.t0) + self._lag
                 if n < seg.n:
                     seg.n = n
                     seg.end = seg.t0 + self._seg_time(seg, n)
-        return seg.end
+        self._next = seg.end
 
     def step_s(self) -> float:
         """Duration of a step of the segment in flight (its first; the fixed cost of a step when idle), s."""
@@ -233,21 +246,27 @@ class Engine:
     def submit(self, seq: Sequence, now: float, delay_s: float = 0.0) -> None:
         """Queue `seq`; it can be admitted at the end of the step in flight (or now if idle). With
         `delay_s`, it reaches the engine that much later (it counts as waiting here meanwhile)."""
-        if self.profile is None or self.loading:
+        if self.profile is None or self._load_until is not None:
             raise RuntimeError("engine has no model loaded")
+        seq.need = -(-(seq.prompt_tokens + seq.generated + 1) // self._bs)  # admission_blocks
         if delay_s > 0.0:
             seq.state = SeqState.TRANSIT
             self._transit_order += 1
             heapq.heappush(self._transit, (now + delay_s, self._transit_order, seq))
             self._transit_count += 1
-            self._transit_blocks += self._blocks_needed(seq)
-            return
+            self._transit_blocks += seq.need
+        else:
+            self._submit_now(seq, now)
+        self._update_next()
+
+    def _submit_now(self, seq: Sequence, now: float) -> None:
+        """`seq` (its `need` set) reaches the engine at `now`."""
         seq.state = SeqState.WAITING
         seq.prefill_left = seq.prompt_tokens + seq.generated
         self._pending.append(("submit", seq))
         self._pending_submits += 1
-        self._pending_blocks += self._blocks_needed(seq)
-        self._interrupt(now)
+        self._pending_blocks += seq.need
+        self._interrupt(now, seq)
 
     def abort(self, seq: Sequence, now: float) -> None:
         """Remove `seq` at the end of the step in flight; an ABORTED output reports it."""
@@ -261,9 +280,10 @@ class Engine:
                     seg.end = seg.t0 + self._seg_time(seg, seg.n)
             seq.state = SeqState.DONE
             self._outputs.append(Output(OutputKind.ABORTED, now, seq))
-            return
-        self._pending.append(("abort", seq))
-        self._interrupt(now)
+        else:
+            self._pending.append(("abort", seq))
+            self._interrupt(now)
+        self._update_next()
 
     def load_model(self, profile: EngineProfile, now: float, duration_s: float) -> None:
         """Swap to `profile`'s model; the engine must hold no sequences."""
@@ -274,23 +294,26 @@ class Engine:
         self.profile = None
         self.stats.loads += 1
         self.stats.load_s += duration_s
+        self._update_next()
 
     def advance(self, now: float) -> list[Output]:
         """Process every boundary at or before `now`; return what happened, in time order."""
         out = self._outputs
         self._outputs = []
+        transit = self._transit
         while True:
-            t = self.next_event_time()
+            t = self._next
             if t > now or t == INF:
                 break
             if self._load_until is not None:
                 self._finish_load()
-            elif self._transit and self._transit[0][0] < (self._seg.end if self._seg is not None else INF):
-                ready, _, q = heapq.heappop(self._transit)
+            elif transit and transit[0][0] < (self._seg.end if self._seg is not None else INF):
+                ready, _, q = heapq.heappop(transit)
                 self._leave_transit(q)
-                self.submit(q, ready)
+                self._submit_now(q, ready)
             else:
                 self._boundary()
+            self._update_next()
         if self._outputs:
             out.extend(self._outputs)
             self._outputs = []
@@ -298,19 +321,19 @@ class Engine:
 
     # ------------------------------------------------------------ internals
     def _blocks_needed(self, seq: Sequence) -> int:
-        bs = self.profile.block_size if self.profile else DEFAULT_BLOCK_SIZE
-        return admission_blocks(seq.prompt_tokens + seq.generated, bs)
+        return admission_blocks(seq.prompt_tokens + seq.generated, self._bs)
 
     def _leave_transit(self, q: Sequence) -> None:
         self._transit_count -= 1
-        self._transit_blocks -= self._blocks_needed(q)
+        self._transit_blocks -= q.need
 
     def _finish_load(self) -> None:
         t = self._load_until
         assert t is not None and self._load_profile is not None
         self.profile = self._load_profile
         self._lag = 2 if self.profile.async_scheduling else 1
-        self._phase_cnt = [0] * self.profile.block_size
+        self._bs = self.profile.block_size
+        self._phase_cnt = [0] * self._bs
         self._load_until = None
         self._load_profile = None
         self._clock = t
@@ -318,18 +341,21 @@ class Engine:
         if self._pending:
             self._plan(t)
 
-    def _interrupt(self, now: float) -> None:
-        """Cut the segment in flight at its next step end so pending ops apply there."""
+    def _interrupt(self, now: float, arrival: Sequence | None = None) -> None:
+        """Cut the segment in flight at its next step end so pending ops apply there (`arrival`: the sequence
+        whose arrival at the engine this is, whose cut may have been worked out already)."""
         seg = self._seg
-        if self.loading:
+        if self._load_until is not None:
             return
         if seg is None:
             self._clock = max(self._clock, now)
             self._plan(self._clock)
             return
-        done = self._steps_done(seg, now - seg.t0)
         # The step in flight is already scheduled; with asynchronous scheduling so is the one after it.
-        n = done + self._lag
+        if arrival is not None and seg.cut_by is arrival:
+            n = seg.cut_n
+        else:
+            n = self._steps_done(seg, now - seg.t0) + self._lag
         if n < seg.n_cmd:
             seg.n_cmd = n
             if n < seg.n:
@@ -354,17 +380,19 @@ class Engine:
             return 0
         p = self.profile
         assert p is not None
-        a = self._first_step_s(seg)
-        g = p.per_context_token_s * seg.decode / 2.0
+        c = p.per_context_token_s
+        dec = seg.decode
+        a = seg.fixed + c * seg.ctx0  # _first_step_s
+        g = c * dec / 2.0
         if g <= 0:
             k = int(dt / a)
         else:
             b = a - g
             k = int((-b + math.sqrt(b * b + 4 * g * dt)) / (2 * g))
-        # Guard the float edge either way.
-        while k > 0 and self._seg_time(seg, k) > dt:
+        # Guard the float edge either way (the time of k steps as `_seg_time` works it out).
+        while k > 0 and k * a + c * dec * k * (k - 1) / 2.0 > dt:
             k -= 1
-        while self._seg_time(seg, k + 1) <= dt:
+        while (k + 1) * a + c * dec * (k + 1) * k / 2.0 <= dt:
             k += 1
         return k
 
@@ -375,12 +403,13 @@ class Engine:
         n = seg.n
         self._seg = None
         self._clock = t
-        self.stats.busy_s += t - seg.t0
-        self.stats.steps += n
-        bs = len(self._phase_cnt)
+        stats = self.stats
+        stats.busy_s += t - seg.t0
+        stats.steps += n
+        s = self._s
         # Decode progress: D tokens a step, new blocks where sequences cross a block boundary.
         if seg.decode:
-            s = self._s
+            bs = self._bs
             cnt = self._phase_cnt
             full, rem = divmod(n, bs)
             add = full * self._num_decode
@@ -388,8 +417,8 @@ class Engine:
                 add += cnt[(-(s + j)) % bs]
             self._used += add
             self._ctx += seg.decode * n
-        self._s += n
-        s = self._s
+        s += n
+        self._s = s
         # Prefill progress: P tokens a step, FIFO over prefilling sequences.
         if seg.prefill:
             stream = seg.prefill * n
@@ -397,20 +426,24 @@ class Engine:
             pf = self._prefilling
             while pf and stream > 0:
                 q = pf[0]
-                take = min(q.prefill_left, stream)
-                q.prefill_left -= take
-                stream -= take
-                if q.prefill_left == 0:
-                    pf.popleft()
-                    self._prefill_done(q, t)
+                left = q.prefill_left
+                if left > stream:
+                    q.prefill_left = left - stream
+                    break
+                q.prefill_left = 0
+                stream -= left
+                pf.popleft()
+                self._prefill_done(q, t)
         # Decode completions.
         heap = self._decode_heap
-        while heap and heap[0][0] <= s:
-            fs, _, q = heapq.heappop(heap)
-            if q.state is SeqState.DECODE and q.finish_step == fs:
-                self._finish_decode(q, t)
-        if self._used > self.stats.peak_blocks:
-            self.stats.peak_blocks = self._used
+        if heap and heap[0][0] <= s:
+            decode = SeqState.DECODE
+            while heap and heap[0][0] <= s:
+                fs, _, q = heapq.heappop(heap)
+                if q.state is decode and q.finish_step == fs:
+                    self._finish_decode(q, t)
+        if self._used > stats.peak_blocks:
+            stats.peak_blocks = self._used
         self._plan(t)
 
     def _prefill_done(self, q: Sequence, t: float) -> None:
@@ -426,26 +459,27 @@ class Engine:
             self._outputs.append(Output(OutputKind.FINISHED, t, q))
             return
         # Join decode: blocks now counted lazily from the token count.
-        bs = len(self._phase_cnt)
-        tokens = q.prompt_tokens + q.generated
-        self._used += kv_blocks_for(tokens, bs) - q.blocks
+        bs = self._bs
+        gen = q.generated
+        tokens = q.prompt_tokens + gen
+        s = self._s
+        self._used += -(-tokens // bs) - q.blocks  # kv_blocks_for
         q.blocks = 0
         q.state = SeqState.DECODE
-        q.join_step = self._s
-        q.gen_at_join = q.generated
-        q.finish_step = self._s + (q.max_tokens - q.generated)
-        q.phase = (tokens - 1 - self._s) % bs
-        self._phase_cnt[q.phase] += 1
+        q.join_step = s
+        q.gen_at_join = gen
+        fs = q.finish_step = s + (q.max_tokens - gen)
+        phase = q.phase = (tokens - 1 - s) % bs
+        self._phase_cnt[phase] += 1
         self._num_decode += 1
         self._ctx += tokens
-        heapq.heappush(self._decode_heap, (q.finish_step, q.admit_order, q))
+        heapq.heappush(self._decode_heap, (fs, q.admit_order, q))
 
     def _leave_decode(self, q: Sequence) -> None:
         """Materialise a decoding sequence's tokens and take it out of the decode accounting."""
-        bs = len(self._phase_cnt)
-        q.generated = q.gen_at_join + (self._s - q.join_step)
-        tokens = q.prompt_tokens + q.generated
-        self._used -= kv_blocks_for(tokens, bs)
+        gen = q.generated = q.gen_at_join + (self._s - q.join_step)
+        tokens = q.prompt_tokens + gen
+        self._used -= -(-tokens // self._bs)  # kv_blocks_for
         self._phase_cnt[q.phase] -= 1
         self._num_decode -= 1
         self._ctx -= tokens
@@ -467,18 +501,20 @@ class Engine:
             q.blocks = 0
             del self._running[q.admit_order]
         elif q.state is SeqState.WAITING:
-            if self.policy == "fcfs":
+            if self._fcfs:
                 self._waiting.remove(q)
             else:
                 self._waiting_heap = [e for e in self._waiting_heap if e[3] is not q]
                 heapq.heapify(self._waiting_heap)
-            self._waiting_blocks -= self._blocks_needed(q)
+            self._waiting_blocks -= q.need
 
     def _enqueue_waiting(self, q: Sequence, front: bool) -> None:
         q.state = SeqState.WAITING
-        q.prefill_left = q.prompt_tokens + q.generated
-        self._waiting_blocks += self._blocks_needed(q)
-        if self.policy == "fcfs":
+        tokens = q.prompt_tokens + q.generated
+        q.prefill_left = tokens
+        q.need = need = -(-(tokens + 1) // self._bs)  # admission_blocks
+        self._waiting_blocks += need
+        if self._fcfs:
             if front:
                 self._waiting.appendleft(q)
             else:
@@ -486,21 +522,8 @@ class Engine:
         else:
             heapq.heappush(self._waiting_heap, (q.priority, q.arrival_s, q.seq_id, q))
 
-    def _peek_waiting(self) -> Sequence | None:
-        if self.policy == "fcfs":
-            return self._waiting[0] if self._waiting else None
-        return self._waiting_heap[0][3] if self._waiting_heap else None
-
-    def _pop_waiting(self) -> Sequence:
-        if self.policy == "fcfs":
-            q = self._waiting.popleft()
-        else:
-            q = heapq.heappop(self._waiting_heap)[3]
-        self._waiting_blocks -= self._blocks_needed(q)
-        return q
-
     def _preempt_one(self, t: float) -> None:
-        if self.policy == "fcfs":
+        if self._fcfs:
             victim = self._running[next(reversed(self._running))]
         else:
             victim = max(self._running.values(), key=lambda q: (q.priority, q.arrival_s, q.seq_id))
@@ -528,34 +551,41 @@ class Engine:
         assert p is not None
         on_admit = self._on_admit
         budget_left = p.max_num_batched_tokens - self._num_decode - self._prefill_total
-        while budget_left > 0 and len(self._running) < p.max_num_seqs:
-            q = self._peek_waiting()
-            if q is None:
-                break
-            need = self._blocks_needed(q)
-            if self._used + need > p.kv_blocks:
+        running = self._running
+        max_seqs, kv = p.max_num_seqs, p.kv_blocks
+        fcfs = self._fcfs
+        waiting = self._waiting if fcfs else self._waiting_heap
+        while budget_left > 0 and len(running) < max_seqs and waiting:
+            q = waiting[0] if fcfs else waiting[0][3]
+            need = q.need
+            if self._used + need > kv:
                 break  # head-of-line waits for memory, as in vLLM
-            self._pop_waiting()
+            if fcfs:
+                waiting.popleft()
+            else:
+                heapq.heappop(waiting)
+            self._waiting_blocks -= need
             self._used += need
             q.blocks = need
             q.state = SeqState.PREFILL
             self._admit_counter += 1
-            q.admit_order = self._admit_counter
-            self._running[q.admit_order] = q
+            order = q.admit_order = self._admit_counter
+            running[order] = q
             self._prefilling.append(q)
-            self._prefill_total += q.prefill_left
-            budget_left -= q.prefill_left
+            left = q.prefill_left
+            self._prefill_total += left
+            budget_left -= left
             if on_admit is not None:
                 on_admit(q, t)
-        if len(self._running) > self.stats.peak_running:
-            self.stats.peak_running = len(self._running)
+        if len(running) > self.stats.peak_running:
+            self.stats.peak_running = len(running)
 
     def _kv_steps(self, free: int) -> float:
         """First step (1-based) at which decoding sequences need more than `free` new blocks."""
         d = self._num_decode
         if d == 0:
             return INF
-        bs = len(self._phase_cnt)
+        bs = self._bs
         cnt = self._phase_cnt
         periods, left = divmod(free, d)
         s = self._s
@@ -610,13 +640,17 @@ class Engine:
             n = min(n_pf, n_dec)
             if n == INF:
                 return  # idle
-            n_kv = self._kv_steps(p.kv_blocks - self._used)
-            if n_kv <= 1:
-                # Like vLLM V1, nothing new is admitted in a step that had to preempt.
-                self._preempt_one(t)
-                continue
-            if n_kv <= n:
-                n = n_kv - 1
+            free = p.kv_blocks - self._used
+            # The decodes need at most d new blocks every block_size steps: only look closer when the free
+            # blocks may not last the segment.
+            if free < d * -(-n // self._bs):
+                n_kv = self._kv_steps(free)
+                if n_kv <= 1:
+                    # Like vLLM V1, nothing new is admitted in a step that had to preempt.
+                    self._preempt_one(t)
+                    continue
+                if n_kv <= n:
+                    n = n_kv - 1
             pairs = 0.0
             if prefill and p.per_prefill_pair_s:
                 # Each chunk of a long prompt sees more cached tokens than the last, so steps differ.
