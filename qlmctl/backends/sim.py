@@ -25,12 +25,18 @@ from simulator.engine import Engine, OutputKind, Sequence
 from simulator.profile import EngineProfile
 
 INF = math.inf
+_FINISHED, _FIRST_TOKEN = OutputKind.FINISHED, OutputKind.FIRST_TOKEN
 SIM_RESOLUTION_S = 1e-6
 """The simulated clock's tick: a wake-up asked for at or before now comes this much later."""
 
 
 class SimInstance:
-    """One simulated vLLM instance, as the scheduler sees it (implements InstanceView)."""
+    """One simulated vLLM instance, as the scheduler sees it (implements InstanceView).
+
+    `model`, `profile` and `swapping` are plain attributes (policies read them on every call): the cluster
+    keeps them current with `sync` whenever a swap begins or ends."""
+
+    healthy = True
 
     def __init__(
         self,
@@ -52,26 +58,24 @@ class SimInstance:
         self.swap_after_drain: str | None = None
         """A model to load once the requests still on the engine have finished (the instance takes none meanwhile)."""
         self.api_server = APIServer(self.engine)
+        self.model: str | None = None
+        """The model loaded now (None while nothing is loaded)."""
+        self.profile: EngineProfile | None = None
+        """Timing profile of the loaded model on this instance's GPU."""
+        self.swapping = False
+        """True while a model swap is under way (or waits for the instance to drain); it serves nothing then."""
+        self.sync()
+
+    def sync(self) -> None:
+        """Bring `model`, `profile` and `swapping` up to date with the engine."""
+        eng = self.engine
+        self.profile = eng.profile
+        self.model = eng.model
+        self.swapping = eng.loading or self.swap_after_drain is not None
 
     @property
     def instance_id(self) -> int:
         return self._id
-
-    @property
-    def model(self) -> str | None:
-        return self.engine.model
-
-    @property
-    def swapping(self) -> bool:
-        return self.engine.loading or self.swap_after_drain is not None
-
-    @property
-    def healthy(self) -> bool:
-        return True
-
-    @property
-    def profile(self) -> EngineProfile | None:
-        return self.engine.profile
 
     @property
     def num_running(self) -> int:
@@ -147,7 +151,10 @@ class SimulatedCluster:
             self._instances.append(SimInstance(iid, name, spec.gpu, profiles, spec.model, discipline))
         self._now = 0.0
         self._seqs: dict[int, Sequence] = {}
+        self._engines = [inst.engine for inst in self._instances]
         self._heap: list[tuple[float, int]] = []
+        self._pushed: list[float | None] = [None] * len(self._instances)
+        """Per engine, the time of its one live entry in `_heap` (None: none)."""
         self._evictions = 0
         self._done = 0
         span = self.requests[-1].arrival_s - self.requests[0].arrival_s if self.requests else 0.0
@@ -174,12 +181,12 @@ class SimulatedCluster:
     def dispatch(self, request: Request, instance_id: int, now: float) -> bool:
         r = request
         inst = self._instances[instance_id]
-        seq = self._seqs.get(r.request_id)
+        rid = r.request_id
+        seq = self._seqs.get(rid)
         if seq is None:
-            seq = Sequence(r.request_id, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, tag=r)
-            self._seqs[r.request_id] = seq
-        inst.engine.submit(seq, now, inst.ingress_delay(now))
-        inst.requests[r.request_id] = (r, seq)
+            seq = self._seqs[rid] = Sequence(rid, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, tag=r)
+        inst.engine.submit(seq, now, inst.api_server.ingress_delay(now))
+        inst.requests[rid] = (r, seq)
         self._touched.add(instance_id)
         return True
 
@@ -192,6 +199,7 @@ class SimulatedCluster:
         inst = self._instances[instance_id]
         if inst.requests:
             inst.swap_after_drain = model
+            inst.sync()
             return
         self._load(inst, model, now)
         self._touched.add(instance_id)
@@ -201,8 +209,11 @@ class SimulatedCluster:
         self._done += 1
 
     def applied(self, now: float) -> None:
+        engines = self._engines
         for iid in self._touched:
-            self._handle(iid, self._instances[iid].engine.advance(now))
+            outs = engines[iid].advance(now)
+            if outs:
+                self._handle(iid, outs)
             self._push(iid)
         self._touched.clear()
 
@@ -211,6 +222,7 @@ class SimulatedCluster:
         assert prof is not None  # the driver checked
         dur = inst.load_time(model)
         inst.engine.load_model(prof, now, dur)
+        inst.sync()
         inst._warm.add(model)
         inst.swaps += 1
         self.timeline.append((now, "swap", inst.instance_id, model, "", dur))
@@ -223,31 +235,42 @@ class SimulatedCluster:
         i = 0
         events = 0
         heap = self._heap
+        pushed = self._pushed
+        engines = self._engines
+        heappop = heapq.heappop
+        handle, push = self._handle, self._push
         driver = self.driver
         arrived = driver.arrived
+        schedule = driver.schedule
         wake: float | None = None
         last_progress = 0
         max_len = {m: max(inst.profile_for(m).max_model_len for inst in self._instances) for m in self.scenario.models}
+        t_arr = reqs[0].arrival_s if n else INF
         while True:
-            t_arr = reqs[i].arrival_s if i < n else INF
-            while heap and heap[0][0] != self._instances[heap[0][1]].engine.next_event_time():
-                heapq.heappop(heap)
+            # The heap's top is live if it is its engine's latest entry (see _push).
+            while heap and heap[0][0] != pushed[heap[0][1]]:
+                heappop(heap)
             t_eng = heap[0][0] if heap else INF
-            t_wake = wake if wake is not None else INF
-            now = min(t_arr, t_eng, t_wake)
+            now = t_arr if t_arr < t_eng else t_eng
+            if wake is not None and wake < now:
+                now = wake
             if now == INF:
                 break
             self._now = now
             events += 1
             while heap and heap[0][0] <= now:
-                _, iid = heapq.heappop(heap)
-                eng = self._instances[iid].engine
-                if eng.next_event_time() <= now:
-                    self._handle(iid, eng.advance(now))
-                    self._push(iid)
-            while i < n and reqs[i].arrival_s <= now:
+                t, iid = heappop(heap)
+                if pushed[iid] != t:
+                    continue  # superseded
+                pushed[iid] = None
+                outs = engines[iid].advance(now)
+                if outs:
+                    handle(iid, outs)
+                push(iid)
+            while t_arr <= now:
                 r = reqs[i]
                 i += 1
+                t_arr = reqs[i].arrival_s if i < n else INF
                 if r.prompt_tokens + r.output_tokens > max_len.get(r.model, 0):
                     # vLLM answers 400 to such a request; it is counted as failed, not dropped.
                     r.error = "prompt_tokens + max_tokens exceeds max_model_len"
@@ -256,7 +279,7 @@ class SimulatedCluster:
                 arrived(r, now)
             if now >= self._next_sample:
                 self._sample(now)
-            wake = driver.schedule(now)
+            wake = schedule(now)
             if progress is not None and self._done - last_progress >= 2000:
                 last_progress = self._done
                 progress(self._done, n)
@@ -297,9 +320,15 @@ class SimulatedCluster:
         )
 
     def _push(self, iid: int) -> None:
-        t = self._instances[iid].engine.next_event_time()
-        if t < INF:
-            heapq.heappush(self._heap, (t, iid))
+        """Enter engine `iid`'s next event time in the heap, unless its live entry already says it. An engine's
+        entries other than the latest are stale and dropped when they reach the top."""
+        t = self._engines[iid].next_event_time()
+        if t != self._pushed[iid]:
+            if t < INF:
+                heapq.heappush(self._heap, (t, iid))
+                self._pushed[iid] = t
+            else:
+                self._pushed[iid] = None
 
     def _sample(self, now: float) -> None:
         for cls, depth in self.policy.queue_depths().items():
@@ -309,21 +338,23 @@ class SimulatedCluster:
     def _handle(self, iid: int, outs: list) -> None:
         inst = self._instances[iid]
         driver = self.driver
+        front = inst.api_server.frontend_delay
         for o in outs:
             kind = o.kind
-            if kind is OutputKind.FINISHED:
+            if kind is _FINISHED:
                 seq = o.seq
                 r: Request = seq.tag
-                r.finish_s = o.time + inst.frontend_delay()
+                r.finish_s = o.time + front()
                 r.generated_tokens = seq.generated
-                del inst.requests[r.request_id]
-                del self._seqs[r.request_id]
+                rid = r.request_id
+                del inst.requests[rid]
+                del self._seqs[rid]
                 self._done += 1
                 driver.finished(r, o.time)
-            elif kind is OutputKind.FIRST_TOKEN:
+            elif kind is _FIRST_TOKEN:
                 r = o.seq.tag
                 if r.first_token_s is None:
-                    r.first_token_s = o.time + inst.frontend_delay()
+                    r.first_token_s = o.time + front()
                 driver.first_token(r, o.time)
             elif kind is OutputKind.PREEMPTED:
                 o.seq.tag.num_preemptions += 1
@@ -337,6 +368,7 @@ class SimulatedCluster:
                 self.timeline.append((o.time, "evict", iid, r.model, r.slo_class, float(seq.generated)))
                 driver.evicted(r, o.time)
             elif kind is OutputKind.LOADED:
+                inst.sync()
                 driver.instance_changed(iid)
         if inst.swap_after_drain is not None and not inst.requests and outs:
             model, inst.swap_after_drain = inst.swap_after_drain, None
