@@ -9,6 +9,7 @@ engines' operations.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import time
@@ -229,6 +230,18 @@ class SimulatedCluster:
 
     # ------------------------------------------------------------------ run
     def run(self, progress: Callable[[int, int], None] | None = None) -> SimResult:
+        # The loop makes no reference cycles worth collecting, but millions of short-lived objects, whose
+        # allocation counts set off collections that walk every live request: without the cycle collector a
+        # million-request run is a fifth faster, and its cost stays linear in requests.
+        gc_on = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(progress)
+        finally:
+            if gc_on:
+                gc.enable()
+
+    def _run(self, progress: Callable[[int, int], None] | None) -> SimResult:
         wall0 = time.perf_counter()
         reqs = self.requests
         n = len(reqs)
