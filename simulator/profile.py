@@ -208,6 +208,13 @@ class EngineProfile:
         """Seconds to prefill `prompt_tokens` alone on an idle engine (chunked by the budget)."""
         if prompt_tokens <= 0:
             return 0.0
+        if prompt_tokens <= self.max_num_batched_tokens:
+            # One step: `prefill_terms`' arithmetic for that case, without its calls (policies ask this per
+            # request on their hot path).
+            knee = self.knee_tokens
+            billed = prompt_tokens if knee <= 0 else max(0, prompt_tokens - knee)
+            return (self.base_s + self.per_prefill_step_s + self.per_prefill_token_s * billed
+                    + self.per_prefill_pair_s * (prompt_tokens * (0 + (prompt_tokens + 1) / 2.0)))
         steps, billed, pairs = self.prefill_terms(prompt_tokens)
         return (steps * (self.base_s + self.per_prefill_step_s) + self.per_prefill_token_s * billed
                 + self.per_prefill_pair_s * pairs)
