@@ -313,6 +313,9 @@ class Engine:
                 self._submit_now(q, ready)
             else:
                 self._boundary()
+                if not transit and self._seg is not None and self._load_until is None:
+                    self._next = self._seg.end  # `_update_next`'s answer when nothing is in transit
+                    continue
             self._update_next()
         if self._outputs:
             out.extend(self._outputs)
