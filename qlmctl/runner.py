@@ -11,7 +11,7 @@ from typing import Any
 
 from qlmctl.backends.sim import SimResult, SimulatedCluster
 from qlmctl.core.request import Request
-from qlmctl.metrics import summarize
+from qlmctl.metrics import INSTANCE_STATS, summarize
 from qlmctl.policies import PolicyContext, make_policy
 from qlmctl.report import timeline_frame, write_results
 from qlmctl.scenario import Scenario
@@ -52,6 +52,7 @@ def simulate(
         result.requests,
         instance_busy_s=busy,
         num_swaps=result.num_swaps,
+        instance_stats={str(i["instance_id"]): {k: i[k] for k in INSTANCE_STATS} for i in result.instances},
         extra={
             "policy": policy,
             "scenario": scenario.spec.name,

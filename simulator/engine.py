@@ -580,8 +580,11 @@ class Engine:
             budget_left -= left
             if on_admit is not None:
                 on_admit(q, t)
-        if len(running) > self.stats.peak_running:
-            self.stats.peak_running = len(running)
+        stats = self.stats
+        if len(running) > stats.peak_running:
+            stats.peak_running = len(running)
+        if self._used > stats.peak_blocks:
+            stats.peak_blocks = self._used
 
     def _kv_steps(self, free: int) -> float:
         """First step (1-based) at which decoding sequences need more than `free` new blocks."""

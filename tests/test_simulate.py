@@ -190,3 +190,18 @@ def test_qlm_demoting_while_the_queue_runs_dry_in_overload():
     assert run.result.policy_stats["demoted"] > 0
     assert all(r.finish_s is not None and r.error is None for r in run.result.requests)
     assert len({r.request_id for r in run.result.requests}) == 960
+
+
+def test_summary_reports_each_instances_peaks_and_preemptions():
+    sc = make_scenario(instances=2, kv_blocks=120, max_num_seqs=8)
+    run = simulate(sc, "fcfs", mixed_requests(300))
+    s = run.summary
+    assert set(s["instances"]) == {"0", "1"}
+    for inst in run.result.instances:
+        mine = s["instances"][str(inst["instance_id"])]
+        assert mine == {"peak_running": inst["peak_running"], "peak_kv_usage": inst["peak_kv_blocks"] / 120,
+                        "preemptions": inst["preemptions"]}
+        assert 0 < mine["peak_running"] <= 8 and 0 < mine["peak_kv_usage"] <= 1.0
+    assert s["peak_running"] == max(v["peak_running"] for v in s["instances"].values())
+    assert s["peak_kv_usage"] == max(v["peak_kv_usage"] for v in s["instances"].values())
+    assert sum(v["preemptions"] for v in s["instances"].values()) == s["num_preemptions"]

@@ -31,6 +31,12 @@ SIM_RESOLUTION_S = 1e-6
 """The simulated clock's tick: a wake-up asked for at or before now comes this much later."""
 
 
+def _usage(inst: "SimInstance") -> float | None:
+    """Peak KV use of an instance: its peak blocks over the KV capacity of the models it ran (the largest)."""
+    total = max((p.kv_blocks for p in inst._profiles.values()), default=0)
+    return inst.engine.stats.peak_blocks / total if total else None
+
+
 class SimInstance:
     """One simulated vLLM instance, as the scheduler sees it (implements InstanceView).
 
@@ -315,6 +321,8 @@ class SimulatedCluster:
                 "swaps": inst.swaps,
                 "load_s": inst.engine.stats.load_s,
                 "peak_kv_blocks": inst.engine.stats.peak_blocks,
+                "peak_running": inst.engine.stats.peak_running,
+                "peak_kv_usage": _usage(inst),
             }
             for inst in self._instances
         ]
