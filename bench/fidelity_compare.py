@@ -17,6 +17,7 @@ from pathlib import Path
 from statistics import mean
 
 import pandas as pd
+import yaml
 
 from qlmctl.metrics import requests_frame
 from qlmctl.runner import simulate
@@ -76,7 +77,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--api-servers", type=int, default=1,
                     help="vLLM's --api-server-count in the live runs (the simulated profile takes it too)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a profile field for the simulated side, e.g. frontend_window_s=1 (repeatable)")
     args = ap.parse_args()
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    if args.api_servers != 1:
+        extra["api_server_count"] = args.api_servers
 
     runs = {load: repetitions(args.live, load) for load in LOADS}
     lines = ["Live repetitions per load: " + ", ".join(f"{load} {len(r)}" for load, r in runs.items()), "",
@@ -91,10 +97,10 @@ def main() -> None:
     worst: dict[str, float] = {}
     for load, (rate, n) in LOADS.items():
         over: dict = {"workload": {"target_rate_rps": rate, "max_requests": n}}
-        if args.api_servers != 1:
+        if extra:
             base = load_scenario(args.scenario, over)
             over["cluster"] = {"instances": [
-                dict(i.model_dump(), profile_overrides={**i.profile_overrides, "api_server_count": args.api_servers})
+                dict(i.model_dump(), profile_overrides={**i.profile_overrides, **extra})
                 for i in base.spec.cluster.instances]}
         sc = load_scenario(args.scenario, over)
         reqs, _ = build_requests(sc)

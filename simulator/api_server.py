@@ -2,9 +2,13 @@
 
 The server is one Python process between the clients and the engine: it takes in each request before the
 engine sees it and relays every streamed token after. Its costs are the profile's (`frontend_delay`,
-`frontend_wait`); what it adds here is the state they depend on: the streams it relays (the engine's running
-sequences, with the engine's step length) and the rate at which requests arrive, which it tracks as an
-exponentially decayed count.
+`frontend_wait`); what it adds here is the state they depend on: the rate at which requests arrive (an
+exponentially decayed count over `RATE_WINDOW_S`) and the load of the tokens it streams. That load is, by the
+profile's `frontend_window_s`, either the engine step in flight (its streams over its length), or the tokens
+streamed and the steps taken over an exponential window of that length. The two agree on a steady batch; with
+short decode-only steps between long prefill ones, the step in flight puts a request that arrives during a
+short step near saturation (up to ~0.2 s at 200 streams), the window does not. docs/fidelity.md says which
+fits which live runs.
 """
 
 from __future__ import annotations
@@ -14,22 +18,42 @@ import math
 from simulator.engine import Engine
 
 RATE_WINDOW_S = 1.0
-"""Time constant of the arrival rate the server is seen to take in, s."""
+"""Time constant of the rates the server is seen to work at, s."""
 
 
 class APIServer:
     """The API server in front of `engine` (the engine's model may change; the server reads its profile)."""
 
-    __slots__ = ("engine", "_rate", "_rate_t")
+    __slots__ = ("engine", "_rate", "_rate_t", "_token_rate", "_step_rate", "_tokens", "_steps", "_seen_t")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._rate = 0.0  # arrivals per second, decayed over RATE_WINDOW_S
         self._rate_t = 0.0
+        self._token_rate = 0.0  # tokens streamed per second, weighted over the profile's frontend_window_s
+        self._step_rate = 0.0  # engine steps per second, the same way
+        self._tokens = 0  # the engine's token and step counts at `_seen_t`
+        self._steps = 0
+        self._seen_t = 0.0
 
     def arrival_rate(self, now: float) -> float:
         """Requests per second taken in, decayed to `now` (which must not precede the last arrival)."""
         return self._rate * math.exp(-(now - self._rate_t) / RATE_WINDOW_S)
+
+    def stream_rates(self, now: float, window_s: float) -> tuple[float, float]:
+        """(tokens streamed per second, engine steps per second) over an exponential window of `window_s` up to
+        `now`: each interval since the last look weighs in at the rate it had (tokens and steps spread evenly
+        over it)."""
+        tokens, steps = self.engine.streamed(now)
+        dt = now - self._seen_t
+        if dt <= 0:
+            return self._token_rate, self._step_rate
+        decay = math.exp(-dt / window_s)
+        grow = (1.0 - decay) / dt
+        self._token_rate = self._token_rate * decay + (tokens - self._tokens) * grow
+        self._step_rate = self._step_rate * decay + (steps - self._steps) * grow
+        self._tokens, self._steps, self._seen_t = tokens, steps, now
+        return self._token_rate, self._step_rate
 
     def frontend_delay(self) -> float:
         """What a client sees on top of the engine's time now: the profile's frontend delay at the streams
@@ -39,10 +63,14 @@ class APIServer:
 
     def ingress_delay(self, now: float) -> float:
         """Take in a request at `now`; return how long it waits in the server before the engine sees it (the
-        profile's queue model at the streams, step length and arrival rate now, this request included)."""
+        profile's queue model at the streaming load now and the arrival rate, this request included)."""
         self._rate = self.arrival_rate(now) + 1.0 / RATE_WINDOW_S
         self._rate_t = now
         prof = self.engine.profile
-        if prof is None:
+        if prof is None or prof.frontend_queue_factor <= 0.0:
             return 0.0
-        return prof.frontend_wait(self.engine.num_running, self.engine.step_s(), self._rate)
+        window = prof.frontend_window_s
+        if window <= 0.0:
+            return prof.frontend_wait(self.engine.num_running, self.engine.step_s(), self._rate)
+        tokens_per_s, steps_per_s = self.stream_rates(now, window)
+        return prof.frontend_wait_rates(tokens_per_s, steps_per_s, self._rate)

@@ -112,6 +112,8 @@ class EngineStats:
     load_s: float = 0.0
     peak_blocks: int = 0
     peak_running: int = 0
+    tokens: int = 0
+    """Output tokens produced (first tokens and decode tokens), as of the last boundary."""
 
 
 class Engine:
@@ -231,6 +233,16 @@ class Engine:
         if self.profile is None:
             return 0.0
         return self.profile.base_s if self._seg is None else self._first_step_s(self._seg)
+
+    def streamed(self, now: float) -> tuple[int, int]:
+        """(output tokens produced, steps taken) from the start to `now`: the whole steps of the segment in
+        flight that are done count too."""
+        stats = self.stats
+        seg = self._seg
+        if seg is None or now <= seg.t0 or self.profile is None:
+            return stats.tokens, stats.steps
+        k = min(seg.n, self._steps_done(seg, now - seg.t0))
+        return stats.tokens + k * seg.decode, stats.steps + k
 
     def generated(self, seq: Sequence, now: float) -> int:
         """Output tokens `seq` has produced by `now` (exact at step granularity)."""
@@ -420,6 +432,7 @@ class Engine:
                 add += cnt[(-(s + j)) % bs]
             self._used += add
             self._ctx += seg.decode * n
+            stats.tokens += seg.decode * n
         s += n
         self._s = s
         # Prefill progress: P tokens a step, FIFO over prefilling sequences.
@@ -453,6 +466,7 @@ class Engine:
         first = q.generated == 0
         q.generated += 1
         if first:
+            self.stats.tokens += 1
             self._outputs.append(Output(OutputKind.FIRST_TOKEN, t, q))
         if q.generated >= q.max_tokens:
             self._used -= q.blocks

@@ -140,6 +140,12 @@ class EngineProfile:
         0.0, ge=0, doc="how many queueing waits of the API server's event loop a request's first token goes "
                        "through (fitted by `profile-model` from probes under load; 0 turns the queue model off; "
                        "see `frontend_wait`)")
+    frontend_window_s: float = param(
+        0.0, ge=0, doc="the load the API-server queue model sees: 0, that of the engine step in flight when the "
+                       "request arrives (its streams over its length); > 0, the tokens streamed and steps taken "
+                       "over an exponential window of this many seconds (`simulator.api_server`). The fit is the "
+                       "same (its load windows are steady); they differ when short decode-only steps alternate "
+                       "with long prefill ones")
 
     def frontend_delay(self, streams: int) -> float:
         """Client-visible latency outside the engine's steps while the server relays `streams` streams."""
@@ -153,25 +159,36 @@ class EngineProfile:
         return self.frontend_delay(streams) + self.frontend_wait(streams, step, 0.0)
 
     def frontend_wait(self, streams: int, step_s: float, rate_rps: float) -> float:
+        """Queueing delay in vLLM's API server before a new request reaches the engine while it streams a steady
+        batch of `streams` sequences (a token each every step of `step_s`) and requests arrive at `rate_rps`, s:
+        `frontend_wait_rates` at those rates."""
+        if step_s > 0:
+            return self.frontend_wait_rates(streams / step_s, 1.0 / step_s, rate_rps)
+        return self.frontend_wait_rates(0.0, 0.0, rate_rps)
+
+    def frontend_wait_rates(self, tokens_per_s: float, steps_per_s: float, rate_rps: float) -> float:
         """Queueing delay in vLLM's API server before a new request reaches the engine, seconds.
 
         The API server is one Python event loop: a single server whose work is `frontend_cpu_per_token_s`
-        per streamed token (a burst of `streams` tokens every engine step of `step_s`) and
-        `frontend_cpu_per_request_s` per request arriving at `rate_rps`. Its utilisation is rho; a request
-        waits the mean residual work R of an M/G/1 queue over (1 - rho) (Pollaczek-Khinchine), once per
-        loop hop on its way (`frontend_queue_factor`). rho is capped at 0.95: past that the real server
+        per streamed token (`tokens_per_s`, in bursts at the end of each engine step: `steps_per_s` of them)
+        and `frontend_cpu_per_request_s` per request arriving at `rate_rps`. Its utilisation is rho; a
+        request waits the mean residual work R of an M/G/1 queue over (1 - rho) (Pollaczek-Khinchine), once
+        per loop hop on its way (`frontend_queue_factor`). rho is capped at 0.95: past that the real server
         merges the tokens it is late with into fewer chunks instead of falling behind without bound.
-        With `api_server_count` N, each process serves 1/N of the streams and of the arrivals."""
+        With `api_server_count` N, each process serves 1/N of the tokens (at the same steps) and of the
+        arrivals. The rates are what the server sees over a window (`simulator.api_server`), not those of
+        the step in flight: a short decode-only step between long prefill ones does not load it more."""
         h = self.frontend_queue_factor
         if h <= 0.0:
             return 0.0
         n = max(1, self.api_server_count)
-        per_streams, per_rate = streams / n, rate_rps / n  # one process's share
         ct, cr = self.frontend_cpu_per_token_s, self.frontend_cpu_per_request_s
-        burst = per_streams * ct
-        per_step = burst / step_s if step_s > 0 else 0.0
-        rho = min(FRONTEND_RHO_CAP, per_step + per_rate * cr)
-        residual = (burst * burst / (2.0 * step_s) if step_s > 0 else 0.0) + per_rate * cr * cr / 2.0
+        token_load = tokens_per_s / n * ct  # CPU seconds per second of one process's token work
+        per_rate = rate_rps / n
+        rho = min(FRONTEND_RHO_CAP, token_load + per_rate * cr)
+        # Bursts of token_load / steps_per_s CPU seconds arriving steps_per_s times a second.
+        residual = (token_load * token_load / (2.0 * steps_per_s) if steps_per_s > 0 else 0.0) \
+            + per_rate * cr * cr / 2.0
         return h * residual / (1.0 - rho)
 
     def billed_tokens(self, prefill_tokens: int, decode_seqs: int) -> int:

@@ -268,6 +268,34 @@ def test_api_server_delays_are_the_profiles_at_the_engines_state():
     assert api.arrival_rate(0.0) == 1.0 / RATE_WINDOW_S
 
 
+def test_api_server_over_a_window_sees_the_tokens_streamed_and_the_steps():
+    p = small_profile(frontend_cpu_per_request_s=0.005, frontend_cpu_per_token_s=6e-5, frontend_queue_factor=2.0,
+                      frontend_window_s=0.25)
+    e = Engine(p)
+    api = APIServer(e)
+    assert api.ingress_delay(0.0) == p.frontend_wait_rates(0.0, 0.0, 1.0 / RATE_WINDOW_S)
+    for i in range(3):
+        e.submit(Sequence(i, 100, 500), 0.0)
+    e.advance(0.5)
+    tokens, steps = e.streamed(0.5)
+    assert tokens > 3 * 0.5 / e.step_s() * 0.9 and steps > 0
+    rate = 1.0 / RATE_WINDOW_S * math.exp(-0.5 / RATE_WINDOW_S) + 1.0 / RATE_WINDOW_S
+    grow = (1 - math.exp(-0.5 / 0.25)) / 0.5
+    assert api.ingress_delay(0.5) == p.frontend_wait_rates(tokens * grow, steps * grow, rate) > 0.0
+
+
+def test_api_server_wait_follows_the_window_not_the_step_in_flight():
+    """A request that arrives during a short decode-only step between long prefill steps waits what the
+    server's recent load says; the step in flight alone would put it near saturation."""
+    p = small_profile(frontend_cpu_per_request_s=0.005, frontend_cpu_per_token_s=7e-5, frontend_queue_factor=2.0)
+    # 200 streams: 15 ms decode-only steps alternating with 60 ms prefill steps (a window of 37.5 ms steps).
+    window = p.frontend_wait_rates(200 / 0.0375, 1 / 0.0375, 10.0)
+    in_flight = p.frontend_wait(200, 0.015, 10.0)
+    assert in_flight > 0.1 and window < in_flight / 10
+    # A steady batch is the same either way.
+    assert p.frontend_wait(64, 0.02, 10.0) == pytest.approx(p.frontend_wait_rates(64 / 0.02, 50.0, 10.0))
+
+
 def test_on_admit_reports_each_admission_at_its_boundary():
     p = small_profile(max_num_seqs=1)
     admitted: list[tuple[int, float]] = []
