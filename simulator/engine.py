@@ -1,11 +1,15 @@
 """One vLLM V1 engine instance as a passive, event-skipping state machine.
 
-What is modelled (vLLM V1's scheduler): continuous batching in engine steps; each step first gives one
-token to every decoding sequence, then spends the rest of the token budget (`max_num_batched_tokens`)
-on prefill chunks, FIFO over prefilling sequences, then admits waiting sequences while a batch slot
-(`max_num_seqs`), budget and KV blocks are free. KV memory is paged in blocks of `block_size` tokens;
-when a decode step needs a block and none is free, the engine preempts (by recompute) the last admitted
-sequence (`fcfs`) or the least urgent one (`priority`), which goes back to the head of the waiting queue.
+What is modelled (vLLM V1's scheduler, `vllm/v1/core/sched/scheduler.py`): continuous batching in engine
+steps. Each step first serves the running sequences in admission order: one token to every decoding sequence,
+then the rest of the token budget (`max_num_batched_tokens`) to prefill chunks, FIFO over prefilling
+sequences. KV memory is paged in blocks of `block_size` tokens; a decode that crosses a block boundary takes a
+new block, and when none is free the engine preempts (by recompute) the last admitted sequence (`fcfs`) or
+the least urgent one, `max(running, key=(priority, arrival_time))` (`priority`), which goes back to the
+waiting queue (its front in fcfs, its place by (priority, arrival time) in priority). Only in a step that
+preempted nothing does it admit waiting sequences, in queue order, while a batch slot (`max_num_seqs`), budget
+and KV blocks beyond what the decodes take are free, stopping at the first that does not fit. A sequence's
+arrival time is when it reaches the engine (vLLM's API server stamps it as it hands the request over).
 
 How it stays fast: between two boundaries the batch composition is fixed, so a run of `n` identical
 steps is summed in closed form (step cost is linear, context grows by D tokens a step), and the step
@@ -272,7 +276,9 @@ class Engine:
         self._update_next()
 
     def _submit_now(self, seq: Sequence, now: float) -> None:
-        """`seq` (its `need` set) reaches the engine at `now`."""
+        """`seq` (its `need` set) reaches the engine at `now`: its arrival time for the priority order, as vLLM's
+        API server stamps it on handing the request over (a request sent again is a new one there)."""
+        seq.arrival_s = now
         seq.state = SeqState.WAITING
         seq.prefill_left = seq.prompt_tokens + seq.generated
         self._pending.append(("submit", seq))
@@ -543,7 +549,8 @@ class Engine:
         if self._fcfs:
             victim = self._running[next(reversed(self._running))]
         else:
-            victim = max(self._running.values(), key=lambda q: (q.priority, q.arrival_s, q.seq_id))
+            # vLLM: max(self.running, key=(priority, arrival_time)); running is in admission order.
+            victim = max(self._running.values(), key=lambda q: (q.priority, q.arrival_s))
         self._remove(victim)
         victim.num_preemptions += 1
         self.stats.preemptions += 1
@@ -563,13 +570,15 @@ class Engine:
                 q.state = SeqState.DONE
                 self._outputs.append(Output(OutputKind.ABORTED, t, q))
 
-    def _admit(self, t: float) -> None:
+    def _admit(self, t: float, reserve: int) -> None:
+        """Admit waiting sequences in queue order while a batch slot, the token budget and KV blocks beyond
+        `reserve` (the running decodes' next step) last; stop at the first that does not fit."""
         p = self.profile
         assert p is not None
         on_admit = self._on_admit
         budget_left = p.max_num_batched_tokens - self._num_decode - self._prefill_total
         running = self._running
-        max_seqs, kv = p.max_num_seqs, p.kv_blocks
+        max_seqs, kv = p.max_num_seqs, p.kv_blocks - reserve
         fcfs = self._fcfs
         waiting = self._waiting if fcfs else self._waiting_heap
         while budget_left > 0 and len(running) < max_seqs and waiting:
@@ -634,7 +643,19 @@ class Engine:
         p = self.profile
         if p is None:
             return
-        self._admit(t)
+        # vLLM V1 schedules the running sequences first: each decode takes a new block where it crosses a
+        # block boundary, and when none is free a victim is preempted. Waiting sequences come after, only
+        # in a step that preempted nothing, and only into the blocks those decodes leave.
+        reserve = 0
+        if self._num_decode:
+            cnt, bs = self._phase_cnt, self._bs
+            reserve = cnt[(-(self._s + 1)) % bs]
+            if reserve > p.kv_blocks - self._used:
+                while self._num_decode and cnt[(-(self._s + 1)) % bs] > p.kv_blocks - self._used:
+                    self._preempt_one(t)
+                reserve = -1
+        if reserve >= 0:
+            self._admit(t, reserve)
         while True:
             d = self._num_decode
             chunk = p.max_num_batched_tokens - d
@@ -665,8 +686,7 @@ class Engine:
             # blocks may not last the segment.
             if free < d * -(-n // self._bs):
                 n_kv = self._kv_steps(free)
-                if n_kv <= 1:
-                    # Like vLLM V1, nothing new is admitted in a step that had to preempt.
+                if n_kv <= 1:  # (not after the reservation above; kept as a guard)
                     self._preempt_one(t)
                     continue
                 if n_kv <= n:

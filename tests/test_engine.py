@@ -325,3 +325,33 @@ def test_on_admit_fires_again_after_a_preemption_and_changes_nothing():
     plain = run_all(Engine(p), [Sequence(i, 100, 200) for i in range(8)], [0.0] * 8)
     assert [(o.kind, o.time, o.seq and o.seq.seq_id) for o in plain] == \
         [(o.kind, o.time, o.seq and o.seq.seq_id) for o in outs]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 2), st.integers(1, 300), st.integers(1, 200), st.integers(0, 1)),
+                min_size=2, max_size=30), st.sampled_from(["fcfs", "priority"]))
+def test_admission_never_takes_the_blocks_the_running_decodes_need(reqs, policy):
+    """vLLM schedules the running sequences first and admits waiting ones only into what is left, in a step
+    that preempted nothing: so no sequence is preempted at the boundary where one was admitted."""
+    p = small_profile(kv_blocks=60, max_num_seqs=8)
+    admitted: dict[int, float] = {}
+    e = Engine(p, policy, on_admit=lambda q, t: admitted.__setitem__(q.seq_id, t))
+    seqs = [Sequence(i, n, m, prio) for i, (_, n, m, prio) in enumerate(reqs)]
+    outs = run_all(e, seqs, [a for a, *_ in reqs])
+    preempted_at = {o.time for o in outs if o.kind is OutputKind.PREEMPTED}
+    assert not preempted_at & set(admitted.values())
+    assert all(q.generated == q.max_tokens for q in seqs)
+
+
+def test_priority_preempts_the_least_urgent_that_reached_the_engine_last():
+    p = small_profile(kv_blocks=26, max_num_seqs=8, max_num_batched_tokens=2048)
+    e = Engine(p, "priority")
+    a, b, c = Sequence(0, 100, 300, priority=1), Sequence(1, 100, 300, priority=1), Sequence(2, 100, 300, priority=0)
+    e.submit(a, 0.0)
+    e.submit(b, 0.001, delay_s=0.01)  # its arrival time is when it reaches the engine
+    e.submit(c, 0.002, delay_s=0.02)
+    outs = e.advance(math.inf)
+    assert b.arrival_s == pytest.approx(0.011) and c.arrival_s == pytest.approx(0.022)
+    victims = [o.seq.seq_id for o in outs if o.kind is OutputKind.PREEMPTED]
+    assert victims and victims[0] == 1  # b: priority 1 like a, but later
+    assert all(q.generated == 300 for q in (a, b, c))

@@ -205,3 +205,24 @@ def test_summary_reports_each_instances_peaks_and_preemptions():
     assert s["peak_running"] == max(v["peak_running"] for v in s["instances"].values())
     assert s["peak_kv_usage"] == max(v["peak_kv_usage"] for v in s["instances"].values())
     assert sum(v["preemptions"] for v in s["instances"].values()) == s["num_preemptions"]
+
+
+@pytest.mark.parametrize("discipline", ["fcfs", "priority"])
+def test_direct_sends_every_request_to_an_engine_on_arrival(discipline):
+    sc = make_scenario(instances=2, kv_blocks=120, max_num_seqs=8)
+    sc = load_scenario_like(sc, discipline)
+    reqs = mixed_requests(300, rate=40.0)
+    run = simulate(sc, "direct", reqs)
+    check_invariants(sc, run, reqs)
+    assert all(r.dispatch_s == r.arrival_s for r in run.result.requests)
+    assert max(i["peak_running"] for i in run.result.instances) == 8  # the engines' queues did the waiting
+
+
+def load_scenario_like(sc, discipline: str):
+    """`sc` with its engines' --scheduling-policy set to `discipline`."""
+    from qlmctl.scenario import Scenario, ScenarioSpec
+
+    data = sc.spec.model_dump()
+    for inst in data["cluster"]["instances"]:
+        inst["engine"] = {**(inst.get("engine") or {}), "scheduling_policy": discipline}
+    return Scenario(ScenarioSpec.model_validate(data), sc.path)
