@@ -94,6 +94,13 @@ class InstanceSpec(_Strict):
 
 class ClusterSpec(_Strict):
     instances: list[InstanceSpec] = Field(min_length=1)
+    first_load: Literal["warm", "cold"] = Field(
+        default="warm",
+        description="how an instance first loads a model: warm, as `qlmctl serve --launch` with sleep mode starts "
+                    "the engines (each loaded, then put to sleep but the instance's own), so every swap is a "
+                    "wake-up (load_warm_s); cold, each model's first load on an instance starts its engine "
+                    "(load_cold_s), as without sleep mode. Either way a swap first puts the model it leaves "
+                    "to sleep (its sleep_s)")
 
 
 class SLOClassSpec(_Strict):

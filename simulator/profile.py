@@ -103,6 +103,10 @@ class EngineProfile:
     max_model_len: int = param(32768, gt=0, doc="vLLM's --max-model-len: most prompt plus output tokens of a request")
     load_cold_s: float = param(30.0, ge=0, doc="time to load the model from disk onto a GPU that does not hold it, s")
     load_warm_s: float = param(1.0, ge=0, doc="time to wake the model from CPU memory (vLLM sleep mode level 1), s")
+    sleep_s: float = param(
+        0.0, ge=0, doc="time to put the model to sleep (vLLM sleep mode level 1: its weights copied to CPU memory, "
+                       "its KV cache dropped), s: what a swap away from it costs before the next model loads "
+                       "(`profile-model --sleep` measures it)")
     mean_output_tokens: float = param(
         256.0, gt=0, doc="prior for the RWT estimator's output-length distribution (mean)")
     std_output_tokens: float = param(

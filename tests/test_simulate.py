@@ -226,3 +226,26 @@ def load_scenario_like(sc, discipline: str):
     for inst in data["cluster"]["instances"]:
         inst["engine"] = {**(inst.get("engine") or {}), "scheduling_policy": discipline}
     return Scenario(ScenarioSpec.model_validate(data), sc.path)
+
+
+@pytest.mark.parametrize("first_load", ["warm", "cold"])
+def test_a_swap_puts_the_loaded_model_to_sleep_then_wakes_the_next(first_load):
+    """As vLLM's sleep mode does it (and `serve --launch` starts every engine asleep): a swap costs the
+    outgoing model's sleep_s plus the incoming one's load_warm_s; with first_load cold, its first load is
+    load_cold_s instead."""
+    sc = make_scenario(instances=1, models=("a", "b"), kv_blocks=400)
+    data = sc.spec.model_dump()
+    for m, sleep in (("a", 3.0), ("b", 2.0)):
+        data["models"][m]["profile"]["sleep_s"] = sleep
+    data["cluster"]["first_load"] = first_load
+    from qlmctl.scenario import Scenario, ScenarioSpec
+
+    sc = Scenario(ScenarioSpec.model_validate(data), sc.path)
+    reqs = [Request(0, 0.0, "a", "interactive", 30.0, 50, 5), Request(1, 1.0, "b", "interactive", 60.0, 50, 5),
+            Request(2, 30.0, "a", "interactive", 60.0, 50, 5)]
+    run = simulate(sc, "fcfs", reqs)
+    swaps = [(model, dur) for _, kind, _, model, _, dur in run.result.timeline if kind == "swap"]
+    p = sc.profile("b")
+    first_b = p.load_warm_s if first_load == "warm" else p.load_cold_s
+    assert swaps == [("b", 3.0 + first_b), ("a", 2.0 + sc.profile("a").load_warm_s)]
+    assert all(r.finish_s is not None for r in run.result.requests)

@@ -53,13 +53,16 @@ class SimInstance:
         profiles: dict[str, EngineProfile],
         model: str | None,
         engine_policy: str,
+        warm: bool = True,
     ) -> None:
         self._id = instance_id
         self.name = name
         self.gpu = gpu
         self._profiles = profiles
         self.engine = Engine(profiles[model] if model else None, engine_policy)
-        self._warm: set[str] = {model} if model else set()
+        # Models asleep in CPU memory (or loaded): with `warm`, every model the instance hosts, as the live
+        # launcher with sleep mode starts them all; else only the one it starts with.
+        self._warm: set[str] = set(profiles) if warm else ({model} if model else set())
         self.requests: dict[int, tuple[Request, Sequence]] = {}
         self.swaps = 0
         self.swap_after_drain: str | None = None
@@ -115,10 +118,16 @@ class SimInstance:
         return self.api_server.ingress_delay(now)
 
     def load_time(self, model: str) -> float:
+        """Seconds to swap to `model`: putting the loaded model to sleep (its sleep_s), then waking `model`
+        from CPU memory (load_warm_s) or, the first time without sleep mode, loading it (load_cold_s)."""
         prof = self._profiles.get(model)
         if prof is None:
             return INF
-        return prof.load_warm_s if model in self._warm else prof.load_cold_s
+        load = prof.load_warm_s if model in self._warm else prof.load_cold_s
+        cur = self.engine.profile
+        if cur is not None and cur.model != model:
+            load += cur.sleep_s
+        return load
 
 
 @dataclass
@@ -155,7 +164,8 @@ class SimulatedCluster:
         for iid, (name, spec) in enumerate(scenario.instance_specs()):
             profiles = {m: scenario.profile(m, spec.gpu, spec.profile_overrides) for m in scenario.models}
             discipline = spec.engine.scheduling_policy or policy.engine_policy
-            self._instances.append(SimInstance(iid, name, spec.gpu, profiles, spec.model, discipline))
+            self._instances.append(SimInstance(iid, name, spec.gpu, profiles, spec.model, discipline,
+                                               warm=scenario.spec.cluster.first_load == "warm"))
         self._now = 0.0
         self._seqs: dict[int, Sequence] = {}
         self._engines = [inst.engine for inst in self._instances]

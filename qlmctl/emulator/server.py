@@ -56,7 +56,7 @@ class EmulatorConfig:
     speedup: float = 1.0
     """Simulated seconds per wall second: 10 runs the modelled GPU ten times faster."""
     sleep_s: float | None = None
-    """Duration of POST /sleep; None: the profile's load_warm_s."""
+    """Duration of POST /sleep; None: the profile's sleep_s."""
     policy: str = "fcfs"
     """vLLM --scheduling-policy: fcfs, or priority (then requests may carry `priority`, lower first)."""
     stream_interval_s: float = 0.01
@@ -213,7 +213,7 @@ class EmulatorServer:
             n = self.core.abort_all()
             if n:
                 log.info("sleep aborted %d request(s) in flight", n)
-            sleep_s = self.cfg.sleep_s if self.cfg.sleep_s is not None else self.cfg.profile.load_warm_s
+            sleep_s = self.cfg.sleep_s if self.cfg.sleep_s is not None else self.cfg.profile.sleep_s
             try:
                 await asyncio.sleep(self.core.clock.wall(sleep_s))
             finally:
