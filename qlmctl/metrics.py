@@ -36,9 +36,10 @@ PERCENTILES: tuple[int, ...] = (50, 90, 99)
 
 LATENCY_METRICS: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")
 
-INSTANCE_STATS: tuple[str, ...] = ("peak_running", "peak_kv_usage", "preemptions")
+INSTANCE_STATS: tuple[str, ...] = ("peak_running", "peak_kv_usage", "preemptions", "prefix_cache_hit_rate")
 """Per-instance figures a backend may report (`summarize(instance_stats=...)`): the most sequences in its
-running batch at once, its highest KV cache use (fraction of its blocks) and its engine-side preemptions."""
+running batch at once, its highest KV cache use (fraction of its blocks), its engine-side preemptions and
+the share of the prompt tokens it admitted that its prefix cache held (None: prefix caching off)."""
 
 FRAME_COLUMNS: tuple[str, ...] = (
     "request_id",

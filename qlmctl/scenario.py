@@ -81,6 +81,8 @@ class EngineFlagsSpec(_Strict):
         default=None,
         description="vLLM's --scheduling-policy; default: what the policy asks for (priority for the `priority` "
                     "baseline, fcfs otherwise)")
+    enable_prefix_caching: bool | None = Field(
+        default=None, description="vLLM's --enable-prefix-caching (default on); read by the engine model")
 
 
 class InstanceSpec(_Strict):
@@ -159,6 +161,14 @@ class ClassLengthsSpec(_Strict):
         return self
 
 
+class SharedPrefixSpec(_Strict):
+    """A share of the requests begin with one of a few system prompts (what vLLM's prefix cache reuses)."""
+
+    tokens: int = Field(gt=0, description="length of each system prompt, tokens")
+    fraction: float = Field(default=1.0, gt=0, le=1, description="share of the requests that begin with one")
+    variants: int = Field(default=1, gt=0, description="distinct system prompts, each as likely")
+
+
 class WorkloadSpec(_Strict):
     trace: str | None = None
     format: str = "auto"
@@ -171,6 +181,9 @@ class WorkloadSpec(_Strict):
     max_requests: int | None = Field(default=None, gt=0)
     lengths_by_class: dict[str, ClassLengthsSpec] = Field(
         default_factory=dict, description="per SLO class, token lengths that replace the trace's")
+    shared_prefix: SharedPrefixSpec | None = Field(
+        default=None, description="prompts that begin with a shared system prompt (for prefix caching; a trace "
+                                  "with block hashes, as Mooncake's, brings its own sharing)")
 
     @model_validator(mode="after")
     def _source(self) -> "WorkloadSpec":

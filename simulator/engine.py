@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
+from simulator.prefix import PrefixCache, PromptBlocks
 from simulator.profile import DEFAULT_BLOCK_SIZE, EngineProfile, admission_blocks, chunk_pairs, kv_blocks_for
 
 INF = math.inf
@@ -62,6 +63,8 @@ class Sequence:
     priority: int = 0
     arrival_s: float = 0.0
     tag: object = None
+    prefix: PromptBlocks | None = None
+    """The prompt's known leading content, for prefix caching (None: nothing it shares is known)."""
     # Engine state.
     state: SeqState = SeqState.WAITING
     generated: int = 0
@@ -118,6 +121,10 @@ class EngineStats:
     peak_running: int = 0
     tokens: int = 0
     """Output tokens produced (first tokens and decode tokens), as of the last boundary."""
+    prefix_queries: int = 0
+    """Tokens of the sequences admitted with prefix caching on (vLLM's prefix_cache_queries)."""
+    prefix_hits: int = 0
+    """Of those, the tokens found cached and not prefilled (vLLM's prefix_cache_hits)."""
 
 
 class Engine:
@@ -164,6 +171,8 @@ class Engine:
         self._load_profile: EngineProfile | None = None
         self._outputs: list[Output] = []
         self._fcfs = policy == "fcfs"
+        self._cache: PrefixCache | None = None
+        self._new_cache()
         self._next = INF  # next_event_time(), kept current by every command and by advance()
 
     # ----------------------------------------------------------------- views
@@ -344,6 +353,15 @@ class Engine:
     def _blocks_needed(self, seq: Sequence) -> int:
         return admission_blocks(seq.prompt_tokens + seq.generated, self._bs)
 
+    def _new_cache(self) -> None:
+        p = self.profile
+        self._cache = PrefixCache(p.block_size) if p is not None and p.enable_prefix_caching else None
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The cached prompt blocks (None: prefix caching off, or no model loaded)."""
+        return self._cache
+
     def _leave_transit(self, q: Sequence) -> None:
         self._transit_count -= 1
         self._transit_blocks -= q.need
@@ -354,6 +372,7 @@ class Engine:
         self.profile = self._load_profile
         self._lag = 2 if self.profile.async_scheduling else 1
         self._bs = self.profile.block_size
+        self._new_cache()  # the model that slept dropped its KV cache
         self._phase_cnt = [0] * self._bs
         self._load_until = None
         self._load_profile = None
@@ -471,6 +490,9 @@ class Engine:
     def _prefill_done(self, q: Sequence, t: float) -> None:
         first = q.generated == 0
         q.generated += 1
+        cache = self._cache
+        if cache is not None and q.prefix is not None:
+            cache.insert(q.prefix, q.prompt_tokens, self.profile.kv_blocks - self._used)
         if first:
             self.stats.tokens += 1
             self._outputs.append(Output(OutputKind.FIRST_TOKEN, t, q))
@@ -581,6 +603,8 @@ class Engine:
         max_seqs, kv = p.max_num_seqs, p.kv_blocks - reserve
         fcfs = self._fcfs
         waiting = self._waiting if fcfs else self._waiting_heap
+        cache = self._cache
+        stats = self.stats
         while budget_left > 0 and len(running) < max_seqs and waiting:
             q = waiting[0] if fcfs else waiting[0][3]
             need = q.need
@@ -598,12 +622,19 @@ class Engine:
             order = q.admit_order = self._admit_counter
             running[order] = q
             self._prefilling.append(q)
+            if cache is not None:
+                # Computed tokens start at the longest cached prefix (vLLM's get_computed_blocks).
+                left = q.prefill_left
+                stats.prefix_queries += left
+                if q.prefix is not None:
+                    hit = cache.match(q.prefix, left)
+                    stats.prefix_hits += hit
+                    q.prefill_left = left - hit
             left = q.prefill_left
             self._prefill_total += left
             budget_left -= left
             if on_admit is not None:
                 on_admit(q, t)
-        stats = self.stats
         if len(running) > stats.peak_running:
             stats.peak_running = len(running)
         if self._used > stats.peak_blocks:
@@ -656,6 +687,9 @@ class Engine:
                 reserve = -1
         if reserve >= 0:
             self._admit(t, reserve)
+        cache = self._cache
+        if cache is not None and cache.blocks > p.kv_blocks - self._used:
+            cache.shrink(p.kv_blocks - self._used)  # cached blocks live in the free pool
         while True:
             d = self._num_decode
             chunk = p.max_num_batched_tokens - d

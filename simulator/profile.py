@@ -144,6 +144,9 @@ class EngineProfile:
         0.0, ge=0, doc="how many queueing waits of the API server's event loop a request's first token goes "
                        "through (fitted by `profile-model` from probes under load; 0 turns the queue model off; "
                        "see `frontend_wait`)")
+    enable_prefix_caching: bool = param(
+        True, doc="vLLM's --enable-prefix-caching (on by default in V1), as the scenario runs the engine; for the "
+                  "engine model to read (the step model does not use it)")
     frontend_window_s: float = param(
         0.0, ge=0, doc="the load the API-server queue model sees: 0, that of the engine step in flight when the "
                        "request arrives (its streams over its length); > 0, the tokens streamed and steps taken "

@@ -355,3 +355,42 @@ def test_priority_preempts_the_least_urgent_that_reached_the_engine_last():
     victims = [o.seq.seq_id for o in outs if o.kind is OutputKind.PREEMPTED]
     assert victims and victims[0] == 1  # b: priority 1 like a, but later
     assert all(q.generated == 300 for q in (a, b, c))
+
+
+def test_prefix_cache_skips_the_prefill_of_a_cached_prefix():
+    from simulator.prefix import PromptBlocks
+
+    p = small_profile(max_num_batched_tokens=4096, kv_blocks=2000)
+    shared = PromptBlocks(512, (7, 8))
+    first = Sequence(0, 1100, 4, prefix=shared)
+    e = Engine(p)
+    e.submit(first, 0.0)
+    e.advance(math.inf)
+    assert e.stats.prefix_hits == 0 and len(e.prefix_cache) == 2
+    second = Sequence(1, 1100, 4, prefix=PromptBlocks(512, (7, 8, 9)))  # shares 1,024 tokens, then goes on
+    t0 = e._clock
+    e.submit(second, t0)
+    outs = e.advance(math.inf)
+    ttft = next(o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN and o.seq is second) - t0
+    assert e.stats.prefix_hits == 1024 and e.stats.prefix_queries == 2200
+    assert ttft == pytest.approx(p.step_time(1100 - 1024, 0, 0, 76 * (1024 + 77 / 2)), rel=1e-9)
+    # A prompt entirely cached still computes its last token (in whole KV blocks: the last 16).
+    third = Sequence(2, 1024, 4, prefix=PromptBlocks(512, (7, 8)))
+    e.submit(third, e._clock)
+    e.advance(math.inf)
+    assert e.stats.prefix_hits == 1024 + 1008
+
+
+def test_prefix_cache_lives_in_the_free_blocks_and_is_off_when_the_engine_says_so():
+    from simulator.prefix import PrefixCache, PromptBlocks
+
+    c = PrefixCache(16)
+    c.insert(PromptBlocks(512, (1, 2, 3)), 1536, capacity=64)  # 3 x 32 blocks do not fit in 64
+    assert len(c) == 2 and c.blocks == 64 and c.match(PromptBlocks(512, (1,)), 2000) == 0  # LRU went first
+    assert c.match(PromptBlocks(512, (2, 3)), 2000) == 1024
+    off = Engine(small_profile(enable_prefix_caching=False))
+    off.submit(Sequence(0, 600, 2, prefix=PromptBlocks(512, (1,))), 0.0)
+    off.advance(math.inf)
+    off.submit(Sequence(1, 600, 2, prefix=PromptBlocks(512, (1,))), off._clock)
+    off.advance(math.inf)
+    assert off.prefix_cache is None and off.stats.prefix_hits == 0

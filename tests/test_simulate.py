@@ -200,7 +200,7 @@ def test_summary_reports_each_instances_peaks_and_preemptions():
     for inst in run.result.instances:
         mine = s["instances"][str(inst["instance_id"])]
         assert mine == {"peak_running": inst["peak_running"], "peak_kv_usage": inst["peak_kv_blocks"] / 120,
-                        "preemptions": inst["preemptions"]}
+                        "preemptions": inst["preemptions"], "prefix_cache_hit_rate": 0.0}
         assert 0 < mine["peak_running"] <= 8 and 0 < mine["peak_kv_usage"] <= 1.0
     assert s["peak_running"] == max(v["peak_running"] for v in s["instances"].values())
     assert s["peak_kv_usage"] == max(v["peak_kv_usage"] for v in s["instances"].values())
@@ -249,3 +249,23 @@ def test_a_swap_puts_the_loaded_model_to_sleep_then_wakes_the_next(first_load):
     first_b = p.load_warm_s if first_load == "warm" else p.load_cold_s
     assert swaps == [("b", 3.0 + first_b), ("a", 2.0 + sc.profile("a").load_warm_s)]
     assert all(r.finish_s is not None for r in run.result.requests)
+
+
+def test_shared_system_prompts_hit_the_prefix_cache_unless_it_is_off():
+    workload = {"synthetic": {"rate_rps": 20, "num_requests": 400, "prompt_tokens": 1500, "output_tokens": 20},
+                "shared_prefix": {"tokens": 1024, "fraction": 0.8, "variants": 2}, "slo_class": {"constant": "batch"}}
+    runs = {}
+    for caching in (True, False):
+        sc = make_scenario(instances=1, kv_blocks=4000, max_num_seqs=16, workload=workload)
+        data = sc.spec.model_dump()
+        data["models"]["m"]["profile"]["max_num_batched_tokens"] = 2048
+        data["cluster"]["instances"][0]["engine"] = {"enable_prefix_caching": caching}
+        from qlmctl.scenario import Scenario, ScenarioSpec
+
+        sc = Scenario(ScenarioSpec.model_validate(data), sc.path)
+        reqs, report = build_requests(sc)
+        assert 0.7 * 400 < sum(r.prefix is not None for r in reqs) < 0.9 * 400
+        runs[caching] = simulate(sc, "fcfs", reqs).summary
+    hit = runs[True]["instances"]["0"]["prefix_cache_hit_rate"]
+    assert 0.4 < hit < 1024 / 1500 and runs[False]["instances"]["0"]["prefix_cache_hit_rate"] is None
+    assert runs[True]["p50_ttft_ms"] < runs[False]["p50_ttft_ms"]

@@ -162,7 +162,10 @@ class SimulatedCluster:
         self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
         self._instances: list[SimInstance] = []
         for iid, (name, spec) in enumerate(scenario.instance_specs()):
-            profiles = {m: scenario.profile(m, spec.gpu, spec.profile_overrides) for m in scenario.models}
+            over = dict(spec.profile_overrides)
+            if spec.engine.enable_prefix_caching is not None:
+                over["enable_prefix_caching"] = spec.engine.enable_prefix_caching
+            profiles = {m: scenario.profile(m, spec.gpu, over) for m in scenario.models}
             discipline = spec.engine.scheduling_policy or policy.engine_policy
             self._instances.append(SimInstance(iid, name, spec.gpu, profiles, spec.model, discipline,
                                                warm=scenario.spec.cluster.first_load == "warm"))
@@ -201,7 +204,8 @@ class SimulatedCluster:
         rid = r.request_id
         seq = self._seqs.get(rid)
         if seq is None:
-            seq = self._seqs[rid] = Sequence(rid, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, tag=r)
+            seq = self._seqs[rid] = Sequence(rid, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, tag=r,
+                                             prefix=r.prefix)
         inst.engine.submit(seq, now, inst.api_server.ingress_delay(now))
         inst.requests[rid] = (r, seq)
         self._touched.add(instance_id)
@@ -333,6 +337,8 @@ class SimulatedCluster:
                 "peak_kv_blocks": inst.engine.stats.peak_blocks,
                 "peak_running": inst.engine.stats.peak_running,
                 "peak_kv_usage": _usage(inst),
+                "prefix_cache_hit_rate": (inst.engine.stats.prefix_hits / inst.engine.stats.prefix_queries
+                                          if inst.engine.stats.prefix_queries else None),
             }
             for inst in self._instances
         ]
