@@ -357,6 +357,10 @@ class Engine:
         p = self.profile
         self._cache = PrefixCache(p.block_size) if p is not None and p.enable_prefix_caching else None
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block (vLLM's sleep drops the KV cache; also its /reset_prefix_cache)."""
+        self._new_cache()
+
     @property
     def prefix_cache(self) -> PrefixCache | None:
         """The cached prompt blocks (None: prefix caching off, or no model loaded)."""

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import multiprocessing
 import pickle
+import random
 import signal
 import time
 import traceback
@@ -27,19 +28,41 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 
 from qlmctl.core.request import Request
 from qlmctl.engines.http import HTTPError, Pool, sse_data
+from simulator.prefix import PromptBlocks
 
 VOCAB = 32000
 """Synthetic prompt words are w0 .. w31999."""
 
 
-def synthetic_prompt(num_tokens: int, salt: int = 0) -> str:
-    """`num_tokens` words `w<i>`; `salt` varies the words so that prompts share no prefix."""
-    start = (salt * 7919) % VOCAB
-    return " ".join([f"w{(start + j) % VOCAB}" for j in range(num_tokens)])
+def synthetic_prompt(num_tokens: int, salt: int = 0, prefix: PromptBlocks | None = None,
+                     nonce: int | None = None) -> str:
+    """`num_tokens` words `w<i>`; `salt` varies the words so that prompts share no prefix.
+
+    With a `nonce` (one per replay), the words are drawn at random from `nonce` and `salt`, and a request's
+    `prefix` blocks (its trace's block hashes, or a shared system prompt) from `nonce` and each block's hash:
+    requests that share blocks share those words, so a server's prefix cache sees the sharing the trace
+    describes, and nothing else (not even the prompts of another replay, which has another nonce)."""
+    if nonce is None and prefix is None:
+        start = (salt * 7919) % VOCAB
+        return " ".join([f"w{(start + j) % VOCAB}" for j in range(num_tokens)])
+    nonce = nonce or 0
+    words: list[int] = []
+    if prefix is not None:
+        bt = prefix.block_tokens
+        for h in prefix.hashes:
+            if len(words) >= num_tokens:
+                break
+            rng = np.random.default_rng([nonce & 0xFFFFFFFF, bt, h & 0xFFFFFFFFFFFF, 1])
+            words += rng.integers(0, VOCAB, min(bt, num_tokens - len(words))).tolist()
+    if len(words) < num_tokens:
+        rng = np.random.default_rng([nonce & 0xFFFFFFFF, salt & 0xFFFFFFFFFFFF, 2])
+        words += rng.integers(0, VOCAB, num_tokens - len(words)).tolist()
+    return " ".join([f"w{w}" for w in words])
 
 
 @dataclass
@@ -70,6 +93,7 @@ async def replay(
     keep_text: bool = False,
     api_key: str | None = None,
     stop: asyncio.Event | None = None,
+    prompt_nonce: int | None = None,
 ) -> ReplayResult:
     """Send `requests` (fresh copies are filled in) to the server at `url` at arrival_s / speedup.
 
@@ -82,7 +106,10 @@ async def replay(
         keep_text: Keep each answer's text in the result.
         api_key: Sent as a bearer token.
         stop: Once set, no more requests are sent (those left get an error); those sent run to their end.
+        prompt_nonce: What the prompts' words are drawn from (`synthetic_prompt`); default: a random one, so
+            that no replay hits the prefix cache with another's prompts.
     """
+    nonce = prompt_nonce if prompt_nonce is not None else random.getrandbits(32)
     reqs = [copy.copy(r) for r in sorted(requests, key=lambda r: (r.arrival_s, r.request_id))]
     n = len(reqs)
     out = ReplayResult(reqs, [[] for _ in range(n)], [""] * n if keep_text else None, [None] * n, [None] * n,
@@ -97,7 +124,7 @@ async def replay(
     async def one(i: int) -> None:
         nonlocal done
         try:
-            await _send(pool, reqs[i], i, out, speedup, auth)
+            await _send(pool, reqs[i], i, out, speedup, auth, nonce)
         finally:
             sem.release()
             done += 1
@@ -130,10 +157,10 @@ async def replay(
 
 
 async def _send(pool: Pool, r: Request, i: int, out: ReplayResult, speedup: float,
-                auth: list[tuple[str, str]]) -> None:
+                auth: list[tuple[str, str]], nonce: int) -> None:
     body = orjson.dumps({
         "model": r.model,
-        "prompt": synthetic_prompt(r.prompt_tokens, r.request_id),
+        "prompt": synthetic_prompt(r.prompt_tokens, r.request_id, r.prefix, nonce),
         "max_tokens": r.output_tokens,
         "ignore_eos": True,
         "temperature": 0.0,
