@@ -94,6 +94,7 @@ async def replay(
     api_key: str | None = None,
     stop: asyncio.Event | None = None,
     prompt_nonce: int | None = None,
+    send_priority: bool = False,
 ) -> ReplayResult:
     """Send `requests` (fresh copies are filled in) to the server at `url` at arrival_s / speedup.
 
@@ -108,6 +109,8 @@ async def replay(
         stop: Once set, no more requests are sent (those left get an error); those sent run to their end.
         prompt_nonce: What the prompts' words are drawn from (`synthetic_prompt`); default: a random one, so
             that no replay hits the prefix cache with another's prompts.
+        send_priority: Send each request's priority (its SLO class's) in the body, as vLLM's
+            `--scheduling-policy priority` reads it (vLLM refuses a priority other than 0 without it).
     """
     nonce = prompt_nonce if prompt_nonce is not None else random.getrandbits(32)
     reqs = [copy.copy(r) for r in sorted(requests, key=lambda r: (r.arrival_s, r.request_id))]
@@ -124,7 +127,7 @@ async def replay(
     async def one(i: int) -> None:
         nonlocal done
         try:
-            await _send(pool, reqs[i], i, out, speedup, auth, nonce)
+            await _send(pool, reqs[i], i, out, speedup, auth, nonce, send_priority)
         finally:
             sem.release()
             done += 1
@@ -157,8 +160,8 @@ async def replay(
 
 
 async def _send(pool: Pool, r: Request, i: int, out: ReplayResult, speedup: float,
-                auth: list[tuple[str, str]], nonce: int) -> None:
-    body = orjson.dumps({
+                auth: list[tuple[str, str]], nonce: int, send_priority: bool = False) -> None:
+    fields: dict[str, Any] = {
         "model": r.model,
         "prompt": synthetic_prompt(r.prompt_tokens, r.request_id, r.prefix, nonce),
         "max_tokens": r.output_tokens,
@@ -166,7 +169,10 @@ async def _send(pool: Pool, r: Request, i: int, out: ReplayResult, speedup: floa
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
-    })
+    }
+    if send_priority:
+        fields["priority"] = r.priority
+    body = orjson.dumps(fields)
     headers = [("content-type", "application/json"), ("x-slo-class", r.slo_class),
                ("x-request-id", str(r.request_id)), *auth]
     t0 = out.t0
