@@ -734,9 +734,16 @@ class Engine:
                 # Each chunk of a long prompt sees more cached tokens than the last, so steps differ.
                 n = 1
                 pairs = self._prefill_pairs(prefill)
-            fixed = p.step_time(prefill, d, 0, pairs)
-            seg = _Segment(t0=t, n=int(n), prefill=prefill, decode=d, ctx0=self._ctx, end=0.0, fixed=fixed,
-                           n_cmd=int(n))
-            seg.end = t + self._seg_time(seg, seg.n)
+            # p.step_time(prefill, d, 0, pairs), the same arithmetic without its calls (the context term is 0).
+            knee = p.knee_tokens
+            billed = prefill if knee <= 0 else max(0, prefill + d - knee)
+            fixed = (p.base_s + p.per_prefill_token_s * billed + p.per_decode_seq_s * d
+                     + p.per_prefill_pair_s * pairs + (p.per_prefill_step_s if prefill > 0 else 0.0))
+            n = int(n)
+            ctx = self._ctx
+            c = p.per_context_token_s
+            seg = _Segment(t, n, prefill, d, ctx, 0.0, fixed, n)
+            # _seg_time(seg, n)
+            seg.end = t + (n * (fixed + c * ctx) + c * d * n * (n - 1) / 2.0)
             self._seg = seg
             return
