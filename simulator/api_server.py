@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from simulator.engine import Engine
+from simulator.profile import FRONTEND_RHO_CAP
 
 RATE_WINDOW_S = 1.0
 """Time constant of the rates the server is seen to work at, s."""
@@ -76,7 +77,19 @@ class APIServer:
             return 0.0
         window = prof.frontend_window_s
         if window <= 0.0:
-            wait = prof.frontend_wait(self.engine.num_running, self.engine.step_s(), self._rate)
+            # prof.frontend_wait(streams, step, rate), i.e. frontend_wait_rates(streams / step, 1 / step, rate),
+            # the same arithmetic without the calls (this runs for every dispatch).
+            eng = self.engine
+            step = eng.step_s()
+            tokens_per_s, steps_per_s = (eng.num_running / step, 1.0 / step) if step > 0 else (0.0, 0.0)
+            n = max(1, prof.api_server_count)
+            cr = prof.frontend_cpu_per_request_s
+            token_load = tokens_per_s / n * prof.frontend_cpu_per_token_s
+            per_rate = self._rate / n
+            rho = min(FRONTEND_RHO_CAP, token_load + per_rate * cr)
+            residual = (token_load * token_load / (2.0 * steps_per_s) if steps_per_s > 0 else 0.0) \
+                + per_rate * cr * cr / 2.0
+            wait = prof.frontend_queue_factor * residual / (1.0 - rho)
         else:
             tokens_per_s, steps_per_s = self.stream_rates(now, window)
             wait = prof.frontend_wait_rates(tokens_per_s, steps_per_s, self._rate)

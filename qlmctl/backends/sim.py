@@ -375,13 +375,15 @@ class SimulatedCluster:
     def _handle(self, iid: int, outs: list) -> None:
         inst = self._instances[iid]
         driver = self.driver
-        front = inst.api_server.frontend_delay
+        # What a client sees on top of the engine's times: the same for every output of this advance (the
+        # policy's hooks change nothing on the engine).
+        front = inst.api_server.frontend_delay()
         for o in outs:
             kind = o.kind
             if kind is _FINISHED:
                 seq = o.seq
                 r: Request = seq.tag
-                r.finish_s = o.time + front()
+                r.finish_s = o.time + front
                 r.generated_tokens = seq.generated
                 rid = r.request_id
                 del inst.requests[rid]
@@ -391,7 +393,7 @@ class SimulatedCluster:
             elif kind is _FIRST_TOKEN:
                 r = o.seq.tag
                 if r.first_token_s is None:
-                    r.first_token_s = o.time + front()
+                    r.first_token_s = o.time + front
                 driver.first_token(r, o.time)
             elif kind is OutputKind.PREEMPTED:
                 o.seq.tag.num_preemptions += 1
