@@ -204,8 +204,8 @@ class SimulatedCluster:
         rid = r.request_id
         seq = self._seqs.get(rid)
         if seq is None:
-            seq = self._seqs[rid] = Sequence(rid, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, tag=r,
-                                             prefix=r.prefix)
+            seq = self._seqs[rid] = Sequence(rid, r.prompt_tokens, r.output_tokens, r.priority, r.arrival_s, r,
+                                             r.prefix)  # (positional: tag, prefix)
         inst.engine.submit(seq, now, inst.api_server.ingress_delay(now))
         inst.requests[rid] = (r, seq)
         self._touched.add(instance_id)
