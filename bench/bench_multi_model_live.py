@@ -46,7 +46,8 @@ def main() -> int:
                   f"{by.get('batch-1', 0):.1%} | {by.get('batch-2', 0):.1%} | {s['num_swaps']} | "
                   f"{s['p50_ttft_ms'] / 1e3:.2f} |")
         worst = max(worst, abs(got["sim"] - got["live"]))
-    print(f"\nlargest attainment gap: {worst * 100:.1f} points (target: within {TOLERANCE * 100:.0f}); results in {out}")
+    print(f"\nlargest attainment gap: {worst * 100:.1f} points (target: within {TOLERANCE * 100:.0f}); "
+          f"results in {out}")
     return 1 if worst > TOLERANCE else 0
 
 

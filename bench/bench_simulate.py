@@ -81,9 +81,10 @@ def documented() -> dict[tuple[str, str], dict[str, float]]:
     for line in DOCS.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| point |"):
-            header = cells
+            header = cells if "simulate (s)" in cells else None  # the figures table, not the before/after one
             continue
-        if header is None or len(cells) != len(header) or not re.fullmatch(r"[a-z0-9-]+", cells[0]):
+        named = re.fullmatch(r"[A-Za-z0-9]+(-[A-Za-z0-9]+)*", cells[0])
+        if header is None or len(cells) != len(header) or not named:
             if not line.startswith("|"):
                 header = None
             continue
@@ -94,7 +95,7 @@ def documented() -> dict[tuple[str, str], dict[str, float]]:
                 fig[key] = float(row.get(col, "").replace(",", ""))
             except ValueError:
                 pass
-        out[(cells[0], row.get("policy", ""))] = fig
+        out.setdefault((cells[0], row.get("policy", "")), fig)
     return out
 
 

@@ -117,7 +117,8 @@ def main() -> None:
                  "| load | policy | client | vLLM TTFT | vLLM queue + prefill | simulated | simulated engine part |",
                  "|---|---|---:|---:|---:|---:|---:|"]
     caching = ["", "Prefix cache (share of the admitted prompt tokens found cached; live: vLLM's counters):", "",
-               "| load | policy | live hit rate | simulated hit rate | live TTFT p50 | simulated | simulated, caching off |",
+               "| load | policy | live hit rate | simulated hit rate | live TTFT p50 | simulated "
+               "| simulated, caching off |",
                "|---|---|---:|---:|---:|---:|---:|"]
     worst: dict[str, float] = {}
 
@@ -175,7 +176,8 @@ def main() -> None:
             live_hits = [h for h in live_hits if h is not None]
             if live_hits:
                 sim_hit = (run.summary.get("instances") or {}).get("0", {}).get("prefix_cache_hit_rate")
-                off = simulate(scenario_for(over, discipline or None, enable_prefix_caching=False), policy, reqs).summary
+                no_cache = scenario_for(over, discipline or None, enable_prefix_caching=False)
+                off = simulate(no_cache, policy, reqs).summary
                 lv = mean_or_none([v["TTFT p50 (ms)"] for v in live_vals])
                 caching.append(f"| {name} | {spec} | {mean(live_hits):.1%} | "
                                f"{'-' if sim_hit is None else f'{sim_hit:.1%}'} | "

@@ -4,8 +4,8 @@
     python bench/golden.py write /tmp/after.json           # at the new one
     python bench/golden.py diff /tmp/before.json /tmp/after.json
 
-Wall-clock fields (sim_wall_s and the like) and the loop's event count are left out; everything else must match exactly for a change
-that claims to keep behaviour. `-n N` caps each scenario's requests (default: the scenario's own).
+Wall-clock fields (sim_wall_s and the like) and the loop's event count are left out; everything else must match
+exactly for a change that claims to keep behaviour. `-n N` caps each scenario's requests (default: the scenario's own).
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ async def main() -> None:
     folder = save_live(LiveRun(label, res.requests, summary, [], res), sc, args.out)
     deltas = summary["engine_metrics"]["gpu0"]
     q, h = deltas.get("vllm:prefix_cache_queries"), deltas.get("vllm:prefix_cache_hits")
-    print(f"{label}: {summary['completed']}/{summary['num_requests']} completed, TTFT p50 {summary['p50_ttft_ms']:.0f} ms, "
+    print(f"{label}: {summary['completed']}/{summary['num_requests']} completed, "
+          f"TTFT p50 {summary['p50_ttft_ms']:.0f} ms, "
           f"p90 {summary['p90_ttft_ms']:.0f} ms, TPOT p50 {summary['p50_tpot_ms']:.1f} ms, E2EL p50 "
           f"{summary['p50_e2el_ms'] / 1e3:.2f} s, prefix hits {h}/{q}, failed {len(failed)} "
           f"({failed[0] if failed else ''}) -> {folder}", flush=True)
