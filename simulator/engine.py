@@ -147,6 +147,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._waiting_heap: list[tuple[int, float, int, Sequence]] = []
         self._waiting_blocks = 0
+        self._queued_tokens = 0  # tokens to prefill of the sequences in transit, pending or waiting
         self._prefilling: deque[Sequence] = deque()
         self._prefill_total = 0
         self._running: dict[int, Sequence] = {}  # admit order -> seq, for victim choice
@@ -204,6 +205,14 @@ class Engine:
     def free_blocks(self) -> int:
         """Blocks not in use and not needed by sequences already waiting here."""
         return self.total_blocks - self._used - self._waiting_blocks - self._pending_blocks - self._transit_blocks
+
+    @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens (with any output a preempted sequence recomputes) handed to this engine and not yet
+        prefilled: in transit from the API server, submitted, waiting, and the rest of the running sequences'
+        prefills (as of the last boundary: the chunk of the step in flight still counts). A cached prefix
+        counts until its sequence is admitted."""
+        return self._queued_tokens + self._prefill_total
 
     @property
     def idle(self) -> bool:
@@ -274,6 +283,7 @@ class Engine:
         if self.profile is None or self._load_until is not None:
             raise RuntimeError("engine has no model loaded")
         seq.need = -(-(seq.prompt_tokens + seq.generated + 1) // self._bs)  # admission_blocks
+        self._queued_tokens += seq.prompt_tokens + seq.generated
         if delay_s > 0.0:
             seq.state = SeqState.TRANSIT
             self._transit_order += 1
@@ -299,6 +309,7 @@ class Engine:
         """Remove `seq` at the end of the step in flight; an ABORTED output reports it."""
         if seq.state is SeqState.TRANSIT:  # not at the engine yet: gone at once
             self._leave_transit(seq)
+            self._queued_tokens -= seq.prompt_tokens + seq.generated
             seg = self._seg
             if seg is not None and seg.cut_by is seq:  # its arrival's cut, made ahead of time, is void
                 seg.cut_by = None
@@ -556,6 +567,7 @@ class Engine:
                 self._waiting_heap = [e for e in self._waiting_heap if e[3] is not q]
                 heapq.heapify(self._waiting_heap)
             self._waiting_blocks -= q.need
+            self._queued_tokens -= q.prefill_left
 
     def _enqueue_waiting(self, q: Sequence, front: bool) -> None:
         q.state = SeqState.WAITING
@@ -581,6 +593,7 @@ class Engine:
         victim.num_preemptions += 1
         self.stats.preemptions += 1
         self._enqueue_waiting(victim, front=True)
+        self._queued_tokens += victim.prefill_left
         self._outputs.append(Output(OutputKind.PREEMPTED, t, victim))
 
     def _apply_pending(self, t: float) -> None:
@@ -626,6 +639,7 @@ class Engine:
             order = q.admit_order = self._admit_counter
             running[order] = q
             self._prefilling.append(q)
+            self._queued_tokens -= q.prefill_left
             if cache is not None:
                 # Computed tokens start at the longest cached prefix (vLLM's get_computed_blocks).
                 left = q.prefill_left

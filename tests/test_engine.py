@@ -394,3 +394,31 @@ def test_prefix_cache_lives_in_the_free_blocks_and_is_off_when_the_engine_says_s
     off.submit(Sequence(1, 600, 2, prefix=PromptBlocks(512, (1,))), off._clock)
     off.advance(math.inf)
     assert off.prefix_cache is None and off.stats.prefix_hits == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.integers(1, 300), st.integers(1, 60)), min_size=1, max_size=25),
+       st.sampled_from(["fcfs", "priority"]), st.floats(0.0, 0.05))
+def test_pending_prefill_tokens_counts_what_is_handed_over_and_not_prefilled(reqs, policy, delay):
+    p = small_profile(kv_blocks=60, max_num_seqs=6)
+    e = Engine(p, policy)
+    seqs = [Sequence(i, n, m) for i, (_, n, m) in enumerate(reqs)]
+    pending = sorted((a, i) for i, (a, _, _) in enumerate(reqs))
+    k = 0
+    sent: list[Sequence] = []
+    while True:
+        t = min(pending[k][0] if k < len(pending) else math.inf, e.next_event_time())
+        if t == math.inf:
+            break
+        e.advance(t)
+        while k < len(pending) and pending[k][0] <= t:
+            sent.append(seqs[pending[k][1]])
+            e.submit(sent[-1], t, delay_s=delay)
+            k += 1
+        if k == len(pending) and k % 7 == 3:
+            e.abort(sent[0], t)  # an abort on the way or in the queue too
+        e.advance(t)
+        expected = sum(q.prompt_tokens + q.generated for q in sent if q.state.name in ("TRANSIT", "WAITING")) \
+            + sum(q.prefill_left for q in sent if q.state.name == "PREFILL")
+        assert e.pending_prefill_tokens == expected
+    assert e.pending_prefill_tokens == 0

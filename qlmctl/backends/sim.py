@@ -99,6 +99,11 @@ class SimInstance:
     def free_kv_blocks(self) -> int:
         return self.engine.free_blocks
 
+    @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens dispatched here and not yet prefilled (see `Engine.pending_prefill_tokens`)."""
+        return self.engine.pending_prefill_tokens
+
     def running_requests(self) -> list[Request]:
         return [r for r, _ in self.requests.values()]
 
