@@ -36,6 +36,11 @@ PERCENTILES: tuple[int, ...] = (50, 90, 99)
 
 LATENCY_METRICS: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")
 
+INSTANCE_STATS: tuple[str, ...] = ("peak_running", "peak_kv_usage", "preemptions", "prefix_cache_hit_rate")
+"""Per-instance figures a backend may report (`summarize(instance_stats=...)`): the most sequences in its
+running batch at once, its highest KV cache use (fraction of its blocks), its engine-side preemptions and
+the share of the prompt tokens it admitted that its prefix cache held (None: prefix caching off)."""
+
 FRAME_COLUMNS: tuple[str, ...] = (
     "request_id",
     "model",
@@ -275,6 +280,7 @@ def summarize(
     num_swaps: int = 0,
     itls: Sequence[Sequence[float]] | None = None,
     extra: dict | None = None,
+    instance_stats: dict[str, dict[str, Any]] | None = None,
 ) -> dict:
     """Summarise a run as a JSON-serialisable dict (vLLM's result keys plus qlmctl's own).
 
@@ -287,6 +293,8 @@ def summarize(
             backends that record per-token times. None: ITL statistics are None.
         extra: Further top-level keys to add (e.g. policy, seed). A key that collides with a
             computed one raises ValueError rather than silently replacing a metric.
+        instance_stats: Per instance id, its `INSTANCE_STATS` figures (those it has). None: not
+            reported.
 
     Returns:
         Keys, in order:
@@ -301,7 +309,9 @@ def summarize(
         `requests_by_class`, `requests_by_model` ({name: count}), `num_preemptions`,
         `num_evictions`, `num_swaps`, `mean_queueing_delay_ms`, `p99_queueing_delay_ms`
         (dispatch - arrival over dispatched requests), `instance_utilisation`
-        ({instance: busy fraction}) and `mean_utilisation`. Undefined values are None.
+        ({instance: busy fraction}) and `mean_utilisation`; `instances` ({instance: its
+        `INSTANCE_STATS`}), `peak_running` (the largest over instances), `peak_kv_usage` (the
+        highest). Undefined values are None.
     """
     c = _columns(requests)
     done = c.completed
@@ -370,6 +380,15 @@ def summarize(
         mean_util = _num(sum(known) / len(known)) if known else None
     summary["instance_utilisation"] = utilisation
     summary["mean_utilisation"] = mean_util
+    stats = {str(k): {s: v.get(s) for s in INSTANCE_STATS} for k, v in (instance_stats or {}).items()}
+    summary["instances"] = stats if instance_stats is not None else None
+
+    def peak(key: str) -> Any:
+        values = [v[key] for v in stats.values() if v.get(key) is not None]
+        return max(values) if values else None
+
+    summary["peak_running"] = peak("peak_running")
+    summary["peak_kv_usage"] = _num(peak("peak_kv_usage")) if peak("peak_kv_usage") is not None else None
 
     if extra:
         clash = sorted(set(extra) & set(summary))

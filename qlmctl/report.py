@@ -257,13 +257,17 @@ def results_table(summaries: dict[str, dict], title: str, percentiles: Sequence[
     else:
         for label, cells in _latency_rows("ttft", (50, 90, 99), runs):
             row(label, cells)
-        for label, cells in _latency_rows("tpot", (50, 99), runs):
+        for label, cells in _latency_rows("tpot", (50, 90, 99), runs):
             row(label, cells)
         row("E2EL p50 (s)", [_fixed(2, 1e-3)(s.get("p50_e2el_ms")) for s in runs])
+        row("E2EL p90 (s)", [_fixed(2, 1e-3)(s.get("p90_e2el_ms")) for s in runs])
         row("E2EL p99 (s)", [_fixed(2, 1e-3)(s.get("p99_e2el_ms")) for s in runs], end_section=True)
 
     row("Completed/total", [_completed(s) for s in runs])
     row("Preemptions", [_int(s.get("num_preemptions")) for s in runs])
+    if any(s.get("peak_running") is not None for s in runs):
+        row("Peak running (an instance)", [_int(s.get("peak_running")) for s in runs])
+        row("Peak KV use (an instance)", [_pct(s.get("peak_kv_usage")) for s in runs])
     row("Evictions", [_int(s.get("num_evictions")) for s in runs])
     row("Swaps", [_int(s.get("num_swaps")) for s in runs])
     row("Mean utilisation", [_pct(s.get("mean_utilisation")) for s in runs])

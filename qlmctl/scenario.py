@@ -176,6 +176,13 @@ class InstanceSpec(_Strict):
 
 class ClusterSpec(_Strict):
     instances: list[InstanceSpec] = Field(min_length=1)
+    first_load: Literal["warm", "cold"] = Field(
+        default="warm",
+        description="how an instance first loads a model: warm, as `qlmctl serve --launch` with sleep mode starts "
+                    "the engines (each loaded, then put to sleep but the instance's own), so every swap is a "
+                    "wake-up (load_warm_s); cold, each model's first load on an instance starts its engine "
+                    "(load_cold_s), as without sleep mode. Either way a swap first puts the model it leaves "
+                    "to sleep (its sleep_s)")
 
 
 class SLOClassSpec(_Strict):
@@ -241,6 +248,14 @@ class ClassLengthsSpec(_Strict):
         return self
 
 
+class SharedPrefixSpec(_Strict):
+    """A share of the requests begin with one of a few system prompts (what vLLM's prefix cache reuses)."""
+
+    tokens: int = Field(gt=0, description="length of each system prompt, tokens")
+    fraction: float = Field(default=1.0, gt=0, le=1, description="share of the requests that begin with one")
+    variants: int = Field(default=1, gt=0, description="distinct system prompts, each as likely")
+
+
 class WorkloadSpec(_Strict):
     trace: str | None = None
     format: str = "auto"
@@ -261,6 +276,9 @@ class WorkloadSpec(_Strict):
                     "to end to fill it and cut at it; a synthetic workload arrives until it (num_requests ignored)")
     lengths_by_class: dict[str, ClassLengthsSpec] = Field(
         default_factory=dict, description="per SLO class, token lengths that replace the trace's")
+    shared_prefix: SharedPrefixSpec | None = Field(
+        default=None, description="prompts that begin with a shared system prompt (for prefix caching; a trace "
+                                  "with block hashes, as Mooncake's, brings its own sharing)")
 
     @model_validator(mode="after")
     def _source(self) -> "WorkloadSpec":

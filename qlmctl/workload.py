@@ -18,7 +18,8 @@ import pandas as pd
 from qlmctl.core.request import Request
 from qlmctl.errors import UserError
 from qlmctl.scenario import MappingSpec, Scenario
-from qlmctl.traces import LoadedTrace, load_trace, synthetic_trace
+from qlmctl.traces import HASHES, LoadedTrace, load_trace, synthetic_trace
+from simulator.prefix import PromptBlocks
 
 BEFORE_START = "before start_s"
 """`WorkloadReport.skipped` reason for trace rows that arrive before `workload.start_s`."""
@@ -120,6 +121,7 @@ def build_requests(scenario: Scenario) -> tuple[list[Request], WorkloadReport]:
     classes = _assign(scenario, trace, frame, "slo_class", wl.slo_class, list(spec.slo_classes), rng, notes)
     if wl.lengths_by_class:
         frame = _class_lengths(scenario, frame, classes)
+    prefixes = _prefixes(scenario, trace, frame, notes)
 
     slo = {
         name: (c.ttft_s, c.tpot_s, scenario.slo_priority(name)) for name, c in spec.slo_classes.items()
@@ -147,6 +149,9 @@ def build_requests(scenario: Scenario) -> tuple[list[Request], WorkloadReport]:
                 zip(arrival.tolist(), models.tolist(), classes.tolist(), prompt, output)
             )
         ]
+        if prefixes is not None:
+            for r, pre in zip(requests, prefixes):
+                r.prefix = pre
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -240,6 +245,34 @@ def _lengths_later(scenario: Scenario) -> bool:
 
 LENGTHS_STREAM = 0x1E6
 """Second key of the random stream for per-class lengths, so adding them leaves every other draw as it was."""
+
+
+def _prefixes(scenario: Scenario, trace: LoadedTrace, frame: pd.DataFrame,
+              notes: list[str]) -> list[PromptBlocks | None] | None:
+    """Per request, what its prompt shares with others (None: no sharing known): the trace's block hashes, or
+    the workload's shared system prompts. A request whose prompt is no longer than a system prompt gets none
+    (it would cache only part of that prompt under the prompt's name)."""
+    wl = scenario.spec.workload
+    if wl.shared_prefix is not None:
+        sp = wl.shared_prefix
+        rng = np.random.default_rng([scenario.spec.seed, 0x5EED])  # its own stream: the other draws stay put
+        n = len(frame)
+        shares = rng.random(n) < sp.fraction
+        variant = rng.integers(0, sp.variants, n)
+        prompts = frame["prompt_tokens"].to_numpy(dtype=np.int64)
+        blocks = [PromptBlocks(sp.tokens, (v,)) for v in range(sp.variants)]
+        out: list[PromptBlocks | None] = [blocks[v] if s and p > sp.tokens else None
+                                          for s, v, p in zip(shares.tolist(), variant.tolist(), prompts.tolist())]
+        notes.append(f"{sum(x is not None for x in out)} requests begin with one of {sp.variants} shared "
+                     f"{sp.tokens}-token system prompt(s)")
+        return out
+    if trace.hash_block_tokens is None or HASHES not in frame:
+        return None
+    if wl.lengths_by_class:
+        notes.append("the trace's prompt block hashes are not used: lengths_by_class replaced its prompt lengths")
+        return None
+    bt = trace.hash_block_tokens
+    return [PromptBlocks(bt, h) if h else None for h in frame[HASHES].tolist()]
 
 
 def _class_lengths(scenario: Scenario, frame: pd.DataFrame, classes: np.ndarray) -> pd.DataFrame:

@@ -103,6 +103,10 @@ class EngineProfile:
     max_model_len: int = param(32768, gt=0, doc="vLLM's --max-model-len: most prompt plus output tokens of a request")
     load_cold_s: float = param(30.0, ge=0, doc="time to load the model from disk onto a GPU that does not hold it, s")
     load_warm_s: float = param(1.0, ge=0, doc="time to wake the model from CPU memory (vLLM sleep mode level 1), s")
+    sleep_s: float = param(
+        0.0, ge=0, doc="time to put the model to sleep (vLLM sleep mode level 1: its weights copied to CPU memory, "
+                       "its KV cache dropped), s: what a swap away from it costs before the next model loads "
+                       "(`profile-model --sleep` measures it)")
     mean_output_tokens: float = param(
         256.0, gt=0, doc="prior for the RWT estimator's output-length distribution (mean)")
     std_output_tokens: float = param(
@@ -143,6 +147,12 @@ class EngineProfile:
     enable_prefix_caching: bool = param(
         True, doc="vLLM's --enable-prefix-caching (on by default in V1), as the scenario runs the engine; for the "
                   "engine model to read (the step model does not use it)")
+    frontend_window_s: float = param(
+        0.0, ge=0, doc="the load the API-server queue model sees: 0, that of the engine step in flight when the "
+                       "request arrives (its streams over its length); > 0, the tokens streamed and steps taken "
+                       "over an exponential window of this many seconds (`simulator.api_server`). The fit is the "
+                       "same (its load windows are steady); they differ when short decode-only steps alternate "
+                       "with long prefill ones")
 
     def frontend_delay(self, streams: int) -> float:
         """Client-visible latency outside the engine's steps while the server relays `streams` streams."""
@@ -156,25 +166,36 @@ class EngineProfile:
         return self.frontend_delay(streams) + self.frontend_wait(streams, step, 0.0)
 
     def frontend_wait(self, streams: int, step_s: float, rate_rps: float) -> float:
+        """Queueing delay in vLLM's API server before a new request reaches the engine while it streams a steady
+        batch of `streams` sequences (a token each every step of `step_s`) and requests arrive at `rate_rps`, s:
+        `frontend_wait_rates` at those rates."""
+        if step_s > 0:
+            return self.frontend_wait_rates(streams / step_s, 1.0 / step_s, rate_rps)
+        return self.frontend_wait_rates(0.0, 0.0, rate_rps)
+
+    def frontend_wait_rates(self, tokens_per_s: float, steps_per_s: float, rate_rps: float) -> float:
         """Queueing delay in vLLM's API server before a new request reaches the engine, seconds.
 
         The API server is one Python event loop: a single server whose work is `frontend_cpu_per_token_s`
-        per streamed token (a burst of `streams` tokens every engine step of `step_s`) and
-        `frontend_cpu_per_request_s` per request arriving at `rate_rps`. Its utilisation is rho; a request
-        waits the mean residual work R of an M/G/1 queue over (1 - rho) (Pollaczek-Khinchine), once per
-        loop hop on its way (`frontend_queue_factor`). rho is capped at 0.95: past that the real server
+        per streamed token (`tokens_per_s`, in bursts at the end of each engine step: `steps_per_s` of them)
+        and `frontend_cpu_per_request_s` per request arriving at `rate_rps`. Its utilisation is rho; a
+        request waits the mean residual work R of an M/G/1 queue over (1 - rho) (Pollaczek-Khinchine), once
+        per loop hop on its way (`frontend_queue_factor`). rho is capped at 0.95: past that the real server
         merges the tokens it is late with into fewer chunks instead of falling behind without bound.
-        With `api_server_count` N, each process serves 1/N of the streams and of the arrivals."""
+        With `api_server_count` N, each process serves 1/N of the tokens (at the same steps) and of the
+        arrivals. The rates are what the server sees over a window (`simulator.api_server`), not those of
+        the step in flight: a short decode-only step between long prefill ones does not load it more."""
         h = self.frontend_queue_factor
         if h <= 0.0:
             return 0.0
         n = max(1, self.api_server_count)
-        per_streams, per_rate = streams / n, rate_rps / n  # one process's share
         ct, cr = self.frontend_cpu_per_token_s, self.frontend_cpu_per_request_s
-        burst = per_streams * ct
-        per_step = burst / step_s if step_s > 0 else 0.0
-        rho = min(FRONTEND_RHO_CAP, per_step + per_rate * cr)
-        residual = (burst * burst / (2.0 * step_s) if step_s > 0 else 0.0) + per_rate * cr * cr / 2.0
+        token_load = tokens_per_s / n * ct  # CPU seconds per second of one process's token work
+        per_rate = rate_rps / n
+        rho = min(FRONTEND_RHO_CAP, token_load + per_rate * cr)
+        # Bursts of token_load / steps_per_s CPU seconds arriving steps_per_s times a second.
+        residual = (token_load * token_load / (2.0 * steps_per_s) if steps_per_s > 0 else 0.0) \
+            + per_rate * cr * cr / 2.0
         return h * residual / (1.0 - rho)
 
     def billed_tokens(self, prefill_tokens: int, decode_seqs: int) -> int:
@@ -211,6 +232,13 @@ class EngineProfile:
         """Seconds to prefill `prompt_tokens` alone on an idle engine (chunked by the budget)."""
         if prompt_tokens <= 0:
             return 0.0
+        if prompt_tokens <= self.max_num_batched_tokens:
+            # One step: `prefill_terms`' arithmetic for that case, without its calls (policies ask this per
+            # request on their hot path).
+            knee = self.knee_tokens
+            billed = prompt_tokens if knee <= 0 else max(0, prompt_tokens - knee)
+            return (self.base_s + self.per_prefill_step_s + self.per_prefill_token_s * billed
+                    + self.per_prefill_pair_s * (prompt_tokens * (0 + (prompt_tokens + 1) / 2.0)))
         steps, billed, pairs = self.prefill_terms(prompt_tokens)
         return (steps * (self.base_s + self.per_prefill_step_s) + self.per_prefill_token_s * billed
                 + self.per_prefill_pair_s * pairs)

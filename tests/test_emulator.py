@@ -404,3 +404,14 @@ async def test_scheduled_time_is_the_engines_admission():
         await eng.aclose()
     assert a.scheduled_s == a.arrival_s and b.scheduled_s == a.finish_s
     assert a.scheduled_s < a.first_token_s and b.arrival_s < b.scheduled_s < b.first_token_s
+
+
+def test_sleep_takes_the_profiles_sleep_s_and_wake_up_its_load_warm_s():
+    p = profile(load_warm_s=1.0, sleep_s=4.0)
+    with start_emulator(p, "m", speedup=10) as h, httpx.Client(base_url=h.url, timeout=10) as c:
+        t0 = time.perf_counter()
+        assert c.post("/sleep", params={"level": 1}).status_code == 200
+        assert 0.39 <= time.perf_counter() - t0 < 0.7  # sleep_s / speedup
+        t0 = time.perf_counter()
+        assert c.post("/wake_up").status_code == 200
+        assert 0.09 <= time.perf_counter() - t0 < 0.35  # load_warm_s / speedup

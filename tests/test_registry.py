@@ -25,7 +25,8 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_every_policy_name_resolves_to_its_class():
-    assert policy_names() == ["fcfs", "priority", "edf", "qlm", "qlm-strict", "qlm-basic", "qlm-lp", "shepherd", "sjf-oracle"]
+    assert policy_names() == ["fcfs", "priority", "edf", "qlm", "qlm-strict", "qlm-basic", "qlm-lp", "shepherd",
+                              "sjf-oracle", "direct"]
     for name in policy_names():
         cls = policy_class(name)
         assert issubclass(cls, Policy) and cls.name == name, (name, cls)

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import multiprocessing
 import pickle
+import random
 import signal
 import time
 import traceback
@@ -30,10 +31,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 
 from qlmctl.client.http import SSEParser, describe_error, error_message, make_client, status_hint
 from qlmctl.core.request import Request
+from simulator.prefix import PromptBlocks
 
 COMPLETIONS = "/v1/completions"
 
@@ -41,10 +44,30 @@ VOCAB = 32000
 """Synthetic prompt words are w0 .. w31999."""
 
 
-def synthetic_prompt(num_tokens: int, salt: int = 0) -> str:
-    """`num_tokens` words `w<i>`; `salt` varies the words so that prompts share no prefix."""
-    start = (salt * 7919) % VOCAB
-    return " ".join([f"w{(start + j) % VOCAB}" for j in range(num_tokens)])
+def synthetic_prompt(num_tokens: int, salt: int = 0, prefix: PromptBlocks | None = None,
+                     nonce: int | None = None) -> str:
+    """`num_tokens` words `w<i>`; `salt` varies the words so that prompts share no prefix.
+
+    With a `nonce` (one per replay), the words are drawn at random from `nonce` and `salt`, and a request's
+    `prefix` blocks (its trace's block hashes, or a shared system prompt) from `nonce` and each block's hash:
+    requests that share blocks share those words, so a server's prefix cache sees the sharing the trace
+    describes, and nothing else (not even the prompts of another replay, which has another nonce)."""
+    if nonce is None and prefix is None:
+        start = (salt * 7919) % VOCAB
+        return " ".join([f"w{(start + j) % VOCAB}" for j in range(num_tokens)])
+    nonce = nonce or 0
+    words: list[int] = []
+    if prefix is not None:
+        bt = prefix.block_tokens
+        for h in prefix.hashes:
+            if len(words) >= num_tokens:
+                break
+            rng = np.random.default_rng([nonce & 0xFFFFFFFF, bt, h & 0xFFFFFFFFFFFF, 1])
+            words += rng.integers(0, VOCAB, min(bt, num_tokens - len(words))).tolist()
+    if len(words) < num_tokens:
+        rng = np.random.default_rng([nonce & 0xFFFFFFFF, salt & 0xFFFFFFFFFFFF, 2])
+        words += rng.integers(0, VOCAB, num_tokens - len(words)).tolist()
+    return " ".join([f"w{w}" for w in words])
 
 
 @dataclass
@@ -77,6 +100,7 @@ async def replay(
     stop: asyncio.Event | None = None,
     model_map: dict[str, str] | None = None,
     verify: bool = True,
+    prompt_nonce: int | None = None,
     send_priority: bool = False,
 ) -> ReplayResult:
     """Send `requests` (fresh copies are filled in) to the server at `url` at arrival_s / speedup.
@@ -93,9 +117,12 @@ async def replay(
         stop: Once set, no more requests are sent (those left get an error); those sent run to their end.
         model_map: The model name to send for each request's model (default: its own).
         verify: Check the server's TLS certificate.
+        prompt_nonce: What the prompts' words are drawn from (`synthetic_prompt`); default: a random one, so
+            that no replay hits the prefix cache with another's prompts.
         send_priority: Send each request's SLO-class priority as vLLM's `priority` field (lower first), for a
             server started with `--scheduling-policy priority` (a server in fcfs mode refuses it).
     """
+    nonce = prompt_nonce if prompt_nonce is not None else random.getrandbits(32)
     reqs = [copy.copy(r) for r in sorted(requests, key=lambda r: (r.arrival_s, r.request_id))]
     n = len(reqs)
     out = ReplayResult(reqs, [[] for _ in range(n)], [""] * n if keep_text else None, [None] * n, [None] * n,
@@ -109,7 +136,7 @@ async def replay(
     async def one(i: int) -> None:
         nonlocal done
         try:
-            await _send(client, reqs[i], i, out, speedup, model_map, send_priority)
+            await _send(client, reqs[i], i, out, speedup, model_map, nonce, send_priority)
         finally:
             sem.release()
             done += 1
@@ -149,10 +176,10 @@ async def _with_end(chunks: Any) -> Any:
 
 
 async def _send(client: Any, r: Request, i: int, out: ReplayResult, speedup: float,
-                model_map: dict[str, str] | None, send_priority: bool = False) -> None:
-    fields = {
+                model_map: dict[str, str] | None, nonce: int, send_priority: bool = False) -> None:
+    fields: dict[str, Any] = {
         "model": model_map.get(r.model, r.model) if model_map else r.model,
-        "prompt": synthetic_prompt(r.prompt_tokens, r.request_id),
+        "prompt": synthetic_prompt(r.prompt_tokens, r.request_id, r.prefix, nonce),
         "max_tokens": r.output_tokens,
         "ignore_eos": True,
         "temperature": 0.0,

@@ -53,7 +53,7 @@ def emulate(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes it to the network."),
     port: int = typer.Option(8001, "--port", min=0, max=65535, help="TCP port (0: any free port, printed)."),
     speedup: float = typer.Option(1.0, "--speedup", min=1e-6, help="Simulated seconds per wall second: 10 makes the modelled GPU 10x faster (token timing, sleep and wake-up)."),
-    sleep_s: Optional[float] = typer.Option(None, "--sleep-s", min=0.0, help="Simulated seconds POST /sleep takes; default: the profile's load_warm_s."),
+    sleep_s: Optional[float] = typer.Option(None, "--sleep-s", min=0.0, help="Simulated seconds POST /sleep takes; default: the profile's sleep_s."),
     scheduling_policy: str = typer.Option("fcfs", "--scheduling-policy", help="fcfs, or priority (requests' `priority` field, lower first), as vLLM's flag."),
     stream_interval_s: float = typer.Option(0.01, "--stream-interval", min=0.0, help="Shortest gap between token deliveries to a stream, wall seconds."),
     hold_while_asleep: bool = typer.Option(False, "--hold-while-asleep", help="Completions sent while asleep wait for /wake_up, as vLLM 0.24 does, instead of failing at once with 503."),

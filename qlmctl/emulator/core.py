@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from qlmctl.emulator.metrics import EmulatorMetrics, EngineGauges
 from qlmctl.emulator.protocol import FinishReason
 from simulator.engine import Engine, OutputKind, Sequence
+from simulator.prefix import PromptBlocks
 from simulator.profile import EngineProfile
 
 log = logging.getLogger("qlmctl.emulator")
@@ -100,6 +101,17 @@ class EmuRequest:
         return self.seq.prompt_tokens
 
 
+def prompt_blocks(ids: list[int], block_size: int) -> PromptBlocks | None:
+    """vLLM's prefix-cache view of a prompt of token `ids`: one hash per full block of `block_size` tokens,
+    each chained to the ones before it (None: not one full block)."""
+    hashes = []
+    h = 0
+    for i in range(0, len(ids) - block_size + 1, block_size):
+        h = hash((h, *ids[i:i + block_size]))
+        hashes.append(h)
+    return PromptBlocks(block_size, tuple(hashes)) if hashes else None
+
+
 def _note_scheduled(seq: Sequence, t: float) -> None:
     """Note when a request is first admitted into the batch, for vLLM's queue, prefill and inference time
     metrics (the first time only, as vLLM: a preempted request keeps its first scheduled time)."""
@@ -149,7 +161,8 @@ class EmulatedEngine:
         e = self.engine
         total = e.total_blocks
         return EngineGauges(running=e.num_running, waiting=e.num_waiting,
-                            kv_usage=min(1.0, e.used_blocks / total) if total else 0.0)
+                            kv_usage=min(1.0, e.used_blocks / total) if total else 0.0,
+                            prefix_queries=e.stats.prefix_queries, prefix_hits=e.stats.prefix_hits)
 
     def state(self) -> dict[str, float | int]:
         e = self.engine
@@ -167,15 +180,17 @@ class EmulatedEngine:
         }
 
     # -------------------------------------------------------------- commands
-    def submit(self, prompt_tokens: int, max_tokens: int, *, priority: int = 0, stream: bool = True) -> EmuRequest:
-        """Queue a request on the engine now; the caller awaits `req.event` for news."""
+    def submit(self, prompt_tokens: int, max_tokens: int, *, priority: int = 0, stream: bool = True,
+               prefix: PromptBlocks | None = None) -> EmuRequest:
+        """Queue a request on the engine now; the caller awaits `req.event` for news. `prefix`: its prompt's
+        block hashes, for the engine's prefix cache (`prompt_blocks`)."""
         if self._closed:
             raise RuntimeError("emulated engine is closed")
         self._ensure_driver()
         now = self.clock.now()
         self._advance(now)
         seq = Sequence(seq_id=next(self._ids), prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                       priority=priority, arrival_s=now)
+                       priority=priority, arrival_s=now, prefix=prefix)
         req = EmuRequest(seq=seq, stream=stream, arrival_s=now)
         seq.tag = req
         self._requests[seq.seq_id] = req

@@ -79,6 +79,8 @@ class GenRequest:
     priority: int
     request_id: str
     created: int
+    prompt: Any = None
+    """A completions request's prompt as sent (text or token ids), for the prefix cache; None for chat."""
 
 
 def token_text(prompt_tokens: int, j: int) -> str:
@@ -230,6 +232,7 @@ def parse_request(
         priority=priority,
         request_id=rid,
         created=int(time.time()),
+        prompt=body["prompt"] if kind == "completion" else None,
     )
 
 

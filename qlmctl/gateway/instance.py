@@ -178,10 +178,15 @@ class LiveInstance:
         return self._profiles.get(model) if model in self.engines else None
 
     def load_time(self, model: str) -> float:
+        """Seconds to swap to `model`: the awake model's sleep (its profile's sleep_s), then `model`'s wake-up
+        (load_warm_s); with restart swaps, `model`'s start (load_cold_s)."""
         prof = self.profile_for(model)
         if prof is None:
             return math.inf
-        return prof.load_warm_s if self.control.warm else prof.load_cold_s
+        if not self.control.warm:
+            return prof.load_cold_s
+        cur = self._profiles.get(self.awake) if self.awake is not None and self.awake != model else None
+        return prof.load_warm_s + (cur.sleep_s if cur is not None else 0.0)
 
     # ------------------------------------------------------------ bookkeeping
     def add(self, lr: Placed, now: float) -> None:

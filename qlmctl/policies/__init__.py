@@ -24,6 +24,7 @@ POLICIES: dict[str, str] = {
     "qlm-lp": "qlmctl.policies.qlm_lp:QLMLPPolicy",
     "shepherd": "qlmctl.policies.shepherd:ShepherdPolicy",
     "sjf-oracle": "qlmctl.policies.sjf:SJFOraclePolicy",
+    "direct": "qlmctl.policies.direct:DirectPolicy",
 }
 """Policy name -> "module:Class"; the order is the order `qlmctl policies` and `evaluate` show them in."""
 

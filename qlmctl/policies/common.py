@@ -89,6 +89,10 @@ class RoomBook:
         self.lookahead_steps = lookahead_steps
         self._rooms: dict[int, Room | None] = {}
         self._stale: set[int] | None = None  # None: all
+        # Kept so that a call costs what changed, not the number of instances:
+        self._open: dict[int, Room] = {}  # rooms that may have a free slot (a full one drops out until refreshed)
+        self._unloaded: set[int] = set()  # instances serving nothing
+        self._handed: list[Room] = []  # rooms open_rooms gave out since the last refresh (only they take)
 
     def touch(self, instance_id: int | None) -> None:
         if instance_id is not None and self._stale is not None:
@@ -98,27 +102,48 @@ class RoomBook:
         self._stale = None
 
     def refresh(self, cluster: ClusterView) -> None:
+        for rm in self._handed:  # the last call's dispatches are on the engines now
+            rm.taken_blocks = 0
+            rm.taken_tokens = 0
+        self._handed = []
         insts = cluster.instances
-        for rm in self._rooms.values():  # the last call's dispatches are on the engines now
-            if rm is not None:
-                rm.taken_blocks = 0
-                rm.taken_tokens = 0
         ids = range(len(insts)) if self._stale is None else self._stale
+        rooms, open_, unloaded = self._rooms, self._open, self._unloaded
         for iid in ids:
-            self._rooms[iid] = room_of(insts[iid], self.dispatch_limit, self.lookahead_steps)
+            rm = rooms[iid] = room_of(insts[iid], self.dispatch_limit, self.lookahead_steps)
+            if rm is None:
+                unloaded.add(iid)
+                open_.pop(iid, None)
+            else:
+                unloaded.discard(iid)
+                open_[iid] = rm
         self._stale = set()
 
     def get(self, instance_id: int) -> Room | None:
         return self._rooms.get(instance_id)
 
     def open_rooms(self) -> list[Room]:
-        """Rooms of serving instances with a free slot that are not blocked."""
-        return [rm for rm in self._rooms.values() if rm is not None and rm.slots > 0 and not rm.blocked]
+        """Rooms of serving instances with a free slot that are not blocked (in no particular order)."""
+        out = []
+        full = None
+        for iid, rm in self._open.items():
+            if rm.slots > 0:
+                if not rm.blocked:
+                    out.append(rm)
+            elif full is None:
+                full = [iid]
+            else:
+                full.append(iid)
+        if full is not None:
+            for iid in full:  # a full room opens again only as a new Room, at a refresh
+                del self._open[iid]
+        self._handed.extend(out)
+        return out
 
     def unblock(self, models: set[str]) -> None:
         """New requests of these models arrived: blocked rooms serving them may take them."""
-        for rm in self._rooms.values():
-            if rm is not None and rm.blocked and rm.inst.model in models:
+        for rm in self._open.values():
+            if rm.blocked and rm.inst.model in models:
                 rm.blocked = False
 
     def rooms(self) -> list[Room]:
@@ -126,8 +151,8 @@ class RoomBook:
         return [rm for rm in self._rooms.values() if rm is not None]
 
     def unloaded(self) -> list[int]:
-        """Instances serving nothing now (no model, swapping or unhealthy)."""
-        return [iid for iid, rm in self._rooms.items() if rm is None]
+        """Instances serving nothing now (no model, swapping or unhealthy), in instance order."""
+        return sorted(self._unloaded) if self._unloaded else []
 
     def fresh_blocks(self, rm: Room) -> None:
         """Re-read what shrinks between events: free KV blocks (decoding), and prefill tokens (each step)."""
