@@ -6,12 +6,23 @@ import importlib
 import sys
 
 import typer
+import typer.core
 
 from qlmctl.commands import COMMAND_MODULES
 from qlmctl.commands.common import print_error
 from qlmctl.errors import UserError
+from qlmctl.invocation import remember
+
+class _Root(typer.core.TyperGroup):
+    """The root group keeps the arguments as typed (see `qlmctl.invocation`)."""
+
+    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
+        remember(ctx, args)
+        return super().parse_args(ctx, args)
+
 
 app = typer.Typer(
+    cls=_Root,
     add_completion=True,
     no_args_is_help=True,
     help="SLO-oriented queue management (QLM) for LLM serving: simulate, serve, profile, plot. "

@@ -361,7 +361,7 @@ def _save(point: EvalPoint, run: PointRun, dumps: dict[tuple[str, str], dict[str
 
     if run.error is not None or run.summary is None:
         return PointResult(point, None, None, run.wall_s, run.error or "no result")
-    from qlmctl.vllm_bench import command_line
+    from qlmctl.invocation import command_line
 
     run.summary["command"] = command_line()  # the driver's (a worker's argv is its own)
     try:

@@ -98,8 +98,7 @@ def _partial_result(cluster: SimulatedCluster, wall_s: float) -> SimResult:
     reqs = list(cluster.requests)
     end = max((r.finish_s for r in reqs if r.finish_s is not None), default=0.0)
     start = reqs[0].arrival_s if reqs else 0.0
-    insts = [{"instance_id": inst.instance_id, "name": inst.name, "gpu": inst.gpu,
-              "busy_s": inst.engine.stats.busy_s, "swaps": inst.swaps} for inst in cluster.instances]
+    insts = cluster.instance_records(end - start)
     return SimResult(policy=cluster.policy.name, requests=reqs, instances=insts,
                      num_swaps=sum(inst.swaps for inst in cluster.instances),
                      num_evictions=sum(r.num_evictions for r in reqs), sim_duration_s=end - start, wall_s=wall_s,

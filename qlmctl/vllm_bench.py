@@ -21,8 +21,6 @@ import datetime as dt
 import hashlib
 import json
 import math
-import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qlmctl.errors import UserError
+from qlmctl.invocation import command_line
 from qlmctl.metrics import GOODPUT_METRICS, LATENCY_METRICS, bench_metrics
 
 if TYPE_CHECKING:
@@ -64,12 +63,6 @@ def version() -> str:
 def now() -> str:
     """The date as vLLM writes it."""
     return dt.datetime.now().strftime(DATE_FORMAT)
-
-
-def command_line() -> str:
-    """The command as typed (`qlmctl simulate ...`)."""
-    args = sys.argv[1:]
-    return "qlmctl " + " ".join(shlex.quote(a) for a in args) if args else "qlmctl"
 
 
 def workload_id(requests: Sequence[Request]) -> str:

@@ -334,25 +334,7 @@ class SimulatedCluster:
                 r.error = "not served: nothing could run it (no instance can host its model?)"
         end = max((r.finish_s for r in reqs if r.finish_s is not None), default=0.0)
         start = reqs[0].arrival_s if reqs else 0.0
-        insts = [
-            {
-                "instance_id": inst.instance_id,
-                "name": inst.name,
-                "gpu": inst.gpu,
-                "busy_s": inst.engine.stats.busy_s,
-                "utilisation": inst.engine.stats.busy_s / (end - start) if end > start else 0.0,
-                "steps": inst.engine.stats.steps,
-                "preemptions": inst.engine.stats.preemptions,
-                "swaps": inst.swaps,
-                "load_s": inst.engine.stats.load_s,
-                "peak_kv_blocks": inst.engine.stats.peak_blocks,
-                "peak_running": inst.engine.stats.peak_running,
-                "peak_kv_usage": _usage(inst),
-                "prefix_cache_hit_rate": (inst.engine.stats.prefix_hits / inst.engine.stats.prefix_queries
-                                          if inst.engine.stats.prefix_queries else None),
-            }
-            for inst in self._instances
-        ]
+        insts = self.instance_records(end - start)
         return SimResult(
             policy=self.policy.name,
             requests=list(reqs),
@@ -366,6 +348,29 @@ class SimulatedCluster:
             policy_stats=self.policy.stats_dict(),
             policy_errors=driver.stats.policy_errors,
         )
+
+    def instance_records(self, span_s: float) -> list[dict[str, Any]]:
+        """Each instance's counters so far (what `SimResult.instances` holds); `span_s`, the run's span,
+        is the denominator of utilisation."""
+        return [
+            {
+                "instance_id": inst.instance_id,
+                "name": inst.name,
+                "gpu": inst.gpu,
+                "busy_s": inst.engine.stats.busy_s,
+                "utilisation": inst.engine.stats.busy_s / span_s if span_s > 0 else 0.0,
+                "steps": inst.engine.stats.steps,
+                "preemptions": inst.engine.stats.preemptions,
+                "swaps": inst.swaps,
+                "load_s": inst.engine.stats.load_s,
+                "peak_kv_blocks": inst.engine.stats.peak_blocks,
+                "peak_running": inst.engine.stats.peak_running,
+                "peak_kv_usage": _usage(inst),
+                "prefix_cache_hit_rate": (inst.engine.stats.prefix_hits / inst.engine.stats.prefix_queries
+                                          if inst.engine.stats.prefix_queries else None),
+            }
+            for inst in self._instances
+        ]
 
     def _push(self, iid: int) -> None:
         """Enter engine `iid`'s next event time in the heap, unless its live entry already says it. An engine's
