@@ -503,3 +503,40 @@ async def test_emulate_cli_fault_flags(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the relay's stall timer
+
+
+@pytest.mark.asyncio
+async def test_watchdog_inter_token_deadline_moves_from_the_first_token():
+    """A stream that stalls after its first token is caught at inter_s, not at the first-token limit."""
+    from qlmctl.engines.base import FailureKind
+    from qlmctl.gateway.relay import Watchdog
+
+    class Scope:
+        fired_at = None
+
+        def reschedule(self, when):
+            self.fired_at = when
+
+    loop = asyncio.get_running_loop()
+    scope = Scope()
+    t0 = loop.time()
+    wd = Watchdog(scope, first_s=30.0, inter_s=0.2)
+    await asyncio.sleep(0.05)
+    wd.progress()  # the first token
+    for _ in range(3):  # a few more, then silence
+        await asyncio.sleep(0.05)
+        wd.progress()
+    last = loop.time()
+    assert await wait_until(lambda: scope.fired_at is not None, 10)
+    assert wd.fired is FailureKind.STALLED
+    # Caught one inter-token limit after the last token (plus scheduling delay), far from first_s.
+    assert scope.fired_at - last >= 0.2 - 1e-3 and scope.fired_at - t0 < 10
+
+    scope2 = Scope()
+    wd2 = Watchdog(scope2, first_s=0.2, inter_s=30.0)  # no token at all: the first-token limit
+    assert await wait_until(lambda: scope2.fired_at is not None, 10)
+    assert wd2.fired is FailureKind.FIRST_TOKEN_TIMEOUT

@@ -78,7 +78,10 @@ class Watchdog:
     """Expires an engine attempt's cancel scope when its stream goes quiet: no first token within
     `first_s`, or no token within `inter_s` of the last one (wall seconds).
 
-    One timer per attempt, re-armed only when it fires early: a token costs one clock read.
+    One timer per attempt. The first token moves it to `inter_s` from then; later tokens only note the
+    time (one clock read each), and a timer that fires early re-arms itself at the last token plus
+    `inter_s`: so a stream that stalls is caught `inter_s` after its last token, whatever the first-token
+    limit.
     """
 
     __slots__ = ("_loop", "_scope", "_inter_s", "_limit", "_last", "_handle", "_got_first", "fired", "writing")
@@ -98,10 +101,13 @@ class Watchdog:
 
     def progress(self) -> None:
         """Tokens arrived."""
-        self._last = self._loop.time()
+        self._last = now = self._loop.time()
         if not self._got_first:
             self._got_first = True
             self._limit = self._inter_s
+            if self._handle is not None:  # the first-token timer would fire `first_s` from the start
+                self._handle.cancel()
+                self._handle = self._loop.call_at(now + self._inter_s, self._fire)
 
     def _fire(self) -> None:
         now = self._loop.time()
