@@ -13,6 +13,7 @@ early (an eviction, a client gone) closes its connection, which is how vLLM lear
 from __future__ import annotations
 
 import asyncio
+import errno
 import sys
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -72,6 +73,15 @@ class HTTPError(ConnectionError):
 
 class ConnectError(HTTPError):
     """The connection could not be made (refused, unreachable, or the connect timed out)."""
+
+
+class LocalResourceError(HTTPError):
+    """This process ran out of a resource making the connection (file descriptors, buffers, memory): the
+    server is not at fault."""
+
+
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""errno values that mean "this process or machine is out of resources", not "the peer failed"."""
 
 
 class Connection:
@@ -218,6 +228,8 @@ class Pool:
             async with timeout(self.connect_timeout_s):
                 reader, writer = await asyncio.open_connection(self.host, self.port, limit=HEAD_LIMIT)
         except (OSError, TimeoutError) as e:
+            if isinstance(e, OSError) and e.errno in LOCAL_ERRNOS:
+                raise LocalResourceError(f"cannot connect to {self.host}:{self.port}: {e}") from None
             raise ConnectError(f"cannot connect to {self.host}:{self.port}: {e or type(e).__name__}") from None
         return Connection(reader, writer)
 

@@ -35,6 +35,7 @@ from qlmctl.core.request import Request
 from qlmctl.gateway.cluster import LiveCluster
 from qlmctl.gateway.exporter import GatewayMetrics
 from qlmctl.gateway.limits import AdmissionMetrics, QueueLimits
+from qlmctl.gateway.lograte import PER_EVENT
 from qlmctl.gateway.openapi import openapi_document
 from qlmctl.gateway.relay import JSONSink, Relay, StreamSink, error_body, send_json
 from qlmctl.gateway.request import LiveRequest
@@ -160,7 +161,7 @@ class GatewayApp:
             except BadRequest:
                 raise
             except Exception as e:  # noqa: BLE001 - a body shape the checks missed is still the client's error
-                log.warning("unexpected request shape: %s: %s", type(e).__name__, e)
+                log.warning("unexpected request shape: %s: %s", type(e).__name__, e, extra=PER_EVENT)
                 raise BadRequest(400, f"invalid request body ({type(e).__name__})") from None
         except BadRequest as e:
             self.admission.rejected.labels("", "bad_request").inc()

@@ -37,7 +37,7 @@ from qlmctl.core.cluster import Evict
 from qlmctl.core.driver import Driver
 from qlmctl.core.request import Request
 from qlmctl.engines import engine_kind
-from qlmctl.engines.base import FailureKind
+from qlmctl.engines.base import EngineError, FailureKind
 from qlmctl.gateway.exporter import GatewayMetrics
 from qlmctl.gateway.health import HealthMetrics, HealthMonitor
 from qlmctl.gateway.instance import LiveEngine, LiveInstance, SwapControl
@@ -520,11 +520,14 @@ class LiveCluster:
                     self.end_queued(lr, 503, msg)
             self.kick()
 
-    async def poll_engine(self, e: LiveEngine, timeout_s: float = 2.0) -> bool:
-        """Read the engine's /metrics into its instance's state; False when it did not answer."""
+    async def poll_engine(self, e: LiveEngine, timeout_s: float = 2.0) -> bool | None:
+        """Read the engine's /metrics into its instance's state; False when it did not answer, None when the
+        gateway could not ask it (out of descriptors or memory: not the engine's failure)."""
         inst = e.instance
         try:
             m = await e.server.metrics(timeout_s)
+        except EngineError as err:
+            return None if err.kind is FailureKind.LOCAL else False
         except Exception:  # noqa: BLE001 - any failure means "not answering"
             return False
         own = len(inst.inflight)

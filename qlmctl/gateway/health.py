@@ -68,8 +68,9 @@ class Watched(Protocol):
     def health_changed(self, e: LiveEngine) -> None:
         """`e` turned unhealthy or healthy."""
 
-    async def poll_engine(self, e: LiveEngine, timeout_s: float = 2.0) -> bool:
-        """Read `e`'s metrics into the cluster's state; False when it did not answer."""
+    async def poll_engine(self, e: LiveEngine, timeout_s: float = 2.0) -> bool | None:
+        """Read `e`'s metrics into the cluster's state; False when it did not answer, None when the gateway
+        could not ask (out of resources: not the engine's failure)."""
         ...
 
 
@@ -93,7 +94,10 @@ class HealthMonitor:
 
     # ------------------------------------------------------------ events
     def failure(self, e: LiveEngine, kind: FailureKind) -> None:
-        """An attempt on `e` failed."""
+        """An attempt on `e` failed. A local failure (the gateway out of descriptors or memory) is not the
+        engine's and does not count."""
+        if kind is FailureKind.LOCAL:
+            return
         self.metrics.engine_failures.labels(e.instance.name, e.model, kind.value).inc()
         e.fails += 1
         if kind.hard or e.fails >= self.unhealthy_after:
@@ -140,9 +144,10 @@ class HealthMonitor:
                 await asyncio.sleep(self.metrics_interval_s)
                 if not e.instance.control.available(e):
                     continue  # stopped on purpose (a restart swap): nothing to poll
-                if await cluster.poll_engine(e, self.probe_timeout_s):
+                ok = await cluster.poll_engine(e, self.probe_timeout_s)
+                if ok:
                     e.poll_fails = 0
-                else:
+                elif ok is False:
                     self.poll_failed(e)
             else:
                 await asyncio.sleep(self.probe_interval_s)

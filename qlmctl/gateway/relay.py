@@ -208,8 +208,8 @@ class Relay:
                              engine.url, failure.value, detail)
                     if cluster.retry(lr, engine, failure):
                         continue
-                    await self._fail(502 if failure not in (FailureKind.FIRST_TOKEN_TIMEOUT, FailureKind.STALLED)
-                                     else 504,
+                    await self._fail(504 if failure in (FailureKind.FIRST_TOKEN_TIMEOUT, FailureKind.STALLED)
+                                     else 503 if failure is FailureKind.LOCAL else 502,
                                      f"{failure.describe()} on {lr.attempts} attempt(s) (retry budget "
                                      f"{cluster.max_retries} spent)", internal=f"{engine.url}: {failure.value}: {detail}")
                     return

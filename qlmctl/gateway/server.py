@@ -11,8 +11,10 @@ import logging
 from typing import Any
 
 from qlmctl.gateway.app import GatewayApp
+from qlmctl.gateway.clientconn import ClientLimits, ConnectionGuard
 from qlmctl.gateway.cluster import LiveCluster
 from qlmctl.gateway.exporter import GatewayMetrics
+from qlmctl.gateway.lograte import QuietLoggers
 from qlmctl.gateway.instance import SwapControl
 from qlmctl.gateway.looplag import LoopLagMonitor
 from qlmctl.gateway.security import SecretFilter, resolve_api_key, scenario_secrets
@@ -87,6 +89,10 @@ class Gateway:
         self.loop_lag = LoopLagMonitor(observe=self.metrics.loop_lag.observe,
                                        on_window=self._record_lag if record else None, keep=record)
         """The event loop's lag while the gateway runs (/metrics; per second in the timeline when recording)."""
+        self.client_limits = ClientLimits.from_live(live)
+        self._quiet = QuietLoggers(self.client_limits.log_interval_s)
+        self.connections: ConnectionGuard | None = None
+        """Client connections: timeouts and the connection limit (made at `start`)."""
         self._access_log = access_log
         self._server: Any = None
         self._task: asyncio.Task | None = None
@@ -103,21 +109,30 @@ class Gateway:
         import uvicorn
 
         log.addFilter(self._secret_filter)
+        self._quiet.install()
         try:
             await self.cluster.start(wait_healthy_s)
         except BaseException:
             log.removeFilter(self._secret_filter)
+            self._quiet.remove()
             raise
         self.loop_lag.start()
+        self.connections = ConnectionGuard(self.client_limits, self.metrics.registry)
+        self.connections.start()
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="off",
-                                access_log=self._access_log, http="h11", loop="none",
-                                timeout_keep_alive=30, backlog=4096, timeout_graceful_shutdown=10)
+                                access_log=self._access_log, http=self.connections.protocol_class(), loop="none",
+                                # the guard closes idle connections (and counts them); uvicorn's timer is a backstop
+                                timeout_keep_alive=self.client_limits.idle_timeout_s + 5, backlog=4096,
+                                timeout_graceful_shutdown=10)
         self._server = _quiet_server(config)
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._task.done():
+                self.connections.stop()
                 await self.loop_lag.stop()
                 await self.cluster.stop()
+                log.removeFilter(self._secret_filter)
+                self._quiet.remove()
                 exc = self._task.exception()
                 raise OSError(f"gateway could not listen on {self.host}:{self.port}: {exc or 'exited'}")
             await asyncio.sleep(0.01)
@@ -171,9 +186,12 @@ class Gateway:
             self._server.should_exit = True
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+        if self.connections is not None:
+            self.connections.stop()
         await self.loop_lag.stop()
         await self.cluster.stop()
         log.removeFilter(self._secret_filter)
+        self._quiet.remove()
 
     async def __aenter__(self) -> "Gateway":
         await self.start()
