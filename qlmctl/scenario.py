@@ -323,6 +323,14 @@ class LiveSpec(_Strict):
         default=30.0, gt=0, description="how long an engine ejected for its error rate takes no requests (doubling "
                                         "with each ejection in a row, up to 8 times), wall s")
 
+    @field_validator("forward_fields")
+    @classmethod
+    def _forward(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or name in ("slo_class", "slo_ttft_s"):
+                raise ValueError(f"forward_fields: '{name}' cannot be forwarded (the SLO fields are the gateway's)")
+        return v
+
     @field_validator("queue_limits")
     @classmethod
     def _limits(cls, v: dict[str, int]) -> dict[str, int]:

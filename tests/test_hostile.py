@@ -193,3 +193,122 @@ async def test_out_of_file_descriptors_is_not_an_engine_fault(monkeypatch):
                 assert (await completion(c)).status_code == 200
             text = gw.metrics.render().decode()
             assert "qlm_engine_failures_total{" not in text and 'healthy="0"' not in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bodies: what the gateway holds, what it forwards, what counting them costs
+
+
+def long_prompt(n_words: int, width: int = 30) -> str:
+    """n words of `width` characters each (few tokens, many bytes)."""
+    return " ".join("w" + str(j).rjust(width - 1, "0") for j in range(n_words))
+
+
+@pytest.mark.asyncio
+async def test_bodies_in_flight_are_bounded_in_total_and_per_client():
+    body = {"model": "m", "prompt": long_prompt(300), "max_tokens": 1500}  # ~9 KB, held as ~18 KB
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        sc = scenario([e0.url], max_body_bytes=16_000, max_client_body_bytes_in_flight=40_000,
+                      max_body_bytes_in_flight=60_000)
+        async with Gateway(sc, "fcfs", port=0) as gw:
+            budget = gw.app.bodies
+            one = httpx.AsyncClient(base_url=gw.url, timeout=60)
+            other = httpx.AsyncClient(base_url=gw.url, timeout=60,
+                                      transport=httpx.AsyncHTTPTransport(local_address="127.0.0.2"))
+            async with one, other:
+                held = [asyncio.ensure_future(one.post("/v1/completions", json=body)) for _ in range(2)]
+                while gw.cluster.num_active() < 2:
+                    await asyncio.sleep(0.01)
+                assert 36_000 <= budget.held <= 40_000 and set(budget.by_client) == {"127.0.0.1"}
+                r = await one.post("/v1/completions", json=body)  # its client's share is taken
+                assert r.status_code == 429 and r.headers["retry-after"] == "1" and "this client" in r.text
+                held.append(asyncio.ensure_future(other.post("/v1/completions", json=body)))
+                while gw.cluster.num_active() < 3:
+                    await asyncio.sleep(0.01)
+                r = await other.post("/v1/completions", json=body)  # the gateway's total is taken
+                assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                r = await one.post("/v1/completions", json={**body, "prompt": long_prompt(600)})
+                assert r.status_code == 413 and r.headers["connection"] == "close"  # over max_body_bytes
+                assert [x.status_code for x in await asyncio.gather(*held)] == [200] * 3
+            assert budget.held == 0 and budget.by_client == {}
+            assert budget.peak <= 60_000
+
+
+@pytest.mark.asyncio
+async def test_only_the_engines_fields_are_forwarded_and_the_client_is_told(monkeypatch):
+    from qlmctl.engines.openai import OpenAIServer
+
+    sent: list[dict] = []
+    real = OpenAIServer.stream
+
+    def spy(self, api, body):
+        sent.append(dict(body))
+        return real(self, api, body)
+
+    monkeypatch.setattr(OpenAIServer, "stream", spy)
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        async with Gateway(scenario([e0.url], forward_fields=["my_extension"]), "fcfs", port=0) as gw:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=30) as c:
+                r = await completion(c, temperature=0, ignore_eos=True, stop=["x"], junk="y" * 100_000,
+                                     priority=-5, request_id="mine", my_extension={"a": 1}, slo_class="batch")
+                assert r.status_code == 200
+                assert r.headers["x-qlm-ignored-fields"] == "junk, priority, request_id"
+                r = await completion(c, stream=True)
+                assert r.status_code == 200 and "x-qlm-ignored-fields" not in r.headers
+                msgs = [{"role": "user", "content": "w1"}]
+                r = await c.post("/v1/chat/completions", json={"model": "m", "messages": msgs, "max_tokens": 2,
+                                                               "chat_template_kwargs": {}, "prompt": "not chat"})
+                assert r.status_code == 200 and r.headers["x-qlm-ignored-fields"] == "prompt"
+    first = sent[0]
+    assert {"temperature", "ignore_eos", "stop", "my_extension"} <= set(first)
+    assert not {"junk", "priority", "request_id", "slo_class"} & set(first)
+    assert "chat_template_kwargs" in sent[-1] and "prompt" not in sent[-1]
+
+
+@pytest.mark.asyncio
+async def test_counting_a_long_prompt_is_bounded_and_lets_other_work_run():
+    from qlmctl.gateway.tokens import MAX_CHARS_PER_TOKEN, SLICE_CHARS, count_tokens, estimate_tokens
+
+    import random
+
+    rng = random.Random(1)
+    for _ in range(50):  # the sliced count is the plain count, wherever the slices cut words
+        text = "".join(rng.choice(["w1", " ", "  ", "abc", "\n", "x" * 40]) for _ in range(rng.randint(0, 60_000)))
+        assert await count_tokens(text, 10**9) == estimate_tokens(text)
+    assert estimate_tokens("x" * 3200) == 3200 // MAX_CHARS_PER_TOKEN  # one long "word" is many tokens
+
+    ticks = 0
+    stop = False
+
+    async def ticker():
+        nonlocal ticks
+        while not stop:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    t = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    few_words = (" " * 30 + "w") * (200 * SLICE_CHARS // 31)  # 200 slices to count, few tokens
+    assert await count_tokens(few_words, 10**9) == estimate_tokens(few_words)
+    assert ticks >= 100  # other tasks ran between the slices
+    many = "w1 " * 5_000_000
+    assert await count_tokens(many, 4096) >= 4096  # stops at the limit: no need to count 5 M words
+    huge = "x" * (4096 * MAX_CHARS_PER_TOKEN)
+    assert await count_tokens(huge, 4096) >= 4096  # over the limit by its length alone
+    stop = True
+    await t
+
+
+@pytest.mark.asyncio
+async def test_a_huge_prompt_is_refused_without_pausing_other_streams():
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        async with Gateway(scenario([e0.url]), "fcfs", port=0) as gw, httpx.AsyncClient(base_url=gw.url,
+                                                                                       timeout=60) as c:
+            r = await completion(c, prompt="w1 " * 3_000_000)  # 9 MB, far over the model's 2048 tokens
+            assert r.status_code == 400 and "maximum context length" in r.text
+            r = await completion(c, prompt="w" * 3_000_000)  # one "word", as long
+            assert r.status_code == 400 and "maximum context length" in r.text
+            assert gw.app.bodies.held == 0

@@ -22,6 +22,9 @@ from urllib.parse import urlparse
 
 READ_SIZE = 1 << 16
 HEAD_LIMIT = 1 << 16
+WRITE_SLICE = 1 << 18
+"""A request body larger than this is written in slices of it, each after the last has (mostly) left: the
+transport's buffer never holds a copy of a large body."""
 
 
 class _Timeout:
@@ -248,7 +251,8 @@ class Pool:
         if body is not None:
             head.append(b"content-length: %d\r\n" % len(body))
         head.append(b"\r\n")
-        data = b"".join(head) + (body or b"")
+        large = body is not None and len(body) > WRITE_SLICE
+        data = b"".join(head) + (body or b"") if not large else b"".join(head)
         for attempt in (0, 1):
             conn = None
             while self._idle:
@@ -262,6 +266,11 @@ class Pool:
                 conn = await self._connect()
             try:
                 conn.writer.write(data)
+                if large:
+                    view = memoryview(body)  # type: ignore[arg-type]
+                    for start in range(0, len(view), WRITE_SLICE):
+                        await conn.writer.drain()
+                        conn.writer.write(view[start:start + WRITE_SLICE])
                 if conn.writer.transport.get_write_buffer_size() > READ_SIZE:
                     await conn.writer.drain()
                 raw = await conn.reader.readuntil(b"\r\n\r\n")

@@ -39,6 +39,7 @@ class SSEStream:
     async def __aenter__(self) -> "SSEStream":
         try:
             resp = await self._pool.request("POST", self._path, self._body, _STREAM_HEADERS)
+            self._body = b""  # sent: a large body is not held while its answer streams
         except HTTPError as e:
             kind = (FailureKind.LOCAL if isinstance(e, LocalResourceError)
                     else FailureKind.CONNECT if isinstance(e, ConnectError) else FailureKind.LOST)
