@@ -41,7 +41,7 @@ from qlmctl.gateway.lograte import PER_EVENT
 from qlmctl.gateway.openapi import openapi_document
 from qlmctl.gateway.relay import JSONSink, Relay, StreamSink, error_body, send_json
 from qlmctl.gateway.request import LiveRequest
-from qlmctl.gateway.security import APIKeyCheck
+from qlmctl.gateway.security import UNLIMITED, APIKeyCheck, KeyPolicy
 from qlmctl.gateway.tokens import count_content, count_tokens
 from qlmctl.scenario import Scenario
 
@@ -81,7 +81,8 @@ class GatewayApp:
     """The ASGI application."""
 
     def __init__(self, cluster: LiveCluster, scenario: Scenario, metrics: GatewayMetrics, *,
-                 api_key: str | None = None, resume: str = "continue", token_count: str = "usage") -> None:
+                 api_key: str | None = None, api_keys: list[tuple[str, KeyPolicy]] | None = None,
+                 resume: str = "continue", token_count: str = "usage") -> None:
         self.cluster = cluster
         self.metrics = metrics
         self.resume = resume
@@ -98,7 +99,8 @@ class GatewayApp:
         self.accepting = True
         """False once draining (SIGTERM): new completions get 503."""
         self.limits = QueueLimits.from_live(live)
-        self._auth = APIKeyCheck(api_key) if api_key else None
+        keys = [*([(api_key, UNLIMITED)] if api_key else []), *(api_keys or [])]
+        self._auth = APIKeyCheck(keys) if keys else None
         self._max_body = live.max_body_bytes if live is not None else 32 << 20
         self.bodies = BodyBudget(live.max_body_bytes_in_flight if live is not None else 512 << 20,
                                  live.max_client_body_bytes_in_flight if live is not None else 128 << 20,
@@ -122,16 +124,17 @@ class GatewayApp:
             reason = "no healthy engine" if self.accepting else "the gateway is shutting down"
             await send_json(send, 200 if healthy else 503, {} if healthy else error_body(reason, 503))
             return
-        if self._auth is not None and not self._auth.ok(_header(scope, b"authorization")):
+        policy = UNLIMITED if self._auth is None else self._auth.policy(_header(scope, b"authorization"))
+        if policy is None:
             self.admission.rejected.labels("", "unauthorized").inc()
             await send_json(send, 401, error_body("Incorrect or missing API key: send `Authorization: Bearer <key>`",
                                                   401, param=None),
                             [(b"www-authenticate", b"Bearer"), *([_CLOSE] if method == "POST" else [])])
             return
         if method == "POST" and path == "/v1/completions":
-            await self._completion(scope, receive, send, "completions")
+            await self._completion(scope, receive, send, "completions", policy)
         elif method == "POST" and path == "/v1/chat/completions":
-            await self._completion(scope, receive, send, "chat")
+            await self._completion(scope, receive, send, "chat", policy)
         elif method == "GET" and path == "/v1/models":
             await send_json(send, 200, self._models())
         elif method == "GET" and path == "/openapi.json":
@@ -151,7 +154,8 @@ class GatewayApp:
             for m in self.cluster.models
         ]}
 
-    async def _completion(self, scope: Scope, receive: Receive, send: Send, api: str) -> None:
+    async def _completion(self, scope: Scope, receive: Receive, send: Send, api: str,
+                          policy: KeyPolicy = UNLIMITED) -> None:
         if not self.accepting:
             self.admission.rejected.labels("", "draining").inc()
             await send_json(send, 503, error_body("the gateway is shutting down", 503), [*self._retry_after, _CLOSE])
@@ -177,14 +181,14 @@ class GatewayApp:
             size = len(raw)
             try:
                 try:
-                    lr = await self._parse(scope, raw, api)
+                    lr = await self._parse(scope, raw, api, policy)
                 except BadRequest:
                     raise
                 except Exception as e:  # noqa: BLE001 - a body shape the checks missed is still the client's error
                     log.warning("unexpected request shape: %s: %s", type(e).__name__, e, extra=PER_EVENT)
                     raise BadRequest(400, f"invalid request body ({type(e).__name__})") from None
             except BadRequest as e:
-                self.admission.rejected.labels("", "bad_request").inc()
+                self.admission.rejected.labels("", "forbidden" if e.status == 403 else "bad_request").inc()
                 await send_json(send, e.status, error_body(str(e), e.status, param=e.param))
                 return
             del raw, got  # from here the body lives parsed (and serialized while sent to an engine)
@@ -238,7 +242,8 @@ class GatewayApp:
         finally:
             watcher.cancel()
 
-    async def _parse(self, scope: Scope, raw: bytes | bytearray, api: str) -> LiveRequest:
+    async def _parse(self, scope: Scope, raw: bytes | bytearray, api: str,
+                     policy: KeyPolicy = UNLIMITED) -> LiveRequest:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
@@ -267,7 +272,7 @@ class GatewayApp:
             raise BadRequest(400, "stream_options must be an object", "stream_options")
         opts = opts or {}
         _opt_int(body, "min_tokens", 0)
-        cls, ttft, tpot, prio = self._slo(headers, body)
+        cls, ttft, tpot, prio = self._slo(headers, body, policy)
         limit = self._max_len[model]
         if api == "chat":
             msgs = body.get("messages")
@@ -333,14 +338,16 @@ class GatewayApp:
             ignored=ignored,
         )
 
-    def _slo(self, headers: dict[str, str], body: dict[str, Any]) -> tuple[str, float, float | None, int]:
+    def _slo(self, headers: dict[str, str], body: dict[str, Any],
+             policy: KeyPolicy = UNLIMITED) -> tuple[str, float, float | None, int]:
         cls = headers.get("x-slo-class") or body.get("slo_class")
         ttft_raw = headers.get("x-slo-ttft-s") or body.get("slo_ttft_s")
         if cls is not None and (not isinstance(cls, str) or cls not in self._classes):
             raise BadRequest(400, f"unknown SLO class {_short(cls)}; known: {', '.join(self._classes)}", "slo_class")
         if ttft_raw is None:
-            name = cls or self.default_class
+            name = cls or policy.default_slo_class or self.default_class
             ttft, tpot, prio = self._classes[name]
+            self._allowed(policy, name, ttft)
             return name, ttft, tpot, prio
         try:
             ttft = float(ttft_raw) if isinstance(ttft_raw, (str, int, float)) and not isinstance(ttft_raw, bool) \
@@ -351,12 +358,21 @@ class GatewayApp:
             raise BadRequest(400, f"slo_ttft_s must be a positive number of seconds, got {_short(ttft_raw)}",
                              "slo_ttft_s")
         if cls is not None:
-            _, tpot, prio = self._classes[cls]
+            class_ttft, tpot, prio = self._classes[cls]
+            self._allowed(policy, cls, ttft, class_ttft)
             return cls, ttft, tpot, prio
+        self._allowed(policy, None, ttft)
         # Its own deadline: vLLM priority of the tightest class that is at least as loose.
         looser = sorted((c for c in self._classes.values() if c[0] >= ttft), key=lambda c: c[0])
         prio = looser[0][2] if looser else max(c[2] for c in self._classes.values()) + 1
         return CUSTOM_CLASS, ttft, None, prio
+
+
+    @staticmethod
+    def _allowed(policy: KeyPolicy, cls: str | None, ttft: float, class_ttft: float | None = None) -> None:
+        why = policy.check(cls, ttft, class_ttft)
+        if why is not None:
+            raise BadRequest(403, why, "slo_class" if cls is not None and class_ttft is None else "slo_ttft_s")
 
 
 def _short(v: Any, n: int = 60) -> str:

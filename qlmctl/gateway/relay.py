@@ -67,7 +67,8 @@ class Sink(Protocol):
 
 def error_body(message: str, status: int, err_type: str | None = None, param: str | None = None) -> dict[str, Any]:
     """An OpenAI-style error body."""
-    types = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
+    types = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+             408: "RequestTimeoutError", 413: "RequestTooLargeError",
              429: "RateLimitError", 500: "InternalServerError", 502: "BadGatewayError",
              503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
     return {"error": {"message": message, "type": err_type or types.get(status, "APIError"), "param": param,

@@ -17,7 +17,7 @@ from qlmctl.gateway.exporter import GatewayMetrics
 from qlmctl.gateway.lograte import QuietLoggers
 from qlmctl.gateway.instance import SwapControl
 from qlmctl.gateway.looplag import LoopLagMonitor
-from qlmctl.gateway.security import SecretFilter, resolve_api_key, scenario_secrets
+from qlmctl.gateway.security import SecretFilter, resolve_api_key, resolve_api_keys, scenario_secrets
 from qlmctl.policies import Policy, PolicyContext, make_policy
 from qlmctl.scenario import LiveEngineSpec, Scenario
 
@@ -51,7 +51,7 @@ class Gateway:
         record: Keep every request for `records()` (results files); off for a long-running server.
         access_log: Log every HTTP request (uvicorn's access log).
         api_key: Clients must send `Authorization: Bearer <api_key>`; default live.api_key, else
-            $QLMCTL_API_KEY, else no authentication.
+            $QLMCTL_API_KEY, else no authentication; live.api_keys adds keys with limits.
     """
 
     def __init__(
@@ -76,7 +76,9 @@ class Gateway:
         self.resume = live.resume if live is not None else "continue"
         self.token_count = live.token_count if live is not None else "usage"
         self.drain_timeout_s = live.drain_timeout_s if live is not None else 30.0
-        self.api_key = resolve_api_key(scenario, api_key)
+        keys = resolve_api_keys(scenario, api_key)
+        self.api_key = resolve_api_key(scenario, api_key) or (keys[0][0] if keys else None)
+        """The key a replay through this gateway sends (live.api_key, else the first of live.api_keys)."""
         self._secret_filter = SecretFilter(scenario_secrets(scenario, [self.api_key]))
         self.metrics = GatewayMetrics()
         self.policy = (make_policy(policy, PolicyContext.from_scenario(scenario, realtime=True))
@@ -84,7 +86,7 @@ class Gateway:
         self.cluster = LiveCluster(scenario, self.policy, engines=engines, speedup=speedup,
                                    swap_control=swap_control, metrics=self.metrics, record=record)
         self.metrics.attach(self.cluster)
-        self.app = GatewayApp(self.cluster, scenario, self.metrics, api_key=self.api_key, resume=self.resume,
+        self.app = GatewayApp(self.cluster, scenario, self.metrics, api_keys=keys, resume=self.resume,
                               token_count=self.token_count)
         self.loop_lag = LoopLagMonitor(observe=self.metrics.loop_lag.observe,
                                        on_window=self._record_lag if record else None, keep=record)
