@@ -540,3 +540,86 @@ async def test_watchdog_inter_token_deadline_moves_from_the_first_token():
     wd2 = Watchdog(scope2, first_s=0.2, inter_s=30.0)  # no token at all: the first-token limit
     assert await wait_until(lambda: scope2.fired_at is not None, 10)
     assert wd2.fired is FailureKind.FIRST_TOKEN_TIMEOUT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# retries go elsewhere; outlier ejection
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["qlm", "fcfs"])
+async def test_retries_avoid_the_engine_that_failed_them_and_an_erroring_engine_is_ejected(policy):
+    with ExitStack() as stack:
+        e0, e1 = emulators(stack, 2, [Faults(error_rate=0.3, seed=1), None])
+        sc = scenario([e0.url, e1.url], unhealthy_after=100, outlier_error_rate=0.2, outlier_min_requests=10,
+                      outlier_ejection_s=60)
+        async with Gateway(sc, policy, port=0) as gw:
+            placed: list[tuple[int, int]] = []
+            failed_on: dict[int, int] = {}
+            for inst in gw.cluster.instances:
+                real_add = inst.add
+
+                def add(lr, now, real_add=real_add, iid=inst.instance_id):
+                    placed.append((lr.req.request_id, iid))
+                    return real_add(lr, now)
+
+                inst.add = add
+            real_retry = gw.cluster.retry
+
+            def retry(lr, eng, kind):
+                failed_on[lr.req.request_id] = failed_on.get(lr.req.request_id, 0) + 1
+                return real_retry(lr, eng, kind)
+
+            gw.cluster.retry = retry
+            n = 60
+            outs = await run_requests(gw, n, 30)
+            t = tally(outs)
+            assert (t.completed, t.failed, t.lost) == (n, 0, 0), [o for o in outs if o.kind != "completed"]
+            for o in outs:
+                check_exact(o, 30)
+            status = await asyncio.to_thread(lambda: httpx.get(e0.url + "/emulator/faults").json())
+            assert status["errors_injected"] >= 1 and status["errors_injected"] == gw.cluster.num_retries
+            # Every attempt after a failure went to the other engine: each request failed at most once.
+            assert failed_on and set(failed_on.values()) == {1}
+            for rid in failed_on:
+                where = [iid for r, iid in placed if r == rid]
+                assert where == [0, 1], (rid, where)
+            retried_on_0 = [t_ for t_ in gw.cluster.timeline if t_[1] == "retry" and t_[2] == 0]
+            assert len(retried_on_0) == gw.cluster.num_retries
+            # Erroring on a fifth or more of its attempts, it was ejected (it answers /health: probes alone
+            # would take it back at once), and stays out for outlier_ejection_s.
+            assert not engine(gw, 0).healthy and engine(gw, 1).healthy
+            before = status["errors_injected"]
+            outs = await run_requests(gw, 20, 10)
+            assert tally(outs).completed == 20
+            after = (await asyncio.to_thread(lambda: httpx.get(e0.url + "/emulator/faults").json()))["errors_injected"]
+            assert after == before and all(r.instance_id == 1 for r in gw.cluster.records[-20:])
+
+
+def test_outlier_detector_window_rate_and_doubling():
+    from qlmctl.gateway.outlier import OutlierDetector, OutlierPolicy
+
+    d = OutlierDetector(OutlierPolicy(error_rate=0.25, min_requests=8, interval_s=10.0, ejection_s=5.0))
+    t = 100.0
+    for _ in range(6):
+        assert d.observe("a", t, failed=False) is None
+    assert d.observe("a", t, failed=True) is None  # 7 attempts: too few to judge
+    assert d.observe("a", t, failed=True) == 5.0  # 2 of 8 failed: 25 %
+    assert d.rate("a", t) == (8, 2)
+    d.readmitted("a", t)
+    assert d.rate("a", t) == (0, 0)
+    for _ in range(6):
+        d.observe("a", t + 1, failed=False)
+    assert d.observe("a", t + 1, failed=True) is None
+    assert d.observe("a", t + 1, failed=True) == 10.0  # ejected again in a row: doubled
+    # Old attempts leave the window: failures 20 s ago do not count now.
+    d.readmitted("a", t + 1)
+    for _ in range(3):
+        d.observe("b", t, failed=True)
+    for _ in range(8):
+        assert d.observe("b", t + 30, failed=False) is None
+    assert d.rate("b", t + 30) == (8, 0)
+    for _ in range(8):
+        d.observe("a", t + 40, failed=False)  # a clean window: the doubling starts over
+    res = [d.observe("a", t + 40, failed=True) for _ in range(3)]
+    assert res == [None, None, 5.0]  # 3 of 11 failed: ejected, for ejection_s again

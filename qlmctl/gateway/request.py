@@ -58,5 +58,7 @@ class LiveRequest:
     attempts: int = 0
     retries: int = 0
     """Times an engine failed it and it went back to its queue."""
+    avoid: int | None = None
+    """The instance whose engine failed its last attempt: its retry goes elsewhere if it can."""
     abort: tuple[int, str] | None = None
     """Set when the gateway ends it (shutting down, model unavailable): the HTTP status and message."""
