@@ -623,3 +623,120 @@ def test_outlier_detector_window_rate_and_doubling():
         d.observe("a", t + 40, failed=False)  # a clean window: the doubling starts over
     res = [d.observe("a", t + 40, failed=True) for _ in range(3)]
     assert res == [None, None, 5.0]  # 3 of 11 failed: ejected, for ejection_s again
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# serve --launch: engines die with the gateway; a relaunch does not talk to processes it did not start
+
+
+def _launch_spec(tmp_path, ports: list[int], **live) -> object:
+    import yaml
+
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump(PROFILE))
+    spec = live_scenario_spec(PROFILE, [(f"g{i}", "m", f"http://127.0.0.1:{p}") for i, p in enumerate(ports)],
+                              speedup=SPEEDUP, **live)
+    spec["live"]["launch"] = {"command": f"{{python}} -m qlmctl.cli emulate --profile {prof} --model {{model}} "
+                                         "--port {port} --speedup {speedup}", "health_timeout_s": 60}
+    path = tmp_path / "launch.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _serve_launch(tmp_path, path, port: int):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "qlmctl.cli", "serve", "-s", str(path), "--launch", "--port",
+                             str(port), "--policy", "fcfs", "--engine-logs", str(tmp_path / "logs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+
+
+@pytest.mark.asyncio
+async def test_sigkill_of_serve_launch_takes_its_engines_down(tmp_path):
+    import os
+    import signal
+
+    from qlmctl.gateway.launchstate import EngineRecord, port_in_use
+
+    ports = [_free_port(), _free_port()]
+    port = _free_port()
+    proc = _serve_launch(tmp_path, _launch_spec(tmp_path, ports), port)
+    try:
+        await _up(port, proc, 90)
+        records = [EngineRecord.read(p) for p in ports]
+        assert all(r is not None and r.gateway_pid == proc.pid for r in records)
+        assert all(port_in_use("127.0.0.1", p) for p in ports)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # Nothing of the engines is left: their groups are gone and their ports free.
+        assert await wait_until(lambda: not any(port_in_use("127.0.0.1", p) for p in ports), 30)
+
+        def group_gone(pgid: int) -> bool:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        assert await wait_until(lambda: all(group_gone(r.pgid) for r in records), 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    # The records they left are a dead gateway's: a relaunch on the same ports starts afresh.
+    proc = _serve_launch(tmp_path, _launch_spec(tmp_path, ports), port)
+    try:
+        await _up(port, proc, 90)
+        assert all(EngineRecord.read(p).gateway_pid == proc.pid for p in ports)
+        proc.send_signal(signal.SIGTERM)
+        assert await _exit_code(proc) == 0
+        assert all(EngineRecord.read(p) is None for p in ports)  # stopped on purpose: no record left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.asyncio
+async def test_relaunch_refuses_a_port_held_by_a_process_it_did_not_start_and_stops_an_orphan(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from qlmctl.gateway.launchstate import EngineRecord, port_in_use, start_time
+
+    ports = [_free_port(), _free_port()]
+    port = _free_port()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", ports[1]))
+    squatter.listen()
+    try:
+        proc = _serve_launch(tmp_path, _launch_spec(tmp_path, ports), port)
+        code = await _exit_code(proc, 60)
+        out = proc.stdout.read()
+        assert code != 0 and f"port {ports[1]}" in out and "did not start" in out and f"pid {os.getpid()}" in out
+        assert not port_in_use("127.0.0.1", ports[0])  # it started nothing
+    finally:
+        squatter.close()
+
+    # An engine whose gateway and reaper both died (killed together): the next launch stops it first.
+    orphan = subprocess.Popen([sys.executable, "-m", "qlmctl.cli", "emulate", "--profile", str(tmp_path / "p.yaml"),
+                               "--model", "m", "--port", str(ports[0])], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    EngineRecord(ports[0], orphan.pid, start_time(orphan.pid), dead.pid, None, ["emulate"]).write()
+    try:
+        assert await wait_until(lambda: port_in_use("127.0.0.1", ports[0]), 30)
+        proc = _serve_launch(tmp_path, _launch_spec(tmp_path, ports), port)
+        await _up(port, proc, 90)
+        assert orphan.poll() is not None  # stopped by the launch
+        assert EngineRecord.read(ports[0]).gateway_pid == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert await _exit_code(proc) == 0
+    finally:
+        for p in (orphan, proc):
+            if p.poll() is None:
+                p.kill()
