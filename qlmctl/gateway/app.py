@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import orjson
 
 from qlmctl.core.request import Request
-from qlmctl.gateway.bodies import BodyBudget, Refusal, content_length, parsed_size, read_body
+from qlmctl.gateway.bodies import BodyBudget, Refusal, content_length, discard_body, parsed_size, read_body
 from qlmctl.gateway.cluster import LiveCluster
 from qlmctl.gateway.exporter import GatewayMetrics
 from qlmctl.gateway.fields import FieldFilter, ignored_header
@@ -167,9 +168,14 @@ class GatewayApp:
         client = scope.get("client")
         lease = self.bodies.lease(client[0] if client else "")
         try:
-            refusal = lease.grow(length or 0)
+            # What it will cost once parsed, held before a byte is read: twice its size (settled after parsing).
+            refusal = lease.grow(2 * (length or 0))
             if refusal is not None:
-                await self._refuse(send, refusal, before_body=True)
+                if refusal.status != 413 and not await discard_body(receive):
+                    return  # the client went away
+                # Read and dropped (no more than max_body_bytes, within the body timeout): the client gets
+                # its answer, not a reset, and may keep the connection.
+                await self._refuse(send, refusal, before_body=refusal.status == 413)
                 return
             got = await read_body(receive, self._max_body, lease, length)
             if got.disconnected:
@@ -187,6 +193,9 @@ class GatewayApp:
                 except Exception as e:  # noqa: BLE001 - a body shape the checks missed is still the client's error
                     log.warning("unexpected request shape: %s: %s", type(e).__name__, e, extra=PER_EVENT)
                     raise BadRequest(400, f"invalid request body ({type(e).__name__})") from None
+                finally:
+                    if isinstance(raw, mmap.mmap):
+                        raw.close()  # a large body's mapping: its pages go back at once
             except BadRequest as e:
                 self.admission.rejected.labels("", "forbidden" if e.status == 403 else "bad_request").inc()
                 await send_json(send, e.status, error_body(str(e), e.status, param=e.param))
@@ -242,10 +251,14 @@ class GatewayApp:
         finally:
             watcher.cancel()
 
-    async def _parse(self, scope: Scope, raw: bytes | bytearray, api: str,
+    async def _parse(self, scope: Scope, raw: bytes | bytearray | mmap.mmap, api: str,
                      policy: KeyPolicy = UNLIMITED) -> LiveRequest:
         try:
-            body = orjson.loads(raw)
+            if isinstance(raw, mmap.mmap):
+                with memoryview(raw) as view:
+                    body = orjson.loads(view)
+            else:
+                body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             raise BadRequest(400, f"invalid JSON body: {e}") from None
         if not isinstance(body, dict):

@@ -6,19 +6,21 @@ bounds what all of them take together (`live.max_body_bytes_in_flight`, beyond i
 Retry-After) and per client address (`live.max_client_body_bytes_in_flight`, beyond it 429): a client
 that sends many large bodies at once waits its turn instead of taking the gateway's memory.
 
-Each request holds a `BodyLease`: its size as announced (Content-Length) before a byte is read, grown
-as a body without a length arrives, and after parsing settled at what it costs while it lives, the
-received size (the serialized copy sent to engines is about as large) plus the parsed size (Python
-strings: 1, 2 or 4 bytes per character, so a body whose text is not ASCII may cost more than twice
-its size). A body that could never fit its client's share gets 413. The lease is released when the
-request ends.
+Each request holds a `BodyLease`: twice its announced size (Content-Length) before a byte is read (or
+twice what has arrived, for a body without a length), and after parsing settled at what it costs while
+it lives, the received size (the serialized copy sent to engines is about as large) plus the parsed size
+(Python strings: 1, 2 or 4 bytes per character, so a body whose text is not ASCII may cost more than
+twice its size). A body that could never fit its client's share gets 413. The lease is released when
+the request ends. A body refused for the budget (429, 503) is read and dropped before the answer, so
+that the client sees the answer rather than a reset connection.
 
-`read_body` reads a body into one buffer of its announced size (no list of parts joined at the end),
-and stops at `live.max_body_bytes` (413) or when the client goes away.
+`read_body` reads a body into one buffer (no list of parts joined at the end; a large one is a memory
+mapping of its announced size), and stops at `live.max_body_bytes` (413) or when the client goes away.
 """
 
 from __future__ import annotations
 
+import mmap
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from prometheus_client import CollectorRegistry, Gauge
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 MIB = 1 << 20
+MAP_BODIES_FROM = 1 << 20
+"""Bodies of at least this many bytes (by Content-Length) are read into a memory mapping."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +147,8 @@ def parsed_size(body: dict[str, Any]) -> int:
 
 @dataclass(slots=True)
 class ReadResult:
-    body: bytearray | None = None
+    body: Any = None
+    """The body: a bytearray, or an mmap for a large one (close it when parsed)."""
     refusal: Refusal | None = None
     disconnected: bool = False
 
@@ -162,26 +167,31 @@ async def read_body(receive: Receive, limit: int, lease: BodyLease, length: int 
     """The request body, in one buffer; the lease grows as a body of unknown length arrives.
 
     `length` is the announced Content-Length (already within `limit` and held by the lease), None for a
-    chunked body.
+    chunked body. A large body of known length goes into an anonymous memory mapping of its size: its pages
+    are touched only as the body arrives (no allocation and zeroing of the whole at once on the event
+    loop), and they go back to the system as soon as the request is parsed.
     """
-    if length is not None:
-        buf = bytearray(length)
+    if length is not None and length >= MAP_BODIES_FROM:
+        buf: Any = mmap.mmap(-1, length)
         view = memoryview(buf)
         pos = 0
-        more = True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return ReadResult(disconnected=True)
-            chunk = msg.get("body", b"")
-            end = pos + len(chunk)
-            if end > length:  # h11 keeps to Content-Length; this guards the buffer all the same
-                return ReadResult(refusal=Refusal(400, "the body is longer than its Content-Length"))
-            view[pos:end] = chunk
-            pos = end
-            more = msg.get("more_body", False)
-        view.release()
+        try:
+            more = True
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return ReadResult(disconnected=True)
+                chunk = msg.get("body", b"")
+                end = pos + len(chunk)
+                if end > length:  # h11 keeps to Content-Length; this guards the mapping all the same
+                    return ReadResult(refusal=Refusal(400, "the body is longer than its Content-Length"))
+                view[pos:end] = chunk
+                pos = end
+                more = msg.get("more_body", False)
+        finally:
+            view.release()
         if pos != length:
+            buf.close()
             return ReadResult(refusal=Refusal(400, "the body is shorter than its Content-Length"))
         return ReadResult(buf)
     buf = bytearray()
@@ -191,11 +201,29 @@ async def read_body(receive: Receive, limit: int, lease: BodyLease, length: int 
         if msg["type"] == "http.disconnect":
             return ReadResult(disconnected=True)
         chunk = msg.get("body", b"")
-        if len(buf) + len(chunk) > limit:
-            return ReadResult(refusal=Refusal(413, f"the request body is over {limit} bytes"))
-        refusal = lease.grow(len(chunk))
-        if refusal is not None:
-            return ReadResult(refusal=refusal)
+        size = len(buf) + len(chunk)
+        if length is not None:
+            if size > length:
+                return ReadResult(refusal=Refusal(400, "the body is longer than its Content-Length"))
+        else:
+            if size > limit:
+                return ReadResult(refusal=Refusal(413, f"the request body is over {limit} bytes"))
+            refusal = lease.grow(2 * len(chunk))  # as received and as it will be parsed
+            if refusal is not None:
+                return ReadResult(refusal=refusal)
         buf += chunk
         more = msg.get("more_body", False)
+    if length is not None and len(buf) != length:
+        return ReadResult(refusal=Refusal(400, "the body is shorter than its Content-Length"))
     return ReadResult(buf)
+
+
+async def discard_body(receive: Receive) -> bool:
+    """Read a body to its end without keeping it; False if the client went away first."""
+    more = True
+    while more:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return False
+        more = msg.get("more_body", False)
+    return True

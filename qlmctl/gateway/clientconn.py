@@ -123,7 +123,10 @@ class ConnectionGuard:
         self._last_log = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._tick = max(0.02, min(0.5, min(self._timeouts.values()) / 4))
+        self._tick = max(0.02, min(0.1, min(self._timeouts.values()) / 4))
+        self.late_max_s = 0.0
+        """The most a connection was closed after its deadline (the sweep's period plus event-loop lag)."""
+        self._late_logged = 0.0
         self._refusal = _raw_response(503, "Service Unavailable", "the gateway has too many open connections; retry "
                                       "later", f"retry-after: {self.limits.retry_after_s}\r\n")
         self._timeout_answer = _raw_response(408, "Request Timeout", "the request was not sent in time")
@@ -195,6 +198,10 @@ class ConnectionGuard:
                 if since + limit > now:
                     break
                 reason = {"idle": "idle_timeout", "headers": "header_timeout", "body": "body_timeout"}[state]
+                late = now - since - limit
+                if late > self._late_logged:
+                    self._late_logged = late
+                self.late_max_s = max(self.late_max_s, late)
                 self._close(conn, reason, answer=None if state == "idle" or not conn.sent_anything
                             else self._timeout_answer)
         self._log_totals()
@@ -233,7 +240,9 @@ class ConnectionGuard:
                 "displaced": f"closed half-open or idle to admit new ones at the limit ({self.max_connections})",
                 "refused": "refused with 503 (every connection busy)"}
         parts = [f"{n:,} {what[k]}" for k, n in delta.items()]
-        log.warning("client connections in the last %.0f s: %s; %d open", span, "; ".join(parts), self.open)
+        late = f" (timeouts at most {self._late_logged:.2f} s late)" if self._late_logged else ""
+        self._late_logged = 0.0
+        log.warning("client connections in the last %.0f s: %s; %d open%s", span, "; ".join(parts), self.open, late)
 
 
 class GuardedH11Protocol(H11Protocol):
