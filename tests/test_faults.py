@@ -121,7 +121,8 @@ async def test_engine_killed_mid_stream_requests_resume_elsewhere(policy):
     with ExitStack() as stack:
         e0, e1 = emulators(stack, 2)
         async with Gateway(scenario([e0.url, e1.url]), policy, port=0) as gw:
-            n, n_out = 12, 120
+            # Answers of ~1.7 s: the kill lands mid-answer even when a busy machine delays it by a second.
+            n, n_out = 12, 600
 
             async def kill_g0_mid_answer():
                 # Both engines are streaming answers when g0 dies.
@@ -153,7 +154,7 @@ async def test_engine_hangs_streams_time_out_and_resume():
     with ExitStack() as stack:
         e0, e1 = emulators(stack, 2)
         async with Gateway(scenario([e0.url, e1.url]), "qlm", port=0) as gw:
-            n, n_out = 10, 150
+            n, n_out = 10, 600  # ~1.7 s answers: the hang lands mid-answer on a busy machine too
 
             async def hang_g0():
                 assert await wait_until(lambda: gw.cluster.instances[0].inflight, 10)
