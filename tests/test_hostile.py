@@ -312,3 +312,33 @@ async def test_a_huge_prompt_is_refused_without_pausing_other_streams():
             r = await completion(c, prompt="w" * 3_000_000)  # one "word", as long
             assert r.status_code == 400 and "maximum context length" in r.text
             assert gw.app.bodies.held == 0
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_reads_nothing_of_its_stream_is_disconnected():
+    import json as _json
+    import socket
+
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        async with Gateway(scenario([e0.url], send_timeout_s=0.5), "fcfs", port=0) as gw:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the gateway backs up
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+            body = _json.dumps({"model": "m", "messages": [{"role": "user", "content": "w1"}], "max_tokens": 1900,
+                                "logprobs": True, "top_logprobs": 20, "stream": True}).encode()
+            sock.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: %d\r\n\r\n" % len(body) + body)
+            try:
+                loop = asyncio.get_running_loop()
+                end = loop.time() + 60
+                while gw.connections.closed["send_timeout"] == 0 and loop.time() < end:
+                    await asyncio.sleep(0.05)
+                assert gw.connections.closed["send_timeout"] == 1
+                while gw.cluster.num_active() and loop.time() < end:
+                    await asyncio.sleep(0.05)
+                (r,) = gw.cluster.records
+                assert r.error == "client disconnected" and r.generated_tokens < 1900
+            finally:
+                sock.close()
