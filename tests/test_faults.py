@@ -741,3 +741,29 @@ async def test_relaunch_refuses_a_port_held_by_a_process_it_did_not_start_and_st
         for p in (orphan, proc):
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["qlm", "fcfs"])
+async def test_requests_ended_while_queued_do_not_wedge_the_policy(policy):
+    """Requests whose clients left while they were queued stay in the policy's queue until dispatched, and
+    the world ends them there; the policy must not keep counting them on the instance (it once did: with
+    nothing else happening, the instance looked full for ever and new requests waited unanswered)."""
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        async with Gateway(scenario([e0.url]), policy, port=0) as gw:
+            pool = Pool(gw.url, max_idle=64)
+            slots = PROFILE["max_num_seqs"]
+            running = [asyncio.ensure_future(call(pool, *body(i, 300, stream=True))) for i in range(slots)]
+            assert await wait_until(lambda: len(gw.cluster.instances[0].inflight) == slots)
+            waiting = [asyncio.ensure_future(call(pool, *body(i, 10, stream=True))) for i in range(2 * slots)]
+            assert await wait_until(lambda: gw.cluster.queued_by_class.get("batch", 0) == 2 * slots)
+            for t in waiting:
+                t.cancel()  # their clients go away while they wait
+            await asyncio.gather(*waiting, return_exceptions=True)
+            assert await wait_until(lambda: gw.cluster.queued_by_class.get("batch", 0) == 0)
+            assert [o.kind for o in await asyncio.gather(*running)] == ["completed"] * slots
+            await asyncio.sleep(0.3)  # the ended requests were dispatched (and ended) as the slots freed
+            outs = await run_requests(gw, 4, 10, timeout_s=30)
+            assert tally(outs).completed == 4, [o for o in outs if o.kind != "completed"]
+            await pool.aclose()

@@ -128,6 +128,8 @@ class LiveCluster:
         self.num_retries_moved = 0
         """Retries carried out on another instance than the one the policy chose (its engine had just failed)."""
         self._moved: list[tuple[LiveRequest, int]] = []
+        self._unchanged: set[int] = set()
+        """Instances that were dispatched a request already ended, in the batch being applied."""
         self.schedule_calls = 0
         self.queued_by_class: dict[str, int] = {}
         """Requests waiting in the policy's queues per SLO class (exact, current: admission reads it)."""
@@ -164,7 +166,10 @@ class LiveCluster:
     def dispatch(self, request: Request, instance_id: int, now: float) -> bool:
         lr = self._live.get(request.request_id)
         if lr is None:
-            return False  # its client went away while it was queued: it ends here, never reaching an engine
+            # Its client went away (or the gateway ended it) while it was queued: it ends here, never reaching
+            # an engine. The policy counted it on the instance in this call: the instance is as it was.
+            self._unchanged.add(instance_id)
+            return False
         self._dequeue(lr)
         inst = self._instances[instance_id]
         if lr.avoid is not None:
@@ -204,6 +209,13 @@ class LiveCluster:
             lr.waiter.set_result(None)
 
     def applied(self, now: float) -> None:
+        if self._unchanged:
+            # Policies that keep each instance's room between events took a slot for the ended request;
+            # told that the instance changed, they read it again (else nothing might ever tell them).
+            for iid in self._unchanged:
+                self.driver.instance_changed(iid)
+            self._unchanged.clear()
+            self.kick()
         if not self._moved:
             return
         for lr, chosen in self._moved:
