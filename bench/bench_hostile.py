@@ -499,9 +499,12 @@ def main() -> None:
         print(json.dumps(asyncio.run(big_prompt_worker(int(sys.argv[2]), sys.argv[3]))))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cases", nargs="*", default=list(CASES), choices=[*CASES, []])
+    ap.add_argument("cases", nargs="*", metavar="case", help=f"some of {', '.join(CASES)} (default: all)")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
     args = ap.parse_args()
+    unknown = set(args.cases) - set(CASES)
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(sorted(unknown))}; known: {', '.join(CASES)}")
     out = {}
     for name in args.cases or list(CASES):
         with tempfile.TemporaryDirectory() as d:
