@@ -9,7 +9,7 @@ Cases:
 
 - sockets: 20,000 connections that never finish a request (half send nothing, half part of their headers),
   opened by two client processes, against a `qlmctl serve` gateway (default settings: header timeout 10 s,
-  connection limit half the descriptor limit). Meanwhile this process polls /health and sends ordinary
+  connection limit 3/4 of the descriptor limit). Meanwhile this process polls /health and sends ordinary
   requests. Figures: /health answers, ordinary requests served, how soon the gateway closed each half-open
   connection itself, its log lines.
 - stall: 20 streams through the gateway on two engines; one engine process is SIGSTOPped mid-answer

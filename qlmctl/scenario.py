@@ -307,7 +307,7 @@ class LiveSpec(_Strict):
         default=60.0, gt=0, description="a client that reads nothing of its answer this long is disconnected, s")
     max_client_connections: int | None = Field(
         default=None, ge=1, description="client connections open at once (beyond: the oldest idle or half-open one "
-                                        "is closed, else 503); default: half the file-descriptor limit")
+                                        "is closed, else 503); default: 3/4 of the file-descriptor limit")
     log_interval_s: float = Field(
         default=10.0, gt=0, description="repeated events (timeouts, refusals, ignored fields) are logged as one "
                                         "line of totals per interval, s")

@@ -20,8 +20,9 @@ reports each connection's state to the guard:
   cannot lock out clients that send a whole request at once. When every open connection is active, the
   new one gets 503 with Retry-After and is closed.
 
-The default connection limit is half the process's file-descriptor limit (`RLIMIT_NOFILE`, less a
-reserve): every active client connection may need one connection to an engine too.
+The default connection limit is three quarters of the process's file-descriptor limit (`RLIMIT_NOFILE`),
+less a reserve: the last quarter is for the gateway's connections to its engines (one per request
+running there, plus idle ones kept for reuse), which only requests that have left the queue hold.
 
 What the guard did is counted (`qlm_client_connections_closed_total{reason}`, `qlm_client_connections`)
 and logged at most once per `log_interval_s`, as one line of totals, never per connection.
@@ -54,11 +55,11 @@ REASONS = ("header_timeout", "body_timeout", "idle_timeout", "send_timeout", "di
 
 
 def default_max_connections() -> int:
-    """Client connections the file-descriptor limit allows: half of RLIMIT_NOFILE (soft) less a reserve."""
+    """Client connections the file-descriptor limit allows: 3/4 of RLIMIT_NOFILE (soft) less a reserve."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(16, (soft - FD_RESERVE) // 2)
+    return max(16, soft * 3 // 4 - FD_RESERVE)
 
 
 def raise_fd_limit() -> int:
