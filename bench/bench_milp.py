@@ -19,13 +19,13 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qlmctl.core.frozen import FrozenCluster, FrozenInstance
 from qlmctl.core.request import Request  # noqa: E402
 from qlmctl.policies import make_policy  # noqa: E402
 from qlmctl.policies.base import PolicyContext  # noqa: E402
@@ -37,57 +37,6 @@ from simulator.profile import EngineProfile  # noqa: E402
 
 SIZES = [(10, 2), (50, 8), (200, 16)]
 """(groups, instances)."""
-
-
-@dataclass
-class BenchInstance:
-    """A serving instance as the scheduler sees it (InstanceView), with a fixed state."""
-
-    instance_id: int
-    model: str | None
-    profiles: dict[str, EngineProfile]
-    warm: set[str]
-    running: list[Request] = field(default_factory=list)
-    swapping: bool = False
-    healthy: bool = True
-
-    @property
-    def profile(self) -> EngineProfile | None:
-        return None if self.swapping or self.model is None else self.profiles[self.model]
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return 0
-
-    @property
-    def free_kv_blocks(self) -> int:
-        return 0
-
-    def running_requests(self) -> list[Request]:
-        return list(self.running)
-
-    def remaining_output_tokens(self) -> int:
-        return sum(r.output_tokens for r in self.running)
-
-    def profile_for(self, model: str) -> EngineProfile | None:
-        return self.profiles.get(model)
-
-    def load_time(self, model: str) -> float:
-        p = self.profiles[model]
-        return p.load_warm_s if model in self.warm else p.load_cold_s
-
-
-@dataclass
-class BenchCluster:
-    instances: list[BenchInstance]
-    t: float
-
-    def now(self) -> float:
-        return self.t
 
 
 def synthetic_state(n_groups: int, n_instances: int, seed: int, solver: str, time_limit_s: float):
@@ -107,7 +56,7 @@ def synthetic_state(n_groups: int, n_instances: int, seed: int, solver: str, tim
     policy = make_policy("qlm-lp", ctx)
     models = list(profiles)
     instances = [
-        BenchInstance(i, models[i % n_models], profiles, warm={models[i % n_models], models[(i + 1) % n_models]})
+        FrozenInstance(i, models[i % n_models], profiles, warm={models[i % n_models], models[(i + 1) % n_models]})
         for i in range(n_instances)
     ]
     now = 60.0
@@ -126,7 +75,7 @@ def synthetic_state(n_groups: int, n_instances: int, seed: int, solver: str, tim
         busy = int(rng.integers(0, 256))
         inst.running = [Request(10**7 + inst.instance_id * 1000 + j, 0.0, inst.model, "x", 1e4, 800, 300)
                         for j in range(busy)]
-    return policy, BenchCluster(instances, now)
+    return policy, FrozenCluster(instances, now)
 
 
 def bench_solve(time_limit_s: float, repeats: int, solvers: list[str]) -> None:

@@ -4,14 +4,17 @@
     python bench/bench_simulate.py million          # synthetic 1,000,000 requests on 32 instances (qlm, fcfs)
     python bench/bench_simulate.py scaling          # 250k / 500k / 1M requests: does time double with requests?
 
-Each point runs in a fresh process so peak RSS is its own. Targets (issue 2): <= 2 s per policy for Azure,
-<= 60 s and 2 GB for the million, time roughly linear in requests.
+Each point runs in a fresh process so peak RSS is its own. Targets (issue 18): <= 1 s per policy for Azure,
+<= 30 s and 1 GB for the million, time linear in requests. Each point is compared with its figure in
+docs/benchmarks.md (the simulator table, matched on point and policy): "regression" when it ran more than 20 %
+slower there (CPU seconds where the table has them, else wall seconds).
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import re
 import resource
 import sys
 import time
@@ -42,13 +45,14 @@ def point(args: tuple[str, int, dict, str], out: mp.Queue) -> None:
     t0 = time.perf_counter()
     reqs, _ = build_requests(sc)
     t_build = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run = simulate(sc, policy, reqs)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     out.put({"point": name, "policy": policy, "requests": len(reqs), "instances": instances,
              "build_s": round(t_build, 2), "simulate_s": round(run.result.wall_s, 2),
-             "with_summary_s": round(wall, 2), "events": run.result.events, "peak_rss_gb": round(rss_gb, 2),
+             "with_summary_s": round(wall, 2), "cpu_s": round(cpu, 2), "events": run.result.events,
+             "peak_rss_gb": round(rss_gb, 2),
              "slo_attainment": round(run.summary["slo_attainment"], 4),
              "sim_duration_s": round(run.result.sim_duration_s, 1)})
 
@@ -60,6 +64,50 @@ def run_point(args) -> dict:
     res = q.get()
     p.join()
     return res
+
+
+DOCS = REPO / "docs" / "benchmarks.md"
+REGRESSION = 1.2
+"""A point is a regression when it takes more than this times its documented figure."""
+
+
+def documented() -> dict[tuple[str, str], dict[str, float]]:
+    """(point, policy) -> {"simulate_s", "cpu_s"} from docs/benchmarks.md's simulator table (rows whose first cell
+    is a bench point name, e.g. `azure-full`)."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    if not DOCS.exists():
+        return out
+    header: list[str] | None = None
+    for line in DOCS.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| point |"):
+            header = cells if "simulate (s)" in cells else None  # the figures table, not the before/after one
+            continue
+        named = re.fullmatch(r"[A-Za-z0-9]+(-[A-Za-z0-9]+)*", cells[0])
+        if header is None or len(cells) != len(header) or not named:
+            if not line.startswith("|"):
+                header = None
+            continue
+        row = dict(zip(header, cells))
+        fig = {}
+        for key, col in (("simulate_s", "simulate (s)"), ("cpu_s", "+summary, CPU (s)")):
+            try:
+                fig[key] = float(row.get(col, "").replace(",", ""))
+            except ValueError:
+                pass
+        out.setdefault((cells[0], row.get("policy", "")), fig)
+    return out
+
+
+def verdict(res: dict, docs: dict[tuple[str, str], dict[str, float]]) -> str:
+    fig = docs.get((res["point"], res["policy"]))
+    if not fig:
+        return "no documented figure"
+    key = "cpu_s" if "cpu_s" in fig else "simulate_s"
+    mine = res["cpu_s"] if key == "cpu_s" else res["simulate_s"]
+    ratio = mine / fig[key]
+    word = "REGRESSION" if ratio > REGRESSION else "ok"
+    return f"{word}: {mine:g} s vs {fig[key]:g} s documented ({ratio:.2f}x, {key})"
 
 
 def main(which: str) -> None:
@@ -76,15 +124,25 @@ def main(which: str) -> None:
             syn = {"synthetic": {"rate_rps": 800, "num_requests": n, "lengths_from": str(AZURE)}}
             points.append((f"synthetic-{n // 1000}k", 32, syn, "qlm"))
     rows = []
+    docs = documented()
+    regressions = 0
     for args in points:
         res = run_point(args)
         rows.append(res)
+        res["verdict"] = verdict(res, docs)
+        regressions += res["verdict"].startswith("REGRESSION")
         print(json.dumps(res), flush=True)
-    print("\n| point | policy | requests | instances | simulate (s) | +summary (s) | peak RSS (GB) | SLO attainment |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| point | policy | requests | instances | simulate (s) | +summary (s) | +summary, CPU (s) | peak RSS (GB) "
+          "| SLO attainment |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['point']} | {r['policy']} | {r['requests']:,} | {r['instances']} | {r['simulate_s']} | "
-              f"{r['with_summary_s']} | {r['peak_rss_gb']} | {r['slo_attainment']:.1%} |")
+              f"{r['with_summary_s']} | {r['cpu_s']} | {r['peak_rss_gb']} | {r['slo_attainment']:.1%} |")
+    print()
+    for r in rows:
+        print(f"{r['point']} {r['policy']}: {r['verdict']}")
+    if regressions:
+        print(f"\n{regressions} regression(s): slower than docs/benchmarks.md by more than {REGRESSION - 1:.0%}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def sweep_yaml(folder: Path, max_requests: int) -> Path:
         "rates_rps": [10, 20, 30, 40, 60],
         "seeds": [0, 1, 2, 3, 4],
         "max_requests": max_requests,
+        "duration_s": None,  # a fixed request count per point: this measures the executors, not capacity
         "overrides": {
             "workload": {"trace": str(TRACE)},
             "slo_classes": {"interactive": {"ttft_s": 5}, "batch-1": {"ttft_s": 20}, "batch-2": {"ttft_s": 60}},

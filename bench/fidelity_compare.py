@@ -1,6 +1,14 @@
-"""Compare live replays (real vLLM through `qlmctl serve`) with `qlmctl simulate` on the same workload.
+"""Compare live replays (real vLLM through `qlmctl serve`, or straight to it) with `qlmctl simulate` on the same
+workload.
 
     python bench/fidelity_compare.py LIVE_DIR [--out docs/fidelity.md]
+    python bench/fidelity_compare.py LIVE_DIR --scenario S --loads light:10.8:216,near:21.5:540 \
+        --policies direct,direct@priority,fcfs [--set frontend_window_s=1]
+
+A policy `P@priority` is the live folder `P-priority` (bench/device/replay_direct.py --priority writes
+`direct-priority`), simulated as P with the engines' --scheduling-policy priority. Where the live engine reports
+its prefix cache (vLLM's prefix_cache_queries/hits counters), the table adds the hit rates, and the simulated
+TTFT with prefix caching off for scale.
 
 LIVE_DIR holds one folder per load run (light, near, over; repetitions of a load as near_b, near_c, ...), each
 with one results folder per policy, as bench/device/fidelity_h200.sh writes them. Live numbers are means over
@@ -17,6 +25,7 @@ from pathlib import Path
 from statistics import mean
 
 import pandas as pd
+import yaml
 
 from qlmctl.metrics import requests_frame
 from qlmctl.runner import simulate
@@ -64,6 +73,13 @@ def engine_cells(summary: dict) -> list[float | None]:
             q + pf if q is not None and pf is not None else None]
 
 
+def prefix_hit_rate(summary: dict) -> float | None:
+    """vLLM's prefix-cache hit rate over a live run (its counters' deltas), None when it reports none."""
+    em = next(iter(summary.get("engine_metrics", {}).values()), {})
+    q, h = em.get("vllm:prefix_cache_queries"), em.get("vllm:prefix_cache_hits")
+    return h / q if isinstance(q, (int, float)) and isinstance(h, (int, float)) and q > 0 else None
+
+
 def mean_or_none(xs: list[float | None]) -> float | None:
     xs = [x for x in xs if x is not None]
     return mean(xs) if xs else None
@@ -76,9 +92,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--api-servers", type=int, default=1,
                     help="vLLM's --api-server-count in the live runs (the simulated profile takes it too)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a profile field for the simulated side, e.g. frontend_window_s=1 (repeatable)")
+    ap.add_argument("--loads", default=None, metavar="NAME:RATE:N,...",
+                    help="the loads (default: light:8:240,near:20:600,over:32:960)")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="live folders to compare (P@priority: see above)")
     args = ap.parse_args()
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    if args.api_servers != 1:
+        extra["api_server_count"] = args.api_servers
+    loads = LOADS
+    if args.loads:
+        loads = {name: (float(rate), int(n)) for name, rate, n in (x.split(":") for x in args.loads.split(","))}
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
 
-    runs = {load: repetitions(args.live, load) for load in LOADS}
+    runs = {load: repetitions(args.live, load) for load in loads}
     lines = ["Live repetitions per load: " + ", ".join(f"{load} {len(r)}" for load, r in runs.items()), "",
              "| load | policy | metric | live | simulated | error | live spread |",
              "|---|---|---|---:|---:|---:|---:|"]
@@ -88,26 +116,36 @@ def main() -> None:
                  "engine part (frontend delay and API server queue left out).", "",
                  "| load | policy | client | vLLM TTFT | vLLM queue + prefill | simulated | simulated engine part |",
                  "|---|---|---:|---:|---:|---:|---:|"]
+    caching = ["", "Prefix cache (share of the admitted prompt tokens found cached; live: vLLM's counters):", "",
+               "| load | policy | live hit rate | simulated hit rate | live TTFT p50 | simulated "
+               "| simulated, caching off |",
+               "|---|---|---:|---:|---:|---:|---:|"]
     worst: dict[str, float] = {}
-    for load, (rate, n) in LOADS.items():
+
+    def scenario_for(over: dict, discipline: str | None, **profile: object) -> object:
+        base = load_scenario(args.scenario, over)
+        insts = []
+        for i in base.spec.cluster.instances:
+            d = i.model_dump()
+            d["profile_overrides"] = {**i.profile_overrides, **extra, **profile}
+            if discipline:
+                d["engine"] = {**(d.get("engine") or {}), "scheduling_policy": discipline}
+            insts.append(d)
+        return load_scenario(args.scenario, {**over, "cluster": {**base.spec.cluster.model_dump(), "instances": insts}})
+
+    for load, (rate, n) in loads.items():
         over: dict = {"workload": {"target_rate_rps": rate, "max_requests": n}}
-        if args.api_servers != 1:
-            base = load_scenario(args.scenario, over)
-            over["cluster"] = {"instances": [
-                dict(i.model_dump(), profile_overrides={**i.profile_overrides, "api_server_count": args.api_servers})
-                for i in base.spec.cluster.instances]}
-        sc = load_scenario(args.scenario, over)
-        reqs, _ = build_requests(sc)
-        # The same cluster with the frontend delay removed: what the engine alone takes.
-        insts = [dict(i.model_dump(), profile_overrides={**i.profile_overrides, "frontend_latency_s": 0.0,
-                                                         "frontend_per_stream_s": 0.0,
-                                                         "frontend_queue_factor": 0.0})
-                 for i in sc.spec.cluster.instances]
-        bare = load_scenario(args.scenario, {**over, "cluster": {"instances": insts}})
-        for policy in POLICIES:
-            folders = [d / policy for d in runs[load] if (d / policy / "summary.json").exists()]
+        for spec in policies:
+            policy, _, discipline = spec.partition("@")
+            folder_name = f"{policy}-{discipline}" if discipline else policy
+            folders = [d / folder_name for d in runs[load] if (d / folder_name / "summary.json").exists()]
             if not folders:
                 continue
+            sc = scenario_for(over, discipline or None)
+            reqs, _ = build_requests(sc)
+            # The same cluster with the frontend delay removed: what the engine alone takes.
+            bare = scenario_for(over, discipline or None, frontend_latency_s=0.0, frontend_per_stream_s=0.0,
+                                frontend_queue_factor=0.0)
             live_vals, live_cells = [], []
             for f in folders:
                 summary = json.loads((f / "summary.json").read_text())
@@ -116,7 +154,7 @@ def main() -> None:
                 live_cells.append(engine_cells(summary))
             run = simulate(sc, policy, reqs)
             sim = metric_values(run.summary, requests_frame(run.result.requests))
-            name = f"{load} ({rate} req/s)"
+            name = f"{load} ({rate:g} req/s)"
             for label, key in METRICS:
                 lvs = [v[label] for v in live_vals if v[label] is not None]
                 sv = sim[label]
@@ -129,12 +167,23 @@ def main() -> None:
                 fmt = (lambda x: f"{x:.1%}") if key == "slo_attainment" else (lambda x: f"{x:,.1f}")
                 live_txt = fmt(lv) + (f" ({fmt(min(lvs))}-{fmt(max(lvs))})" if len(lvs) > 1 else "")
                 spread = f"{(max(lvs) - min(lvs)) / lv:.0%}" if len(lvs) > 1 and lv else "-"
-                lines.append(f"| {name} | {policy} | {label} | {live_txt} | {fmt(sv)} | {err:+.0%} | {spread} |")
+                lines.append(f"| {name} | {spec} | {label} | {live_txt} | {fmt(sv)} | {err:+.0%} | {spread} |")
             cells = [mean_or_none([c[i] for c in live_cells]) for i in range(3)]
             cells += [run.summary.get("mean_ttft_ms"), simulate(bare, policy, reqs).summary.get("mean_ttft_ms")]
-            breakdown.append(f"| {name} | {policy} | " + " | ".join(
+            breakdown.append(f"| {name} | {spec} | " + " | ".join(
                 "-" if c is None else f"{c:,.1f}" for c in cells) + " |")
-    table = "\n".join(lines + breakdown)
+            live_hits = [prefix_hit_rate(json.loads((f / "summary.json").read_text())) for f in folders]
+            live_hits = [h for h in live_hits if h is not None]
+            if live_hits:
+                sim_hit = (run.summary.get("instances") or {}).get("0", {}).get("prefix_cache_hit_rate")
+                no_cache = scenario_for(over, discipline or None, enable_prefix_caching=False)
+                off = simulate(no_cache, policy, reqs).summary
+                lv = mean_or_none([v["TTFT p50 (ms)"] for v in live_vals])
+                caching.append(f"| {name} | {spec} | {mean(live_hits):.1%} | "
+                               f"{'-' if sim_hit is None else f'{sim_hit:.1%}'} | "
+                               f"{'-' if lv is None else f'{lv:,.1f}'} | {run.summary['p50_ttft_ms']:,.1f} | "
+                               f"{off['p50_ttft_ms']:,.1f} |")
+    table = "\n".join(lines + breakdown + (caching if len(caching) > 5 else []))
     print(table)
     print("\nworst |error| per latency metric:", {k: f"{v:.0%}" for k, v in worst.items()})
     if args.out:

@@ -12,11 +12,28 @@ from qlmctl.commands.common import print_error
 from qlmctl.errors import UserError
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
-    help="SLO-oriented queue management (QLM) for LLM serving: simulate, serve, profile, plot.",
+    help="SLO-oriented queue management (QLM) for LLM serving: simulate, serve, profile, plot. "
+    "Shell completion: qlmctl --install-completion.",
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from qlmctl.vllm_bench import version
+
+        typer.echo(f"qlmctl {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """SLO-oriented queue management (QLM) for LLM serving: simulate, serve, profile, plot."""
 
 
 

@@ -36,6 +36,11 @@ PERCENTILES: tuple[int, ...] = (50, 90, 99)
 
 LATENCY_METRICS: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")
 
+INSTANCE_STATS: tuple[str, ...] = ("peak_running", "peak_kv_usage", "preemptions", "prefix_cache_hit_rate")
+"""Per-instance figures a backend may report (`summarize(instance_stats=...)`): the most sequences in its
+running batch at once, its highest KV cache use (fraction of its blocks), its engine-side preemptions and
+the share of the prompt tokens it admitted that its prefix cache held (None: prefix caching off)."""
+
 FRAME_COLUMNS: tuple[str, ...] = (
     "request_id",
     "model",
@@ -57,6 +62,8 @@ FRAME_COLUMNS: tuple[str, ...] = (
     "ttft_slo_s",
     "tpot_slo_s",
     "error",
+    "rejected",
+    "predicted_ttft_s",
 )
 """Columns of `requests_frame`, in order."""
 
@@ -195,6 +202,8 @@ def requests_frame(requests: Sequence[Request]) -> pd.DataFrame:
         "tpot_slo_s": c.tpot_slo_s,
         # object dtype keeps None (not NaN) for "no error"; parquet stores it as null.
         "error": pd.Series(c.error, dtype=object),
+        "rejected": np.fromiter(map(attrgetter("rejected"), requests), dtype=bool, count=n),
+        "predicted_ttft_s": _optional_floats(requests, "predicted_ttft_s", n),
     }
     return pd.DataFrame(data, columns=list(FRAME_COLUMNS))
 
@@ -247,6 +256,23 @@ def _pooled_itls(
     return np.fromiter(chain.from_iterable(kept), dtype=np.float64)
 
 
+def estimator_accuracy(predicted_s: np.ndarray, actual_s: np.ndarray) -> dict[str, Any]:
+    """How well a policy's TTFT predictions held, over requests with both a prediction and a first token.
+
+    `estimator_coverage` is the fraction whose TTFT came within the prediction (a prediction at the
+    estimator's percentile p should cover about p of them); `estimator_median_rel_error` the median of
+    |predicted - actual| / actual; `estimator_samples` how many requests they cover (None: no predictions).
+    """
+    both = ~np.isnan(predicted_s) & ~np.isnan(actual_s)
+    k = int(both.sum())
+    if not k:
+        return {"estimator_coverage": None, "estimator_median_rel_error": None, "estimator_samples": 0}
+    p, a = predicted_s[both], actual_s[both]
+    rel = np.abs(p - a) / np.maximum(a, 1e-9)
+    return {"estimator_coverage": _num((a <= p).mean()), "estimator_median_rel_error": _num(np.median(rel)),
+            "estimator_samples": k}
+
+
 def summarize(
     requests: Sequence[Request],
     *,
@@ -254,6 +280,7 @@ def summarize(
     num_swaps: int = 0,
     itls: Sequence[Sequence[float]] | None = None,
     extra: dict | None = None,
+    instance_stats: dict[str, dict[str, Any]] | None = None,
 ) -> dict:
     """Summarise a run as a JSON-serialisable dict (vLLM's result keys plus qlmctl's own).
 
@@ -266,6 +293,8 @@ def summarize(
             backends that record per-token times. None: ITL statistics are None.
         extra: Further top-level keys to add (e.g. policy, seed). A key that collides with a
             computed one raises ValueError rather than silently replacing a metric.
+        instance_stats: Per instance id, its `INSTANCE_STATS` figures (those it has). None: not
+            reported.
 
     Returns:
         Keys, in order:
@@ -280,7 +309,9 @@ def summarize(
         `requests_by_class`, `requests_by_model` ({name: count}), `num_preemptions`,
         `num_evictions`, `num_swaps`, `mean_queueing_delay_ms`, `p99_queueing_delay_ms`
         (dispatch - arrival over dispatched requests), `instance_utilisation`
-        ({instance: busy fraction}) and `mean_utilisation`. Undefined values are None.
+        ({instance: busy fraction}) and `mean_utilisation`; `instances` ({instance: its
+        `INSTANCE_STATS`}), `peak_running` (the largest over instances), `peak_kv_usage` (the
+        highest). Undefined values are None.
     """
     c = _columns(requests)
     done = c.completed
@@ -330,6 +361,9 @@ def summarize(
     summary["num_evictions"] = int(c.num_evictions.sum())
     summary["num_swaps"] = int(num_swaps)
 
+    summary["rejected"] = sum(map(attrgetter("rejected"), requests))
+    summary.update(estimator_accuracy(_optional_floats(requests, "predicted_ttft_s", c.n), c.ttft_s))
+
     queueing = (c.dispatch_s - c.arrival_s)[~np.isnan(c.dispatch_s)]
     summary["mean_queueing_delay_ms"] = _num(queueing.mean() * 1000) if queueing.size else None
     summary["p99_queueing_delay_ms"] = (
@@ -346,6 +380,15 @@ def summarize(
         mean_util = _num(sum(known) / len(known)) if known else None
     summary["instance_utilisation"] = utilisation
     summary["mean_utilisation"] = mean_util
+    stats = {str(k): {s: v.get(s) for s in INSTANCE_STATS} for k, v in (instance_stats or {}).items()}
+    summary["instances"] = stats if instance_stats is not None else None
+
+    def peak(key: str) -> Any:
+        values = [v[key] for v in stats.values() if v.get(key) is not None]
+        return max(values) if values else None
+
+    summary["peak_running"] = peak("peak_running")
+    summary["peak_kv_usage"] = _num(peak("peak_kv_usage")) if peak("peak_kv_usage") is not None else None
 
     if extra:
         clash = sorted(set(extra) & set(summary))
@@ -353,3 +396,93 @@ def summarize(
             raise ValueError(f"extra keys collide with computed metrics: {clash}")
         summary.update(extra)
     return summary
+
+
+def window_summary(requests: Sequence[Request], start_s: float, end_s: float) -> dict[str, Any]:
+    """Steady-state figures over the arrival window [start_s, end_s) (e.g. a run less its warm-up).
+
+    Returns `window_s`; `window_requests` (arrived in the window); `window_offered_rps` (their rate);
+    `window_completed_rps` (requests of any arrival time completed within the window, per second: what
+    the system delivered while the window's load was on it); `window_throughput_ratio` (completed over
+    offered: about 1 in a steady state, below when a backlog builds); `window_goodput` (completed within
+    the window and meeting their SLO, per second); `window_slo_attainment` over the window's requests
+    (one never finished is a miss) and `window_attainment_by_class`.
+    """
+    c = _columns(requests)
+    span = end_s - start_s
+    if span <= 0:
+        raise ValueError(f"empty window [{start_s}, {end_s})")
+    inside = (c.arrival_s >= start_s) & (c.arrival_s < end_s)
+    with np.errstate(invalid="ignore"):
+        done_in = c.completed & (c.finish_s >= start_s) & (c.finish_s < end_s)
+    n_in = int(inside.sum())
+    offered = n_in / span
+    completed = int(done_in.sum()) / span
+    labels = [cls for cls, keep in zip(c.slo_class, inside.tolist()) if keep]
+    by_class, _ = _fraction_by(labels, c.slo_met[inside])
+    return {
+        "window_s": _num(span),
+        "window_requests": n_in,
+        "window_offered_rps": _num(offered),
+        "window_completed_rps": _num(completed),
+        "window_throughput_ratio": _num(completed / offered) if offered > 0 else None,
+        "window_goodput": _num(int((done_in & c.slo_met).sum()) / span),
+        "window_slo_attainment": _num(c.slo_met[inside].mean()) if n_in else None,
+        "window_attainment_by_class": by_class,
+    }
+
+
+GOODPUT_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2el")
+"""Metrics `vllm bench serve --goodput` takes thresholds for (ms)."""
+
+
+def percentile_key(p: float, metric: str) -> str:
+    """vLLM's key of a percentile: `p99_ttft_ms`, `p99.9_ttft_ms`."""
+    word = str(int(p)) if int(p) == p else str(p)
+    return f"p{word}_{metric}_ms"
+
+
+def bench_metrics(
+    requests: Sequence[Request],
+    *,
+    itls: Sequence[Sequence[float]] | None = None,
+    percentiles: Sequence[float] = (),
+    percentile_metrics: Sequence[str] = LATENCY_METRICS,
+    goodput: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """What `vllm bench serve`'s options add to a summary: `--metric-percentiles` of `--percentile-metrics`
+    (keys `percentile_key`, in ms, over completed requests as `summarize`'s), and `--goodput`.
+
+    With `goodput` ({metric: threshold ms} over `GOODPUT_METRICS`), `request_goodput` is vLLM's: completed
+    requests within every threshold, per second of the run; the SLO classes' goodput (what `summarize`
+    calls request_goodput) is kept as `slo_goodput`. `goodput_config` records the thresholds (None: none).
+    """
+    c = _columns(requests)
+    done = c.completed
+    samples = {
+        "ttft": c.ttft_s[done & ~np.isnan(c.ttft_s)],
+        "tpot": c.tpot_s[done & ~np.isnan(c.tpot_s)],
+        "itl": _pooled_itls(itls, done, c.n),
+        "e2el": c.e2el_s[done],
+    }
+    out: dict[str, Any] = {}
+    for metric in percentile_metrics:
+        values = samples.get(metric)
+        for p in percentiles:
+            out[percentile_key(p, metric)] = (
+                None if values is None or values.size == 0 else _num(np.percentile(values * 1000.0, p)))
+    out["goodput_config"] = dict(goodput) if goodput else None
+    if goodput:
+        ok = done.copy()
+        with np.errstate(invalid="ignore"):
+            if "ttft" in goodput:
+                ok &= c.ttft_s * 1000.0 <= goodput["ttft"]
+            if "tpot" in goodput:
+                ok &= ~(c.tpot_s * 1000.0 > goodput["tpot"])  # no TPOT (one token): within
+            if "e2el" in goodput:
+                ok &= c.e2el_s * 1000.0 <= goodput["e2el"]
+        duration = None
+        if c.n and not np.isnan(c.finish_s).all():
+            duration = _num(np.nanmax(c.finish_s) - c.arrival_s.min())
+        out["request_goodput"] = _rate(int(ok.sum()), duration)
+    return out

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+ALL_REQUESTS = "\0all"
+"""The latency CDF's column over every request (beside the SLO classes), for results without classes."""
+
 FIGURES = ("slo_attainment", "latency_cdf", "queue_depth", "throughput", "timeline", "attainment_vs_rate")
 """Figure kinds `plot_results` can draw (file stems; timelines get `-<run>` appended)."""
 
@@ -96,7 +99,8 @@ def policy_label(policy: str) -> str:
 
 @dataclass
 class Run:
-    """One policy's results folder. The summary is read at once; requests and timeline on first use."""
+    """One policy's results folder, or one result of a `vllm bench serve` result file (`external`). The
+    summary is read at once; requests and timeline on first use."""
 
     folder: Path
     summary: dict[str, Any]
@@ -104,6 +108,8 @@ class Run:
     label: str = ""
     """Legend label: the policy's, with the backend or folder added when two runs share a policy."""
     style: str = "-"
+    external: dict[str, Any] | None = field(default=None, repr=False)
+    """A vllm bench serve result (its requests come from its per-request arrays, if it has them)."""
     _requests: pd.DataFrame | None = field(default=None, repr=False)
     _timeline: pd.DataFrame | None = field(default=None, repr=False)
     _timeline_read: bool = field(default=False, repr=False)
@@ -111,11 +117,30 @@ class Run:
     @property
     def requests(self) -> pd.DataFrame:
         if self._requests is None:
-            self._requests = _read_requests(self.folder)
+            if self.external is not None:
+                from qlmctl.metrics import FRAME_COLUMNS
+                from qlmctl.vllm_bench import requests_frame_of
+
+                frame = requests_frame_of(self.external)
+                self._requests = frame if frame is not None else pd.DataFrame(columns=list(FRAME_COLUMNS))
+            else:
+                self._requests = _read_requests(self.folder)
         return self._requests
 
     @property
+    def has_requests(self) -> bool:
+        """Per-request data to draw from (a vllm result saved without --save-detailed has none)."""
+        return self.external is None or isinstance(self.external.get("ttfts"), list)
+
+    @property
+    def has_times(self) -> bool:
+        """Arrival times (a vllm result has them from its start_times, in newer vLLM)."""
+        return self.external is None or isinstance(self.external.get("start_times"), list)
+
+    @property
     def timeline(self) -> pd.DataFrame | None:
+        if self.external is not None:
+            return None
         if not self._timeline_read:
             self._timeline = read_timeline(self.folder)
             self._timeline_read = True
@@ -136,11 +161,17 @@ class Run:
     @property
     def rate(self) -> float | None:
         """The offered rate this run was made at (req/s), when recorded."""
-        for key in ("target_rate_rps", "offered_rate_rps"):
+        for key in ("target_rate_rps", "request_rate", "offered_rate_rps"):
             v = self.summary.get(key)
-            if isinstance(v, (int, float)) and math.isfinite(v):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 return float(v)
         return None
+
+    @property
+    def workload(self) -> str | None:
+        """The workload's digest (`qlmctl.vllm_bench.workload_id`), when recorded."""
+        v = self.summary.get("workload_id")
+        return str(v) if v else None
 
     def class_slos(self) -> dict[str, float]:
         """TTFT SLO (s) per SLO class, from the run's scenario, else from its requests."""
@@ -157,20 +188,30 @@ class Run:
 
 @dataclass
 class RunGroup:
-    """Runs of one scenario at one offered load, compared in one set of figures."""
+    """Runs of one workload (one scenario at one offered load), compared in one set of figures."""
 
     scenario: str
     rate: float | None
     runs: list[Run] = field(default_factory=list)
+    workload: str | None = None
+    """The runs' workload digest, when they record one."""
+    mixed: bool = False
+    """Runs of different workloads drawn together on request (`--mixed`)."""
+    tag: str = ""
+    """Told apart from a group of the same scenario and rate (a different workload)."""
 
     @property
     def title(self) -> str:
-        return self.scenario if self.rate is None else f"{self.scenario} at {self.rate:.3g} req/s"
+        text = self.scenario if self.rate is None else f"{self.scenario} at {self.rate:.3g} req/s"
+        if self.tag:
+            text += f" (workload {self.tag})"
+        return text + (" (different workloads)" if self.mixed else "")
 
     @property
     def slug(self) -> str:
         base = _slug(self.scenario)
-        return base if self.rate is None else f"{base}-r{self.rate:.3g}"
+        base = base if self.rate is None else f"{base}-r{self.rate:.3g}"
+        return f"{base}-{self.tag}" if self.tag else base
 
 
 def _slug(text: str) -> str:
@@ -178,7 +219,8 @@ def _slug(text: str) -> str:
 
 
 def find_run_folders(paths: Sequence[Path]) -> list[Path]:
-    """Every results folder (holding summary.json) at or under `paths`, sorted within each path.
+    """Every results folder (holding summary.json) at or under `paths`, sorted within each path; a path
+    that is a `vllm bench serve` result file (JSON) is listed as it is.
 
     Raises:
         UserError: a path does not exist or holds no results folder.
@@ -190,7 +232,11 @@ def find_run_folders(paths: Sequence[Path]) -> list[Path]:
             raise UserError("no such file or folder", p)
         if p.is_file():
             if p.name != SUMMARY_FILE:
-                raise UserError(f"not a results folder (expected a folder with {SUMMARY_FILE})", p)
+                if p.suffix == ".json":
+                    found.append(p)  # a vllm bench serve result file (checked when read)
+                    continue
+                raise UserError(f"not a results folder or a vllm bench serve result file (expected a folder "
+                                f"with {SUMMARY_FILE}, or a .json result)", p)
             p = p.parent
         if (p / SUMMARY_FILE).exists():
             hits = [p]
@@ -239,21 +285,92 @@ def load_run(folder: Path) -> Run:
     return Run(folder, summary, scenario if isinstance(scenario, dict) else None)
 
 
+def load_vllm_runs(path: Path) -> list[Run]:
+    """The results of a `vllm bench serve` result file, one run each."""
+    from qlmctl.vllm_bench import read_result_file, summary_of
+
+    results = read_result_file(path)
+    runs = []
+    for k, res in enumerate(results):
+        run = Run(path if len(results) == 1 else path.with_name(f"{path.name}#{k + 1}"), summary_of(res, path), None,
+                  external=res)
+        runs.append(run)
+    return runs
+
+
 def load_runs(paths: Sequence[Path]) -> list[Run]:
-    return [load_run(f) for f in find_run_folders(paths)]
+    runs: list[Run] = []
+    for f in find_run_folders(paths):
+        runs.extend(load_vllm_runs(f) if f.is_file() else [load_run(f)])
+    return runs
 
 
-def group_runs(runs: Sequence[Run]) -> list[RunGroup]:
-    """Group runs by (scenario, offered rate) and give each run a unique legend label."""
-    groups: dict[tuple[str, float | None], RunGroup] = {}
-    for run in runs:
-        key = (run.scenario_name, run.rate)
-        groups.setdefault(key, RunGroup(key[0], key[1])).runs.append(run)
+def _same_rate(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and abs(a - b) <= 0.02 * max(abs(a), abs(b))
+
+
+def group_runs(runs: Sequence[Run], mixed: bool = False) -> list[RunGroup]:
+    """Group runs by workload and give each run a unique legend label.
+
+    A workload is (scenario, offered rate, workload digest) as the runs record them; runs of one scenario at
+    one rate that replayed different requests land in different groups. A `vllm bench serve` result joins
+    the one group of the same request count and rate, if there is exactly one (else it is a group of its
+    own). `mixed`: every run in one group, whatever its workload.
+    """
+    groups: dict[tuple[str, float | None, str | None], RunGroup] = {}
+    if mixed:
+        names = list(dict.fromkeys(r.scenario_name for r in runs))
+        rates = {r.rate for r in runs}
+        workloads = {(r.scenario_name, r.rate, r.workload) for r in runs}
+        g = RunGroup(" vs ".join(names), next(iter(rates)) if len(rates) == 1 else None, list(runs),
+                     mixed=len(workloads) > 1)
+        groups[("", None, None)] = g
+    else:
+        external = [r for r in runs if r.external is not None]
+        for run in runs:
+            if run.external is None:
+                key = (run.scenario_name, run.rate, run.workload)
+                groups.setdefault(key, RunGroup(key[0], key[1], workload=key[2])).runs.append(run)
+        own = list(groups.values())
+        for run in external:
+            n = run.summary.get("num_prompts") or run.summary.get("num_requests")
+            fits = [g for g in own if _same_rate(g.rate, run.rate)
+                    and any((r.summary.get("num_prompts") or r.summary.get("num_requests")) == n for r in g.runs)]
+            if len(fits) == 1:
+                fits[0].runs.append(run)
+            else:
+                key = (run.scenario_name, run.rate, None)
+                groups.setdefault(key, RunGroup(key[0], key[1])).runs.append(run)
+        # Groups of one scenario and rate but different workloads: tell them apart by their digests.
+        seen: dict[tuple[str, float | None], list[RunGroup]] = {}
+        for g in groups.values():
+            seen.setdefault((g.scenario, g.rate), []).append(g)
+        for same in seen.values():
+            if len(same) > 1:
+                for g in same:
+                    g.tag = (g.workload or "other")[:6]
     order = {p: i for i, p in enumerate(_POLICY_COLORS)}
     for g in groups.values():
-        g.runs.sort(key=lambda r: (order.get(r.policy, len(order)), r.policy, str(r.folder)))
+        g.runs.sort(key=lambda r: (r.external is not None, order.get(r.policy, len(order)), r.policy, str(r.folder)))
         _label(g.runs)
-    return sorted(groups.values(), key=lambda g: (g.scenario, -1.0 if g.rate is None else g.rate))
+    return sorted(groups.values(), key=lambda g: (g.scenario, -1.0 if g.rate is None else g.rate, g.tag))
+
+
+def grouping_notes(groups: Sequence[RunGroup]) -> list[str]:
+    """What a user should know about how runs were grouped (runs of one scenario drawn apart, or mixed)."""
+    notes = []
+    by_scenario: dict[str, list[RunGroup]] = {}
+    for g in groups:
+        by_scenario.setdefault(g.scenario, []).append(g)
+    for name, gs in by_scenario.items():
+        if len(gs) > 1:
+            what = "; ".join(f"{g.title}: {', '.join(r.label for r in g.runs)}" for g in gs)
+            notes.append(f"runs of {name} differ in workload or rate, so they are drawn apart ({what}); pass "
+                         f"--mixed to draw them together")
+    for g in groups:
+        if g.mixed:
+            notes.append(f"{g.title}: runs of different workloads or rates drawn together (--mixed)")
+    return notes
 
 
 def _label(runs: list[Run]) -> None:
@@ -298,8 +415,28 @@ def _classes(runs: Iterable[Run]) -> list[str]:
     return sorted(slo, key=lambda c: (slo[c], c))
 
 
+_NAMED_CLASS_COLORS = {"interactive": "#e41a1c", "batch-1": "#ff7f00", "batch-2": "#4daf4a", "batch": "#377eb8",
+                       "code": "#984ea3", "chat": "#a65628", "all": "#555555"}
+"""Colours of common SLO class names; any other name takes one by a hash of its name."""
+
+
 def _class_colors(classes: Sequence[str]) -> dict[str, str]:
-    return {c: _CLASS_COLORS[i % len(_CLASS_COLORS)] for i, c in enumerate(classes)}
+    """A colour per SLO class, by its name (the same class has the same colour in every figure): the named
+    ones, else a hash of the name into the palette (the next free colour on a clash within `classes`)."""
+    out: dict[str, str] = {}
+    for c in classes:
+        if c in _NAMED_CLASS_COLORS:
+            out[c] = _NAMED_CLASS_COLORS[c]
+    used = set(out.values())
+    for c in sorted(c for c in classes if c not in out):
+        h = sum((i + 1) * ord(ch) for i, ch in enumerate(c)) % len(_CLASS_COLORS)
+        for k in range(len(_CLASS_COLORS)):
+            colour = _CLASS_COLORS[(h + k) % len(_CLASS_COLORS)]
+            if colour not in used or k == len(_CLASS_COLORS) - 1:
+                break
+        out[c] = colour
+        used.add(colour)
+    return out
 
 
 def _fmt_s(x: float) -> str:
@@ -341,10 +478,13 @@ def _legend_below(fig: "Figure", handles: list, labels: list[str], ncol: int | N
 # --- figures for one group ------------------------------------------------------------------------
 
 
-def fig_slo_attainment(group: RunGroup) -> "Figure":
-    """Grouped bars: SLO attainment (%) overall and per class, one bar per run."""
+def fig_slo_attainment(group: RunGroup) -> "Figure | None":
+    """Grouped bars: SLO attainment (%) overall and per class, one bar per run (runs without SLO classes, as
+    vllm bench serve's, are left out)."""
     plt = _pyplot()
-    runs = group.runs
+    runs = [r for r in group.runs if r.summary.get("slo_attainment") is not None or r.external is None]
+    if not runs:
+        return None
     classes = _classes(runs)
     cats = ["all", *classes]
     fig, ax = plt.subplots(figsize=(max(6.5, 1.4 * len(cats) + 0.35 * len(runs) * len(cats)), 4.4))
@@ -386,11 +526,16 @@ def _cdf_points(values: np.ndarray, n_total: int) -> tuple[np.ndarray, np.ndarra
     return v, frac
 
 
-def fig_latency_cdf(group: RunGroup) -> "Figure":
-    """CDFs of TTFT (top) and E2EL (bottom) per SLO class, one line per run."""
+def fig_latency_cdf(group: RunGroup) -> "Figure | None":
+    """CDFs of TTFT (top) and E2EL (bottom) per SLO class, one line per run (with a vllm bench serve result
+    among them, which has no SLO classes, a first column over all requests)."""
     plt = _pyplot()
-    runs = group.runs
-    classes = _classes(runs)
+    runs = [r for r in group.runs if r.has_requests]
+    if not runs:
+        return None
+    classes = _classes([r for r in runs if r.external is None])
+    if any(r.external is not None for r in runs):
+        classes = [ALL_REQUESTS, *classes]
     ncol = max(1, len(classes))
     fig, axes = plt.subplots(2, ncol, figsize=(3.6 * ncol + 0.8, 6.4), squeeze=False, sharey=True)
     for j, cls in enumerate(classes):
@@ -399,7 +544,7 @@ def fig_latency_cdf(group: RunGroup) -> "Figure":
             slo = None
             for k, run in enumerate(runs):
                 f = run.requests
-                sub = f[f["slo_class"] == cls]
+                sub = f if cls == ALL_REQUESTS else f[f["slo_class"] == cls]
                 if not len(sub):
                     continue
                 # Only completed requests have an E2EL; the others keep the curve below 1.
@@ -409,7 +554,7 @@ def fig_latency_cdf(group: RunGroup) -> "Figure":
                 if xs.size:
                     ax.step(xs, ys, where="post", color=policy_color(run.policy), linestyle=run.style,
                             label=run.label, linewidth=_width(k, len(runs)))
-                if slo is None and "ttft_slo_s" in sub:
+                if slo is None and "ttft_slo_s" in sub and cls != ALL_REQUESTS:
                     slo = float(sub["ttft_slo_s"].iloc[0])
             if slo is not None and metric == "ttft_s":
                 ax.axvline(slo, color="black", linestyle="--", linewidth=0.9)
@@ -421,7 +566,7 @@ def fig_latency_cdf(group: RunGroup) -> "Figure":
             if j == 0:
                 ax.set_ylabel(f"fraction of requests\n({name})")
             if i == 0:
-                ax.set_title(_class_title(cls, runs), fontsize=10)
+                ax.set_title("all requests" if cls == ALL_REQUESTS else _class_title(cls, runs), fontsize=10)
     fig.suptitle(f"TTFT and E2EL distributions per SLO class: {group.title}")
     handles, labels = _unique_handles(axes)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
@@ -461,10 +606,13 @@ def _queue_series(f: pd.DataFrame, classes: Sequence[str], grid: np.ndarray) -> 
     return out
 
 
-def fig_queue_depth(group: RunGroup) -> "Figure":
-    """Requests waiting in the scheduler per SLO class over time, one panel per run."""
+def fig_queue_depth(group: RunGroup) -> "Figure | None":
+    """Requests waiting in the scheduler per SLO class over time, one panel per run (qlmctl's runs: a vllm
+    bench serve result does not say when a request left a queue)."""
     plt = _pyplot()
-    runs = group.runs
+    runs = [r for r in group.runs if r.external is None]
+    if not runs:
+        return None
     classes = _classes(runs)
     colors = _class_colors(classes)
     t0 = _time_origin(runs)
@@ -502,25 +650,39 @@ def fig_queue_depth(group: RunGroup) -> "Figure":
     return fig
 
 
-def _bin_width(span_s: float) -> float:
-    """A round bin width giving about 60-150 bins over `span_s`."""
-    raw = max(span_s / 100.0, 1e-3)
-    mag = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 5, 10):
-        if raw <= m * mag:
-            return m * mag
-    return 10 * mag
+MIN_PER_BIN = 30
+"""Completions a throughput bin should hold on average: fewer and the curve is mostly counting noise."""
 
 
-def fig_throughput(group: RunGroup) -> "Figure":
+def _bin_width(span_s: float, count: int = 0) -> float:
+    """A round bin width (`_TIME_BINS`: 1, 2, 5, 10, 15, 30 s, 1, 2, 5 min...) giving at most about 60 bins over `span_s`, and on
+    average at least `MIN_PER_BIN` of `count` events per bin (so that a rate per bin is readable)."""
+    raw = max(span_s / 60.0, 1e-3)
+    if count > 0:
+        raw = max(raw, span_s * MIN_PER_BIN / count)
+    raw = min(raw, max(span_s / 8.0, 1e-3))  # still a curve: 8 bins at least
+    for w in _TIME_BINS:
+        if raw <= w:
+            return w
+    return 3600.0 * math.ceil(raw / 3600.0)
+
+
+_TIME_BINS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800,
+              3600)
+"""Bin widths a time axis reads easily, s."""
+
+
+def fig_throughput(group: RunGroup) -> "Figure | None":
     """Completed (top) and SLO-meeting (bottom) requests per second over time, one line per run."""
     plt = _pyplot()
-    runs = group.runs
+    runs = [r for r in group.runs if r.has_requests and r.has_times]
+    if not runs:
+        return None
     t0 = _time_origin(runs)
     end = max((float(np.nanmax(r.requests["finish_s"])) for r in runs if r.requests["finish_s"].notna().any()),
               default=t0 + 1.0)
     span = max(end - t0, 1e-3)
-    width = _bin_width(span)
+    width = _bin_width(span, min(int(r.requests["finish_s"].notna().sum()) for r in runs))
     edges = t0 + width * np.arange(int(math.ceil(span / width)) + 1)
     div, unit = _time_unit(span)
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
@@ -799,6 +961,8 @@ def plan_figures(
             for run in g.runs:
                 if timeline_policies is not None and run.policy not in timeline_policies:
                     continue
+                if run.external is not None:
+                    continue  # no instances in a vllm bench serve result
                 jobs.append(FigureJob(f"{pre}timeline-{_slug(run.label)}",
                                       lambda run=run, g=g: fig_timeline(run, g.title), [run]))
     if "attainment_vs_rate" in figures:
@@ -856,12 +1020,18 @@ def plot_results(
     figures: Sequence[str] = FIGURES,
     progress: Callable[[int, int], None] | None = None,
     timeline_policies: Sequence[str] | None = None,
+    mixed: bool = False,
+    notes: list[str] | None = None,
 ) -> list[Path]:
-    """Draw the figures for the results under `paths` into `out_dir`; return the files written.
+    """Draw the figures for the results under `paths` (results folders, vllm bench serve result files) into
+    `out_dir`; return the files written. Runs of different workloads get figures of their own unless `mixed`;
+    what the grouping did is appended to `notes`.
 
     Raises:
         UserError: no results under a path, an unreadable results folder, or an unknown figure/format.
     """
     check_choices(figures, formats)
-    groups = group_runs(load_runs(paths))
+    groups = group_runs(load_runs(paths), mixed=mixed)
+    if notes is not None:
+        notes.extend(grouping_notes(groups))
     return draw_figures(plan_figures(groups, figures, timeline_policies), out_dir, formats, progress)

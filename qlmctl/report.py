@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qlmctl.core.request import Request
-from qlmctl.metrics import requests_frame
+from qlmctl.metrics import percentile_key, requests_frame
 
 REQUESTS_FILE = "requests"
 SUMMARY_FILE = "summary.json"
@@ -53,6 +53,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def plain(value: Any) -> Any:
+    """`value` as plain JSON/YAML data (numpy unwrapped, NaN and infinity as None, tuples as lists)."""
+    return _plain(value)
 
 
 def _write_frame(frame: pd.DataFrame, folder: Path, stem: str) -> Path:
@@ -170,12 +175,12 @@ def _latency_rows(
     One unit for the whole group, so its rows compare at a glance: s when any value reaches
     1 s, else ms.
     """
-    keys = [f"p{p}_{metric}_ms" for p in percentiles]
+    keys = [percentile_key(p, metric) for p in percentiles]
     values = [[s.get(k) for s in summaries] for k in keys]
     in_s = any(v is not None and v >= 1000 for vs in values for v in vs)
     unit, fmt = ("s", _fixed(2, 1e-3)) if in_s else ("ms", _fixed(1))
     for p, vs in zip(percentiles, values):
-        yield f"{metric.upper()} p{p} ({unit})", [fmt(v) for v in vs]
+        yield f"{metric.upper()} p{percentile_key(p, metric)[1:].split('_')[0]} ({unit})", [fmt(v) for v in vs]
 
 
 def _classes(summaries: Sequence[dict]) -> list[str]:
@@ -192,12 +197,17 @@ def _completed(s: dict) -> str:
     return f"{done:,}" if total is None else f"{done:,}/{total:,}"
 
 
-def results_table(summaries: dict[str, dict], title: str) -> Table:
+def results_table(summaries: dict[str, dict], title: str, percentiles: Sequence[float] | None = None,
+                  metrics: Sequence[str] | None = None) -> Table:
     """Policies side by side (one column each), metrics as rows; the best attainment in bold green.
 
     Args:
         summaries: {policy: `metrics.summarize` dict}, in the column order wanted.
         title: The table's title.
+        percentiles: Latency percentiles to show (vLLM's --metric-percentiles); None: TTFT p50/p90/p99,
+            TPOT p50/p99, E2EL p50/p99.
+        metrics: With `percentiles`, the latency metrics to show them for (default ttft, tpot, e2el, and itl
+            where any run has it).
     """
     names = list(summaries)
     runs = [summaries[p] for p in names]
@@ -227,7 +237,10 @@ def results_table(summaries: dict[str, dict], title: str) -> Table:
         )
 
     fmt2 = _fixed(2)
-    row("Goodput (req/s)", [fmt2(s.get("request_goodput")) for s in runs])
+    vllm_goodput = any(s.get("goodput_config") for s in runs)
+    row("Goodput (req/s)" + (" (--goodput)" if vllm_goodput else ""), [fmt2(s.get("request_goodput")) for s in runs])
+    if vllm_goodput:
+        row("SLO-class goodput (req/s)", [fmt2(s.get("slo_goodput")) for s in runs])
     row("Throughput (req/s)", [fmt2(s.get("request_throughput")) for s in runs])
     row(
         "Output throughput (tok/s)",
@@ -235,15 +248,26 @@ def results_table(summaries: dict[str, dict], title: str) -> Table:
         end_section=True,
     )
 
-    for label, cells in _latency_rows("ttft", (50, 90, 99), runs):
-        row(label, cells)
-    for label, cells in _latency_rows("tpot", (50, 99), runs):
-        row(label, cells)
-    row("E2EL p50 (s)", [_fixed(2, 1e-3)(s.get("p50_e2el_ms")) for s in runs])
-    row("E2EL p99 (s)", [_fixed(2, 1e-3)(s.get("p99_e2el_ms")) for s in runs], end_section=True)
+    if percentiles:
+        chosen = list(metrics) if metrics else [
+            m for m in ("ttft", "tpot", "itl", "e2el") if m != "itl" or any(s.get("mean_itl_ms") is not None for s in runs)]
+        rows = [r for m in chosen for r in _latency_rows(m, percentiles, runs)]
+        for k, (label, cells) in enumerate(rows):
+            row(label, cells, end_section=k == len(rows) - 1)
+    else:
+        for label, cells in _latency_rows("ttft", (50, 90, 99), runs):
+            row(label, cells)
+        for label, cells in _latency_rows("tpot", (50, 90, 99), runs):
+            row(label, cells)
+        row("E2EL p50 (s)", [_fixed(2, 1e-3)(s.get("p50_e2el_ms")) for s in runs])
+        row("E2EL p90 (s)", [_fixed(2, 1e-3)(s.get("p90_e2el_ms")) for s in runs])
+        row("E2EL p99 (s)", [_fixed(2, 1e-3)(s.get("p99_e2el_ms")) for s in runs], end_section=True)
 
     row("Completed/total", [_completed(s) for s in runs])
     row("Preemptions", [_int(s.get("num_preemptions")) for s in runs])
+    if any(s.get("peak_running") is not None for s in runs):
+        row("Peak running (an instance)", [_int(s.get("peak_running")) for s in runs])
+        row("Peak KV use (an instance)", [_pct(s.get("peak_kv_usage")) for s in runs])
     row("Evictions", [_int(s.get("num_evictions")) for s in runs])
     row("Swaps", [_int(s.get("num_swaps")) for s in runs])
     row("Mean utilisation", [_pct(s.get("mean_utilisation")) for s in runs])
@@ -256,6 +280,7 @@ def policy_progress(console: Console) -> Progress:
                     console=console, transient=False)
 
 
-def print_results(console: Console, summaries: dict[str, dict], title: str) -> None:
-    """Print `results_table(summaries, title)` on `console`."""
-    console.print(results_table(summaries, title))
+def print_results(console: Console, summaries: dict[str, dict], title: str,
+                  percentiles: Sequence[float] | None = None, metrics: Sequence[str] | None = None) -> None:
+    """Print `results_table(summaries, title, percentiles, metrics)` on `console`."""
+    console.print(results_table(summaries, title, percentiles, metrics))

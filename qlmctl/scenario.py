@@ -5,12 +5,17 @@ Loaded from YAML and validated on load with pydantic; every error names the file
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, create_model, field_validator,
+                      model_validator)
 
+from qlmctl.engine_defaults import ENGINE_FLAGS, canonical_gpu, describe_flags, unknown_gpu_message, vllm_defaults
 from qlmctl.engines import ENGINE_KINDS
 from qlmctl.errors import UserError
 from simulator.profile import EngineProfile
@@ -23,37 +28,100 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ProfileSpec(_Strict):
-    """An engine timing profile (see simulator.profile for the step-cost form)."""
+class MeasuredFlagsSpec(_Strict):
+    """The engine flags a profile was measured with (`qlmctl profile-model` records them): what it assumes.
 
-    base_s: float = Field(gt=0, description="fixed cost of one engine step, s")
-    per_prefill_token_s: float = Field(ge=0)
-    per_decode_seq_s: float = Field(ge=0)
-    per_context_token_s: float = Field(default=0.0, ge=0)
-    kv_blocks: int = Field(gt=0, description="KV cache capacity in blocks")
-    block_size: int = Field(default=16, gt=0)
-    max_num_seqs: int = Field(default=256, gt=0)
-    max_num_batched_tokens: int = Field(default=8192, gt=0)
-    max_model_len: int = Field(default=32768, gt=0)
-    load_cold_s: float = Field(default=30.0, ge=0)
-    load_warm_s: float = Field(default=1.0, ge=0)
-    mean_output_tokens: float = Field(default=256.0, gt=0)
-    std_output_tokens: float = Field(default=256.0, ge=0)
-    frontend_latency_s: float = Field(default=0.0, ge=0, description="client-visible latency added to TTFT, s")
-    frontend_per_stream_s: float = Field(default=0.0, ge=0, description="extra client-visible latency per stream relayed, s")
-    async_scheduling: bool = Field(default=False, description="vLLM's asynchronous scheduling (new requests join one step later)")
-    per_prefill_pair_s: float = Field(default=0.0, ge=0, description="prefill attention cost per (query, key) pair, s")
-    knee_tokens: int = Field(default=0, ge=0, description="token rows (prefill tokens and decode sequences) a step carries within base_s")
-    per_prefill_step_s: float = Field(default=0.0, ge=0, description="extra cost of a step that carries prefill tokens, s")
-    frontend_cpu_per_request_s: float = Field(default=0.0, ge=0, description="API server CPU per request taken in, s")
-    frontend_cpu_per_token_s: float = Field(default=0.0, ge=0, description="API server CPU per streamed token, s")
-    frontend_queue_factor: float = Field(default=0.0, ge=0, description="API server queueing waits per request (0: no queue model)")
-    api_server_count: int = Field(default=1, ge=1, description="vLLM's --api-server-count: API server processes sharing requests")
-    provenance: dict[str, Any] | None = None
+    Not the flags a simulated engine runs with: those come from the scenario (`cluster.instances[].engine`),
+    else vLLM's defaults for the GPU. Where they differ, the scenario says so when it is loaded."""
+
+    max_num_seqs: int | None = Field(default=None, gt=0, description="--max-num-seqs")
+    max_num_batched_tokens: int | None = Field(default=None, gt=0, description="--max-num-batched-tokens")
+    max_model_len: int | None = Field(default=None, gt=0, description="--max-model-len")
+    block_size: int | None = Field(default=None, gt=0, description="--block-size")
+    enable_prefix_caching: bool | None = Field(default=None, description="--enable-prefix-caching")
+    api_server_count: int | None = Field(default=None, ge=1, description="--api-server-count")
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="--gpu-memory-utilization")
+    async_scheduling: bool | None = Field(default=None, description="asynchronous scheduling on")
+    command: str | None = Field(default=None, description="the engine's command line, as given")
+
+
+class _ProfileFields(_Strict):
+    """The base of `ProfileSpec`: what a profile section does besides holding its fields.
+
+    `block_size`, `max_num_seqs`, `max_num_batched_tokens`, `max_model_len`, `api_server_count` and
+    `enable_prefix_caching` given in a profile pin the engine's setting for this model (a scenario's
+    `cluster.instances[].engine` still overrides them); left out, the engine runs with vLLM's default for its
+    GPU. `engine_flags` records what the profile was measured with."""
 
     def to_profile(self, model: str) -> EngineProfile:
-        data = self.model_dump(exclude={"provenance"})
+        data = self.model_dump(exclude={"provenance", "engine_flags"})
         return EngineProfile(model=model, **data)
+
+    def pinned_flags(self) -> dict[str, Any]:
+        """The engine flags this profile sets explicitly (see the class docstring)."""
+        return {k: getattr(self, k) for k in ENGINE_FLAGS if k in self.model_fields_set and hasattr(self, k)}
+
+    def measured_flags(self) -> dict[str, Any]:
+        """The flags it was measured with (`engine_flags`, else what its provenance's `flags` line says)."""
+        if self.engine_flags is not None:
+            return {k: v for k, v in self.engine_flags.model_dump().items() if v is not None and k != "command"}
+        return flags_from_command(str((self.provenance or {}).get("flags") or ""))
+
+
+_FLAG_OPTIONS = {
+    "--max-num-seqs": ("max_num_seqs", int),
+    "--max-num-batched-tokens": ("max_num_batched_tokens", int),
+    "--max-model-len": ("max_model_len", int),
+    "--block-size": ("block_size", int),
+    "--api-server-count": ("api_server_count", int),
+    "--gpu-memory-utilization": ("gpu_memory_utilization", float),
+}
+
+
+def flags_from_command(text: str) -> dict[str, Any]:
+    """The engine flags a `vllm serve` command line sets (`--max-num-seqs 256`, `--no-enable-prefix-caching`)."""
+    out: dict[str, Any] = {}
+    words = text.replace("=", " ").split()
+    for i, w in enumerate(words):
+        if w in _FLAG_OPTIONS and i + 1 < len(words):
+            name, cast = _FLAG_OPTIONS[w]
+            try:
+                out[name] = cast(words[i + 1])
+            except ValueError:
+                pass
+        elif w == "--enable-prefix-caching":
+            out["enable_prefix_caching"] = True
+        elif w == "--no-enable-prefix-caching":
+            out["enable_prefix_caching"] = False
+    return out
+
+
+def _profile_fields() -> dict[str, Any]:
+    """`ProfileSpec`'s fields, from `EngineProfile`'s: their types and defaults, and the description and bounds
+    each declares in its metadata (see `simulator.profile.param`). `model` is the scenario's key instead."""
+    hints = get_type_hints(EngineProfile)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(EngineProfile):
+        if f.name == "model":
+            continue
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else meta["file_default"]
+        bounds = {k: meta[k] for k in ("gt", "ge") if meta[k] is not None}
+        out[f.name] = (hints[f.name], Field(... if default is dataclasses.MISSING else default,
+                                           description=meta["doc"], **bounds))
+    return out
+
+
+ProfileSpec = create_model(
+    "ProfileSpec", __base__=_ProfileFields, __module__=__name__,
+    __doc__="An engine timing profile (simulator.profile.EngineProfile's fields; see there for the step-cost "
+            "form), with where its figures come from (`provenance`, free-form).",
+    **_profile_fields(),
+    engine_flags=(MeasuredFlagsSpec | None, Field(
+        None, description="the engine flags the profile was measured with (shown, and compared with the flags a "
+                          "scenario runs the engine with)")),
+    provenance=(dict[str, Any] | None, None),
+)
 
 
 class ModelSpec(_Strict):
@@ -73,22 +141,56 @@ class ModelSpec(_Strict):
         return self
 
 
+class EngineFlagsSpec(_Strict):
+    """The engine server's flags on an instance (vLLM's), as far as the simulator models them.
+
+    A flag left out takes the profile's setting if it pins one, else vLLM's default on the instance's GPU
+    (`qlmctl.engine_defaults`): on an H100/H200-class GPU max_num_seqs 1024, max_num_batched_tokens 8192;
+    block_size 16, prefix caching on and one API server everywhere."""
+
+    scheduling_policy: Literal["fcfs", "priority"] | None = Field(
+        default=None,
+        description="vLLM's --scheduling-policy; default: what the policy asks for (priority for the `priority` "
+                    "baseline, fcfs otherwise)")
+    max_num_seqs: int | None = Field(default=None, gt=0, description="vLLM's --max-num-seqs: sequences per batch")
+    max_num_batched_tokens: int | None = Field(
+        default=None, gt=0, description="vLLM's --max-num-batched-tokens: tokens per engine step (chunked prefill)")
+    max_model_len: int | None = Field(
+        default=None, gt=0, description="vLLM's --max-model-len: longest prompt + output; default: the profile's")
+    block_size: Literal[1, 8, 16, 32, 64, 128] | None = Field(
+        default=None, description="vLLM's --block-size: tokens per KV block (the KV memory stays the same)")
+    enable_prefix_caching: bool | None = Field(
+        default=None, description="vLLM's --enable-prefix-caching (default on); read by the engine model")
+    api_server_count: int | None = Field(
+        default=None, ge=1, description="vLLM's --api-server-count: API server processes sharing the requests")
+
+
 class InstanceSpec(_Strict):
     name: str | None = None
     count: int = Field(default=1, gt=0, description="replicas of this line")
     gpu: str = "H200"
     model: str | None = Field(default=None, description="model loaded at start")
     profile_overrides: dict[str, Any] = Field(default_factory=dict)
+    engine: EngineFlagsSpec = Field(default_factory=EngineFlagsSpec)
 
 
 class ClusterSpec(_Strict):
     instances: list[InstanceSpec] = Field(min_length=1)
+    first_load: Literal["warm", "cold"] = Field(
+        default="warm",
+        description="how an instance first loads a model: warm, as `qlmctl serve --launch` with sleep mode starts "
+                    "the engines (each loaded, then put to sleep but the instance's own), so every swap is a "
+                    "wake-up (load_warm_s); cold, each model's first load on an instance starts its engine "
+                    "(load_cold_s), as without sleep mode. Either way a swap first puts the model it leaves "
+                    "to sleep (its sleep_s)")
 
 
 class SLOClassSpec(_Strict):
     ttft_s: float = Field(gt=0, description="time-to-first-token deadline, s")
     tpot_s: float | None = Field(default=None, gt=0, description="time-per-output-token deadline, s")
     priority: int | None = Field(default=None, description="vLLM priority (lower first); default by ttft")
+    weight: float = Field(default=1.0, gt=0, description="worth of one request of this class met on time "
+                                                         "(scheduler.objective: weighted)")
 
 
 class MappingSpec(_Strict):
@@ -105,6 +207,11 @@ class MappingSpec(_Strict):
         if self.split is not None:
             if any(v < 0 for v in self.split.values()) or sum(self.split.values()) <= 0:
                 raise ValueError("split weights must be non-negative and not all zero")
+            total = sum(self.split.values())
+            fractions = any(float(v) != int(v) for v in self.split.values())
+            if fractions and abs(total - 1.0) > 1e-3:
+                raise ValueError(f"split fractions sum to {total:g}, not 1: give fractions that sum to 1, or "
+                                 f"whole-number weights (e.g. {{a: 3, b: 7}})")
         return self
 
 
@@ -141,6 +248,14 @@ class ClassLengthsSpec(_Strict):
         return self
 
 
+class SharedPrefixSpec(_Strict):
+    """A share of the requests begin with one of a few system prompts (what vLLM's prefix cache reuses)."""
+
+    tokens: int = Field(gt=0, description="length of each system prompt, tokens")
+    fraction: float = Field(default=1.0, gt=0, le=1, description="share of the requests that begin with one")
+    variants: int = Field(default=1, gt=0, description="distinct system prompts, each as likely")
+
+
 class WorkloadSpec(_Strict):
     trace: str | None = None
     format: str = "auto"
@@ -151,8 +266,19 @@ class WorkloadSpec(_Strict):
     target_rate_rps: float | None = Field(default=None, gt=0, description="rescale arrivals to this rate")
     start_s: float = Field(default=0.0, ge=0, description="skip the trace before this offset, s")
     max_requests: int | None = Field(default=None, gt=0)
+    burstiness: float | None = Field(
+        default=None, gt=0,
+        description="replace the arrival times by a gamma process of this shape at the target rate (as vllm bench "
+                    "serve --burstiness: 1 is Poisson, lower is burstier; coefficient of variation 1/sqrt(B))")
+    duration_s: float | None = Field(
+        default=None, gt=0,
+        description="arrivals span this long: a trace (after start_s, max_requests and rescaling) is repeated end "
+                    "to end to fill it and cut at it; a synthetic workload arrives until it (num_requests ignored)")
     lengths_by_class: dict[str, ClassLengthsSpec] = Field(
         default_factory=dict, description="per SLO class, token lengths that replace the trace's")
+    shared_prefix: SharedPrefixSpec | None = Field(
+        default=None, description="prompts that begin with a shared system prompt (for prefix caching; a trace "
+                                  "with block hashes, as Mooncake's, brings its own sharing)")
 
     @model_validator(mode="after")
     def _source(self) -> "WorkloadSpec":
@@ -160,6 +286,8 @@ class WorkloadSpec(_Strict):
             raise ValueError("give exactly one of trace, synthetic")
         if self.target_rate_rps is not None and self.time_scale != 1.0:
             raise ValueError("give at most one of time_scale, target_rate_rps")
+        if self.target_rate_rps is not None and math.isnan(self.target_rate_rps):
+            raise ValueError("target_rate_rps: not a number")
         return self
 
 
@@ -175,6 +303,17 @@ class SchedulerSpec(_Strict):
     solver_time_limit_s: float = Field(default=0.5, gt=0)
     gurobi: dict[str, str] | None = Field(default=None, repr=False, description="licence settings; never printed")
     params: dict[str, Any] = Field(default_factory=dict, description="policy-specific parameters")
+    objective: Literal["most", "weighted", "strict"] = Field(
+        default="most",
+        description="what qlm maximises: most requests within SLO (the paper's), the sum of class weights met "
+                    "(slo_classes.*.weight), or strict class precedence (a tighter TTFT class is never given up "
+                    "for a looser one)")
+    admission: Literal["off", "reject"] = Field(
+        default="off", description="qlm: refuse at arrival a request predicted to miss its SLO (429 live)")
+    prefill_lookahead_steps: float = Field(
+        default=2.0, gt=0,
+        description="qlm keeps at most this many engine steps of prefill tokens (max_num_batched_tokens each) "
+                    "inside an engine; the rest waits in qlm's queues, where it can still be reordered")
 
 
 class LiveEngineSpec(_Strict):
@@ -381,6 +520,12 @@ class ScenarioSpec(_Strict):
         for i, inst in enumerate(self.cluster.instances):
             if inst.model is not None and inst.model not in names:
                 raise ValueError(f"cluster.instances.{i}.model: unknown model '{inst.model}'")
+        by_gpu = {g for m in self.models.values() for g in m.by_gpu}
+        gpus = [(f"cluster.instances.{i}.gpu", inst.gpu) for i, inst in enumerate(self.cluster.instances)]
+        gpus += [(f"live.engines.{i}.gpu", e.gpu) for i, e in enumerate(self.live.engines)] if self.live else []
+        for where, gpu in gpus:
+            if canonical_gpu(gpu) is None and gpu not in by_gpu:
+                raise ValueError(f"{where}: {unknown_gpu_message(gpu, by_gpu)}")
         return self
 
     @model_validator(mode="after")
@@ -430,8 +575,15 @@ class Scenario:
         self.base_dir = path.parent if path is not None else Path.cwd()
         self._profiles: dict[str, EngineProfile] = {}
         self._by_gpu: dict[str, dict[str, dict[str, Any]]] = {}
+        self._pinned: dict[str, dict[str, Any]] = {}
+        """Per model, the engine flags its profile pins (see ProfileSpec)."""
+        self._measured: dict[str, dict[str, Any]] = {}
+        """Per model, the engine flags its profile was measured with (empty: not recorded)."""
+        self._profile_source: dict[str, str] = {}
         for name, tps in spec.token_throughput.items():
             self._profiles[name] = EngineProfile.from_token_throughput(name, tps)
+            self._pinned[name] = {"max_num_seqs": self._profiles[name].max_num_seqs}  # part of its throughput
+            self._profile_source[name] = "token_throughput"
         for name, m in spec.models.items():
             self._profiles[name] = self._resolve_model(name, m)
             self._by_gpu[name] = m.by_gpu
@@ -452,26 +604,119 @@ class Scenario:
 
     def _resolve_model(self, name: str, m: ModelSpec) -> EngineProfile:
         if m.token_throughput is not None:
+            self._pinned[name] = {"max_num_seqs": 256}  # part of what its throughput means
+            self._profile_source[name] = "token_throughput"
             return EngineProfile.from_token_throughput(name, m.token_throughput)
         if m.profile is not None:
-            return m.profile.to_profile(name)
-        assert m.profile_file is not None
-        path = self.resolve_path(m.profile_file)
-        spec = _load_yaml_model(path, ProfileSpec, where=f"models.{name}.profile_file")
+            spec = m.profile
+            self._profile_source[name] = f"models.{name}.profile"
+        else:
+            assert m.profile_file is not None
+            path = self.resolve_path(m.profile_file)
+            spec = _load_yaml_model(path, ProfileSpec, where=f"models.{name}.profile_file")
+            self._profile_source[name] = m.profile_file
+        self._pinned[name] = spec.pinned_flags()
+        self._measured[name] = spec.measured_flags()
         return spec.to_profile(name)
 
-    def profile(self, model: str, gpu: str | None = None, overrides: dict[str, Any] | None = None) -> EngineProfile:
+    def _instance_for(self, model: str, gpu: str | None) -> InstanceSpec | None:
+        """The cluster line a model's profile stands for when no instance is named: the first that loads the
+        model (on `gpu`, if given), else the first on `gpu`, else the first."""
+        lines = self.spec.cluster.instances
+        for ok in (lambda i: i.model == model and (gpu is None or i.gpu == gpu),
+                   lambda i: gpu is None or i.gpu == gpu, lambda i: True):
+            for inst in lines:
+                if ok(inst):
+                    return inst
+        return None
+
+    def engine_flags(self, model: str, gpu: str | None = None,
+                     engine: EngineFlagsSpec | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+        """The engine flags `model` runs with on `gpu` under `engine`, and where each comes from.
+
+        Each flag of `ENGINE_FLAGS`: the scenario's (`engine`), else the profile's pin (its file, or the
+        model's by_gpu for `gpu`), else vLLM's default on `gpu`; `max_model_len` has no default here (vLLM
+        reads the model's config): the profile's. Returns ({flag: value}, {flag: "scenario" | "profile" |
+        "vLLM default on <gpu>"})."""
+        pinned = dict(self._pinned.get(model, {}))
+        if gpu is not None:
+            pinned.update({k: v for k, v in self._by_gpu.get(model, {}).get(gpu, {}).items() if k in ENGINE_FLAGS})
+        defaults = vllm_defaults(gpu)
+        given = engine.model_dump(exclude_none=True) if engine is not None else {}
+        flags: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        for k in ENGINE_FLAGS:
+            if k in given:
+                flags[k], origin[k] = given[k], "scenario"
+            elif k in pinned:
+                flags[k], origin[k] = pinned[k], "profile"
+            elif k in defaults:
+                flags[k], origin[k] = defaults[k], f"vLLM default on {gpu or 'an unnamed GPU'}"
+            else:
+                flags[k], origin[k] = getattr(self._profiles[model], k), "profile"
+        return flags, origin
+
+    def profile(self, model: str, gpu: str | None = None, overrides: dict[str, Any] | None = None,
+                engine: EngineFlagsSpec | None = None) -> EngineProfile:
+        """`model`'s profile on an instance: its by_gpu fields for `gpu`, the engine flags it runs with
+        (`engine_flags`), then `overrides` (an instance's profile_overrides).
+
+        Without `engine`, the engine flags of the model's first cluster line (on `gpu`, if given) apply: what
+        a policy's estimator or the gateway assume when no instance is named."""
         prof = self._profiles[model]
         fields: dict[str, Any] = {}
+        flags_gpu = gpu
         if gpu is not None:
             fields.update(self._by_gpu.get(model, {}).get(gpu, {}))
+        if engine is None:
+            inst = self._instance_for(model, gpu)
+            if inst is not None:
+                engine = inst.engine
+                flags_gpu = gpu or inst.gpu
+        flags, _ = self.engine_flags(model, flags_gpu, engine)
+        block = int(fields.get("block_size", prof.block_size))
+        kv_blocks = int(fields.get("kv_blocks", prof.kv_blocks))
+        if flags["block_size"] != block:  # the same KV memory in blocks of another size
+            fields["kv_blocks"] = max(1, kv_blocks * block // flags["block_size"])
+        fields.update(flags)
         fields.update(overrides or {})
-        if fields:
-            try:
-                prof = prof.with_overrides(**fields)
-            except TypeError as e:
-                raise UserError(f"bad profile override: {e}", self.path, field=f"models.{model}") from None
+        try:
+            prof = prof.with_overrides(**fields)
+        except TypeError as e:
+            raise UserError(f"bad profile override: {e}", self.path, field=f"models.{model}") from None
         return prof
+
+    def _engine_lines(self) -> list[tuple[str, str, dict[str, Any], dict[str, str]]]:
+        """(model, gpu, flags, origin) for each distinct engine the cluster runs."""
+        out, seen = [], set()
+        for inst in self.spec.cluster.instances:
+            for model in [inst.model] if inst.model is not None else self.models:
+                flags, origin = self.engine_flags(model, inst.gpu, inst.engine)
+                key = (model, inst.gpu, tuple(flags.items()))
+                if key not in seen:
+                    seen.add(key)
+                    out.append((model, inst.gpu, flags, origin))
+        return out
+
+    def engine_notes(self) -> list[str]:
+        """One line per distinct engine (model, GPU, flags) of the cluster: the flags it runs with."""
+        return [f"engine {model} on {gpu}: {describe_flags(flags)}" for model, gpu, flags, _ in self._engine_lines()]
+
+    def engine_mismatches(self) -> list[str]:
+        """One warning per engine whose flags differ from those its profile was measured with."""
+        out = []
+        for model, gpu, flags, origin in self._engine_lines():
+            measured = self._measured.get(model, {})
+            differ = [k for k, v in measured.items() if k in flags and flags[k] != v]
+            if not differ:
+                continue
+            runs = ", ".join(f"{describe_flags({k: flags[k]})} ({'vLLM default' if origin[k].startswith('vLLM') else origin[k]})"
+                             for k in differ)
+            out.append(f"{model} on {gpu}: its profile ({self._profile_source.get(model, 'inline')}) was measured "
+                       f"with {describe_flags({k: measured[k] for k in differ})}, the engine runs with {runs}; "
+                       f"timings outside what was measured are extrapolated (set cluster.instances[].engine to "
+                       f"match the measurement)")
+        return out
 
     def instance_specs(self) -> list[tuple[str, InstanceSpec]]:
         """Expand `count` into one (name, spec) per instance."""
@@ -495,13 +740,26 @@ class Scenario:
         if data.get("scheduler", {}).get("gurobi"):
             data["scheduler"]["gurobi"] = {k: "***" for k in data["scheduler"]["gurobi"]}
         data["resolved_profiles"] = {
-            m: {k: getattr(p, k) for k in p.__dataclass_fields__} for m, p in self._profiles.items()
+            m: {k: getattr(p, k) for k in p.__dataclass_fields__} for m, p in
+            ((m, self.profile(m)) for m in self._profiles)
         }
+        engines = []
+        for name, inst in self.instance_specs():
+            for model in [inst.model] if inst.model is not None else self.models:
+                flags, origin = self.engine_flags(model, inst.gpu, inst.engine)
+                engines.append({"instance": name, "gpu": inst.gpu, "model": model, "flags": flags,
+                                "origin": origin, "profile_measured_with": self._measured.get(model) or None})
+        data["resolved_engines"] = engines
         return data
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(x) for x in loc)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; UserError (file, line) when it cannot be read or parsed."""
+    return _read_yaml(path)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -572,9 +830,13 @@ def load_scenario(path: str | Path | None = None, overrides: dict[str, Any] | No
         spec = ScenarioSpec.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        field = _format_loc(err["loc"])
+        loc = tuple(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        raise UserError(msg, p, _line_of(p, err["loc"]), field or None) from None
+        m = re.match(r"([A-Za-z_][\w-]*(?:\.[\w-]+)+): (.*)", msg, re.S)
+        if not loc and m:  # a check across fields names the field it found at fault
+            loc = tuple(int(x) if x.isdigit() else x for x in m.group(1).split("."))
+            msg = m.group(2)
+        raise UserError(msg, p, _line_of(p, loc), _format_loc(loc) or None) from None
     return Scenario(spec, p)
 
 

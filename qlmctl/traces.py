@@ -34,6 +34,9 @@ NATIVE_COLUMNS = ("arrival_s", "model", "slo_class", "prompt_tokens", "output_to
 BURSTGPT_FAILED = "burstgpt failed request (0 response tokens)"
 """`skipped` reason for BurstGPT rows with Response tokens == 0 (failed requests)."""
 
+HASHES = "prefix_hashes"
+"""Frame column of a trace's prompt block hashes (see `LoadedTrace.hash_block_tokens`)."""
+
 MAX_TOKENS = 2**31 - 1
 """Largest token count accepted; beyond it a count is surely corrupt (and would overflow int32 users)."""
 
@@ -57,6 +60,9 @@ class LoadedTrace:
     """Rows left out, by reason."""
     source_columns: dict[str, str] = field(default_factory=dict)
     """Frame column -> the file's name for it (e.g. "model" -> "Model"), for error messages."""
+    hash_block_tokens: int | None = None
+    """For a trace whose rows carry prompt block hashes (mooncake's hash_ids): tokens per block; the frame then
+    has a `prefix_hashes` column (a tuple of ints per row, None where a row has none)."""
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -75,6 +81,9 @@ class _Format:
     slo_class: str | None = None
     optional: tuple[str, ...] = ()
     """Columns that may be absent from the header."""
+    hashes: str | None = None
+    """A field holding the prompt's block hashes (prefix caching), and the tokens each stands for."""
+    hash_block_tokens: int | None = None
 
     @property
     def required(self) -> list[str]:
@@ -89,7 +98,8 @@ _FORMATS: dict[str, _Format] = {
     ),
     "azure": _Format("azure", "TIMESTAMP", "datetime", "ContextTokens", "GeneratedTokens"),
     "burstgpt": _Format("burstgpt", "Timestamp", "s", "Request tokens", "Response tokens", "Model"),
-    "mooncake": _Format("mooncake", "timestamp", "ms", "input_length", "output_length"),
+    "mooncake": _Format("mooncake", "timestamp", "ms", "input_length", "output_length", hashes="hash_ids",
+                        hash_block_tokens=512),
     "vidur": _Format("vidur", "arrived_at", "s", "num_prefill_tokens", "num_decode_tokens"),
 }
 
@@ -229,6 +239,7 @@ def _read_jsonl(p: Path, spec: _Format) -> tuple[pd.DataFrame, np.ndarray, int]:
     text = p.read_text(encoding="utf-8-sig")
     keys = [c for c in (spec.arrival, spec.prompt, spec.output) if c is not None]
     cols: dict[str, list[object]] = {k: [] for k in keys}
+    hashes: list[tuple[int, ...] | None] | None = [] if spec.hashes else None
     lines: list[int] = []
     # JSON has to be parsed line by line; checking the values is then vectorised like the CSVs.
     # split("\n"), not splitlines(): the latter also splits at \u2028 and friends, shifting line numbers.
@@ -247,8 +258,16 @@ def _read_jsonl(p: Path, spec: _Format) -> tuple[pd.DataFrame, np.ndarray, int]:
             if v is not None and not isinstance(v, str):
                 v = str(v) if isinstance(v, (int, float)) else json.dumps(v)
             cols[k].append(v)
+        if hashes is not None:
+            h = rec.get(spec.hashes)
+            ok = isinstance(h, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in h)
+            if h is not None and not ok:
+                raise UserError(f"{spec.hashes} must be a list of integers", p, i, spec.hashes)
+            hashes.append(tuple(h) if h else None)
         lines.append(i)
     raw = pd.DataFrame({k: pd.Series(v, dtype=object) for k, v in cols.items()})
+    if hashes is not None:
+        raw[HASHES] = pd.Series(hashes, dtype=object)
     return raw, np.asarray(lines, dtype=np.int64), len(lines)
 
 
@@ -367,18 +386,21 @@ def _to_trace(p: Path, spec: _Format, raw: pd.DataFrame, lines: np.ndarray, rows
     n = len(raw)
     model = _labels(raw, spec.model, n)
     slo = _labels(raw, spec.slo_class, n)
+    hashes = raw[HASHES].to_numpy(dtype=object) if HASHES in raw and raw[HASHES].notna().any() else None
     if not keep.all():
         arrival, prompt, output = arrival[keep], prompt[keep], output[keep]
         model, slo, lines = model[keep], slo[keep], lines[keep]
+        hashes = hashes[keep] if hashes is not None else None
     if arrival.size == 0:
         reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         raise UserError(f"empty trace: all {rows_read} rows were skipped ({reasons})", p)
-    frame = _frame(arrival, prompt, output, model, slo, lines)
+    frame = _frame(arrival, prompt, output, model, slo, lines, hashes)
     source_columns = {"arrival_s": spec.arrival, "prompt_tokens": spec.prompt, "output_tokens": spec.output}
     for col, name in (("model", spec.model), ("slo_class", spec.slo_class)):
         if name is not None and name in raw:
             source_columns[col] = name
-    return LoadedTrace(frame, spec.name, p, rows_read, skipped, source_columns)
+    return LoadedTrace(frame, spec.name, p, rows_read, skipped, source_columns,
+                       hash_block_tokens=spec.hash_block_tokens if hashes is not None else None)
 
 
 def _frame(
@@ -388,12 +410,14 @@ def _frame(
     model: np.ndarray,
     slo: np.ndarray,
     lines: np.ndarray,
+    hashes: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """The common frame: sorted stably by arrival, shifted so the first arrival is 0.0."""
+    """The common frame: sorted stably by arrival, shifted so the first arrival is 0.0 (with the rows' prompt
+    block hashes as `prefix_hashes` when given)."""
     order = np.argsort(arrival, kind="stable")
     arr = np.asarray(arrival, dtype=np.float64)[order]
     arr = arr - arr[0]
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "arrival_s": arr,
             "prompt_tokens": np.asarray(prompt)[order].astype(np.int64),
@@ -403,6 +427,9 @@ def _frame(
             "source_line": np.asarray(lines)[order].astype(np.int64),
         }
     )
+    if hashes is not None:
+        frame[HASHES] = pd.Series(np.asarray(hashes, dtype=object)[order], dtype=object)
+    return frame
 
 
 def synthetic_trace(spec: SyntheticSpec, rng: np.random.Generator, lengths: pd.DataFrame | None,

@@ -9,6 +9,7 @@ split, SLO-class split). Rows left out are counted in the report, never dropped 
 from __future__ import annotations
 
 import gc
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,13 +18,17 @@ import pandas as pd
 from qlmctl.core.request import Request
 from qlmctl.errors import UserError
 from qlmctl.scenario import MappingSpec, Scenario
-from qlmctl.traces import LoadedTrace, load_trace, synthetic_trace
+from qlmctl.traces import HASHES, LoadedTrace, load_trace, synthetic_trace
+from simulator.prefix import PromptBlocks
 
 BEFORE_START = "before start_s"
 """`WorkloadReport.skipped` reason for trace rows that arrive before `workload.start_s`."""
 
 BEYOND_MAX = "beyond max_requests"
 """`WorkloadReport.skipped` reason for trace rows past `workload.max_requests`."""
+
+BEYOND_DURATION = "beyond duration_s"
+"""`WorkloadReport.skipped` reason for trace rows past `workload.duration_s` at `target_rate_rps`."""
 
 
 @dataclass
@@ -95,15 +100,28 @@ def build_requests(scenario: Scenario) -> tuple[list[Request], WorkloadReport]:
     if wl.max_requests is not None and len(frame) > wl.max_requests:
         skipped[BEYOND_MAX] = len(frame) - wl.max_requests
         frame = frame.iloc[: wl.max_requests].reset_index(drop=True)
+    if (wl.duration_s is not None and wl.target_rate_rps is not None and wl.trace is not None
+            and math.isfinite(wl.target_rate_rps)):
+        # A trace longer than the span at that rate: its first rate x span requests, rescaled to the rate
+        # (so that the rate holds for the requests replayed, as with max_requests).
+        need = int(math.ceil(wl.target_rate_rps * wl.duration_s)) + 1
+        if len(frame) > need:
+            skipped[BEYOND_DURATION] = len(frame) - need
+            frame = frame.iloc[:need].reset_index(drop=True)
     arrival = frame["arrival_s"].to_numpy(dtype=np.float64, copy=True)
     arrival -= arrival[0]
     arrival = _rescale(scenario, arrival, notes)
+    if wl.burstiness is not None and wl.trace is not None:
+        arrival = _gamma_arrivals(scenario, arrival, notes)
+    if wl.duration_s is not None:
+        frame, arrival = _fill(frame, arrival, wl.duration_s, notes, synthetic=wl.synthetic is not None)
 
     n = len(frame)
     models = _assign(scenario, trace, frame, "model", wl.model, scenario.models, rng, notes)
     classes = _assign(scenario, trace, frame, "slo_class", wl.slo_class, list(spec.slo_classes), rng, notes)
     if wl.lengths_by_class:
         frame = _class_lengths(scenario, frame, classes)
+    prefixes = _prefixes(scenario, trace, frame, notes)
 
     slo = {
         name: (c.ttft_s, c.tpot_s, scenario.slo_priority(name)) for name, c in spec.slo_classes.items()
@@ -131,6 +149,9 @@ def build_requests(scenario: Scenario) -> tuple[list[Request], WorkloadReport]:
                 zip(arrival.tolist(), models.tolist(), classes.tolist(), prompt, output)
             )
         ]
+        if prefixes is not None:
+            for r, pre in zip(requests, prefixes):
+                r.prefix = pre
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -151,23 +172,107 @@ def build_requests(scenario: Scenario) -> tuple[list[Request], WorkloadReport]:
     return requests, report
 
 
+BURSTINESS_STREAM = 0xB0257
+"""Second key of the random stream for `workload.burstiness` arrivals (the other draws stay as they were)."""
+
+
+def _gamma_arrivals(scenario: Scenario, arrival: np.ndarray, notes: list[str]) -> np.ndarray:
+    """As many arrivals as `arrival` holds, drawn as vLLM's benchmark does: gaps gamma-distributed with shape
+    `burstiness` and mean 1/rate, the rate being the target rate (else the trace's own mean rate)."""
+    wl = scenario.spec.workload
+    n = len(arrival)
+    span = float(arrival[-1] - arrival[0]) if n else 0.0
+    rate = wl.target_rate_rps or ((n - 1) / span if n >= 2 and span > 0 else None)
+    if rate is None or math.isinf(rate) or n < 2:
+        return arrival  # all at once: no gaps to draw
+    shape = float(wl.burstiness)  # type: ignore[arg-type]
+    rng = np.random.default_rng([scenario.spec.seed, BURSTINESS_STREAM])
+    gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n - 1)
+    notes.append(f"arrival times drawn anew: gamma gaps of shape {shape:g} (burstiness) at {rate:.4g} req/s")
+    return np.concatenate(([0.0], np.cumsum(gaps)))
+
+
+def _fill(frame: pd.DataFrame, arrival: np.ndarray, duration_s: float, notes: list[str],
+          synthetic: bool) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows arriving within `duration_s`; a trace shorter than that is repeated end to end first (each copy
+    one mean gap after the previous one ends), so that its arrival pattern and rate hold throughout."""
+    n = len(arrival)
+    span = float(arrival[-1] - arrival[0]) if n else 0.0
+    if not synthetic and n and span < duration_s:
+        gap = span / (n - 1) if n >= 2 and span > 0 else duration_s
+        period = span + gap
+        copies = int(math.ceil(duration_s / period))
+        arrival = (arrival[None, :] + period * np.arange(copies)[:, None]).ravel()
+        frame = frame.iloc[np.tile(np.arange(n), copies)].reset_index(drop=True)
+        notes.append(f"trace repeated {duration_s / period:.3g} times to fill {duration_s:g} s of arrivals")
+    keep = arrival < duration_s
+    if not keep.all():
+        if synthetic or span >= duration_s:
+            notes.append(f"arrivals cut at {duration_s:g} s ({int(keep.sum())} requests)")
+        frame = frame.loc[keep].reset_index(drop=True)
+        arrival = arrival[keep]
+    return frame, arrival
+
+
 def _load(scenario: Scenario, rng: np.random.Generator) -> LoadedTrace:
     wl = scenario.spec.workload
     if wl.trace is not None:
         return load_trace(scenario.resolve_path(wl.trace), wl.format)
     assert wl.synthetic is not None
+    spec = wl.synthetic
+    if wl.burstiness is not None:  # vLLM's burstiness is a gamma shape: cv = 1/sqrt(shape)
+        spec = spec.model_copy(update={"arrival": "gamma", "cv": 1.0 / math.sqrt(wl.burstiness)})
+    if wl.duration_s is not None:
+        # Enough arrivals to pass duration_s (cut there later): the mean count, plus a margin of many
+        # standard deviations of a gamma renewal process's count (var ~ rate * t * cv^2).
+        mean = spec.rate_rps * wl.duration_s
+        cv = spec.cv if spec.arrival == "gamma" else 1.0
+        spec = spec.model_copy(update={"num_requests": int(mean + 8.0 * math.sqrt(mean) * max(cv, 1.0) + 16)})
     lengths = None
-    if wl.synthetic.lengths_from is not None:
-        lengths = load_trace(scenario.resolve_path(wl.synthetic.lengths_from)).frame
+    if spec.lengths_from is not None:
+        lengths = load_trace(scenario.resolve_path(spec.lengths_from)).frame
+    return synthetic_trace(spec, rng, lengths, lengths_later=_lengths_later(scenario))
+
+
+def _lengths_later(scenario: Scenario) -> bool:
+    """Every request's lengths are drawn per SLO class later (`lengths_by_class` covers every class used)."""
+    wl = scenario.spec.workload
     classes = set(wl.slo_class.split) if wl.slo_class is not None and wl.slo_class.split else (
         {wl.slo_class.constant} if wl.slo_class is not None and wl.slo_class.constant else
         (set(scenario.spec.slo_classes) if len(scenario.spec.slo_classes) == 1 else set()))
-    later = bool(classes) and classes <= set(wl.lengths_by_class)
-    return synthetic_trace(wl.synthetic, rng, lengths, lengths_later=later)
+    return bool(classes) and classes <= set(wl.lengths_by_class)
 
 
 LENGTHS_STREAM = 0x1E6
 """Second key of the random stream for per-class lengths, so adding them leaves every other draw as it was."""
+
+
+def _prefixes(scenario: Scenario, trace: LoadedTrace, frame: pd.DataFrame,
+              notes: list[str]) -> list[PromptBlocks | None] | None:
+    """Per request, what its prompt shares with others (None: no sharing known): the trace's block hashes, or
+    the workload's shared system prompts. A request whose prompt is no longer than a system prompt gets none
+    (it would cache only part of that prompt under the prompt's name)."""
+    wl = scenario.spec.workload
+    if wl.shared_prefix is not None:
+        sp = wl.shared_prefix
+        rng = np.random.default_rng([scenario.spec.seed, 0x5EED])  # its own stream: the other draws stay put
+        n = len(frame)
+        shares = rng.random(n) < sp.fraction
+        variant = rng.integers(0, sp.variants, n)
+        prompts = frame["prompt_tokens"].to_numpy(dtype=np.int64)
+        blocks = [PromptBlocks(sp.tokens, (v,)) for v in range(sp.variants)]
+        out: list[PromptBlocks | None] = [blocks[v] if s and p > sp.tokens else None
+                                          for s, v, p in zip(shares.tolist(), variant.tolist(), prompts.tolist())]
+        notes.append(f"{sum(x is not None for x in out)} requests begin with one of {sp.variants} shared "
+                     f"{sp.tokens}-token system prompt(s)")
+        return out
+    if trace.hash_block_tokens is None or HASHES not in frame:
+        return None
+    if wl.lengths_by_class:
+        notes.append("the trace's prompt block hashes are not used: lengths_by_class replaced its prompt lengths")
+        return None
+    bt = trace.hash_block_tokens
+    return [PromptBlocks(bt, h) if h else None for h in frame[HASHES].tolist()]
 
 
 def _class_lengths(scenario: Scenario, frame: pd.DataFrame, classes: np.ndarray) -> pd.DataFrame:
@@ -217,6 +322,9 @@ def _rescale(scenario: Scenario, arrival: np.ndarray, notes: list[str]) -> np.nd
         return arrival
     n = len(arrival)
     span = float(arrival[-1] - arrival[0])
+    if math.isinf(wl.target_rate_rps):
+        notes.append("every request arrives at time 0 (request rate inf)")
+        return np.zeros_like(arrival)
     if n < 2:
         notes.append("target_rate_rps ignored: a single request has no rate")
         return arrival

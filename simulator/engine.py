@@ -1,11 +1,15 @@
 """One vLLM V1 engine instance as a passive, event-skipping state machine.
 
-What is modelled (vLLM V1's scheduler): continuous batching in engine steps; each step first gives one
-token to every decoding sequence, then spends the rest of the token budget (`max_num_batched_tokens`)
-on prefill chunks, FIFO over prefilling sequences, then admits waiting sequences while a batch slot
-(`max_num_seqs`), budget and KV blocks are free. KV memory is paged in blocks of `block_size` tokens;
-when a decode step needs a block and none is free, the engine preempts (by recompute) the last admitted
-sequence (`fcfs`) or the least urgent one (`priority`), which goes back to the head of the waiting queue.
+What is modelled (vLLM V1's scheduler, `vllm/v1/core/sched/scheduler.py`): continuous batching in engine
+steps. Each step first serves the running sequences in admission order: one token to every decoding sequence,
+then the rest of the token budget (`max_num_batched_tokens`) to prefill chunks, FIFO over prefilling
+sequences. KV memory is paged in blocks of `block_size` tokens; a decode that crosses a block boundary takes a
+new block, and when none is free the engine preempts (by recompute) the last admitted sequence (`fcfs`) or
+the least urgent one, `max(running, key=(priority, arrival_time))` (`priority`), which goes back to the
+waiting queue (its front in fcfs, its place by (priority, arrival time) in priority). Only in a step that
+preempted nothing does it admit waiting sequences, in queue order, while a batch slot (`max_num_seqs`), budget
+and KV blocks beyond what the decodes take are free, stopping at the first that does not fit. A sequence's
+arrival time is when it reaches the engine (vLLM's API server stamps it as it hands the request over).
 
 How it stays fast: between two boundaries the batch composition is fixed, so a run of `n` identical
 steps is summed in closed form (step cost is linear, context grows by D tokens a step), and the step
@@ -22,10 +26,12 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from simulator.profile import EngineProfile, chunk_pairs
+from simulator.prefix import PrefixCache, PromptBlocks
+from simulator.profile import DEFAULT_BLOCK_SIZE, EngineProfile, admission_blocks, chunk_pairs, kv_blocks_for
 
 INF = math.inf
 
@@ -57,6 +63,8 @@ class Sequence:
     priority: int = 0
     arrival_s: float = 0.0
     tag: object = None
+    prefix: PromptBlocks | None = None
+    """The prompt's known leading content, for prefix caching (None: nothing it shares is known)."""
     # Engine state.
     state: SeqState = SeqState.WAITING
     generated: int = 0
@@ -64,6 +72,8 @@ class Sequence:
     prefill_left: int = 0
     blocks: int = 0
     """KV blocks held while waiting-admitted or prefilling (decoding sequences are counted lazily)."""
+    need: int = 0
+    """KV blocks it needs free to be admitted (set whenever it is queued: its tokens do not change then)."""
     join_step: int = 0
     gen_at_join: int = 0
     finish_step: int = 0
@@ -91,6 +101,13 @@ class _Segment:
     end: float
     fixed: float = 0.0
     """Cost of each step apart from the decode context (which grows by `decode` tokens a step)."""
+    n_cmd: int = 0
+    """`n` as commands have cut it; `n` itself may be cut further, ahead of time, by the next arrival from
+    transit (see `Engine.next_event_time`)."""
+    cut_by: object = None
+    """The sequence in transit whose arrival's cut `n` already holds (None: none)."""
+    cut_n: int = 0
+    """That cut: the steps of this segment begun by that arrival's step end."""
 
 
 @dataclass
@@ -102,27 +119,43 @@ class EngineStats:
     load_s: float = 0.0
     peak_blocks: int = 0
     peak_running: int = 0
+    tokens: int = 0
+    """Output tokens produced (first tokens and decode tokens), as of the last boundary."""
+    prefix_queries: int = 0
+    """Tokens of the sequences admitted with prefix caching on (vLLM's prefix_cache_queries)."""
+    prefix_hits: int = 0
+    """Of those, the tokens found cached and not prefilled (vLLM's prefix_cache_hits)."""
 
 
 class Engine:
     """A simulated vLLM V1 engine serving one model at a time."""
 
-    def __init__(self, profile: EngineProfile | None, policy: str = "fcfs") -> None:
+    def __init__(self, profile: EngineProfile | None, policy: str = "fcfs",
+                 on_admit: Callable[[Sequence, float], None] | None = None) -> None:
+        """`on_admit(seq, t)`, if given, is called whenever a sequence is admitted into the batch at boundary
+        `t`: the first time and again after each preemption (vLLM's SCHEDULED event). It runs inside
+        `advance` or a command and must not call back into the engine."""
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"engine policy must be fcfs or priority, not {policy!r}")
         self.policy = policy
+        self._on_admit = on_admit
         self.profile: EngineProfile | None = profile
+        self._lag = 2 if profile is not None and profile.async_scheduling else 1
+        """Steps already scheduled when a command comes: the one in flight, and with asynchronous scheduling
+        the one after it."""
         self.stats = EngineStats()
         self._waiting: deque[Sequence] = deque()
         self._waiting_heap: list[tuple[int, float, int, Sequence]] = []
         self._waiting_blocks = 0
+        self._queued_tokens = 0  # tokens to prefill of the sequences in transit, pending or waiting
         self._prefilling: deque[Sequence] = deque()
         self._prefill_total = 0
         self._running: dict[int, Sequence] = {}  # admit order -> seq, for victim choice
         self._decode_heap: list[tuple[int, int, Sequence]] = []
         self._num_decode = 0
         self._ctx = 0  # total KV tokens of decoding sequences at step counter `_s`
-        self._phase_cnt = [0] * (profile.block_size if profile else 16)
+        self._bs = profile.block_size if profile else DEFAULT_BLOCK_SIZE
+        self._phase_cnt = [0] * self._bs
         self._used = 0  # KV blocks in use at step `_s` (prefill allocations + decode, lazily exact)
         self._s = 0
         self._admit_counter = 0
@@ -138,6 +171,10 @@ class Engine:
         self._load_until: float | None = None
         self._load_profile: EngineProfile | None = None
         self._outputs: list[Output] = []
+        self._fcfs = policy == "fcfs"
+        self._cache: PrefixCache | None = None
+        self._new_cache()
+        self._next = INF  # next_event_time(), kept current by every command and by advance()
 
     # ----------------------------------------------------------------- views
     @property
@@ -157,6 +194,23 @@ class Engine:
         return len(self._waiting) + len(self._waiting_heap) + self._pending_submits + self._transit_count
 
     @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens (with output to recompute) handed to this engine and not prefilled yet: in transit,
+        queued for the next boundary, waiting, and the rest of the prefilling sequences' prompts."""
+        n = self._prefill_total
+        for q in self._waiting:
+            n += q.prompt_tokens + q.generated
+        for e in self._waiting_heap:
+            n += e[3].prompt_tokens + e[3].generated
+        for op, q in self._pending:
+            if op == "submit":
+                n += q.prompt_tokens + q.generated
+        for _, _, q in self._transit:
+            if q.state is SeqState.TRANSIT:
+                n += q.prompt_tokens + q.generated
+        return n
+
+    @property
     def used_blocks(self) -> int:
         return self._used
 
@@ -170,24 +224,64 @@ class Engine:
         return self.total_blocks - self._used - self._waiting_blocks - self._pending_blocks - self._transit_blocks
 
     @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens (with any output a preempted sequence recomputes) handed to this engine and not yet
+        prefilled: in transit from the API server, submitted, waiting, and the rest of the running sequences'
+        prefills (as of the last boundary: the chunk of the step in flight still counts). A cached prefix
+        counts until its sequence is admitted."""
+        return self._queued_tokens + self._prefill_total
+
+    @property
     def idle(self) -> bool:
         return not self._running and self.num_waiting == 0 and not self.loading
 
     def next_event_time(self) -> float:
-        """Time of the next internal boundary (inf when idle)."""
+        """Time of the next internal boundary (inf when idle); see `_update_next`."""
+        return self._next
+
+    def _update_next(self) -> None:
+        """Work out `next_event_time` after a change.
+
+        A sequence arriving from transit while a segment runs changes nothing anyone outside sees until
+        the step end where it can be admitted: it cuts the segment there. That cut is known as soon as the
+        arrival is the next one, so it is made then, and the arrival itself is no event of its own (the
+        sequence reaches the waiting queue in `advance`, in time order, before that boundary). Only
+        an idle engine wakes at an arrival from transit."""
         if self._load_until is not None:
-            return self._load_until
-        t = self._seg.end if self._seg is not None else INF
+            self._next = self._load_until
+            return
         transit = self._transit
         while transit and transit[0][2].state is not SeqState.TRANSIT:
             heapq.heappop(transit)  # aborted on the way
-        return min(t, transit[0][0]) if transit else t
+        seg = self._seg
+        if seg is None:
+            self._next = transit[0][0] if transit else INF
+            return
+        if transit:
+            ready, _, q = transit[0]
+            if ready < seg.end and seg.cut_by is not q:
+                seg.cut_by = q
+                n = seg.cut_n = self._steps_done(seg, ready - seg.t0) + self._lag
+                if n < seg.n:
+                    seg.n = n
+                    seg.end = seg.t0 + self._seg_time(seg, n)
+        self._next = seg.end
 
     def step_s(self) -> float:
         """Duration of a step of the segment in flight (its first; the fixed cost of a step when idle), s."""
         if self.profile is None:
             return 0.0
         return self.profile.base_s if self._seg is None else self._first_step_s(self._seg)
+
+    def streamed(self, now: float) -> tuple[int, int]:
+        """(output tokens produced, steps taken) from the start to `now`: the whole steps of the segment in
+        flight that are done count too."""
+        stats = self.stats
+        seg = self._seg
+        if seg is None or now <= seg.t0 or self.profile is None:
+            return stats.tokens, stats.steps
+        k = min(seg.n, self._steps_done(seg, now - seg.t0))
+        return stats.tokens + k * seg.decode, stats.steps + k
 
     def generated(self, seq: Sequence, now: float) -> int:
         """Output tokens `seq` has produced by `now` (exact at step granularity)."""
@@ -203,31 +297,48 @@ class Engine:
     def submit(self, seq: Sequence, now: float, delay_s: float = 0.0) -> None:
         """Queue `seq`; it can be admitted at the end of the step in flight (or now if idle). With
         `delay_s`, it reaches the engine that much later (it counts as waiting here meanwhile)."""
-        if self.profile is None or self.loading:
+        if self.profile is None or self._load_until is not None:
             raise RuntimeError("engine has no model loaded")
+        seq.need = -(-(seq.prompt_tokens + seq.generated + 1) // self._bs)  # admission_blocks
+        self._queued_tokens += seq.prompt_tokens + seq.generated
         if delay_s > 0.0:
             seq.state = SeqState.TRANSIT
             self._transit_order += 1
             heapq.heappush(self._transit, (now + delay_s, self._transit_order, seq))
             self._transit_count += 1
-            self._transit_blocks += self._blocks_needed(seq)
-            return
+            self._transit_blocks += seq.need
+        else:
+            self._submit_now(seq, now)
+        self._update_next()
+
+    def _submit_now(self, seq: Sequence, now: float) -> None:
+        """`seq` (its `need` set) reaches the engine at `now`: its arrival time for the priority order, as vLLM's
+        API server stamps it on handing the request over (a request sent again is a new one there)."""
+        seq.arrival_s = now
         seq.state = SeqState.WAITING
         seq.prefill_left = seq.prompt_tokens + seq.generated
         self._pending.append(("submit", seq))
         self._pending_submits += 1
-        self._pending_blocks += self._blocks_needed(seq)
-        self._interrupt(now)
+        self._pending_blocks += seq.need
+        self._interrupt(now, seq)
 
     def abort(self, seq: Sequence, now: float) -> None:
         """Remove `seq` at the end of the step in flight; an ABORTED output reports it."""
         if seq.state is SeqState.TRANSIT:  # not at the engine yet: gone at once
             self._leave_transit(seq)
+            self._queued_tokens -= seq.prompt_tokens + seq.generated
+            seg = self._seg
+            if seg is not None and seg.cut_by is seq:  # its arrival's cut, made ahead of time, is void
+                seg.cut_by = None
+                if seg.n != seg.n_cmd:
+                    seg.n = seg.n_cmd
+                    seg.end = seg.t0 + self._seg_time(seg, seg.n)
             seq.state = SeqState.DONE
             self._outputs.append(Output(OutputKind.ABORTED, now, seq))
-            return
-        self._pending.append(("abort", seq))
-        self._interrupt(now)
+        else:
+            self._pending.append(("abort", seq))
+            self._interrupt(now)
+        self._update_next()
 
     def load_model(self, profile: EngineProfile, now: float, duration_s: float) -> None:
         """Swap to `profile`'s model; the engine must hold no sequences."""
@@ -238,23 +349,29 @@ class Engine:
         self.profile = None
         self.stats.loads += 1
         self.stats.load_s += duration_s
+        self._update_next()
 
     def advance(self, now: float) -> list[Output]:
         """Process every boundary at or before `now`; return what happened, in time order."""
         out = self._outputs
         self._outputs = []
+        transit = self._transit
         while True:
-            t = self.next_event_time()
+            t = self._next
             if t > now or t == INF:
                 break
             if self._load_until is not None:
                 self._finish_load()
-            elif self._transit and self._transit[0][0] < (self._seg.end if self._seg is not None else INF):
-                ready, _, q = heapq.heappop(self._transit)
+            elif transit and transit[0][0] < (self._seg.end if self._seg is not None else INF):
+                ready, _, q = heapq.heappop(transit)
                 self._leave_transit(q)
-                self.submit(q, ready)
+                self._submit_now(q, ready)
             else:
                 self._boundary()
+                if not transit and self._seg is not None and self._load_until is None:
+                    self._next = self._seg.end  # `_update_next`'s answer when nothing is in transit
+                    continue
+            self._update_next()
         if self._outputs:
             out.extend(self._outputs)
             self._outputs = []
@@ -262,19 +379,33 @@ class Engine:
 
     # ------------------------------------------------------------ internals
     def _blocks_needed(self, seq: Sequence) -> int:
-        # Room for the prompt (plus recomputed output) and the first new token.
-        bs = self.profile.block_size if self.profile else 16
-        return -(-(seq.prompt_tokens + seq.generated + 1) // bs)
+        return admission_blocks(seq.prompt_tokens + seq.generated, self._bs)
+
+    def _new_cache(self) -> None:
+        p = self.profile
+        self._cache = PrefixCache(p.block_size) if p is not None and p.enable_prefix_caching else None
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block (vLLM's sleep drops the KV cache; also its /reset_prefix_cache)."""
+        self._new_cache()
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The cached prompt blocks (None: prefix caching off, or no model loaded)."""
+        return self._cache
 
     def _leave_transit(self, q: Sequence) -> None:
         self._transit_count -= 1
-        self._transit_blocks -= self._blocks_needed(q)
+        self._transit_blocks -= q.need
 
     def _finish_load(self) -> None:
         t = self._load_until
         assert t is not None and self._load_profile is not None
         self.profile = self._load_profile
-        self._phase_cnt = [0] * self.profile.block_size
+        self._lag = 2 if self.profile.async_scheduling else 1
+        self._bs = self.profile.block_size
+        self._new_cache()  # the model that slept dropped its KV cache
+        self._phase_cnt = [0] * self._bs
         self._load_until = None
         self._load_profile = None
         self._clock = t
@@ -282,22 +413,26 @@ class Engine:
         if self._pending:
             self._plan(t)
 
-    def _interrupt(self, now: float) -> None:
-        """Cut the segment in flight at its next step end so pending ops apply there."""
+    def _interrupt(self, now: float, arrival: Sequence | None = None) -> None:
+        """Cut the segment in flight at its next step end so pending ops apply there (`arrival`: the sequence
+        whose arrival at the engine this is, whose cut may have been worked out already)."""
         seg = self._seg
-        if self.loading:
+        if self._load_until is not None:
             return
         if seg is None:
             self._clock = max(self._clock, now)
             self._plan(self._clock)
             return
-        done = self._steps_done(seg, now - seg.t0)
         # The step in flight is already scheduled; with asynchronous scheduling so is the one after it.
-        lag = 2 if self.profile is not None and self.profile.async_scheduling else 1
-        n = min(seg.n, done + lag)
-        if n < seg.n:
-            seg.n = n
-            seg.end = seg.t0 + self._seg_time(seg, n)
+        if arrival is not None and seg.cut_by is arrival:
+            n = seg.cut_n
+        else:
+            n = self._steps_done(seg, now - seg.t0) + self._lag
+        if n < seg.n_cmd:
+            seg.n_cmd = n
+            if n < seg.n:
+                seg.n = n
+                seg.end = seg.t0 + self._seg_time(seg, n)
 
     def _first_step_s(self, seg: _Segment) -> float:
         """Duration of `seg`'s first step; each later one reads `decode` more context tokens."""
@@ -317,17 +452,19 @@ class Engine:
             return 0
         p = self.profile
         assert p is not None
-        a = self._first_step_s(seg)
-        g = p.per_context_token_s * seg.decode / 2.0
+        c = p.per_context_token_s
+        dec = seg.decode
+        a = seg.fixed + c * seg.ctx0  # _first_step_s
+        g = c * dec / 2.0
         if g <= 0:
             k = int(dt / a)
         else:
             b = a - g
             k = int((-b + math.sqrt(b * b + 4 * g * dt)) / (2 * g))
-        # Guard the float edge either way.
-        while k > 0 and self._seg_time(seg, k) > dt:
+        # Guard the float edge either way (the time of k steps as `_seg_time` works it out).
+        while k > 0 and k * a + c * dec * k * (k - 1) / 2.0 > dt:
             k -= 1
-        while self._seg_time(seg, k + 1) <= dt:
+        while (k + 1) * a + c * dec * (k + 1) * k / 2.0 <= dt:
             k += 1
         return k
 
@@ -338,12 +475,13 @@ class Engine:
         n = seg.n
         self._seg = None
         self._clock = t
-        self.stats.busy_s += t - seg.t0
-        self.stats.steps += n
-        bs = len(self._phase_cnt)
+        stats = self.stats
+        stats.busy_s += t - seg.t0
+        stats.steps += n
+        s = self._s
         # Decode progress: D tokens a step, new blocks where sequences cross a block boundary.
         if seg.decode:
-            s = self._s
+            bs = self._bs
             cnt = self._phase_cnt
             full, rem = divmod(n, bs)
             add = full * self._num_decode
@@ -351,8 +489,9 @@ class Engine:
                 add += cnt[(-(s + j)) % bs]
             self._used += add
             self._ctx += seg.decode * n
-        self._s += n
-        s = self._s
+            stats.tokens += seg.decode * n
+        s += n
+        self._s = s
         # Prefill progress: P tokens a step, FIFO over prefilling sequences.
         if seg.prefill:
             stream = seg.prefill * n
@@ -360,26 +499,34 @@ class Engine:
             pf = self._prefilling
             while pf and stream > 0:
                 q = pf[0]
-                take = min(q.prefill_left, stream)
-                q.prefill_left -= take
-                stream -= take
-                if q.prefill_left == 0:
-                    pf.popleft()
-                    self._prefill_done(q, t)
+                left = q.prefill_left
+                if left > stream:
+                    q.prefill_left = left - stream
+                    break
+                q.prefill_left = 0
+                stream -= left
+                pf.popleft()
+                self._prefill_done(q, t)
         # Decode completions.
         heap = self._decode_heap
-        while heap and heap[0][0] <= s:
-            fs, _, q = heapq.heappop(heap)
-            if q.state is SeqState.DECODE and q.finish_step == fs:
-                self._finish_decode(q, t)
-        if self._used > self.stats.peak_blocks:
-            self.stats.peak_blocks = self._used
+        if heap and heap[0][0] <= s:
+            decode = SeqState.DECODE
+            while heap and heap[0][0] <= s:
+                fs, _, q = heapq.heappop(heap)
+                if q.state is decode and q.finish_step == fs:
+                    self._finish_decode(q, t)
+        if self._used > stats.peak_blocks:
+            stats.peak_blocks = self._used
         self._plan(t)
 
     def _prefill_done(self, q: Sequence, t: float) -> None:
         first = q.generated == 0
         q.generated += 1
+        cache = self._cache
+        if cache is not None and q.prefix is not None:
+            cache.insert(q.prefix, q.prompt_tokens, self.profile.kv_blocks - self._used)
         if first:
+            self.stats.tokens += 1
             self._outputs.append(Output(OutputKind.FIRST_TOKEN, t, q))
         if q.generated >= q.max_tokens:
             self._used -= q.blocks
@@ -389,26 +536,27 @@ class Engine:
             self._outputs.append(Output(OutputKind.FINISHED, t, q))
             return
         # Join decode: blocks now counted lazily from the token count.
-        bs = len(self._phase_cnt)
-        tokens = q.prompt_tokens + q.generated
-        self._used += -(-tokens // bs) - q.blocks
+        bs = self._bs
+        gen = q.generated
+        tokens = q.prompt_tokens + gen
+        s = self._s
+        self._used += -(-tokens // bs) - q.blocks  # kv_blocks_for
         q.blocks = 0
         q.state = SeqState.DECODE
-        q.join_step = self._s
-        q.gen_at_join = q.generated
-        q.finish_step = self._s + (q.max_tokens - q.generated)
-        q.phase = (tokens - 1 - self._s) % bs
-        self._phase_cnt[q.phase] += 1
+        q.join_step = s
+        q.gen_at_join = gen
+        fs = q.finish_step = s + (q.max_tokens - gen)
+        phase = q.phase = (tokens - 1 - s) % bs
+        self._phase_cnt[phase] += 1
         self._num_decode += 1
         self._ctx += tokens
-        heapq.heappush(self._decode_heap, (q.finish_step, q.admit_order, q))
+        heapq.heappush(self._decode_heap, (fs, q.admit_order, q))
 
     def _leave_decode(self, q: Sequence) -> None:
         """Materialise a decoding sequence's tokens and take it out of the decode accounting."""
-        bs = len(self._phase_cnt)
-        q.generated = q.gen_at_join + (self._s - q.join_step)
-        tokens = q.prompt_tokens + q.generated
-        self._used -= -(-tokens // bs)
+        gen = q.generated = q.gen_at_join + (self._s - q.join_step)
+        tokens = q.prompt_tokens + gen
+        self._used -= -(-tokens // self._bs)  # kv_blocks_for
         self._phase_cnt[q.phase] -= 1
         self._num_decode -= 1
         self._ctx -= tokens
@@ -430,18 +578,21 @@ class Engine:
             q.blocks = 0
             del self._running[q.admit_order]
         elif q.state is SeqState.WAITING:
-            if self.policy == "fcfs":
+            if self._fcfs:
                 self._waiting.remove(q)
             else:
                 self._waiting_heap = [e for e in self._waiting_heap if e[3] is not q]
                 heapq.heapify(self._waiting_heap)
-            self._waiting_blocks -= self._blocks_needed(q)
+            self._waiting_blocks -= q.need
+            self._queued_tokens -= q.prefill_left
 
     def _enqueue_waiting(self, q: Sequence, front: bool) -> None:
         q.state = SeqState.WAITING
-        q.prefill_left = q.prompt_tokens + q.generated
-        self._waiting_blocks += self._blocks_needed(q)
-        if self.policy == "fcfs":
+        tokens = q.prompt_tokens + q.generated
+        q.prefill_left = tokens
+        q.need = need = -(-(tokens + 1) // self._bs)  # admission_blocks
+        self._waiting_blocks += need
+        if self._fcfs:
             if front:
                 self._waiting.appendleft(q)
             else:
@@ -449,28 +600,17 @@ class Engine:
         else:
             heapq.heappush(self._waiting_heap, (q.priority, q.arrival_s, q.seq_id, q))
 
-    def _peek_waiting(self) -> Sequence | None:
-        if self.policy == "fcfs":
-            return self._waiting[0] if self._waiting else None
-        return self._waiting_heap[0][3] if self._waiting_heap else None
-
-    def _pop_waiting(self) -> Sequence:
-        if self.policy == "fcfs":
-            q = self._waiting.popleft()
-        else:
-            q = heapq.heappop(self._waiting_heap)[3]
-        self._waiting_blocks -= self._blocks_needed(q)
-        return q
-
     def _preempt_one(self, t: float) -> None:
-        if self.policy == "fcfs":
+        if self._fcfs:
             victim = self._running[next(reversed(self._running))]
         else:
-            victim = max(self._running.values(), key=lambda q: (q.priority, q.arrival_s, q.seq_id))
+            # vLLM: max(self.running, key=(priority, arrival_time)); running is in admission order.
+            victim = max(self._running.values(), key=lambda q: (q.priority, q.arrival_s))
         self._remove(victim)
         victim.num_preemptions += 1
         self.stats.preemptions += 1
         self._enqueue_waiting(victim, front=True)
+        self._queued_tokens += victim.prefill_left
         self._outputs.append(Output(OutputKind.PREEMPTED, t, victim))
 
     def _apply_pending(self, t: float) -> None:
@@ -486,36 +626,61 @@ class Engine:
                 q.state = SeqState.DONE
                 self._outputs.append(Output(OutputKind.ABORTED, t, q))
 
-    def _admit(self) -> None:
+    def _admit(self, t: float, reserve: int) -> None:
+        """Admit waiting sequences in queue order while a batch slot, the token budget and KV blocks beyond
+        `reserve` (the running decodes' next step) last; stop at the first that does not fit."""
         p = self.profile
         assert p is not None
+        on_admit = self._on_admit
         budget_left = p.max_num_batched_tokens - self._num_decode - self._prefill_total
-        while budget_left > 0 and len(self._running) < p.max_num_seqs:
-            q = self._peek_waiting()
-            if q is None:
-                break
-            need = self._blocks_needed(q)
-            if self._used + need > p.kv_blocks:
+        running = self._running
+        max_seqs, kv = p.max_num_seqs, p.kv_blocks - reserve
+        fcfs = self._fcfs
+        waiting = self._waiting if fcfs else self._waiting_heap
+        cache = self._cache
+        stats = self.stats
+        while budget_left > 0 and len(running) < max_seqs and waiting:
+            q = waiting[0] if fcfs else waiting[0][3]
+            need = q.need
+            if self._used + need > kv:
                 break  # head-of-line waits for memory, as in vLLM
-            self._pop_waiting()
+            if fcfs:
+                waiting.popleft()
+            else:
+                heapq.heappop(waiting)
+            self._waiting_blocks -= need
             self._used += need
             q.blocks = need
             q.state = SeqState.PREFILL
             self._admit_counter += 1
-            q.admit_order = self._admit_counter
-            self._running[q.admit_order] = q
+            order = q.admit_order = self._admit_counter
+            running[order] = q
             self._prefilling.append(q)
-            self._prefill_total += q.prefill_left
-            budget_left -= q.prefill_left
-        if len(self._running) > self.stats.peak_running:
-            self.stats.peak_running = len(self._running)
+            self._queued_tokens -= q.prefill_left
+            if cache is not None:
+                # Computed tokens start at the longest cached prefix (vLLM's get_computed_blocks).
+                left = q.prefill_left
+                stats.prefix_queries += left
+                if q.prefix is not None:
+                    hit = cache.match(q.prefix, left)
+                    stats.prefix_hits += hit
+                    q.prefill_left = left - hit
+            left = q.prefill_left
+            self._prefill_total += left
+            budget_left -= left
+            if on_admit is not None:
+                on_admit(q, t)
+        if len(running) > stats.peak_running:
+            stats.peak_running = len(running)
+        if self._used > stats.peak_blocks:
+            stats.peak_blocks = self._used
 
     def _kv_steps(self, free: int) -> float:
         """First step (1-based) at which decoding sequences need more than `free` new blocks."""
         d = self._num_decode
         if d == 0:
             return INF
-        bs = len(self._phase_cnt)
+        bs = self._bs
         cnt = self._phase_cnt
         periods, left = divmod(free, d)
         s = self._s
@@ -544,7 +709,22 @@ class Engine:
         p = self.profile
         if p is None:
             return
-        self._admit()
+        # vLLM V1 schedules the running sequences first: each decode takes a new block where it crosses a
+        # block boundary, and when none is free a victim is preempted. Waiting sequences come after, only
+        # in a step that preempted nothing, and only into the blocks those decodes leave.
+        reserve = 0
+        if self._num_decode:
+            cnt, bs = self._phase_cnt, self._bs
+            reserve = cnt[(-(self._s + 1)) % bs]
+            if reserve > p.kv_blocks - self._used:
+                while self._num_decode and cnt[(-(self._s + 1)) % bs] > p.kv_blocks - self._used:
+                    self._preempt_one(t)
+                reserve = -1
+        if reserve >= 0:
+            self._admit(t, reserve)
+        cache = self._cache
+        if cache is not None and cache.blocks > p.kv_blocks - self._used:
+            cache.shrink(p.kv_blocks - self._used)  # cached blocks live in the free pool
         while True:
             d = self._num_decode
             chunk = p.max_num_batched_tokens - d
@@ -570,20 +750,31 @@ class Engine:
             n = min(n_pf, n_dec)
             if n == INF:
                 return  # idle
-            n_kv = self._kv_steps(p.kv_blocks - self._used)
-            if n_kv <= 1:
-                # Like vLLM V1, nothing new is admitted in a step that had to preempt.
-                self._preempt_one(t)
-                continue
-            if n_kv <= n:
-                n = n_kv - 1
+            free = p.kv_blocks - self._used
+            # The decodes need at most d new blocks every block_size steps: only look closer when the free
+            # blocks may not last the segment.
+            if free < d * -(-n // self._bs):
+                n_kv = self._kv_steps(free)
+                if n_kv <= 1:  # (not after the reservation above; kept as a guard)
+                    self._preempt_one(t)
+                    continue
+                if n_kv <= n:
+                    n = n_kv - 1
             pairs = 0.0
             if prefill and p.per_prefill_pair_s:
                 # Each chunk of a long prompt sees more cached tokens than the last, so steps differ.
                 n = 1
                 pairs = self._prefill_pairs(prefill)
-            fixed = p.step_time(prefill, d, 0, pairs)
-            seg = _Segment(t0=t, n=int(n), prefill=prefill, decode=d, ctx0=self._ctx, end=0.0, fixed=fixed)
-            seg.end = t + self._seg_time(seg, seg.n)
+            # p.step_time(prefill, d, 0, pairs), the same arithmetic without its calls (the context term is 0).
+            knee = p.knee_tokens
+            billed = prefill if knee <= 0 else max(0, prefill + d - knee)
+            fixed = (p.base_s + p.per_prefill_token_s * billed + p.per_decode_seq_s * d
+                     + p.per_prefill_pair_s * pairs + (p.per_prefill_step_s if prefill > 0 else 0.0))
+            n = int(n)
+            ctx = self._ctx
+            c = p.per_context_token_s
+            seg = _Segment(t, n, prefill, d, ctx, 0.0, fixed, n)
+            # _seg_time(seg, n)
+            seg.end = t + (n * (fixed + c * ctx) + c * d * n * (n - 1) / 2.0)
             self._seg = seg
             return

@@ -363,6 +363,8 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         out["load_cold_s"] = round(raw.launch_s, 1)
     if raw.wake_s is not None:
         out["load_warm_s"] = round(raw.wake_s, 3)
+    if raw.sleep_s is not None:
+        out["sleep_s"] = round(raw.sleep_s, 2)
     out["provenance"] = {
         "tool": "qlmctl profile-model",
         "engine": raw.engine_version or "unknown",

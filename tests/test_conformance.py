@@ -243,7 +243,7 @@ def test_swap_to_a_model_the_instance_cannot_host_is_a_policy_error(world):
 
 
 def test_a_wakeup_at_now_comes_one_tick_later(world):
-    spin_s = 0.02  # scenario seconds during which the policy asks to run again "now" on every call
+    spin_s = 0.2  # scenario seconds during which the policy asks to run again "now" on every call
 
     def script(p: Scripted, cluster: ClusterView, now: float) -> list[Decision]:
         p.state.setdefault("tick", cluster.resolution_s)  # type: ignore[attr-defined]
@@ -258,8 +258,5 @@ def test_a_wakeup_at_now_comes_one_tick_later(world):
     assert out.done == {"m1": 1}
     tick = pol.state["tick"]
     spinning = [t for t in pol.calls if t < pol.calls[0] + spin_s]
-    # It was called again while it asked for "now" (in the live world a busy machine can delay that call past
-    # the window, which is then empty but for the first call)...
-    assert len(spinning) >= 2 or len(pol.calls) >= 2
-    # ... and at most once a tick (plus a few for other events): the loop waited, it did not spin.
-    assert len(spinning) <= spin_s / tick * 1.01 + 20
+    # At most one call a tick (plus a few for other events): the loop waited, it did not spin.
+    assert 1 <= len(spinning) <= spin_s / tick * 1.01 + 20

@@ -385,3 +385,33 @@ def test_request_id_and_priority_policy():
 def test_create_app_rejects_kv_smaller_than_context():
     with pytest.raises(ValueError, match="KV cache"):
         create_app(profile(kv_blocks=10, max_model_len=4096), "m")
+
+
+@pytest.mark.asyncio
+async def test_scheduled_time_is_the_engines_admission():
+    from qlmctl.emulator.core import EmulatedEngine
+
+    # One batch slot: the second request is admitted when the first finishes, the first when it arrives.
+    eng = EmulatedEngine(profile(max_num_seqs=1), "m", speedup=50)
+    try:
+        a = eng.submit(10, 5, stream=False)
+        b = eng.submit(10, 5, stream=False)
+        for req in (a, b):
+            while req.finish_s is None:
+                await asyncio.wait_for(req.event.wait(), 5.0)
+                req.event.clear()
+    finally:
+        await eng.aclose()
+    assert a.scheduled_s == a.arrival_s and b.scheduled_s == a.finish_s
+    assert a.scheduled_s < a.first_token_s and b.arrival_s < b.scheduled_s < b.first_token_s
+
+
+def test_sleep_takes_the_profiles_sleep_s_and_wake_up_its_load_warm_s():
+    p = profile(load_warm_s=1.0, sleep_s=4.0)
+    with start_emulator(p, "m", speedup=10) as h, httpx.Client(base_url=h.url, timeout=10) as c:
+        t0 = time.perf_counter()
+        assert c.post("/sleep", params={"level": 1}).status_code == 200
+        assert 0.39 <= time.perf_counter() - t0 < 0.7  # sleep_s / speedup
+        t0 = time.perf_counter()
+        assert c.post("/wake_up").status_code == 200
+        assert 0.09 <= time.perf_counter() - t0 < 0.35  # load_warm_s / speedup

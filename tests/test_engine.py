@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from simulator.api_server import RATE_WINDOW_S, APIServer
 from simulator.engine import Engine, OutputKind, Sequence
+from simulator.profile import TYPICAL_CONTEXT_TOKENS, admission_blocks, kv_blocks_for
 from tests.conftest import small_profile
 
 
@@ -217,3 +219,206 @@ def test_rows_beyond_the_knee_cost_the_token_rate_prefill_and_decode_alike():
     lin = small_profile()
     assert lin.step_time(0, 100, 0) - lin.step_time(0, 99, 0) == pytest.approx(lin.per_decode_seq_s)
     assert lin.step_time(10, 100, 0) - lin.step_time(0, 100, 0) == pytest.approx(10 * lin.per_prefill_token_s)
+
+
+def test_kv_block_counts():
+    assert [kv_blocks_for(n, 16) for n in (0, 1, 16, 17, 32, 33)] == [0, 1, 1, 2, 2, 3]
+    # Admission also needs room for the first new token.
+    assert [admission_blocks(n, 16) for n in (1, 15, 16, 31)] == [1, 1, 2, 2]
+    e = Engine(small_profile(block_size=8))
+    assert e._blocks_needed(Sequence(0, 16, 4)) == admission_blocks(16, 8) == 3
+
+
+def test_prefill_work_is_a_lone_prefill_without_the_fixed_step_cost():
+    p = small_profile(per_prefill_pair_s=1e-9, per_prefill_step_s=1e-3)  # no knee: every prefill token billed
+    for n in (1, 100, 512):  # one chunk of the 512-token budget
+        assert p.prefill_work_s(n) == pytest.approx(p.prefill_time(n) - p.base_s, rel=1e-12)
+    # Two chunks: two steps' prefill extra, and the causal pairs do not depend on the chunking.
+    assert p.prefill_work_s(1000) == pytest.approx(p.prefill_time(1000) - 2 * p.base_s, rel=1e-12)
+
+
+def test_a_decode_step_estimated_ahead_reads_the_typical_context():
+    p = small_profile()
+    assert p.decode_step_time(8) - p.decode_step_time(0) == pytest.approx(
+        8 * (p.per_decode_seq_s + TYPICAL_CONTEXT_TOKENS * p.per_context_token_s))
+    q = p.with_overrides(frontend_cpu_per_token_s=6e-5, frontend_queue_factor=2.0)
+    assert q.client_delay(8) == q.frontend_delay(8) + q.frontend_wait(8, q.decode_step_time(8), 0.0) > 0.0
+
+
+def test_api_server_delays_are_the_profiles_at_the_engines_state():
+    p = small_profile(frontend_latency_s=0.01, frontend_per_stream_s=1e-3, frontend_cpu_per_request_s=0.005,
+                      frontend_cpu_per_token_s=6e-5, frontend_queue_factor=2.0)
+    e = Engine(p)
+    api = APIServer(e)
+    assert api.frontend_delay() == p.frontend_delay(0) == 0.01
+    # The first arrival: a rate of one per window, an idle engine whose step is the fixed cost.
+    assert api.ingress_delay(0.0) == p.frontend_wait(0, p.base_s, 1.0 / RATE_WINDOW_S)
+    for i in range(3):
+        e.submit(Sequence(i, 100, 500), 0.0)
+    e.advance(0.5)
+    assert e.num_running == 3 and api.frontend_delay() == p.frontend_delay(3)
+    rate = 1.0 / RATE_WINDOW_S * math.exp(-0.5 / RATE_WINDOW_S) + 1.0 / RATE_WINDOW_S
+    assert api.ingress_delay(0.5) == p.frontend_wait(3, e.step_s(), rate) > p.frontend_wait(0, p.base_s, 1.0)
+    assert api.arrival_rate(2.5) == pytest.approx(rate * math.exp(-2.0 / RATE_WINDOW_S))
+    # No model loaded (a swap under way): no delay, but the arrival still counts.
+    idle = Engine(p)
+    idle.load_model(p, 0.0, 1.0)
+    api = APIServer(idle)
+    assert api.frontend_delay() == 0.0 and api.ingress_delay(0.0) == 0.0
+    assert api.arrival_rate(0.0) == 1.0 / RATE_WINDOW_S
+
+
+def test_api_server_over_a_window_sees_the_tokens_streamed_and_the_steps():
+    p = small_profile(frontend_cpu_per_request_s=0.005, frontend_cpu_per_token_s=6e-5, frontend_queue_factor=2.0,
+                      frontend_window_s=0.25)
+    e = Engine(p)
+    api = APIServer(e)
+    assert api.ingress_delay(0.0) == p.frontend_wait_rates(0.0, 0.0, 1.0 / RATE_WINDOW_S)
+    for i in range(3):
+        e.submit(Sequence(i, 100, 500), 0.0)
+    e.advance(0.5)
+    tokens, steps = e.streamed(0.5)
+    assert tokens > 3 * 0.5 / e.step_s() * 0.9 and steps > 0
+    rate = 1.0 / RATE_WINDOW_S * math.exp(-0.5 / RATE_WINDOW_S) + 1.0 / RATE_WINDOW_S
+    grow = (1 - math.exp(-0.5 / 0.25)) / 0.5
+    assert api.ingress_delay(0.5) == p.frontend_wait_rates(tokens * grow, steps * grow, rate) > 0.0
+
+
+def test_api_server_wait_follows_the_window_not_the_step_in_flight():
+    """A request that arrives during a short decode-only step between long prefill steps waits what the
+    server's recent load says; the step in flight alone would put it near saturation."""
+    p = small_profile(frontend_cpu_per_request_s=0.005, frontend_cpu_per_token_s=7e-5, frontend_queue_factor=2.0)
+    # 200 streams: 15 ms decode-only steps alternating with 60 ms prefill steps (a window of 37.5 ms steps).
+    window = p.frontend_wait_rates(200 / 0.0375, 1 / 0.0375, 10.0)
+    in_flight = p.frontend_wait(200, 0.015, 10.0)
+    assert in_flight > 0.1 and window < in_flight / 10
+    # A steady batch is the same either way.
+    assert p.frontend_wait(64, 0.02, 10.0) == pytest.approx(p.frontend_wait_rates(64 / 0.02, 50.0, 10.0))
+
+
+def test_on_admit_reports_each_admission_at_its_boundary():
+    p = small_profile(max_num_seqs=1)
+    admitted: list[tuple[int, float]] = []
+    e = Engine(p, on_admit=lambda q, t: admitted.append((q.seq_id, t)))
+    outs = run_all(e, [Sequence(i, 100, 10) for i in range(3)], [0.0, 0.0, 0.01])
+    fin = {o.seq.seq_id: o.time for o in outs if o.kind is OutputKind.FINISHED}
+    # One batch slot: each request is admitted once, at the boundary where the one before it finished.
+    assert admitted == [(0, 0.0), (1, fin[0]), (2, fin[1])]
+    # With asynchronous scheduling a request arriving mid-step is admitted a step later, and reported then.
+    admitted.clear()
+    e = Engine(small_profile(async_scheduling=True), on_admit=lambda q, t: admitted.append((q.seq_id, t)))
+    outs = run_all(e, [Sequence(0, 10, 50), Sequence(1, 10, 5)], [0.0, 0.001])
+    first1 = next(o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN and o.seq.seq_id == 1)
+    assert admitted[0] == (0, 0.0) and admitted[1][0] == 1 and 0.001 < admitted[1][1] < first1
+
+
+def test_on_admit_fires_again_after_a_preemption_and_changes_nothing():
+    p = small_profile(kv_blocks=40, max_num_seqs=16)
+    admitted: dict[int, list[float]] = {}
+    seqs = [Sequence(i, 100, 200) for i in range(8)]
+    outs = run_all(Engine(p, on_admit=lambda q, t: admitted.setdefault(q.seq_id, []).append(t)), seqs, [0.0] * 8)
+    assert sum(q.num_preemptions for q in seqs) > 0
+    for q in seqs:
+        assert len(admitted[q.seq_id]) == 1 + q.num_preemptions
+    first = {o.seq.seq_id: o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN}
+    assert all(admitted[i][0] < first[i] for i in first)
+    plain = run_all(Engine(p), [Sequence(i, 100, 200) for i in range(8)], [0.0] * 8)
+    assert [(o.kind, o.time, o.seq and o.seq.seq_id) for o in plain] == \
+        [(o.kind, o.time, o.seq and o.seq.seq_id) for o in outs]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 2), st.integers(1, 300), st.integers(1, 200), st.integers(0, 1)),
+                min_size=2, max_size=30), st.sampled_from(["fcfs", "priority"]))
+def test_admission_never_takes_the_blocks_the_running_decodes_need(reqs, policy):
+    """vLLM schedules the running sequences first and admits waiting ones only into what is left, in a step
+    that preempted nothing: so no sequence is preempted at the boundary where one was admitted."""
+    p = small_profile(kv_blocks=60, max_num_seqs=8)
+    admitted: dict[int, float] = {}
+    e = Engine(p, policy, on_admit=lambda q, t: admitted.__setitem__(q.seq_id, t))
+    seqs = [Sequence(i, n, m, prio) for i, (_, n, m, prio) in enumerate(reqs)]
+    outs = run_all(e, seqs, [a for a, *_ in reqs])
+    preempted_at = {o.time for o in outs if o.kind is OutputKind.PREEMPTED}
+    assert not preempted_at & set(admitted.values())
+    assert all(q.generated == q.max_tokens for q in seqs)
+
+
+def test_priority_preempts_the_least_urgent_that_reached_the_engine_last():
+    p = small_profile(kv_blocks=26, max_num_seqs=8, max_num_batched_tokens=2048)
+    e = Engine(p, "priority")
+    a, b, c = Sequence(0, 100, 300, priority=1), Sequence(1, 100, 300, priority=1), Sequence(2, 100, 300, priority=0)
+    e.submit(a, 0.0)
+    e.submit(b, 0.001, delay_s=0.01)  # its arrival time is when it reaches the engine
+    e.submit(c, 0.002, delay_s=0.02)
+    outs = e.advance(math.inf)
+    assert b.arrival_s == pytest.approx(0.011) and c.arrival_s == pytest.approx(0.022)
+    victims = [o.seq.seq_id for o in outs if o.kind is OutputKind.PREEMPTED]
+    assert victims and victims[0] == 1  # b: priority 1 like a, but later
+    assert all(q.generated == 300 for q in (a, b, c))
+
+
+def test_prefix_cache_skips_the_prefill_of_a_cached_prefix():
+    from simulator.prefix import PromptBlocks
+
+    p = small_profile(max_num_batched_tokens=4096, kv_blocks=2000)
+    shared = PromptBlocks(512, (7, 8))
+    first = Sequence(0, 1100, 4, prefix=shared)
+    e = Engine(p)
+    e.submit(first, 0.0)
+    e.advance(math.inf)
+    assert e.stats.prefix_hits == 0 and len(e.prefix_cache) == 2
+    second = Sequence(1, 1100, 4, prefix=PromptBlocks(512, (7, 8, 9)))  # shares 1,024 tokens, then goes on
+    t0 = e._clock
+    e.submit(second, t0)
+    outs = e.advance(math.inf)
+    ttft = next(o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN and o.seq is second) - t0
+    assert e.stats.prefix_hits == 1024 and e.stats.prefix_queries == 2200
+    assert ttft == pytest.approx(p.step_time(1100 - 1024, 0, 0, 76 * (1024 + 77 / 2)), rel=1e-9)
+    # A prompt entirely cached still computes its last token (in whole KV blocks: the last 16).
+    third = Sequence(2, 1024, 4, prefix=PromptBlocks(512, (7, 8)))
+    e.submit(third, e._clock)
+    e.advance(math.inf)
+    assert e.stats.prefix_hits == 1024 + 1008
+
+
+def test_prefix_cache_lives_in_the_free_blocks_and_is_off_when_the_engine_says_so():
+    from simulator.prefix import PrefixCache, PromptBlocks
+
+    c = PrefixCache(16)
+    c.insert(PromptBlocks(512, (1, 2, 3)), 1536, capacity=64)  # 3 x 32 blocks do not fit in 64
+    assert len(c) == 2 and c.blocks == 64 and c.match(PromptBlocks(512, (1,)), 2000) == 0  # LRU went first
+    assert c.match(PromptBlocks(512, (2, 3)), 2000) == 1024
+    off = Engine(small_profile(enable_prefix_caching=False))
+    off.submit(Sequence(0, 600, 2, prefix=PromptBlocks(512, (1,))), 0.0)
+    off.advance(math.inf)
+    off.submit(Sequence(1, 600, 2, prefix=PromptBlocks(512, (1,))), off._clock)
+    off.advance(math.inf)
+    assert off.prefix_cache is None and off.stats.prefix_hits == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.integers(1, 300), st.integers(1, 60)), min_size=1, max_size=25),
+       st.sampled_from(["fcfs", "priority"]), st.floats(0.0, 0.05))
+def test_pending_prefill_tokens_counts_what_is_handed_over_and_not_prefilled(reqs, policy, delay):
+    p = small_profile(kv_blocks=60, max_num_seqs=6)
+    e = Engine(p, policy)
+    seqs = [Sequence(i, n, m) for i, (_, n, m) in enumerate(reqs)]
+    pending = sorted((a, i) for i, (a, _, _) in enumerate(reqs))
+    k = 0
+    sent: list[Sequence] = []
+    while True:
+        t = min(pending[k][0] if k < len(pending) else math.inf, e.next_event_time())
+        if t == math.inf:
+            break
+        e.advance(t)
+        while k < len(pending) and pending[k][0] <= t:
+            sent.append(seqs[pending[k][1]])
+            e.submit(sent[-1], t, delay_s=delay)
+            k += 1
+        if k == len(pending) and k % 7 == 3:
+            e.abort(sent[0], t)  # an abort on the way or in the queue too
+        e.advance(t)
+        expected = sum(q.prompt_tokens + q.generated for q in sent if q.state.name in ("TRANSIT", "WAITING")) \
+            + sum(q.prefill_left for q in sent if q.state.name == "PREFILL")
+        assert e.pending_prefill_tokens == expected
+    assert e.pending_prefill_tokens == 0

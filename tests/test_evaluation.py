@@ -123,6 +123,11 @@ def test_executor_runs_write_what_simulate_writes(tiny, tmp_path):
             pd.testing.assert_frame_equal(pd.read_parquet(pool / name), pd.read_parquet(here / name))
         a, b = (json.loads((f / "summary.json").read_text()) for f in (pool, here))
         a.pop("sim_wall_s"), b.pop("sim_wall_s")
+        # The evaluation records the run as simulate does (vLLM's run keys, the command, the workload).
+        header = {k: a.pop(k) for k in list(a) if k not in b}
+        assert {"date", "model_id", "num_prompts", "request_rate", "burstiness", "workload_id",
+                "command"} <= set(header)
+        assert header["num_prompts"] == len(requests) and header["model_id"] == "m"
         assert a == b
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 
 import numpy as np
 import pytest
 
+from qlmctl.core.frozen import FrozenCluster, FrozenInstance
 from qlmctl.core.estimator import RWTEstimator
 from qlmctl.core.request import Request
 from qlmctl.errors import UserError
@@ -86,9 +87,16 @@ def test_lane_rate_is_the_estimators_completions_time():
         est.observe("m", 700, out)
     rate = est.rate(prof, "m")
     st = est.stats["m"]
-    lr = LaneRate(rate.request_time_s / rate.concurrency, est.z * st.std / st.mean, rate.concurrency)
+    assert rate.spread == est.z * st.std / st.mean
+    lr = LaneRate(rate.request_time_s / rate.concurrency, rate.spread, rate.concurrency)
     ns = np.array([0.0, 1.0, 7.0, 100.0, 2500.5])
-    assert np.allclose(lr.completions(ns), [est.completions_time(n, rate, "m") for n in ns])
+    expect = [est.completions_time(n, rate, "m") for n in ns]
+    assert np.allclose(lr.completions(ns), expect)
+    # The rate's own form (qlm's planner calls it), at the same percentile.
+    assert np.allclose([rate.completions_time(n) for n in ns], expect, rtol=1e-12)
+    assert rate.completions_time(-1.0) == 0.0
+    # A model nothing was learnt of yet: the prior (mean = std), so the spread is z itself.
+    assert est.rate(prof, "unseen").spread == est.z
 
 
 # (seed, groups, models) chosen to cover one to three models, swaps at the first slot, late groups.
@@ -248,55 +256,6 @@ def test_auto_over_the_pip_licence_size():
 # ----------------------------------------------------------------- the policy
 
 
-@dataclass
-class FakeInstance:
-    instance_id: int
-    model: str | None
-    profiles: dict[str, EngineProfile]
-    running: list[Request] = field(default_factory=list)
-    swapping: bool = False
-    healthy: bool = True
-    warm: set[str] = field(default_factory=set)
-
-    @property
-    def profile(self):
-        return None if self.swapping or self.model is None else self.profiles[self.model]
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return 0
-
-    @property
-    def free_kv_blocks(self) -> int:
-        return 0  # full: the test drives planning only
-
-    def running_requests(self):
-        return list(self.running)
-
-    def remaining_output_tokens(self) -> int:
-        return sum(r.output_tokens for r in self.running)
-
-    def profile_for(self, model: str):
-        return self.profiles.get(model)
-
-    def load_time(self, model: str) -> float:
-        p = self.profiles[model]
-        return p.load_warm_s if model in self.warm else p.load_cold_s
-
-
-@dataclass
-class FakeCluster:
-    instances: list[FakeInstance]
-    t: float = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-
 def _profiles() -> dict[str, EngineProfile]:
     base = EngineProfile("a", 0.0045, 1.9e-5, 2.5e-5, 2e-8, 57489, max_num_seqs=64, load_cold_s=30, load_warm_s=1)
     return {m: EngineProfile(m, *[getattr(base, f.name) for f in fields(EngineProfile)][1:]) for m in "abc"}
@@ -306,7 +265,8 @@ def _loaded_policy(rng: np.random.Generator, **params):
     profiles = _profiles()
     ctx = PolicyContext(profiles=profiles, solver="highs", solver_time_limit_s=0.5, params=params)
     policy = make_policy("qlm-lp", ctx)
-    cluster = FakeCluster([FakeInstance(0, "a", profiles, warm={"a", "b"}), FakeInstance(1, "b", profiles, warm={"b"})])
+    cluster = FrozenCluster([FrozenInstance(0, "a", profiles, warm={"a", "b"}),
+                             FrozenInstance(1, "b", profiles, warm={"b"})])
     rid = 0
     for t in np.sort(rng.uniform(0, 30, size=400)):
         slo = float(rng.choice([20.0, 60.0, 600.0]))

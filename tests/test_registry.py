@@ -25,7 +25,8 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_every_policy_name_resolves_to_its_class():
-    assert policy_names() == ["fcfs", "priority", "edf", "qlm", "qlm-lp", "shepherd", "sjf-oracle"]
+    assert policy_names() == ["fcfs", "priority", "edf", "qlm", "qlm-strict", "qlm-basic", "qlm-lp", "shepherd",
+                              "sjf-oracle", "direct"]
     for name in policy_names():
         cls = policy_class(name)
         assert issubclass(cls, Policy) and cls.name == name, (name, cls)
@@ -59,7 +60,8 @@ def test_policy_modules_load_only_when_used():
 def test_help_lists_every_command():
     res = CliRunner().invoke(app, ["--help"])
     assert res.exit_code == 0, res.output
-    commands = ["simulate", "policies", "serve", "emulate", "replay", "profile-model", "plot", "evaluate", "sweep"]
+    commands = ["simulate", "policies", "serve", "emulate", "replay", "profile-model", "plot", "compare", "evaluate",
+                "sweep", "schema"]
     assert [c.name or c.callback.__name__ for c in app.registered_commands] == commands
     assert len(COMMAND_MODULES) == len(commands)  # one command per module
     listed = [line.split()[1] for line in res.output.splitlines() if line.startswith("│ ") and

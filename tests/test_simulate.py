@@ -190,3 +190,82 @@ def test_qlm_demoting_while_the_queue_runs_dry_in_overload():
     assert run.result.policy_stats["demoted"] > 0
     assert all(r.finish_s is not None and r.error is None for r in run.result.requests)
     assert len({r.request_id for r in run.result.requests}) == 960
+
+
+def test_summary_reports_each_instances_peaks_and_preemptions():
+    sc = make_scenario(instances=2, kv_blocks=120, max_num_seqs=8)
+    run = simulate(sc, "fcfs", mixed_requests(300))
+    s = run.summary
+    assert set(s["instances"]) == {"0", "1"}
+    for inst in run.result.instances:
+        mine = s["instances"][str(inst["instance_id"])]
+        assert mine == {"peak_running": inst["peak_running"], "peak_kv_usage": inst["peak_kv_blocks"] / 120,
+                        "preemptions": inst["preemptions"], "prefix_cache_hit_rate": 0.0}
+        assert 0 < mine["peak_running"] <= 8 and 0 < mine["peak_kv_usage"] <= 1.0
+    assert s["peak_running"] == max(v["peak_running"] for v in s["instances"].values())
+    assert s["peak_kv_usage"] == max(v["peak_kv_usage"] for v in s["instances"].values())
+    assert sum(v["preemptions"] for v in s["instances"].values()) == s["num_preemptions"]
+
+
+@pytest.mark.parametrize("discipline", ["fcfs", "priority"])
+def test_direct_sends_every_request_to_an_engine_on_arrival(discipline):
+    sc = make_scenario(instances=2, kv_blocks=120, max_num_seqs=8)
+    sc = load_scenario_like(sc, discipline)
+    reqs = mixed_requests(300, rate=40.0)
+    run = simulate(sc, "direct", reqs)
+    check_invariants(sc, run, reqs)
+    assert all(r.dispatch_s == r.arrival_s for r in run.result.requests)
+    assert max(i["peak_running"] for i in run.result.instances) == 8  # the engines' queues did the waiting
+
+
+def load_scenario_like(sc, discipline: str):
+    """`sc` with its engines' --scheduling-policy set to `discipline`."""
+    from qlmctl.scenario import Scenario, ScenarioSpec
+
+    data = sc.spec.model_dump()
+    for inst in data["cluster"]["instances"]:
+        inst["engine"] = {**(inst.get("engine") or {}), "scheduling_policy": discipline}
+    return Scenario(ScenarioSpec.model_validate(data), sc.path)
+
+
+@pytest.mark.parametrize("first_load", ["warm", "cold"])
+def test_a_swap_puts_the_loaded_model_to_sleep_then_wakes_the_next(first_load):
+    """As vLLM's sleep mode does it (and `serve --launch` starts every engine asleep): a swap costs the
+    outgoing model's sleep_s plus the incoming one's load_warm_s; with first_load cold, its first load is
+    load_cold_s instead."""
+    sc = make_scenario(instances=1, models=("a", "b"), kv_blocks=400)
+    data = sc.spec.model_dump()
+    for m, sleep in (("a", 3.0), ("b", 2.0)):
+        data["models"][m]["profile"]["sleep_s"] = sleep
+    data["cluster"]["first_load"] = first_load
+    from qlmctl.scenario import Scenario, ScenarioSpec
+
+    sc = Scenario(ScenarioSpec.model_validate(data), sc.path)
+    reqs = [Request(0, 0.0, "a", "interactive", 30.0, 50, 5), Request(1, 1.0, "b", "interactive", 60.0, 50, 5),
+            Request(2, 30.0, "a", "interactive", 60.0, 50, 5)]
+    run = simulate(sc, "fcfs", reqs)
+    swaps = [(model, dur) for _, kind, _, model, _, dur in run.result.timeline if kind == "swap"]
+    p = sc.profile("b")
+    first_b = p.load_warm_s if first_load == "warm" else p.load_cold_s
+    assert swaps == [("b", 3.0 + first_b), ("a", 2.0 + sc.profile("a").load_warm_s)]
+    assert all(r.finish_s is not None for r in run.result.requests)
+
+
+def test_shared_system_prompts_hit_the_prefix_cache_unless_it_is_off():
+    workload = {"synthetic": {"rate_rps": 20, "num_requests": 400, "prompt_tokens": 1500, "output_tokens": 20},
+                "shared_prefix": {"tokens": 1024, "fraction": 0.8, "variants": 2}, "slo_class": {"constant": "batch"}}
+    runs = {}
+    for caching in (True, False):
+        sc = make_scenario(instances=1, kv_blocks=4000, max_num_seqs=16, workload=workload)
+        data = sc.spec.model_dump()
+        data["models"]["m"]["profile"]["max_num_batched_tokens"] = 2048
+        data["cluster"]["instances"][0]["engine"] = {"enable_prefix_caching": caching}
+        from qlmctl.scenario import Scenario, ScenarioSpec
+
+        sc = Scenario(ScenarioSpec.model_validate(data), sc.path)
+        reqs, report = build_requests(sc)
+        assert 0.7 * 400 < sum(r.prefix is not None for r in reqs) < 0.9 * 400
+        runs[caching] = simulate(sc, "fcfs", reqs).summary
+    hit = runs[True]["instances"]["0"]["prefix_cache_hit_rate"]
+    assert 0.4 < hit < 1024 / 1500 and runs[False]["instances"]["0"]["prefix_cache_hit_rate"] is None
+    assert runs[True]["p50_ttft_ms"] < runs[False]["p50_ttft_ms"]

@@ -28,7 +28,7 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def _check_frame(frame: pd.DataFrame) -> None:
-    assert list(frame.columns) == list(COLUMNS)
+    assert list(frame.columns) in (list(COLUMNS), [*COLUMNS, "prefix_hashes"])
     assert frame["arrival_s"].dtype == np.float64
     for c in ("prompt_tokens", "output_tokens", "source_line"):
         assert frame[c].dtype == np.int64
@@ -137,6 +137,8 @@ def test_mooncake(tmp_path: Path) -> None:
     assert t.frame["arrival_s"].tolist() == [0.0, 1.5, 3.0]  # milliseconds -> seconds
     assert t.frame["prompt_tokens"].tolist() == [200, 300, 100]
     assert t.frame["source_line"].tolist() == [2, 3, 1]
+    # Its prompt block hashes (512 tokens each), in arrival order, for prefix caching.
+    assert t.hash_block_tokens == 512 and t.frame["prefix_hashes"].tolist() == [(2,), None, (0, 1)]
 
 
 def test_vidur(tmp_path: Path) -> None:

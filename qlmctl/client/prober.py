@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from qlmctl.client.http import SSEParser, error_message, server_url
 from qlmctl.engines.base import EngineTotals
 from qlmctl.engines.totals import engine_totals_delta, parse_engine_totals
 from qlmctl.engines.vllm import parse_vllm_metrics
@@ -55,17 +56,19 @@ def _load_point(streams: int, probes: int, probe_tokens: int, elapsed: float, cl
 class Profiler:
     """Runs the measurements against one engine URL (async httpx)."""
 
-    def __init__(self, url: str, model: str, seed: int = 0, timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str, model: str, seed: int = 0, timeout_s: float = 600.0, api_key: str | None = None,
+                 verify: bool = True) -> None:
         import httpx
 
-        self.url = url.rstrip("/")
+        self.url = server_url(url)
         self.model = model
         self.rng = np.random.default_rng(seed)
         self.skipped: list[str] = []
         """Points measured but not kept, with the reason."""
         # Keep-alive shorter than uvicorn's 5 s idle timeout, so a reused connection is never one the
         # server is closing (that race surfaces as ReadError under hundreds of concurrent requests).
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout_s,
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout_s, verify=verify,
+                                        headers={"authorization": f"Bearer {api_key}"} if api_key else {},
                                         limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024,
                                                             keepalive_expiry=1.0))
 
@@ -81,21 +84,21 @@ class Profiler:
                 "temperature": 0.0, "ignore_eos": True, "stream": True}
         t0 = time.perf_counter()
         times: list[float] = []
+        parser = SSEParser()
         async with self.client.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")[:300]
-                raise RuntimeError(f"engine answered {resp.status_code}: {text}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                choices = chunk.get("choices") or []
-                # A token can decode to no text (random ids): the chunk that ends the stream still counts.
-                if choices and (choices[0].get("text") or (choices[0].get("finish_reason") and not times)):
-                    now = time.perf_counter() - t0
-                    # vLLM may pack several tokens in one chunk when the client lags; count words.
-                    n = max(1, len((choices[0].get("text") or "").split()))
-                    times.extend([now] * n)
+                raise RuntimeError(f"engine answered {resp.status_code}: {error_message(await resp.aread())}")
+            async for data in resp.aiter_bytes():
+                now = time.perf_counter() - t0
+                for event in parser.feed(data):
+                    if event == b"[DONE]":
+                        continue
+                    choices = json.loads(event).get("choices") or []
+                    # A token can decode to no text (random ids): the chunk that ends the stream still counts.
+                    if choices and (choices[0].get("text") or (choices[0].get("finish_reason") and not times)):
+                        # vLLM may pack several tokens in one chunk when the client lags; count words.
+                        n = max(1, len((choices[0].get("text") or "").split()))
+                        times.extend([now] * n)
         if not times:
             raise RuntimeError("no tokens streamed")
         return times[0], times
@@ -309,24 +312,13 @@ class Profiler:
 
     async def _raw_stream(self, prompt_tokens: int, max_tokens: int) -> None:
         """A streamed completion whose bytes are read and dropped (load, not measurement)."""
-        from urllib.parse import urlsplit
-
-        u = urlsplit(self.url)
-        body = json.dumps({"model": self.model, "prompt": self._prompt(prompt_tokens), "max_tokens": max_tokens,
-                           "temperature": 0.0, "ignore_eos": True, "stream": True}).encode()
-        reader, writer = await asyncio.open_connection(u.hostname, u.port or 80)
-        try:
-            writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json"
-                         f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-            status = await reader.readline()
-            if b" 200 " not in status:
-                raise RuntimeError(f"engine answered {status.decode(errors='replace').strip()!r}: "
-                                   f"{(await reader.read(300)).decode(errors='replace')}")
-            while await reader.read(1 << 16):
+        body = {"model": self.model, "prompt": self._prompt(prompt_tokens), "max_tokens": max_tokens,
+                "temperature": 0.0, "ignore_eos": True, "stream": True}
+        async with self.client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"engine answered {resp.status_code}: {error_message(await resp.aread())}")
+            async for _ in resp.aiter_raw():
                 pass
-        finally:
-            writer.close()
 
     async def _wait_prefilled(self, start: float | None, tokens: int, timeout_s: float = 120.0) -> None:
         """Wait until the engine's prompt-token counter has grown by `tokens` since `start` (if it has one)."""

@@ -3,9 +3,12 @@
 Each request becomes a streamed /v1/completions call with a synthetic prompt of its prompt length
 (`w<i>` words: one word is one token under qlmctl's synthetic tokenizer, which the emulator uses),
 `max_tokens` = its output length, `ignore_eos` and temperature 0, and its SLO class in the
-`x-slo-class` header. Latencies are measured on the client side as vLLM's serving benchmark does:
-TTFT from sending to the first token, ITL between successive token chunks, E2EL from sending to the
-end of the stream; they are scaled by `speedup` into scenario seconds.
+`x-slo-class` header. The client is httpx (`qlmctl.client.http`): http or https, proxies from the
+environment, any OpenAI-compatible base URL. Latencies are measured on the client side as vLLM's
+serving benchmark does: TTFT from sending to the first token, ITL between successive token chunks,
+E2EL from sending to the end of the stream; they are scaled by `speedup` into scenario seconds. Chunks
+that arrive in one network read share the gap since the previous read (their times interpolated), so
+that a client reading late does not report gaps of 0 and one long one.
 
 `replay_in_subprocess` runs the client in a process of its own, so that parsing hundreds of streams does
 not compete with a gateway in this process for its event loop (`qlmctl.gateway.run`; vLLM's benchmark
@@ -20,6 +23,7 @@ import contextlib
 import copy
 import multiprocessing
 import pickle
+import random
 import signal
 import time
 import traceback
@@ -27,19 +31,43 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 
+from qlmctl.client.http import SSEParser, describe_error, error_message, make_client, status_hint
 from qlmctl.core.request import Request
-from qlmctl.engines.http import HTTPError, Pool, sse_data
+from simulator.prefix import PromptBlocks
+
+COMPLETIONS = "/v1/completions"
 
 VOCAB = 32000
 """Synthetic prompt words are w0 .. w31999."""
 
 
-def synthetic_prompt(num_tokens: int, salt: int = 0) -> str:
-    """`num_tokens` words `w<i>`; `salt` varies the words so that prompts share no prefix."""
-    start = (salt * 7919) % VOCAB
-    return " ".join([f"w{(start + j) % VOCAB}" for j in range(num_tokens)])
+def synthetic_prompt(num_tokens: int, salt: int = 0, prefix: PromptBlocks | None = None,
+                     nonce: int | None = None) -> str:
+    """`num_tokens` words `w<i>`; `salt` varies the words so that prompts share no prefix.
+
+    With a `nonce` (one per replay), the words are drawn at random from `nonce` and `salt`, and a request's
+    `prefix` blocks (its trace's block hashes, or a shared system prompt) from `nonce` and each block's hash:
+    requests that share blocks share those words, so a server's prefix cache sees the sharing the trace
+    describes, and nothing else (not even the prompts of another replay, which has another nonce)."""
+    if nonce is None and prefix is None:
+        start = (salt * 7919) % VOCAB
+        return " ".join([f"w{(start + j) % VOCAB}" for j in range(num_tokens)])
+    nonce = nonce or 0
+    words: list[int] = []
+    if prefix is not None:
+        bt = prefix.block_tokens
+        for h in prefix.hashes:
+            if len(words) >= num_tokens:
+                break
+            rng = np.random.default_rng([nonce & 0xFFFFFFFF, bt, h & 0xFFFFFFFFFFFF, 1])
+            words += rng.integers(0, VOCAB, min(bt, num_tokens - len(words))).tolist()
+    if len(words) < num_tokens:
+        rng = np.random.default_rng([nonce & 0xFFFFFFFF, salt & 0xFFFFFFFFFFFF, 2])
+        words += rng.integers(0, VOCAB, num_tokens - len(words)).tolist()
+    return " ".join([f"w{w}" for w in words])
 
 
 @dataclass
@@ -70,11 +98,16 @@ async def replay(
     keep_text: bool = False,
     api_key: str | None = None,
     stop: asyncio.Event | None = None,
+    model_map: dict[str, str] | None = None,
+    verify: bool = True,
+    prompt_nonce: int | None = None,
+    send_priority: bool = False,
 ) -> ReplayResult:
     """Send `requests` (fresh copies are filled in) to the server at `url` at arrival_s / speedup.
 
     Args:
-        url: Base URL of the server (http://host:port, without /v1).
+        url: The server: its root or an OpenAI base URL (`http://host:8000`, `https://host/v1`; no scheme:
+            http). See `qlmctl.client.http.server_url`.
         requests: What to send, with arrival times in scenario seconds.
         speedup: Scenario seconds per wall second (arrivals are compressed, latencies stretched back).
         concurrency: At most this many requests open at once; later ones wait (and are sent late).
@@ -82,14 +115,20 @@ async def replay(
         keep_text: Keep each answer's text in the result.
         api_key: Sent as a bearer token.
         stop: Once set, no more requests are sent (those left get an error); those sent run to their end.
+        model_map: The model name to send for each request's model (default: its own).
+        verify: Check the server's TLS certificate.
+        prompt_nonce: What the prompts' words are drawn from (`synthetic_prompt`); default: a random one, so
+            that no replay hits the prefix cache with another's prompts.
+        send_priority: Send each request's SLO-class priority as vLLM's `priority` field (lower first), for a
+            server started with `--scheduling-policy priority` (a server in fcfs mode refuses it).
     """
+    nonce = prompt_nonce if prompt_nonce is not None else random.getrandbits(32)
     reqs = [copy.copy(r) for r in sorted(requests, key=lambda r: (r.arrival_s, r.request_id))]
     n = len(reqs)
     out = ReplayResult(reqs, [[] for _ in range(n)], [""] * n if keep_text else None, [None] * n, [None] * n,
                        0.0, 0.0)
     sem = asyncio.Semaphore(concurrency)
-    auth = [("authorization", f"Bearer {api_key}")] if api_key else []
-    pool = Pool(url, max_idle=concurrency)
+    client = make_client(url, api_key=api_key, concurrency=concurrency, verify=verify)
     done = 0
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task] = []
@@ -97,7 +136,7 @@ async def replay(
     async def one(i: int) -> None:
         nonlocal done
         try:
-            await _send(pool, reqs[i], i, out, speedup, auth)
+            await _send(client, reqs[i], i, out, speedup, model_map, nonce, send_priority)
         finally:
             sem.release()
             done += 1
@@ -125,23 +164,32 @@ async def replay(
     finally:
         for t in tasks:
             t.cancel()
-        await pool.aclose()
+        await client.aclose()
     return out
 
 
-async def _send(pool: Pool, r: Request, i: int, out: ReplayResult, speedup: float,
-                auth: list[tuple[str, str]]) -> None:
-    body = orjson.dumps({
-        "model": r.model,
-        "prompt": synthetic_prompt(r.prompt_tokens, r.request_id),
+async def _with_end(chunks: Any) -> Any:
+    """The body's reads, then None for its end."""
+    async for chunk in chunks:
+        yield chunk
+    yield None
+
+
+async def _send(client: Any, r: Request, i: int, out: ReplayResult, speedup: float,
+                model_map: dict[str, str] | None, nonce: int, send_priority: bool = False) -> None:
+    fields: dict[str, Any] = {
+        "model": model_map.get(r.model, r.model) if model_map else r.model,
+        "prompt": synthetic_prompt(r.prompt_tokens, r.request_id, r.prefix, nonce),
         "max_tokens": r.output_tokens,
         "ignore_eos": True,
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
-    })
-    headers = [("content-type", "application/json"), ("x-slo-class", r.slo_class),
-               ("x-request-id", str(r.request_id)), *auth]
+    }
+    if send_priority:
+        fields["priority"] = r.priority
+    body = orjson.dumps(fields)
+    headers = {"content-type": "application/json", "x-slo-class": r.slo_class, "x-request-id": str(r.request_id)}
     t0 = out.t0
     start = time.monotonic()
     r.arrival_s = (start - t0) * speedup
@@ -150,59 +198,64 @@ async def _send(pool: Pool, r: Request, i: int, out: ReplayResult, speedup: floa
     parts: list[str] = []
     keep = out.texts is not None
     gaps = out.itls[i]
-    resp = None
+    parser = SSEParser()
     try:
-        resp = await pool.request("POST", "/v1/completions", body, headers)
-        if resp.status != 200:
-            r.error = f"HTTP {resp.status}: {_message(await resp.read())}"
-            return
-        async for payloads in sse_data(resp):
-            now = time.monotonic()
-            for data in payloads:
-                if data == b"[DONE]":
-                    r.finish_s = (now - t0) * speedup
-                    continue
-                ev = orjson.loads(data)
-                if "error" in ev:
-                    r.error = f"stream error: {_message(data)}"
-                    continue
-                u = ev.get("usage")
-                if u and not ev.get("choices"):
-                    out.usage_tokens[i] = u.get("completion_tokens")
-                    out.usage_prompt_tokens[i] = u.get("prompt_tokens")
-                for c in ev.get("choices") or ():
-                    text = c.get("text")
-                    if not text:
+        async with client.stream("POST", COMPLETIONS, content=body, headers=headers) as resp:
+            if resp.status_code != 200:
+                raw = await resp.aread()
+                root = str(client.base_url).rstrip("/")
+                r.error = (f"HTTP {resp.status_code}: {error_message(raw)}"
+                           f"{status_hint(resp.status_code, root, COMPLETIONS)}")
+                return
+            async for chunk in _with_end(resp.aiter_bytes()):
+                now = time.monotonic()
+                got = 0  # events with text in this read: they share its time
+                for data in (parser.feed(chunk) if chunk is not None else parser.finish()):
+                    if data == b"[DONE]":
+                        r.finish_s = (now - t0) * speedup
                         continue
-                    tokens += 1
-                    if keep:
-                        parts.append(text)
+                    try:
+                        ev = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        r.error = f"bad event from the server: {data[:80]!r}"
+                        continue
+                    if not isinstance(ev, dict):
+                        continue
+                    if "error" in ev:
+                        r.error = f"stream error: {error_message(data)}"
+                        continue
+                    u = ev.get("usage")
+                    if u and not ev.get("choices"):
+                        out.usage_tokens[i] = u.get("completion_tokens")
+                        out.usage_prompt_tokens[i] = u.get("prompt_tokens")
+                    for c in ev.get("choices") or ():
+                        text = c.get("text")
+                        if not text:
+                            continue
+                        tokens += 1
+                        got += 1
+                        if keep:
+                            parts.append(text)
+                if got:
                     if r.first_token_s is None:
+                        # The first token's time is this read's; others in the same read came with it.
                         r.first_token_s = (now - t0) * speedup
+                        gaps.extend([0.0] * (got - 1))
                     else:
-                        gaps.append((now - last) * speedup)
+                        # Events read together were sent over the gap since the last read: each gets its
+                        # share of it (their timestamps interpolated), not a gap of 0 and one of the whole.
+                        gaps.extend([(now - last) * speedup / got] * got)
                     last = now
         if r.finish_s is None and r.error is None:
-            r.error = "stream ended without [DONE]"
-    except HTTPError as e:
-        r.error = str(e)
+            r.error = "stream ended without [DONE]" + (" (in the middle of an event)" if parser.pending() else "")
+    except Exception as e:  # noqa: BLE001 - a failed request is reported with the run, not raised
+        r.error = describe_error(e, str(client.base_url).rstrip("/"))
     finally:
-        if resp is not None:
-            resp.close()
         if r.error is not None:
             r.finish_s = None
         r.generated_tokens = tokens if out.usage_tokens[i] is None else out.usage_tokens[i]
         if keep:
             out.texts[i] = "".join(parts)  # type: ignore[index]
-
-
-def _message(raw: bytes) -> str:
-    try:
-        body = orjson.loads(raw)
-        err = body.get("error", body)
-        return str(err.get("message", err)) if isinstance(err, dict) else str(err)
-    except (orjson.JSONDecodeError, AttributeError):
-        return raw[:200].decode(errors="replace")
 
 
 @dataclass(frozen=True)
@@ -215,6 +268,8 @@ class _ClientJob:
     concurrency: int
     keep_text: bool
     api_key: str | None
+    model_map: dict[str, str] | None = None
+    send_priority: bool = False
 
 
 PARENT_POLL_S = 0.05
@@ -256,7 +311,8 @@ async def _client_replay(job: _ClientJob, done: Any, stop_flag: Any) -> ReplayRe
     watcher = asyncio.create_task(watch())
     try:
         return await replay(job.url, job.requests, speedup=job.speedup, concurrency=job.concurrency,
-                            progress=progress, keep_text=job.keep_text, api_key=job.api_key, stop=stop)
+                            progress=progress, keep_text=job.keep_text, api_key=job.api_key, stop=stop,
+                            model_map=job.model_map, send_priority=job.send_priority)
     finally:
         watcher.cancel()
 
@@ -281,6 +337,8 @@ async def replay_in_subprocess(
     api_key: str | None = None,
     stop: asyncio.Event | None = None,
     progress_interval_s: float = 0.2,
+    model_map: dict[str, str] | None = None,
+    send_priority: bool = False,
 ) -> ReplayResult:
     """`replay` run in a separate (spawned) process; same arguments and result.
 
@@ -293,7 +351,7 @@ async def replay_in_subprocess(
     that calls this needs the `if __name__ == "__main__":` guard).
     """
     ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and a running loop
-    job = _ClientJob(url, list(requests), speedup, concurrency, keep_text, api_key)
+    job = _ClientJob(url, list(requests), speedup, concurrency, keep_text, api_key, model_map, send_priority)
     done = ctx.RawValue("q", 0)  # written by the child only
     stop_flag = ctx.Event()
     reader, writer = ctx.Pipe(duplex=False)

@@ -14,6 +14,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "qlmctl.commands.replay",
     "qlmctl.commands.profile",
     "qlmctl.commands.plot",
+    "qlmctl.commands.compare",
     "qlmctl.commands.evaluate",
     "qlmctl.commands.sweep",
+    "qlmctl.commands.schema",
 )

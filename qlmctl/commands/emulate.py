@@ -8,20 +8,26 @@ from typing import Optional
 import typer
 
 
-def _load_profile(profile: Path | None, scenario: Path | None, model: str | None, gpu: str | None):
-    """The engine profile and the served model name from --profile or --scenario/--model/--gpu."""
+def _load_profile(profile: Path | None, scenario: Path | None, model: str | None, gpu: str | None,
+                  flags: dict | None = None):
+    """The engine profile and the served model name from --profile or --scenario/--model/--gpu, with the engine
+    flags given (`flags`), else the profile's, else vLLM's defaults on the GPU (H200 when not named)."""
+    from qlmctl.engine_defaults import canonical_gpu, unknown_gpu_message, vllm_defaults
     from qlmctl.errors import UserError
 
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
     if (profile is None) == (scenario is None):
         raise UserError("give exactly one of --profile FILE or --scenario FILE", field="--profile")
     if profile is not None:
         from qlmctl.scenario import ProfileSpec, _load_yaml_model
 
-        if gpu is not None:
-            raise UserError("--gpu applies to --scenario only", field="--gpu")
+        if gpu is not None and canonical_gpu(gpu) is None:
+            raise UserError(unknown_gpu_message(gpu), field="--gpu")
         name = model or profile.stem
-        return _load_yaml_model(profile, ProfileSpec).to_profile(name), name
-    from qlmctl.scenario import load_scenario
+        spec = _load_yaml_model(profile, ProfileSpec)
+        defaults = {k: v for k, v in vllm_defaults(gpu or "H200").items() if k in ("max_num_seqs", "max_num_batched_tokens")}
+        return spec.to_profile(name).with_overrides(**{**defaults, **spec.pinned_flags(), **flags}), name
+    from qlmctl.scenario import EngineFlagsSpec, load_scenario
 
     sc = load_scenario(scenario)
     if model is None:
@@ -32,18 +38,22 @@ def _load_profile(profile: Path | None, scenario: Path | None, model: str | None
     if model not in sc.models:
         raise UserError(f"unknown model '{model}'; the scenario has {', '.join(sc.models)}", scenario,
                         field="--model")
-    return sc.profile(model, gpu), model
+    if gpu is not None and gpu not in {i.gpu for i in sc.spec.cluster.instances}:
+        raise UserError(f"no instance of the scenario runs on a {gpu}", scenario, field="--gpu")
+    return sc.profile(model, gpu, engine=EngineFlagsSpec(**flags) if flags else None), model
 
 
 def emulate(
     profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Engine profile YAML (e.g. scenarios/profiles/h200-llama-3.1-8b.yaml)."),
     scenario: Optional[Path] = typer.Option(None, "--scenario", "-s", help="Take the profile of --model from this scenario instead."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Served model name; default: the profile file's stem, or the scenario's only model."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU type whose by_gpu profile overrides apply (with --scenario)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU type: vLLM's defaults for it (default H200, as the bundled profiles), and with --scenario its by_gpu profile fields."),
+    max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs", min=1, help="As vLLM's flag; default: the profile's, else vLLM's default on the GPU (1024 on an H200)."),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens", min=1, help="As vLLM's flag; default: the profile's, else vLLM's default on the GPU (8192 on an H200)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes it to the network."),
     port: int = typer.Option(8001, "--port", min=0, max=65535, help="TCP port (0: any free port, printed)."),
     speedup: float = typer.Option(1.0, "--speedup", min=1e-6, help="Simulated seconds per wall second: 10 makes the modelled GPU 10x faster (token timing, sleep and wake-up)."),
-    sleep_s: Optional[float] = typer.Option(None, "--sleep-s", min=0.0, help="Simulated seconds POST /sleep takes; default: the profile's load_warm_s."),
+    sleep_s: Optional[float] = typer.Option(None, "--sleep-s", min=0.0, help="Simulated seconds POST /sleep takes; default: the profile's sleep_s."),
     scheduling_policy: str = typer.Option("fcfs", "--scheduling-policy", help="fcfs, or priority (requests' `priority` field, lower first), as vLLM's flag."),
     stream_interval_s: float = typer.Option(0.01, "--stream-interval", min=0.0, help="Shortest gap between token deliveries to a stream, wall seconds."),
     hold_while_asleep: bool = typer.Option(False, "--hold-while-asleep", help="Completions sent while asleep wait for /wake_up, as vLLM 0.24 does, instead of failing at once with 503."),
@@ -68,7 +78,8 @@ def emulate(
 
     if scheduling_policy not in ("fcfs", "priority"):
         raise UserError("must be fcfs or priority", field="--scheduling-policy")
-    prof, name = _load_profile(profile, scenario, model, gpu)
+    prof, name = _load_profile(profile, scenario, model, gpu, {"max_num_seqs": max_num_seqs,
+                                                               "max_num_batched_tokens": max_num_batched_tokens})
     faults = Faults(kill_after_s=fault_kill_after, hang_after_s=fault_hang_after, down_for_s=fault_down_for,
                     error_rate=fault_error_rate, slowdown=fault_slowdown, seed=fault_seed)
     try:

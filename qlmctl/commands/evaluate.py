@@ -12,6 +12,7 @@ import typer
 
 from qlmctl.commands.common import RAY_ADDRESS_HELP, console, fail, split_list
 from qlmctl.errors import UserError
+from qlmctl.scenario import REPO_ROOT
 
 
 def _rates(text: str | None) -> list[float | None] | None:
@@ -55,14 +56,16 @@ def register(app: typer.Typer) -> None:
             "CPUs Ray may use.",
         ),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
-        out: Path = typer.Option(
-            Path("docs"), "--out", "-o",
-            help="Folder for evaluation.md and figures/ (or a .md path: figures/ goes beside it). Hand-written "
-            "text around the generated block of an existing evaluation.md is kept.",
+        out: Optional[Path] = typer.Option(
+            None, "--out", "-o",
+            help="Folder for evaluation.md and figures/ (or a .md path: figures/ goes beside it); default: a new "
+            "results/evaluate-<date-time>/. `--out docs` regenerates the repository's docs/evaluation.md: "
+            "hand-written text around the generated block of an existing evaluation.md is kept.",
         ),
-        runs_dir: Path = typer.Option(
-            Path("results/eval"), "--runs-dir",
-            help="Where each simulation's results folder goes: <runs-dir>/<scenario>/rate-<R>/<policy>.",
+        runs_dir: Optional[Path] = typer.Option(
+            None, "--runs-dir",
+            help="Where each simulation's results folder goes: <runs-dir>/<scenario>/rate-<R>/<policy>; default: "
+            "runs/ beside evaluation.md (results/eval with --out docs).",
         ),
         quick: bool = typer.Option(
             False, "--quick", help="A small version: two rates per scenario, a tenth of the time span, short traces."
@@ -93,8 +96,20 @@ def register(app: typer.Typer) -> None:
         from qlmctl.policies import policy_class, policy_names
         from qlmctl.sweep import make_executor
 
+        if out is None:
+            import datetime as dt
+
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            out = Path("results") / f"evaluate-{stamp}"
+            k = 1
+            while out.exists():
+                k += 1
+                out = Path("results") / f"evaluate-{stamp}-{k}"
         md_path = out if out.suffix == ".md" else out / "evaluation.md"
         figures_dir = md_path.parent / "figures"
+        if runs_dir is None:
+            in_repo = md_path.resolve().parent == (REPO_ROOT / "docs").resolve()
+            runs_dir = Path("results/eval") if in_repo else md_path.parent / "runs"
         fmts = split_list(formats) or ["png"]
         try:
             check_choices([], fmts)
@@ -108,6 +123,13 @@ def register(app: typer.Typer) -> None:
         except UserError as e:
             fail(e)
         ev = Evaluation(chosen, names, ran_on=executor.where)
+        from rich.markup import escape
+
+        from qlmctl.scenario import load_scenario
+
+        for sc in chosen:
+            for line in load_scenario(sc.path).engine_mismatches():
+                console.print(f"[yellow]note:[/] {escape(sc.key)}: {escape(line)}", highlight=False)
         console.print(
             f"{len(points)} simulations: {len(chosen)} scenario(s) x {len(names)} policies x their rates, on "
             f"{executor.where}; results in [bold]{runs_dir}[/]", highlight=False,
@@ -125,7 +147,7 @@ def register(app: typer.Typer) -> None:
                                        f"{r.error.splitlines()[0]}", highlight=False)
 
             ev.results = run_points(points, executor, done)
-        ev.wall_s = time.perf_counter() - t0
+        ev.sim_wall_s = time.perf_counter() - t0
         stems: dict[str, list[str]] = {}
         if not no_figures:
             with Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
@@ -136,10 +158,13 @@ def register(app: typer.Typer) -> None:
         command = "qlmctl evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 \
             else "qlmctl evaluate"
         rel = figures_dir.relative_to(md_path.parent).as_posix()
+        ev.wall_s = time.perf_counter() - t0  # the whole run: simulations and figures
         write_report(md_path, markdown_report(ev, command.strip(), stems, rel))
         _print_overview(console, ev)
         console.print(f"report: [bold]{md_path}[/]; figures: [bold]{figures_dir}[/] "
-                      f"({sum(len(v) for v in stems.values())}); {ev.wall_s:,.0f} s", highlight=False)
+                      f"({sum(len(v) for v in stems.values())}); runs in [bold]{runs_dir}[/]; {ev.wall_s:,.0f} s "
+                      f"({ev.sim_wall_s:,.0f} s simulating, {ev.wall_s - ev.sim_wall_s:,.0f} s drawing)",
+                      highlight=False)
         if ev.failed:
             raise typer.Exit(1)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from qlmctl.commands.common import console, fail, split_list
 
@@ -16,8 +17,10 @@ def register(app: typer.Typer) -> None:
         results: list[Path] = typer.Argument(
             ...,
             help="Results folders: a policy folder (with summary.json), a folder of policy folders (as "
-            "simulate writes), or any folder above them (e.g. an evaluate run). Several may be given, "
-            "e.g. a simulated and a live run of one trace: runs of one scenario and rate share figures.",
+            "simulate writes), or any folder above them (e.g. an evaluate run); or vllm bench serve result "
+            "files (--save-result JSON). Several may be given, e.g. a simulated and a live run of one trace: "
+            "runs of one workload (scenario, rate, requests) share figures; a vllm result joins the runs of its "
+            "rate and request count.",
         ),
         out: Optional[Path] = typer.Option(
             None, "--out", "-o", help="Folder for the figures; default: <first RESULTS>/figures."
@@ -34,6 +37,10 @@ def register(app: typer.Typer) -> None:
         timeline_policies: Optional[str] = typer.Option(
             None, "--timeline-policies", help="Draw instance timelines only for these policies (comma-separated)."
         ),
+        mixed: bool = typer.Option(
+            False, "--mixed", help="Draw every run given in one set of figures, even runs of different workloads or "
+            "rates (by default they are drawn apart, and said so)."
+        ),
     ) -> None:
         """Draw figures from results folders: SLO attainment, latency CDFs, queue depth, throughput,
         instance timelines, and attainment against the offered rate (req/s) when runs span several rates.
@@ -46,6 +53,7 @@ def register(app: typer.Typer) -> None:
         from qlmctl.plots import FIGURES, plot_results
 
         out_dir = out or (results[0] if results[0].is_dir() else results[0].parent) / "figures"
+        notes: list[str] = []
         try:
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=console, transient=True) as prog:
@@ -57,10 +65,15 @@ def register(app: typer.Typer) -> None:
                     figures=split_list(figures) or list(FIGURES),
                     progress=lambda done, total: prog.update(task, completed=done, total=total),
                     timeline_policies=split_list(timeline_policies),
+                    mixed=mixed,
+                    notes=notes,
                 )
         except UserError as e:
             fail(e)
+        for note in notes:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         stems = sorted({p.stem for p in written})
         console.print(f"wrote {len(written)} files ({len(stems)} figures) to [bold]{out_dir}[/]", highlight=False)
         for s in stems:
             console.print(f"  {s}", highlight=False)
+

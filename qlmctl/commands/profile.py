@@ -38,32 +38,62 @@ def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int, cap: int = 
     return min(cap, room - prompt_tokens)
 
 
-def _wait_health(url: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
+def _wait_health(url: str, proc: subprocess.Popen | None, timeout_s: float, verify: bool = True) -> None:
     import httpx
 
+    from qlmctl.client.http import describe_error
     from qlmctl.errors import UserError
 
     t0 = time.monotonic()
+    last = "no answer"
     while time.monotonic() - t0 < timeout_s:
         if proc is not None and proc.poll() is not None:
             raise UserError(f"the launched engine exited with code {proc.returncode}", field="--launch")
         try:
-            if httpx.get(f"{url.rstrip('/')}/health", timeout=2.0).status_code == 200:
+            resp = httpx.get(f"{url}/health", timeout=2.0, verify=verify)
+            if resp.status_code == 200:
                 return
-        except httpx.HTTPError:
-            pass
+            last = f"/health answered HTTP {resp.status_code}"
+        except httpx.HTTPError as e:
+            last = describe_error(e, url)
         time.sleep(1.0)
-    raise UserError(f"engine at {url} not healthy after {timeout_s:.0f} s", field="--url")
+    raise UserError(f"engine at {url} not healthy after {timeout_s:.0f} s: {last}", field="--url")
+
+
+def _check_model(url: str, model: str | None, api_key: str | None, verify: bool) -> str:
+    """The model to profile: `model` when the server serves it, else (none given) its only model.
+    UserError in one line otherwise, naming what it serves."""
+    from qlmctl.client.http import make_client, served_models
+    from qlmctl.errors import UserError
+
+    async def get() -> list[str]:
+        client = make_client(url, api_key=api_key, concurrency=2, verify=verify)
+        try:
+            return await served_models(client)
+        finally:
+            await client.aclose()
+
+    served = asyncio.run(get())
+    if model is None:
+        if len(served) != 1:
+            raise UserError(f"the server serves {', '.join(served) or 'no model'}; name the one to profile",
+                            field="MODEL")
+        return served[0]
+    if model not in served:
+        raise UserError(f"the server does not serve '{model}'; it serves {', '.join(served) or 'no model'}",
+                        field="MODEL")
+    return model
 
 
 async def _measure(url: str, model: str, prompt_lengths: list[int], batches: list[int], contexts: list[int],
                    output_tokens: int, reps: int, sleep: bool, seed: int, budget: int, progress, raw,
                    mixed_batches: list[int], mixed_lengths: list[int], mixed_contexts: list[int],
                    frontend_streams: list[int], load_streams: list[int], load_rates: list[float],
-                   load_window_s: float, probe_tokens: int, max_num_seqs: int) -> None:
+                   load_window_s: float, probe_tokens: int, max_num_seqs: int, api_key: str | None = None,
+                   verify: bool = True) -> None:
     from qlmctl.client.prober import Profiler
 
-    prof = Profiler(url, model, seed=seed)
+    prof = Profiler(url, model, seed=seed, api_key=api_key, verify=verify)
     try:
         await prof.capacity(raw)
         await prof.stream(16, 8)  # warm-up
@@ -127,8 +157,10 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
 
 
 def profile_model(
-    model: str = typer.Argument(..., help="Served model name, as the engine's /v1/models lists it."),
-    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Base URL of a running vLLM OpenAI server."),
+    model: Optional[str] = typer.Argument(None, help="Served model name, as the engine's /v1/models lists it; default: the engine's only model."),
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", "--base-url", help="A running vLLM OpenAI server: its root or OpenAI base URL (http or https, with or without /v1; no scheme: http://)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="Bearer token, if the server wants one."),
+    insecure: bool = typer.Option(False, "--insecure", help="Do not check the server's TLS certificate (https)."),
     launch: Optional[str] = typer.Option(None, "--launch", help="Command that starts the engine (e.g. 'vllm serve ...'); stopped at the end."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Profile YAML to write (a scenario's profile_file)."),
     raw_path: Optional[Path] = typer.Option(None, "--raw", help="Also save the raw measurements (JSON) here."),
@@ -151,8 +183,8 @@ def profile_model(
     load_rates: str = typer.Option("4,12,20", help="API server load: probe arrival rates, requests/s (Poisson)."),
     load_window_s: float = typer.Option(5.0, min=0.5, help="API server load: seconds of probes per rate."),
     probe_tokens: int = typer.Option(1024, min=1, help="API server load: prompt length of each probe, tokens."),
-    max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile)."),
-    max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens."),
+    max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile's engine_flags: what it was measured with)."),
+    max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens (recorded in engine_flags)."),
     kv_blocks: Optional[int] = typer.Option(None, min=1, help="KV blocks, if the engine does not report them."),
     sleep: bool = typer.Option(False, "--sleep/--no-sleep", help="Also time POST /sleep and /wake_up (warm swap cost)."),
     async_scheduling: bool = typer.Option(True, "--async-scheduling/--no-async-scheduling", help="Whether the engine schedules one step ahead, as vLLM 0.24 does by default (its log: 'Asynchronous scheduling is enabled'); recorded in the profile."),
@@ -166,6 +198,8 @@ def profile_model(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
+
+    import httpx
 
     from qlmctl.errors import UserError
     from simulator.fit import RawProfile, fit_profile, profile_dict
@@ -183,8 +217,9 @@ def profile_model(
             if raw.launch_s is None:
                 raw.launch_s = load_cold_s
         else:
-            raw = RawProfile(model=model, url=url, meta={"gpu": gpu, "flags": flags},
-                             async_scheduling=async_scheduling)
+            from qlmctl.client.http import server_url
+
+            url = server_url(url)
             pl, bs, cx = (_ints(prompt_lengths, "--prompt-lengths"), _ints(batches, "--batches"),
                           _ints(contexts, "--contexts"))
             mb = _ints(mixed_batches, "--mixed-batches") if mixed else []
@@ -197,20 +232,30 @@ def profile_model(
             if launch:
                 env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
                 proc = subprocess.Popen(shlex.split(launch), env=env, start_new_session=True)
+            raw = RawProfile(model=model or "?", url=url, meta={"gpu": gpu, "flags": flags or launch or ""},
+                             async_scheduling=async_scheduling)
             try:
                 t_launch = time.monotonic()
-                _wait_health(url, proc, health_timeout_s)
+                _wait_health(url, proc, health_timeout_s, verify=not insecure)
                 if proc is not None:
                     raw.launch_s = time.monotonic() - t_launch
                 elif load_cold_s is not None:
                     raw.launch_s = load_cold_s
+                model = raw.model = _check_model(url, model, api_key, not insecure)
                 with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                               TimeElapsedColumn(), console=console) as progress:
                     asyncio.run(_measure(url, model, pl, bs, cx, output_tokens, reps, sleep, seed,
                                          max_num_batched_tokens, progress, raw, mb, ml, mc, fs, ls, lr,
-                                         load_window_s, probe_tokens, max_num_seqs))
+                                         load_window_s, probe_tokens, max_num_seqs, api_key, not insecure))
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted: keeping what was measured[/]")
+            except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
+                # A measurement that failed half-way: one line (what was measured is saved with --raw).
+                from qlmctl.client.http import describe_error
+
+                raise UserError(f"measuring failed: {describe_error(e, url)}"
+                                + (f" (measured so far: --from-raw {raw_path})" if raw_path else ""), field="--url") \
+                    from None
             finally:
                 if proc is not None:
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -227,8 +272,11 @@ def profile_model(
             raise UserError(str(e)) from None
         prof = profile_dict(raw, fit, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             gpu=raw.meta.get("gpu", gpu), flags=raw.meta.get("flags", flags), kv_blocks=kv_blocks)
+        prof = _with_engine_flags(prof, str(raw.meta.get("flags", flags) or launch or ""))
     except UserError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e.one_line()}", highlight=False)
+        from qlmctl.commands.common import print_error
+
+        print_error(e)
         raise typer.Exit(2)
 
     t = Table(title=f"step-time fit for {raw.model}")
@@ -260,6 +308,28 @@ def profile_model(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(f"# Fitted by qlmctl profile-model; see provenance.\n{yaml.safe_dump(prof, sort_keys=False)}")
         console.print(f"profile written to [bold]{out}[/]")
+
+
+def _with_engine_flags(prof: dict, command: str) -> dict:
+    """The fitted profile with the engine flags it was measured with in `engine_flags`, not at the top level:
+    a scenario runs its engines with its own flags (vLLM's defaults unless it says otherwise), and is warned
+    where they differ from these (`qlmctl.scenario.ProfileSpec`)."""
+    from qlmctl.scenario import flags_from_command
+
+    out = {k: v for k, v in prof.items() if k not in ("max_num_seqs", "max_num_batched_tokens", "provenance")}
+    measured: dict = {"max_num_seqs": prof.get("max_num_seqs"),
+                      "max_num_batched_tokens": prof.get("max_num_batched_tokens"),
+                      "max_model_len": prof.get("max_model_len"), "block_size": prof.get("block_size")}
+    given = flags_from_command(command)
+    measured.update(given)
+    measured.setdefault("enable_prefix_caching", None)
+    if "async_scheduling" in prof:
+        measured["async_scheduling"] = prof["async_scheduling"]
+    if command:
+        measured["command"] = command
+    out["engine_flags"] = {k: v for k, v in measured.items() if v is not None}
+    out["provenance"] = prof["provenance"]
+    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -7,7 +7,17 @@ from typing import Any, Optional
 
 import typer
 
-from qlmctl.commands.common import console, fail, workload_overrides
+from qlmctl.commands.common import (
+    BURSTINESS_HELP,
+    DURATION_HELP,
+    FORCE_HELP,
+    METADATA_HELP,
+    console,
+    fail,
+    prepare_out,
+    split_items,
+    workload_overrides,
+)
 
 
 def serve(
@@ -19,12 +29,16 @@ def serve(
     trace: Optional[Path] = typer.Option(None, "--trace", "-t", help="Replay this trace through the gateway (arrival times in seconds, scaled by live.speedup) and write results like `simulate`."),
     replay_workload: bool = typer.Option(False, "--replay", help="Replay the scenario's own workload (as --trace does for a trace file)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Trace format: auto, qlmctl, azure, burstgpt, mooncake, vidur."),
-    max_requests: Optional[int] = typer.Option(None, "--max-requests", "-n", min=1, help="Replay at most this many requests."),
-    rate: Optional[float] = typer.Option(None, "--rate", min=0.0, help="Rescale arrivals to this mean rate, requests per scenario second."),
+    max_requests: Optional[int] = typer.Option(None, "--num-prompts", "--max-requests", "-n", min=1, help="Replay at most this many requests (vLLM's --num-prompts)."),
+    rate: Optional[str] = typer.Option(None, "--request-rate", "--rate", help="Rescale arrivals to this mean rate, requests per scenario second (vLLM's --request-rate; inf: all at once)."),
+    burstiness: Optional[float] = typer.Option(None, "--burstiness", min=1e-6, help=BURSTINESS_HELP),
+    duration: Optional[float] = typer.Option(None, "--duration", min=1e-6, help=DURATION_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the workload's random choices."),
     concurrency: int = typer.Option(1024, "--concurrency", min=1, help="Replay: most requests open at once (later ones are sent late)."),
     client_process: bool = typer.Option(True, "--client-process/--in-process-client", help="Replay: run the client in a process of its own (default), or on the gateway's event loop."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Replay output folder; default results/<scenario name>."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Replay output folder; default: a new results/<scenario name>/<date-time>/."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    metadata: Optional[list[str]] = typer.Option(None, "--metadata", help=METADATA_HELP),
     log_dir: Optional[Path] = typer.Option(None, "--engine-logs", help="With --launch: folder for the engines' output (default: a temp folder)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every HTTP request."),
     drain_s: Optional[float] = typer.Option(None, "--drain-timeout", min=0.0, help="On SIGTERM or Ctrl-C: wall seconds queued and running requests may still finish before they get a 503; default live.drain_timeout_s (30)."),
@@ -45,7 +59,8 @@ def serve(
     from qlmctl.scenario import load_scenario
 
     try:
-        sc = load_scenario(scenario, workload_overrides(trace, fmt, max_requests, rate, seed))
+        sc = load_scenario(scenario, workload_overrides(trace, fmt, max_requests, rate, seed, burstiness, duration,
+                                                        scenario))
         if sc.spec.live is None:
             raise UserError("the scenario has no `live` section (engines to serve from); see docs/live.md",
                             sc.path, field="live")
@@ -54,11 +69,14 @@ def serve(
         if not replaying and len(policies) != 1:
             raise UserError(f"a gateway runs one policy; got {', '.join(policies)} (pick one with --policy)",
                             field="policy")
-        requests = None
+        requests = report = None
         if replaying:
+            from qlmctl.vllm_bench import BenchOptions
             from qlmctl.workload import build_requests
 
+            meta = BenchOptions.parse(metadata=split_items(metadata)).metadata
             requests, report = build_requests(sc)
+            out = prepare_out(out, sc.spec.name, force, policies)
             for line in report.lines():
                 console.print(f"[dim]{line}[/]", highlight=False)
         import asyncio
@@ -66,7 +84,7 @@ def serve(
         if drain_s is not None:
             sc.spec.live.drain_timeout_s = drain_s
         asyncio.run(_main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log,
-                          client_process))
+                          client_process, (report, meta) if replaying else None))
     except UserError as e:
         fail(e)
     except KeyboardInterrupt:
@@ -109,10 +127,10 @@ async def _unless_stopped(aw, stop) -> bool:
 
 
 async def _main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log,
-                client_process=True) -> None:
+                client_process=True, header=None) -> None:
     from qlmctl.gateway.clientconn import raise_fd_limit
 
-    raise_fd_limit()  # client connections are limited to half of it (live.max_client_connections)
+    raise_fd_limit()  # client connections are limited to 3/4 of it (live.max_client_connections)
     stop = _stop_on_signals()
     launcher = None
     swap_control = None
@@ -135,7 +153,7 @@ async def _main(sc, policies, launch, host, port, requests, concurrency, out, lo
         if requests is None:
             await _serve_forever(sc, policies[0], host, port, swap_control, access_log, stop)
         else:
-            await _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process)
+            await _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process, header)
     finally:
         if launcher is not None:
             await launcher.stop()
@@ -175,7 +193,8 @@ async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop)
         await gw.stop()
 
 
-async def _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process=True) -> None:
+async def _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process=True,
+                      header=None) -> None:
     from qlmctl.client.replay import save_live
     from qlmctl.errors import UserError
     from qlmctl.gateway.run import run_live
@@ -190,6 +209,7 @@ async def _replay_all(sc, policies, requests, swap_control, concurrency, out, st
     )
     out_dir = out or Path("results") / sc.spec.name
     summaries = {}
+    header_date: dict[str, str] = {}
     with policy_progress(console) as prog:
         for name in policies:
             if stop.is_set():
@@ -202,6 +222,13 @@ async def _replay_all(sc, policies, requests, swap_control, concurrency, out, st
                                      client_process=client_process)
             except (ConnectionError, OSError) as e:
                 raise UserError(str(e)) from None
+            if header is not None:
+                from qlmctl.vllm_bench import now, run_header
+
+                report, meta = header
+                run.summary.update(run_header(sc, report, requests, backend=str(run.summary.get("backend") or "live"),
+                                              label=name, max_concurrency=concurrency, metadata=meta,
+                                              date=header_date.setdefault("date", now())))
             save_live(run, sc, out_dir)  # also a run cut short by SIGTERM: what it did is in its results
             summaries[name] = run.summary
     n_inst = len({e.instance for e in live.engines})

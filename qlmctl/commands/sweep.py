@@ -52,6 +52,11 @@ def sweep(
     except UserError as e:
         fail(e)
 
+    from rich.markup import escape
+
+    for entry in plan.scenarios.values():
+        for line in entry.scenario.engine_mismatches():
+            console.print(f"[yellow]note:[/] {escape(entry.label)}: {escape(line)}", highlight=False)
     out_dir = out or Path("results") / "sweeps" / str(spec.name)
     store = ResultStore(out_dir)
     if fresh:
@@ -168,10 +173,16 @@ def _write_outputs(console: "Console", result: "SweepResult", out_dir: Path) -> 
     points = results_frame(result)
     capacity = capacity_frame(result) if result.searches else None
     figures, notes = write_figures(points, capacity, spec.target_attainment, list(spec.policies), out_dir)
+    from qlmctl.sweep.tables import measuring
+
+    console.print(f"[dim]{measuring(spec)}[/]", highlight=False)
     if capacity is not None:
         console.print(_capacity_table(capacity, spec))
     if (points["phase"] == "grid").any():
         console.print(_attainment_table(points, spec))
+        if (points["steady"] == False).any():  # noqa: E712 - a nullable boolean column
+            console.print(f"[dim]†: not steady (completed less than {100 * spec.min_throughput_ratio:g} % of the "
+                          f"offered rate over the measured window): cannot hold the target[/]", highlight=False)
     for note in notes:
         console.print(f"[dim]{note}[/]", highlight=False)
     names = [p.name for p in [*written.values(), *figures]]
@@ -184,7 +195,8 @@ def _capacity_table(capacity, spec):
     from rich import box
     from rich.table import Table
 
-    table = Table(title=f"Highest rate (req/s) holding {100 * spec.target_attainment:g}% SLO attainment",
+    table = Table(title=f"Highest rate (req/s) holding {100 * spec.target_attainment:g}% SLO attainment in a steady "
+                        f"state",
                   box=box.SIMPLE_HEAD, title_style="bold")
     table.add_column("scenario")
     table.add_column("fleet")
@@ -241,7 +253,8 @@ def _attainment_table(points, spec):
                 cells.append("[red]failed[/]")
             else:
                 v = at["slo_attainment"].mean()
-                style = "green" if v >= spec.target_attainment else "red"
-                cells.append(f"[{style}]{100 * v:.1f}%[/]")
+                steady = bool(at["steady"].fillna(True).all())
+                style = "green" if v >= spec.target_attainment and steady else "red"
+                cells.append(f"[{style}]{100 * v:.1f}%{'' if steady else '†'}[/]")
         table.add_row(scenario, gpus, policy, *cells)
     return table

@@ -52,6 +52,18 @@ class InstanceView(Protocol):
         """KV blocks neither used by running requests nor promised to waiting ones."""
         ...
 
+    @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens (with any output to recompute) handed to the engine and not prefilled yet: queued
+        in it, on their way to it, and what its prefilling requests have left. Under chunked prefill this,
+        not batch slots, is what a new request waits behind."""
+        ...
+
+    @property
+    def scheduling_policy(self) -> str:
+        """The engine's own queue discipline: "fcfs" or "priority" (vLLM's --scheduling-policy)."""
+        ...
+
     def running_requests(self) -> Sequence[Request]:
         """Requests dispatched to this instance and not finished (running or engine-waiting)."""
         ...
@@ -80,10 +92,15 @@ class ClusterView(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """Hand `request` to instance `instance_id`'s engine now."""
+    """Hand `request` to instance `instance_id`'s engine now.
+
+    `priority`, on an engine that schedules by priority, is the request's place in the engine's own queue
+    and its order for preemption (vLLM's `priority` field: lower first); None leaves the request's own.
+    """
 
     request: Request
     instance_id: int
+    priority: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,4 +119,13 @@ class SwapModel:
     model: str
 
 
-Decision = Dispatch | Evict | SwapModel
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Refuse `request` now (admission control): it is predicted to miss its SLO. The live gateway answers
+    429 with Retry-After; the simulator counts it as rejected."""
+
+    request: Request
+    reason: str
+
+
+Decision = Dispatch | Evict | SwapModel | Reject

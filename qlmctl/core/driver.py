@@ -26,6 +26,9 @@ Rules for decisions, the same in both worlds (tests/test_conformance.py holds bo
   policy that asks for "now" (or for a moment just past it, read off a clock that moved on) cannot spin.
 - What a rule tells the policy at once (a failed or ended dispatch's `on_finished`, a swap-to-loaded's
   `on_instance_changed`) is a change like any other: the policy is scheduled again one tick later.
+- `Dispatch.priority` reaches engines that schedule by priority; others ignore it.
+- `Reject`: the policy has taken the request out of its queues; the world ends it as refused (429 with
+  Retry-After live, counted as rejected in simulation). The policy is not told again.
 - A request an engine failed goes back to the policy as an eviction would (`requeue`); a policy that does
   not take evictions is told it finished and gets it again as a new arrival, in its own order.
 """
@@ -36,7 +39,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, SwapModel
+from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, Reject, SwapModel
 from qlmctl.core.request import Request
 
 if TYPE_CHECKING:  # the core names the policy contract; policies import the core, not the other way round
@@ -57,8 +60,9 @@ class World(ClusterView, Protocol):
         """Whether `request` is on instance `instance_id` now (dispatched there and not ended or evicted)."""
         ...
 
-    def dispatch(self, request: Request, instance_id: int, now: float) -> bool:
-        """Hand `request` to the instance's engine (which serves its model); False if the request has ended."""
+    def dispatch(self, request: Request, instance_id: int, now: float, priority: int | None) -> bool:
+        """Hand `request` to the instance's engine (which serves its model), with `priority` for an engine
+        that schedules by priority (None: the request's own); False if the request has ended."""
         ...
 
     def preempt(self, request: Request, instance_id: int, now: float) -> None:
@@ -71,6 +75,10 @@ class World(ClusterView, Protocol):
 
     def fail_request(self, request: Request, error: str, now: float) -> None:
         """End `request` with `error` (the driver tells the policy)."""
+        ...
+
+    def reject(self, request: Request, now: float) -> None:
+        """End `request` as refused at admission (`request.error` says why)."""
         ...
 
     def applied(self, now: float) -> None:
@@ -142,7 +150,7 @@ class Driver:
                     self.policy.on_finished(r, now)
                     self._told = True
                     continue
-                if not world.dispatch(r, d.instance_id, now):
+                if not world.dispatch(r, d.instance_id, now, d.priority):
                     self.policy.on_finished(r, now)
                     self._told = True
                     continue
@@ -156,6 +164,11 @@ class Driver:
                     continue
                 if world.holds(d.request, d.instance_id):
                     world.preempt(d.request, d.instance_id, now)
+            elif isinstance(d, Reject):
+                r = d.request
+                r.rejected = True
+                r.error = f"rejected: {d.reason}"
+                world.reject(r, now)
             elif isinstance(d, SwapModel):
                 inst = insts[d.instance_id]
                 if inst.profile_for(d.model) is None:

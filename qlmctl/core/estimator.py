@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from simulator.profile import EngineProfile, chunk_pairs
+from simulator.profile import EngineProfile
 
 
 @dataclass(slots=True)
@@ -51,10 +51,19 @@ class ServiceRate:
     token_time_s: float
     """Seconds per output token of one sequence at that concurrency (a decode step)."""
     prefill_s_per_token: float
+    spread: float
+    """The percentile's share of the output-length sum, per request: z * std / mean of the output length."""
 
     @property
     def requests_per_s(self) -> float:
         return self.concurrency / self.request_time_s if self.request_time_s > 0 else math.inf
+
+    def completions_time(self, n: float) -> float:
+        """Time for `n` request completions, at the estimator's percentile: `RWTEstimator.completions_time`
+        with the output statistics as of this rate, per request (the planners call it in their inner loops)."""
+        if n <= 0:
+            return 0.0
+        return max(0.0, n + self.spread * math.sqrt(n)) * self.request_time_s / self.concurrency
 
 
 class RWTEstimator:
@@ -67,15 +76,31 @@ class RWTEstimator:
             m: OutputStats.with_prior(p.mean_output_tokens, p.std_output_tokens) for m, p in profiles.items()
         }
         self._prompt_mean: dict[str, OutputStats] = {m: OutputStats.with_prior(512.0, 512.0, 1.0) for m in profiles}
+        self.class_stats: dict[tuple[str, str], OutputStats] = {}
+        """Output lengths per (model, SLO class): classes of one model can differ by 10x (code vs chat)."""
 
-    def observe(self, model: str, prompt_tokens: int, output_tokens: int) -> None:
-        """Learn from a finished request."""
+    def observe(self, model: str, prompt_tokens: int, output_tokens: int, slo_class: str | None = None) -> None:
+        """Learn from a finished request (per class too, when `slo_class` is given)."""
         st = self.stats.get(model)
         if st is None:
             st = self.stats[model] = OutputStats.with_prior(256.0, 256.0)
             self._prompt_mean[model] = OutputStats.with_prior(512.0, 512.0, 1.0)
         st.add(output_tokens)
         self._prompt_mean[model].add(prompt_tokens)
+        if slo_class is not None:
+            key = (model, slo_class)
+            cs = self.class_stats.get(key)
+            if cs is None:  # starts from the model's prior, worth a few samples
+                cs = self.class_stats[key] = OutputStats.with_prior(st.mean, st.std, 5.0)
+            cs.add(output_tokens)
+
+    def class_output_mean(self, model: str, slo_class: str) -> float:
+        """Mean output length of `model`'s requests of `slo_class` (the model's while none has finished)."""
+        cs = self.class_stats.get((model, slo_class))
+        return cs.mean if cs is not None else self.output_mean(model)
+
+    def prompt_mean(self, model: str) -> float:
+        return self._prompt_mean[model].mean if model in self._prompt_mean else 512.0
 
     def output_mean(self, model: str) -> float:
         st = self.stats.get(model)
@@ -89,10 +114,8 @@ class RWTEstimator:
         conc = max(1, min(profile.max_num_seqs, kv_conc))
         step = profile.step_time(0, conc, int(conc * (prompt + mu / 2)))
         # Prefill of each request is spread over the decode steps it shares with the batch.
-        prefill = (profile.per_prefill_token_s * prompt + profile.per_prefill_pair_s * chunk_pairs(0, prompt)
-                   + profile.per_prefill_step_s * math.ceil(prompt / profile.max_num_batched_tokens))
-        req_time = mu * step + conc * prefill
-        return ServiceRate(conc, req_time, step, profile.per_prefill_token_s)
+        req_time = mu * step + conc * profile.prefill_work_s(prompt)
+        return ServiceRate(conc, req_time, step, profile.per_prefill_token_s, self.z * st.std / mu)
 
     def completions_time(self, n: float, rate: ServiceRate, model: str, pct: bool = True) -> float:
         """Time for `n` request completions on an instance serving at `rate` (CLT percentile)."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from simulator.prefix import PromptBlocks
 
 
 @dataclass(slots=True, eq=False)
@@ -24,6 +28,9 @@ class Request:
     tpot_slo_s: float | None = None
     priority: int = 0
     """Lower is more urgent; used by the `priority` baseline (vLLM's convention)."""
+    prefix: PromptBlocks | None = None
+    """What the prompt shares with others, for prefix caching: its leading blocks' content hashes (a trace's,
+    or a shared system prompt's); None: nothing known."""
 
     # Lifecycle, filled by the backend.
     dispatch_s: float | None = None
@@ -37,6 +44,11 @@ class Request:
     num_evictions: int = 0
     """Scheduler-side evictions (QLM moved the request out to make room)."""
     error: str | None = None
+    rejected: bool = False
+    """Refused at admission (a `Reject` decision); `error` says why."""
+    predicted_ttft_s: float | None = None
+    """The scheduler's estimate of this request's TTFT (at its estimator percentile), made when it first
+    planned the request; None when the policy makes no estimate."""
 
     @property
     def deadline_s(self) -> float:

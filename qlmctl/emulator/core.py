@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from qlmctl.emulator.metrics import EmulatorMetrics, EngineGauges
 from qlmctl.emulator.protocol import FinishReason
 from simulator.engine import Engine, OutputKind, Sequence
+from simulator.prefix import PromptBlocks
 from simulator.profile import EngineProfile
 
 log = logging.getLogger("qlmctl.emulator")
@@ -100,21 +101,23 @@ class EmuRequest:
         return self.seq.prompt_tokens
 
 
-class _TimedEngine(Engine):
-    """An `Engine` that notes when each request is first admitted into the batch, for vLLM's queue, prefill
-    and inference time metrics.
+def prompt_blocks(ids: list[int], block_size: int) -> PromptBlocks | None:
+    """vLLM's prefix-cache view of a prompt of token `ids`: one hash per full block of `block_size` tokens,
+    each chained to the ones before it (None: not one full block)."""
+    hashes = []
+    h = 0
+    for i in range(0, len(ids) - block_size + 1, block_size):
+        h = hash((h, *ids[i:i + block_size]))
+        hashes.append(h)
+    return PromptBlocks(block_size, tuple(hashes)) if hashes else None
 
-    The engine reports no such event (the simulator has no use for it), and admission happens inside a
-    step boundary that one `advance` call may pass several of, so the time is taken where the engine
-    pops its waiting queue: `_clock` is then the boundary being planned.
-    """
 
-    def _pop_waiting(self) -> Sequence:
-        q = super()._pop_waiting()
-        tag = q.tag
-        if isinstance(tag, EmuRequest) and tag.scheduled_s is None:  # the first time only, as vLLM
-            tag.scheduled_s = self._clock
-        return q
+def _note_scheduled(seq: Sequence, t: float) -> None:
+    """Note when a request is first admitted into the batch, for vLLM's queue, prefill and inference time
+    metrics (the first time only, as vLLM: a preempted request keeps its first scheduled time)."""
+    tag = seq.tag
+    if isinstance(tag, EmuRequest) and tag.scheduled_s is None:
+        tag.scheduled_s = t
 
 
 class EmulatedEngine:
@@ -136,7 +139,7 @@ class EmulatedEngine:
                 f"max_model_len ({profile.max_model_len} tokens)"
             )
         self.profile = profile
-        self.engine = _TimedEngine(profile, policy=policy)
+        self.engine = Engine(profile, policy=policy, on_admit=_note_scheduled)
         self.clock = Clock(speedup)
         self.stream_interval_s = stream_interval_s
         self.metrics = EmulatorMetrics(model_name, profile, self.gauges)
@@ -158,7 +161,8 @@ class EmulatedEngine:
         e = self.engine
         total = e.total_blocks
         return EngineGauges(running=e.num_running, waiting=e.num_waiting,
-                            kv_usage=min(1.0, e.used_blocks / total) if total else 0.0)
+                            kv_usage=min(1.0, e.used_blocks / total) if total else 0.0,
+                            prefix_queries=e.stats.prefix_queries, prefix_hits=e.stats.prefix_hits)
 
     def state(self) -> dict[str, float | int]:
         e = self.engine
@@ -176,15 +180,17 @@ class EmulatedEngine:
         }
 
     # -------------------------------------------------------------- commands
-    def submit(self, prompt_tokens: int, max_tokens: int, *, priority: int = 0, stream: bool = True) -> EmuRequest:
-        """Queue a request on the engine now; the caller awaits `req.event` for news."""
+    def submit(self, prompt_tokens: int, max_tokens: int, *, priority: int = 0, stream: bool = True,
+               prefix: PromptBlocks | None = None) -> EmuRequest:
+        """Queue a request on the engine now; the caller awaits `req.event` for news. `prefix`: its prompt's
+        block hashes, for the engine's prefix cache (`prompt_blocks`)."""
         if self._closed:
             raise RuntimeError("emulated engine is closed")
         self._ensure_driver()
         now = self.clock.now()
         self._advance(now)
         seq = Sequence(seq_id=next(self._ids), prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                       priority=priority, arrival_s=now)
+                       priority=priority, arrival_s=now, prefix=prefix)
         req = EmuRequest(seq=seq, stream=stream, arrival_s=now)
         seq.tag = req
         self._requests[seq.seq_id] = req

@@ -76,6 +76,10 @@ class EngineGauges:
     waiting: int
     kv_usage: float
     """Fraction of KV blocks in use, 0..1."""
+    prefix_queries: int = 0
+    """Prompt tokens looked up in the prefix cache (vLLM's prefix_cache_queries)."""
+    prefix_hits: int = 0
+    """Of those, the tokens found cached."""
 
 
 class EmulatorMetrics:
@@ -149,7 +153,7 @@ class EmulatorMetrics:
         info = {
             "block_size": str(p.block_size),
             "cache_dtype": "auto",
-            "enable_prefix_caching": "False",
+            "enable_prefix_caching": str(bool(p.enable_prefix_caching)),
             "engine": "0",
             "gpu_memory_utilization": "0.92",
             "kv_cache_size_tokens": str(p.kv_blocks * p.block_size),
@@ -161,6 +165,10 @@ class EmulatorMetrics:
         m.add_metric(list(info.values()), 1.0)
         yield m
         yield counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.", self.preemptions)
+        yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+                      g.prefix_queries)
+        yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                      g.prefix_hits)
         yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens)
         yield counter("vllm:generation_tokens", "Number of generation tokens processed.", self.generation_tokens)
         m = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",

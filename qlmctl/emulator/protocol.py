@@ -82,6 +82,8 @@ class GenRequest:
     priority: int
     request_id: str
     created: int
+    prompt: Any = None
+    """A completions request's prompt as sent (text or token ids), for the prefix cache; None for chat."""
     logprobs: int | None = None
     """Top logprobs per token to return (completions' `logprobs`, chat's `top_logprobs` with `logprobs`); None:
     no logprobs."""
@@ -293,6 +295,7 @@ def parse_request(
         priority=priority,
         request_id=rid,
         created=int(time.time()),
+        prompt=body["prompt"] if kind == "completion" else None,
         logprobs=logprobs,
         tool=tool,
     )

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from qlmctl import __version__
-from qlmctl.emulator.core import EmulatedEngine, EmuRequest
+from qlmctl.emulator.core import EmulatedEngine, EmuRequest, prompt_blocks
 from qlmctl.emulator.faults import FaultInjector, FaultMiddleware, Faults
 from qlmctl.emulator.protocol import (
     DONE_EVENT,
@@ -56,7 +56,7 @@ class EmulatorConfig:
     speedup: float = 1.0
     """Simulated seconds per wall second: 10 runs the modelled GPU ten times faster."""
     sleep_s: float | None = None
-    """Duration of POST /sleep; None: the profile's load_warm_s."""
+    """Duration of POST /sleep; None: the profile's sleep_s."""
     policy: str = "fcfs"
     """vLLM --scheduling-policy: fcfs, or priority (then requests may carry `priority`, lower first)."""
     stream_interval_s: float = 0.01
@@ -213,7 +213,8 @@ class EmulatorServer:
             n = self.core.abort_all()
             if n:
                 log.info("sleep aborted %d request(s) in flight", n)
-            sleep_s = self.cfg.sleep_s if self.cfg.sleep_s is not None else self.cfg.profile.load_warm_s
+            self.core.engine.reset_prefix_cache()  # level 1 and 2 both drop the KV cache
+            sleep_s = self.cfg.sleep_s if self.cfg.sleep_s is not None else self.cfg.profile.sleep_s
             try:
                 await asyncio.sleep(self.core.clock.wall(sleep_s))
             finally:
@@ -269,7 +270,14 @@ class EmulatorServer:
     def _submit(self, gen: GenRequest) -> EmuRequest:
         # vLLM accepts `priority` under fcfs too, and ignores it there.
         priority = gen.priority if self.cfg.policy == "priority" else 0
-        return self.core.submit(gen.prompt_tokens, gen.max_tokens, priority=priority, stream=gen.stream)
+        prof = self.core.profile
+        prefix = None
+        if prof.enable_prefix_caching and gen.prompt is not None:
+            prompt = gen.prompt[0] if isinstance(gen.prompt, list) and len(gen.prompt) == 1 else gen.prompt
+            ids = token_ids(prompt) if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
+            prefix = prompt_blocks(ids, prof.block_size)
+        return self.core.submit(gen.prompt_tokens, gen.max_tokens, priority=priority, stream=gen.stream,
+                                prefix=prefix)
 
     async def _stream(self, gen: GenRequest) -> AsyncIterator[str]:
         # Submitted on the first iteration: a client gone before the response starts costs nothing.

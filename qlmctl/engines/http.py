@@ -314,11 +314,16 @@ async def sse_data(resp: Response) -> AsyncIterator[list[bytes]]:
     """The data payloads of a server-sent-event body, one list per network chunk that completed events.
 
     Events end with a blank line; an event's `data:` lines are joined (vLLM sends one per event, the fast
-    path); comments and keep-alives carry no data and are skipped.
+    path); comments and keep-alives carry no data and are skipped. Lines may end with CRLF or CR as well
+    as LF (the SSE spec allows all three).
     """
     buf = b""
     async for chunk in resp.chunks():
         buf = buf + chunk if buf else chunk
+        if b"\r" in buf:  # not vLLM's framing: normalise, keeping a trailing CR whose LF may come next
+            cr = buf.endswith(b"\r")
+            buf = buf[:-1] if cr else buf
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if cr else b"")
         end = buf.rfind(b"\n\n")
         if end < 0:
             continue

@@ -29,7 +29,8 @@ RUN_HISTOGRAMS: tuple[str, ...] = (
     "vllm:iteration_tokens_total",
 )
 """vLLM histograms whose change over a live run `run_live` reports (the engine's latency decomposition)."""
-RUN_COUNTERS: tuple[str, ...] = ("vllm:num_preemptions", "vllm:prompt_tokens", "vllm:generation_tokens")
+RUN_COUNTERS: tuple[str, ...] = ("vllm:num_preemptions", "vllm:prompt_tokens", "vllm:generation_tokens",
+                                  "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
 """vLLM counters whose change over a live run `run_live` reports (names without `_total`)."""
 
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')

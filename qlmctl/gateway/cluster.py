@@ -88,10 +88,14 @@ class LiveCluster:
         self.metrics_interval_s = live.metrics_interval_s if live is not None else 0.5
         max_conn = live.max_connections if live is not None else 4096
         self.max_retries = live.max_retries if live is not None else 2
+        self.retry_after_s = live.retry_after_s if live is not None else 1
+        """Retry-After of a request refused at admission, s."""
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         self.record = record
         control = swap_control or SleepModeControl()
         overrides = {name: spec.profile_overrides for name, spec in scenario.instance_specs()}
+        disciplines = {name: spec.engine.scheduling_policy or policy.engine_policy
+                       for name, spec in scenario.instance_specs()}
         self._initial = {name: spec.model for name, spec in scenario.instance_specs()}
         self._instances: list[LiveInstance] = []
         by_name: dict[str, LiveInstance] = {}
@@ -99,7 +103,8 @@ class LiveCluster:
             inst = by_name.get(spec.instance)
             if inst is None:
                 profiles = {m: scenario.profile(m, spec.gpu, overrides.get(spec.instance)) for m in scenario.models}
-                inst = LiveInstance(len(self._instances), spec.instance, spec.gpu, profiles, control)
+                inst = LiveInstance(len(self._instances), spec.instance, spec.gpu, profiles, control,
+                                    disciplines.get(spec.instance, policy.engine_policy))
                 by_name[spec.instance] = inst
                 self._instances.append(inst)
             kind = engine_kind(spec.kind)
@@ -163,7 +168,7 @@ class LiveCluster:
         return (lr is not None and not lr.done and lr.engine is not None
                 and lr.engine.instance.instance_id == instance_id)
 
-    def dispatch(self, request: Request, instance_id: int, now: float) -> bool:
+    def dispatch(self, request: Request, instance_id: int, now: float, priority: int | None) -> bool:
         lr = self._live.get(request.request_id)
         if lr is None:
             # Its client went away (or the gateway ended it) while it was queued: it ends here, never reaching
@@ -181,6 +186,7 @@ class LiveCluster:
             lr.avoid = None
         eng = inst.engines[request.model]
         lr.engine = eng
+        lr.engine_priority = priority if inst.scheduling_policy == "priority" else None
         inst.add(lr, now)
         if lr.waiter is not None and not lr.waiter.done():
             lr.waiter.set_result(eng)
@@ -197,6 +203,17 @@ class LiveCluster:
         inst = self._instances[instance_id]
         inst.begin_swap(now)
         self._spawn(self._swap(inst, model, now))
+
+    def reject(self, request: Request, now: float) -> None:
+        lr = self._live.get(request.request_id)
+        if lr is None:
+            return
+        lr.policy_done = True
+        if lr.queued:
+            self._dequeue(lr)
+        lr.abort = (429, request.error or "rejected")
+        if lr.waiter is not None and not lr.waiter.done():
+            lr.waiter.set_result(None)
 
     def fail_request(self, request: Request, error: str, now: float) -> None:
         lr = self._live.get(request.request_id)
@@ -347,6 +364,7 @@ class LiveCluster:
             r.first_token_s = now
         if lr.engine is not None:
             self.health.success(lr.engine)
+            lr.engine.instance.prefilled(lr)
         self.driver.first_token(r, now)
         self.kick()
 
@@ -380,7 +398,7 @@ class LiveCluster:
             # Still in the policy's queues: it is finished when the policy dispatches it.
             lr.cancelled = True
             self._dequeue(lr)
-        elif tell_policy:
+        elif tell_policy and not lr.policy_done:
             self.driver.finished(r, now)
             self.kick()
         if outcome is None:

@@ -41,6 +41,8 @@ class Placed(Protocol):
     """Output tokens delivered so far."""
     kv_tokens: int
     """Tokens it counts for in its instance's KV estimate (set by `LiveInstance.add`)."""
+    prefill_tokens: int
+    """Tokens still to prefill on this attempt (set by `LiveInstance.add`, cleared at its first token)."""
 
 
 class LiveEngine:
@@ -85,8 +87,9 @@ class LiveInstance:
     """One GPU and its engines, as the scheduler sees it (implements InstanceView)."""
 
     def __init__(self, instance_id: int, name: str, gpu: str, profiles: dict[str, EngineProfile],
-                 control: SwapControl) -> None:
+                 control: SwapControl, scheduling_policy: str = "fcfs") -> None:
         self._id = instance_id
+        self._scheduling_policy = scheduling_policy
         self.name = name
         self.gpu = gpu
         self.engines: dict[str, LiveEngine] = {}
@@ -98,6 +101,8 @@ class LiveInstance:
         self.inflight: dict[int, Placed] = {}
         self.kv_tokens = 0
         """Prompt + output tokens (+1 each) of the requests in flight: the gateway's KV estimate."""
+        self.prefill_tokens = 0
+        """Prompt tokens of the requests in flight that have no first token yet on this attempt."""
         self.ext_requests = 0
         """Requests the engine reported beyond the gateway's own, at the last poll."""
         self.ext_blocks = 0
@@ -155,6 +160,14 @@ class LiveInstance:
         own = self.kv_tokens // prof.block_size + len(self.inflight)  # + 1 a request: partial blocks
         return prof.kv_blocks - own - self.ext_blocks
 
+    @property
+    def pending_prefill_tokens(self) -> int:
+        return self.prefill_tokens
+
+    @property
+    def scheduling_policy(self) -> str:
+        return self._scheduling_policy
+
     def running_requests(self) -> list[Request]:
         return [lr.req for lr in self.inflight.values()]
 
@@ -165,16 +178,23 @@ class LiveInstance:
         return self._profiles.get(model) if model in self.engines else None
 
     def load_time(self, model: str) -> float:
+        """Seconds to swap to `model`: the awake model's sleep (its profile's sleep_s), then `model`'s wake-up
+        (load_warm_s); with restart swaps, `model`'s start (load_cold_s)."""
         prof = self.profile_for(model)
         if prof is None:
             return math.inf
-        return prof.load_warm_s if self.control.warm else prof.load_cold_s
+        if not self.control.warm:
+            return prof.load_cold_s
+        cur = self._profiles.get(self.awake) if self.awake is not None and self.awake != model else None
+        return prof.load_warm_s + (cur.sleep_s if cur is not None else 0.0)
 
     # ------------------------------------------------------------ bookkeeping
     def add(self, lr: Placed, now: float) -> None:
         r = lr.req
         lr.kv_tokens = r.prompt_tokens + lr.sent + 1
         self.kv_tokens += lr.kv_tokens
+        lr.prefill_tokens = r.prompt_tokens + lr.sent
+        self.prefill_tokens += lr.prefill_tokens
         self.inflight[r.request_id] = lr
         self.drained.clear()
         self._update_busy(now)
@@ -184,9 +204,15 @@ class LiveInstance:
             return
         self.kv_tokens -= lr.kv_tokens
         lr.kv_tokens = 0
+        self.prefilled(lr)
         if not self.inflight:
             self.drained.set()
         self._update_busy(now)
+
+    def prefilled(self, lr: Placed) -> None:
+        """`lr`'s prompt is no longer waiting for prefill here (its first token of the attempt came, or it left)."""
+        self.prefill_tokens -= lr.prefill_tokens
+        lr.prefill_tokens = 0
 
     def set_engine_shape(self, model: str, m: EngineMetrics) -> bool:
         """Take the KV cache size the engine reports over the scenario's; True when it changed."""

@@ -61,8 +61,8 @@ class Sink(Protocol):
     async def finish(self, lr: LiveRequest) -> None:
         """The answer is complete."""
 
-    async def fail(self, status: int, body: dict[str, Any]) -> None:
-        """The request failed with this OpenAI-style error."""
+    async def fail(self, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """The request failed with this OpenAI-style error (`headers`: extra ones, if the answer has not begun)."""
 
 
 def error_body(message: str, status: int, err_type: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -240,7 +240,8 @@ class Relay:
     async def _fail(self, status: int, message: str, internal: str | None = None) -> None:
         """End the request with one error: recorded (`internal` detail, else `message`) and sent."""
         self.cluster.finished(self.lr, error=internal or message)
-        await self.sink.fail(status, error_body(message, status))
+        headers = [(b"retry-after", str(self.cluster.retry_after_s).encode())] if status == 429 else None
+        await self.sink.fail(status, error_body(message, status), headers)
 
     def upstream_body(self) -> dict[str, Any]:
         """The body for the next attempt: the client's, streamed, resumed past what was already sent."""
@@ -248,6 +249,8 @@ class Relay:
         body = {k: v for k, v in lr.body.items() if k not in _GATEWAY_FIELDS}
         body["stream"] = True
         body["stream_options"] = self._stream_options
+        if lr.engine_priority is not None:
+            body["priority"] = lr.engine_priority
         self._attempt_tokens = 0
         self._skip = 0
         self._offset_shift = 0
@@ -412,9 +415,9 @@ class StreamSink:
             tail = b"data: " + orjson.dumps(chunk) + b"\n\n"
         await self._send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n", "more_body": False})
 
-    async def fail(self, status: int, body: dict[str, Any]) -> None:
+    async def fail(self, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
         if not self.started:
-            await send_json(self._send, status, body, self._headers)
+            await send_json(self._send, status, body, [*self._headers, *(headers or [])])
             return
         data = b"data: " + orjson.dumps(body) + b"\n\ndata: [DONE]\n\n"
         await self._send({"type": "http.response.body", "body": data, "more_body": False})
@@ -524,8 +527,8 @@ class JSONSink:
                 "choices": [choice], "usage": usage_of(lr), **self._top}
         await send_json(self._send, 200, body, self._headers)
 
-    async def fail(self, status: int, body: dict[str, Any]) -> None:
-        await send_json(self._send, status, body, self._headers)
+    async def fail(self, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await send_json(self._send, status, body, [*self._headers, *(headers or [])])
 
 
 def _chunk_object(lr: LiveRequest) -> str:

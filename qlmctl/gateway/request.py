@@ -55,6 +55,12 @@ class LiveRequest:
     done: bool = False
     kv_tokens: int = 0
     """Tokens this request counts for in its instance's KV estimate."""
+    prefill_tokens: int = 0
+    """Tokens its engine still has to prefill for this attempt (until its first token of the attempt)."""
+    engine_priority: int | None = None
+    """The `priority` the policy gave this attempt for an engine that schedules by priority (vLLM's field)."""
+    policy_done: bool = False
+    """The policy no longer holds it (it refused it at admission): not to be told it finished."""
     attempts: int = 0
     retries: int = 0
     """Times an engine failed it and it went back to its queue."""

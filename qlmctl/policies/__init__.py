@@ -19,9 +19,12 @@ POLICIES: dict[str, str] = {
     "priority": "qlmctl.policies.baselines:PriorityPolicy",
     "edf": "qlmctl.policies.baselines:EDFPolicy",
     "qlm": "qlmctl.policies.qlm:QLMPolicy",
+    "qlm-strict": "qlmctl.policies.qlm:QLMStrictPolicy",
+    "qlm-basic": "qlmctl.policies.qlm_basic:QLMBasicPolicy",
     "qlm-lp": "qlmctl.policies.qlm_lp:QLMLPPolicy",
     "shepherd": "qlmctl.policies.shepherd:ShepherdPolicy",
     "sjf-oracle": "qlmctl.policies.sjf:SJFOraclePolicy",
+    "direct": "qlmctl.policies.direct:DirectPolicy",
 }
 """Policy name -> "module:Class"; the order is the order `qlmctl policies` and `evaluate` show them in."""
 

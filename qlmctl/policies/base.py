@@ -14,6 +14,17 @@ if TYPE_CHECKING:
     from qlmctl.scenario import Scenario
 
 
+@dataclass(frozen=True, slots=True)
+class SLOClass:
+    """What a policy knows of an SLO class."""
+
+    ttft_s: float
+    tpot_s: float | None = None
+    weight: float = 1.0
+    rank: int = 0
+    """0 for the tightest TTFT deadline, then 1, ... (ties share a rank)."""
+
+
 @dataclass(slots=True)
 class PolicyContext:
     """What a policy is told at construction: scheduler settings and the known models."""
@@ -31,6 +42,12 @@ class PolicyContext:
     solver: str = "auto"
     solver_time_limit_s: float = 0.5
     gurobi: dict[str, str] | None = None
+    slo_classes: dict[str, SLOClass] = field(default_factory=dict)
+    objective: str = "most"
+    """"most", "weighted" or "strict" (scheduler.objective)."""
+    admission: str = "off"
+    """"off" or "reject" (scheduler.admission)."""
+    prefill_lookahead_steps: float = 2.0
     realtime: bool = False
     """The clock is the wall clock (the live gateway): time spent in `schedule` delays everything else, so a
     policy with slow work (qlm-lp's solver) does it off the caller's thread."""
@@ -39,6 +56,9 @@ class PolicyContext:
     def from_scenario(cls, scenario: "Scenario", *, realtime: bool = False) -> "PolicyContext":
         """The context a scenario's `scheduler` section and models give, in either world."""
         s = scenario.spec.scheduler
+        ttfts = sorted({c.ttft_s for c in scenario.spec.slo_classes.values()})
+        classes = {name: SLOClass(c.ttft_s, c.tpot_s, c.weight, ttfts.index(c.ttft_s))
+                   for name, c in scenario.spec.slo_classes.items()}
         return cls(
             profiles={m: scenario.profile(m) for m in scenario.models},
             slo_bucket_s=s.slo_bucket_s,
@@ -52,6 +72,10 @@ class PolicyContext:
             solver=s.solver,
             solver_time_limit_s=s.solver_time_limit_s,
             gurobi=s.gurobi,
+            slo_classes=classes,
+            objective=s.objective,
+            admission=s.admission,
+            prefill_lookahead_steps=s.prefill_lookahead_steps,
             realtime=realtime,
         )
 

@@ -8,12 +8,49 @@ wait with no instance serving them, swaps it to the model whose head request com
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from typing import ClassVar
 
 from qlmctl.core.cluster import ClusterView, Decision, Dispatch, SwapModel
 from qlmctl.core.request import Request
 from qlmctl.policies.base import Policy, PolicyContext
 from qlmctl.policies.common import RoomBook
+
+
+class _KeyQueue:
+    """A priority queue of entries (key..., request id, request), smallest first, that costs O(1) for entries
+    that come in order (fcfs: always; the others mostly): those wait in a run, the rest in a heap."""
+
+    __slots__ = ("_run", "_heap")
+
+    def __init__(self) -> None:
+        self._run: deque[tuple] = deque()
+        self._heap: list[tuple] = []
+
+    def __len__(self) -> int:
+        return len(self._run) + len(self._heap)
+
+    def __bool__(self) -> bool:
+        return bool(self._run) or bool(self._heap)
+
+    def push(self, entry: tuple) -> None:
+        run = self._run
+        if not run or entry >= run[-1]:
+            run.append(entry)
+        else:
+            heapq.heappush(self._heap, entry)
+
+    def head(self) -> tuple:
+        run, heap = self._run, self._heap
+        if heap and (not run or heap[0] < run[0]):
+            return heap[0]
+        return run[0]
+
+    def pop(self) -> tuple:
+        run, heap = self._run, self._heap
+        if heap and (not run or heap[0] < run[0]):
+            return heapq.heappop(heap)
+        return run.popleft()
 
 
 class QueuePolicy(Policy):
@@ -23,7 +60,7 @@ class QueuePolicy(Policy):
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)
-        self._queues: dict[str, list[tuple[tuple[float, ...], int, Request]]] = {}
+        self._queues: dict[str, _KeyQueue] = {}  # entries: (*key, request id, request)
         self._count = 0
         self._book = RoomBook(ctx.dispatch_limit)
         self._served: set[str] | None = None  # models loaded somewhere; None: to recompute
@@ -34,7 +71,10 @@ class QueuePolicy(Policy):
         raise NotImplementedError
 
     def add_request(self, request: Request, now: float) -> None:
-        heapq.heappush(self._queues.setdefault(request.model, []), (self.key(request), request.request_id, request))
+        q = self._queues.get(request.model)
+        if q is None:
+            q = self._queues[request.model] = _KeyQueue()
+        q.push((*self.key(request), request.request_id, request))
         self._count += 1
         self._depth[request.slo_class] = self._depth.get(request.slo_class, 0) + 1
 
@@ -66,22 +106,35 @@ class QueuePolicy(Policy):
         for model, q in self._queues.items():
             if not q:
                 continue
-            serving = [rm for rm in rooms if rm.inst.model == model]
+            # Least-loaded first (ties by instance id). A room the head does not fit is passed over for that
+            # head only: a later, smaller head may fit it. So a call leaves each model's head fitting no room,
+            # and a second call with nothing changed dispatches nothing (the simulator relies on that).
+            serving = [(rm.load, rm.inst.instance_id, rm) for rm in rooms if rm.inst.model == model]
+            heapq.heapify(serving)
             while q and serving:
-                r = q[0][2]
-                # Least-loaded first; its KV figure is re-read, as decoding shrinks it between events.
-                best = min(serving, key=lambda rm: (rm.load, rm.inst.instance_id))
-                book.fresh_blocks(best)
-                if not best.fits(r):
-                    serving.remove(best)
-                    continue
-                heapq.heappop(q)
+                r = q.head()[-1]
+                passed = []
+                while serving:
+                    best = serving[0][2]
+                    # Its KV figure is re-read, as decoding shrinks it between events.
+                    book.fresh_blocks(best)
+                    if best.fits(r):
+                        break
+                    passed.append(heapq.heappop(serving))
+                else:
+                    break  # the head fits nowhere: it waits, and so does everything behind it
+                q.pop()
                 self._count -= 1
                 self._depth[r.slo_class] -= 1
                 best.take(r)
-                out.append(Dispatch(r, best.inst.instance_id))
+                iid = best.inst.instance_id
+                out.append(Dispatch(r, iid))
                 if best.slots <= 0:
-                    serving.remove(best)
+                    heapq.heappop(serving)
+                else:
+                    heapq.heapreplace(serving, (best.load, iid, best))
+                for e in passed:
+                    heapq.heappush(serving, e)
         if self.ctx.enable_swap and self._count:
             out.extend(self._swaps(cluster))
         return out
@@ -90,8 +143,8 @@ class QueuePolicy(Policy):
         """Swap idle instances to models whose requests wait with no instance serving them."""
         if self._served is None:
             self._served = {i.model for i in cluster.instances if i.healthy and i.model is not None}
-        served = self._served | set(self._swap_targets.values())
-        starving = sorted((q[0][0], m) for m, q in self._queues.items() if q and m not in served)
+        served = self._served | set(self._swap_targets.values()) if self._swap_targets else self._served
+        starving = sorted((q.head()[:-2], m) for m, q in self._queues.items() if q and m not in served)
         if not starving:
             return []
         book = self._book

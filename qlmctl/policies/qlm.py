@@ -1,34 +1,161 @@
-"""QLM: request groups on per-instance virtual queues, reordered by the RWT estimator (fast heuristic).
+"""QLM: request groups on virtual queues, the RWT estimator, and pulling by the engine's real bottleneck.
 
-- Requests join the group of their model and SLO bucket (FCFS inside). A request that can no longer get
-  its first token in time (its deadline is nearer than its own prefill) moves to its model's late group,
-  which is served last: it is a miss whatever happens, and serving it first would only make others miss.
-- Each instance has a virtual queue of group keys; it pulls from the first group with requests, which must
-  match its loaded model (else it drains and swaps). One group may sit on several instances (replicas
-  share its FIFO), and an instance whose queue has run dry pulls from any group of its model (work
-  conserving).
-- The plan (`plan_queues`) is rebuilt when groups appear, when the estimator predicts a violation in the
-  current plan, or when the cluster changed, at most every `reschedule_interval_s`. It orders groups by
-  head deadline and places each on the instances where the estimator says it starts soonest, preferring
-  instances that already run its model when that still meets the deadline, and spreads a group over more
-  replicas while that brings its tail in.
-- Eviction: when an instance is full and the head of its queue would miss its deadline waiting for a slot,
-  running requests of far less urgent groups are evicted (back to the head of their group) to make room.
+- **Groups.** Requests join the group of their model and SLO bucket (FCFS inside). A request that can no
+  longer get its first token in time moves to its model's late group (see "Late" below).
+- **Pull.** An instance takes a request only while it has room for what it can start within the next
+  `prefill_lookahead_steps` engine steps: batch slots and KV blocks, and prompt tokens against the chunked
+  prefill budget (`max_num_batched_tokens` a step); while it serves a class with a TPOT SLO, also no more
+  sequences than keep its steps within that TPOT. Everything else waits here, where a later, more urgent
+  request can still go first. (Handing an engine all it has slots for lets the queue form inside the
+  engine, first come first served, out of reach: `qlm-basic` does that.)
+- **Order.** Each instance takes the most urgent head among its model's groups: earliest deadline
+  (objectives `most` and `weighted`), or tightest class first, then earliest deadline (`strict`: a
+  tighter class is never given up for a looser one).
+- **Plan**, every `reschedule_interval_s` (and when groups appear): per model, the RWT estimator walks the
+  queued requests in that order over the instances serving the model and predicts each one's TTFT (start
+  behind the batch slots and the prefill work ahead of it, its own prefill, the engine's admission lag).
+  Where a request is predicted to miss, it does what Moore and Hodgson's rule does for the most jobs on
+  time on one machine: it defers the costliest request taken so far (the one whose removal frees the most
+  capacity: prefill work plus its expected share of the batch, from output lengths learned per class; for
+  `weighted`, the least worth per cost; for `strict`, only within the class that is short), so that
+  several cheaper ones make it instead of one expensive one. Deferred requests go to the late group.
+  Groups are also placed on instances (virtual queues), which decides model swaps: a virtual queue whose
+  first group is another model drains its instance and swaps it.
+- **Late.** A late request is a miss whatever happens now; it is served after every on-time request of
+  its model, in arrival order, and never dropped. Under sustained overload it therefore waits until the
+  overload passes; `scheduler.admission: reject` refuses such requests at arrival instead (429 live).
+- **Engine priority.** On an engine that schedules by priority (vLLM's `--scheduling-policy priority`),
+  each request carries its place in this order as its priority, so the engine's own waiting queue and its
+  choice of preemption victim agree with the plan.
+- **Eviction.** When an instance is full and its most urgent head would miss its deadline waiting for a
+  slot, running requests of far looser classes are evicted (back to the head of their group).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, InstanceView, SwapModel
-from qlmctl.core.estimator import RWTEstimator
+from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, InstanceView, Reject, SwapModel
+from qlmctl.core.estimator import RWTEstimator, ServiceRate
 from qlmctl.core.groups import LATE_BUCKET, GroupKey, RequestGroup, group_key
 from qlmctl.core.request import Request
 from qlmctl.policies.base import Policy, PolicyContext
 from qlmctl.policies.common import Room, RoomBook, room_of
+
+LATE_PRIORITY = 10**15
+"""Engine priority of a late request, above every on-time one (which are deadlines in ms, see `_priority`)."""
+CLASS_PRIORITY = 10**12
+"""Engine priority step between classes under the strict objective (more ms than any run lasts)."""
+TPOT_MARGIN = 0.9
+"""Fraction of a TPOT SLO the predicted time per output token may use (steps vary around their mean)."""
+ARRIVAL_WINDOW_S = 10.0
+"""Time constant of the arrival rates per model and class the estimator extrapolates (see `_Arrivals`)."""
+
+
+@dataclass(slots=True)
+class _Arrivals:
+    """Recent arrivals of one (model, SLO class): a decayed rate and the mean prompt, for the requests that
+    will arrive while a queued one waits and go before it."""
+
+    rate: float = 0.0
+    """Requests per second, decayed over ARRIVAL_WINDOW_S."""
+    t: float = 0.0
+    prompt: float = 0.0
+    """Mean prompt tokens (decayed the same way)."""
+
+    def add(self, now: float, prompt_tokens: int) -> None:
+        decay = math.exp(-(now - self.t) / ARRIVAL_WINDOW_S) if now > self.t else 1.0
+        w = 1.0 / ARRIVAL_WINDOW_S
+        self.prompt = (self.prompt * self.rate * decay + prompt_tokens * w) / (self.rate * decay + w)
+        self.rate = self.rate * decay + w
+        self.t = now
+
+    def rate_at(self, now: float) -> float:
+        return self.rate * math.exp(-(now - self.t) / ARRIVAL_WINDOW_S) if now > self.t else self.rate
+
+
+CALIBRATION_WINDOW = 256
+"""Recent (actual / predicted) TTFT ratios kept per model and class for the calibrated percentile."""
+CALIBRATION_MIN = 20
+"""Ratios needed before the calibration replaces the estimator's own (central limit theorem) percentile."""
+
+
+def _scale(seconds: float) -> int:
+    """Half-decades of a duration: 0 for 1-3 s, 1 for 3-10 s, -1 for 0.3-1 s..."""
+    return math.floor(2.0 * math.log10(max(seconds, 0.01)))
+
+
+class _Memo(dict):
+    """A function's values by argument, computed on first use."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def __missing__(self, key):
+        v = self[key] = self.fn(key)
+        return v
+
+
+class _Quantiles:
+    """Recent samples of a delay, with quantiles recomputed every few samples (cheap on a hot path)."""
+
+    __slots__ = ("samples", "_sorted", "_stale")
+
+    def __init__(self, maxlen: int = CALIBRATION_WINDOW) -> None:
+        self.samples: deque[float] = deque(maxlen=maxlen)
+        self._sorted: list[float] = []
+        self._stale = 0
+
+    def add(self, x: float) -> None:
+        self.samples.append(x)
+        self._stale += 1
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def quantile(self, q: float) -> float:
+        if self._stale >= 16 or len(self._sorted) < min(len(self.samples), CALIBRATION_MIN):
+            self._sorted = sorted(self.samples)
+            self._stale = 0
+        s = self._sorted
+        return s[min(len(s) - 1, max(0, int(math.ceil(q * len(s))) - 1))]
+
+
+class _Calibration:
+    """Online conformal calibration of the TTFT estimate for one (model, SLO class): the estimator's mean
+    prediction times the configured percentile of the recent ratios actual / predicted. What the estimator
+    leaves out (steps shared with other prefills, bursts, the engine's own queue) shows up in the ratios, so
+    the percentile covers about that fraction of requests whatever the load, as long as the load changes
+    slowly against the window."""
+
+    __slots__ = ("ratios", "percentile", "_q", "_stale")
+
+    def __init__(self, percentile: float) -> None:
+        self.ratios: deque[float] = deque(maxlen=CALIBRATION_WINDOW)
+        self.percentile = percentile
+        self._q: float | None = None
+        self._stale = 0
+
+    def add(self, ratio: float) -> None:
+        self.ratios.append(ratio)
+        self._stale += 1
+
+    def factor(self) -> float | None:
+        """The percentile of the ratios (None until there are enough), recomputed every few new ratios."""
+        n = len(self.ratios)
+        if n < CALIBRATION_MIN:
+            return None
+        if self._q is None or self._stale >= 16:
+            s = sorted(self.ratios)
+            self._q = s[min(n - 1, int(math.ceil(self.percentile * n)) - 1)]
+            self._stale = 0
+        return self._q
 
 
 @dataclass(slots=True)
@@ -40,8 +167,36 @@ class _Lane:
     ahead: float  # requests ahead (running + planned), in requests
     offset_s: float  # time before `ahead` starts counting (swaps planned)
     planned: list[GroupKey]
-    rates: dict[str, tuple[float, float, float] | None] = field(default_factory=dict)  # per model, this plan
+    rates: dict[str, ServiceRate | None] = field(default_factory=dict)  # per model, this plan
     loads: dict[str, float] = field(default_factory=dict)  # load time per model, this plan
+
+
+@dataclass(slots=True)
+class _Server:
+    """One instance serving a model, as the per-request walk of a plan sees it."""
+
+    rate: ServiceRate
+    running: int
+    queued: int = 0
+    """Requests the walk has put here so far."""
+    prefill_s: float = 0.0
+    """Prefill work ahead of the next request: what the engine still has, plus what the walk put here."""
+    tpot_cap: int | None = None
+    concurrency: int = 0
+    """Sequences the engine runs now."""
+
+    def start_s(self, pct: bool) -> float:
+        """Time until the next request put here can start: a free batch slot, and the prefill ahead."""
+        rate = self.rate
+        # What the engine runs now it evidently can: the estimator's concurrency (from mean lengths) is a floor.
+        conc = max(rate.concurrency, self.concurrency)
+        if self.tpot_cap is not None:
+            conc = min(conc, self.tpot_cap)
+        need = self.running + self.queued - conc + 1
+        slot = 0.0
+        if need > 0:
+            slot = rate.completions_time(need) if pct else need * rate.request_time_s / rate.concurrency
+        return max(slot, self.prefill_s)
 
 
 @dataclass(slots=True)
@@ -51,10 +206,14 @@ class PlanStats:
     evictions: int = 0
     swaps: int = 0
     demoted: int = 0
+    """Requests moved to a late group: hopeless or deferred."""
+    deferred: int = 0
+    """Of those, requests the plan gave up so that more others meet their deadlines."""
+    rejected: int = 0
 
 
 class QLMPolicy(Policy):
-    """QLM (fast heuristic): request groups on virtual queues, RWT-estimator reordering, eviction, swaps."""
+    """QLM: request groups, virtual queues, the RWT estimator, pulling by the engine's bottleneck."""
 
     name: ClassVar[str] = "qlm"
     takes_evictions: ClassVar[bool] = True
@@ -65,35 +224,95 @@ class QLMPolicy(Policy):
         self.groups: dict[GroupKey, RequestGroup] = {}
         self.vqs: dict[int, list[GroupKey]] = {}
         self.stats = PlanStats()
+        self._by_model: dict[str, list[RequestGroup]] = {}
         self._count = 0
         self._dirty = True
         self._next_plan = -math.inf
-        self._book = RoomBook(ctx.dispatch_limit)
+        self._book = RoomBook(ctx.dispatch_limit, ctx.prefill_lookahead_steps)
         self._arrived_models: set[str] = set()
         self._depth: dict[str, int] = {}
         self._planned: set[GroupKey] = set()  # keys on some virtual queue
         self._evicting: set[int] = set()
         self._swapping_to: dict[int, str] = {}
-        self._rates: dict[tuple[int, str], tuple[float, float, float]] = {}
+        self._rates: dict[tuple[int, str], ServiceRate] = {}
         self._resident_until: dict[int, float] = {}  # swap hysteresis, see _next_group
         self._lag: dict[str, float] = {}  # admission lag per model, see _hopeless
+        self._lag_low: dict[str, float] = {}
+        self._lag_seen: dict[str, _Quantiles] = {}
+        """Per model, observed admission lags: first token - dispatch - the prompt's own prefill time."""
+        self._rank = {name: c.rank for name, c in ctx.slo_classes.items()}
+        self._weight = {name: c.weight for name, c in ctx.slo_classes.items()}
+        self._tpot = {name: c.tpot_s for name, c in ctx.slo_classes.items() if c.tpot_s is not None}
+        self._strict = ctx.objective == "strict"
+        self._weighted = ctx.objective == "weighted"
+        self._reject = ctx.admission == "reject"
+        self._tpot_caps: dict[int, int | None] = {}
+        self._starts: dict[str, tuple[float, list[tuple[float, ...]], list[float], list[float]]] = {}
+        """Per model, from the last walk: its time, the order keys, each one's predicted start (mean and at the
+        estimator's percentile), for predictions and admission at arrival."""
+        self._arrivals: dict[tuple[str, str], _Arrivals] = {}
+        self._future: dict[str, list[tuple[float, int, float]]] = {}
+        self._served: set[str] = set()
+        """Models some instance serves now (as of the last walk)."""
+        self._prefill_times: dict[int, _Memo] = {}
+        self._horizon_s = max(60.0, 20.0 * ctx.reschedule_interval_s)
+        """The walk looks at requests due within this long; later ones wait for a later walk."""
+        self._calib: dict[tuple[str, str, tuple[int, bool] | None], _Calibration] = {}
+        """Per (model, class, scale of the prediction; None: any scale): the recent actual / predicted ratios.
+        How far off an estimate is depends on how long the wait is (a request dispatched at once, or one
+        behind a queue or a swap), so each scale has its own."""
+        self._group_start: dict[GroupKey, tuple[float, float, float]] = {}
+        """From the last plan, per group: (its time, the predicted start of its head, and of each further
+        request), for requests of models no instance serves now (their start is a swap away)."""
+        self._mean_ttft: dict[int, tuple[float, tuple[int, bool]]] = {}
+        """Per request not yet started: the estimator's mean TTFT prediction (the calibration's reference), and
+        the calibration it belongs to."""
+        self._rejects: list[Decision] = []
 
     # ------------------------------------------------------------- hooks
     def add_request(self, request: Request, now: float) -> None:
+        arr = self._arrivals.get((request.model, request.slo_class))
+        if arr is None:
+            arr = self._arrivals[(request.model, request.slo_class)] = _Arrivals(t=now)
+        arr.add(now, request.prompt_tokens)
+        if request.predicted_ttft_s is None:
+            miss = self._predict_at_arrival(request, now)
+            if miss and self._reject:
+                self._rejects.append(Reject(request, "predicted to miss its TTFT SLO at the current load"))
+                self.stats.rejected += 1
+                return
         key = group_key(request, self.ctx.slo_bucket_s)
-        g = self.groups.get(key)
-        if g is None:
-            g = self.groups[key] = RequestGroup(key, request.ttft_slo_s)
-            self._dirty = True
-        elif key not in self._planned:
+        g = self._group(key, request.ttft_slo_s)
+        if key not in self._planned:
             self._dirty = True
         g.queue.append(request)
         self._count += 1
         self._depth[request.slo_class] = self._depth.get(request.slo_class, 0) + 1
         self._arrived_models.add(request.model)
 
+    def on_first_token(self, request: Request, now: float) -> None:
+        self._touch(request.instance_id)  # its prompt left the engine's prefill backlog
+        if request.dispatch_s is not None and request.num_evictions == 0 and request.num_preemptions == 0:
+            prof = self.ctx.profiles.get(request.model)
+            if prof is not None:
+                seen = self._lag_seen.get(request.model)
+                if seen is None:
+                    seen = self._lag_seen[request.model] = _Quantiles()
+                seen.add(max(0.0, now - request.dispatch_s - prof.prefill_time(request.prompt_tokens)))
+        pred = self._mean_ttft.pop(request.request_id, None)
+        ttft = request.ttft_s
+        if pred is not None and ttft is not None:
+            mean, where = pred
+            for key in ((request.model, request.slo_class, where), (request.model, request.slo_class, None)):
+                cal = self._calib.get(key)
+                if cal is None:
+                    cal = self._calib[key] = _Calibration(self.ctx.percentile)
+                cal.add(ttft / max(mean, 1e-3))
+
     def on_finished(self, request: Request, now: float) -> None:
-        self.est.observe(request.model, request.prompt_tokens, request.generated_tokens)
+        self._mean_ttft.pop(request.request_id, None)
+        if request.error is None:
+            self.est.observe(request.model, request.prompt_tokens, request.generated_tokens, request.slo_class)
         self._touch(request.instance_id)
 
     def on_instance_changed(self, instance_id: int) -> None:
@@ -106,15 +325,20 @@ class QLMPolicy(Policy):
         key = group_key(request, self.ctx.slo_bucket_s)
         if request.first_token_s is None and now > request.deadline_s:
             key = GroupKey(request.model, LATE_BUCKET)
-        g = self.groups.get(key)
-        if g is None:
-            g = self.groups[key] = RequestGroup(key, request.ttft_slo_s)
-            self._dirty = True
+        g = self._group(key, request.ttft_slo_s if key.bucket != LATE_BUCKET else math.inf)
         g.queue.appendleft(request)
         self._count += 1
         self._depth[request.slo_class] = self._depth.get(request.slo_class, 0) + 1
         self._arrived_models.add(request.model)
         self._touch(request.instance_id)
+
+    def _group(self, key: GroupKey, slo_s: float) -> RequestGroup:
+        g = self.groups.get(key)
+        if g is None:
+            g = self.groups[key] = RequestGroup(key, slo_s)
+            self._by_model.setdefault(key.model, []).append(g)
+            self._dirty = True
+        return g
 
     def _touch(self, instance_id: int | None) -> None:
         self._book.touch(instance_id)
@@ -139,10 +363,31 @@ class QLMPolicy(Policy):
             return None
         return max(self._next_plan, now)
 
+    # ---------------------------------------------------------- order
+    def _key(self, r: Request) -> tuple[float, ...]:
+        """The order of urgency the objective gives (smaller first)."""
+        if self._strict:
+            return (self._rank.get(r.slo_class, 0), r.deadline_s)
+        return (r.deadline_s,)
+
+    def _priority(self, r: Request, late: bool) -> int:
+        """`_key` as vLLM's integer priority (lower first): deadlines in ms, classes above them when strict."""
+        if late:
+            return LATE_PRIORITY + round(r.arrival_s * 1000)
+        p = round(r.deadline_s * 1000)
+        return p + self._rank.get(r.slo_class, 0) * CLASS_PRIORITY if self._strict else p
+
+    def _cost(self, r: Request, prof_rate: tuple[float, float]) -> float:
+        """Capacity `r` takes from an instance: its prefill work plus its share of the batch's decode time."""
+        pf_s_per_token, slot_s_per_token = prof_rate
+        out = self.est.class_output_mean(r.model, r.slo_class)
+        return (r.prompt_tokens + r.generated_tokens) * pf_s_per_token + max(0.0, out - r.generated_tokens) * slot_s_per_token
+
     # ---------------------------------------------------------- schedule
     def schedule(self, cluster: ClusterView) -> list[Decision]:
         now = cluster.now()
-        out: list[Decision] = []
+        out: list[Decision] = self._rejects
+        self._rejects = []
         if self._count and now >= self._next_plan:
             self._next_plan = now + self.ctx.reschedule_interval_s
             self._update_lag()  # from the rooms as of the last call: refreshed once per plan, off the hot path
@@ -152,6 +397,7 @@ class QLMPolicy(Policy):
                 self._planned = {k for vq in self.vqs.values() for k in vq}
                 self.stats.plans += 1
                 self._dirty = False
+            out.extend(self._walk(cluster, now))
             if self.ctx.enable_eviction:
                 out.extend(self._evictions(cluster, now))
             self._book.unblock(set(self.ctx.profiles) | {g.model for g in self.groups.values()})
@@ -167,12 +413,13 @@ class QLMPolicy(Policy):
             inst = insts[iid]
             if not inst.swapping and inst.healthy:
                 out.extend(self._maybe_swap(inst, now))
-        # Least-loaded first, one request at a time, so replicas sharing a group share its load.
+        # Least-loaded first, one request at a time, so replicas of a model share its load.
         rooms = [(rm.load, rm.inst.instance_id, rm) for rm in book.open_rooms()]
         heapq.heapify(rooms)
         while rooms and self._count:
             _, iid, room = heapq.heappop(rooms)
             book.fresh_blocks(room)
+            self._cap_for_tpot(room)
             g = self._next_group(room.inst, room, now, out)
             if g is None:
                 room.blocked = True
@@ -181,7 +428,8 @@ class QLMPolicy(Policy):
             self._count -= 1
             self._depth[r.slo_class] -= 1
             room.take(r)
-            out.append(Dispatch(r, iid))
+            prio = self._priority(r, g.late) if room.inst.scheduling_policy == "priority" else None
+            out.append(Dispatch(r, iid, prio))
             if room.slots > 0:
                 heapq.heappush(rooms, (room.load, iid, room))
         return out
@@ -192,37 +440,57 @@ class QLMPolicy(Policy):
             g = self.groups.get(key)
             if g is None or not self._ready_head(g, now):
                 continue
-            if g.model != inst.model:
-                # Swap hysteresis (off by default): a model just loaded serves its own queue for a while
-                # first, so an instance shared by two busy models does not alternate every few seconds.
-                if now < self._resident_until.get(inst.instance_id, -math.inf) and self._has_queued(inst.model):
-                    continue
-                # The plan puts another model next: stop feeding this one, drain, then swap.
-                if room.load == 0:
-                    out.extend(self._swap(inst, g.model, now))
-                    return None
-                # While that group can wait well beyond the drain and the load, keep the batch full with
-                # this model's later groups instead of leaving slots idle (work conserving).
-                if self._can_defer(inst, g, room.load, now):
-                    continue
+            if g.model == inst.model:
+                break
+            # Swap hysteresis (off by default): a model just loaded serves its own queue for a while
+            # first, so an instance shared by two busy models does not alternate every few seconds.
+            if now < self._resident_until.get(inst.instance_id, -math.inf) and self._has_queued(inst.model):
+                continue
+            # The plan puts another model next: stop feeding this one, drain, then swap.
+            if room.load == 0:
+                out.extend(self._swap(inst, g.model, now))
                 return None
-            return g if room.fits(g.queue[0]) else None
-        # Work conserving: the queue ran dry, so take any group of this model, most urgent first.
-        best = None
-        for g in list(self.groups.values()):  # _ready_head may demote into a new late group
-            if g.model == inst.model and self._ready_head(g, now):
-                if best is None or (g.late, g.head_deadline()) < (best.late, best.head_deadline()):
-                    best = g
+            # While that group can wait well beyond the drain and the load, keep the batch full with
+            # this model's requests instead of leaving slots idle (work conserving).
+            if self._can_defer(inst, g, room.load, now):
+                continue
+            return None
+        best = self._most_urgent(inst.model, now)
         if best is not None and room.fits(best.queue[0]):
             return best
         return None
+
+    def _most_urgent(self, model: str | None, now: float) -> RequestGroup | None:
+        """The group of `model` whose head goes next: the most urgent on-time head, else the oldest late one."""
+        best: RequestGroup | None = None
+        best_key: tuple[float, ...] = ()
+        late: RequestGroup | None = None
+        for g in self._by_model.get(model or "", ()):
+            if g.late:
+                if g.queue:
+                    late = g
+                continue
+            if not self._ready_head(g, now):
+                continue
+            k = self._key(g.queue[0])
+            if best is None or k < best_key:
+                best, best_key = g, k
+        if best is None and late is not None and late.queue:
+            return late
+        return best
+
+    def _cap_for_tpot(self, room: Room) -> None:
+        """While `room`'s instance serves a class with a TPOT SLO, no more sequences than keep steps within it."""
+        cap = self._tpot_caps.get(room.inst.instance_id)
+        if cap is not None:
+            room.slots = min(room.slots, cap - room.load)
 
     def _can_defer(self, inst: InstanceView, g: RequestGroup, load: int, now: float) -> bool:
         """Can `g` (another model) wait while `inst` keeps serving its current model?"""
         cur = self._rate_of(inst, inst.model) if inst.model is not None else None
         if cur is None:
             return False
-        drain = self._completions(load + 1, cur)
+        drain = cur.completions_time(load + 1)
         return g.head_deadline() - now > 2.0 * (drain + inst.load_time(g.model))
 
     def _ready_head(self, g: RequestGroup, now: float) -> bool:
@@ -241,10 +509,22 @@ class QLMPolicy(Policy):
         prof = self.ctx.profiles.get(r.model)
         if prof is None:
             return now > r.deadline_s
-        return now + prof.prefill_time(r.prompt_tokens) + self._lag.get(r.model, 0.0) > r.deadline_s
+        return now + prof.prefill_time(r.prompt_tokens) + self._lag_low.get(r.model, 0.0) > r.deadline_s
 
     def _update_lag(self) -> None:
-        """Per model, the admission lag on its least-loaded instance (steps before a new request runs)."""
+        """Per model, the admission lag: from dispatch to first token beyond the prompt's own prefill (the
+        steps an engine runs before admitting it, the prefills it shares steps with, the API server's queue).
+        Measured on recent requests once there are enough (median for estimates, lower quartile for
+        "hopeless", so that nothing that could still make it is given up); until then the profile's model
+        on the least-loaded instance."""
+        self._update_lag_model()
+        self._lag_low = dict(self._lag)
+        for m, seen in self._lag_seen.items():
+            if len(seen) >= CALIBRATION_MIN:
+                self._lag[m] = seen.quantile(0.5)
+                self._lag_low[m] = seen.quantile(0.25)
+
+    def _update_lag_model(self) -> None:
         lag: dict[str, float] = {}
         for rm in self._book.rooms():
             prof = rm.inst.profile
@@ -252,19 +532,17 @@ class QLMPolicy(Policy):
                 continue
             d = rm.load
             steps = 2 if prof.async_scheduling else 1
-            t = (steps * prof.step_time(0, d, d * 1024) if d else 0.0) + prof.client_delay(d)
+            t = (steps * prof.decode_step_time(d) if d else 0.0) + prof.client_delay(d)
             m = rm.inst.model
             lag[m] = min(lag.get(m, math.inf), t)
         self._lag = lag
 
     def _demote(self, g: RequestGroup, r: Request) -> None:
         g.queue.popleft()
-        key = GroupKey(g.model, LATE_BUCKET)
-        late = self.groups.get(key)
-        if late is None:
-            late = self.groups[key] = RequestGroup(key, math.inf)
-            self._dirty = True
-        late.queue.append(r)
+        self._to_late(r)
+
+    def _to_late(self, r: Request) -> None:
+        self._group(GroupKey(r.model, LATE_BUCKET), math.inf).queue.append(r)
         self.stats.demoted += 1
 
     def _demote_expired(self, now: float) -> None:
@@ -285,7 +563,7 @@ class QLMPolicy(Policy):
         return []
 
     def _has_queued(self, model: str | None) -> bool:
-        return any(g.queue and g.model == model and not g.late for g in self.groups.values())
+        return any(g.queue and not g.late for g in self._by_model.get(model or "", ()))
 
     def _swap(self, inst: InstanceView, model: str, now: float) -> list[Decision]:
         if not self.ctx.enable_swap or inst.instance_id in self._swapping_to or inst.profile_for(model) is None:
@@ -299,6 +577,251 @@ class QLMPolicy(Policy):
         self.stats.swaps += 1
         return [SwapModel(inst.instance_id, model)]
 
+    # ---------------------------------------------------------- the per-request walk
+    def _walk(self, cluster: ClusterView, now: float) -> list[Decision]:
+        """Per model, predict each queued request's TTFT in the order of urgency over the instances serving
+        the model; defer (or, with admission control, reject) what Moore and Hodgson's rule gives up."""
+        out: list[Decision] = []
+        self._starts = {}
+        caps: dict[int, int | None] = {}
+        servers_by_model: dict[str, list[tuple[InstanceView, _Server]]] = {}
+        for inst in cluster.instances:
+            m = inst.model
+            if m is None or inst.swapping or not inst.healthy or inst.profile is None:
+                continue
+            rate = self._rate_of(inst, m)
+            if rate is None:
+                continue
+            cap = self._tpot_cap(inst, m)
+            caps[inst.instance_id] = cap
+            pending = inst.pending_prefill_tokens
+            srv = _Server(rate, inst.num_running + inst.num_waiting,
+                          prefill_s=pending * self._prefill_s_per_token(inst.profile, m), tpot_cap=cap,
+                          concurrency=inst.num_running)
+            servers_by_model.setdefault(m, []).append((inst, srv))
+        self._tpot_caps = caps
+        self._served = set(servers_by_model)
+        for model, servers in servers_by_model.items():
+            out.extend(self._walk_model(model, servers, now))
+        return out
+
+    def _walk_model(self, model: str, servers: list[tuple[InstanceView, _Server]], now: float) -> list[Decision]:
+        groups = [g for g in self._by_model.get(model, ()) if g.queue and not g.late]
+        if not groups:
+            return []
+        prof = servers[0][0].profile
+        assert prof is not None
+        lag = self._lag.get(model, 0.0)
+        rate = servers[0][1].rate
+        per_tok = (self._prefill_s_per_token(prof, model), rate.token_time_s / rate.concurrency)
+        future = self._future[model] = self._future_load(model, per_tok, len(servers), now)
+        srvs = [s for _, s in servers]
+        nearest = [s.start_s(False) for s in srvs]  # each server's start for the next request, kept current
+        out_len = {c: self.est.class_output_mean(model, c) for c in self.ctx.slo_classes}
+        prefill = self._prefill_cache(prof)
+        limit = 4 * sum(s.rate.concurrency for s in srvs) + 256
+        horizon = self._horizon_s
+        strict = self._strict
+        keys: list[tuple[float, ...]] = []
+        starts: list[float] = []
+        starts_pct: list[float] = []
+        taken: list[tuple[float, int, Request, int, float]] = []  # max-heap of (-badness, id, request, server, work)
+        deferred: set[int] = set()
+        for r in heapq.merge(*(g.queue for g in groups), key=self._key):
+            if r.deadline_s - now > horizon:
+                if strict:
+                    continue  # a looser class may still come
+                break  # the rest is due later than the plan looks ahead: a later walk takes it
+            if len(starts) >= limit:
+                break
+            tokens = r.prompt_tokens + r.generated_tokens
+            own_pf = prefill(tokens)
+            i = nearest.index(min(nearest)) if len(srvs) > 1 else 0
+            srv = srvs[i]
+            start = nearest[i]
+            start_pct = srv.start_s(True)
+            if r.predicted_ttft_s is None:
+                base = now - r.arrival_s + own_pf + lag
+                self._predict(r, base + self._with_arrivals(start, r, future, now),
+                              base + self._with_arrivals(start_pct, r, future, now))
+            keys.append(self._key(r))
+            starts.append(start)
+            starts_pct.append(start_pct)
+            work = tokens * per_tok[0]
+            bad = self._badness(r, work + max(0.0, out_len.get(r.slo_class, rate.request_time_s) - r.generated_tokens)
+                                * per_tok[1])
+            if now + start + own_pf + lag > r.deadline_s:
+                self.stats.predicted_violations += 1
+                # Moore-Hodgson: give up the worst request taken so far if that is worse than giving up this one.
+                victim = self._victim(taken, r)
+                if victim is None or victim[0] >= -bad:
+                    deferred.add(r.request_id)
+                    continue
+                taken.remove(victim)
+                heapq.heapify(taken)
+                _, _, v, vi, vwork = victim
+                self._put(srvs[vi], vwork, -1)
+                nearest[vi] = srvs[vi].start_s(False)
+                deferred.add(v.request_id)
+                i = nearest.index(min(nearest)) if len(srvs) > 1 else 0
+            self._put(srvs[i], work, +1)
+            nearest[i] = srvs[i].start_s(False)
+            heapq.heappush(taken, (-bad, r.request_id, r, i, work))
+        self._starts[model] = (now, keys, starts, starts_pct)
+        return self._give_up(groups, deferred, now)
+
+    def _prefill_cache(self, prof) -> "dict[int, float].__getitem__":
+        """`prof.prefill_time`, memoised per prompt length (the walk asks for the same lengths often)."""
+        cache = self._prefill_times.get(id(prof))
+        if cache is None:
+            cache = self._prefill_times[id(prof)] = _Memo(prof.prefill_time)
+        return cache.__getitem__
+
+    def _future_load(self, model: str, per_tok: tuple[float, float], servers: int,
+                     now: float) -> list[tuple[float, int, float]]:
+        """Per SLO class of `model`: (its TTFT SLO, its rank, the share of the servers' capacity its
+        arrivals take), from recent arrival rates and class lengths."""
+        out = []
+        for (m, cls), arr in self._arrivals.items():
+            c = self.ctx.slo_classes.get(cls)
+            if m != model or c is None:
+                continue
+            rate = arr.rate_at(now)
+            if rate <= 0:
+                continue
+            out_len = self.est.class_output_mean(model, cls)
+            cost = arr.prompt * per_tok[0] + out_len * per_tok[1]
+            out.append((c.ttft_s, c.rank, rate * cost / servers))
+        return out
+
+    def _with_arrivals(self, start: float, r: Request, future: list[tuple[float, int, float]], now: float) -> float:
+        """`start` stretched by the requests that will arrive before `r` starts and still go before it:
+        under EDF those whose deadline comes earlier, under strict precedence those of tighter classes."""
+        if not future:
+            return start
+        rank = self._rank.get(r.slo_class, 0)
+        base = start
+        for _ in range(3):  # a fixed point: the longer it waits, the more arrive ahead of it
+            extra = 0.0
+            for slo_s, c_rank, load in future:
+                if self._strict:
+                    if c_rank < rank:
+                        extra += load * start
+                else:
+                    extra += load * max(0.0, min(start, r.deadline_s - now - slo_s))
+            start = base + extra
+        return start
+
+    def _prefill_s_per_token(self, prof, model: str) -> float:
+        """Prefill work per prompt token of `model`, at its mean prompt length (attention pairs included)."""
+        mean = max(1, int(self.est.prompt_mean(model)))
+        return prof.prefill_work_s(mean) / mean
+
+    @staticmethod
+    def _put(srv: _Server, prefill_s: float, sign: int) -> None:
+        srv.queued += sign
+        srv.prefill_s += sign * prefill_s
+
+    def _badness(self, r: Request, cost: float) -> float:
+        """What deferring `r` saves: its cost (per unit of worth, for the weighted objective)."""
+        return cost / self._weight.get(r.slo_class, 1.0) if self._weighted else cost
+
+    def _victim(self, taken: list, r: Request) -> tuple | None:
+        """The request to defer in `r`'s place: the worst taken so far (of `r`'s own class when strict)."""
+        if not taken:
+            return None
+        if not self._strict:
+            return taken[0]
+        rank = self._rank.get(r.slo_class, 0)
+        same = [e for e in taken if self._rank.get(e[2].slo_class, 0) >= rank]
+        return min(same) if same else None
+
+    def _give_up(self, groups: list[RequestGroup], deferred: set[int], now: float) -> list[Decision]:
+        """Move the deferred requests to the late group (or reject those never dispatched, with admission)."""
+        out: list[Decision] = []
+        if not deferred:
+            return out
+        for g in groups:
+            if not any(r.request_id in deferred for r in g.queue):
+                continue
+            keep = []
+            for r in g.queue:
+                if r.request_id not in deferred:
+                    keep.append(r)
+                    continue
+                self.stats.deferred += 1
+                if self._reject and r.dispatch_s is None:
+                    self._count -= 1
+                    self._depth[r.slo_class] -= 1
+                    self.stats.rejected += 1
+                    out.append(Reject(r, "predicted to miss its TTFT SLO at the current load"))
+                else:
+                    self._to_late(r)
+            g.queue.clear()
+            g.queue.extend(keep)
+        return out
+
+    def _predict_at_arrival(self, r: Request, now: float) -> bool:
+        """Record `r`'s predicted TTFT from its place by urgency in the last walk over its model's queue (its
+        start then, less the time since); True when the mean prediction misses its deadline."""
+        prof = self.ctx.profiles.get(r.model)
+        if prof is None:
+            return False
+        own = prof.prefill_time(r.prompt_tokens) + self._lag.get(r.model, 0.0)
+        walk = self._starts.get(r.model)
+        start = start_pct = 0.0
+        planned = self._group_start.get(group_key(r, self.ctx.slo_bucket_s))
+        if r.model not in self._served and planned is not None:
+            t, head, each = planned
+            g = self.groups.get(group_key(r, self.ctx.slo_bucket_s))
+            start = start_pct = max(0.0, head - (now - t)) + (len(g.queue) if g is not None else 0) * each
+        elif walk is not None:
+            t, keys, starts, starts_pct = walk
+            if starts:
+                i = min(bisect.bisect_left(keys, self._key(r)), len(starts) - 1)
+                start = max(0.0, starts[i] - (now - t))
+                start_pct = self._with_arrivals(max(0.0, starts_pct[i] - (now - t)), r,
+                                                self._future.get(r.model, []), now)
+        miss = now + start + own > r.deadline_s
+        self._predict(r, self._with_arrivals(start, r, self._future.get(r.model, []), now) + own, start_pct + own)
+        return miss
+
+    def _predict(self, r: Request, mean_s: float, pct_s: float) -> None:
+        """Record `r`'s predicted TTFT: the mean times its class's calibrated ratio, or the estimator's own
+        percentile until the class has enough history."""
+        # How far off an estimate runs depends on its scale, and on whether the model is loaded (else its
+        # start waits on the swaps the plan foresees): each has its own calibration.
+        where = (_scale(mean_s), r.model in self._served)
+        self._mean_ttft[r.request_id] = (mean_s, where)
+        f = None
+        for key in ((r.model, r.slo_class, where), (r.model, r.slo_class, None)):
+            cal = self._calib.get(key)
+            f = cal.factor() if cal is not None else None
+            if f is not None:
+                break
+        r.predicted_ttft_s = max(mean_s, 1e-3) * f if f is not None else pct_s
+
+    def _tpot_cap(self, inst: InstanceView, model: str) -> int | None:
+        """The most sequences `inst` may run while it serves a class with a TPOT SLO (None: no such class)."""
+        if not self._tpot:
+            return None
+        running = {r.slo_class for r in inst.running_requests()}
+        tight = min((t for c, t in self._tpot.items() if self._depth.get(c, 0) > 0 or c in running), default=None)
+        if tight is None:
+            return None
+        prof = inst.profile
+        assert prof is not None
+        mu = max(1.0, self.est.output_mean(model))
+        pf = prof.prefill_work_s(int(self.est.prompt_mean(model)))
+        lo, hi = 1, prof.max_num_seqs
+        while lo < hi:  # the largest batch whose time per output token stays within the SLO
+            mid = (lo + hi + 1) // 2
+            if prof.decode_step_time(mid) + mid * pf / mu <= TPOT_MARGIN * tight:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     # ---------------------------------------------------------- planning
     def _lanes(self, cluster: ClusterView) -> list[_Lane]:
         lanes = []
@@ -310,28 +833,18 @@ class QLMPolicy(Policy):
             lanes.append(_Lane(inst, model, float(inst.num_running + inst.num_waiting), offset, []))
         return lanes
 
-    def _rate_of(self, inst: InstanceView, model: str) -> tuple[float, float, float] | None:
-        """(concurrency, request time, CLT factor) of `model` on `inst`, cached for one plan."""
+    def _rate_of(self, inst: InstanceView, model: str) -> ServiceRate | None:
+        """The estimator's service rate of `model` on `inst`, cached for one plan."""
         key = (inst.instance_id, model)
         hit = self._rates.get(key)
         if hit is None:
             prof = inst.profile_for(model)
             if prof is None:
                 return None
-            rate = self.est.rate(prof, model)
-            st = self.est.stats.get(model)
-            kz = self.est.z * st.std / max(1.0, st.mean) if st is not None else self.est.z
-            hit = self._rates[key] = (float(rate.concurrency), rate.request_time_s, kz)
+            hit = self._rates[key] = self.est.rate(prof, model)
         return hit
 
-    @staticmethod
-    def _completions(n: float, rate: tuple[float, float, float]) -> float:
-        """Time for `n` completions at `rate` (RWTEstimator.completions_time, inlined for speed)."""
-        if n <= 0:
-            return 0.0
-        return max(0.0, n + rate[2] * math.sqrt(n)) * rate[1] / rate[0]
-
-    def _planned_rate(self, lane: _Lane, model: str) -> tuple[float, float, float] | None:
+    def _planned_rate(self, lane: _Lane, model: str) -> ServiceRate | None:
         try:
             return lane.rates[model]
         except KeyError:
@@ -345,14 +858,14 @@ class QLMPolicy(Policy):
             return math.inf, False
         if lane.model == model:
             # It starts once `ahead - concurrency + 1` of the requests ahead have finished.
-            return lane.offset_s + self._completions(lane.ahead - rate[0] + 1, rate), False
+            return lane.offset_s + rate.completions_time(lane.ahead - rate.concurrency + 1), False
         if not self.ctx.enable_swap:
             return math.inf, True
         drain = 0.0
         if lane.model is not None and lane.ahead > 0:
             cur = self._planned_rate(lane, lane.model)
             if cur is not None:
-                drain = self._completions(lane.ahead, cur)
+                drain = cur.completions_time(lane.ahead)
         load = lane.loads.get(model)
         if load is None:
             load = lane.loads[model] = lane.inst.load_time(model)
@@ -364,12 +877,23 @@ class QLMPolicy(Policy):
         lanes = self._lanes(cluster)
         groups = [g for g in self.groups.values() if g.queue]
         groups.sort(key=lambda g: (g.late, g.head_deadline(), g.key))
+        sqrt = math.sqrt
         for g in groups:
             n = len(g.queue)
+            model = g.model
             slack = g.head_deadline() - now
             options = []
             for lane in lanes:
-                start, swap = self._start_on(lane, g.model)
+                if lane.model == model:  # `_start_on` for a lane already serving the model, inlined (hot loop)
+                    rate_l = lane.rates[model] if model in lane.rates else self._planned_rate(lane, model)
+                    if rate_l is None:
+                        continue
+                    k = lane.ahead - rate_l.concurrency + 1
+                    wait = (max(0.0, k + rate_l.spread * sqrt(k)) * rate_l.request_time_s / rate_l.concurrency
+                            if k > 0 else 0.0)
+                    options.append((lane.offset_s + wait, False, lane))
+                    continue
+                start, swap = self._start_on(lane, model)
                 if start < math.inf:
                     options.append((start, swap, lane))
             if not options:
@@ -386,11 +910,17 @@ class QLMPolicy(Policy):
                 if lane is chosen[0][2] or swap:
                     continue
                 k = len(chosen)
-                tail_now = max(o[0] for o in chosen) + self._completions(n / k, rate)
+                tail_now = max(o[0] for o in chosen) + rate.completions_time(n / k)
                 if start >= tail_now:
                     break
                 chosen.append((start, swap, lane))
             share = n / len(chosen)
+            head = chosen[0][0]
+            if chosen[0][1]:
+                # A swap waits while the group can (`_can_defer`: twice the drain and the load): the instance
+                # keeps its model busy until the head's slack comes down to that, then drains and loads.
+                head = max(head, slack - (head - chosen[0][2].offset_s))
+            self._group_start[g.key] = (now, head, rate.completions_time(1.0) / len(chosen))
             for start, swap, lane in chosen:
                 if swap:
                     lane.offset_s = start
@@ -414,7 +944,6 @@ class QLMPolicy(Policy):
                     continue
                 start, swap = self._start_on(lane, g.model)
                 if not g.late and now + start > g.head_deadline():
-                    self.stats.predicted_violations += 1
                     return True
                 if swap:
                     lane.offset_s, lane.ahead, lane.model = start, 0.0, g.model
@@ -428,13 +957,8 @@ class QLMPolicy(Policy):
             room = room_of(inst, 0)
             if room is None or room.slots > 0:
                 continue
-            head = None
-            for key in self.vqs.get(inst.instance_id, []):
-                g = self.groups.get(key)
-                if g is not None and g.queue:
-                    head = g
-                    break
-            if head is None or head.late or head.model != inst.model:
+            head = self._most_urgent(inst.model, now)
+            if head is None or head.late or not head.queue:
                 continue
             prof = inst.profile
             assert prof is not None
@@ -460,3 +984,12 @@ class QLMPolicy(Policy):
                 self.stats.evictions += 1
                 out.append(Evict(r, inst.instance_id))
         return out
+
+
+class QLMStrictPolicy(QLMPolicy):
+    """qlm with strict class precedence: a tighter class is never given up for a looser one."""
+
+    name: ClassVar[str] = "qlm-strict"
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        super().__init__(replace(ctx, objective="strict"))

@@ -34,7 +34,7 @@ from qlmctl.core.cluster import ClusterView, Decision
 from qlmctl.core.groups import GroupKey, RequestGroup
 from qlmctl.errors import UserError
 from qlmctl.policies.base import PolicyContext
-from qlmctl.policies.qlm import QLMPolicy
+from qlmctl.policies.qlm import PlanStats, QLMPolicy
 from qlmctl.solvers import MilpSolver, MilpStatus
 from simulator.profile import EngineProfile
 from qlmctl.solvers.placement import (
@@ -54,14 +54,9 @@ logger = logging.getLogger("qlmctl.qlm_lp")
 
 
 @dataclass
-class QLMLPStats:
-    """QLM's planning counters (same names as `PlanStats`) plus the program's."""
+class QLMLPStats(PlanStats):
+    """QLM's planning counters plus the program's."""
 
-    plans: int = 0
-    predicted_violations: int = 0
-    evictions: int = 0
-    swaps: int = 0
-    demoted: int = 0
     solves: int = 0
     solves_optimal: int = 0
     solves_time_limit: int = 0
@@ -320,10 +315,7 @@ class QLMLPPolicy(QLMPolicy):
     def _lane_rate(self, profile: EngineProfile, model: str) -> LaneRate:
         """The estimator's service rate of `model` on `profile`, as the placement model takes it."""
         rate = self.est.rate(profile, model)
-        st = self.est.stats.get(model)
-        mean = max(1.0, st.mean) if st is not None else 256.0
-        std = st.std if st is not None else 256.0
-        return LaneRate(rate.request_time_s / rate.concurrency, self.est.z * std / mean, rate.concurrency)
+        return LaneRate(rate.request_time_s / rate.concurrency, rate.spread, rate.concurrency)
 
     def close(self) -> None:
         """Stop the worker thread (live mode) and release the solver."""

@@ -1,6 +1,9 @@
 """The highest arrival rate a configuration sustains at a target SLO attainment, by bisection.
 
-The search assumes attainment falls as the rate rises (as capacity planners do). It probes both
+The search assumes attainment falls as the rate rises (as capacity planners do). A rate *holds* the target
+when its attainment reaches it in a steady state: a probe that did not complete (nearly) its offered rate
+over its measured window is building a backlog, and misses whatever its attainment (a short burst can
+look fine only because the deadlines absorb it). It probes both
 bounds first (together); if the lower bound already misses the target, or the upper bound still
 holds it, the answer is outside the bracket and says so. Otherwise each round probes
 `probes_per_round` evenly spaced rates inside the bracket `[holds, misses)` and keeps the part
@@ -57,6 +60,8 @@ class Bisection:
     rounds: int = 0
     probes: dict[float, float | None] = field(default_factory=dict)
     """Rate -> attainment (None: failed) of every probe so far."""
+    unsteady: set[float] = field(default_factory=set)
+    """Probed rates that did not reach a steady state: they miss the target whatever their attainment."""
     error: str | None = None
     _outstanding: set[float] = field(default_factory=set)
     _issued: bool = False
@@ -92,11 +97,15 @@ class Bisection:
         self._outstanding = set(rates)
         return rates
 
-    def record(self, rate: float, attainment: float | None, error: str | None = None) -> None:
+    def record(self, rate: float, attainment: float | None, error: str | None = None, steady: bool = True) -> None:
+        """A probe's result: its attainment (None: it failed) and whether it was steady (completed its
+        offered rate); an unsteady probe misses the target."""
         if rate not in self._outstanding:
             raise ValueError(f"rate {rate} was not asked for")
         self._outstanding.discard(rate)
         self.probes[rate] = attainment
+        if not steady:
+            self.unsteady.add(rate)
         if attainment is None and not self.done:
             self.status = CapacityStatus.FAILED
             self.error = error or "probe failed"
@@ -104,14 +113,19 @@ class Bisection:
             return
         self._settle()
 
+    def held(self, rate: float) -> bool:
+        """Whether the probe at `rate` held the target: attainment reached it, in a steady state."""
+        a = self.probes.get(rate)
+        return a is not None and a >= self.target and rate not in self.unsteady
+
     def _settle(self) -> None:
         """Narrow the bracket once every probe of the round is in."""
         if self.holds is None and self.misses is None:  # the bounds round
             lo, hi = round_rate(self.rate_min), round_rate(self.rate_max)
-            if self.probes[lo] < self.target:  # type: ignore[operator]
+            if not self.held(lo):
                 self.misses, self.status = lo, CapacityStatus.BELOW_MIN
                 return
-            if self.probes[hi] >= self.target:  # type: ignore[operator]
+            if self.held(hi):
                 self.holds, self.status = hi, CapacityStatus.ABOVE_MAX
                 return
             self.holds, self.misses = lo, hi
@@ -119,7 +133,7 @@ class Bisection:
             assert self.holds is not None and self.misses is not None
             inside = sorted(r for r in self.probes if self.holds < r < self.misses)
             for r in inside:
-                if self.probes[r] >= self.target:  # type: ignore[operator]
+                if self.held(r):
                     self.holds = r
                 else:
                     self.misses = r

@@ -32,8 +32,9 @@ def _pyplot():
 
 
 def _colours(policies: list[str]) -> dict[str, str]:
-    palette = [f"C{i}" for i in range(10)]
-    return {p: palette[i % len(palette)] for i, p in enumerate(policies)}
+    from qlmctl.plots import policy_color
+
+    return {p: policy_color(p) for p in policies}
 
 
 def _panel_label(scenario: str, gpus: str) -> str:
@@ -67,6 +68,10 @@ def plot_attainment(points: pd.DataFrame, capacity: pd.DataFrame | None, target:
             line = grid if not grid.empty else mine
             stats = line.groupby("rate_rps")["slo_attainment"].agg(["mean", "min", "max"]).sort_index()
             ax.plot(stats.index, 100 * stats["mean"], marker="o", ms=3.5, lw=1.6, color=colour, label=policy)
+            if "steady" in line:  # unsteady points (a growing backlog) cannot hold: drawn hollow
+                bad = line[line["steady"] == False].groupby("rate_rps")["slo_attainment"].mean()  # noqa: E712
+                if not bad.empty:
+                    ax.scatter(bad.index, 100 * bad, s=42, facecolor="white", edgecolor=colour, lw=1.2, zorder=4)
             if line["seed"].nunique() > 1:
                 ax.fill_between(stats.index, 100 * stats["min"], 100 * stats["max"], color=colour, alpha=0.15, lw=0)
             probes = mine[mine["phase"] == "bisect"]
@@ -90,7 +95,8 @@ def plot_attainment(points: pd.DataFrame, capacity: pd.DataFrame | None, target:
         if handles:
             fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False,
                        bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle(f"SLO attainment against arrival rate (target {100 * target:g}%, ▼ capacity)", y=1.04, fontsize=11)
+    fig.suptitle(f"SLO attainment against arrival rate (target {100 * target:g}%, ▼ capacity, ○ not steady)", y=1.04,
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -53,6 +53,10 @@ class Configuration:
     """The fleet, e.g. "4xH200" or "2xH200+2xA100"."""
     seed: int
     max_requests: int | None
+    duration_s: float | None
+    """Seconds of arrivals (None: the scenario's requests once)."""
+    measure: tuple[float, float, bool]
+    """(warm-up fraction, least completed/offered throughput ratio of a steady point, stop unsteady points)."""
     bundle: str
     """Digest of the scenario bundle."""
     base_overrides: str
@@ -71,11 +75,13 @@ class Configuration:
             "gpus": self.gpus,
             "seed": self.seed,
             "max_requests": self.max_requests,
+            "duration_s": self.duration_s,
         }
 
     def describe(self) -> str:
         return (f"scenario={self.scenario} policy={self.policy} instances={self.instances} "
-                f"seed={self.seed}" + (f" max_requests={self.max_requests}" if self.max_requests else ""))
+                f"seed={self.seed}" + (f" max_requests={self.max_requests}" if self.max_requests else "")
+                + (f" duration={self.duration_s:g}s" if self.duration_s else ""))
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ class Point:
             "bundle": self.config.bundle,
             "policy": self.config.policy,
             "overrides": self.overrides(),
+            "measure": list(self.config.measure),
         })
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -218,6 +225,8 @@ class _Planner:
             over["cluster"] = {"instances": lines}
         if max_requests is not None:
             over["workload"] = {"max_requests": max_requests}
+        if self.spec.duration_s is not None:
+            over = _deep_merge(over, {"workload": {"duration_s": self.spec.duration_s}})
         wl = sc.spec.workload
         if wl.trace is not None:
             over = _deep_merge(over, {"workload": {"time_scale": 1.0}})
@@ -231,6 +240,8 @@ class _Planner:
             gpus=_gpus_label(gpus),
             seed=over["seed"],
             max_requests=max_requests if max_requests is not None else wl.max_requests,
+            duration_s=self.spec.duration_s if self.spec.duration_s is not None else wl.duration_s,
+            measure=(self.spec.warmup_fraction, self.spec.min_throughput_ratio, self.spec.stop_unsteady),
             bundle=entry.bundle.digest,
             base_overrides=canonical_json(over),
             rate_field=rate_field,

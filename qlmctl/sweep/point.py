@@ -12,12 +12,16 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qlmctl.errors import UserError
 from qlmctl.sweep.bundle import Bundle, materialise, original_path, with_origins
+
+if TYPE_CHECKING:
+    from qlmctl.core.request import Request
 
 SUMMARY_METRICS: tuple[str, ...] = (
     "num_requests",
@@ -44,6 +48,9 @@ SUMMARY_METRICS: tuple[str, ...] = (
 class _Config(Protocol):
     @property
     def policy(self) -> str: ...
+
+    @property
+    def measure(self) -> tuple[float, float, bool]: ...
 
 
 class Point(Protocol):
@@ -74,7 +81,8 @@ class PointOutcome:
     key: str
     ok: bool
     metrics: dict[str, Any] | None
-    """SUMMARY_METRICS, plus `attainment_by_class` ({class: fraction}) and
+    """SUMMARY_METRICS over the whole run, but `slo_attainment` and `attainment_by_class` ({class: fraction})
+    over the measured window (warm-up left out; the whole run's is `slo_attainment_run`); `STEADY_METRICS`;
     `offered_rate_rps` (the replayed requests' mean arrival rate)."""
     error: str | None
     """`ExceptionType: message` when not ok."""
@@ -130,10 +138,16 @@ def run_point(point: Point, source: Bundle | LocalBundle) -> PointOutcome:
         folder = scenario_file.parent
         sc = load_scenario(scenario_file, point.overrides())
         requests, report = build_requests(sc)
-        run = simulate(sc, point.config.policy, requests)
+        warmup, min_ratio, stop = point.config.measure
+        start_s, end_s = measured_window(requests, sc.spec.workload.duration_s, warmup)
+        watch = SteadyWatch(requests, start_s, end_s, min_ratio) if stop else None
+        run = simulate(sc, point.config.policy, requests, stop_if=watch)
         summary = run.summary
         metrics = {k: summary.get(k) for k in SUMMARY_METRICS}
-        metrics["attainment_by_class"] = dict(summary.get("slo_attainment_by_class") or {})
+        metrics.update(steady_metrics(run.result.requests, start_s, end_s, min_ratio, run.stopped_early))
+        metrics["slo_attainment_run"] = summary.get("slo_attainment")
+        metrics["slo_attainment"] = metrics.pop("window_slo_attainment")
+        metrics["attainment_by_class"] = metrics.pop("window_attainment_by_class")
         metrics["offered_rate_rps"] = report.mean_rate_rps
         return PointOutcome(point.key, True, metrics, None, None, time.perf_counter() - start, worker)
     except Exception as e:  # noqa: BLE001 - every failure goes back to the driver, with its point
@@ -145,5 +159,72 @@ def run_point(point: Point, source: Bundle | LocalBundle) -> PointOutcome:
         )
 
 
-__all__ = ["LocalBundle", "PointOutcome", "SUMMARY_METRICS", "error_in_origins", "lost_outcome", "open_bundle",
+STEADY_METRICS: tuple[str, ...] = (
+    "steady", "stopped_early", "window_start_s", "window_s", "window_offered_rps", "window_completed_rps",
+    "window_throughput_ratio", "window_goodput",
+)
+"""Per point, beside SUMMARY_METRICS: whether it reached a steady state (completed at least the sweep's
+`min_throughput_ratio` of its offered rate over the measured window) and the window's figures."""
+
+STOP_CHECK_FRACTION = 0.25
+"""A run is checked for hopeless overload once this fraction of its measured window has passed."""
+STOP_BACKLOG_FRACTION = 0.5
+"""... and stopped if it has finished fewer than this fraction of the requests that arrived by then."""
+
+
+def measured_window(requests: Sequence[Request], duration_s: float | None, warmup_fraction: float) -> tuple[float, float]:
+    """The arrival window a point's metrics cover: the arrival span (`duration_s` when set, else first to last
+    arrival) less its first `warmup_fraction`."""
+    if not requests:
+        return 0.0, 1.0
+    first = min(r.arrival_s for r in requests)
+    last = max(r.arrival_s for r in requests)
+    end = first + duration_s if duration_s is not None else last + 1e-9
+    end = max(end, first + 1e-9)
+    return first + warmup_fraction * (end - first), end
+
+
+def steady_metrics(requests: Sequence[Request], start_s: float, end_s: float, min_ratio: float,
+                   stopped_early: bool) -> dict[str, Any]:
+    """`metrics.window_summary` over [start_s, end_s) with `steady` (completed >= min_ratio x offered)."""
+    from qlmctl.metrics import window_summary
+
+    w = window_summary(requests, start_s, end_s)
+    ratio = w["window_throughput_ratio"]
+    return {"steady": bool(ratio is not None and ratio >= min_ratio and not stopped_early),
+            "stopped_early": stopped_early, "window_start_s": start_s, **w}
+
+
+class SteadyWatch:
+    """`runner.simulate`'s `stop_if` for a sweep point: stops a run that can no longer be steady.
+
+    During the window, once `STOP_CHECK_FRACTION` of it has passed: when fewer than `STOP_BACKLOG_FRACTION`
+    of the requests arrived so far have finished (the backlog grows at half the offered rate or more). After
+    the window: once, when its completed throughput is settled and below `min_ratio` of the offered rate
+    (the drain that would follow only serves requests nobody counts as on time)."""
+
+    def __init__(self, requests: Sequence[Request], start_s: float, end_s: float, min_ratio: float) -> None:
+        import numpy as np
+
+        self._arrivals = np.sort(np.fromiter((r.arrival_s for r in requests), dtype=np.float64, count=len(requests)))
+        self.start_s, self.end_s, self.min_ratio = start_s, end_s, min_ratio
+        self._after_checked = False
+
+    def __call__(self, now: float, done: int, requests: Sequence[Request]) -> bool:
+        if now < self.start_s + STOP_CHECK_FRACTION * (self.end_s - self.start_s):
+            return False
+        if now < self.end_s:
+            arrived = int(self._arrivals.searchsorted(now, side="right"))
+            return done < STOP_BACKLOG_FRACTION * arrived
+        if self._after_checked:
+            return False
+        self._after_checked = True
+        from qlmctl.metrics import window_summary
+
+        ratio = window_summary(requests, self.start_s, self.end_s)["window_throughput_ratio"]
+        return ratio is not None and ratio < self.min_ratio
+
+
+__all__ = ["LocalBundle", "PointOutcome", "STEADY_METRICS", "SUMMARY_METRICS", "SteadyWatch", "measured_window",
+           "steady_metrics", "error_in_origins", "lost_outcome", "open_bundle",
            "run_point"]

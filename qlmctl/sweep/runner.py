@@ -120,7 +120,8 @@ class _Runner:
             def on_probe(rec: PointRecord, rate: float = rate) -> None:
                 attainment = rec.attainment if rec.ok else None
                 error = rec.error if not rec.ok else "no requests: no attainment"
-                b.record(rate, attainment, error)
+                steady = bool((rec.metrics or {}).get("steady", True))
+                b.record(rate, attainment, error, steady)
                 self.search(config, b)
 
             self.request(config.at(rate), True, on_probe)

@@ -70,6 +70,19 @@ class SweepSpec(_Strict):
     rates_rps: list[PositiveRate] = Field(default_factory=list, description="arrival rates, requests/s")
     seeds: list[int | None] = Field(default_factory=lambda: [None], description="null: the scenario's seed")
     max_requests: int | None = Field(default=None, gt=0, description="requests replayed per point")
+    duration_s: float | None = Field(
+        default=600.0, gt=0,
+        description="seconds of arrivals per point at its rate (a trace is repeated to fill them); null: the "
+                    "scenario's requests once (max_requests of them), however short they last at a high rate")
+    warmup_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="the first part of the arrival span left out of a point's metrics")
+    min_throughput_ratio: float = Field(
+        default=0.95, gt=0, le=1,
+        description="a point is steady when it completes at least this fraction of its offered rate over the "
+                    "measured window; an unsteady point cannot hold the target")
+    stop_unsteady: bool = Field(
+        default=True, description="stop simulating a point once it cannot be steady (its metrics then count the "
+                                  "requests it did not serve as misses)")
     points: list[ListedPoint] | None = None
     target_attainment: float = Field(default=0.9, gt=0, le=1, description="fraction of requests meeting SLO")
     bisection: BisectionSpec | None = None

@@ -14,14 +14,14 @@ from typing import Any
 
 import pandas as pd
 
-from qlmctl.sweep.point import SUMMARY_METRICS
+from qlmctl.sweep.point import STEADY_METRICS, SUMMARY_METRICS
 from qlmctl.sweep.runner import SweepResult
 
 RESULTS_FILE = "results.parquet"
 CAPACITY_FILE = "capacity.parquet"
 MARKDOWN_FILE = "results.md"
 
-PARAMETER_COLUMNS = ["scenario", "policy", "instances", "gpus", "seed", "max_requests", "rate_rps"]
+PARAMETER_COLUMNS = ["scenario", "policy", "instances", "gpus", "seed", "max_requests", "duration_s", "rate_rps"]
 CLASS_PREFIX = "attainment_"
 """Per-SLO-class attainment columns are `attainment_<class>`."""
 
@@ -32,9 +32,13 @@ def results_frame(result: SweepResult) -> pd.DataFrame:
     """One row per point of the sweep, sorted by parameters then rate.
 
     Columns: key, phase (grid or bisect), the parameters, status (ok or failed), attempts,
-    error; `slo_attainment` and `attainment_<class>` (fractions); `SUMMARY_METRICS` with
-    vLLM's names and units (ms, req/s, tok/s, s); `offered_rate_rps` (the replayed requests'
-    mean arrival rate), `wall_s` (seconds the point took in its worker) and `worker`.
+    error; `slo_attainment` and `attainment_<class>` (fractions, over the measured window: the
+    arrival span less its warm-up); `steady` (the point completed at least the sweep's
+    min_throughput_ratio of its offered rate over that window); `SUMMARY_METRICS` but
+    slo_attainment with vLLM's names and units (ms, req/s, tok/s, s), over the whole run;
+    `slo_attainment_run` (over every request); `STEADY_METRICS`' window figures;
+    `offered_rate_rps` (the replayed requests' mean arrival rate), `wall_s` (seconds the point took
+    in its worker) and `worker`.
     """
     grid = set(result.grid_keys)
     rows: list[dict[str, Any]] = []
@@ -46,18 +50,24 @@ def results_frame(result: SweepResult) -> pd.DataFrame:
         row.update({"status": "ok" if rec.ok else "failed", "attempts": rec.attempts, "error": rec.error})
         metrics = rec.metrics or {}
         row.update({m: metrics.get(m) for m in SUMMARY_METRICS})
+        row["slo_attainment_run"] = metrics.get("slo_attainment_run")
+        row.update({m: metrics.get(m) for m in STEADY_METRICS})
         for cls, value in (metrics.get("attainment_by_class") or {}).items():
             classes[cls] = None
             row[CLASS_PREFIX + cls] = value
         row["offered_rate_rps"] = metrics.get("offered_rate_rps")
         row.update({"wall_s": rec.wall_s, "worker": rec.worker})
         rows.append(row)
-    head = ["key", "phase", *PARAMETER_COLUMNS, "status", "attempts", "error", "slo_attainment"]
-    metric_cols = [m for m in SUMMARY_METRICS if m != "slo_attainment"]
+    head = ["key", "phase", *PARAMETER_COLUMNS, "status", "attempts", "error", "slo_attainment", "steady"]
+    metric_cols = [m for m in SUMMARY_METRICS if m != "slo_attainment"] + ["slo_attainment_run"]
+    metric_cols += [m for m in STEADY_METRICS if m != "steady"]
     columns = head + [CLASS_PREFIX + c for c in sorted(classes)] + metric_cols
     columns += ["offered_rate_rps", "wall_s", "worker"]
     frame = pd.DataFrame(rows, columns=columns)
     frame["max_requests"] = frame["max_requests"].astype("Int64")
+    frame["duration_s"] = frame["duration_s"].astype("float64")
+    for c in ("steady", "stopped_early"):
+        frame[c] = frame[c].astype("boolean")
     return _in_sweep_order(frame, result).reset_index(drop=True)
 
 
@@ -70,7 +80,8 @@ def _in_sweep_order(frame: pd.DataFrame, result: SweepResult) -> pd.DataFrame:
     def key(col: pd.Series) -> pd.Series:
         return col.map(by[col.name]) if col.name in by else col
 
-    order = [c for c in ("scenario", "policy", "instances", "seed", "max_requests", "rate_rps") if c in frame]
+    order = [c for c in ("scenario", "policy", "instances", "seed", "max_requests", "duration_s", "rate_rps")
+             if c in frame]
     return frame.sort_values(order, key=key, kind="stable")
 
 
@@ -93,12 +104,14 @@ def capacity_frame(result: SweepResult) -> pd.DataFrame:
             "rounds": b.rounds,
             "probes": len(b.probes),
             "attainment_at_max": b.probes.get(b.max_rate) if b.max_rate is not None else None,
+            "unsteady_probes": len(b.unsteady),
             "error": b.error,
         })
     columns = [*[c for c in PARAMETER_COLUMNS if c != "rate_rps"], "target_attainment", "max_rate_rps",
-               "upper_rate_rps", "status", "rounds", "probes", "attainment_at_max", "error"]
+               "upper_rate_rps", "status", "rounds", "probes", "attainment_at_max", "unsteady_probes", "error"]
     frame = pd.DataFrame(rows, columns=columns)
     frame["max_requests"] = frame["max_requests"].astype("Int64")
+    frame["duration_s"] = frame["duration_s"].astype("float64")
     for c in ("max_rate_rps", "upper_rate_rps", "attainment_at_max"):
         frame[c] = frame[c].astype("float64")
     return _in_sweep_order(frame, result).reset_index(drop=True)
@@ -140,8 +153,15 @@ def _formatter(column: str) -> Callable[[Any], str]:
         return fmt_rate
     if column.endswith("_ms"):
         return fmt_num(1)
-    if column in ("request_goodput", "request_throughput", "offered_rate_rps", "wall_s"):
+    if column in ("request_goodput", "request_throughput", "offered_rate_rps", "wall_s", "window_offered_rps",
+                  "window_completed_rps"):
         return fmt_num(2)
+    if column == "window_throughput_ratio":
+        return fmt_pct
+    if column == "steady":
+        return lambda x: _MISSING if _is_missing(x) else ("yes" if x else "**no**")
+    if column == "duration_s":
+        return lambda x: "once" if _is_missing(x) else f"{x:g}"
     if column in ("attainment_at_max",):
         return fmt_pct
     return fmt_text
@@ -161,6 +181,12 @@ HEADERS = {
     "upper_rate_rps": "misses at (req/s)",
     "target_attainment": "target",
     "attainment_at_max": "attainment at max",
+    "steady": "steady",
+    "window_throughput_ratio": "completed/offered",
+    "window_offered_rps": "offered (req/s)",
+    "window_completed_rps": "completed (req/s)",
+    "duration_s": "arrivals (s)",
+    "unsteady_probes": "unsteady probes",
 }
 
 
@@ -175,6 +201,17 @@ def markdown_table(frame: pd.DataFrame, columns: Sequence[str]) -> str:
     for row in frame[columns].itertuples(index=False):
         lines.append("| " + " | ".join(f(v) for f, v in zip(fmts, row)) + " |")
     return "\n".join(lines)
+
+
+def measuring(spec: Any) -> str:
+    """One sentence on how the sweep measures a point (for its tables and its console output)."""
+    span = (f"{spec.duration_s:g} s of arrivals per point (a trace repeated to fill them)" if spec.duration_s
+            else "each scenario's requests once per point (burst capacity: a high rate replays them in a short "
+                 "burst the deadlines may absorb)")
+    return (f"Measured over {span}, the first {100 * spec.warmup_fraction:g} % left out as warm-up; attainment is "
+            f"the fraction of the measured requests meeting their SLO; a point is steady when it completes at least "
+            f"{100 * spec.min_throughput_ratio:g} % of its offered rate over that window, and only a steady point "
+            f"can hold the target.")
 
 
 def write_tables(result: SweepResult, out_dir: Path) -> dict[str, Path]:
@@ -197,13 +234,13 @@ def write_tables(result: SweepResult, out_dir: Path) -> dict[str, Path]:
         parts += [spec.description, ""]
     parts.append(
         f"{len(points)} points ({(points['phase'] == 'grid').sum()} grid, {(points['phase'] == 'bisect').sum()} "
-        f"bisection probes), {len(failed)} failed. Attainment: fraction of requests meeting their SLO."
+        f"bisection probes), {len(failed)} failed. {measuring(spec)}"
     )
     if capacity is not None:
-        parts += ["", f"## Highest rate holding {100 * spec.target_attainment:g}% SLO attainment", ""]
+        parts += ["", f"## Highest rate holding {100 * spec.target_attainment:g}% SLO attainment in a steady state", ""]
         parts.append(markdown_table(capacity, [
             "scenario", "policy", "instances", "gpus", "seed", "max_rate_rps", "upper_rate_rps", "status",
-            "probes", "attainment_at_max", "error",
+            "probes", "unsteady_probes", "attainment_at_max", "error",
         ]))
     if len(failed):
         parts += ["", "## Failed points", ""]
@@ -212,8 +249,8 @@ def write_tables(result: SweepResult, out_dir: Path) -> dict[str, Path]:
     parts += ["", "## Points", ""]
     parts.append(markdown_table(points, [
         "phase", "scenario", "policy", "instances", "gpus", "seed", "rate_rps", "status", "slo_attainment",
-        *classes, "request_goodput", "request_throughput", "p50_ttft_ms", "p99_ttft_ms", "num_swaps",
-        "num_evictions", "wall_s",
+        *classes, "steady", "window_offered_rps", "window_completed_rps", "window_throughput_ratio",
+        "p50_ttft_ms", "p99_ttft_ms", "num_swaps", "num_evictions", "wall_s",
     ]))
     written["markdown"].write_text("\n".join(parts) + "\n", encoding="utf-8")
     return written

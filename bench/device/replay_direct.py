@@ -1,0 +1,70 @@
+"""Replay a scenario's workload straight to an engine server (vLLM, or `qlmctl emulate`), as a client talking to
+vLLM directly does, and write the results like `qlmctl simulate` (policy label `direct`, or `direct-priority`
+with --priority), with the server's own histogram and counter deltas (vLLM's /metrics) in `engine_metrics`.
+
+    python bench/device/replay_direct.py -s SCENARIO --url http://127.0.0.1:8010 --rate R -n N -o DIR [--priority]
+
+--priority sends each request's priority (its SLO class's, lower first) in the body, for a server started with
+`--scheduling-policy priority`. The simulated side of such a run is policy `direct` with the engine's
+scheduling policy set (bench/fidelity_compare.py does it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from qlmctl.client.replay import LiveRun, replay, save_live  # noqa: E402
+from qlmctl.engines import engine_kind  # noqa: E402
+from qlmctl.engines.totals import engine_totals_delta  # noqa: E402
+from qlmctl.metrics import summarize  # noqa: E402
+from qlmctl.scenario import load_scenario  # noqa: E402
+from qlmctl.workload import build_requests  # noqa: E402
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-s", "--scenario", type=Path, required=True)
+    ap.add_argument("--url", default="http://127.0.0.1:8010")
+    ap.add_argument("--rate", type=float, default=None, help="rescale arrivals to this rate, req/s")
+    ap.add_argument("-n", type=int, default=None, help="cap the requests")
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--priority", action="store_true", help="send each request's priority (vLLM priority scheduling)")
+    ap.add_argument("--label", default=None)
+    args = ap.parse_args()
+    over: dict = {"workload": {}}
+    if args.rate:
+        over["workload"]["target_rate_rps"] = args.rate
+    if args.n:
+        over["workload"]["max_requests"] = args.n
+    sc = load_scenario(args.scenario, over)
+    requests, report = build_requests(sc)
+    for line in report.lines():
+        print(line, flush=True)
+    label = args.label or ("direct-priority" if args.priority else "direct")
+    server = engine_kind("vllm").connect(args.url, 8)
+    before = await server.run_totals()
+    res = await replay(args.url, requests, concurrency=4096, send_priority=args.priority)
+    after = await server.run_totals()
+    await server.aclose()
+    failed = [r.error for r in res.requests if r.error]
+    summary = summarize(res.requests, itls=res.itls, extra={
+        "policy": label, "scenario": sc.spec.name, "backend": "replay", "url": args.url, "speedup": 1.0,
+        "live_wall_s": res.wall_s, "engine_metrics": {"gpu0": engine_totals_delta(before, after)}})
+    folder = save_live(LiveRun(label, res.requests, summary, [], res), sc, args.out)
+    deltas = summary["engine_metrics"]["gpu0"]
+    q, h = deltas.get("vllm:prefix_cache_queries"), deltas.get("vllm:prefix_cache_hits")
+    print(f"{label}: {summary['completed']}/{summary['num_requests']} completed, "
+          f"TTFT p50 {summary['p50_ttft_ms']:.0f} ms, "
+          f"p90 {summary['p90_ttft_ms']:.0f} ms, TPOT p50 {summary['p50_tpot_ms']:.1f} ms, E2EL p50 "
+          f"{summary['p50_e2el_ms'] / 1e3:.2f} s, prefix hits {h}/{q}, failed {len(failed)} "
+          f"({failed[0] if failed else ''}) -> {folder}", flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
