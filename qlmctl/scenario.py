@@ -353,6 +353,26 @@ class LaunchSpec(_Strict):
     health_timeout_s: float = Field(default=900.0, gt=0, description="how long to wait for /health, s")
 
 
+class ApiKeySpec(_Strict):
+    """One client API key of the gateway and what its requests may ask for (docs/robustness.md)."""
+
+    key: SecretStr = Field(repr=False, description="the key: clients send `Authorization: Bearer <key>`")
+    name: str | None = Field(default=None, description="a label for logs and /metrics (never the key)")
+    slo_classes: list[str] | None = Field(
+        default=None, description="SLO classes its requests may name (`custom`: their own TTFT deadline); none: all")
+    min_ttft_s: float | None = Field(
+        default=None, gt=0, description="the tightest TTFT deadline its requests may have (by class or their own), s")
+    default_slo_class: str | None = Field(
+        default=None, description="class of its requests that name none (default: live.default_slo_class)")
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value()) < 8:
+            raise ValueError("an API key must have at least 8 characters")
+        return v
+
+
 class LiveSpec(_Strict):
     """The live gateway (`qlmctl serve`): its engines and its HTTP settings."""
 
@@ -399,8 +419,56 @@ class LiveSpec(_Strict):
     queue_limits: dict[str, int] = Field(default_factory=dict, description="per-SLO-class limits, over queue_limit")
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429 or 503 answer, s")
     max_body_bytes: int = Field(default=32 << 20, gt=0, description="largest request body accepted (beyond: 413), bytes")
+    max_body_bytes_in_flight: int = Field(
+        default=512 << 20, gt=0,
+        description="memory all request bodies held at once may take (each counts its size as received plus as "
+                    "parsed); beyond: 503, bytes")
+    max_client_body_bytes_in_flight: int = Field(
+        default=128 << 20, gt=0, description="the same per client address (beyond: 429), bytes")
+    forward_fields: list[str] = Field(
+        default_factory=list,
+        description="body fields forwarded to the engines beyond those of vLLM's completion and chat APIs "
+                    "(others are dropped and named in the x-qlm-ignored-fields response header)")
     api_key: SecretStr | None = Field(
         default=None, description="clients must send `Authorization: Bearer <key>` (env QLMCTL_API_KEY also sets it)")
+    api_keys: list[ApiKeySpec] = Field(
+        default_factory=list, description="several client keys, each with the SLO classes and tightest deadline it "
+                                          "may use (with api_key: one more key without limits)")
+    # Client connections (qlmctl/gateway/clientconn.py). Wall seconds.
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a connection must send its request headers within this of its accept "
+                                        "(or of its next request's first byte); then 408 and closed, s")
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, description="a request body must arrive within this of its headers; then 408 and closed, s")
+    idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="a kept-alive connection may wait this long for its next request, s")
+    send_timeout_s: float = Field(
+        default=60.0, gt=0, description="a client that reads nothing of its answer this long is disconnected, s")
+    max_client_connections: int | None = Field(
+        default=None, ge=1, description="client connections open at once (beyond: the oldest idle or half-open one "
+                                        "is closed, else 503); default: 3/4 of the file-descriptor limit")
+    log_interval_s: float = Field(
+        default=10.0, gt=0, description="repeated events (timeouts, refusals, ignored fields) are logged as one "
+                                        "line of totals per interval, s")
+    # Outlier ejection (qlmctl/gateway/health.py).
+    outlier_error_rate: float = Field(
+        default=0.25, gt=0, le=1,
+        description="an engine whose attempts fail at this rate or more (over outlier_interval_s, at least "
+                    "outlier_min_requests of them) is ejected for outlier_ejection_s")
+    outlier_min_requests: int = Field(default=10, ge=1, description="attempts an engine needs in the window before "
+                                                                   "its error rate is judged")
+    outlier_interval_s: float = Field(default=10.0, gt=0, description="the error-rate window, wall s")
+    outlier_ejection_s: float = Field(
+        default=30.0, gt=0, description="how long an engine ejected for its error rate takes no requests (doubling "
+                                        "with each ejection in a row, up to 8 times), wall s")
+
+    @field_validator("forward_fields")
+    @classmethod
+    def _forward(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or name in ("slo_class", "slo_ttft_s"):
+                raise ValueError(f"forward_fields: '{name}' cannot be forwarded (the SLO fields are the gateway's)")
+        return v
 
     @field_validator("queue_limits")
     @classmethod
@@ -475,6 +543,26 @@ class ScenarioSpec(_Strict):
             if k not in self.slo_classes and k != "custom":
                 raise ValueError(f"live.queue_limits.{k}: unknown SLO class '{k}' (known: "
                                  f"{', '.join([*self.slo_classes, 'custom'])})")
+        classes = self.slo_classes
+        gateway_default = d or max(classes, key=lambda k: classes[k].ttft_s)
+        seen: set[str] = set()
+        for i, key in enumerate(self.live.api_keys):
+            where = f"live.api_keys.{i}"
+            value = key.key.get_secret_value()
+            if value in seen or (self.live.api_key is not None and value == self.live.api_key.get_secret_value()):
+                raise ValueError(f"{where}.key: the same key is listed twice")
+            seen.add(value)
+            for c in key.slo_classes or ():
+                if c not in classes and c != "custom":
+                    raise ValueError(f"{where}.slo_classes: unknown SLO class '{c}' (known: "
+                                     f"{', '.join([*classes, 'custom'])})")
+            default = key.default_slo_class or gateway_default
+            if key.default_slo_class is not None and key.default_slo_class not in classes:
+                raise ValueError(f"{where}.default_slo_class: unknown SLO class '{default}'")
+            allowed = key.slo_classes is None or default in key.slo_classes
+            if not allowed or (key.min_ttft_s is not None and classes[default].ttft_s < key.min_ttft_s):
+                raise ValueError(f"{where}: the key may not use its default SLO class '{default}'; set "
+                                 "default_slo_class to one it may use")
         return self
 
 

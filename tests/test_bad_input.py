@@ -198,6 +198,66 @@ async def test_api_key_required_when_set(emu, monkeypatch):
         assert (await c.get("/v1/models", headers={"authorization": "Bearer from-env-1234"})).status_code == 200
 
 
+BATCH_KEY, FAST_KEY = "sk-batch-only-91c2", "sk-fast-custom-3d7a"
+
+
+@pytest.mark.asyncio
+async def test_each_api_key_may_use_only_its_slo_classes_and_deadlines(emu, monkeypatch):
+    monkeypatch.delenv("QLMCTL_API_KEY", raising=False)
+    keys = [{"key": BATCH_KEY, "name": "batch-jobs", "slo_classes": ["batch"], "min_ttft_s": 60},
+            {"key": FAST_KEY, "slo_classes": ["interactive", "custom"], "min_ttft_s": 1.0,
+             "default_slo_class": "interactive"}]
+    sc = scenario(emu.url, api_key=API_KEY, api_keys=keys)  # classes: interactive (5 s), batch (600 s)
+    async with Gateway(sc, "fcfs", port=0) as gw, httpx.AsyncClient(base_url=gw.url) as c:
+        body = {"model": "m", "prompt": "w1", "max_tokens": 2}
+
+        async def post(key: str, **headers: str) -> httpx.Response:
+            return await c.post("/v1/completions", json=body, headers={"authorization": f"Bearer {key}", **headers})
+
+        assert (await post(BATCH_KEY)).status_code == 200  # the default class, batch, is its
+        assert (await post(BATCH_KEY, **{"x-slo-class": "batch"})).status_code == 200
+        err = assert_openai_error(await post(BATCH_KEY, **{"x-slo-class": "interactive"}), 403, "slo_class")
+        assert err["type"] == "PermissionDeniedError" and "may use batch" in err["message"]
+        for ttft in ("5e-324", "5", "100"):  # its own deadline, however loose: not for this key
+            assert_openai_error(await post(BATCH_KEY, **{"x-slo-ttft-s": ttft}), 403, "slo_ttft_s")
+        # Tightening its class's deadline is a deadline of its own too.
+        assert_openai_error(await post(BATCH_KEY, **{"x-slo-class": "batch", "x-slo-ttft-s": "0.001"}), 403)
+        r = await c.post("/v1/completions", json={**body, "slo_ttft_s": 1e-300},
+                         headers={"authorization": f"Bearer {BATCH_KEY}"})
+        assert_openai_error(r, 403)
+
+        assert (await post(FAST_KEY)).status_code == 200  # its own default: interactive
+        assert gw.cluster.records[-1].slo_class == "interactive"
+        assert (await post(FAST_KEY, **{"x-slo-ttft-s": "2"})).status_code == 200
+        assert gw.cluster.records[-1].slo_class == "custom"
+        err = assert_openai_error(await post(FAST_KEY, **{"x-slo-ttft-s": "5e-324"}), 403, "slo_ttft_s")
+        assert "tightest TTFT deadline is 1 s" in err["message"]
+        assert_openai_error(await post(FAST_KEY, **{"x-slo-class": "batch"}), 403, "slo_class")
+
+        assert (await post(API_KEY, **{"x-slo-ttft-s": "0.01"})).status_code == 200  # live.api_key: no limits
+        assert_openai_error(await post("sk-not-a-key-0000"), 401)
+        metrics = (await c.get("/metrics", headers={"authorization": f"Bearer {API_KEY}"})).text
+        assert 'reason="forbidden"' in metrics
+        for secret in (BATCH_KEY, FAST_KEY):
+            assert secret not in metrics and secret not in json.dumps(sc.dump()) and secret not in repr(sc.spec)
+    assert gw.api_key == API_KEY
+
+
+def test_api_keys_are_validated(emu):
+    from pydantic import ValidationError
+
+    for keys, bad in (([{"key": "short"}], "at least 8"),
+                      ([{"key": BATCH_KEY, "slo_classes": ["nope"]}], "unknown SLO class"),
+                      ([{"key": BATCH_KEY, "slo_classes": ["interactive"]}], "default SLO class 'batch'"),
+                      ([{"key": BATCH_KEY, "min_ttft_s": 1000}], "default SLO class 'batch'"),
+                      ([{"key": BATCH_KEY}, {"key": BATCH_KEY}], "twice")):
+        with pytest.raises(ValidationError, match=bad):
+            scenario(emu.url, api_keys=keys)
+    sc = scenario(emu.url, api_keys=[{"key": BATCH_KEY, "slo_classes": ["interactive"],
+                                      "default_slo_class": "interactive"}])
+    assert Gateway(sc, "fcfs").api_key == BATCH_KEY  # a replay sends the first key when there is no api_key
+
+
 def test_gateway_binds_loopback_by_default(emu):
     sc = scenario(emu.url)
     assert Gateway(sc, "fcfs").host == "127.0.0.1"

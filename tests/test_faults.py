@@ -121,7 +121,8 @@ async def test_engine_killed_mid_stream_requests_resume_elsewhere(policy):
     with ExitStack() as stack:
         e0, e1 = emulators(stack, 2)
         async with Gateway(scenario([e0.url, e1.url]), policy, port=0) as gw:
-            n, n_out = 12, 120
+            # Answers of ~1.7 s: the kill lands mid-answer even when a busy machine delays it by a second.
+            n, n_out = 12, 600
 
             async def kill_g0_mid_answer():
                 # Both engines are streaming answers when g0 dies.
@@ -153,7 +154,7 @@ async def test_engine_hangs_streams_time_out_and_resume():
     with ExitStack() as stack:
         e0, e1 = emulators(stack, 2)
         async with Gateway(scenario([e0.url, e1.url]), "qlm", port=0) as gw:
-            n, n_out = 10, 150
+            n, n_out = 10, 600  # ~1.7 s answers: the hang lands mid-answer on a busy machine too
 
             async def hang_g0():
                 assert await wait_until(lambda: gw.cluster.instances[0].inflight, 10)
@@ -503,3 +504,266 @@ async def test_emulate_cli_fault_flags(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the relay's stall timer
+
+
+@pytest.mark.asyncio
+async def test_watchdog_inter_token_deadline_moves_from_the_first_token():
+    """A stream that stalls after its first token is caught at inter_s, not at the first-token limit."""
+    from qlmctl.engines.base import FailureKind
+    from qlmctl.gateway.relay import Watchdog
+
+    class Scope:
+        fired_at = None
+
+        def reschedule(self, when):
+            self.fired_at = when
+
+    loop = asyncio.get_running_loop()
+    scope = Scope()
+    t0 = loop.time()
+    wd = Watchdog(scope, first_s=30.0, inter_s=0.2)
+    await asyncio.sleep(0.05)
+    wd.progress()  # the first token
+    for _ in range(3):  # a few more, then silence
+        await asyncio.sleep(0.05)
+        wd.progress()
+    last = loop.time()
+    assert await wait_until(lambda: scope.fired_at is not None, 10)
+    assert wd.fired is FailureKind.STALLED
+    # Caught one inter-token limit after the last token (plus scheduling delay), far from first_s.
+    assert scope.fired_at - last >= 0.2 - 1e-3 and scope.fired_at - t0 < 10
+
+    scope2 = Scope()
+    wd2 = Watchdog(scope2, first_s=0.2, inter_s=30.0)  # no token at all: the first-token limit
+    assert await wait_until(lambda: scope2.fired_at is not None, 10)
+    assert wd2.fired is FailureKind.FIRST_TOKEN_TIMEOUT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# retries go elsewhere; outlier ejection
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["qlm", "fcfs"])
+async def test_retries_avoid_the_engine_that_failed_them_and_an_erroring_engine_is_ejected(policy):
+    with ExitStack() as stack:
+        e0, e1 = emulators(stack, 2, [Faults(error_rate=0.3, seed=1), None])
+        sc = scenario([e0.url, e1.url], unhealthy_after=100, outlier_error_rate=0.2, outlier_min_requests=10,
+                      outlier_ejection_s=60)
+        async with Gateway(sc, policy, port=0) as gw:
+            placed: list[tuple[int, int]] = []
+            failed_on: dict[int, int] = {}
+            for inst in gw.cluster.instances:
+                real_add = inst.add
+
+                def add(lr, now, real_add=real_add, iid=inst.instance_id):
+                    placed.append((lr.req.request_id, iid))
+                    return real_add(lr, now)
+
+                inst.add = add
+            real_retry = gw.cluster.retry
+
+            def retry(lr, eng, kind):
+                failed_on[lr.req.request_id] = failed_on.get(lr.req.request_id, 0) + 1
+                return real_retry(lr, eng, kind)
+
+            gw.cluster.retry = retry
+            n = 60
+            outs = await run_requests(gw, n, 30)
+            t = tally(outs)
+            assert (t.completed, t.failed, t.lost) == (n, 0, 0), [o for o in outs if o.kind != "completed"]
+            for o in outs:
+                check_exact(o, 30)
+            status = await asyncio.to_thread(lambda: httpx.get(e0.url + "/emulator/faults").json())
+            assert status["errors_injected"] >= 1 and status["errors_injected"] == gw.cluster.num_retries
+            # Every attempt after a failure went to the other engine: each request failed at most once.
+            assert failed_on and set(failed_on.values()) == {1}
+            for rid in failed_on:
+                where = [iid for r, iid in placed if r == rid]
+                assert where == [0, 1], (rid, where)
+            retried_on_0 = [t_ for t_ in gw.cluster.timeline if t_[1] == "retry" and t_[2] == 0]
+            assert len(retried_on_0) == gw.cluster.num_retries
+            # Erroring on a fifth or more of its attempts, it was ejected (it answers /health: probes alone
+            # would take it back at once), and stays out for outlier_ejection_s.
+            assert not engine(gw, 0).healthy and engine(gw, 1).healthy
+            before = status["errors_injected"]
+            outs = await run_requests(gw, 20, 10)
+            assert tally(outs).completed == 20
+            after = (await asyncio.to_thread(lambda: httpx.get(e0.url + "/emulator/faults").json()))["errors_injected"]
+            assert after == before and all(r.instance_id == 1 for r in gw.cluster.records[-20:])
+
+
+def test_outlier_detector_window_rate_and_doubling():
+    from qlmctl.gateway.outlier import OutlierDetector, OutlierPolicy
+
+    d = OutlierDetector(OutlierPolicy(error_rate=0.25, min_requests=8, interval_s=10.0, ejection_s=5.0))
+    t = 100.0
+    for _ in range(6):
+        assert d.observe("a", t, failed=False) is None
+    assert d.observe("a", t, failed=True) is None  # 7 attempts: too few to judge
+    assert d.observe("a", t, failed=True) == 5.0  # 2 of 8 failed: 25 %
+    assert d.rate("a", t) == (8, 2)
+    d.readmitted("a", t)
+    assert d.rate("a", t) == (0, 0)
+    for _ in range(6):
+        d.observe("a", t + 1, failed=False)
+    assert d.observe("a", t + 1, failed=True) is None
+    assert d.observe("a", t + 1, failed=True) == 10.0  # ejected again in a row: doubled
+    # Old attempts leave the window: failures 20 s ago do not count now.
+    d.readmitted("a", t + 1)
+    for _ in range(3):
+        d.observe("b", t, failed=True)
+    for _ in range(8):
+        assert d.observe("b", t + 30, failed=False) is None
+    assert d.rate("b", t + 30) == (8, 0)
+    for _ in range(8):
+        d.observe("a", t + 40, failed=False)  # a clean window: the doubling starts over
+    res = [d.observe("a", t + 40, failed=True) for _ in range(3)]
+    assert res == [None, None, 5.0]  # 3 of 11 failed: ejected, for ejection_s again
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# serve --launch: engines die with the gateway; a relaunch does not talk to processes it did not start
+
+
+def _launch_spec(tmp_path, ports: list[int], **live) -> object:
+    import yaml
+
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump(PROFILE))
+    spec = live_scenario_spec(PROFILE, [(f"g{i}", "m", f"http://127.0.0.1:{p}") for i, p in enumerate(ports)],
+                              speedup=SPEEDUP, **live)
+    spec["live"]["launch"] = {"command": f"{{python}} -m qlmctl.cli emulate --profile {prof} --model {{model}} "
+                                         "--port {port} --speedup {speedup}", "health_timeout_s": 60}
+    path = tmp_path / "launch.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _serve_launch(tmp_path, path, port: int):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "qlmctl.cli", "serve", "-s", str(path), "--launch", "--port",
+                             str(port), "--policy", "fcfs", "--engine-logs", str(tmp_path / "logs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+
+
+@pytest.mark.asyncio
+async def test_sigkill_of_serve_launch_takes_its_engines_down(tmp_path):
+    import os
+    import signal
+
+    from qlmctl.gateway.launchstate import EngineRecord, port_in_use
+
+    ports = [_free_port(), _free_port()]
+    port = _free_port()
+    proc = _serve_launch(tmp_path, _launch_spec(tmp_path, ports), port)
+    try:
+        await _up(port, proc, 90)
+        records = [EngineRecord.read(p) for p in ports]
+        assert all(r is not None and r.gateway_pid == proc.pid for r in records)
+        assert all(port_in_use("127.0.0.1", p) for p in ports)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # Nothing of the engines is left: their groups are gone and their ports free.
+        assert await wait_until(lambda: not any(port_in_use("127.0.0.1", p) for p in ports), 30)
+
+        def group_gone(pgid: int) -> bool:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        assert await wait_until(lambda: all(group_gone(r.pgid) for r in records), 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    # The records they left are a dead gateway's: a relaunch on the same ports starts afresh.
+    proc = _serve_launch(tmp_path, _launch_spec(tmp_path, ports), port)
+    try:
+        await _up(port, proc, 90)
+        assert all(EngineRecord.read(p).gateway_pid == proc.pid for p in ports)
+        proc.send_signal(signal.SIGTERM)
+        assert await _exit_code(proc) == 0
+        assert all(EngineRecord.read(p) is None for p in ports)  # stopped on purpose: no record left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.asyncio
+async def test_relaunch_refuses_a_port_held_by_a_process_it_did_not_start_and_stops_an_orphan(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from qlmctl.gateway.launchstate import EngineRecord, port_in_use, start_time
+
+    ports = [_free_port(), _free_port()]
+    port = _free_port()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", ports[1]))
+    squatter.listen()
+    try:
+        proc = _serve_launch(tmp_path, _launch_spec(tmp_path, ports), port)
+        code = await _exit_code(proc, 60)
+        out = proc.stdout.read()
+        assert code != 0 and f"port {ports[1]}" in out and "did not start" in out and f"pid {os.getpid()}" in out
+        assert not port_in_use("127.0.0.1", ports[0])  # it started nothing
+    finally:
+        squatter.close()
+
+    # An engine whose gateway and reaper both died (killed together): the next launch stops it first.
+    orphan = subprocess.Popen([sys.executable, "-m", "qlmctl.cli", "emulate", "--profile", str(tmp_path / "p.yaml"),
+                               "--model", "m", "--port", str(ports[0])], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    EngineRecord(ports[0], orphan.pid, start_time(orphan.pid), dead.pid, None, ["emulate"]).write()
+    try:
+        assert await wait_until(lambda: port_in_use("127.0.0.1", ports[0]), 30)
+        proc = _serve_launch(tmp_path, _launch_spec(tmp_path, ports), port)
+        await _up(port, proc, 90)
+        assert orphan.poll() is not None  # stopped by the launch
+        assert EngineRecord.read(ports[0]).gateway_pid == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert await _exit_code(proc) == 0
+    finally:
+        for p in (orphan, proc):
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["qlm", "fcfs"])
+async def test_requests_ended_while_queued_do_not_wedge_the_policy(policy):
+    """Requests whose clients left while they were queued stay in the policy's queue until dispatched, and
+    the world ends them there; the policy must not keep counting them on the instance (it once did: with
+    nothing else happening, the instance looked full for ever and new requests waited unanswered)."""
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        async with Gateway(scenario([e0.url]), policy, port=0) as gw:
+            pool = Pool(gw.url, max_idle=64)
+            slots = PROFILE["max_num_seqs"]
+            running = [asyncio.ensure_future(call(pool, *body(i, 300, stream=True))) for i in range(slots)]
+            assert await wait_until(lambda: len(gw.cluster.instances[0].inflight) == slots)
+            waiting = [asyncio.ensure_future(call(pool, *body(i, 10, stream=True))) for i in range(2 * slots)]
+            assert await wait_until(lambda: gw.cluster.queued_by_class.get("batch", 0) == 2 * slots)
+            for t in waiting:
+                t.cancel()  # their clients go away while they wait
+            await asyncio.gather(*waiting, return_exceptions=True)
+            assert await wait_until(lambda: gw.cluster.queued_by_class.get("batch", 0) == 0)
+            assert [o.kind for o in await asyncio.gather(*running)] == ["completed"] * slots
+            await asyncio.sleep(0.3)  # the ended requests were dispatched (and ended) as the slots freed
+            outs = await run_requests(gw, 4, 10, timeout_s=30)
+            assert tally(outs).completed == 4, [o for o in outs if o.kind != "completed"]
+            await pool.aclose()

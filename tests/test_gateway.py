@@ -240,13 +240,32 @@ def test_engine_totals_sum_label_sets_take_both_counter_spellings_and_survive_a_
 
 @pytest.mark.asyncio
 async def test_loop_lag_is_small_when_idle_and_seen_when_the_loop_is_blocked(one_engine):
+    import threading
+
+    from qlmctl.gateway.looplag import LoopLagMonitor
+
     sc = scenario([("g0", "m", one_engine.url)], speedup=4)
     async with Gateway(sc, "fcfs", port=0) as gw, httpx.AsyncClient(base_url=gw.url) as c:
         lag = gw.loop_lag
+        # The same monitor on an empty loop of its own, in this process at the same time: the lag any loop
+        # here gets from the machine (a busy machine, the emulators' threads), against which the
+        # gateway's idle lag is judged.
+        ref = LoopLagMonitor()
+
+        async def reference() -> None:
+            ref.start()
+            await asyncio.sleep(0.5)
+            await ref.stop()
+
+        th = threading.Thread(target=lambda: asyncio.run(reference()))
+        th.start()
         await asyncio.sleep(0.5)
         idle = lag.summary()
+        await asyncio.to_thread(th.join)
+        noise_ms = ref.max_s * 1e3
         assert len(lag.samples) >= 10
-        assert idle["gateway_loop_lag_p50_ms"] < 10 and idle["gateway_loop_lag_max_ms"] < 150, idle
+        assert idle["gateway_loop_lag_p50_ms"] < 10 + noise_ms, (idle, noise_ms)
+        assert idle["gateway_loop_lag_max_ms"] < 150 + 2 * noise_ms, (idle, noise_ms)
 
         async def hog() -> None:
             time.sleep(0.2)  # blocks the gateway's loop, as a slow callback would
@@ -494,3 +513,56 @@ async def test_every_engine_kind_implements_the_engine_seam():
         finally:
             await server.aclose()
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-streamed answers are put together as vLLM's are (logprobs, tool calls), across an eviction
+
+
+async def _evict_once_at(gw: Gateway, sent: int) -> bool:
+    while True:
+        for lr in list(gw.cluster.instances[0].inflight.values()):
+            if lr.sent >= sent:
+                return gw.cluster.evict(lr.req.request_id)
+        await asyncio.sleep(0.002)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("resume", ["continue", "restart"])
+async def test_non_streamed_completion_has_the_engines_logprobs_across_an_eviction(one_engine, resume):
+    sc = scenario([("g0", "m", one_engine.url)], speedup=4, resume=resume)
+    body = {"model": "m", "prompt": prompt(10), "max_tokens": 120, "logprobs": 3}
+    async with Gateway(sc, "qlm", port=0) as gw, httpx.AsyncClient(timeout=60) as c:
+        direct = (await c.post(one_engine.url + "/v1/completions", json=body)).json()["choices"][0]
+        evict = asyncio.ensure_future(_evict_once_at(gw, 30))
+        got = (await c.post(gw.url + "/v1/completions", json=body)).json()["choices"][0]
+        assert await evict is True
+    assert gw.cluster.records[0].num_evictions == 1
+    assert got["text"] == direct["text"] and got["finish_reason"] == "length"
+    lp, want = got["logprobs"], direct["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert lp == want  # text offsets run on from the resume point, as from one engine
+
+
+@pytest.mark.asyncio
+async def test_non_streamed_chat_has_the_engines_tool_calls_and_logprobs_across_an_eviction(one_engine):
+    sc = scenario([("g0", "m", one_engine.url)], speedup=4)  # resume: continue; a tool call restarts and skips
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt(6)}], "max_tokens": 100,
+            "logprobs": True, "top_logprobs": 2, "tools": tools, "tool_choice": "auto"}
+    async with Gateway(sc, "qlm", port=0) as gw, httpx.AsyncClient(timeout=60) as c:
+        direct = (await c.post(one_engine.url + "/v1/chat/completions", json=body)).json()["choices"][0]
+        evict = asyncio.ensure_future(_evict_once_at(gw, 30))
+        got = (await c.post(gw.url + "/v1/chat/completions", json=body)).json()["choices"][0]
+        assert await evict is True
+        # Streamed, the client sees the same call in deltas (the id and name once, then the arguments).
+        text, usage, chunks = await _stream_text(c, gw.url + "/v1/chat/completions", {**body, "stream": True})
+    (call,) = got["message"]["tool_calls"]
+    (want,) = direct["message"]["tool_calls"]
+    assert call["function"] == want["function"] and call["type"] == "function" and call["id"].startswith("chatcmpl-tool")
+    json.loads(call["function"]["arguments"])  # whole, once: not cut or doubled at the eviction
+    assert got["message"]["content"] is None and got["finish_reason"] == "tool_calls"
+    assert got["logprobs"] == direct["logprobs"] and len(got["logprobs"]["content"]) == 100
+    deltas = [tc for ch in chunks if ch["choices"] for tc in ch["choices"][0]["delta"].get("tool_calls") or ()]
+    assert "".join(d["function"]["arguments"] for d in deltas) == want["function"]["arguments"]
+    assert [d["function"].get("name") for d in deltas if d["function"].get("name")] == ["lookup"]

@@ -128,6 +128,9 @@ async def _unless_stopped(aw, stop) -> bool:
 
 async def _main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log,
                 client_process=True, header=None) -> None:
+    from qlmctl.gateway.clientconn import raise_fd_limit
+
+    raise_fd_limit()  # client connections are limited to 3/4 of it (live.max_client_connections)
     stop = _stop_on_signals()
     launcher = None
     swap_control = None

@@ -44,6 +44,9 @@ _ERROR_TYPES = {
 
 FinishReason = Literal["length", "abort"]
 
+MAX_LOGPROBS = 20
+"""vLLM's default --max-logprobs: the most top logprobs a request may ask for."""
+
 
 class ApiError(Exception):
     """An error answered as an OpenAI-style body: {"error": {message, type, param, code}}."""
@@ -81,7 +84,66 @@ class GenRequest:
     created: int
     prompt: Any = None
     """A completions request's prompt as sent (text or token ids), for the prefix cache; None for chat."""
+    logprobs: int | None = None
+    """Top logprobs per token to return (completions' `logprobs`, chat's `top_logprobs` with `logprobs`); None:
+    no logprobs."""
+    tool: str | None = None
+    """The function the answer calls (chat with `tools` and a `tool_choice` other than "none"); its arguments
+    are the output tokens, as `{"text": "<tokens>"}`."""
 
+
+def token_logprob(token_id: int) -> float:
+    """The emulated log-probability of output token id `token_id` (a fixed function of it)."""
+    return -0.1 * (1 + token_id % 5)
+
+
+def _logprob_alternatives(prompt_tokens: int, j: int, k: int) -> list[tuple[str, float]]:
+    """The `k` top tokens at output position `j`: the sampled one first, then others less likely."""
+    tid = (prompt_tokens + j) % VOCAB_SIZE
+    lp = token_logprob(tid)
+    out = [(token_text(prompt_tokens, j), lp)]
+    for i in range(1, k):
+        out.append((f" w{(tid + i) % VOCAB_SIZE}", lp - i))
+    return out
+
+
+def completion_logprobs(prompt_tokens: int, start: int, end: int, k: int, offset: int) -> dict[str, Any]:
+    """vLLM's completion `logprobs` for output tokens start..end-1 (text offsets from `offset`)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for j in range(start, end):
+        alts = _logprob_alternatives(prompt_tokens, j, max(1, k))
+        tokens.append(alts[0][0])
+        lps.append(alts[0][1])
+        tops.append(dict(alts))
+        offsets.append(offset)
+        offset += len(alts[0][0])
+    return {"text_offset": offsets, "token_logprobs": lps, "tokens": tokens, "top_logprobs": tops}
+
+
+def chat_logprobs(prompt_tokens: int, start: int, end: int, k: int) -> dict[str, Any]:
+    """vLLM's chat `logprobs` ({"content": [...]}) for output tokens start..end-1."""
+    content = []
+    for j in range(start, end):
+        alts = _logprob_alternatives(prompt_tokens, j, max(1, k))
+        top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in alts[:k]]
+        t, lp = alts[0]
+        content.append({"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": top})
+    return {"content": content}
+
+
+TOOL_ARGS_HEAD = '{"text": "'
+TOOL_ARGS_TAIL = '"}'
+
+
+def tool_arguments(prompt_tokens: int, start: int, end: int, total: int) -> str:
+    """The arguments text of output tokens start..end-1 of a tool call of `total` tokens."""
+    head = TOOL_ARGS_HEAD if start == 0 else ""
+    tail = TOOL_ARGS_TAIL if end == total else ""
+    return head + "".join(token_text(prompt_tokens, j) for j in range(start, end)) + tail
+
+
+def tool_call_id(request_id: str) -> str:
+    return f"chatcmpl-tool-{request_id.rsplit('-', 1)[-1]}"
 
 def token_text(prompt_tokens: int, j: int) -> str:
     """Text of output token `j` (0-based) of a request with `prompt_tokens` prompt tokens."""
@@ -219,6 +281,7 @@ def parse_request(
         raise ApiError(400, "stream_options must be an object.", "stream_options")
     opts = opts or {}
     priority = _int_field(body, "priority", 0) or 0
+    logprobs, tool = _logprobs_field(body, kind), _tool_field(body, kind)
     prefix = "cmpl" if kind == "completion" else "chatcmpl"
     rid = f"{prefix}-{request_id or uuid.uuid4().hex[:16]}"
     return GenRequest(
@@ -233,7 +296,50 @@ def parse_request(
         request_id=rid,
         created=int(time.time()),
         prompt=body["prompt"] if kind == "completion" else None,
+        logprobs=logprobs,
+        tool=tool,
     )
+
+
+def _logprobs_field(body: dict[str, Any], kind: str) -> int | None:
+    if kind == "completion":
+        k = _int_field(body, "logprobs", None)
+        if k is None:
+            return None
+        if k < 0 or k > MAX_LOGPROBS:
+            raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {k}.", "logprobs")
+        return k
+    on = body.get("logprobs", False)
+    k = _int_field(body, "top_logprobs", None)
+    if not isinstance(on, bool) and on is not None:
+        raise ApiError(400, "logprobs must be a boolean.", "logprobs")
+    if k is not None and (k < 0 or k > MAX_LOGPROBS):
+        raise ApiError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}.", "top_logprobs")
+    if k and not on:
+        raise ApiError(400, "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+    return (k or 0) if on else None
+
+
+def _tool_field(body: dict[str, Any], kind: str) -> str | None:
+    tools = body.get("tools")
+    if kind != "chat" or not tools:
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+            for t in tools):
+        raise ApiError(400, "tools must be a list of {\"type\": \"function\", \"function\": {\"name\": ...}}.", "tools")
+    names = [t["function"]["name"] for t in tools]
+    choice = body.get("tool_choice", "auto")
+    if choice == "none":
+        return None
+    if choice in ("auto", "required", None):
+        return names[0]
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in names:
+            raise ApiError(400, f"Tool '{name}' has not been passed in `tools`.", "tool_choice")
+        return name
+    raise ApiError(400, "tool_choice must be none, auto, required or a named function.", "tool_choice")
 
 
 def make_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -270,8 +376,12 @@ class StreamFormatter:
         choice = '{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}'
         return self._chunk(choice, self._cont_usage(0))[:-3] + ',"prompt_token_ids":null,"prompt_text":null}\n\n'
 
-    def token(self, text: str, finish: FinishReason | None, generated: int) -> str:
-        """One output token; `finish` ("length" or "abort") marks the last one, as vLLM does."""
+    def token(self, text: str, finish: FinishReason | None, generated: int, j: int | None = None) -> str:
+        """One output token (output position `j`); `finish` ("length" or "abort") marks the last one, as vLLM
+        does."""
+        req = self.req
+        if j is not None and (req.logprobs is not None or req.tool is not None):
+            return self._rich_token(text, finish, generated, j)
         fr = f'"{finish}"' if finish else "null"
         if self.req.kind == "completion":
             choice = (f'{{"index":0,"text":"{text}","logprobs":null,"finish_reason":{fr},"stop_reason":null,'
@@ -280,6 +390,35 @@ class StreamFormatter:
             choice = (f'{{"index":0,"delta":{{"content":"{text}"}},"logprobs":null,"finish_reason":{fr}'
                       + (',"stop_reason":null' if finish else "") + ',"token_ids":null}')
         return self._chunk(choice, self._cont_usage(generated), last=finish is not None)
+
+    def _rich_token(self, text: str, finish: FinishReason | None, generated: int, j: int) -> str:
+        """A token chunk with logprobs or a tool call's arguments (built as a dict: not the hot path)."""
+        req = self.req
+        P = req.prompt_tokens
+        choice: dict[str, Any] = {"index": 0}
+        if req.kind == "completion":
+            choice["text"] = text
+            choice["logprobs"] = completion_logprobs(P, j, j + 1, req.logprobs or 0, len(output_text(P, j)))
+            choice.update(finish_reason=finish, stop_reason=None, prompt_token_ids=None, token_ids=None)
+        else:
+            if req.tool is not None:
+                call: dict[str, Any] = {"index": 0, "function": {
+                    "arguments": tool_arguments(P, j, j + 1, req.max_tokens)}}
+                if j == 0:
+                    call.update(id=tool_call_id(req.request_id), type="function")
+                    call["function"] = {"name": req.tool, **call["function"]}
+                choice["delta"] = {"tool_calls": [call]}
+            else:
+                choice["delta"] = {"content": text}
+            choice["logprobs"] = chat_logprobs(P, j, j + 1, req.logprobs) if req.logprobs is not None else None
+            fr = finish
+            if req.tool is not None and finish == "length" and generated == req.max_tokens:
+                fr = "tool_calls"  # the call is complete
+            choice["finish_reason"] = fr
+            if finish:
+                choice["stop_reason"] = None
+            choice["token_ids"] = None
+        return self._chunk(_dumps(choice), self._cont_usage(generated), last=finish is not None)
 
     def usage(self, generated: int) -> str:
         """The final usage chunk (stream_options.include_usage): no choices, only usage."""
@@ -301,17 +440,25 @@ DONE_EVENT = "data: [DONE]\n\n"
 def full_response(req: GenRequest, generated: int, finish: FinishReason) -> dict[str, Any]:
     """The non-streaming response body for a request that produced `generated` tokens."""
     text = output_text(req.prompt_tokens, generated)
+    P = req.prompt_tokens
     if req.kind == "completion":
-        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+        lp = completion_logprobs(P, 0, generated, req.logprobs, 0) if req.logprobs is not None else None
+        choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish,
                                   "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
                                   "prompt_token_ids": None, "routed_experts": None}
         obj = "text_completion"
     else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
-                                          "annotations": None, "audio": None, "function_call": None,
-                                          "reasoning": None},
-                  "logprobs": None, "finish_reason": finish, "stop_reason": None, "token_ids": None,
-                  "routed_experts": None}
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": None,
+                                   "audio": None, "function_call": None, "reasoning": None}
+        if req.tool is not None:
+            message["content"] = None
+            message["tool_calls"] = [{"id": tool_call_id(req.request_id), "type": "function", "function": {
+                "name": req.tool, "arguments": tool_arguments(P, 0, generated, req.max_tokens)}}]
+            if finish == "length" and generated == req.max_tokens:
+                finish = "tool_calls"  # type: ignore[assignment]
+        lp = chat_logprobs(P, 0, generated, req.logprobs) if req.logprobs is not None else None
+        choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish, "stop_reason": None,
+                  "token_ids": None, "routed_experts": None}
         obj = "chat.completion"
     usage: dict[str, Any] = dict(make_usage(req.prompt_tokens, generated), prompt_tokens_details=None)
     out = {

@@ -301,7 +301,7 @@ class EmulatorServer:
                 if n > sent:
                     fr = req.finish_reason if ended else None
                     yield "".join(
-                        fmt.token(token_text(gen.prompt_tokens, j), fr if j == n - 1 else None, j + 1)
+                        fmt.token(token_text(gen.prompt_tokens, j), fr if j == n - 1 else None, j + 1, j)
                         for j in range(sent, n)
                     )
                     sent = n

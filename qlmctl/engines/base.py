@@ -39,6 +39,8 @@ class FailureKind(str, Enum):
     """No token within `live.inter_token_timeout_s` of the last one."""
     POLL = "poll"
     """A /metrics poll failed (not a request's failure)."""
+    LOCAL = "local"
+    """The gateway itself ran out of a resource (file descriptors, memory): never the engine's fault."""
 
     @property
     def hard(self) -> bool:
@@ -59,6 +61,7 @@ _PHRASES = {
     FailureKind.FIRST_TOKEN_TIMEOUT: "the engine sent no first token in time",
     FailureKind.STALLED: "the engine's stream stalled",
     FailureKind.POLL: "the engine did not answer",
+    FailureKind.LOCAL: "the gateway is out of resources (connections or memory)",
 }
 
 RETRYABLE_4XX = frozenset({408, 429})

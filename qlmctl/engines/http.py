@@ -13,6 +13,7 @@ early (an eviction, a client gone) closes its connection, which is how vLLM lear
 from __future__ import annotations
 
 import asyncio
+import errno
 import sys
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -21,6 +22,9 @@ from urllib.parse import urlparse
 
 READ_SIZE = 1 << 16
 HEAD_LIMIT = 1 << 16
+WRITE_SLICE = 1 << 18
+"""A request body larger than this is written in slices of it, each after the last has (mostly) left: the
+transport's buffer never holds a copy of a large body."""
 
 
 class _Timeout:
@@ -72,6 +76,15 @@ class HTTPError(ConnectionError):
 
 class ConnectError(HTTPError):
     """The connection could not be made (refused, unreachable, or the connect timed out)."""
+
+
+class LocalResourceError(HTTPError):
+    """This process ran out of a resource making the connection (file descriptors, buffers, memory): the
+    server is not at fault."""
+
+
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""errno values that mean "this process or machine is out of resources", not "the peer failed"."""
 
 
 class Connection:
@@ -218,6 +231,8 @@ class Pool:
             async with timeout(self.connect_timeout_s):
                 reader, writer = await asyncio.open_connection(self.host, self.port, limit=HEAD_LIMIT)
         except (OSError, TimeoutError) as e:
+            if isinstance(e, OSError) and e.errno in LOCAL_ERRNOS:
+                raise LocalResourceError(f"cannot connect to {self.host}:{self.port}: {e}") from None
             raise ConnectError(f"cannot connect to {self.host}:{self.port}: {e or type(e).__name__}") from None
         return Connection(reader, writer)
 
@@ -236,7 +251,8 @@ class Pool:
         if body is not None:
             head.append(b"content-length: %d\r\n" % len(body))
         head.append(b"\r\n")
-        data = b"".join(head) + (body or b"")
+        large = body is not None and len(body) > WRITE_SLICE
+        data = b"".join(head) + (body or b"") if not large else b"".join(head)
         for attempt in (0, 1):
             conn = None
             while self._idle:
@@ -250,6 +266,11 @@ class Pool:
                 conn = await self._connect()
             try:
                 conn.writer.write(data)
+                if large:
+                    view = memoryview(body)  # type: ignore[arg-type]
+                    for start in range(0, len(view), WRITE_SLICE):
+                        await conn.writer.drain()
+                        conn.writer.write(view[start:start + WRITE_SLICE])
                 if conn.writer.transport.get_write_buffer_size() > READ_SIZE:
                     await conn.writer.drain()
                 raw = await conn.reader.readuntil(b"\r\n\r\n")

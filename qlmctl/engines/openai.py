@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from qlmctl.engines.base import Api, EngineError, FailureKind
-from qlmctl.engines.http import ConnectError, HTTPError, Pool, Response, sse_data, timeout
+from qlmctl.engines.http import ConnectError, HTTPError, LocalResourceError, Pool, Response, sse_data, timeout
 
 PATHS: dict[Api, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
@@ -39,8 +39,10 @@ class SSEStream:
     async def __aenter__(self) -> "SSEStream":
         try:
             resp = await self._pool.request("POST", self._path, self._body, _STREAM_HEADERS)
+            self._body = b""  # sent: a large body is not held while its answer streams
         except HTTPError as e:
-            kind = FailureKind.CONNECT if isinstance(e, ConnectError) else FailureKind.LOST
+            kind = (FailureKind.LOCAL if isinstance(e, LocalResourceError)
+                    else FailureKind.CONNECT if isinstance(e, ConnectError) else FailureKind.LOST)
             raise EngineError(f"engine unreachable: {e}", kind=kind) from None
         self._resp = resp
         if resp.status != 200:
@@ -106,7 +108,8 @@ class OpenAIServer:
                 finally:
                     resp.close()
         except (HTTPError, TimeoutError) as e:
-            raise EngineError(f"{method} {path} failed: {e or type(e).__name__}") from None
+            kind = FailureKind.LOCAL if isinstance(e, LocalResourceError) else FailureKind.LOST
+            raise EngineError(f"{method} {path} failed: {e or type(e).__name__}", kind=kind) from None
 
     async def metrics_text(self, timeout_s: float = 2.0) -> str:
         """The server's /metrics page (Prometheus text)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,13 +33,17 @@ from typing import Any
 import orjson
 
 from qlmctl.core.request import Request
+from qlmctl.gateway.bodies import BodyBudget, Refusal, content_length, discard_body, parsed_size, read_body
 from qlmctl.gateway.cluster import LiveCluster
 from qlmctl.gateway.exporter import GatewayMetrics
+from qlmctl.gateway.fields import FieldFilter, ignored_header
 from qlmctl.gateway.limits import AdmissionMetrics, QueueLimits
+from qlmctl.gateway.lograte import PER_EVENT
 from qlmctl.gateway.openapi import openapi_document
 from qlmctl.gateway.relay import JSONSink, Relay, StreamSink, error_body, send_json
 from qlmctl.gateway.request import LiveRequest
-from qlmctl.gateway.security import APIKeyCheck
+from qlmctl.gateway.security import UNLIMITED, APIKeyCheck, KeyPolicy
+from qlmctl.gateway.tokens import count_content, count_tokens
 from qlmctl.scenario import Scenario
 
 log = logging.getLogger("qlmctl.gateway")
@@ -68,20 +73,17 @@ def _opt_int(body: dict[str, Any], key: str, low: int) -> None:
         raise BadRequest(400, f"{key} must be an integer >= {low}", key)
 
 
-def estimate_tokens(text: str) -> int:
-    """Prompt tokens of `text` as the scheduler assumes them before the engine has counted: one per word.
-
-    Exact for qlmctl's synthetic prompts and the emulator's tokenizer; about 25 % low for English text
-    under a real tokenizer. The engine's own count replaces it in the results once the request runs.
-    """
-    return len(text.split())
+_CLOSE = (b"connection", b"close")
+"""Sent with an answer given before the request body was read: the connection is not reused (its unread
+body would otherwise have to be read and thrown away)."""
 
 
 class GatewayApp:
     """The ASGI application."""
 
     def __init__(self, cluster: LiveCluster, scenario: Scenario, metrics: GatewayMetrics, *,
-                 api_key: str | None = None, resume: str = "continue", token_count: str = "usage") -> None:
+                 api_key: str | None = None, api_keys: list[tuple[str, KeyPolicy]] | None = None,
+                 resume: str = "continue", token_count: str = "usage") -> None:
         self.cluster = cluster
         self.metrics = metrics
         self.resume = resume
@@ -98,8 +100,13 @@ class GatewayApp:
         self.accepting = True
         """False once draining (SIGTERM): new completions get 503."""
         self.limits = QueueLimits.from_live(live)
-        self._auth = APIKeyCheck(api_key) if api_key else None
+        keys = [*([(api_key, UNLIMITED)] if api_key else []), *(api_keys or [])]
+        self._auth = APIKeyCheck(keys) if keys else None
         self._max_body = live.max_body_bytes if live is not None else 32 << 20
+        self.bodies = BodyBudget(live.max_body_bytes_in_flight if live is not None else 512 << 20,
+                                 live.max_client_body_bytes_in_flight if live is not None else 128 << 20,
+                                 metrics.registry)
+        self.fields = FieldFilter(live.forward_fields if live is not None else ())
         self._first_token_timeout_s = live.first_token_timeout_s if live is not None else 300.0
         self._inter_token_timeout_s = live.inter_token_timeout_s if live is not None else 60.0
         self.admission = AdmissionMetrics(metrics.registry)
@@ -118,15 +125,17 @@ class GatewayApp:
             reason = "no healthy engine" if self.accepting else "the gateway is shutting down"
             await send_json(send, 200 if healthy else 503, {} if healthy else error_body(reason, 503))
             return
-        if self._auth is not None and not self._auth.ok(_header(scope, b"authorization")):
+        policy = UNLIMITED if self._auth is None else self._auth.policy(_header(scope, b"authorization"))
+        if policy is None:
             self.admission.rejected.labels("", "unauthorized").inc()
             await send_json(send, 401, error_body("Incorrect or missing API key: send `Authorization: Bearer <key>`",
-                                                  401, param=None), [(b"www-authenticate", b"Bearer")])
+                                                  401, param=None),
+                            [(b"www-authenticate", b"Bearer"), *([_CLOSE] if method == "POST" else [])])
             return
         if method == "POST" and path == "/v1/completions":
-            await self._completion(scope, receive, send, "completions")
+            await self._completion(scope, receive, send, "completions", policy)
         elif method == "POST" and path == "/v1/chat/completions":
-            await self._completion(scope, receive, send, "chat")
+            await self._completion(scope, receive, send, "chat", policy)
         elif method == "GET" and path == "/v1/models":
             await send_json(send, 200, self._models())
         elif method == "GET" and path == "/openapi.json":
@@ -146,26 +155,72 @@ class GatewayApp:
             for m in self.cluster.models
         ]}
 
-    async def _completion(self, scope: Scope, receive: Receive, send: Send, api: str) -> None:
+    async def _completion(self, scope: Scope, receive: Receive, send: Send, api: str,
+                          policy: KeyPolicy = UNLIMITED) -> None:
         if not self.accepting:
             self.admission.rejected.labels("", "draining").inc()
-            await send_json(send, 503, error_body("the gateway is shutting down", 503), self._retry_after)
+            await send_json(send, 503, error_body("the gateway is shutting down", 503), [*self._retry_after, _CLOSE])
             return
-        raw = await _read_body(receive, self._max_body)
+        length = content_length(scope["headers"])
+        if length is not None and length > self._max_body:
+            await self._refuse(send, Refusal(413, f"the request body is over {self._max_body} bytes"), before_body=True)
+            return
+        client = scope.get("client")
+        lease = self.bodies.lease(client[0] if client else "")
         try:
-            if raw is None:
-                raise BadRequest(413, f"the request body is over {self._max_body} bytes")
+            # What it will cost once parsed, held before a byte is read: twice its size (settled after parsing).
+            refusal = lease.grow(2 * (length or 0))
+            if refusal is not None:
+                if refusal.status != 413 and not await discard_body(receive):
+                    return  # the client went away
+                # Read and dropped (no more than max_body_bytes, within the body timeout): the client gets
+                # its answer, not a reset, and may keep the connection.
+                await self._refuse(send, refusal, before_body=refusal.status == 413)
+                return
+            got = await read_body(receive, self._max_body, lease, length)
+            if got.disconnected:
+                return
+            if got.body is None:
+                await self._refuse(send, got.refusal or Refusal(400, "invalid request body"), before_body=True)
+                return
+            raw = got.body
+            size = len(raw)
             try:
-                lr = self._parse(scope, raw, api)
-            except BadRequest:
-                raise
-            except Exception as e:  # noqa: BLE001 - a body shape the checks missed is still the client's error
-                log.warning("unexpected request shape: %s: %s", type(e).__name__, e)
-                raise BadRequest(400, f"invalid request body ({type(e).__name__})") from None
-        except BadRequest as e:
-            self.admission.rejected.labels("", "bad_request").inc()
-            await send_json(send, e.status, error_body(str(e), e.status, param=e.param))
-            return
+                try:
+                    lr = await self._parse(scope, raw, api, policy)
+                except BadRequest:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a body shape the checks missed is still the client's error
+                    log.warning("unexpected request shape: %s: %s", type(e).__name__, e, extra=PER_EVENT)
+                    raise BadRequest(400, f"invalid request body ({type(e).__name__})") from None
+                finally:
+                    if isinstance(raw, mmap.mmap):
+                        raw.close()  # a large body's mapping: its pages go back at once
+            except BadRequest as e:
+                self.admission.rejected.labels("", "forbidden" if e.status == 403 else "bad_request").inc()
+                await send_json(send, e.status, error_body(str(e), e.status, param=e.param))
+                return
+            del raw, got  # from here the body lives parsed (and serialized while sent to an engine)
+            # What it holds while it lives: its size as received (the copy sent to engines is as large),
+            # plus what it takes parsed.
+            refusal = lease.settle(size + max(size, parsed_size(lr.body)))
+            if refusal is not None:
+                await self._refuse(send, refusal, before_body=False, slo_class=lr.req.slo_class)
+                return
+            await self._run(lr, receive, send)
+        finally:
+            lease.release()
+
+    async def _refuse(self, send: Send, refusal: Refusal, before_body: bool, slo_class: str = "") -> None:
+        """Answer a body the gateway will not hold (413, 429, 503) or could not read (400)."""
+        reason = {413: "too_large", 429: "client_bodies", 503: "bodies"}.get(refusal.status, "bad_request")
+        self.admission.rejected.labels(slo_class, reason).inc()
+        headers = list(self._retry_after) if refusal.status in (429, 503) else []
+        if before_body:
+            headers.append(_CLOSE)
+        await send_json(send, refusal.status, error_body(refusal.message, refusal.status), headers)
+
+    async def _run(self, lr: LiveRequest, receive: Receive, send: Send) -> None:
         r = lr.req
         unavailable = self.cluster.health.unavailable_message(r.model)
         if unavailable is not None:
@@ -179,7 +234,8 @@ class GatewayApp:
                 f"{self.limits.limit(r.slo_class)}); retry after {self.limits.retry_after_s} s", 429),
                 self._retry_after)
             return
-        sink = StreamSink(send) if lr.stream else JSONSink(send)
+        headers = [ignored_header(lr.ignored)] if lr.ignored else []
+        sink = StreamSink(send, headers) if lr.stream else JSONSink(send, headers)
         relay = Relay(self.cluster, lr, sink, self.resume, self.token_count,
                       self._first_token_timeout_s, self._inter_token_timeout_s)
         task = asyncio.current_task()
@@ -195,9 +251,14 @@ class GatewayApp:
         finally:
             watcher.cancel()
 
-    def _parse(self, scope: Scope, raw: bytes, api: str) -> LiveRequest:
+    async def _parse(self, scope: Scope, raw: bytes | bytearray | mmap.mmap, api: str,
+                     policy: KeyPolicy = UNLIMITED) -> LiveRequest:
         try:
-            body = orjson.loads(raw)
+            if isinstance(raw, mmap.mmap):
+                with memoryview(raw) as view:
+                    body = orjson.loads(view)
+            else:
+                body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             raise BadRequest(400, f"invalid JSON body: {e}") from None
         if not isinstance(body, dict):
@@ -224,7 +285,7 @@ class GatewayApp:
             raise BadRequest(400, "stream_options must be an object", "stream_options")
         opts = opts or {}
         _opt_int(body, "min_tokens", 0)
-        cls, ttft, tpot, prio = self._slo(headers, body)
+        cls, ttft, tpot, prio = self._slo(headers, body, policy)
         limit = self._max_len[model]
         if api == "chat":
             msgs = body.get("messages")
@@ -235,7 +296,11 @@ class GatewayApp:
                     raise BadRequest(400, "each message must be an object with a string role", "messages")
                 if not _valid_content(m.get("content")):
                     raise BadRequest(400, "message content must be a string or a list of content parts", "messages")
-            prompt_tokens = sum(_content_tokens(m.get("content")) for m in msgs)
+            prompt_tokens = 0
+            for m in msgs:
+                prompt_tokens += await count_content(m.get("content"), max(1, limit - prompt_tokens))
+                if prompt_tokens >= limit:
+                    break
             _opt_int(body, "max_completion_tokens", 1)
             _opt_int(body, "max_tokens", 1)
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -244,7 +309,7 @@ class GatewayApp:
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
             if isinstance(prompt, str):
-                prompt_tokens = estimate_tokens(prompt)
+                prompt_tokens = await count_tokens(prompt, limit)
             elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
                 prompt_tokens = len(prompt)
                 if self.resume == "continue":
@@ -262,6 +327,10 @@ class GatewayApp:
         elif prompt_tokens + max_tokens > limit:
             raise BadRequest(400, f"This model's maximum context length is {limit} tokens; the request asks "
                                   f"for {prompt_tokens} prompt + {max_tokens} output tokens.", "max_tokens")
+        ignored = self.fields.apply(api, body)
+        if ignored:
+            log.warning("request fields not forwarded to the engines (not in their API; live.forward_fields adds "
+                        "fields): %s", ", ".join(ignored[:10]), extra=PER_EVENT)
         rid = self.cluster.new_request_id()
         r = Request(
             request_id=rid,
@@ -279,16 +348,19 @@ class GatewayApp:
             req=r, api=api, body=body, client_id=f"{prefix}-qlm-{rid}", created=int(time.time()),
             stream=bool(stream), include_usage=bool(opts.get("include_usage")),
             continuous_usage=bool(opts.get("continuous_usage_stats")), external_id=headers.get("x-request-id"),
+            ignored=ignored,
         )
 
-    def _slo(self, headers: dict[str, str], body: dict[str, Any]) -> tuple[str, float, float | None, int]:
+    def _slo(self, headers: dict[str, str], body: dict[str, Any],
+             policy: KeyPolicy = UNLIMITED) -> tuple[str, float, float | None, int]:
         cls = headers.get("x-slo-class") or body.get("slo_class")
         ttft_raw = headers.get("x-slo-ttft-s") or body.get("slo_ttft_s")
         if cls is not None and (not isinstance(cls, str) or cls not in self._classes):
             raise BadRequest(400, f"unknown SLO class {_short(cls)}; known: {', '.join(self._classes)}", "slo_class")
         if ttft_raw is None:
-            name = cls or self.default_class
+            name = cls or policy.default_slo_class or self.default_class
             ttft, tpot, prio = self._classes[name]
+            self._allowed(policy, name, ttft)
             return name, ttft, tpot, prio
         try:
             ttft = float(ttft_raw) if isinstance(ttft_raw, (str, int, float)) and not isinstance(ttft_raw, bool) \
@@ -299,12 +371,21 @@ class GatewayApp:
             raise BadRequest(400, f"slo_ttft_s must be a positive number of seconds, got {_short(ttft_raw)}",
                              "slo_ttft_s")
         if cls is not None:
-            _, tpot, prio = self._classes[cls]
+            class_ttft, tpot, prio = self._classes[cls]
+            self._allowed(policy, cls, ttft, class_ttft)
             return cls, ttft, tpot, prio
+        self._allowed(policy, None, ttft)
         # Its own deadline: vLLM priority of the tightest class that is at least as loose.
         looser = sorted((c for c in self._classes.values() if c[0] >= ttft), key=lambda c: c[0])
         prio = looser[0][2] if looser else max(c[2] for c in self._classes.values()) + 1
         return CUSTOM_CLASS, ttft, None, prio
+
+
+    @staticmethod
+    def _allowed(policy: KeyPolicy, cls: str | None, ttft: float, class_ttft: float | None = None) -> None:
+        why = policy.check(cls, ttft, class_ttft)
+        if why is not None:
+            raise BadRequest(403, why, "slo_class" if cls is not None and class_ttft is None else "slo_ttft_s")
 
 
 def _short(v: Any, n: int = 60) -> str:
@@ -321,14 +402,6 @@ def _valid_content(content: Any) -> bool:
     return False
 
 
-def _content_tokens(content: Any) -> int:
-    if isinstance(content, str):
-        return estimate_tokens(content)
-    if isinstance(content, list):
-        return sum(estimate_tokens(p.get("text", "")) for p in content if isinstance(p, dict))
-    return 0
-
-
 def _headers(scope: Scope) -> dict[str, str]:
     out = {}
     for k, v in scope["headers"]:
@@ -342,26 +415,6 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if k == name:
             return v
     return None
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The request body; None when it is over `limit` bytes (the rest is not read)."""
-    msg = await receive()
-    body = msg.get("body", b"")
-    if len(body) > limit:
-        return None
-    if not msg.get("more_body"):
-        return body
-    parts = [body]
-    size = len(body)
-    while msg.get("more_body"):
-        msg = await receive()
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 async def _watch_disconnect(receive: Receive, lr: LiveRequest, task: asyncio.Task | None) -> None:

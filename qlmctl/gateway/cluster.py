@@ -20,8 +20,15 @@ SLOs and results stay in scenario seconds).
   engine's metrics (polled every `metrics_interval_s`) add what the gateway cannot see (requests of other
   clients, aborts not yet reaped) and the engine's KV cache size.
 - Faults: an engine attempt that fails goes back to the policy like an eviction (`retry`, within the
-  request's retry budget); engine health, probes and models left without an engine are
+  request's retry budget); engine health, probes, outlier ejection and models left without an engine are
   `qlmctl.gateway.health`'s.
+- Retry placement: the policy places a retry like any request, and may place it on the very engine that
+  just failed it (still healthy after a soft failure, and looking idle since the failure freed its slot).
+  The world then carries the dispatch out on the least loaded other instance serving the model, healthy
+  and not swapping, if there is one (as Envoy's `previous_hosts` retry predicate avoids the host that
+  failed); after the batch it tells the policy where the request is (`request.instance_id`) and that both
+  instances changed. That instance may be full: the retry then waits in its engine's queue, beyond
+  `scheduler.dispatch_limit`, rather than try the failing engine again.
 """
 
 from __future__ import annotations
@@ -37,10 +44,11 @@ from qlmctl.core.cluster import Evict
 from qlmctl.core.driver import Driver
 from qlmctl.core.request import Request
 from qlmctl.engines import engine_kind
-from qlmctl.engines.base import FailureKind
+from qlmctl.engines.base import EngineError, FailureKind
 from qlmctl.gateway.exporter import GatewayMetrics
 from qlmctl.gateway.health import HealthMetrics, HealthMonitor
 from qlmctl.gateway.instance import LiveEngine, LiveInstance, SwapControl
+from qlmctl.gateway.outlier import OutlierPolicy
 from qlmctl.gateway.request import LiveRequest
 from qlmctl.gateway.swap import SleepModeControl
 from qlmctl.policies.base import Policy
@@ -122,6 +130,11 @@ class LiveCluster:
         """Engine attempts that failed and were retried."""
         self.num_retried_requests = 0
         """Requests retried at least once."""
+        self.num_retries_moved = 0
+        """Retries carried out on another instance than the one the policy chose (its engine had just failed)."""
+        self._moved: list[tuple[LiveRequest, int]] = []
+        self._unchanged: set[int] = set()
+        """Instances that were dispatched a request already ended, in the batch being applied."""
         self.schedule_calls = 0
         self.queued_by_class: dict[str, int] = {}
         """Requests waiting in the policy's queues per SLO class (exact, current: admission reads it)."""
@@ -133,6 +146,8 @@ class LiveCluster:
             probe_interval_s=live.probe_interval_s if live is not None else 1.0,
             probe_timeout_s=live.probe_timeout_s if live is not None else 2.0,
             unavailable_timeout_s=live.unavailable_timeout_s if live is not None else 30.0,
+            outlier=OutlierPolicy(live.outlier_error_rate, live.outlier_min_requests, live.outlier_interval_s,
+                                  live.outlier_ejection_s) if live is not None else None,
         )
 
     # ------------------------------------------------------------ ClusterView
@@ -156,9 +171,19 @@ class LiveCluster:
     def dispatch(self, request: Request, instance_id: int, now: float, priority: int | None) -> bool:
         lr = self._live.get(request.request_id)
         if lr is None:
-            return False  # its client went away while it was queued: it ends here, never reaching an engine
+            # Its client went away (or the gateway ended it) while it was queued: it ends here, never reaching
+            # an engine. The policy counted it on the instance in this call: the instance is as it was.
+            self._unchanged.add(instance_id)
+            return False
         self._dequeue(lr)
         inst = self._instances[instance_id]
+        if lr.avoid is not None:
+            if lr.avoid == instance_id:
+                other = self._retry_elsewhere(lr, inst)
+                if other is not None:
+                    self._moved.append((lr, instance_id))
+                    inst = other
+            lr.avoid = None
         eng = inst.engines[request.model]
         lr.engine = eng
         lr.engine_priority = priority if inst.scheduling_policy == "priority" else None
@@ -201,7 +226,37 @@ class LiveCluster:
             lr.waiter.set_result(None)
 
     def applied(self, now: float) -> None:
-        pass
+        if self._unchanged:
+            # Policies that keep each instance's room between events took a slot for the ended request;
+            # told that the instance changed, they read it again (else nothing might ever tell them).
+            for iid in self._unchanged:
+                self.driver.instance_changed(iid)
+            self._unchanged.clear()
+            self.kick()
+        if not self._moved:
+            return
+        for lr, chosen in self._moved:
+            if lr.engine is not None:
+                actual = lr.engine.instance.instance_id
+                lr.req.instance_id = actual
+                self.num_retries_moved += 1
+                self.driver.instance_changed(chosen)
+                self.driver.instance_changed(actual)
+        self._moved.clear()
+        self.kick()
+
+    def _retry_elsewhere(self, lr: LiveRequest, chosen: LiveInstance) -> LiveInstance | None:
+        """Another instance for a retry the policy put back on the instance that just failed it (see the
+        module docstring), or None."""
+        model = lr.req.model
+        best, best_load = None, 0
+        for inst in self._instances:
+            if inst is chosen or inst.swapping or not inst.healthy or inst.model != model:
+                continue
+            load = inst.num_running + inst.num_waiting
+            if best is None or load < best_load:
+                best, best_load = inst, load
+        return best
 
     # ------------------------------------------------------------ lifecycle
     async def start(self, wait_healthy_s: float = 60.0) -> None:
@@ -386,6 +441,7 @@ class LiveCluster:
         now = self.now()
         lr.retries += 1
         self.num_retried_requests += lr.retries == 1
+        lr.avoid = engine.instance.instance_id
         lr.engine = None
         lr.scope = None
         lr.evict_pending = False
@@ -538,11 +594,14 @@ class LiveCluster:
                     self.end_queued(lr, 503, msg)
             self.kick()
 
-    async def poll_engine(self, e: LiveEngine, timeout_s: float = 2.0) -> bool:
-        """Read the engine's /metrics into its instance's state; False when it did not answer."""
+    async def poll_engine(self, e: LiveEngine, timeout_s: float = 2.0) -> bool | None:
+        """Read the engine's /metrics into its instance's state; False when it did not answer, None when the
+        gateway could not ask it (out of descriptors or memory: not the engine's failure)."""
         inst = e.instance
         try:
             m = await e.server.metrics(timeout_s)
+        except EngineError as err:
+            return None if err.kind is FailureKind.LOCAL else False
         except Exception:  # noqa: BLE001 - any failure means "not answering"
             return False
         own = len(inst.inflight)

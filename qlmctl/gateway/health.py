@@ -8,6 +8,9 @@ How an engine fails a request (`FailureKind`) decides what happens to the engine
   otherwise answering; `live.unhealthy_after` of them in a row mark it unhealthy (a first token on it
   resets the count), and so do as many failed /metrics polls in a row.
 
+- outliers: an engine whose attempts fail at `live.outlier_error_rate` or more over a window is ejected
+  for `live.outlier_ejection_s` (`qlmctl.gateway.outlier`), unless it is its model's last healthy engine.
+
 An unhealthy engine takes no new requests (its instance reports `healthy = False`; the policy is told
 through `on_instance_changed`); requests it still holds carry on until their own streams end or fail.
 Each engine has its own watch task: a healthy one is polled (/metrics) every `metrics_interval_s`, an
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 from prometheus_client import CollectorRegistry, Counter
 
 from qlmctl.engines.base import FailureKind
+from qlmctl.gateway.outlier import OutlierDetector, OutlierPolicy
 
 if TYPE_CHECKING:
     from qlmctl.gateway.instance import LiveEngine, LiveInstance
@@ -68,8 +72,9 @@ class Watched(Protocol):
     def health_changed(self, e: LiveEngine) -> None:
         """`e` turned unhealthy or healthy."""
 
-    async def poll_engine(self, e: LiveEngine, timeout_s: float = 2.0) -> bool:
-        """Read `e`'s metrics into the cluster's state; False when it did not answer."""
+    async def poll_engine(self, e: LiveEngine, timeout_s: float = 2.0) -> bool | None:
+        """Read `e`'s metrics into the cluster's state; False when it did not answer, None when the gateway
+        could not ask (out of resources: not the engine's failure)."""
         ...
 
 
@@ -78,7 +83,7 @@ class HealthMonitor:
 
     def __init__(self, cluster: Watched, metrics: HealthMetrics, *, unhealthy_after: int = 3,
                  metrics_interval_s: float = 0.5, probe_interval_s: float = 1.0, probe_timeout_s: float = 2.0,
-                 unavailable_timeout_s: float = 30.0) -> None:
+                 unavailable_timeout_s: float = 30.0, outlier: OutlierPolicy | None = None) -> None:
         self.cluster = cluster
         self.metrics = metrics
         self.unhealthy_after = unhealthy_after
@@ -90,34 +95,53 @@ class HealthMonitor:
         """Per model with no healthy engine: since when (loop time)."""
         self.unavailable: set[str] = set()
         """Models without a healthy engine for longer than `unavailable_timeout_s`."""
+        self.outliers = OutlierDetector(outlier)
 
     # ------------------------------------------------------------ events
     def failure(self, e: LiveEngine, kind: FailureKind) -> None:
-        """An attempt on `e` failed."""
+        """An attempt on `e` failed. A local failure (the gateway out of descriptors or memory) is not the
+        engine's and does not count."""
+        if kind is FailureKind.LOCAL:
+            return
         self.metrics.engine_failures.labels(e.instance.name, e.model, kind.value).inc()
         e.fails += 1
+        now = asyncio.get_running_loop().time()
+        eject_s = self.outliers.observe(e, now, failed=True)
         if kind.hard or e.fails >= self.unhealthy_after:
             self.mark_unhealthy(e, kind)
+        elif eject_s is not None and e.healthy and self._others_healthy(e):
+            attempts, failures = self.outliers.rate(e, now)
+            self.mark_unhealthy(e, kind, eject_s, f"{failures} of its last {attempts} attempts failed "
+                                                  f"(outlier_error_rate {self.outliers.policy.error_rate:g})")
 
     def success(self, e: LiveEngine) -> None:
         """A request got its first token from `e`."""
         e.fails = 0
         e.ejections = 0
+        self.outliers.observe(e, asyncio.get_running_loop().time(), failed=False)
+
+    def _others_healthy(self, e: LiveEngine) -> bool:
+        """Whether another engine of `e`'s model is healthy (outlier ejection never takes the last one)."""
+        return any(x is not e and x.healthy for inst in self.cluster.instances
+                   for m, x in inst.engines.items() if m == e.model)
 
     def poll_failed(self, e: LiveEngine) -> None:
         e.poll_fails += 1
         if e.poll_fails >= self.unhealthy_after:
             self.mark_unhealthy(e, FailureKind.POLL)
 
-    def mark_unhealthy(self, e: LiveEngine, kind: FailureKind) -> None:
+    def mark_unhealthy(self, e: LiveEngine, kind: FailureKind, eject_s: float | None = None,
+                       why: str | None = None) -> None:
+        """Take `e` out: it is probed again after `eject_s` (default: the probe backoff)."""
         if not e.healthy:
             return
         e.healthy = False
         e.ejections += 1
-        eject_s = self.probe_interval_s * 2 ** min(e.ejections - 1, MAX_BACKOFF_DOUBLINGS)
+        if eject_s is None:
+            eject_s = self.probe_interval_s * 2 ** min(e.ejections - 1, MAX_BACKOFF_DOUBLINGS)
         e.eject_until = asyncio.get_running_loop().time() + eject_s
         log.warning("engine %s (%s on %s) is unhealthy: %s; probing it from %g s on", e.url, e.model,
-                    e.instance.name, kind.describe(), eject_s)
+                    e.instance.name, why or kind.describe(), eject_s)
         self.metrics.health_changes.labels(e.instance.name, e.model, "0").inc()
         self.cluster.health_changed(e)
 
@@ -127,6 +151,7 @@ class HealthMonitor:
         if e.healthy:
             return
         e.healthy = True
+        self.outliers.readmitted(e, asyncio.get_running_loop().time())
         log.warning("engine %s (%s on %s) is healthy again", e.url, e.model, e.instance.name)
         self.metrics.health_changes.labels(e.instance.name, e.model, "1").inc()
         self.cluster.health_changed(e)
@@ -140,9 +165,10 @@ class HealthMonitor:
                 await asyncio.sleep(self.metrics_interval_s)
                 if not e.instance.control.available(e):
                     continue  # stopped on purpose (a restart swap): nothing to poll
-                if await cluster.poll_engine(e, self.probe_timeout_s):
+                ok = await cluster.poll_engine(e, self.probe_timeout_s)
+                if ok:
                     e.poll_fails = 0
-                else:
+                elif ok is False:
                     self.poll_failed(e)
             else:
                 await asyncio.sleep(self.probe_interval_s)

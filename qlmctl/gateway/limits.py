@@ -45,5 +45,6 @@ class AdmissionMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.rejected = Counter(
             "qlm_rejected_requests", "Requests answered at once with an error, by reason (queue_full: 429, "
-            "draining or unavailable: 503, unauthorized: 401, bad_request: 4xx).", ["slo_class", "reason"],
+            "draining or unavailable: 503, unauthorized: 401, forbidden: 403, bad_request: 4xx, too_large: 413, "
+            "client_bodies: 429 and bodies: 503 for request bodies held).", ["slo_class", "reason"],
             registry=registry)

@@ -67,7 +67,8 @@ class Sink(Protocol):
 
 def error_body(message: str, status: int, err_type: str | None = None, param: str | None = None) -> dict[str, Any]:
     """An OpenAI-style error body."""
-    types = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
+    types = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+             408: "RequestTimeoutError", 413: "RequestTooLargeError",
              429: "RateLimitError", 500: "InternalServerError", 502: "BadGatewayError",
              503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
     return {"error": {"message": message, "type": err_type or types.get(status, "APIError"), "param": param,
@@ -78,7 +79,10 @@ class Watchdog:
     """Expires an engine attempt's cancel scope when its stream goes quiet: no first token within
     `first_s`, or no token within `inter_s` of the last one (wall seconds).
 
-    One timer per attempt, re-armed only when it fires early: a token costs one clock read.
+    One timer per attempt. The first token moves it to `inter_s` from then; later tokens only note the
+    time (one clock read each), and a timer that fires early re-arms itself at the last token plus
+    `inter_s`: so a stream that stalls is caught `inter_s` after its last token, whatever the first-token
+    limit.
     """
 
     __slots__ = ("_loop", "_scope", "_inter_s", "_limit", "_last", "_handle", "_got_first", "fired", "writing")
@@ -98,10 +102,13 @@ class Watchdog:
 
     def progress(self) -> None:
         """Tokens arrived."""
-        self._last = self._loop.time()
+        self._last = now = self._loop.time()
         if not self._got_first:
             self._got_first = True
             self._limit = self._inter_s
+            if self._handle is not None:  # the first-token timer would fire `first_s` from the start
+                self._handle.cancel()
+                self._handle = self._loop.call_at(now + self._inter_s, self._fire)
 
     def _fire(self) -> None:
         now = self._loop.time()
@@ -138,6 +145,7 @@ class Relay:
         self._stream_options = {"include_usage": True, "continuous_usage_stats": token_count == "usage"}
         self._chat = lr.api == "chat"
         self._skip = 0
+        self._offset_shift = 0
         self._attempt_tokens = 0
         self._fin: str | None = None
 
@@ -202,8 +210,8 @@ class Relay:
                              engine.url, failure.value, detail)
                     if cluster.retry(lr, engine, failure):
                         continue
-                    await self._fail(502 if failure not in (FailureKind.FIRST_TOKEN_TIMEOUT, FailureKind.STALLED)
-                                     else 504,
+                    await self._fail(504 if failure in (FailureKind.FIRST_TOKEN_TIMEOUT, FailureKind.STALLED)
+                                     else 503 if failure is FailureKind.LOCAL else 502,
                                      f"{failure.describe()} on {lr.attempts} attempt(s) (retry budget "
                                      f"{cluster.max_retries} spent)", internal=f"{engine.url}: {failure.value}: {detail}")
                     return
@@ -245,10 +253,11 @@ class Relay:
             body["priority"] = lr.engine_priority
         self._attempt_tokens = 0
         self._skip = 0
+        self._offset_shift = 0
         self._fin = None
         if lr.sent == 0:
             return body
-        if self.resume == "restart":
+        if self.resume == "restart" or not lr.text_only:
             self._skip = lr.sent
             return body
         done = "".join(lr.pieces)
@@ -263,6 +272,7 @@ class Relay:
             prompt = body["prompt"]
             body["prompt"] = (prompt[0] if isinstance(prompt, list) else prompt) + done
             body["echo"] = False
+            self._offset_shift = len(done)
             if body.get("max_tokens", 16) is not None:
                 body["max_tokens"] = max(1, body.get("max_tokens", 16) - lr.sent)
         if body.get("min_tokens"):
@@ -329,12 +339,22 @@ class Relay:
         if self._chat:
             delta = c.get("delta") or {}
             text = delta.get("content") or ""
-            if lr.attempts > 1 and not text and c.get("finish_reason") is None:
+            other = delta.get("tool_calls") or delta.get("reasoning") or delta.get("reasoning_content")
+            if other:
+                lr.text_only = False  # its text alone no longer is the answer so far: a resume restarts
+            elif lr.attempts > 1 and not text and c.get("finish_reason") is None:
                 return -1  # the role chunk of a resumed attempt: the client has had one
+            output = bool(text or other)
         else:
             text = c.get("text") or ""
+            output = bool(text)
+            if self._offset_shift:
+                lp = c.get("logprobs")
+                if isinstance(lp, dict) and isinstance(lp.get("text_offset"), list):
+                    # The resumed attempt counts offsets from its own start: from the answer's start instead.
+                    lp["text_offset"] = [o + self._offset_shift for o in lp["text_offset"]]
         if not usage or usage.get("completion_tokens") is None:
-            n = 1 if text else 0
+            n = 1 if output else 0
         if self._skip:
             if n <= self._skip:
                 self._skip -= n
@@ -372,14 +392,16 @@ def usage_of(lr: LiveRequest) -> dict[str, int]:
 class StreamSink:
     """Server-sent events to an ASGI client, as vLLM sends them."""
 
-    def __init__(self, send: Any) -> None:
+    def __init__(self, send: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self._send = send
+        self._headers = headers or []
         self.started = False
 
     async def start(self) -> None:
         self.started = True
         await self._send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+            *self._headers]})
 
     async def send(self, events: list[dict[str, Any]]) -> None:
         body = b"".join([b"data: " + orjson.dumps(ev) + b"\n\n" for ev in events])
@@ -395,48 +417,118 @@ class StreamSink:
 
     async def fail(self, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
         if not self.started:
-            await send_json(self._send, status, body, headers)
+            await send_json(self._send, status, body, [*self._headers, *(headers or [])])
             return
         data = b"data: " + orjson.dumps(body) + b"\n\ndata: [DONE]\n\n"
         await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 class JSONSink:
-    """One JSON answer at the end (a non-streaming client); the engine is still streamed from."""
+    """One JSON answer at the end (a non-streaming client); the engine is still streamed from.
 
-    def __init__(self, send: Any) -> None:
+    The answer is put together from the chunks as vLLM's non-streamed answer is: the text (or the chat
+    message's content), and when the engine sent them, logprobs (completions: `tokens`, `token_logprobs`,
+    `top_logprobs`, `text_offset`; chat: `content` items), tool calls (the deltas of each call, by index:
+    id, type and name from the first, `arguments` joined), reasoning text, token ids and stop reason.
+    """
+
+    def __init__(self, send: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self._send = send
+        self._headers = headers or []
         self.started = False
         self._text: list[str] = []
         self._model: str | None = None
+        self._reasoning: list[str] = []
+        self._reasoning_key = "reasoning"
+        self._calls: dict[int, dict[str, Any]] = {}
+        self._args: dict[int, list[str]] = {}
+        self._logprobs: dict[str, list[Any]] | None = None
+        self._token_ids: list[int] | None = None
+        self._stop_reason: Any = None
+        self._top: dict[str, Any] = {}
+        """Fields of the whole answer that vLLM sends once, in the first chunk (prompt_token_ids, ...)."""
 
     async def start(self) -> None:
         self.started = True  # nothing to send before the end
 
     async def send(self, events: list[dict[str, Any]]) -> None:
         for ev in events:
-            c = ev["choices"][0]
-            t = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
-            if t:
-                self._text.append(t)
             self._model = ev.get("model", self._model)
+            c = ev["choices"][0]
+            for key in ("prompt_token_ids", "prompt_logprobs", "prompt_text"):
+                v = ev.get(key, c.get(key))
+                if v is not None and key not in self._top:
+                    self._top[key] = v
+            if "delta" in c:
+                self._chat_delta(c.get("delta") or {})
+            elif c.get("text"):
+                self._text.append(c["text"])
+            lp = c.get("logprobs")
+            if isinstance(lp, dict):
+                if self._logprobs is None:
+                    self._logprobs = {}
+                for key, v in lp.items():
+                    if isinstance(v, list):
+                        self._logprobs.setdefault(key, []).extend(v)
+            ids = c.get("token_ids")
+            if isinstance(ids, list):
+                self._token_ids = (self._token_ids or []) + ids
+            if c.get("stop_reason") is not None:
+                self._stop_reason = c["stop_reason"]
+
+    def _chat_delta(self, d: dict[str, Any]) -> None:
+        if d.get("content"):
+            self._text.append(d["content"])
+        for key in ("reasoning", "reasoning_content"):
+            if d.get(key):
+                self._reasoning.append(d[key])
+                self._reasoning_key = key
+        for tc in d.get("tool_calls") or ():
+            if not isinstance(tc, dict):
+                continue
+            i = tc.get("index", len(self._calls))
+            call = self._calls.setdefault(i, {"id": None, "type": "function", "function": {"name": None}})
+            if tc.get("id"):
+                call["id"] = tc["id"]
+            if tc.get("type"):
+                call["type"] = tc["type"]
+            fn = tc.get("function") or {}
+            if fn.get("name"):
+                call["function"]["name"] = fn["name"]
+            if fn.get("arguments"):
+                self._args.setdefault(i, []).append(fn["arguments"])
 
     async def finish(self, lr: LiveRequest) -> None:
         text = "".join(self._text)
+        lp = self._logprobs or None
         if lr.api == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": lr.finish_reason, "stop_reason": None}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self._reasoning:
+                message[self._reasoning_key] = "".join(self._reasoning)
+            if self._calls:
+                calls = []
+                for i in sorted(self._calls):
+                    call = self._calls[i]
+                    call["function"]["arguments"] = "".join(self._args.get(i, []))
+                    calls.append(call)
+                message["tool_calls"] = calls
+                if not text:
+                    message["content"] = None
+            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": lp,
+                                      "finish_reason": lr.finish_reason, "stop_reason": self._stop_reason}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": lr.finish_reason,
-                      "stop_reason": None}
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": lr.finish_reason,
+                      "stop_reason": self._stop_reason}
             obj = "text_completion"
+        if self._token_ids is not None:
+            choice["token_ids"] = self._token_ids
         body = {"id": lr.client_id, "object": obj, "created": lr.created, "model": self._model or lr.req.model,
-                "choices": [choice], "usage": usage_of(lr)}
-        await send_json(self._send, 200, body)
+                "choices": [choice], "usage": usage_of(lr), **self._top}
+        await send_json(self._send, 200, body, self._headers)
 
     async def fail(self, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        await send_json(self._send, status, body, headers)
+        await send_json(self._send, status, body, [*self._headers, *(headers or [])])
 
 
 def _chunk_object(lr: LiveRequest) -> str:

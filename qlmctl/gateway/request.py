@@ -29,12 +29,17 @@ class LiveRequest:
     continuous_usage: bool = False
     external_id: str | None = None
     """The client's x-request-id, if it sent one."""
+    ignored: list[str] = field(default_factory=list)
+    """Body fields the gateway did not forward (not in the engines' API)."""
     # Progress, kept across evictions.
     sent: int = 0
     """Output tokens delivered to the client."""
     pieces: list[str] = field(default_factory=list)
     """Output text delivered to the client, in order (the resume prompt is built from it)."""
     finish_reason: str | None = None
+    text_only: bool = True
+    """Whether `pieces` is the whole answer so far (False once tool calls or reasoning were sent: a resume
+    then regenerates and skips what was sent, as `live.resume: restart` does)."""
     prompt_tokens: int | None = None
     """The engine's prompt token count (first attempt), once known."""
     # Placement.
@@ -59,5 +64,7 @@ class LiveRequest:
     attempts: int = 0
     retries: int = 0
     """Times an engine failed it and it went back to its queue."""
+    avoid: int | None = None
+    """The instance whose engine failed its last attempt: its retry goes elsewhere if it can."""
     abort: tuple[int, str] | None = None
     """Set when the gateway ends it (shutting down, model unavailable): the HTTP status and message."""

@@ -11,11 +11,13 @@ import logging
 from typing import Any
 
 from qlmctl.gateway.app import GatewayApp
+from qlmctl.gateway.clientconn import ClientLimits, ConnectionGuard
 from qlmctl.gateway.cluster import LiveCluster
 from qlmctl.gateway.exporter import GatewayMetrics
+from qlmctl.gateway.lograte import QuietLoggers
 from qlmctl.gateway.instance import SwapControl
 from qlmctl.gateway.looplag import LoopLagMonitor
-from qlmctl.gateway.security import SecretFilter, resolve_api_key, scenario_secrets
+from qlmctl.gateway.security import SecretFilter, resolve_api_key, resolve_api_keys, scenario_secrets
 from qlmctl.policies import Policy, PolicyContext, make_policy
 from qlmctl.scenario import LiveEngineSpec, Scenario
 
@@ -49,7 +51,7 @@ class Gateway:
         record: Keep every request for `records()` (results files); off for a long-running server.
         access_log: Log every HTTP request (uvicorn's access log).
         api_key: Clients must send `Authorization: Bearer <api_key>`; default live.api_key, else
-            $QLMCTL_API_KEY, else no authentication.
+            $QLMCTL_API_KEY, else no authentication; live.api_keys adds keys with limits.
     """
 
     def __init__(
@@ -74,7 +76,9 @@ class Gateway:
         self.resume = live.resume if live is not None else "continue"
         self.token_count = live.token_count if live is not None else "usage"
         self.drain_timeout_s = live.drain_timeout_s if live is not None else 30.0
-        self.api_key = resolve_api_key(scenario, api_key)
+        keys = resolve_api_keys(scenario, api_key)
+        self.api_key = resolve_api_key(scenario, api_key) or (keys[0][0] if keys else None)
+        """The key a replay through this gateway sends (live.api_key, else the first of live.api_keys)."""
         self._secret_filter = SecretFilter(scenario_secrets(scenario, [self.api_key]))
         self.metrics = GatewayMetrics()
         self.policy = (make_policy(policy, PolicyContext.from_scenario(scenario, realtime=True))
@@ -82,11 +86,15 @@ class Gateway:
         self.cluster = LiveCluster(scenario, self.policy, engines=engines, speedup=speedup,
                                    swap_control=swap_control, metrics=self.metrics, record=record)
         self.metrics.attach(self.cluster)
-        self.app = GatewayApp(self.cluster, scenario, self.metrics, api_key=self.api_key, resume=self.resume,
+        self.app = GatewayApp(self.cluster, scenario, self.metrics, api_keys=keys, resume=self.resume,
                               token_count=self.token_count)
         self.loop_lag = LoopLagMonitor(observe=self.metrics.loop_lag.observe,
                                        on_window=self._record_lag if record else None, keep=record)
         """The event loop's lag while the gateway runs (/metrics; per second in the timeline when recording)."""
+        self.client_limits = ClientLimits.from_live(live)
+        self._quiet = QuietLoggers(self.client_limits.log_interval_s)
+        self.connections: ConnectionGuard | None = None
+        """Client connections: timeouts and the connection limit (made at `start`)."""
         self._access_log = access_log
         self._server: Any = None
         self._task: asyncio.Task | None = None
@@ -103,21 +111,30 @@ class Gateway:
         import uvicorn
 
         log.addFilter(self._secret_filter)
+        self._quiet.install()
         try:
             await self.cluster.start(wait_healthy_s)
         except BaseException:
             log.removeFilter(self._secret_filter)
+            self._quiet.remove()
             raise
         self.loop_lag.start()
+        self.connections = ConnectionGuard(self.client_limits, self.metrics.registry)
+        self.connections.start()
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="off",
-                                access_log=self._access_log, http="h11", loop="none",
-                                timeout_keep_alive=30, backlog=4096, timeout_graceful_shutdown=10)
+                                access_log=self._access_log, http=self.connections.protocol_class(), loop="none",
+                                # the guard closes idle connections (and counts them); uvicorn's timer is a backstop
+                                timeout_keep_alive=self.client_limits.idle_timeout_s + 5, backlog=4096,
+                                timeout_graceful_shutdown=10)
         self._server = _quiet_server(config)
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._task.done():
+                self.connections.stop()
                 await self.loop_lag.stop()
                 await self.cluster.stop()
+                log.removeFilter(self._secret_filter)
+                self._quiet.remove()
                 exc = self._task.exception()
                 raise OSError(f"gateway could not listen on {self.host}:{self.port}: {exc or 'exited'}")
             await asyncio.sleep(0.01)
@@ -171,9 +188,12 @@ class Gateway:
             self._server.should_exit = True
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+        if self.connections is not None:
+            self.connections.stop()
         await self.loop_lag.stop()
         await self.cluster.stop()
         log.removeFilter(self._secret_filter)
+        self._quiet.remove()
 
     async def __aenter__(self) -> "Gateway":
         await self.start()
