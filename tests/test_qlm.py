@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qlmctl.core.cluster import Dispatch
+from qlmctl.core.cluster import Dispatch, SwapModel
 from qlmctl.core.frozen import FrozenCluster, FrozenInstance
 from qlmctl.core.request import Request
 from qlmctl.metrics import requests_frame
@@ -145,3 +145,38 @@ def test_lag_is_measured_not_assumed():
     pol_stats = qlm.summary["policy_stats"]
     assert pol_stats["demoted"] == 0
     assert np.isclose(qlm.summary["slo_attainment"], 1.0)
+
+
+def _two_model_instance():
+    sc = load_scenario(SCEN / "multi_model.yaml")
+    profs = {m: sc.profile(m) for m in ("llama-3.1-8b", "llama-3.2-3b")}
+    pol = make_policy("qlm", PolicyContext(profiles=profs))
+    inst = FrozenInstance(0, "llama-3.1-8b", profs, free_kv_blocks=profs["llama-3.1-8b"].kv_blocks,
+                          warm=set(profs))
+    return pol, FrozenCluster([inst], t=1.0)
+
+
+def _queue(pol, model: str, n: int, slo_s: float, first_id: int) -> None:
+    for i in range(n):
+        pol.add_request(Request(first_id + i, 1.0, model, "c", slo_s, 500, 100), 1.0)
+
+
+def test_no_swap_that_saves_nothing_the_queue_could_not_wait_for():
+    """A request of another model that can still be served after this model's queue does not take the
+    instance away from it (the sleep and the wake are dead time)."""
+    pol, cluster = _two_model_instance()
+    _queue(pol, "llama-3.1-8b", 50, 60.0, 0)
+    _queue(pol, "llama-3.2-3b", 1, 30.0, 100)
+    out = pol.schedule(cluster)
+    assert not any(isinstance(d, SwapModel) for d in out)
+    assert {d.request.model for d in out if isinstance(d, Dispatch)} == {"llama-3.1-8b"}
+
+
+def test_swap_when_the_other_model_cannot_wait_and_this_one_can():
+    """Many tight requests of another model, a long queue of loose ones here: drain and swap."""
+    pol, cluster = _two_model_instance()
+    _queue(pol, "llama-3.1-8b", 400, 1800.0, 0)
+    _queue(pol, "llama-3.2-3b", 50, 3.0, 1000)
+    out = pol.schedule(cluster)
+    assert [d.model for d in out if isinstance(d, SwapModel)] == ["llama-3.2-3b"]
+    assert not any(isinstance(d, Dispatch) and d.request.model == "llama-3.1-8b" for d in out)

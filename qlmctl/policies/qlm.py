@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -55,6 +56,9 @@ TPOT_MARGIN = 0.9
 """Fraction of a TPOT SLO the predicted time per output token may use (steps vary around their mean)."""
 ARRIVAL_WINDOW_S = 10.0
 """Time constant of the arrival rates per model and class the estimator extrapolates (see `_Arrivals`)."""
+
+SWAP_LOOKAHEAD = 512
+"""Queued requests per model that a swap's worth looks at (in urgency order)."""
 
 
 @dataclass(slots=True)
@@ -254,6 +258,10 @@ class QLMPolicy(Policy):
         self._future: dict[str, list[tuple[float, int, float]]] = {}
         self._served: set[str] = set()
         """Models some instance serves now (as of the last walk)."""
+        self._servers_of: dict[str, list[int]] = {}
+        """Per model, the instances serving it (as of the last walk)."""
+        self._worth: dict[tuple[int, str, float], bool] = {}
+        """`_swap_worth`'s answers for this plan, per (instance, model, plan time)."""
         self._prefill_times: dict[int, _Memo] = {}
         self._horizon_s = max(60.0, 20.0 * ctx.reschedule_interval_s)
         """The walk looks at requests due within this long; later ones wait for a later walk."""
@@ -446,12 +454,16 @@ class QLMPolicy(Policy):
             # first, so an instance shared by two busy models does not alternate every few seconds.
             if now < self._resident_until.get(inst.instance_id, -math.inf) and self._has_queued(inst.model):
                 continue
-            # The plan puts another model next: stop feeding this one, drain, then swap.
-            if room.load == 0:
+            # The plan puts another model next. A swap leaves the instance dead for the sleep and the wake, and
+            # this model's queue waits: it is worth it only if it brings more requests in on time than it
+            # makes late (`_swap_worth`).
+            if not self._swap_worth(inst, g.model, room.load, now):
+                continue
+            if room.load == 0:  # drained: swap
                 out.extend(self._swap(inst, g.model, now))
                 return None
             # While that group can wait well beyond the drain and the load, keep the batch full with
-            # this model's requests instead of leaving slots idle (work conserving).
+            # this model's requests instead of leaving slots idle (work conserving); else stop feeding it.
             if self._can_defer(inst, g, room.load, now):
                 continue
             return None
@@ -484,6 +496,51 @@ class QLMPolicy(Policy):
         cap = self._tpot_caps.get(room.inst.instance_id)
         if cap is not None:
             room.slots = min(room.slots, cap - room.load)
+
+    def _swap_worth(self, inst: InstanceView, model: str, load: int, now: float) -> bool:
+        """Is swapping `inst` to `model` now better than swapping once its current model's queue is served?
+
+        Counts, in urgency order, the queued requests of `model` that a swap now brings in on time and the
+        later swap would not (`saved`), and those of the current model that the swap makes late, having
+        to wait for the sleep, the wake, `model`'s queue and the wake back (`lost`, shared with the other
+        instances serving that model). Worked out once per plan for each instance and model."""
+        key = (inst.instance_id, model, self._next_plan)
+        hit = self._worth.get(key)
+        if hit is not None:
+            return hit
+        cur = inst.model
+        if cur is None or not self._has_queued(cur):
+            # Nothing of the current model waits: the swap costs only idle time, and the late requests of
+            # `model` must be served some time (work conserving).
+            worth = self._worth[key] = any(g.queue for g in self._by_model.get(model, ()))
+            return worth
+        new_rate, cur_rate = self._rate_of(inst, model), self._rate_of(inst, cur)
+        new_prof, cur_prof = inst.profile_for(model), inst.profile
+        if new_rate is None or new_prof is None or cur_rate is None or cur_prof is None:
+            self._worth[key] = False
+            return False
+        cap = SWAP_LOOKAHEAD
+        cur_q = list(itertools.islice(heapq.merge(
+            *(g.queue for g in self._by_model.get(cur, ()) if g.queue and not g.late), key=self._key), cap))
+        new_q = list(itertools.islice(heapq.merge(
+            *(g.queue for g in self._by_model.get(model, ()) if g.queue and not g.late), key=self._key), cap))
+        each_cur = cur_rate.request_time_s / cur_rate.concurrency
+        each_new = new_rate.request_time_s / new_rate.concurrency
+        drain = cur_rate.completions_time(load) if load else 0.0
+        swap_at = now + drain + inst.load_time(model)  # swap now: `model` starts after the drain and the wake
+        later_at = now + len(cur_q) * each_cur + drain + inst.load_time(model)  # after the current queue
+        saved = 0
+        for j, r in enumerate(new_q):
+            pf = new_prof.prefill_time(r.prompt_tokens)
+            saved += (swap_at + j * each_new + pf <= r.deadline_s) - (later_at + j * each_new + pf <= r.deadline_s)
+        back = swap_at + len(new_q) * each_new + inst.load_time(cur)  # the current model's queue resumes
+        lost = 0
+        for i, r in enumerate(cur_q):
+            pf = cur_prof.prefill_time(r.prompt_tokens)
+            lost += (now + i * each_cur + pf <= r.deadline_s) - (back + i * each_cur + pf <= r.deadline_s)
+        others = sum(1 for i in self._servers_of.get(cur, ()) if i != inst.instance_id)
+        worth = self._worth[key] = saved > lost / (1 + others)
+        return worth
 
     def _can_defer(self, inst: InstanceView, g: RequestGroup, load: int, now: float) -> bool:
         """Can `g` (another model) wait while `inst` keeps serving its current model?"""
@@ -601,6 +658,8 @@ class QLMPolicy(Policy):
             servers_by_model.setdefault(m, []).append((inst, srv))
         self._tpot_caps = caps
         self._served = set(servers_by_model)
+        self._servers_of = {m: [inst.instance_id for inst, _ in s] for m, s in servers_by_model.items()}
+        self._worth = {}
         for model, servers in servers_by_model.items():
             out.extend(self._walk_model(model, servers, now))
         return out
