@@ -180,3 +180,17 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_worker_listening_socket_says_tcp_so_asyncio_sets_nodelay():
+    """Without proto IPPROTO_TCP asyncio leaves Nagle on for accepted connections: ~40 ms per small write."""
+    import socket
+
+    from qlmctl.gateway.relayproc import listen_socket
+
+    sock = listen_socket("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+    finally:
+        sock.close()

@@ -287,7 +287,9 @@ def _die_with_parent(parent: int) -> None:
 def listen_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
     """A listening socket on host:port with SO_REUSEPORT (the core holds the port, bound, not listening)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP (else Nagle and
+    # delayed ACKs hold small writes for ~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
