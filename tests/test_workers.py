@@ -194,3 +194,17 @@ def test_worker_listening_socket_says_tcp_so_asyncio_sets_nodelay():
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
     finally:
         sock.close()
+
+
+@pytest.mark.asyncio
+async def test_a_second_gateway_on_a_held_port_is_refused():
+    """SO_REUSEPORT would let two gateways' workers share a port; the core checks that it is free first."""
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        sc = scenario([e0.url])
+        async with Gateway(sc, "fcfs", port=0, workers=2) as gw:
+            other = Gateway(sc, "fcfs", port=gw.port, workers=2)
+            with pytest.raises(OSError, match="could not listen"):
+                await other.start()
+            async with httpx.AsyncClient(base_url=gw.url) as c:
+                assert (await c.get("/health")).status_code == 200

@@ -232,6 +232,13 @@ class RelayCluster:
                 lr = live.get(m[1])
                 if lr is None:
                     continue
+                if lr.queued:
+                    # Back in the queue (a retry crossed this message): the eviction is moot, an end is not.
+                    if m[3] is not None and lr.waiter is not None and not lr.waiter.done():
+                        lr.queued = False
+                        lr.abort = (m[3], m[4])
+                        lr.waiter.set_result(None)
+                    continue
                 if m[2]:
                     lr.evict_pending = True
                 if m[3] is not None:
@@ -307,7 +314,7 @@ async def _worker(fd: int) -> int:
     from qlmctl.gateway.lograte import QuietLoggers
     from qlmctl.gateway.looplag import LoopLagMonitor
     from qlmctl.gateway.security import SecretFilter
-    from qlmctl.gateway.server import _quiet_server
+    from qlmctl.gateway.server import quiet_server
 
     raise_fd_limit()
     sock = socket.socket(fileno=fd)
@@ -336,7 +343,7 @@ async def _worker(fd: int) -> int:
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=cfg["access_log"],
                             http=guard.protocol_class(), loop="none", timeout_keep_alive=limits.idle_timeout_s + 5,
                             backlog=4096, timeout_graceful_shutdown=10)
-    server = _quiet_server(config)
+    server = quiet_server(config)
     serving = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started:
         if serving.done():

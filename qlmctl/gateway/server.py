@@ -27,7 +27,7 @@ from qlmctl.scenario import LiveEngineSpec, Scenario
 log = logging.getLogger("qlmctl.gateway")
 
 
-def _quiet_server(config: Any) -> Any:
+def quiet_server(config: Any) -> Any:
     """A uvicorn server without its signal handlers: SIGINT/SIGTERM are the caller's to handle
     (`qlmctl serve` drains), and a gateway inside tests or another program must not take them."""
     import contextlib
@@ -165,7 +165,7 @@ class Gateway:
                                 # the guard closes idle connections (and counts them); uvicorn's timer is a backstop
                                 timeout_keep_alive=self.client_limits.idle_timeout_s + 5, backlog=4096,
                                 timeout_graceful_shutdown=10)
-        self._server = _quiet_server(config)
+        self._server = quiet_server(config)
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._task.done():

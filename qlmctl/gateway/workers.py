@@ -275,6 +275,15 @@ class RelayWorkers:
     async def start(self, host: str, port: int, timeout_s: float = 60.0) -> int:
         """Hold the port, start the workers, wait until each listens; returns the port."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # First without SO_REUSEPORT: that fails if anything holds the port, also another gateway's workers
+        # (sockets that all set SO_REUSEPORT would share it silently).
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                raise OSError(f"gateway could not listen on {host}:{port}: {e}") from None
+            port = probe.getsockname()[1]
         hold = socket.socket(family, socket.SOCK_STREAM)
         hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
