@@ -76,7 +76,10 @@ async def run_requests(gw: Gateway, n: int, n_out: int, *, during=None, chat: bo
                  for i in range(n)]
         if during is not None:
             await during()
-        return list(await asyncio.gather(*tasks))
+        outs = list(await asyncio.gather(*tasks))
+        # With relay workers the core hears of each end a moment after the client has its answer.
+        await wait_until(lambda: gw.cluster.num_active() == 0, 5)
+        return outs
     finally:
         await pool.aclose()
 
@@ -116,11 +119,12 @@ def failures(gw: Gateway) -> dict[str, float]:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("policy", ["qlm", "fcfs"])  # fcfs takes failed requests back without on_evicted
-async def test_engine_killed_mid_stream_requests_resume_elsewhere(policy):
+# fcfs takes failed requests back without on_evicted; workers 2: the relays in processes of their own
+@pytest.mark.parametrize("policy,workers", [("qlm", 1), ("fcfs", 1), ("qlm", 2)])
+async def test_engine_killed_mid_stream_requests_resume_elsewhere(policy, workers):
     with ExitStack() as stack:
         e0, e1 = emulators(stack, 2)
-        async with Gateway(scenario([e0.url, e1.url]), policy, port=0) as gw:
+        async with Gateway(scenario([e0.url, e1.url]), policy, port=0, workers=workers) as gw:
             # Answers of ~1.7 s: the kill lands mid-answer even when a busy machine delays it by a second.
             n, n_out = 12, 600
 
@@ -150,10 +154,11 @@ async def test_engine_killed_mid_stream_requests_resume_elsewhere(policy):
 
 
 @pytest.mark.asyncio
-async def test_engine_hangs_streams_time_out_and_resume():
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_engine_hangs_streams_time_out_and_resume(workers):
     with ExitStack() as stack:
         e0, e1 = emulators(stack, 2)
-        async with Gateway(scenario([e0.url, e1.url]), "qlm", port=0) as gw:
+        async with Gateway(scenario([e0.url, e1.url]), "qlm", port=0, workers=workers) as gw:
             n, n_out = 10, 600  # ~1.7 s answers: the hang lands mid-answer on a busy machine too
 
             async def hang_g0():
@@ -176,10 +181,11 @@ async def test_engine_hangs_streams_time_out_and_resume():
 
 
 @pytest.mark.asyncio
-async def test_error_rate_every_request_has_one_outcome_within_budget():
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_error_rate_every_request_has_one_outcome_within_budget(workers):
     with ExitStack() as stack:
         e0, e1 = emulators(stack, 2, [Faults(error_rate=0.6, seed=3), None])
-        async with Gateway(scenario([e0.url, e1.url]), "qlm", port=0) as gw:
+        async with Gateway(scenario([e0.url, e1.url]), "qlm", port=0, workers=workers) as gw:
             n, n_out = 40, 30
             outs = await run_requests(gw, n, n_out)
             t = tally(outs)
@@ -198,10 +204,11 @@ async def test_error_rate_every_request_has_one_outcome_within_budget():
 
 
 @pytest.mark.asyncio
-async def test_retry_budget_spent_is_one_clear_error():
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_retry_budget_spent_is_one_clear_error(workers):
     with ExitStack() as stack:
         (e0,) = emulators(stack, 1, [Faults(error_rate=1.0)])
-        async with Gateway(scenario([e0.url], unhealthy_after=100), "qlm", port=0) as gw:
+        async with Gateway(scenario([e0.url], unhealthy_after=100), "qlm", port=0, workers=workers) as gw:
             outs = await run_requests(gw, 6, 10)
             assert tally(outs).failed == 6
             for o in outs:
@@ -213,11 +220,12 @@ async def test_retry_budget_spent_is_one_clear_error():
 
 
 @pytest.mark.asyncio
-async def test_stream_that_failed_after_tokens_ends_with_one_error_event():
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_stream_that_failed_after_tokens_ends_with_one_error_event(workers):
     """Budget 0: a stream cut mid-answer cannot resume; the client gets an error event, then [DONE]."""
     with ExitStack() as stack:
         (e0,) = emulators(stack, 1)
-        async with Gateway(scenario([e0.url], max_retries=0), "fcfs", port=0) as gw:
+        async with Gateway(scenario([e0.url], max_retries=0), "fcfs", port=0, workers=workers) as gw:
             async def kill():
                 assert await wait_until(lambda: any(lr.sent > 5 for lr in gw.cluster.instances[0].inflight.values()))
                 await asyncio.to_thread(e0.set_faults, Faults(kill_after_s=0))
@@ -283,10 +291,12 @@ async def test_no_healthy_engine_for_too_long_fails_queued_and_new_requests():
 
 
 @pytest.mark.asyncio
-async def test_stop_ends_queued_and_running_requests_with_one_error_each():
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_stop_ends_queued_and_running_requests_with_one_error_each(workers):
     with ExitStack() as stack:
         (e0,) = emulators(stack, 1)
-        gw = Gateway(scenario([e0.url], first_token_timeout_s=60, inter_token_timeout_s=60), "qlm", port=0)
+        gw = Gateway(scenario([e0.url], first_token_timeout_s=60, inter_token_timeout_s=60), "qlm", port=0,
+                     workers=workers)
         await gw.start()
         pool = Pool(gw.url, max_idle=32)
         reqs = [asyncio.ensure_future(call(pool, *body(i, 2000, stream=i % 2 == 0))) for i in range(12)]
@@ -358,14 +368,14 @@ async def _exit_code(proc, timeout_s: float = 30.0) -> int:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("drain_s", [20.0, 0.3])
-async def test_sigterm_drains_or_fails_cleanly_and_a_restart_starts_afresh(tmp_path, drain_s):
+@pytest.mark.parametrize("drain_s,workers", [(20.0, 1), (0.3, 1), (20.0, 2), (0.3, 2)])
+async def test_sigterm_drains_or_fails_cleanly_and_a_restart_starts_afresh(tmp_path, drain_s, workers):
     import signal
 
     with ExitStack() as stack:
         (e0,) = emulators(stack, 1)
         port = _free_port()
-        proc = _serve(tmp_path, e0.url, port, "--policy", "qlm", drain_timeout_s=drain_s)
+        proc = _serve(tmp_path, e0.url, port, "--policy", "qlm", "--workers", str(workers), drain_timeout_s=drain_s)
         try:
             await _up(port, proc)
             url = f"http://127.0.0.1:{port}"
@@ -398,18 +408,20 @@ async def test_sigterm_drains_or_fails_cleanly_and_a_restart_starts_afresh(tmp_p
                 if o.kind == "failed":
                     assert o.error["code"] == 503 and "shut down" in o.error["message"]
         assert "drained" in output and "gurobi-secret-in-scenario" not in output
+        if workers > 1:
+            assert f"{workers} relay workers" in output
         # The engine holds nothing of the old gateway's.
         assert await wait_until(lambda: httpx.get(e0.url + "/emulator/state").json()["in_flight"] == 0, 5)
 
         # Restart on the same port at once: a fresh gateway (new counters, nothing queued).
-        proc = _serve(tmp_path, e0.url, port, "--policy", "qlm")
+        proc = _serve(tmp_path, e0.url, port, "--policy", "qlm", "--workers", str(workers))
         try:
             await _up(port, proc)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
                 metrics = (await c.get("/metrics")).text
                 assert "qlm_requests_total{" not in metrics
                 r = await c.post("/v1/completions", json={"model": "m", "prompt": "w1", "max_tokens": 3})
-                assert r.status_code == 200 and r.json()["id"] == "cmpl-qlm-0"
+                assert r.status_code == 200 and r.json()["id"] in {f"cmpl-qlm-{w}" for w in range(workers)}
             proc.send_signal(signal.SIGTERM)
             assert await _exit_code(proc) == 0
         finally:

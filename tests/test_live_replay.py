@@ -93,7 +93,8 @@ async def test_mixed_trace_exact_and_qlm_beats_fcfs(tmp_path, engines):
 
 
 @pytest.mark.asyncio
-async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_path, engines, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])  # 2: the gateway's relays in processes of their own
+async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_path, engines, monkeypatch, workers):
     trace = tmp_path / "small.csv"
     mixed_trace(trace, n_batch=24, n_interactive=16, span_s=4.0, seed=1)
     _, sc = live_scenario(tmp_path, engines, trace)
@@ -107,7 +108,8 @@ async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_
     monkeypatch.setattr("qlmctl.client.replay.replay", not_here)
     monkeypatch.setattr("qlmctl.gateway.run.replay", not_here)
     seen: list[tuple[int, int]] = []
-    run = await run_live(sc, "fcfs", requests, keep_text=True, progress=lambda d, total: seen.append((d, total)))
+    run = await run_live(sc, "fcfs", requests, keep_text=True, progress=lambda d, total: seen.append((d, total)),
+                         workers=workers)
 
     assert sorted(r.request_id for r in run.requests) == list(range(n))
     for r, text, p in zip(run.requests, run.texts, run.replay.usage_prompt_tokens):

@@ -41,6 +41,7 @@ def serve(
     metadata: Optional[list[str]] = typer.Option(None, "--metadata", help=METADATA_HELP),
     log_dir: Optional[Path] = typer.Option(None, "--engine-logs", help="With --launch: folder for the engines' output (default: a temp folder)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every HTTP request."),
+    workers: int = typer.Option(1, "--workers", "-w", min=0, help="Relay worker processes (HTTP, streaming, resume) in front of one QLM core process; 1: one process does both (as before); 0: one per CPU beyond the core's, up to 8. See docs/architecture.md."),
     drain_s: Optional[float] = typer.Option(None, "--drain-timeout", min=0.0, help="On SIGTERM or Ctrl-C: wall seconds queued and running requests may still finish before they get a 503; default live.drain_timeout_s (30)."),
 ) -> None:
     """Serve an OpenAI-compatible API whose requests wait in the QLM core before reaching vLLM engines.
@@ -83,8 +84,12 @@ def serve(
 
         if drain_s is not None:
             sc.spec.live.drain_timeout_s = drain_s
+        if workers == 0:
+            from qlmctl.gateway.workers import auto_workers
+
+            workers = auto_workers()
         asyncio.run(_main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log,
-                          client_process, (report, meta) if replaying else None))
+                          client_process, (report, meta) if replaying else None, workers))
     except UserError as e:
         fail(e)
     except KeyboardInterrupt:
@@ -127,7 +132,7 @@ async def _unless_stopped(aw, stop) -> bool:
 
 
 async def _main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log,
-                client_process=True, header=None) -> None:
+                client_process=True, header=None, workers=1) -> None:
     from qlmctl.gateway.clientconn import raise_fd_limit
 
     raise_fd_limit()  # client connections are limited to 3/4 of it (live.max_client_connections)
@@ -151,21 +156,23 @@ async def _main(sc, policies, launch, host, port, requests, concurrency, out, lo
         swap_control = launcher.swap_control()
     try:
         if requests is None:
-            await _serve_forever(sc, policies[0], host, port, swap_control, access_log, stop)
+            await _serve_forever(sc, policies[0], host, port, swap_control, access_log, stop, workers)
         else:
-            await _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process, header)
+            await _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process, header,
+                              workers)
     finally:
         if launcher is not None:
             await launcher.stop()
 
 
-async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop) -> None:
+async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop, workers=1) -> None:
     import asyncio
 
     from qlmctl.errors import UserError
     from qlmctl.gateway.server import Gateway
 
-    gw = Gateway(sc, policy, host=host, port=port, swap_control=swap_control, record=False, access_log=access_log)
+    gw = Gateway(sc, policy, host=host, port=port, swap_control=swap_control, record=False, access_log=access_log,
+                 workers=workers)
     try:
         started = await _unless_stopped(gw.start(), stop)
     except (ConnectionError, OSError) as e:
@@ -177,7 +184,9 @@ async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop)
     for inst in gw.cluster.instances:
         engines = ", ".join(f"{m} at {e.url}{' (awake)' if inst.awake == m else ''}" for m, e in inst.engines.items())
         console.print(f"  instance {inst.name} ({inst.gpu}): {engines}", highlight=False)
-    console.print(f"QLM gateway ({policy}) on [bold]{gw.url}[/] (OpenAI base URL {gw.url}/v1); Ctrl-C stops",
+    procs = (f", {workers} relay workers (pids {', '.join(map(str, gw.pool.pids))}) and the QLM core"
+             if gw.pool is not None else "")
+    console.print(f"QLM gateway ({policy}{procs}) on [bold]{gw.url}[/] (OpenAI base URL {gw.url}/v1); Ctrl-C stops",
                   highlight=False)
     try:
         stopped = asyncio.ensure_future(stop.wait())
@@ -194,7 +203,7 @@ async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop)
 
 
 async def _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process=True,
-                      header=None) -> None:
+                      header=None, workers=1) -> None:
     from qlmctl.client.replay import save_live
     from qlmctl.errors import UserError
     from qlmctl.gateway.run import run_live
@@ -219,7 +228,7 @@ async def _replay_all(sc, policies, requests, swap_control, concurrency, out, st
             try:
                 run = await run_live(sc, name, requests, swap_control=swap_control, concurrency=concurrency,
                                      progress=lambda done, total, t=task: prog.update(t, completed=done), stop=stop,
-                                     client_process=client_process)
+                                     client_process=client_process, workers=workers)
             except (ConnectionError, OSError) as e:
                 raise UserError(str(e)) from None
             if header is not None:

@@ -83,8 +83,11 @@ class GatewayApp:
 
     def __init__(self, cluster: LiveCluster, scenario: Scenario, metrics: GatewayMetrics, *,
                  api_key: str | None = None, api_keys: list[tuple[str, KeyPolicy]] | None = None,
-                 resume: str = "continue", token_count: str = "usage") -> None:
+                 resume: str = "continue", token_count: str = "usage",
+                 render_metrics: Callable[[], Awaitable[bytes]] | None = None) -> None:
         self.cluster = cluster
+        self._render_metrics = render_metrics
+        """/metrics' body where it is not this process's registry alone (a relay worker asks the core)."""
         self.metrics = metrics
         self.resume = resume
         self.token_count = token_count
@@ -141,7 +144,7 @@ class GatewayApp:
         elif method == "GET" and path == "/openapi.json":
             await send_json(send, 200, openapi_document(self.cluster.models, list(self._classes)))
         elif method == "GET" and path == "/metrics":
-            body = self.metrics.render()
+            body = self.metrics.render() if self._render_metrics is None else await self._render_metrics()
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]})
             await send({"type": "http.response.body", "body": body})

@@ -343,9 +343,14 @@ class LiveCluster:
 
     def _enqueue(self, lr: LiveRequest) -> None:
         lr.queued = True
-        lr.waiter = self._loop.create_future()  # type: ignore[union-attr]
+        lr.waiter = self._new_waiter(lr)
         c = lr.req.slo_class
         self.queued_by_class[c] = self.queued_by_class.get(c, 0) + 1
+
+    def _new_waiter(self, lr: LiveRequest) -> Any:
+        """What `dispatch`/`reject` resolve with the request's engine (None: it ends): a future its handler awaits
+        here; the core process of `--workers N` answers a relay worker instead (`qlmctl.gateway.workers`)."""
+        return self._loop.create_future()  # type: ignore[union-attr]
 
     def _dequeue(self, lr: LiveRequest) -> None:
         lr.queued = False
@@ -356,10 +361,10 @@ class LiveCluster:
         assert lr.waiter is not None
         return await lr.waiter
 
-    def first_token(self, lr: LiveRequest) -> None:
-        """The engine produced the first token of this attempt."""
+    def first_token(self, lr: LiveRequest, now: float | None = None) -> None:
+        """The engine produced the first token of this attempt (at `now`, default now)."""
         r = lr.req
-        now = self.now()
+        now = self.now() if now is None else now
         if r.first_token_s is None:
             r.first_token_s = now
         if lr.engine is not None:
@@ -379,13 +384,13 @@ class LiveCluster:
                 eng.instance.kv_tokens += n
 
     def finished(self, lr: LiveRequest, error: str | None = None, outcome: str | None = None,
-                 tell_policy: bool = True) -> None:
+                 tell_policy: bool = True, now: float | None = None) -> None:
         """The request ended: complete, failed (`error`), or abandoned by its client. `tell_policy` False: the
-        driver tells the policy itself."""
+        driver tells the policy itself. `now`: when it ended (default now)."""
         if lr.done:
             return
         r = lr.req
-        now = self.now()
+        now = self.now() if now is None else now
         lr.done = True
         r.finish_s = now
         r.generated_tokens = lr.sent

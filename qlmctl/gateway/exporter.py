@@ -158,3 +158,49 @@ def _gauge(name: str, doc: str, rows: list, value: Callable, labels: tuple[str, 
     for row in rows:
         g.add_metric(list(row[: len(labels)]), float(value(row[-1])))
     return g
+
+
+# ----------------------------------------------------------------------------------------------- several processes
+Families = list[list]
+"""A registry's metrics as plain data (what a relay worker sends the core): [name, help, type, unit, samples],
+each sample [name, labels, value]."""
+
+
+def families_of(registry: CollectorRegistry) -> Families:
+    """`registry`'s metrics now, as plain data (`Families`)."""
+    return [[m.name, m.documentation, m.type, m.unit, [[s.name, s.labels, s.value] for s in m.samples]]
+            for m in registry.collect()]
+
+
+def render_merged(parts: Sequence[Families]) -> bytes:
+    """Prometheus text of several processes' metrics as one: the samples of a metric with the same labels are
+    summed (counters, histogram buckets and sums, and gauges such as open connections all add up across relay
+    workers); a `_created` timestamp is the earliest."""
+    merged: dict[str, tuple[str, str, str, dict[tuple[str, tuple], list]]] = {}
+    for fams in parts:
+        for name, doc, typ, unit, samples in fams:
+            entry = merged.get(name)
+            if entry is None:
+                entry = merged[name] = (doc, typ, unit, {})
+            rows = entry[3]
+            for sname, labels, value in samples:
+                key = (sname, tuple(sorted(labels.items())))
+                row = rows.get(key)
+                if row is None:
+                    rows[key] = [sname, labels, value]
+                elif sname.endswith("_created"):
+                    row[2] = min(row[2], value)
+                else:
+                    row[2] += value
+
+    class _Merged:
+        def collect(self) -> Iterator[Metric]:
+            for name, (doc, typ, unit, rows) in merged.items():
+                m = Metric(name, doc, typ, unit)
+                for sname, labels, value in rows.values():
+                    m.add_sample(sname, labels, value)
+                yield m
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Merged())
+    return generate_latest(reg)

@@ -32,19 +32,21 @@ async def run_live(
     wait_healthy_s: float = 60.0,
     stop: asyncio.Event | None = None,
     client_process: bool = True,
+    workers: int = 1,
 ) -> LiveRun:
     """Start a gateway with `policy` in front of the scenario's engines, replay `requests`, stop it.
 
     Once `stop` is set (SIGTERM), no more requests are sent and the gateway drains (`Gateway.drain`).
     The client runs in a process of its own unless `client_process` is False (then it shares the
-    gateway's event loop: for tests that patch something in this process).
+    gateway's event loop: for tests that patch something in this process). `workers` > 1: the gateway's
+    HTTP side runs in that many relay processes (`qlmctl.gateway.workers`).
 
     Besides `summarize`'s keys, the summary has the gateway's event-loop lag over the run
     (`gateway_loop_lag_{p50,p99,max}_ms`) and `engine_metrics`: per engine, what its vLLM latency
     histograms and counters gained during the run (`EngineServer.run_totals`; vLLM's are
     `qlmctl.engines.vllm.RUN_HISTOGRAMS` and `RUN_COUNTERS`).
     """
-    gw = Gateway(scenario, policy, port=0, engines=engines, swap_control=swap_control)
+    gw = Gateway(scenario, policy, port=0, engines=engines, swap_control=swap_control, workers=workers)
     await gw.start(wait_healthy_s)
     draining = None
     if stop is not None:

@@ -2,6 +2,9 @@
 
 A `Gateway` owns one policy, the live cluster it drives (`qlmctl.gateway.cluster`), the ASGI app in front
 (`qlmctl.gateway.app`) on uvicorn, its Prometheus registry and its event-loop lag monitor.
+
+With `workers` > 1 this process is the QLM core only and the HTTP side runs in that many relay worker
+processes (`qlmctl.gateway.workers`); the lifecycle (start, drain, stop) is the same.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from qlmctl.scenario import LiveEngineSpec, Scenario
 log = logging.getLogger("qlmctl.gateway")
 
 
-def _quiet_server(config: Any) -> Any:
+def quiet_server(config: Any) -> Any:
     """A uvicorn server without its signal handlers: SIGINT/SIGTERM are the caller's to handle
     (`qlmctl serve` drains), and a gateway inside tests or another program must not take them."""
     import contextlib
@@ -67,8 +70,10 @@ class Gateway:
         record: bool = True,
         access_log: bool = False,
         api_key: str | None = None,
+        workers: int = 1,
     ) -> None:
         live = scenario.spec.live
+        self.workers = max(1, workers)
         self.scenario = scenario
         self.policy_name = policy if isinstance(policy, str) else policy.name
         self.host = host or (live.host if live is not None else "127.0.0.1")
@@ -83,11 +88,34 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.policy = (make_policy(policy, PolicyContext.from_scenario(scenario, realtime=True))
                        if isinstance(policy, str) else policy)
-        self.cluster = LiveCluster(scenario, self.policy, engines=engines, speedup=speedup,
-                                   swap_control=swap_control, metrics=self.metrics, record=record)
+        self.pool: Any = None
+        """The relay worker processes (`workers` > 1), else None."""
+        if self.workers > 1:
+            from qlmctl.gateway.limits import QueueLimits
+            from qlmctl.gateway.workers import CoreCluster, RelayWorkers, engine_specs
+
+            self.cluster = CoreCluster(scenario, self.policy, engines=engines, speedup=speedup,
+                                       swap_control=swap_control, metrics=self.metrics, record=record,
+                                       limits=QueueLimits.from_live(live))
+            self.app = None
+            max_conn = live.max_connections if live is not None else 4096
+            self.pool = RelayWorkers(self.cluster, self.workers, {
+                "scenario": scenario, "engines": engine_specs(self.cluster), "models": self.cluster.models,
+                "speedup": self.cluster.speedup, "max_retries": self.cluster.max_retries,
+                "retry_after_s": self.cluster.retry_after_s,
+                "max_connections": max(16, -(-max_conn // self.workers)),  # the engines' limit, shared
+                "api_keys": keys, "resume": self.resume, "token_count": self.token_count,
+                "access_log": access_log, "secrets": scenario_secrets(scenario, [self.api_key]),
+                "log_level": logging.getLogger().getEffectiveLevel(),
+            })
+            self.cluster.pool = self.pool
+        else:
+            self.cluster = LiveCluster(scenario, self.policy, engines=engines, speedup=speedup,
+                                       swap_control=swap_control, metrics=self.metrics, record=record)
+            self.app = GatewayApp(self.cluster, scenario, self.metrics, api_keys=keys, resume=self.resume,
+                                  token_count=self.token_count)
         self.metrics.attach(self.cluster)
-        self.app = GatewayApp(self.cluster, scenario, self.metrics, api_keys=keys, resume=self.resume,
-                              token_count=self.token_count)
+        self._accepting = True
         self.loop_lag = LoopLagMonitor(observe=self.metrics.loop_lag.observe,
                                        on_window=self._record_lag if record else None, keep=record)
         """The event loop's lag while the gateway runs (/metrics; per second in the timeline when recording)."""
@@ -119,6 +147,17 @@ class Gateway:
             self._quiet.remove()
             raise
         self.loop_lag.start()
+        if self.pool is not None:
+            self.pool.config["t0"] = self.cluster.t0
+            try:
+                self.port = await self.pool.start(self.host, self.port)
+            except BaseException:
+                await self.loop_lag.stop()
+                await self.cluster.stop()
+                log.removeFilter(self._secret_filter)
+                self._quiet.remove()
+                raise
+            return
         self.connections = ConnectionGuard(self.client_limits, self.metrics.registry)
         self.connections.start()
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning", lifespan="off",
@@ -126,7 +165,7 @@ class Gateway:
                                 # the guard closes idle connections (and counts them); uvicorn's timer is a backstop
                                 timeout_keep_alive=self.client_limits.idle_timeout_s + 5, backlog=4096,
                                 timeout_graceful_shutdown=10)
-        self._server = _quiet_server(config)
+        self._server = quiet_server(config)
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._task.done():
@@ -144,10 +183,23 @@ class Gateway:
         """Until the server exits (Ctrl-C, SIGTERM)."""
         if self._task is not None:
             await self._task
+        elif self.pool is not None:
+            await asyncio.Event().wait()  # the workers serve until stop()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def _stop_intake(self) -> None:
+        self._accepting = False
+        if self.app is not None:
+            self.app.accepting = False
+        if self.pool is not None:
+            self.pool.broadcast(["drain"])
 
     @property
     def draining(self) -> bool:
-        return not self.app.accepting
+        return not self._accepting
 
     async def drain(self, grace_s: float | None = None) -> tuple[int, int]:
         """Stop intake (new requests get 503), let queued and running requests finish for up to `grace_s`
@@ -158,7 +210,7 @@ class Gateway:
         """
         loop = asyncio.get_running_loop()
         grace = self.drain_timeout_s if grace_s is None else grace_s
-        self.app.accepting = False
+        self._stop_intake()
         cluster = self.cluster
         active = cluster.num_active()
         log.warning("draining: %d request(s) queued or running, up to %g s", active, grace)
@@ -181,9 +233,11 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop at once: requests still queued or running end with a 503 (`drain` first to let them finish)."""
-        self.app.accepting = False
-        if self._server is not None and self.cluster.num_active():
+        self._stop_intake()
+        if (self._server is not None or self.pool is not None) and self.cluster.num_active():
             await self._end_all("the gateway is shutting down")
+        if self.pool is not None:
+            await self.pool.stop()
         if self._server is not None:
             self._server.should_exit = True
         if self._task is not None:
@@ -194,6 +248,12 @@ class Gateway:
         await self.cluster.stop()
         log.removeFilter(self._secret_filter)
         self._quiet.remove()
+
+    async def render_metrics(self) -> bytes:
+        """What GET /metrics answers: this process's registry, or with workers every process's summed."""
+        if self.pool is not None:
+            return await self.cluster.render_all()
+        return self.metrics.render()
 
     async def __aenter__(self) -> "Gateway":
         await self.start()
