@@ -11,6 +11,7 @@ from qlmctl.engines.base import Api
 
 if TYPE_CHECKING:
     from qlmctl.gateway.instance import LiveEngine
+    from qlmctl.gateway.reqmetrics import ClassSeries
 
 
 @dataclass(slots=True, eq=False)
@@ -68,3 +69,10 @@ class LiveRequest:
     """The instance whose engine failed its last attempt: its retry goes elsewhere if it can."""
     abort: tuple[int, str] | None = None
     """Set when the gateway ends it (shutting down, model unavailable): the HTTP status and message."""
+    # Metrics (qlmctl.gateway.reqmetrics).
+    series: ClassSeries | None = None
+    """Its (model, SLO class) series of the `qlm:` metrics."""
+    dispatched: bool = False
+    """Dispatched at least once (its queue time is observed at its first dispatch)."""
+    last_token_t: float | None = None
+    """time.monotonic() when its last tokens reached the client (for the inter-token gaps)."""
