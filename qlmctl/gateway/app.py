@@ -312,8 +312,6 @@ class GatewayApp:
                 prompt_tokens = await count_tokens(prompt, limit)
             elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
                 prompt_tokens = len(prompt)
-                if self.resume == "continue":
-                    raise BadRequest(400, "token-id prompts need live.resume: restart", "prompt")
             else:
                 raise BadRequest(400, "prompt must be one string (batches of prompts are not supported)", "prompt")
             max_tokens = body.get("max_tokens", 16)  # vLLM's default for completions

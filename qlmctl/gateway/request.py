@@ -37,6 +37,9 @@ class LiveRequest:
     """Output tokens delivered to the client."""
     pieces: list[str] = field(default_factory=list)
     """Output text delivered to the client, in order (the resume prompt is built from it)."""
+    out_ids: list[int] | None = None
+    """Output token ids delivered to the client, in order, for a token-id prompt (the engine returns them:
+    vLLM's `return_token_ids`); None for other prompts, or once a chunk came without its ids."""
     finish_reason: str | None = None
     text_only: bool = True
     """Whether `pieces` is the whole answer so far (False once tool calls or reasoning were sent: a resume
