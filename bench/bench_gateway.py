@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 PROFILE = yaml.safe_load((REPO / "scenarios" / "profiles" / "h200-llama-3.1-8b.yaml").read_text())
 PROFILE.pop("provenance", None)
+PROFILE.pop("engine_flags", None)  # what the profile was measured with: not a field of the engine model
 PROFILE["max_num_seqs"] = 512
 TARGETS = {"ttft_p50_ms": 2.0, "rps": 500.0, "tokens_per_s": 50_000.0}
 
@@ -243,7 +244,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, dict[str,
         "scheduler": {"policy": args.policy},
         "live": {"engines": [{"instance": f"g{i}", "model": "m", "url": f"http://127.0.0.1:{p}"}
                              for i, p in enumerate(ports)], "port": gw_port, "speedup": args.speedup,
-                 "token_count": args.token_count},
+                 "token_count": args.token_count, "tokenizer": args.tokenizer},
     }
     (tmp / "s.yaml").write_text(yaml.safe_dump(spec))
     # What the gateway asks the engines for, so that the direct runs cost the engines the same.
@@ -258,7 +259,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, dict[str,
         await wait_healthy(gw_port)
         out: dict[str, dict[str, float]] = {}
         console.print(f"engines on {ports} (x{args.speedup:g}), gateway ({args.policy}, token count "
-                      f"{args.token_count}) on {gw_port}; {os.cpu_count()} CPU(s)", highlight=False)
+                      f"{args.token_count}, tokenizer {args.tokenizer}) on {gw_port}; {os.cpu_count()} CPU(s)",
+                      highlight=False)
         out["ttft"] = await added_ttft(ports[0], gw_port, args.ttft_samples)
         console.print(f"  TTFT (ms): {_fmt(out['ttft'])}", highlight=False)
         c0 = cpu_s(gw.pid)
@@ -290,6 +292,8 @@ def main() -> None:
     ap.add_argument("--policy", default="qlm")
     ap.add_argument("--token-count", choices=("usage", "chunks"), default="usage",
                     help="the gateway's live.token_count (usage: exact, asks engines for usage in every chunk)")
+    ap.add_argument("--tokenizer", default="words",
+                    help="the gateway's live.tokenizer (words; engine: one /tokenize call per new prompt)")
     ap.add_argument("--speedup", type=float, default=100.0, help="emulated engines' speed-up")
     ap.add_argument("--ttft-samples", type=int, default=300)
     ap.add_argument("--clients", type=int, default=64, help="closed-loop clients for the request rate")
