@@ -368,7 +368,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, dict[str,
         "scheduler": {"policy": args.policy},
         "live": {"engines": [{"instance": f"g{i}", "model": "m", "url": f"http://127.0.0.1:{p}"}
                              for i, p in enumerate(ports)], "port": gw_port, "speedup": args.speedup,
-                 "token_count": args.token_count},
+                 "token_count": args.token_count, "tokenizer": args.tokenizer},
     }
     (tmp / "s.yaml").write_text(yaml.safe_dump(spec))
     # What the gateway asks the engines for, so that the direct runs cost the engines the same.
@@ -386,7 +386,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, dict[str,
         out: dict[str, dict[str, float]] = {}
         only = set(args.only.split(","))
         console.print(f"{len(ports)} engines on {ports} (x{args.speedup:g}), gateway ({args.policy}, token count "
-                      f"{args.token_count}, {args.workers} worker(s)) on {gw_port}; {os.cpu_count()} CPU(s); "
+                      f"{args.token_count}, tokenizer {args.tokenizer}, {args.workers} worker(s)) on {gw_port}; {os.cpu_count()} CPU(s); "
                       f"CPUs gateway {_cpus(args.cpus_gateway)}, engines {_cpus(args.cpus_engines)}, client "
                       f"{_cpus(args.cpus_client)}", highlight=False)
         if "ttft" in only:
@@ -449,6 +449,8 @@ def main() -> None:
     ap.add_argument("--policy", default="qlm")
     ap.add_argument("--token-count", choices=("usage", "chunks"), default="usage",
                     help="the gateway's live.token_count (usage: exact, asks engines for usage in every chunk)")
+    ap.add_argument("--tokenizer", default="words",
+                    help="the gateway's live.tokenizer (words; engine: one /tokenize call per new prompt)")
     ap.add_argument("--speedup", type=float, default=100.0, help="emulated engines' speed-up")
     ap.add_argument("--ttft-samples", type=int, default=300)
     ap.add_argument("--clients", type=int, default=64, help="closed-loop clients for the request rate")

@@ -393,6 +393,11 @@ class LiveSpec(_Strict):
         description="how the gateway counts streamed tokens: the engine's cumulative usage in every chunk "
                     "(exact; vLLM's continuous_usage_stats), or one per chunk with text (cheaper)",
     )
+    tokenizer: str = Field(
+        default="auto",
+        description="where prompt token counts come from (docs/live.md): auto (the engine's model folder with "
+                    "Hugging Face tokenizers/transformers, else the engine's POST /tokenize, else words), words, "
+                    "engine, or a tokenizer folder or tokenizer.json ({model}: the model's name)")
     max_connections: int = Field(default=4096, gt=0, description="HTTP connections per engine")
     launch: LaunchSpec | None = None
     # Faults (docs/robustness.md). Timeouts and probe periods are wall-clock seconds.
@@ -461,6 +466,16 @@ class LiveSpec(_Strict):
     outlier_ejection_s: float = Field(
         default=30.0, gt=0, description="how long an engine ejected for its error rate takes no requests (doubling "
                                         "with each ejection in a row, up to 8 times), wall s")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, v: str) -> str:
+        if v in ("auto", "words", "engine") or "{model}" in v:  # a path per model is checked at start
+            return v
+        if not Path(v).expanduser().exists():
+            raise ValueError(f"tokenizer must be auto, words, engine, or a tokenizer folder or tokenizer.json that "
+                             f"exists; '{v}' is none of these")
+        return v
 
     @field_validator("forward_fields")
     @classmethod

@@ -88,7 +88,7 @@ BAD_BODIES: list[tuple[str, bytes | dict, dict, int, str | None]] = [
     ("/v1/completions", {"model": "m", "prompt": "w1", "n": 2}, {}, 400, "n"),
     ("/v1/completions", {"model": "m", "prompt": "w1", "n": "1"}, {}, 400, "n"),
     ("/v1/completions", {"model": "m", "prompt": ["w1", "w2"]}, {}, 400, "prompt"),
-    ("/v1/completions", {"model": "m", "prompt": [1, 2, 3]}, {}, 400, "prompt"),  # needs resume: restart
+    ("/v1/completions", {"model": "m", "prompt": [[1, 2], [3]]}, {}, 400, "prompt"),  # a batch of token-id prompts
     ("/v1/completions", {"model": "m", "prompt": [True, 2]}, {}, 400, "prompt"),
     ("/v1/completions", {"model": "m", "prompt": None}, {}, 400, "prompt"),
     ("/v1/completions", {"model": "m"}, {}, 400, "prompt"),

@@ -126,7 +126,10 @@ def run_live(policy: Scripted, models: list[str], output_tokens: int) -> Outcome
     async def go() -> Outcome:
         profiles = [(EngineProfile(model=m, **PROFILE), m) for _, m in ENGINES]
         with local_emulators(profiles, speedup=SPEEDUP) as emus:
-            spec = live_scenario_spec(PROFILE, [(i, m, e.url) for (i, m), e in zip(ENGINES, emus)], speedup=SPEEDUP)
+            # Prompt tokens by words, as the simulated world has them (8; the engine's count adds a BOS), and
+            # with no /tokenize call before a request queues: requests sent together arrive together.
+            spec = live_scenario_spec(PROFILE, [(i, m, e.url) for (i, m), e in zip(ENGINES, emus)], speedup=SPEEDUP,
+                                      tokenizer="words")
             sc = Scenario(ScenarioSpec.model_validate(spec))
             async with Gateway(sc, policy, port=0) as gw, httpx.AsyncClient(base_url=gw.url, timeout=60) as c:
                 async def ask(m: str) -> None:

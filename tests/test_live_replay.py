@@ -131,6 +131,7 @@ async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_
     s = run.summary
     assert 0 <= s["gateway_loop_lag_p50_ms"] <= s["gateway_loop_lag_p99_ms"] <= s["gateway_loop_lag_max_ms"]
     assert max(lags) * 1e3 <= s["gateway_loop_lag_max_ms"] + 1e-9
+    assert set(s["gateway_tokenizer"].values()) == {"engine"}  # auto, in front of emulators: their /tokenize
 
     em = s["engine_metrics"]
     assert set(em) == {"g0", "g1"}

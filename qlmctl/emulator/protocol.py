@@ -90,6 +90,9 @@ class GenRequest:
     tool: str | None = None
     """The function the answer calls (chat with `tools` and a `tool_choice` other than "none"); its arguments
     are the output tokens, as `{"text": "<tokens>"}`."""
+    prompt_ids: list[int] | None = None
+    """The prompt's token ids, when the request asked for them (vLLM's `return_token_ids`): the answer then
+    carries `prompt_token_ids` (in a stream's first chunk) and each chunk's `token_ids`."""
 
 
 def token_logprob(token_id: int) -> float:
@@ -150,6 +153,11 @@ def token_text(prompt_tokens: int, j: int) -> str:
     return f" w{(prompt_tokens + j) % VOCAB_SIZE}"
 
 
+def output_token_id(prompt_tokens: int, j: int) -> int:
+    """Token id of output token `j` (its text is `token_text(prompt_tokens, j)`)."""
+    return (prompt_tokens + j) % VOCAB_SIZE
+
+
 def output_text(prompt_tokens: int, n: int) -> str:
     return "".join(token_text(prompt_tokens, j) for j in range(n))
 
@@ -179,6 +187,32 @@ def count_prompt(prompt: Any) -> tuple[int, bool]:
         if not prompt:
             return 0, False
     raise ApiError(400, "prompt must be a string, a list of token ids, or a list holding one of those.", "prompt")
+
+
+HEADER_START_ID, HEADER_END_ID, EOT_ID = 128006, 128007, 128009
+"""Llama 3's <|start_header_id|>, <|end_header_id|>, <|eot_id|>."""
+
+
+def chat_prompt_ids(messages: Any) -> list[int]:
+    """Token ids of a chat prompt under the test model's Llama 3 template, as many as `chat_prompt_tokens`
+    counts: BOS, per message a header (start, role, end), its words and <|eot_id|>, then the assistant header."""
+    ids = [BOS_ID]
+    for m in messages:
+        content = m.get("content")
+        parts = [content] if isinstance(content, str) else [
+            p["text"] for p in content or () if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        ids += [HEADER_START_ID, UNK_ID, HEADER_END_ID]
+        for text in parts:
+            ids += token_ids(text)[1:]
+        ids.append(EOT_ID)
+    return ids + [HEADER_START_ID, UNK_ID, HEADER_END_ID]
+
+
+def prompt_ids_of(prompt: Any) -> list[int]:
+    """Token ids of a completions prompt already counted by `count_prompt` (text: with its BOS)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    return token_ids(prompt) if isinstance(prompt, str) else list(prompt)
 
 
 def chat_prompt_tokens(messages: Any) -> int:
@@ -282,6 +316,12 @@ def parse_request(
     opts = opts or {}
     priority = _int_field(body, "priority", 0) or 0
     logprobs, tool = _logprobs_field(body, kind), _tool_field(body, kind)
+    want_ids = body.get("return_token_ids")
+    if want_ids is not None and not isinstance(want_ids, bool):
+        raise ApiError(400, "return_token_ids must be a boolean.", "return_token_ids")
+    prompt_ids = None
+    if want_ids:
+        prompt_ids = prompt_ids_of(body["prompt"]) if kind == "completion" else chat_prompt_ids(body["messages"])
     prefix = "cmpl" if kind == "completion" else "chatcmpl"
     rid = f"{prefix}-{request_id or uuid.uuid4().hex[:16]}"
     return GenRequest(
@@ -298,6 +338,7 @@ def parse_request(
         prompt=body["prompt"] if kind == "completion" else None,
         logprobs=logprobs,
         tool=tool,
+        prompt_ids=prompt_ids,
     )
 
 
@@ -374,13 +415,14 @@ class StreamFormatter:
     def role(self) -> str:
         """The chat stream's opening chunk (vLLM sends the role first, with empty content)."""
         choice = '{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}'
-        return self._chunk(choice, self._cont_usage(0))[:-3] + ',"prompt_token_ids":null,"prompt_text":null}\n\n'
+        ids = _dumps(self.req.prompt_ids)
+        return self._chunk(choice, self._cont_usage(0))[:-3] + f',"prompt_token_ids":{ids},"prompt_text":null}}\n\n'
 
     def token(self, text: str, finish: FinishReason | None, generated: int, j: int | None = None) -> str:
         """One output token (output position `j`); `finish` ("length" or "abort") marks the last one, as vLLM
         does."""
         req = self.req
-        if j is not None and (req.logprobs is not None or req.tool is not None):
+        if j is not None and (req.logprobs is not None or req.tool is not None or req.prompt_ids is not None):
             return self._rich_token(text, finish, generated, j)
         fr = f'"{finish}"' if finish else "null"
         if self.req.kind == "completion":
@@ -392,14 +434,18 @@ class StreamFormatter:
         return self._chunk(choice, self._cont_usage(generated), last=finish is not None)
 
     def _rich_token(self, text: str, finish: FinishReason | None, generated: int, j: int) -> str:
-        """A token chunk with logprobs or a tool call's arguments (built as a dict: not the hot path)."""
+        """A token chunk with logprobs, a tool call's arguments or token ids (built as a dict: not the hot path)."""
         req = self.req
         P = req.prompt_tokens
         choice: dict[str, Any] = {"index": 0}
+        ids = [output_token_id(P, j)] if req.prompt_ids is not None else None
         if req.kind == "completion":
             choice["text"] = text
-            choice["logprobs"] = completion_logprobs(P, j, j + 1, req.logprobs or 0, len(output_text(P, j)))
-            choice.update(finish_reason=finish, stop_reason=None, prompt_token_ids=None, token_ids=None)
+            choice["logprobs"] = (completion_logprobs(P, j, j + 1, req.logprobs, len(output_text(P, j)))
+                                  if req.logprobs is not None else None)
+            # vLLM sends the prompt's ids once, in the first chunk.
+            choice.update(finish_reason=finish, stop_reason=None,
+                          prompt_token_ids=req.prompt_ids if ids is not None and j == 0 else None, token_ids=ids)
         else:
             if req.tool is not None:
                 call: dict[str, Any] = {"index": 0, "function": {
@@ -417,7 +463,7 @@ class StreamFormatter:
             choice["finish_reason"] = fr
             if finish:
                 choice["stop_reason"] = None
-            choice["token_ids"] = None
+            choice["token_ids"] = ids
         return self._chunk(_dumps(choice), self._cont_usage(generated), last=finish is not None)
 
     def usage(self, generated: int) -> str:
@@ -441,11 +487,12 @@ def full_response(req: GenRequest, generated: int, finish: FinishReason) -> dict
     """The non-streaming response body for a request that produced `generated` tokens."""
     text = output_text(req.prompt_tokens, generated)
     P = req.prompt_tokens
+    ids = [output_token_id(P, j) for j in range(generated)] if req.prompt_ids is not None else None
     if req.kind == "completion":
         lp = completion_logprobs(P, 0, generated, req.logprobs, 0) if req.logprobs is not None else None
         choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish,
-                                  "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
-                                  "prompt_token_ids": None, "routed_experts": None}
+                                  "stop_reason": None, "token_ids": ids, "prompt_logprobs": None,
+                                  "prompt_token_ids": req.prompt_ids, "routed_experts": None}
         obj = "text_completion"
     else:
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": None,
@@ -458,7 +505,7 @@ def full_response(req: GenRequest, generated: int, finish: FinishReason) -> dict
                 finish = "tool_calls"  # type: ignore[assignment]
         lp = chat_logprobs(P, 0, generated, req.logprobs) if req.logprobs is not None else None
         choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish, "stop_reason": None,
-                  "token_ids": None, "routed_experts": None}
+                  "token_ids": ids, "routed_experts": None}
         obj = "chat.completion"
     usage: dict[str, Any] = dict(make_usage(req.prompt_tokens, generated), prompt_tokens_details=None)
     out = {
@@ -472,6 +519,6 @@ def full_response(req: GenRequest, generated: int, finish: FinishReason) -> dict
         "usage": usage,
     }
     if req.kind == "chat":
-        out.update(prompt_logprobs=None, prompt_token_ids=None, prompt_text=None)
+        out.update(prompt_logprobs=None, prompt_token_ids=req.prompt_ids, prompt_text=None)
     out["kv_transfer_params"] = None
     return out

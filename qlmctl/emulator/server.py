@@ -35,6 +35,8 @@ from qlmctl.emulator.protocol import (
     ApiError,
     GenRequest,
     StreamFormatter,
+    chat_prompt_ids,
+    chat_prompt_tokens,
     full_response,
     parse_request,
     token_ids,
@@ -159,21 +161,26 @@ class EmulatorServer:
         return Response(status_code=200)  # the engine model has no prefix cache
 
     async def tokenize(self, request: Request) -> Response:
+        """POST /tokenize as vLLM's: `{"prompt": str}` (with BOS unless `add_special_tokens` is false) or
+        `{"messages": [...]}` (the chat template applied, with the generation prompt)."""
         try:
             body = await _json_body(request)
             if not isinstance(body, dict):
                 raise ApiError(400, "The request body must be a JSON object.")
-            prompt = body.get("prompt")
-            if prompt is None and "messages" in body:
-                prompt = " ".join(
-                    m.get("content", "") for m in body["messages"]
-                    if isinstance(m, dict) and isinstance(m.get("content"), str)
-                )
-            if not isinstance(prompt, str):
-                raise ApiError(400, "prompt must be a string.", "prompt")
+            model = body.get("model") or self.name
+            if model != self.name:
+                raise ApiError(404, f"The model `{model}` does not exist.", "model")
+            if "messages" in body and body.get("prompt") is None:
+                chat_prompt_tokens(body["messages"])  # validates
+                ids = chat_prompt_ids(body["messages"])
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    raise ApiError(400, "prompt must be a string.", "prompt")
+                special = body.get("add_special_tokens", True)
+                ids = token_ids(prompt) if special is not False else token_ids(prompt)[1:]
         except ApiError as e:
             return _error(e)
-        ids = token_ids(prompt)
         return JSONResponse({"count": len(ids), "max_model_len": self.cfg.profile.max_model_len, "tokens": ids,
                              "token_strs": None})
 

@@ -99,10 +99,13 @@ class OpenAIServer:
         """A streamed POST of `body` to the `api` endpoint; use as `async with`."""
         return SSEStream(self._pool, PATHS[api], orjson.dumps(body))
 
-    async def _call(self, method: str, path: str, timeout_s: float) -> tuple[int, bytes]:
+    async def _call(self, method: str, path: str, timeout_s: float, body: bytes | None = None) -> tuple[int, bytes]:
         try:
             async with timeout(timeout_s):
-                resp = await self._pool.request(method, path, b"" if method == "POST" else None)
+                if body is not None:
+                    resp = await self._pool.request(method, path, body, [("content-type", "application/json")])
+                else:
+                    resp = await self._pool.request(method, path, b"" if method == "POST" else None)
                 try:
                     return resp.status, await resp.read()
                 finally:
@@ -129,6 +132,32 @@ class OpenAIServer:
         status, body = await self._call("POST", path, timeout_s)
         if status >= 300:
             raise EngineError(f"POST {path}: engine answered {status}", status, body.decode(errors="replace"))
+
+    async def tokenize(self, body: dict[str, Any], timeout_s: float = 2.0) -> int:
+        """Prompt tokens of `body` (`{"model", "prompt"}`, or `{"model", "messages"}` with the chat template)
+        by the server's POST /tokenize (vLLM's)."""
+        status, raw = await self._call("POST", "/tokenize", timeout_s, orjson.dumps(body))
+        if status != 200:
+            raise EngineError(f"POST /tokenize: engine answered {status}", status, raw.decode(errors="replace"))
+        try:
+            count = orjson.loads(raw)["count"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise EngineError("POST /tokenize: no count in the answer", kind=FailureKind.STATUS) from None
+        if not isinstance(count, int):
+            raise EngineError("POST /tokenize: the count is not an integer", kind=FailureKind.STATUS)
+        return count
+
+    async def model_root(self, timeout_s: float = 2.0) -> str | None:
+        """Where the server loaded its model from (the first model's `root` in GET /v1/models: vLLM's model
+        path or Hugging Face name), or None if it does not say."""
+        status, raw = await self._call("GET", "/v1/models", timeout_s)
+        if status != 200:
+            return None
+        try:
+            root = orjson.loads(raw)["data"][0].get("root")
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+            return None
+        return root if isinstance(root, str) and root else None
 
     async def aclose(self) -> None:
         await self._pool.aclose()

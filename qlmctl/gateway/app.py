@@ -43,7 +43,7 @@ from qlmctl.gateway.openapi import openapi_document
 from qlmctl.gateway.relay import JSONSink, Relay, StreamSink, error_body, send_json
 from qlmctl.gateway.request import LiveRequest
 from qlmctl.gateway.security import UNLIMITED, APIKeyCheck, KeyPolicy
-from qlmctl.gateway.tokens import count_content, count_tokens
+from qlmctl.gateway.tokenizer import PromptCounter, WordCounter
 from qlmctl.scenario import Scenario
 
 log = logging.getLogger("qlmctl.gateway")
@@ -99,6 +99,8 @@ class GatewayApp:
         default = live.default_slo_class if live is not None else None
         self.default_class = default or max(sc.spec.slo_classes, key=lambda k: sc.spec.slo_classes[k].ttft_s)
         self._max_len = {m: sc.profile(m).max_model_len for m in self.cluster.models}
+        self.counters: dict[str, PromptCounter] = {m: WordCounter() for m in self.cluster.models}
+        """Prompt token counters per model (`qlmctl.gateway.tokenizer`; the gateway resolves them at start)."""
         self._created = int(time.time())
         self.accepting = True
         """False once draining (SIGTERM): new completions get 503."""
@@ -299,11 +301,7 @@ class GatewayApp:
                     raise BadRequest(400, "each message must be an object with a string role", "messages")
                 if not _valid_content(m.get("content")):
                     raise BadRequest(400, "message content must be a string or a list of content parts", "messages")
-            prompt_tokens = 0
-            for m in msgs:
-                prompt_tokens += await count_content(m.get("content"), max(1, limit - prompt_tokens))
-                if prompt_tokens >= limit:
-                    break
+            prompt_tokens = await self.counters[model].count_chat(msgs, limit)
             _opt_int(body, "max_completion_tokens", 1)
             _opt_int(body, "max_tokens", 1)
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -312,11 +310,9 @@ class GatewayApp:
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
             if isinstance(prompt, str):
-                prompt_tokens = await count_tokens(prompt, limit)
+                prompt_tokens = await self.counters[model].count(prompt, limit)
             elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
                 prompt_tokens = len(prompt)
-                if self.resume == "continue":
-                    raise BadRequest(400, "token-id prompts need live.resume: restart", "prompt")
             else:
                 raise BadRequest(400, "prompt must be one string (batches of prompts are not supported)", "prompt")
             max_tokens = body.get("max_tokens", 16)  # vLLM's default for completions

@@ -187,6 +187,10 @@ class LiveCluster:
         eng = inst.engines[request.model]
         lr.engine = eng
         lr.engine_priority = priority if inst.scheduling_policy == "priority" else None
+        if not lr.dispatched:
+            lr.dispatched = True
+            if lr.series is not None:
+                lr.series.queue.observe(max(0.0, now - request.arrival_s) / self.speedup)
         inst.add(lr, now)
         if lr.waiter is not None and not lr.waiter.done():
             lr.waiter.set_result(eng)
@@ -333,6 +337,7 @@ class LiveCluster:
         """A request arrived: hand it to the policy."""
         r = lr.req
         self._live[r.request_id] = lr
+        lr.series = self.metrics.vllm.series(r.model, r.slo_class)
         if self.record:
             self.records.append(r)
             if lr.external_id is not None:
@@ -367,6 +372,8 @@ class LiveCluster:
         now = self.now() if now is None else now
         if r.first_token_s is None:
             r.first_token_s = now
+            if lr.series is not None:
+                lr.series.ttft.observe(max(0.0, now - r.arrival_s) / self.speedup)
         if lr.engine is not None:
             self.health.success(lr.engine)
             lr.engine.instance.prefilled(lr)
@@ -377,6 +384,10 @@ class LiveCluster:
         """`n` more output tokens reached the client."""
         lr.sent += n
         lr.req.generated_tokens = lr.sent
+        if n and lr.series is not None:
+            t = time.monotonic()
+            lr.series.observe_tokens(n, None if lr.last_token_t is None else t - lr.last_token_t)
+            lr.last_token_t = t
         if lr.kv_tokens:
             lr.kv_tokens += n
             eng = lr.engine
@@ -411,6 +422,27 @@ class LiveCluster:
         ttft = r.ttft_s / self.speedup if r.ttft_s is not None else None
         e2e = r.e2el_s / self.speedup if r.e2el_s is not None else None
         self.metrics.observe_end(r.slo_class, r.model, outcome, ttft, e2e)
+        self._observe_end(lr, outcome, ttft, e2e)
+
+    @staticmethod
+    def _observe_end(lr: LiveRequest, outcome: str, ttft: float | None, e2e: float | None) -> None:
+        """The `qlm:` series of a request that ended (latencies in wall seconds)."""
+        s = lr.series
+        if s is None:
+            return
+        s.outcomes[outcome] += 1
+        complete = outcome in ("slo_met", "slo_missed")
+        if complete:
+            fin = lr.finish_reason or "length"
+            s.success["abort" if fin == "abort" else "length" if fin == "length" else "stop"] += 1
+        else:
+            s.success["abort" if outcome == "cancelled" else "error"] += 1
+        if lr.req.first_token_s is not None:
+            s.prompt_tokens += lr.prompt_tokens if lr.prompt_tokens is not None else lr.req.prompt_tokens
+        if complete and e2e is not None:
+            s.e2e.observe(e2e)
+            if ttft is not None and lr.sent > 1:
+                s.tpot.observe(max(0.0, e2e - ttft) / (lr.sent - 1))
 
     def evicted(self, lr: LiveRequest) -> None:
         """The upstream stream of `lr` was cancelled by an Evict: back to the policy."""
@@ -638,6 +670,15 @@ class LiveCluster:
     def queue_depth_by_group(self) -> dict[tuple[str, str], int]:
         """Queued requests per (model, group) as the policy holds them."""
         return self.policy.queue_groups()
+
+    def request_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(model, SLO class) -> (requests waiting in the gateway, requests on an engine)."""
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for lr in self._live.values():
+            key = (lr.req.model, lr.req.slo_class)
+            w, r = out.get(key, (0, 0))
+            out[key] = (w + 1, r) if lr.queued else (w, r + 1) if lr.engine is not None else (w, r)
+        return out
 
     def engine_rows(self) -> list[tuple[str, str, LiveEngine]]:
         return [(inst.name, e.model, e) for inst in self._instances for e in inst.engines.values()]

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
 from qlmctl.engines.base import EngineMetrics
+from qlmctl.gateway.reqmetrics import RequestMetrics
 
 # Latency buckets (s): from sub-second interactive answers to hour-long batch deadlines.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -65,13 +66,21 @@ class ObservedCluster(Protocol):
         """(instance name, model, engine) for every engine."""
         ...
 
+    def request_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(model, SLO class) -> (requests waiting in the gateway, requests on an engine)."""
+        ...
+
 
 class GatewayMetrics:
-    """The gateway's Prometheus metrics, in a registry of its own."""
+    """The gateway's Prometheus metrics, in a registry of its own: the `qlm_*` families here, and the
+    vLLM-style `qlm:` families of `qlmctl.gateway.reqmetrics` (`vllm`)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.vllm = RequestMetrics()
+        """The per-request families under vLLM's conventions (`qlm:` names, model_name and slo_class labels)."""
+        r.register(self.vllm)  # type: ignore[arg-type]
         self.requests = Counter(
             "qlm_requests", "Requests ended, by SLO class, model and outcome "
             "(slo_met, slo_missed, error, cancelled).", ["slo_class", "model", "outcome"], registry=r)
@@ -91,6 +100,7 @@ class GatewayMetrics:
     def attach(self, cluster: ObservedCluster) -> None:
         """Export `cluster`'s queue depths and engine state (read at scrape time)."""
         self.registry.register(_ClusterCollector(cluster))
+        self.vllm.attach(cluster.request_counts)
 
     def observe_end(self, slo_class: str, model: str, outcome: str, ttft_s: float | None,
                     e2e_s: float | None) -> None:

@@ -13,6 +13,11 @@ relay *resumes* it so that the client sees one seamless answer:
 - `restart`: the original request is sent again and the first tokens, already sent, are skipped.
   Exact at temperature 0 (the engine regenerates the same tokens); wasteful, but tokenizer-independent.
 
+A completion whose prompt is token ids resumes from ids in either mode: the engine is asked for the ids
+it generates (vLLM's `return_token_ids`), and the resumed prompt is the prompt's ids followed by those
+already sent, so that nothing is re-tokenized. An engine that sends no ids falls back to `restart`. The ids
+reach the client only if it asked for them itself.
+
 Tokens are counted from the engine's cumulative usage in every chunk (vLLM's
 `stream_options.continuous_usage_stats`), or one per non-empty chunk when an engine sends none. The
 relay counts what reached the client, so the client gets exactly `max_tokens` tokens, each once.
@@ -144,6 +149,13 @@ class Relay:
         self._watchdog: Watchdog | None = None
         self._stream_options = {"include_usage": True, "continuous_usage_stats": token_count == "usage"}
         self._chat = lr.api == "chat"
+        prompt = lr.body.get("prompt")
+        self._ids_prompt = (not self._chat and isinstance(prompt, list) and bool(prompt)
+                            and isinstance(prompt[0], int))
+        """The prompt is token ids: ask the engine for the output's ids and resume from them."""
+        self._client_ids = bool(lr.body.get("return_token_ids"))
+        if self._ids_prompt:
+            lr.out_ids = []
         self._skip = 0
         self._offset_shift = 0
         self._attempt_tokens = 0
@@ -251,11 +263,26 @@ class Relay:
         body["stream_options"] = self._stream_options
         if lr.engine_priority is not None:
             body["priority"] = lr.engine_priority
+        if self._ids_prompt:
+            body["return_token_ids"] = True
         self._attempt_tokens = 0
         self._skip = 0
         self._offset_shift = 0
         self._fin = None
         if lr.sent == 0:
+            return body
+        if self._ids_prompt:
+            ids = lr.out_ids
+            if ids is None or len(ids) != lr.sent:
+                self._skip = lr.sent  # the engine did not return every id: regenerate and skip
+                return body
+            body["prompt"] = [*body["prompt"], *ids]
+            body["echo"] = False
+            self._offset_shift = len("".join(lr.pieces))
+            if body.get("max_tokens", 16) is not None:
+                body["max_tokens"] = max(1, body.get("max_tokens", 16) - lr.sent)
+            if body.get("min_tokens"):
+                body["min_tokens"] = max(0, body["min_tokens"] - lr.sent)
             return body
         if self.resume == "restart" or not lr.text_only:
             self._skip = lr.sent
@@ -289,9 +316,10 @@ class Relay:
             async for events in stream:
                 out: list[dict[str, Any]] = []
                 texts: list[str] = []
+                ids: list[int] | None = [] if lr.out_ids is not None else None
                 n = 0
                 for ev in events:
-                    k = self._rewrite(ev, texts)
+                    k = self._rewrite(ev, texts, ids)
                     if k < 0:
                         continue
                     n += k
@@ -311,13 +339,16 @@ class Relay:
                     # Only what reached the client counts (an eviction may cancel the send).
                     cluster.tokens(lr, n)
                     lr.pieces.extend(texts)
+                    if ids is not None and lr.out_ids is not None:
+                        lr.out_ids.extend(ids)
                     if self._fin is not None:
                         lr.finish_reason = self._fin
         if not stream.done:
             raise EngineError("engine closed the stream before the end", kind=FailureKind.LOST)
 
-    def _rewrite(self, ev: dict[str, Any], texts: list[str]) -> int:
-        """Count `ev`'s tokens and rewrite it for the client; -1: drop it."""
+    def _rewrite(self, ev: dict[str, Any], texts: list[str], ids: list[int] | None = None) -> int:
+        """Count `ev`'s tokens and rewrite it for the client; -1: drop it. `ids`: where the chunk's output
+        token ids go (a token-id prompt's)."""
         lr = self.lr
         if "error" in ev:
             err = ev["error"]
@@ -371,6 +402,8 @@ class Relay:
         fin = c.get("finish_reason")
         if fin is not None:
             self._fin = fin
+        if self._ids_prompt:
+            self._rewrite_ids(ev, c, n, ids)
         ev["id"] = lr.client_id
         ev["created"] = lr.created
         if lr.continuous_usage:
@@ -382,6 +415,20 @@ class Relay:
         if text:
             texts.append(text)
         return n
+
+
+    def _rewrite_ids(self, ev: dict[str, Any], c: dict[str, Any], n: int, ids: list[int] | None) -> None:
+        """Keep a token-id prompt's output ids for a resume; show the client ids only if it asked for them."""
+        got = c.get("token_ids")
+        if ids is not None and n:
+            if isinstance(got, list) and len(got) == n:
+                ids.extend(got)
+            else:
+                self.lr.out_ids = None  # ids missing (or a chunk straddling a skip): a resume regenerates
+        if not self._client_ids:
+            c["token_ids"] = None
+        if (not self._client_ids or self.lr.attempts > 1) and c.get("prompt_token_ids") is not None:
+            c["prompt_token_ids"] = None  # a resumed attempt's prompt is not the client's
 
 
 def usage_of(lr: LiveRequest) -> dict[str, int]:

@@ -11,6 +11,7 @@ from qlmctl.engines.base import Api
 
 if TYPE_CHECKING:
     from qlmctl.gateway.instance import LiveEngine
+    from qlmctl.gateway.reqmetrics import ClassSeries
 
 
 @dataclass(slots=True, eq=False)
@@ -36,6 +37,9 @@ class LiveRequest:
     """Output tokens delivered to the client."""
     pieces: list[str] = field(default_factory=list)
     """Output text delivered to the client, in order (the resume prompt is built from it)."""
+    out_ids: list[int] | None = None
+    """Output token ids delivered to the client, in order, for a token-id prompt (the engine returns them:
+    vLLM's `return_token_ids`); None for other prompts, or once a chunk came without its ids."""
     finish_reason: str | None = None
     text_only: bool = True
     """Whether `pieces` is the whole answer so far (False once tool calls or reasoning were sent: a resume
@@ -68,3 +72,10 @@ class LiveRequest:
     """The instance whose engine failed its last attempt: its retry goes elsewhere if it can."""
     abort: tuple[int, str] | None = None
     """Set when the gateway ends it (shutting down, model unavailable): the HTTP status and message."""
+    # Metrics (qlmctl.gateway.reqmetrics).
+    series: ClassSeries | None = None
+    """Its (model, SLO class) series of the `qlm:` metrics."""
+    dispatched: bool = False
+    """Dispatched at least once (its queue time is observed at its first dispatch)."""
+    last_token_t: float | None = None
+    """time.monotonic() when its last tokens reached the client (for the inter-token gaps)."""

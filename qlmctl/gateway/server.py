@@ -13,14 +13,16 @@ import asyncio
 import logging
 from typing import Any
 
+from qlmctl.errors import UserError
 from qlmctl.gateway.app import GatewayApp
 from qlmctl.gateway.clientconn import ClientLimits, ConnectionGuard
 from qlmctl.gateway.cluster import LiveCluster
 from qlmctl.gateway.exporter import GatewayMetrics
-from qlmctl.gateway.lograte import QuietLoggers
 from qlmctl.gateway.instance import SwapControl
+from qlmctl.gateway.lograte import QuietLoggers
 from qlmctl.gateway.looplag import LoopLagMonitor
 from qlmctl.gateway.security import SecretFilter, resolve_api_key, resolve_api_keys, scenario_secrets
+from qlmctl.gateway.tokenizer import resolve
 from qlmctl.policies import Policy, PolicyContext, make_policy
 from qlmctl.scenario import LiveEngineSpec, Scenario
 
@@ -146,6 +148,13 @@ class Gateway:
             log.removeFilter(self._secret_filter)
             self._quiet.remove()
             raise
+        try:
+            await self._resolve_tokenizers()
+        except BaseException:
+            await self.cluster.stop()
+            log.removeFilter(self._secret_filter)
+            self._quiet.remove()
+            raise
         self.loop_lag.start()
         if self.pool is not None:
             self.pool.config["t0"] = self.cluster.t0
@@ -178,6 +187,26 @@ class Gateway:
                 raise OSError(f"gateway could not listen on {self.host}:{self.port}: {exc or 'exited'}")
             await asyncio.sleep(0.01)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+    async def _resolve_tokenizers(self) -> None:
+        """Pick each model's prompt token counter (`live.tokenizer`) and say which is in use."""
+        live = self.scenario.spec.live
+        setting = live.tokenizer if live is not None else "auto"
+        timeout_s = live.probe_timeout_s if live is not None else 2.0
+        for model in self.cluster.models:
+            servers = [e.server for inst in self.cluster.instances for m, e in inst.engines.items() if m == model]
+            try:
+                counter = await resolve(setting, model, servers, timeout_s)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            self.app.counters[model] = counter
+            self.metrics.vllm.tokenizers[model] = counter.source
+            log.info("prompt tokens of model %s: %s (live.tokenizer: %s)", model, counter.source, setting)
+
+    @property
+    def tokenizers(self) -> dict[str, str]:
+        """Model -> the source of its prompt token counts (`words`, `engine`, `hf:<path>`)."""
+        return dict(self.metrics.vllm.tokenizers)
 
     async def wait(self) -> None:
         """Until the server exits (Ctrl-C, SIGTERM)."""
