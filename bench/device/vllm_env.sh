@@ -32,20 +32,21 @@ VLLM_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --max-num-
 # work for every run but the first, which the simulator does not model. Fidelity runs turn it off.
 [ "${PREFIX_CACHING:-on}" = off ] && VLLM_FLAGS="$VLLM_FLAGS --no-enable-prefix-caching"
 SPID=
-start_vllm() {  # $1 model dir, $2 served name, $3 port, rest: extra flags
+start_vllm() {  # $1 model dir, $2 served name, $3 port, rest: extra flags (TAG=...: log/pgid name, else the served name)
   local dir=$1 name=$2 port=$3; shift 3
+  local tag=${TAG:-$name}
   log "starting vllm serve $name on :$port"
   setsid python3 -m vllm.entrypoints.cli.main serve "$dir" --served-model-name "$name" $VLLM_FLAGS \
-    --host 127.0.0.1 --port "$port" "$@" > "$OUT/server_$name.log" 2>&1 &
-  SPID=$!; echo $SPID > "$K/server_$name.pgid"
+    --host 127.0.0.1 --port "$port" "$@" > "$OUT/server_$tag.log" 2>&1 &
+  SPID=$!; echo $SPID > "$K/server_$tag.pgid"
   local t=0
   until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; do
     sleep 2; t=$((t + 2))
-    if ! kill -0 $SPID 2>/dev/null; then log "server died"; tail -30 "$OUT/server_$name.log"; return 1; fi
-    if [ $t -ge ${HEALTH_LIMIT:-240} ]; then log "health timeout"; tail -30 "$OUT/server_$name.log"; return 1; fi
+    if ! kill -0 $SPID 2>/dev/null; then log "server died"; tail -30 "$OUT/server_$tag.log"; return 1; fi
+    if [ $t -ge ${HEALTH_LIMIT:-240} ]; then log "health timeout"; tail -30 "$OUT/server_$tag.log"; return 1; fi
   done
   log "healthy after ${t}s"
-  grep -E "KV cache|Maximum concurrency|Model loading took|Graph capturing" "$OUT/server_$name.log" | sed 's/^.*\] //' | cut -c1-150
+  grep -E "KV cache|Maximum concurrency|Model loading took|Graph capturing" "$OUT/server_$tag.log" | sed 's/^.*\] //' | cut -c1-150
 }
 ensure_vllm() {  # like start_vllm, unless a healthy server already answers on that port (a warm machine)
   if python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$3/health', timeout=2)" 2>/dev/null; then
