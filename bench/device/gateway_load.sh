@@ -16,6 +16,8 @@ OUT=${OUT:-/tmp/gateway_load}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ! python3 -c "import numpy, orjson, yaml, rich, uvicorn, typer, prometheus_client, httpx, pydantic" 2>/dev/null; then
   if [ -d .vllmkit ]; then source bench/device/vllm_env.sh; fi
+  # orjson is not in the vLLM bundle: carry its wheel in .whl/ (cp312 manylinux).
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 python3 -c "import numpy, orjson, yaml, rich, uvicorn, typer, prometheus_client, httpx, pydantic" || {
   echo "missing Python dependencies (see above)"; exit 2; }

@@ -315,6 +315,7 @@ async def _worker(fd: int) -> int:
     from qlmctl.gateway.looplag import LoopLagMonitor
     from qlmctl.gateway.security import SecretFilter
     from qlmctl.gateway.server import quiet_server
+    from qlmctl.gateway.tokenizer import counter_for
 
     raise_fd_limit()
     sock = socket.socket(fileno=fd)
@@ -330,6 +331,11 @@ async def _worker(fd: int) -> int:
     app = GatewayApp(cluster, scenario, metrics, api_keys=cfg["api_keys"], resume=cfg["resume"],  # type: ignore[arg-type]
                      token_count=cfg["token_count"], render_metrics=cluster.render_metrics)
     cluster.app = app
+    live = scenario.spec.live
+    for model, source in cfg.get("tokenizers", {}).items():
+        servers = [e.server for e in cluster.engines if e.model == model]
+        app.counters[model] = await asyncio.to_thread(
+            counter_for, source, model, servers, live.probe_timeout_s if live is not None else 2.0)
     cluster.families = lambda: families_of(metrics.registry)
     limits = ClientLimits.from_live(scenario.spec.live)
     quiet = QuietLoggers(limits.log_interval_s)

@@ -199,7 +199,10 @@ class Gateway:
                 counter = await resolve(setting, model, servers, timeout_s)
             except ValueError as e:
                 raise UserError(str(e)) from None
-            self.app.counters[model] = counter
+            if self.app is not None:
+                self.app.counters[model] = counter
+            else:  # relay workers build the same counter from its source (`tokenizer.counter_for`)
+                self.pool.config.setdefault("tokenizers", {})[model] = counter.source
             self.metrics.vllm.tokenizers[model] = counter.source
             log.info("prompt tokens of model %s: %s (live.tokenizer: %s)", model, counter.source, setting)
 

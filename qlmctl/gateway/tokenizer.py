@@ -286,3 +286,13 @@ async def _probe(server: TokenizeServer, model: str, timeout_s: float) -> str | 
     except EngineError as e:
         return str(e)
     return None if n > 0 else f"it counted {n} tokens"
+
+
+def counter_for(source: str, model: str, servers: Sequence[Any], timeout_s: float = 2.0) -> PromptCounter:
+    """The counter of a source `resolve` picked elsewhere (a relay worker builds the core's choice with its
+    own connections): `words`, `engine` or `hf:<path>`."""
+    if source == "engine":
+        return EngineCounter(model, [s for s in servers if hasattr(s, "tokenize")], timeout_s)
+    if source.startswith("hf:"):
+        return HFCounter.load(source[3:])
+    return WordCounter()
