@@ -1,6 +1,7 @@
 """One meaning for a multi-model scenario in both worlds: scenarios/multi_model_live.yaml (three models on two
 GPUs, sleep-mode swaps) replayed live through the gateway in front of emulated engines and simulated, with
-attainment within 3 points (bench/bench_multi_model_live.py runs the whole 2,000 requests)."""
+attainment within 3 points on 1,000 requests (fewer leave the interactive class so few requests that a
+swap decided a second apart moves it by more; bench/bench_multi_model_live.py runs the whole 2,000)."""
 
 from __future__ import annotations
 
@@ -19,16 +20,16 @@ SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "multi_model_live
 
 @pytest.mark.asyncio
 async def test_simulated_and_live_attainment_agree_with_sleep_mode_swaps():
-    base = load_scenario(SCENARIO, {"workload": {"max_requests": 500}})
+    base = load_scenario(SCENARIO, {"workload": {"max_requests": 1000}})
     specs = base.spec.live.engines
     with local_emulators([(base.profile(e.model, e.gpu), e.model) for e in specs],
                          speedup=base.spec.live.speedup) as emus:
         engines = [dict(e.model_dump(), url=h.url) for e, h in zip(specs, emus)]
-        sc = load_scenario(SCENARIO, {"workload": {"max_requests": 500}, "live": {"engines": engines, "port": 0}})
+        sc = load_scenario(SCENARIO, {"workload": {"max_requests": 1000}, "live": {"engines": engines, "port": 0}})
         requests, _ = build_requests(sc)
         for policy in ("fcfs", "qlm"):
             live = await run_live(sc, policy, requests)
             sim = simulate(sc, policy, requests)
-            assert live.summary["completed"] == sim.summary["completed"] == 500
+            assert live.summary["completed"] == sim.summary["completed"] == 1000
             assert live.summary["num_swaps"] > 0 and sim.summary["num_swaps"] > 0
             assert abs(live.summary["slo_attainment"] - sim.summary["slo_attainment"]) <= 0.03, policy
