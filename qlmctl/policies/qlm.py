@@ -38,15 +38,17 @@ import heapq
 import itertools
 import math
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, InstanceView, Reject, SwapModel
-from qlmctl.core.estimator import RWTEstimator, ServiceRate
+from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, InstanceView, Reject
+from qlmctl.core.estimator import ServiceRate
 from qlmctl.core.groups import LATE_BUCKET, GroupKey, RequestGroup, group_key
 from qlmctl.core.request import Request
-from qlmctl.policies.base import Policy, PolicyContext
+from qlmctl.policies.base import PolicyContext
 from qlmctl.policies.common import Room, RoomBook, room_of
+from qlmctl.policies.qlm_basic import PlanStats as BasicPlanStats
+from qlmctl.policies.qlm_basic import QLMBasicPolicy
 
 LATE_PRIORITY = 10**15
 """Engine priority of a late request, above every on-time one (which are deadlines in ms, see `_priority`)."""
@@ -163,19 +165,6 @@ class _Calibration:
 
 
 @dataclass(slots=True)
-class _Lane:
-    """Planning state of one instance while groups are placed on it."""
-
-    inst: InstanceView
-    model: str | None
-    ahead: float  # requests ahead (running + planned), in requests
-    offset_s: float  # time before `ahead` starts counting (swaps planned)
-    planned: list[GroupKey]
-    rates: dict[str, ServiceRate | None] = field(default_factory=dict)  # per model, this plan
-    loads: dict[str, float] = field(default_factory=dict)  # load time per model, this plan
-
-
-@dataclass(slots=True)
 class _Server:
     """One instance serving a model, as the per-request walk of a plan sees it."""
 
@@ -204,19 +193,13 @@ class _Server:
 
 
 @dataclass(slots=True)
-class PlanStats:
-    plans: int = 0
-    predicted_violations: int = 0
-    evictions: int = 0
-    swaps: int = 0
-    demoted: int = 0
-    """Requests moved to a late group: hopeless or deferred."""
+class PlanStats(BasicPlanStats):
     deferred: int = 0
-    """Of those, requests the plan gave up so that more others meet their deadlines."""
+    """Of the demoted, requests the plan gave up so that more others meet their deadlines."""
     rejected: int = 0
 
 
-class QLMPolicy(Policy):
+class QLMPolicy(QLMBasicPolicy):
     """QLM: request groups, virtual queues, the RWT estimator, pulling by the engine's bottleneck."""
 
     name: ClassVar[str] = "qlm"
@@ -224,23 +207,10 @@ class QLMPolicy(Policy):
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)
-        self.est = RWTEstimator(ctx.profiles, ctx.percentile)
-        self.groups: dict[GroupKey, RequestGroup] = {}
-        self.vqs: dict[int, list[GroupKey]] = {}
+        # The plain algorithm's state, but counters with deferrals and a room that counts prefill tokens.
         self.stats = PlanStats()
-        self._by_model: dict[str, list[RequestGroup]] = {}
-        self._count = 0
-        self._dirty = True
-        self._next_plan = -math.inf
         self._book = RoomBook(ctx.dispatch_limit, ctx.prefill_lookahead_steps)
-        self._arrived_models: set[str] = set()
-        self._depth: dict[str, int] = {}
-        self._planned: set[GroupKey] = set()  # keys on some virtual queue
-        self._evicting: set[int] = set()
-        self._swapping_to: dict[int, str] = {}
-        self._rates: dict[tuple[int, str], ServiceRate] = {}
-        self._resident_until: dict[int, float] = {}  # swap hysteresis, see _next_group
-        self._lag: dict[str, float] = {}  # admission lag per model, see _hopeless
+        self._by_model: dict[str, list[RequestGroup]] = {}
         self._lag_low: dict[str, float] = {}
         self._lag_seen: dict[str, _Quantiles] = {}
         """Per model, observed admission lags: first token - dispatch - the prompt's own prefill time."""
@@ -323,11 +293,6 @@ class QLMPolicy(Policy):
             self.est.observe(request.model, request.prompt_tokens, request.generated_tokens, request.slo_class)
         self._touch(request.instance_id)
 
-    def on_instance_changed(self, instance_id: int) -> None:
-        self._swapping_to.pop(instance_id, None)
-        self._touch(instance_id)
-        self._dirty = True
-
     def on_evicted(self, request: Request, now: float) -> None:
         self._evicting.discard(request.request_id)
         key = group_key(request, self.ctx.slo_bucket_s)
@@ -347,29 +312,6 @@ class QLMPolicy(Policy):
             self._by_model.setdefault(key.model, []).append(g)
             self._dirty = True
         return g
-
-    def _touch(self, instance_id: int | None) -> None:
-        self._book.touch(instance_id)
-
-    def num_queued(self) -> int:
-        return self._count
-
-    def queue_depths(self) -> dict[str, int]:
-        return dict(self._depth)
-
-    def queue_groups(self) -> dict[tuple[str, str], int]:
-        width = self.ctx.slo_bucket_s
-        out: dict[tuple[str, str], int] = {}
-        for key, g in self.groups.items():
-            if g.queue:
-                label = "late" if g.late else f"{key.bucket * width:g}-{(key.bucket + 1) * width:g}s"
-                out[(key.model, label)] = out.get((key.model, label), 0) + len(g.queue)
-        return out
-
-    def next_wakeup(self, now: float) -> float | None:
-        if not self._count:
-            return None
-        return max(self._next_plan, now)
 
     # ---------------------------------------------------------- order
     def _key(self, r: Request) -> tuple[float, ...]:
@@ -542,21 +484,6 @@ class QLMPolicy(Policy):
         worth = self._worth[key] = saved > lost / (1 + others)
         return worth
 
-    def _can_defer(self, inst: InstanceView, g: RequestGroup, load: int, now: float) -> bool:
-        """Can `g` (another model) wait while `inst` keeps serving its current model?"""
-        cur = self._rate_of(inst, inst.model) if inst.model is not None else None
-        if cur is None:
-            return False
-        drain = cur.completions_time(load + 1)
-        return g.head_deadline() - now > 2.0 * (drain + inst.load_time(g.model))
-
-    def _ready_head(self, g: RequestGroup, now: float) -> bool:
-        """Demote expired heads; True when `g` has a request to give."""
-        q = g.queue
-        while q and not g.late and self._hopeless(q[0], now):
-            self._demote(g, q[0])
-        return bool(q)
-
     def _hopeless(self, r: Request, now: float) -> bool:
         """Its first token cannot come in time even if it were dispatched now: its own prefill plus the
         steps an engine runs before admitting it (one, two with asynchronous scheduling) and the server's
@@ -602,37 +529,8 @@ class QLMPolicy(Policy):
         self._group(GroupKey(r.model, LATE_BUCKET), math.inf).queue.append(r)
         self.stats.demoted += 1
 
-    def _demote_expired(self, now: float) -> None:
-        for g in list(self.groups.values()):
-            if g.late:
-                continue
-            while g.queue and self._hopeless(g.queue[0], now):
-                self._demote(g, g.queue[0])
-
-    def _maybe_swap(self, inst: InstanceView, now: float) -> list[Decision]:
-        if inst.profile is not None or inst.instance_id in self._swapping_to:
-            return []
-        # Nothing loaded: load the model of the first group planned here.
-        for key in self.vqs.get(inst.instance_id, []):
-            g = self.groups.get(key)
-            if g is not None and g.queue:
-                return self._swap(inst, g.model, now)
-        return []
-
     def _has_queued(self, model: str | None) -> bool:
         return any(g.queue and not g.late for g in self._by_model.get(model or "", ()))
-
-    def _swap(self, inst: InstanceView, model: str, now: float) -> list[Decision]:
-        if not self.ctx.enable_swap or inst.instance_id in self._swapping_to or inst.profile_for(model) is None:
-            return []
-        self._swapping_to[inst.instance_id] = model
-        # Optional hysteresis (scheduler.params): keep a model at least this long after loading it.
-        load = inst.load_time(model)
-        residency = max(float(self.ctx.params.get("min_residency_s", 0.0)),
-                        float(self.ctx.params.get("residency_load_factor", 0.0)) * load)
-        self._resident_until[inst.instance_id] = now + load + residency
-        self.stats.swaps += 1
-        return [SwapModel(inst.instance_id, model)]
 
     # ---------------------------------------------------------- the per-request walk
     def _walk(self, cluster: ClusterView, now: float) -> list[Decision]:
@@ -882,54 +780,6 @@ class QLMPolicy(Policy):
         return lo
 
     # ---------------------------------------------------------- planning
-    def _lanes(self, cluster: ClusterView) -> list[_Lane]:
-        lanes = []
-        for inst in cluster.instances:
-            if not inst.healthy:
-                continue
-            model = self._swapping_to.get(inst.instance_id, inst.model)
-            offset = inst.load_time(model) if inst.swapping and model else 0.0
-            lanes.append(_Lane(inst, model, float(inst.num_running + inst.num_waiting), offset, []))
-        return lanes
-
-    def _rate_of(self, inst: InstanceView, model: str) -> ServiceRate | None:
-        """The estimator's service rate of `model` on `inst`, cached for one plan."""
-        key = (inst.instance_id, model)
-        hit = self._rates.get(key)
-        if hit is None:
-            prof = inst.profile_for(model)
-            if prof is None:
-                return None
-            hit = self._rates[key] = self.est.rate(prof, model)
-        return hit
-
-    def _planned_rate(self, lane: _Lane, model: str) -> ServiceRate | None:
-        try:
-            return lane.rates[model]
-        except KeyError:
-            r = lane.rates[model] = self._rate_of(lane.inst, model)
-            return r
-
-    def _start_on(self, lane: _Lane, model: str) -> tuple[float, bool]:
-        """Estimated time from now until a request of `model` queued at the end of `lane` starts."""
-        rate = self._planned_rate(lane, model)
-        if rate is None:
-            return math.inf, False
-        if lane.model == model:
-            # It starts once `ahead - concurrency + 1` of the requests ahead have finished.
-            return lane.offset_s + rate.completions_time(lane.ahead - rate.concurrency + 1), False
-        if not self.ctx.enable_swap:
-            return math.inf, True
-        drain = 0.0
-        if lane.model is not None and lane.ahead > 0:
-            cur = self._planned_rate(lane, lane.model)
-            if cur is not None:
-                drain = cur.completions_time(lane.ahead)
-        load = lane.loads.get(model)
-        if load is None:
-            load = lane.loads[model] = lane.inst.load_time(model)
-        return lane.offset_s + drain + load, True
-
     def plan_queues(self, cluster: ClusterView, now: float) -> dict[int, list[GroupKey]]:
         """The heuristic global scheduler: place and order groups on virtual queues."""
         self._rates = {}

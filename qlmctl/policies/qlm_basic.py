@@ -57,6 +57,7 @@ class PlanStats:
     evictions: int = 0
     swaps: int = 0
     demoted: int = 0
+    """Requests moved to a late group: hopeless (or, in qlm, deferred)."""
 
 
 class QLMBasicPolicy(Policy):
