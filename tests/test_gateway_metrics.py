@@ -134,7 +134,7 @@ def test_gateway_families_are_vllms_under_the_qlm_prefix(engine):
 
 
 def test_weighted_histogram_buckets_are_cumulative():
-    from qlmctl.gateway.reqmetrics import WeightedHistogram
+    from qlmctl.histogram import WeightedHistogram
 
     h = WeightedHistogram((0.1, 1.0))
     h.observe(0.05, 3)

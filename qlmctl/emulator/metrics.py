@@ -11,63 +11,23 @@ Every series has the labels model_name and engine="0", as vLLM V1 with one engin
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
 
+from qlmctl.histogram import (
+    ITL_BUCKETS,
+    REQUEST_LATENCY_BUCKETS,
+    TTFT_BUCKETS,
+    WeightedHistogram,
+    one_two_five_buckets,
+)
 from simulator.profile import EngineProfile
 
-# vLLM V1's bucket bounds.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-               40.0, 80.0)
-LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-                   240.0, 480.0, 960.0, 1920.0, 7680.0)
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")
-
-
-def one_two_five_buckets(max_value: int) -> tuple[float, ...]:
-    """1, 2, 5, 10, 20, 50, ... up to `max_value` (vLLM's token-count histogram buckets)."""
-    out: list[float] = []
-    scale = 1
-    while True:
-        for m in (1, 2, 5):
-            if m * scale > max_value:
-                return tuple(out)
-            out.append(float(m * scale))
-        scale *= 10
-
-
-class Hist:
-    """A histogram's bucket counts, sum and count; `observe(v, n)` adds n observations of v."""
-
-    __slots__ = ("bounds", "counts", "sum", "count")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float, n: int = 1) -> None:
-        self.counts[bisect_left(self.bounds, value)] += n
-        self.sum += value * n
-        self.count += n
-
-    def buckets(self) -> list[tuple[str, int]]:
-        out = []
-        acc = 0
-        for b, c in zip(self.bounds, self.counts):
-            acc += c
-            out.append((floatToGoString(b), acc))
-        out.append(("+Inf", self.count))
-        return out
 
 
 @dataclass(slots=True)
@@ -96,20 +56,20 @@ class EmulatorMetrics:
         self.generation_tokens = 0
         self.success = dict.fromkeys(FINISH_REASONS, 0)
         tok = one_two_five_buckets(profile.max_model_len)
-        self.ttft = Hist(TTFT_BUCKETS)
-        self.itl = Hist(ITL_BUCKETS)
-        self.e2e = Hist(LATENCY_BUCKETS)
-        self.request_tpot = Hist(ITL_BUCKETS)
+        self.ttft = WeightedHistogram(TTFT_BUCKETS)
+        self.itl = WeightedHistogram(ITL_BUCKETS)
+        self.e2e = WeightedHistogram(REQUEST_LATENCY_BUCKETS)
+        self.request_tpot = WeightedHistogram(ITL_BUCKETS)
         # vLLM V1's per-request phases, observed when a request ends: queue = first scheduled - arrival at
         # the engine, prefill = first token - first scheduled, decode = last token - first token,
         # inference = last token - first scheduled.
-        self.queue_time = Hist(LATENCY_BUCKETS)
-        self.prefill_time = Hist(LATENCY_BUCKETS)
-        self.decode_time = Hist(LATENCY_BUCKETS)
-        self.inference_time = Hist(LATENCY_BUCKETS)
-        self.request_prompt_tokens = Hist(tok)
-        self.request_generation_tokens = Hist(tok)
-        self.request_max_tokens = Hist(tok)
+        self.queue_time = WeightedHistogram(REQUEST_LATENCY_BUCKETS)
+        self.prefill_time = WeightedHistogram(REQUEST_LATENCY_BUCKETS)
+        self.decode_time = WeightedHistogram(REQUEST_LATENCY_BUCKETS)
+        self.inference_time = WeightedHistogram(REQUEST_LATENCY_BUCKETS)
+        self.request_prompt_tokens = WeightedHistogram(tok)
+        self.request_generation_tokens = WeightedHistogram(tok)
+        self.request_max_tokens = WeightedHistogram(tok)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)  # type: ignore[arg-type]
 
@@ -128,7 +88,7 @@ class EmulatorMetrics:
             m.add_metric(val, v)
             return m
 
-        def hist(name: str, doc: str, h: Hist) -> HistogramMetricFamily:
+        def hist(name: str, doc: str, h: WeightedHistogram) -> HistogramMetricFamily:
             m = HistogramMetricFamily(name, doc, labels=lab)
             m.add_metric(val, h.buckets(), h.sum)
             return m

@@ -14,21 +14,12 @@ Every duration is wall-clock seconds, as vLLM's.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
 
-# vLLM V1's bucket bounds (vllm/v1/metrics/loggers.py; the emulator uses the same).
-TTFT_BUCKETS: tuple[float, ...] = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
-    80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS: tuple[float, ...] = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-REQUEST_LATENCY_BUCKETS: tuple[float, ...] = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
-    960.0, 1920.0, 7680.0)
+from qlmctl.histogram import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS, WeightedHistogram
+
 QUEUE_BUCKETS = TTFT_BUCKETS
 """vLLM uses its request-latency buckets for its queue time (0.3 s and up); a gateway queue that works holds
 interactive requests for milliseconds, so the queue wait gets the TTFT bounds (1 ms to 43 min)."""
@@ -36,33 +27,6 @@ interactive requests for milliseconds, so the queue wait gets the TTFT bounds (1
 FINISHED_REASONS = ("stop", "length", "abort", "error")
 """vLLM's `finished_reason` values the gateway reports (a tool call's end counts as `stop`)."""
 OUTCOMES = ("slo_met", "slo_missed", "error", "cancelled")
-
-
-class WeightedHistogram:
-    """Bucket counts, sum and count; `observe(v, n)` adds n observations of v."""
-
-    __slots__ = ("bounds", "counts", "sum", "count")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float, n: int = 1) -> None:
-        self.counts[bisect_left(self.bounds, value)] += n
-        self.sum += value * n
-        self.count += n
-
-    def buckets(self) -> list[tuple[str, float]]:
-        """Cumulative (le, count) pairs, `+Inf` last, as Prometheus exposes them."""
-        out: list[tuple[str, float]] = []
-        acc = 0
-        for b, c in zip(self.bounds, self.counts):
-            acc += c
-            out.append((floatToGoString(b), acc))
-        out.append(("+Inf", self.count))
-        return out
 
 
 class ClassSeries:
