@@ -19,13 +19,11 @@ source bench/device/vllm_env.sh
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=$PYTHONPATH:/tmp/site
 VLLM_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --enable-sleep-mode --gpu-memory-utilization 0.42"
 make_models
-up() { python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$1/health', timeout=2)" 2>/dev/null; }
-if ! up 8000 || ! up 8001; then
-  log "gpu: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
-  # Started one after the other: two compiles at once on one GPU would race for its memory.
-  TAG=fcfs start_vllm "$K/m8b" llama-3.1-8b 8000 || exit 4
-  TAG=priority start_vllm "$K/m8b" llama-3.1-8b 8001 --scheduling-policy priority || exit 4
-fi
+log "gpu: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
+# Started one after the other (two compiles at once on one GPU would race for its memory); a warm machine's
+# servers are reused.
+TAG=fcfs ensure_vllm "$K/m8b" llama-3.1-8b 8000 || exit 4
+TAG=priority ensure_vllm "$K/m8b" llama-3.1-8b 8001 --scheduling-policy priority || exit 4
 case $STAGE in
 1) RUNS=fcfs-alone,priority-alone ;;
 2) RUNS=qlm,qlm+priority ;;

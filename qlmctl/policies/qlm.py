@@ -471,14 +471,15 @@ class QLMPolicy(QLMBasicPolicy):
         drain = cur_rate.completions_time(load) if load else 0.0
         swap_at = now + drain + inst.load_time(model)  # swap now: `model` starts after the drain and the wake
         later_at = now + len(cur_q) * each_cur + drain + inst.load_time(model)  # after the current queue
+        new_pf, cur_pf = self._prefill_cache(new_prof), self._prefill_cache(cur_prof)
         saved = 0
         for j, r in enumerate(new_q):
-            pf = new_prof.prefill_time(r.prompt_tokens)
+            pf = new_pf(r.prompt_tokens)
             saved += (swap_at + j * each_new + pf <= r.deadline_s) - (later_at + j * each_new + pf <= r.deadline_s)
         back = swap_at + len(new_q) * each_new + inst.load_time(cur)  # the current model's queue resumes
         lost = 0
         for i, r in enumerate(cur_q):
-            pf = cur_prof.prefill_time(r.prompt_tokens)
+            pf = cur_pf(r.prompt_tokens)
             lost += (now + i * each_cur + pf <= r.deadline_s) - (back + i * each_cur + pf <= r.deadline_s)
         others = sum(1 for i in self._servers_of.get(cur, ()) if i != inst.instance_id)
         worth = self._worth[key] = saved > lost / (1 + others)
