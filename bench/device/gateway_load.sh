@@ -26,7 +26,7 @@ nproc; lscpu | grep -E "Model name|^CPU\(s\)" || true
 COMMON="--engines 4 --max-num-seqs 1024 --only ttft,burst,tokens --ttft-samples 200 --burst 2000 --burst-window 2
         --burst-tokens 32 --streams 384 --stream-tokens 4000 --client-procs 3
         --cpus-gateway 0-8 --cpus-engines 9-12 --cpus-client 13-15"
-for W in 8 1; do
+for W in ${WORKERS:-8 1}; do  # WORKERS="8": one half only
   echo "=== --workers $W"
   timeout 280 python3 bench/bench_gateway.py --workers $W $COMMON --json "$OUT/gateway_load_w$W.json" || echo "exit $?"
 done
