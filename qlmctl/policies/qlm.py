@@ -200,7 +200,10 @@ class PlanStats(BasicPlanStats):
 
 
 class QLMPolicy(QLMBasicPolicy):
-    """QLM: request groups, virtual queues, the RWT estimator, pulling by the engine's bottleneck."""
+    """QLM: request groups, virtual queues, the RWT estimator, pulling by the engine's bottleneck.
+
+    Builds on `QLMBasicPolicy` (the paper's plain algorithm): its plan's lanes and swaps, its late groups and
+    queue views are inherited; what ordering, room, prediction and eviction do differently is overridden here."""
 
     name: ClassVar[str] = "qlm"
     takes_evictions: ClassVar[bool] = True
