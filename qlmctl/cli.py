@@ -11,14 +11,15 @@ import typer.core
 from qlmctl.commands import COMMAND_MODULES
 from qlmctl.commands.common import print_error
 from qlmctl.errors import UserError
-from qlmctl.invocation import remember
+from qlmctl.invocation import invoked_with
+
 
 class _Root(typer.core.TyperGroup):
     """The root group keeps the arguments as typed (see `qlmctl.invocation`)."""
 
-    def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
-        remember(ctx, args)
-        return super().parse_args(ctx, args)
+    def main(self, args=None, *rest, **kwargs):  # type: ignore[no-untyped-def]
+        with invoked_with(args):
+            return super().main(args, *rest, **kwargs)
 
 
 app = typer.Typer(

@@ -1,27 +1,34 @@
 """How qlmctl was invoked: the arguments as typed, for the `command` key of a run's summary.
 
-The CLI's root group stores them in click's context (`remember`), because sys.argv is the host's, not
-ours, when the app runs inside another program (a test's CliRunner, a notebook, a sweep worker)."""
+The CLI's root group records them (`invoked_with`) for the length of its run, because sys.argv is the
+host's, not ours, when the app runs inside another program (a test's CliRunner, a notebook, a sweep
+worker). A context variable, not click's context: typer may bundle its own copy of click, whose context
+stack an outside `import click` does not see."""
 
 from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
-import click
-
-_KEY = "qlmctl.argv"
+_ARGS: ContextVar[tuple[str, ...] | None] = ContextVar("qlmctl_args", default=None)
 
 
-def remember(ctx: click.Context, args: list[str]) -> None:
-    """Keep the arguments the root group is about to parse."""
-    ctx.meta[_KEY] = list(args)
+@contextmanager
+def invoked_with(args: Sequence[str] | None) -> Iterator[None]:
+    """Within the block, `command_line()` reports `args` (None: sys.argv's own)."""
+    token = _ARGS.set(tuple(sys.argv[1:] if args is None else args))
+    try:
+        yield
+    finally:
+        _ARGS.reset(token)
 
 
 def command_line() -> str:
     """The command as typed (`qlmctl simulate ...`): the CLI's own arguments, else sys.argv."""
-    ctx = click.get_current_context(silent=True)
-    args = ctx.meta.get(_KEY) if ctx is not None else None
+    args = _ARGS.get()
     if args is None:
-        args = sys.argv[1:]
+        args = tuple(sys.argv[1:])
     return "qlmctl " + " ".join(shlex.quote(a) for a in args) if args else "qlmctl"

@@ -28,7 +28,8 @@ def _sim(tmp_path: Path, *args: str) -> dict:
     return json.loads((tmp_path / "fcfs" / "summary.json").read_text())
 
 
-def test_summary_has_vllms_run_keys_beside_ours(tmp_path):
+def test_summary_has_vllms_run_keys_beside_ours(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["pytest"])  # the command must come from the CLI, not the host's argv
     s = _sim(tmp_path, "-n", "300", "--request-rate", "40", "--metric-percentiles", "25,99.9",
              "--metadata", "gpu=H200 tp=1", "--goodput", "ttft:2000", "--goodput", "tpot:100")
     for key in ("date", "backend", "label", "model_id", "tokenizer_id", "num_prompts", "request_rate", "burstiness",
@@ -41,7 +42,7 @@ def test_summary_has_vllms_run_keys_beside_ours(tmp_path):
     assert s["p25_ttft_ms"] <= s["p50_ttft_ms"] <= s["p99.9_ttft_ms"] and "p25_e2el_ms" in s
     assert s["gpu"] == "H200" and s["tp"] == "1"  # --metadata: top-level keys, as vLLM writes them
     assert s["goodput_config"] == {"ttft": 2000.0, "tpot": 100.0} and s["slo_goodput"] is not None
-    assert s["command"].startswith("qlmctl ") and len(s["workload_id"]) == 12 and s["offered_rate_rps"] > 0
+    assert s["command"].startswith("qlmctl simulate -p fcfs -o ") and len(s["workload_id"]) == 12 and s["offered_rate_rps"] > 0
     assert len(s["date"]) == 15  # vLLM's %Y%m%d-%H%M%S
 
 
