@@ -41,6 +41,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+from qlmctl.core.calibration import TTFTCalibration
 from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, InstanceView, Reject
 from qlmctl.core.estimator import ServiceRate
 from qlmctl.core.groups import LATE_BUCKET, GroupKey, RequestGroup, group_key
@@ -85,15 +86,10 @@ class _Arrivals:
         return self.rate * math.exp(-(now - self.t) / ARRIVAL_WINDOW_S) if now > self.t else self.rate
 
 
-CALIBRATION_WINDOW = 256
-"""Recent (actual / predicted) TTFT ratios kept per model and class for the calibrated percentile."""
-CALIBRATION_MIN = 20
-"""Ratios needed before the calibration replaces the estimator's own (central limit theorem) percentile."""
-
-
-def _scale(seconds: float) -> int:
-    """Half-decades of a duration: 0 for 1-3 s, 1 for 3-10 s, -1 for 0.3-1 s..."""
-    return math.floor(2.0 * math.log10(max(seconds, 0.01)))
+LAG_WINDOW = 256
+"""Recent engine admission lags kept per model (see `_update_lag`)."""
+LAG_MIN = 20
+"""Lags needed before their quantile replaces the profile's."""
 
 
 class _Memo(dict):
@@ -113,7 +109,7 @@ class _Quantiles:
 
     __slots__ = ("samples", "_sorted", "_stale")
 
-    def __init__(self, maxlen: int = CALIBRATION_WINDOW) -> None:
+    def __init__(self, maxlen: int = LAG_WINDOW) -> None:
         self.samples: deque[float] = deque(maxlen=maxlen)
         self._sorted: list[float] = []
         self._stale = 0
@@ -126,42 +122,11 @@ class _Quantiles:
         return len(self.samples)
 
     def quantile(self, q: float) -> float:
-        if self._stale >= 16 or len(self._sorted) < min(len(self.samples), CALIBRATION_MIN):
+        if self._stale >= 16 or len(self._sorted) < min(len(self.samples), LAG_MIN):
             self._sorted = sorted(self.samples)
             self._stale = 0
         s = self._sorted
         return s[min(len(s) - 1, max(0, int(math.ceil(q * len(s))) - 1))]
-
-
-class _Calibration:
-    """Online conformal calibration of the TTFT estimate for one (model, SLO class): the estimator's mean
-    prediction times the configured percentile of the recent ratios actual / predicted. What the estimator
-    leaves out (steps shared with other prefills, bursts, the engine's own queue) shows up in the ratios, so
-    the percentile covers about that fraction of requests whatever the load, as long as the load changes
-    slowly against the window."""
-
-    __slots__ = ("ratios", "percentile", "_q", "_stale")
-
-    def __init__(self, percentile: float) -> None:
-        self.ratios: deque[float] = deque(maxlen=CALIBRATION_WINDOW)
-        self.percentile = percentile
-        self._q: float | None = None
-        self._stale = 0
-
-    def add(self, ratio: float) -> None:
-        self.ratios.append(ratio)
-        self._stale += 1
-
-    def factor(self) -> float | None:
-        """The percentile of the ratios (None until there are enough), recomputed every few new ratios."""
-        n = len(self.ratios)
-        if n < CALIBRATION_MIN:
-            return None
-        if self._q is None or self._stale >= 16:
-            s = sorted(self.ratios)
-            self._q = s[min(n - 1, int(math.ceil(self.percentile * n)) - 1)]
-            self._stale = 0
-        return self._q
 
 
 @dataclass(slots=True)
@@ -227,6 +192,9 @@ class QLMPolicy(QLMBasicPolicy):
         self._starts: dict[str, tuple[float, list[tuple[float, ...]], list[float], list[float]]] = {}
         """Per model, from the last walk: its time, the order keys, each one's predicted start (mean and at the
         estimator's percentile), for predictions and admission at arrival."""
+        self._unwalked: dict[str, tuple[tuple[float, float], int, dict[str, float]]] = {}
+        """Per model, from the last walk: what `_unwalked_s` needs (the work per prompt and output token, the
+        servers, the output length per class)."""
         self._arrivals: dict[tuple[str, str], _Arrivals] = {}
         self._future: dict[str, list[tuple[float, int, float]]] = {}
         self._served: set[str] = set()
@@ -238,16 +206,11 @@ class QLMPolicy(QLMBasicPolicy):
         self._prefill_times: dict[int, _Memo] = {}
         self._horizon_s = max(60.0, 20.0 * ctx.reschedule_interval_s)
         """The walk looks at requests due within this long; later ones wait for a later walk."""
-        self._calib: dict[tuple[str, str, tuple[int, bool] | None], _Calibration] = {}
-        """Per (model, class, scale of the prediction; None: any scale): the recent actual / predicted ratios.
-        How far off an estimate is depends on how long the wait is (a request dispatched at once, or one
-        behind a queue or a swap), so each scale has its own."""
+        self._calib = TTFTCalibration(ctx.percentile)
+        """Turns the estimator's mean TTFT predictions into ones at the configured percentile."""
         self._group_start: dict[GroupKey, tuple[float, float, float]] = {}
         """From the last plan, per group: (its time, the predicted start of its head, and of each further
         request), for requests of models no instance serves now (their start is a swap away)."""
-        self._mean_ttft: dict[int, tuple[float, tuple[int, bool]]] = {}
-        """Per request not yet started: the estimator's mean TTFT prediction (the calibration's reference), and
-        the calibration it belongs to."""
         self._rejects: list[Decision] = []
 
     # ------------------------------------------------------------- hooks
@@ -259,6 +222,7 @@ class QLMPolicy(QLMBasicPolicy):
         if request.predicted_ttft_s is None:
             miss = self._predict_at_arrival(request, now)
             if miss and self._reject:
+                self._calib.forget(request.request_id)
                 self._rejects.append(Reject(request, "predicted to miss its TTFT SLO at the current load"))
                 self.stats.rejected += 1
                 return
@@ -280,18 +244,10 @@ class QLMPolicy(QLMBasicPolicy):
                 if seen is None:
                     seen = self._lag_seen[request.model] = _Quantiles()
                 seen.add(max(0.0, now - request.dispatch_s - prof.prefill_time(request.prompt_tokens)))
-        pred = self._mean_ttft.pop(request.request_id, None)
-        ttft = request.ttft_s
-        if pred is not None and ttft is not None:
-            mean, where = pred
-            for key in ((request.model, request.slo_class, where), (request.model, request.slo_class, None)):
-                cal = self._calib.get(key)
-                if cal is None:
-                    cal = self._calib[key] = _Calibration(self.ctx.percentile)
-                cal.add(ttft / max(mean, 1e-3))
+        self._calib.first_token(request.request_id, now)
 
     def on_finished(self, request: Request, now: float) -> None:
-        self._mean_ttft.pop(request.request_id, None)
+        self._calib.forget(request.request_id)
         if request.error is None:
             self.est.observe(request.model, request.prompt_tokens, request.generated_tokens, request.slo_class)
         self._touch(request.instance_id)
@@ -339,6 +295,7 @@ class QLMPolicy(QLMBasicPolicy):
     # ---------------------------------------------------------- schedule
     def schedule(self, cluster: ClusterView) -> list[Decision]:
         now = cluster.now()
+        self._calib.advance(now)
         out: list[Decision] = self._rejects
         self._rejects = []
         if self._count and now >= self._next_plan:
@@ -508,7 +465,7 @@ class QLMPolicy(QLMBasicPolicy):
         self._update_lag_model()
         self._lag_low = dict(self._lag)
         for m, seen in self._lag_seen.items():
-            if len(seen) >= CALIBRATION_MIN:
+            if len(seen) >= LAG_MIN:
                 self._lag[m] = seen.quantile(0.5)
                 self._lag_low[m] = seen.quantile(0.25)
 
@@ -629,6 +586,7 @@ class QLMPolicy(QLMBasicPolicy):
             nearest[i] = srvs[i].start_s(False)
             heapq.heappush(taken, (-bad, r.request_id, r, i, work))
         self._starts[model] = (now, keys, starts, starts_pct)
+        self._unwalked[model] = (per_tok, len(srvs), out_len)
         return self._give_up(groups, deferred, now)
 
     def _prefill_cache(self, prof) -> "dict[int, float].__getitem__":
@@ -715,6 +673,7 @@ class QLMPolicy(QLMBasicPolicy):
                     self._count -= 1
                     self._depth[r.slo_class] -= 1
                     self.stats.rejected += 1
+                    self._calib.forget(r.request_id)
                     out.append(Reject(r, "predicted to miss its TTFT SLO at the current load"))
                 else:
                     self._to_late(r)
@@ -739,28 +698,43 @@ class QLMPolicy(QLMBasicPolicy):
         elif walk is not None:
             t, keys, starts, starts_pct = walk
             if starts:
-                i = min(bisect.bisect_left(keys, self._key(r)), len(starts) - 1)
-                start = max(0.0, starts[i] - (now - t))
-                start_pct = self._with_arrivals(max(0.0, starts_pct[i] - (now - t)), r,
+                key = self._key(r)
+                i = bisect.bisect_left(keys, key)
+                # Beyond the walk's reach (it stops at its horizon), the queued requests between its last
+                # one and `r` go first too.
+                beyond = self._unwalked_s(r.model, keys[-1], key) if i == len(starts) else 0.0
+                i = min(i, len(starts) - 1)
+                start = max(0.0, starts[i] - (now - t)) + beyond
+                start_pct = self._with_arrivals(max(0.0, starts_pct[i] - (now - t)) + beyond, r,
                                                 self._future.get(r.model, []), now)
         miss = now + start + own > r.deadline_s
         self._predict(r, self._with_arrivals(start, r, self._future.get(r.model, []), now) + own, start_pct + own)
         return miss
 
+    def _unwalked_s(self, model: str, after: tuple[float, ...], before: tuple[float, ...]) -> float:
+        """Service time of the on-time requests of `model` queued with order keys in (`after`, `before`): ones
+        the last walk did not reach, at their classes' mean lengths, spread over the model's servers."""
+        per_tok, servers, out_len = self._unwalked[model]
+        prompt = self.est.prompt_mean(model) * per_tok[0]
+        key = self._key
+        total = 0.0
+        for g in self._by_model.get(model, ()):
+            q = g.queue
+            if not q or g.late or key(q[0]) >= before or key(q[-1]) <= after:
+                continue
+            # FCFS within a group of one SLO: its keys rise along the queue.
+            n = bisect.bisect_left(q, before, key=key) - bisect.bisect_right(q, after, key=key)
+            if n > 0:
+                total += n * (prompt + out_len.get(g.queue[0].slo_class, 0.0) * per_tok[1])
+        return total / max(1, servers)
+
     def _predict(self, r: Request, mean_s: float, pct_s: float) -> None:
-        """Record `r`'s predicted TTFT: the mean times its class's calibrated ratio, or the estimator's own
-        percentile until the class has enough history."""
-        # How far off an estimate runs depends on its scale, and on whether the model is loaded (else its
-        # start waits on the swaps the plan foresees): each has its own calibration.
-        where = (_scale(mean_s), r.model in self._served)
-        self._mean_ttft[r.request_id] = (mean_s, where)
-        f = None
-        for key in ((r.model, r.slo_class, where), (r.model, r.slo_class, None)):
-            cal = self._calib.get(key)
-            f = cal.factor() if cal is not None else None
-            if f is not None:
-                break
-        r.predicted_ttft_s = max(mean_s, 1e-3) * f if f is not None else pct_s
+        """Record `r`'s predicted TTFT: the mean, calibrated to the configured percentile (`TTFTCalibration`;
+        `pct_s`, the estimator's own percentile, is the first guess)."""
+        # How far off an estimate runs depends on whether the model is loaded (else its start waits on the
+        # swaps the plan foresees): each has its own factor.
+        r.predicted_ttft_s = self._calib.predict(r.request_id, r.arrival_s, mean_s, pct_s,
+                                                 key=(r.model, r.slo_class, r.model in self._served))
 
     def _tpot_cap(self, inst: InstanceView, model: str) -> int | None:
         """The most sequences `inst` may run while it serves a class with a TPOT SLO (None: no such class)."""

@@ -1,0 +1,104 @@
+"""Calibrated TTFT predictions: the estimator's mean prediction times a factor learned online, so that about
+the configured percentile of requests get their first token within their prediction.
+
+The factor follows adaptive conformal inference (Gibbs and Candès, 2021), i.e. online quantile tracking of
+the log ratio actual / mean: after each outcome its logarithm moves by `step * (miss - (1 - percentile))`,
+so misses raise it and hits lower it, and the share of misses tends to 1 - percentile as long as the ratio's
+distribution moves slowly against the step. (It does not where the scheduler gives up a share of requests
+until an overload passes: their waits end with the overload, which no prediction can see.) A window of past ratios (actual /
+predicted) cannot follow a queue that grows: under load the ratios come back only when the requests start,
+long after the load changed. Here a miss is known as soon as a request has waited longer than the current
+factor allows, so the feedback is never later than the prediction itself. Each outcome is judged against
+the factor of the moment (a request counts as a miss only while it is beyond the current factor, not the
+one it was predicted with): counting against old factors would raise the factor once for every request
+already in flight when the load rose, overshooting by as many requests as the queue holds.
+
+Factors are kept per key (the caller's: model, class, whether the model is loaded).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+STEP = 0.05
+"""How far one outcome moves the log factor. With percentile p, a miss moves it up by STEP * p and a hit
+down by STEP * (1 - p): about 20 misses in a row double the factor at p = 0.9."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    arrival_s: float
+    mean_s: float
+    """The estimator's mean TTFT prediction."""
+    key: Hashable
+    """Whose factor the outcome updates."""
+    due_s: float
+    """When its wait passes the key's factor, as of the last check."""
+
+
+class TTFTCalibration:
+    """Calibrated TTFT predictions for one policy (no global state)."""
+
+    def __init__(self, percentile: float, step: float = STEP) -> None:
+        self.percentile = percentile
+        self.step = step
+        self._log_factor: dict[Hashable, float] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._due: list[tuple[float, int]] = []
+        """(due time, request id) of the pending predictions, earliest first (stale entries skipped)."""
+        self.hits = 0
+        self.misses = 0
+
+    def predict(self, request_id: int, arrival_s: float, mean_s: float, first_guess_s: float,
+                key: Hashable) -> float:
+        """The calibrated TTFT (s, from arrival) of a request whose mean TTFT the estimator puts at `mean_s`.
+        `first_guess_s` (the estimator's own percentile) sets the factor of a key never seen before."""
+        mean_s = max(mean_s, 1e-3)
+        theta = self._log_factor.get(key)
+        if theta is None:
+            theta = self._log_factor[key] = math.log(max(1.0, first_guess_s / mean_s))
+        pred = mean_s * math.exp(theta)
+        due = arrival_s + pred
+        self._pending[request_id] = _Pending(arrival_s, mean_s, key, due)
+        heapq.heappush(self._due, (due, request_id))
+        return pred
+
+    def first_token(self, request_id: int, now: float) -> None:
+        """A request got its first token at `now`: a hit if within the current factor (one beyond it was
+        counted a miss already, or is now)."""
+        p = self._pending.pop(request_id, None)
+        if p is not None:
+            self._update(p.key, miss=now - p.arrival_s > p.mean_s * math.exp(self._log_factor[p.key]))
+
+    def forget(self, request_id: int) -> None:
+        """A request ended without a first token before its prediction ran out (refused, failed): no outcome."""
+        self._pending.pop(request_id, None)
+
+    def advance(self, now: float) -> None:
+        """Count as misses the requests still without a first token that have waited beyond the factor."""
+        due = self._due
+        pending = self._pending
+        lf = self._log_factor
+        while due and due[0][0] < now:
+            d, rid = heapq.heappop(due)
+            p = pending.get(rid)
+            if p is None or p.due_s != d:
+                continue  # started, forgotten, or pushed back since
+            p.due_s = p.arrival_s + p.mean_s * math.exp(lf[p.key])
+            if p.due_s < now:
+                del pending[rid]
+                self._update(p.key, miss=True)
+            else:  # the factor rose since: not a miss yet
+                heapq.heappush(due, (p.due_s, rid))
+
+    def _update(self, key: Hashable, miss: bool) -> None:
+        if miss:
+            self.misses += 1
+            delta = self.step * self.percentile
+        else:
+            self.hits += 1
+            delta = -self.step * (1.0 - self.percentile)
+        self._log_factor[key] += delta
