@@ -10,16 +10,20 @@
 # <= 5 ms p50 and <= 25 ms p99 in the burst, >= 250,000 tokens/s, core decision < 1 ms p50.
 # Figures go to $OUT/gateway_load_w8.json and _w1.json, the tables to stdout (about 4-5 minutes in all).
 # Needs the project's Python dependencies (numpy, orjson, pyyaml, rich, uvicorn, typer, prometheus_client, httpx,
-# pydantic); where they are missing and .vllmkit was carried, the vLLM bundle's site-packages provide them.
+# pydantic); where they are missing, a carried .dep/ folder or the vLLM bundle's site-packages provide them.
 set -u
 OUT=${OUT:-/tmp/gateway_load}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if ! python3 -c "import numpy, orjson, yaml, rich, uvicorn, typer, prometheus_client, httpx, pydantic" 2>/dev/null; then
-  if [ -d .vllmkit ]; then source bench/device/vllm_env.sh; fi
+if ! python3 -c "import numpy, orjson, yaml, rich, uvicorn, starlette, typer, prometheus_client, httpx, pydantic" 2>/dev/null; then
+  # .dep/ (carried, gitignored): the GPU image lacks uvicorn, pydantic (+core, cp312), typer and a few small
+  # ones; a plain folder of them, taken from the vLLM bundle and a local install, is 9 MB against the
+  # bundle's 50 (which does not fit beside the repository in one call's carry).
+  if [ -d .dep ]; then export PYTHONPATH=$PYTHONPATH:$PWD/.dep
+  elif [ -d .vllmkit ]; then source bench/device/vllm_env.sh; fi
   # orjson is not in the vLLM bundle: carry its wheel in .whl/ (cp312 manylinux).
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-python3 -c "import numpy, orjson, yaml, rich, uvicorn, typer, prometheus_client, httpx, pydantic" || {
+python3 -c "import numpy, orjson, yaml, rich, uvicorn, starlette, typer, prometheus_client, httpx, pydantic" || {
   echo "missing Python dependencies (see above)"; exit 2; }
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 nproc; lscpu | grep -E "Model name|^CPU\(s\)" || true
