@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 19: the gateway at fleet scale, on a 16-core host (no GPU needed: emulated engines on the host's CPUs).
 # The lead runs it; carry nothing but the repository:
-#   run(command="bash bench/device/gateway_load.sh", timeout_s=600)
+#   bash bench/device/make_dep.sh; run(command="bash bench/device/gateway_load.sh", carry=[".whl", ".dep"], timeout_s=600)
 # CPUs split so that no part steals another's: gateway (QLM core + relay workers) 0-8, four emulated engines
 # 9-12, three client processes 13-15. Two gateways measured the same way, --workers 8 and --workers 1 (today's
 # single process): serial added TTFT, 2,000 streams arriving within 2 s (added TTFT p50/p99 over the same burst
@@ -15,7 +15,7 @@ set -u
 OUT=${OUT:-/tmp/gateway_load}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ! python3 -c "import numpy, orjson, yaml, rich, uvicorn, starlette, typer, prometheus_client, httpx, pydantic" 2>/dev/null; then
-  # .dep/ (carried, gitignored): the GPU image lacks uvicorn, pydantic (+core, cp312), typer and a few small
+  # .dep/ (bench/device/make_dep.sh; carried, gitignored): the GPU image lacks uvicorn, pydantic (+core, cp312), typer and a few small
   # ones; a plain folder of them, taken from the vLLM bundle and a local install, is 9 MB against the
   # bundle's 50 (which does not fit beside the repository in one call's carry).
   if [ -d .dep ]; then export PYTHONPATH=$PYTHONPATH:$PWD/.dep
