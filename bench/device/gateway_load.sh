@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 19: the gateway at fleet scale, on a 16-core host (no GPU needed: emulated engines on the host's CPUs).
-# The lead runs it; carry nothing but the repository:
+# Run it with the repository and two small carried folders:
 #   bash bench/device/make_dep.sh; run(command="bash bench/device/gateway_load.sh", carry=[".whl", ".dep"], timeout_s=600)
 # CPUs split so that no part steals another's: gateway (QLM core + relay workers) 0-8, four emulated engines
 # 9-12, three client processes 13-15. Two gateways measured the same way, --workers 8 and --workers 1 (today's
