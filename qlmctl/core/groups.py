@@ -15,7 +15,8 @@ LATE_BUCKET = 1 << 30
 class GroupKey:
     model: str
     bucket: int
-    """SLO bucket: floor(ttft_slo / bucket width), or LATE_BUCKET."""
+    """SLO bucket: floor(ttft_slo / bucket width), or LATE_BUCKET (plus a class's rank, where late requests
+    keep their class's precedence)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -31,7 +32,7 @@ class RequestGroup:
 
     @property
     def late(self) -> bool:
-        return self.key.bucket == LATE_BUCKET
+        return self.key.bucket >= LATE_BUCKET
 
     def __len__(self) -> int:
         return len(self.queue)

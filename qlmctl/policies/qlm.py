@@ -22,7 +22,8 @@
   Groups are also placed on instances (virtual queues), which decides model swaps: a virtual queue whose
   first group is another model drains its instance and swaps it.
 - **Late.** A late request is a miss whatever happens now; it is served after every on-time request of
-  its model, in arrival order, and never dropped. Under sustained overload it therefore waits until the
+  its model, in arrival order, and never dropped. Under `strict`, after every on-time request of its own
+  class but before looser classes' (a tighter class is never given up for a looser one, late or not). Under sustained overload it therefore waits until the
   overload passes; `scheduler.admission: reject` refuses such requests at arrival instead (429 live).
 - **Engine priority.** On an engine that schedules by priority (vLLM's `--scheduling-policy priority`),
   each request carries its place in this order as its priority, so the engine's own waiting queue and its
@@ -256,8 +257,8 @@ class QLMPolicy(QLMBasicPolicy):
         self._evicting.discard(request.request_id)
         key = group_key(request, self.ctx.slo_bucket_s)
         if request.first_token_s is None and now > request.deadline_s:
-            key = GroupKey(request.model, LATE_BUCKET)
-        g = self._group(key, request.ttft_slo_s if key.bucket != LATE_BUCKET else math.inf)
+            key = self._late_key(request)
+        g = self._group(key, request.ttft_slo_s if key.bucket < LATE_BUCKET else math.inf)
         g.queue.appendleft(request)
         self._count += 1
         self._depth[request.slo_class] = self._depth.get(request.slo_class, 0) + 1
@@ -282,6 +283,8 @@ class QLMPolicy(QLMBasicPolicy):
     def _priority(self, r: Request, late: bool) -> int:
         """`_key` as vLLM's integer priority (lower first): deadlines in ms, classes above them when strict."""
         if late:
+            if self._strict:  # after the class's on-time requests, before looser classes'
+                return self._rank.get(r.slo_class, 0) * CLASS_PRIORITY + CLASS_PRIORITY // 2 + round(r.arrival_s * 1000)
             return LATE_PRIORITY + round(r.arrival_s * 1000)
         p = round(r.deadline_s * 1000)
         return p + self._rank.get(r.slo_class, 0) * CLASS_PRIORITY if self._strict else p
@@ -375,14 +378,21 @@ class QLMPolicy(QLMBasicPolicy):
         return None
 
     def _most_urgent(self, model: str | None, now: float) -> RequestGroup | None:
-        """The group of `model` whose head goes next: the most urgent on-time head, else the oldest late one."""
+        """The group of `model` whose head goes next: the most urgent on-time head, else the oldest late one.
+        Under strict precedence a class's late requests go after its on-time ones and before looser classes'."""
         best: RequestGroup | None = None
         best_key: tuple[float, ...] = ()
         late: RequestGroup | None = None
+        strict = self._strict
         for g in self._by_model.get(model or "", ()):
             if g.late:
                 if g.queue:
-                    late = g
+                    if strict:
+                        k = (g.key.bucket - LATE_BUCKET, math.inf)
+                        if best is None or k < best_key:
+                            best, best_key = g, k
+                    else:
+                        late = g
                 continue
             if not self._ready_head(g, now):
                 continue
@@ -486,8 +496,12 @@ class QLMPolicy(QLMBasicPolicy):
         g.queue.popleft()
         self._to_late(r)
 
+    def _late_key(self, r: Request) -> GroupKey:
+        """The late group `r` goes to: its model's, or under strict precedence its model's and class's."""
+        return GroupKey(r.model, LATE_BUCKET + (self._rank.get(r.slo_class, 0) if self._strict else 0))
+
     def _to_late(self, r: Request) -> None:
-        self._group(GroupKey(r.model, LATE_BUCKET), math.inf).queue.append(r)
+        self._group(self._late_key(r), math.inf).queue.append(r)
         self.stats.demoted += 1
 
     def _has_queued(self, model: str | None) -> bool:
