@@ -84,7 +84,8 @@ class RelayCluster:
             kind = engine_kind(spec.kind)
             self.engines.append(WorkerEngine(i, spec.model, spec.url, kind.connect(spec.url, cfg["max_connections"])))
         self._live: dict[int, LiveRequest] = {}
-        self._next_id = self.index
+        self._next_id: int = cfg.get("first_id", self.index)
+        """A restarted worker numbers on from its predecessor's ids (the core's records and queues key on them)."""
         self._tokens: dict[int, int] = {}
         self._loop = asyncio.get_running_loop()
         self.channel: Channel | None = None
