@@ -13,15 +13,18 @@ import asyncio
 import os
 import re
 import signal
+import sys
 from contextlib import ExitStack
 
 import httpx
 import pytest
 
+from qlmctl.client.outcomes import call
 from qlmctl.engines.http import Pool
 from qlmctl.gateway.server import Gateway
-from tests.test_faults import (PROFILE, _exit_code, _free_port, _serve, _up, check_exact, emulators, run_requests,
-                               scenario, tally, wait_until)
+from qlmctl.gateway.workers import RestartPolicy
+from tests.test_faults import (PROFILE, _exit_code, _free_port, _serve, _up, body, check_exact, emulators,
+                               run_requests, scenario, tally, wait_until)
 
 
 def _samples(text: str, name: str) -> dict[str, float]:
@@ -163,6 +166,7 @@ async def test_a_worker_that_dies_ends_its_requests_and_the_others_serve_on():
     with ExitStack() as stack:
         (e0,) = emulators(stack, 1)
         async with Gateway(scenario([e0.url]), "qlm", port=0, workers=2) as gw:
+            gw.pool.restart = RestartPolicy(first_s=3600.0)  # while it is down (its restart is cancelled at stop)
             victim = gw.pool.procs[0]
             os.kill(victim.pid, signal.SIGKILL)
             assert await wait_until(lambda: gw.pool.channels[0].closed, 10)
@@ -172,8 +176,200 @@ async def test_a_worker_that_dies_ends_its_requests_and_the_others_serve_on():
             for o in outs:
                 check_exact(o, 20)
                 assert int(next(iter(o.ids)).rsplit("-", 1)[1]) % 2 == 1
+            assert gw.pool.procs[0] is victim
 
 
+def _rid(o) -> int:
+    return int(next(iter(o.ids)).rsplit("-", 1)[1])
+
+
+def _assert_released(cluster) -> None:
+    """Nothing of an ended request stays in the core: queues, instances' in-flight sets, KV and prefill sums."""
+    assert cluster.num_active() == 0
+    assert all(v == 0 for v in cluster.queued_by_class.values()), cluster.queued_by_class
+    for inst in cluster.instances:
+        assert not inst.inflight and inst.kv_tokens == 0 and inst.prefill_tokens == 0
+
+
+@pytest.mark.asyncio
+async def test_a_worker_killed_mid_stream_is_restarted_and_what_its_requests_held_is_released():
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        async with Gateway(scenario([e0.url]), "qlm", port=0, workers=2) as gw:
+            pool, cluster = gw.pool, gw.cluster
+            (inst,) = cluster.instances
+            pool.restart = RestartPolicy(first_s=0.2)
+            n_out = 400
+            pool_c = Pool(gw.url, max_idle=16)
+            # 12 streams on an engine of 8 slots: some run, some wait in the core's queue.
+            reqs = [asyncio.ensure_future(call(pool_c, *body(i, n_out, stream=True), timeout_s=60))
+                    for i in range(12)]
+            assert await wait_until(lambda: any(lr.sent >= 10 for lr in inst.inflight.values()), 30)
+            # The victim is a worker with a request streaming now (whichever the kernel gave connections to).
+            w = next(rid for rid, lr in inst.inflight.items() if lr.sent >= 10) % 2
+            theirs = [rid for rid in cluster._live if rid % 2 == w]
+            seen = max(r.request_id for r in cluster.records if r.request_id % 2 == w)
+            old = pool.procs[w]
+            os.kill(old.pid, signal.SIGKILL)
+            assert await wait_until(lambda: all(rid not in cluster._live for rid in theirs), 10)
+            # (c) at once: none of its requests is left in the queues or on the instance.
+            assert all(rid % 2 != w for rid in inst.inflight)
+            assert sum(cluster.queued_by_class.values()) == sum(lr.queued for lr in cluster._live.values())
+            outs = await asyncio.gather(*reqs)
+            await pool_c.aclose()
+            for o in outs:
+                if o.kind == "completed":
+                    check_exact(o, n_out)
+            assert all(o.kind != "completed" for o in outs if o.ids and _rid(o) % 2 == w)
+            assert await wait_until(lambda: cluster.num_active() == 0, 10)
+            _assert_released(cluster)
+            assert await wait_until(lambda: inst.ext_requests == 0, 10)  # the engine dropped its streams too
+            dead = [r for r in cluster.records if r.request_id in theirs]
+            assert dead and all(r.error == "relay worker died" for r in dead)
+            # (a) a new process for the same index, listening again.
+            assert await wait_until(lambda: pool.procs[w] is not old and w in pool.live_workers(), 60)
+            new = pool.procs[w]
+            assert new.pid != old.pid and new.poll() is None
+            assert pool.slots[w].restarts == 1
+            # (b) requests keep succeeding, the restarted worker's too, numbered on from its predecessor's.
+            from_new: list[int] = []
+            for _ in range(20):
+                outs = await run_requests(gw, 8, 20)
+                assert tally(outs).completed == 8, [o for o in outs if o.kind != "completed"]
+                for o in outs:
+                    check_exact(o, 20)
+                from_new += [_rid(o) for o in outs if _rid(o) % 2 == w]
+                if from_new:
+                    break
+            assert from_new and min(from_new) > seen
+            _assert_released(cluster)
+            # /metrics gathers from both workers again, and counts the restart.
+            assert len(await pool.gather_metrics()) == 2
+            async with httpx.AsyncClient(base_url=gw.url) as c:
+                text = (await c.get("/metrics")).text
+            restarts = _samples(text, "qlm_relay_worker_restarts_total{")
+            assert restarts == {f'qlm_relay_worker_restarts_total{{worker="{w}"}}': 1.0}
+            pids = [old.pid, *pool.pids]
+        # (d) stopped: no worker left, the restarted one included.
+        assert not any(_alive(p) for p in pids)
+
+
+@pytest.mark.asyncio
+async def test_a_worker_that_dies_while_another_still_starts_is_restarted():
+    """Dead after it listened but before the gateway finished starting: restarted, not left dead."""
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        gw = Gateway(scenario([e0.url]), "qlm", port=0, workers=2)
+        pool = gw.pool
+        pool.restart = RestartPolicy(first_s=0.1)
+        spawn, killed = pool._spawn, []
+
+        async def kill_0_before_1(w):
+            if w == 1:
+                assert await wait_until(lambda: pool._ready[0].done(), 60)
+                killed.append(pool.procs[0])
+                os.kill(pool.procs[0].pid, signal.SIGKILL)
+                assert await wait_until(lambda: pool.channels[0].closed, 10)
+            return await spawn(w)
+
+        pool._spawn = kill_0_before_1
+        async with gw:
+            assert await wait_until(lambda: pool.procs[0] is not killed[0] and pool.live_workers() == [0, 1], 60)
+            assert tally(await run_requests(gw, 4, 10)).completed == 4
+
+
+def _relay_workers_of(core_pid: int) -> list[int]:
+    """Relay worker processes started by `core_pid` (their command line ends with its pid), reparented or not."""
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"qlmctl.gateway.relayproc" in argv and argv[-2:] == [str(core_pid).encode(), b""] and _alive(int(d)):
+            found.append(int(d))
+    return found
+
+
+@pytest.mark.asyncio
+async def test_serve_restarts_a_killed_worker_and_sigterm_leaves_none(tmp_path):
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        port = _free_port()
+        proc = _serve(tmp_path, e0.url, port, "--policy", "qlm", "--workers", "2")
+        try:
+            await _up(port, proc)
+            line = ""
+            while "relay workers" not in line:  # printed once every worker listens
+                line = await asyncio.to_thread(proc.stdout.readline)
+                assert line, "serve printed no worker pids"
+            first = [int(p) for p in re.search(r"pids ([\d, ]+)\)", line).group(1).split(",")]
+            assert sorted(_relay_workers_of(proc.pid)) == sorted(first)
+            os.kill(first[0], signal.SIGKILL)
+            assert await wait_until(lambda: len(_relay_workers_of(proc.pid)) == 2
+                                    and first[0] not in _relay_workers_of(proc.pid), 60)
+            (new,) = set(_relay_workers_of(proc.pid)) - set(first)
+            async with httpx.AsyncClient() as c:
+                for _ in range(8):  # fresh connections, to either worker
+                    r = await c.post(f"http://127.0.0.1:{port}/v1/completions", headers={"connection": "close"},
+                                     json={"model": "m", "prompt": "w1 w2", "max_tokens": 4}, timeout=30)
+                    assert r.status_code == 200, r.text
+            # Killed again, then SIGTERM while its restart waits out the backoff: it does not come back.
+            os.kill(new, signal.SIGKILL)
+            proc.send_signal(signal.SIGTERM)
+            assert await _exit_code(proc, 60) == 0
+            out = proc.stdout.read()
+            assert "restarting it in" in out and "restart 1" in out, out
+            assert _relay_workers_of(proc.pid) == []
+            assert not any(_alive(p) for p in (*first, new))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_restart_backoff_doubles_to_its_cap_and_resets_after_a_stable_run():
+    p = RestartPolicy(first_s=0.5, max_s=30.0, stable_s=60.0)
+    delays, last = [], None
+    for _ in range(9):
+        last = p.delay(last, uptime_s=0.1)
+        delays.append(last)
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert p.delay(30.0, uptime_s=59.0) == 30.0
+    assert p.delay(30.0, uptime_s=60.0) == 0.5
+
+
+@pytest.mark.asyncio
+async def test_a_worker_that_crashes_at_start_is_restarted_backed_off_then_recovers(caplog):
+    with ExitStack() as stack:
+        (e0,) = emulators(stack, 1)
+        async with Gateway(scenario([e0.url]), "qlm", port=0, workers=2) as gw:
+            pool = gw.pool
+            pool.restart = RestartPolicy(first_s=0.2, max_s=0.8, stable_s=60.0)
+            command = pool.command
+            pool.command = [sys.executable, "-c", "import sys; sys.exit(3)"]  # dies before it listens
+            spawns: list[float] = []
+            spawn = pool._spawn
+
+            async def counted(w):
+                spawns.append(asyncio.get_running_loop().time())
+                return await spawn(w)
+
+            pool._spawn = counted
+            os.kill(pool.procs[1].pid, signal.SIGKILL)
+            assert await wait_until(lambda: len(spawns) >= 5, 60)
+            pool.command = command
+            gaps = [b - a for a, b in zip(spawns, spawns[1:])]
+            # Each start waited out its backoff after the one before it died: 0.4, 0.8, then capped at 0.8.
+            for gap, delay in zip(gaps, [0.4, 0.8, 0.8, 0.8]):
+                assert gap >= delay - 0.01, (gaps, delay)
+            assert await wait_until(lambda: pool.live_workers() == [0, 1], 60)
+            assert pool.slots[1].restarts == len(spawns)
+            assert "exit status 3" in caplog.text and "exit status -9 (SIGKILL)" in caplog.text
+            outs = await run_requests(gw, 8, 20)
+            assert tally(outs).completed == 8
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -2,7 +2,8 @@
 
     python -m qlmctl.gateway.relayproc CHANNEL_FD PARENT_PID
 
-Started by the core process (`qlmctl.gateway.workers`), never by hand. It listens on the gateway's port
+Started by the core process (`qlmctl.gateway.workers`), never by hand; started again by it (same index,
+same port, after a backoff) if it dies while the gateway is not stopping. It listens on the gateway's port
 (its own socket, SO_REUSEPORT: the kernel spreads connections over the workers), parses and admits
 requests, streams them from the engines with resume after eviction, counts tokens, and serves /health,
 /v1/models and /metrics, with the same `GatewayApp` and `Relay` as the single-process gateway. What the
@@ -84,7 +85,8 @@ class RelayCluster:
             kind = engine_kind(spec.kind)
             self.engines.append(WorkerEngine(i, spec.model, spec.url, kind.connect(spec.url, cfg["max_connections"])))
         self._live: dict[int, LiveRequest] = {}
-        self._next_id = self.index
+        self._next_id: int = cfg.get("first_id", self.index)
+        """A restarted worker numbers on from its predecessor's ids (the core's records and queues key on them)."""
         self._tokens: dict[int, int] = {}
         self._loop = asyncio.get_running_loop()
         self.channel: Channel | None = None

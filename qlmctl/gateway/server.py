@@ -227,7 +227,7 @@ class Gateway:
         if self.app is not None:
             self.app.accepting = False
         if self.pool is not None:
-            self.pool.broadcast(["drain"])
+            self.pool.drain()
 
     @property
     def draining(self) -> bool:

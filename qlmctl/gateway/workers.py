@@ -29,8 +29,12 @@ is held by the core (bound with SO_REUSEPORT, not listening) and each worker lis
 of its own; the kernel spreads connections over the workers.
 
 A worker that dies takes its requests with it (their clients' connections were its own); the core ends
-their shadows (outcome error) and goes on with the others. Workers die with the core (PR_SET_PDEATHSIG,
-and the channel's end of file).
+their shadows (outcome error), releasing what they held on the engines, and goes on with the others. Unless
+the gateway is draining or stopping, the core then starts the worker again: same index, same port, after a
+backoff (`RestartPolicy`: 0.5 s doubling to 30 s, back to 0.5 s once a worker stayed up 60 s) so that one
+crashing at start does not spin; it numbers its requests on from the highest id the core saw of its
+predecessor, and gets the core's state as a fresh worker does. Workers die with the core
+(PR_SET_PDEATHSIG, and the channel's end of file).
 """
 
 from __future__ import annotations
@@ -38,14 +42,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from qlmctl.core.request import Request
 from qlmctl.engines.base import FailureKind
@@ -61,6 +67,36 @@ MAX_AUTO_WORKERS = 8
 """`--workers 0` (auto): one relay worker per CPU beyond the core's, up to this many."""
 
 DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, float("inf"))
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When to start a relay worker again after it died: `first_s` doubling up to `max_s`, so a worker that
+    crashes at start does not spin; back to `first_s` once a worker stayed up `stable_s`."""
+
+    first_s: float = 0.5
+    max_s: float = 30.0
+    stable_s: float = 60.0
+    ready_timeout_s: float = 60.0
+    """A restarted worker that does not listen within this long is killed (and restarted, backed off)."""
+
+    def delay(self, previous_s: float | None, uptime_s: float) -> float:
+        """The wait before the next start, given the last wait (None: none yet) and how long the worker ran."""
+        if previous_s is None or uptime_s >= self.stable_s:
+            return self.first_s
+        return min(self.max_s, previous_s * 2)
+
+
+@dataclass
+class WorkerSlot:
+    """One worker index's life across restarts."""
+
+    started_at: float = 0.0
+    """When its current process started (monotonic s)."""
+    restarts: int = 0
+    last_delay_s: float | None = None
+    next_id: int = 0
+    """The first request id a new process of this index may use (above every id the core saw from it)."""
 
 
 def auto_workers(cpus: int | None = None) -> int:
@@ -196,6 +232,8 @@ class CoreCluster(LiveCluster):
 
     def _arrive(self, m: list[Any]) -> None:
         _, rid, model, cls, ttft, tpot, prio, prompt, output, arrival, external = m
+        assert self.pool is not None
+        self.pool.saw_id(rid)
         r = Request(request_id=rid, arrival_s=arrival, model=model, slo_class=cls, ttft_slo_s=ttft,
                     prompt_tokens=prompt, output_tokens=output, tpot_slo_s=tpot, priority=prio)
         unavailable = self.health.unavailable_message(model)
@@ -239,22 +277,33 @@ class CoreCluster(LiveCluster):
 
 
 class RelayWorkers:
-    """The relay worker processes of one core: start, talk, stop."""
+    """The relay worker processes of one core: start, talk, restart the ones that die, stop."""
 
-    def __init__(self, core: CoreCluster, n: int, config: dict[str, Any]) -> None:
+    def __init__(self, core: CoreCluster, n: int, config: dict[str, Any],
+                 restart: RestartPolicy | None = None) -> None:
         self.core = core
         self.n = n
         self.config = config
+        self.restart = restart or RestartPolicy()
+        self.command = [sys.executable, "-m", "qlmctl.gateway.relayproc"]
+        """The worker's command line (its channel's fd and the core's pid follow)."""
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.channels: list[Channel | None] = [None] * n
+        self.slots = [WorkerSlot(next_id=w) for w in range(n)]
         self._readers: list[asyncio.Task] = []
         self._ready: list[asyncio.Future] = []
+        self._restarting: set[asyncio.Task] = set()
         self._gathers: dict[int, tuple[dict[int, Families], asyncio.Future, int]] = {}
         self._token = 0
         self._state_task: asyncio.Task | None = None
         self._last_state: Any = None
+        self._address: tuple[str, int] | None = None
+        self._started = False
+        self.draining = False
         self.stopping = False
         self.port_socket: socket.socket | None = None
+        self.restarts = Counter("qlm_relay_worker_restarts", "Relay worker processes started again after one "
+                                "died (by worker index).", ["worker"], registry=core.metrics.registry)
 
     def send(self, worker: int, msg: list[Any]) -> None:
         ch = self.channels[worker]
@@ -265,15 +314,43 @@ class RelayWorkers:
         for w in range(self.n):
             self.send(w, msg)
 
+    def drain(self) -> None:
+        """Stop intake in every worker; from now on a worker that dies is not started again."""
+        self.draining = True
+        self.broadcast(["drain"])
+
     def live_workers(self) -> list[int]:
-        return [w for w, ch in enumerate(self.channels) if ch is not None and not ch.closed]
+        """The workers that listen (a restarted one counts once it said it is ready)."""
+        return [w for w, ch in enumerate(self.channels)
+                if ch is not None and not ch.closed and self._ready[w].done() and self._ready[w].result() is True]
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p is not None]
 
+    def saw_id(self, rid: int) -> None:
+        slot = self.slots[rid % self.n]
+        if rid >= slot.next_id:
+            slot.next_id = rid + self.n
+
     async def start(self, host: str, port: int, timeout_s: float = 60.0) -> int:
         """Hold the port, start the workers, wait until each listens; returns the port."""
+        port = self._hold_port(host, port)
+        self._address = (host, port)
+        self._ready = [asyncio.get_running_loop().create_future() for _ in range(self.n)]
+        for w in range(self.n):
+            await self._spawn(w)
+        done, pending = await asyncio.wait(self._ready, timeout=timeout_s)
+        problems = [f.result() for f in done if f.result() is not True]
+        if pending or problems:
+            await self.stop(1.0)
+            raise OSError(f"relay workers did not start: {'; '.join(problems) or 'timed out'}")
+        self._started = True
+        self.broadcast(self.core.state())
+        self._state_task = asyncio.create_task(self._states())
+        return port
+
+    def _hold_port(self, host: str, port: int) -> int:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # First without SO_REUSEPORT: that fails if anything holds the port, also another gateway's workers
         # (sockets that all set SO_REUSEPORT would share it silently).
@@ -293,29 +370,35 @@ class RelayWorkers:
             hold.close()
             raise OSError(f"gateway could not listen on {host}:{port}: {e}") from None
         self.port_socket = hold
-        port = hold.getsockname()[1]
-        loop = asyncio.get_running_loop()
-        self._ready = [loop.create_future() for _ in range(self.n)]
-        for w in range(self.n):
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.procs[w] = subprocess.Popen(
-                    [sys.executable, "-m", "qlmctl.gateway.relayproc", str(theirs.fileno()), str(os.getpid())],
-                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-            finally:
-                theirs.close()
+        return hold.getsockname()[1]
+
+    async def _spawn(self, w: int) -> subprocess.Popen:
+        """Start worker `w`'s process, send it its configuration and read its channel; `_ready[w]` says when
+        it listens."""
+        assert self._address is not None
+        host, port = self._address
+        self._ready[w] = asyncio.get_running_loop().create_future()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = subprocess.Popen([*self.command, str(theirs.fileno()), str(os.getpid())],
+                                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.procs[w] = proc  # at once: stop() finds it even if this task is cancelled from here on
+        self.slots[w].started_at = time.monotonic()
+        try:
             ch = await Channel.open(ours)
-            ch.send_raw(pack_config({**self.config, "index": w, "workers": self.n, "host": host, "port": port}))
-            self.channels[w] = ch
-            self._readers.append(asyncio.create_task(self._read(w, ch)))
-        done, pending = await asyncio.wait(self._ready, timeout=timeout_s)
-        problems = [f.result() for f in done if f.result() is not True]
-        if pending or problems:
-            await self.stop(1.0)
-            raise OSError(f"relay workers did not start: {'; '.join(problems) or 'timed out'}")
-        self.broadcast(self.core.state())
-        self._state_task = asyncio.create_task(self._states())
-        return port
+        except BaseException:
+            proc.kill()
+            raise
+        ch.send_raw(pack_config({**self.config, "index": w, "workers": self.n, "host": host, "port": port,
+                                 "first_id": self.slots[w].next_id}))
+        self.channels[w] = ch
+        self._readers.append(asyncio.create_task(self._read(w, ch)))
+        return proc
 
     def ready(self, worker: int, pid: int) -> None:
         if not self._ready[worker].done():
@@ -328,17 +411,61 @@ class RelayWorkers:
     async def _read(self, w: int, ch: Channel) -> None:
         await ch.run(lambda msgs: self.core.deliver(w, msgs))
         # The worker closed its end: it exited (stopping) or died.
+        listened = self._ready[w].done() and self._ready[w].result() is True
         if not self._ready[w].done():
             self._ready[w].set_result(f"relay worker {w} exited at start")
         for token, (got, fut, _) in list(self._gathers.items()):
             got.setdefault(w, [])
             self._gather_done(token)
-        if not self.stopping:
-            proc = self.procs[w]
-            code = proc.poll() if proc is not None else None
-            log.error("relay worker %d (pid %s) is gone (exit status %s); its requests end",
-                      w, proc.pid if proc else "?", code)
-            self.core.worker_gone(w, self.n)
+        if self.stopping:
+            return
+        self.core.worker_gone(w, self.n)
+        if not (listened or self._started):  # one that never listened fails start() as a whole
+            return
+        proc = self.procs[w]
+        if proc is not None:
+            task = asyncio.create_task(self._after_death(w, proc))
+            self._restarting.add(task)
+            task.add_done_callback(self._restarting.discard)
+
+    async def _after_death(self, w: int, proc: subprocess.Popen) -> None:
+        """Reap worker `w`'s process, say so, and start it again after its backoff (unless the gateway is
+        draining or stopping by then)."""
+        code = await _reap(proc)
+        slot = self.slots[w]
+        uptime = time.monotonic() - slot.started_at
+        if self.draining or self.stopping:
+            log.error("relay worker %d (pid %d) died (exit status %s) after %.1f s; its requests end; not "
+                      "restarted: the gateway is stopping", w, proc.pid, _status(code), uptime)
+            return
+        delay = self.restart.delay(slot.last_delay_s, uptime)
+        slot.last_delay_s = delay
+        log.error("relay worker %d (pid %d) died (exit status %s) after %.1f s; its requests end; restarting "
+                  "it in %g s (restart %d)", w, proc.pid, _status(code), uptime, delay, slot.restarts + 1)
+        await asyncio.sleep(delay)
+        if self.draining or self.stopping:
+            return
+        slot.restarts += 1
+        self.restarts.labels(str(w)).inc()
+        await self._await_ready(w, await self._spawn(w))
+
+    async def _await_ready(self, w: int, proc: subprocess.Popen) -> None:
+        """A restarted worker listens: give it the core's state. One that exits first is restarted by its
+        reader (`_read`); one that hangs is killed, which ends the same way."""
+        try:
+            result = await asyncio.wait_for(asyncio.shield(self._ready[w]), self.restart.ready_timeout_s)
+        except asyncio.TimeoutError:
+            log.error("relay worker %d (pid %d) did not listen within %g s; killing it", w, proc.pid,
+                      self.restart.ready_timeout_s)
+            proc.kill()
+            return
+        if result is True:
+            self.send(w, self.core.state())
+            if self.draining:  # began while it started: the broadcast may have missed it
+                self.send(w, ["drain"])
+            log.warning("relay worker %d restarted (pid %d, restart %d)", w, proc.pid, self.slots[w].restarts)
+        else:
+            log.error("relay worker %d (pid %d) did not start: %s", w, proc.pid, result)
 
     async def _states(self) -> None:
         """Every 50 ms, when it changed: engine health, unavailable models, queue depths, to every worker."""
@@ -382,6 +509,11 @@ class RelayWorkers:
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Tell the workers to stop (they end what they still hold), wait, then kill the stragglers."""
         self.stopping = True
+        # No restart from here on: one under way is cancelled (a process it started is in `procs`).
+        pending = list(self._restarting)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._state_task is not None:
             self._state_task.cancel()
         self.broadcast(["stop"])
@@ -411,6 +543,27 @@ class RelayWorkers:
         if self.port_socket is not None:
             self.port_socket.close()
             self.port_socket = None
+
+
+async def _reap(proc: subprocess.Popen, timeout_s: float = 5.0) -> int | None:
+    """Wait for a process whose channel closed to exit (killing it if it lingers); its exit status."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    if proc.poll() is None:
+        proc.kill()
+        await asyncio.to_thread(proc.wait)
+    return proc.returncode
+
+
+def _status(code: int | None) -> str:
+    """An exit status as an operator reads it: the signal's name for a killed process."""
+    if code is not None and code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return str(code)
 
 
 def engine_specs(cluster: CoreCluster) -> Sequence[Any]:
