@@ -404,3 +404,13 @@ async def test_a_second_gateway_on_a_held_port_is_refused():
                 await other.start()
             async with httpx.AsyncClient(base_url=gw.url) as c:
                 assert (await c.get("/health")).status_code == 200
+
+
+def test_serve_defaults_to_one_worker_per_cpu_beyond_the_core_up_to_eight():
+    import inspect
+
+    from qlmctl.commands.serve import serve
+    from qlmctl.gateway.workers import auto_workers
+
+    assert inspect.signature(serve).parameters["workers"].default.default == 0  # 0: auto
+    assert [auto_workers(n) for n in (1, 2, 3, 9, 16, 64)] == [1, 1, 2, 8, 8, 8]

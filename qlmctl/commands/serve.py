@@ -41,7 +41,7 @@ def serve(
     metadata: Optional[list[str]] = typer.Option(None, "--metadata", help=METADATA_HELP),
     log_dir: Optional[Path] = typer.Option(None, "--engine-logs", help="With --launch: folder for the engines' output (default: a temp folder)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every HTTP request."),
-    workers: int = typer.Option(1, "--workers", "-w", min=0, help="Relay worker processes (HTTP, streaming, resume) in front of one QLM core process; 1: one process does both (as before); 0: one per CPU beyond the core's, up to 8. See docs/architecture.md."),
+    workers: int = typer.Option(0, "--workers", "-w", min=0, help="Relay worker processes (HTTP, streaming, resume) in front of one QLM core process. 0 (default): one per CPU beyond the core's, up to 8 (so one process on a 2-CPU host); 1: one process does both. See docs/live.md."),
     drain_s: Optional[float] = typer.Option(None, "--drain-timeout", min=0.0, help="On SIGTERM or Ctrl-C: wall seconds queued and running requests may still finish before they get a 503; default live.drain_timeout_s (30)."),
 ) -> None:
     """Serve an OpenAI-compatible API whose requests wait in the QLM core before reaching vLLM engines.
