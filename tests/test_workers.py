@@ -309,9 +309,14 @@ async def test_serve_restarts_a_killed_worker_and_sigterm_leaves_none(tmp_path):
             first = [int(p) for p in re.search(r"pids ([\d, ]+)\)", line).group(1).split(",")]
             assert sorted(_relay_workers_of(proc.pid)) == sorted(first)
             os.kill(first[0], signal.SIGKILL)
-            assert await wait_until(lambda: len(_relay_workers_of(proc.pid)) == 2
-                                    and first[0] not in _relay_workers_of(proc.pid), 60)
-            (new,) = set(_relay_workers_of(proc.pid)) - set(first)
+            # The core says when the new worker listens, and its pid (the log goes to the same stream).
+            seen = []
+            while (m := re.search(r"relay worker 0 restarted \(pid (\d+)", line)) is None:
+                line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+                assert line, "serve exited: " + "".join(seen)
+                seen.append(line)
+            new = int(m.group(1))
+            assert new != first[0] and new in _relay_workers_of(proc.pid), "".join(seen)
             async with httpx.AsyncClient() as c:
                 for _ in range(8):  # fresh connections, to either worker
                     r = await c.post(f"http://127.0.0.1:{port}/v1/completions", headers={"connection": "close"},
@@ -321,7 +326,7 @@ async def test_serve_restarts_a_killed_worker_and_sigterm_leaves_none(tmp_path):
             os.kill(new, signal.SIGKILL)
             proc.send_signal(signal.SIGTERM)
             assert await _exit_code(proc, 60) == 0
-            out = proc.stdout.read()
+            out = "".join(seen) + proc.stdout.read()
             assert "restarting it in" in out and "restart 1" in out, out
             assert _relay_workers_of(proc.pid) == []
             assert not any(_alive(p) for p in (*first, new))
