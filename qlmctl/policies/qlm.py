@@ -249,6 +249,8 @@ class QLMPolicy(QLMBasicPolicy):
         """Per request not yet started: the estimator's mean TTFT prediction (the calibration's reference), and
         the calibration it belongs to."""
         self._rejects: list[Decision] = []
+        self._keys: dict[tuple[str, float], GroupKey] = {}
+        """Group keys by (model, TTFT SLO), see `_key_of`."""
 
     # ------------------------------------------------------------- hooks
     def add_request(self, request: Request, now: float) -> None:
@@ -256,13 +258,13 @@ class QLMPolicy(QLMBasicPolicy):
         if arr is None:
             arr = self._arrivals[(request.model, request.slo_class)] = _Arrivals(t=now)
         arr.add(now, request.prompt_tokens)
+        key = self._key_of(request)
         if request.predicted_ttft_s is None:
-            miss = self._predict_at_arrival(request, now)
+            miss = self._predict_at_arrival(request, key, now)
             if miss and self._reject:
                 self._rejects.append(Reject(request, "predicted to miss its TTFT SLO at the current load"))
                 self.stats.rejected += 1
                 return
-        key = group_key(request, self.ctx.slo_bucket_s)
         g = self._group(key, request.ttft_slo_s)
         if key not in self._planned:
             self._dirty = True
@@ -307,6 +309,14 @@ class QLMPolicy(QLMBasicPolicy):
         self._depth[request.slo_class] = self._depth.get(request.slo_class, 0) + 1
         self._arrived_models.add(request.model)
         self._touch(request.instance_id)
+
+    def _key_of(self, r: Request) -> GroupKey:
+        """`group_key(r)`, one GroupKey per (model, SLO) reused (a dataclass is slow to build on every arrival)."""
+        k = (r.model, r.ttft_slo_s)
+        key = self._keys.get(k)
+        if key is None:
+            key = self._keys[k] = group_key(r, self.ctx.slo_bucket_s)
+        return key
 
     def _group(self, key: GroupKey, slo_s: float) -> RequestGroup:
         g = self.groups.get(key)
@@ -660,17 +670,31 @@ class QLMPolicy(QLMBasicPolicy):
         under EDF those whose deadline comes earlier, under strict precedence those of tighter classes."""
         if not future:
             return start
-        rank = self._rank.get(r.slo_class, 0)
         base = start
-        for _ in range(3):  # a fixed point: the longer it waits, the more arrive ahead of it
+        # A fixed point: the longer it waits, the more arrive ahead of it. Each round is a function of `start`
+        # alone, so once a round leaves it unchanged (e.g. nothing ahead at 0 s) the rest would too.
+        if self._strict:
+            rank = self._rank.get(r.slo_class, 0)
+            loads = [load for _, c_rank, load in future if c_rank < rank]
+            for _ in range(3):
+                extra = 0.0
+                for load in loads:
+                    extra += load * start
+                new = base + extra
+                if new == start:
+                    return new
+                start = new
+            return start
+        left = r.deadline_s - now
+        caps = [(left - slo_s, load) for slo_s, _, load in future]
+        for _ in range(3):
             extra = 0.0
-            for slo_s, c_rank, load in future:
-                if self._strict:
-                    if c_rank < rank:
-                        extra += load * start
-                else:
-                    extra += load * max(0.0, min(start, r.deadline_s - now - slo_s))
-            start = base + extra
+            for cap, load in caps:
+                extra += load * max(0.0, min(start, cap))
+            new = base + extra
+            if new == start:
+                return new
+            start = new
         return start
 
     def _prefill_s_per_token(self, prof, model: str) -> float:
@@ -722,29 +746,31 @@ class QLMPolicy(QLMBasicPolicy):
             g.queue.extend(keep)
         return out
 
-    def _predict_at_arrival(self, r: Request, now: float) -> bool:
+    def _predict_at_arrival(self, r: Request, key: GroupKey, now: float) -> bool:
         """Record `r`'s predicted TTFT from its place by urgency in the last walk over its model's queue (its
-        start then, less the time since); True when the mean prediction misses its deadline."""
+        start then, less the time since); True when the mean prediction misses its deadline. `key`: its group."""
         prof = self.ctx.profiles.get(r.model)
         if prof is None:
             return False
-        own = prof.prefill_time(r.prompt_tokens) + self._lag.get(r.model, 0.0)
-        walk = self._starts.get(r.model)
+        model = r.model
+        own = prof.prefill_time(r.prompt_tokens) + self._lag.get(model, 0.0)
         start = start_pct = 0.0
-        planned = self._group_start.get(group_key(r, self.ctx.slo_bucket_s))
-        if r.model not in self._served and planned is not None:
+        future = self._future.get(model, [])
+        planned = self._group_start.get(key) if model not in self._served else None
+        if planned is not None:
             t, head, each = planned
-            g = self.groups.get(group_key(r, self.ctx.slo_bucket_s))
+            g = self.groups.get(key)
             start = start_pct = max(0.0, head - (now - t)) + (len(g.queue) if g is not None else 0) * each
-        elif walk is not None:
-            t, keys, starts, starts_pct = walk
-            if starts:
-                i = min(bisect.bisect_left(keys, self._key(r)), len(starts) - 1)
-                start = max(0.0, starts[i] - (now - t))
-                start_pct = self._with_arrivals(max(0.0, starts_pct[i] - (now - t)), r,
-                                                self._future.get(r.model, []), now)
+        else:
+            walk = self._starts.get(model)
+            if walk is not None:
+                t, keys, starts, starts_pct = walk
+                if starts:
+                    i = min(bisect.bisect_left(keys, self._key(r)), len(starts) - 1)
+                    start = max(0.0, starts[i] - (now - t))
+                    start_pct = self._with_arrivals(max(0.0, starts_pct[i] - (now - t)), r, future, now)
         miss = now + start + own > r.deadline_s
-        self._predict(r, self._with_arrivals(start, r, self._future.get(r.model, []), now) + own, start_pct + own)
+        self._predict(r, self._with_arrivals(start, r, future, now) + own, start_pct + own)
         return miss
 
     def _predict(self, r: Request, mean_s: float, pct_s: float) -> None:
