@@ -46,7 +46,7 @@ from qlmctl.core.estimator import ServiceRate
 from qlmctl.core.groups import LATE_BUCKET, GroupKey, RequestGroup, group_key
 from qlmctl.core.request import Request
 from qlmctl.policies.base import PolicyContext
-from qlmctl.policies.common import Room, RoomBook, room_of
+from qlmctl.policies.common import Room, RoomBook
 from qlmctl.policies.qlm_basic import PlanStats as BasicPlanStats
 from qlmctl.policies.qlm_basic import QLMBasicPolicy
 
@@ -106,6 +106,18 @@ class _Memo(dict):
     def __missing__(self, key):
         v = self[key] = self.fn(key)
         return v
+
+
+def _lag_at(prof, load: int) -> float:
+    """The profile's model of the admission lag on an instance running `load` sequences: the steps an engine
+    runs before admitting a new request (two with asynchronous scheduling) and the client-side delay."""
+    steps = 2 if prof.async_scheduling else 1
+    return (steps * prof.decode_step_time(load) if load else 0.0) + prof.client_delay(load)
+
+
+def _prefill_work_per_token(prof, mean: int) -> float:
+    """Prefill work per prompt token at a prompt of `mean` tokens."""
+    return prof.prefill_work_s(mean) / mean
 
 
 class _Quantiles:
@@ -236,6 +248,8 @@ class QLMPolicy(QLMBasicPolicy):
         self._worth: dict[tuple[int, str, float], bool] = {}
         """`_swap_worth`'s answers for this plan, per (instance, model, plan time)."""
         self._prefill_times: dict[int, _Memo] = {}
+        self._profile_memo: dict[tuple[int, str], _Memo] = {}
+        """See `_per_profile`."""
         self._horizon_s = max(60.0, 20.0 * ctx.reschedule_interval_s)
         """The walk looks at requests due within this long; later ones wait for a later walk."""
         self._calib: dict[tuple[str, str, tuple[int, bool] | None], _Calibration] = {}
@@ -525,15 +539,22 @@ class QLMPolicy(QLMBasicPolicy):
     def _update_lag_model(self) -> None:
         lag: dict[str, float] = {}
         for rm in self._book.rooms():
-            prof = rm.inst.profile
-            if prof is None or rm.inst.model is None:
+            inst = rm.inst
+            prof = inst.profile
+            m = inst.model
+            if prof is None or m is None:
                 continue
-            d = rm.load
-            steps = 2 if prof.async_scheduling else 1
-            t = (steps * prof.decode_step_time(d) if d else 0.0) + prof.client_delay(d)
-            m = rm.inst.model
+            t = self._per_profile(prof, "lag", _lag_at)[rm.load]
             lag[m] = min(lag.get(m, math.inf), t)
         self._lag = lag
+
+    def _per_profile(self, prof, what: str, fn) -> _Memo:
+        """`fn(prof, x)` memoised per x for `prof` (pure functions of a frozen profile, asked once per plan per
+        instance with the same few arguments)."""
+        memo = self._profile_memo.get((id(prof), what))
+        if memo is None:  # the memo holds `prof`, so its id is not reused while the entry lives
+            memo = self._profile_memo[(id(prof), what)] = _Memo(lambda x: fn(prof, x))
+        return memo
 
     def _demote(self, g: RequestGroup, r: Request) -> None:
         g.queue.popleft()
@@ -699,8 +720,7 @@ class QLMPolicy(QLMBasicPolicy):
 
     def _prefill_s_per_token(self, prof, model: str) -> float:
         """Prefill work per prompt token of `model`, at its mean prompt length (attention pairs included)."""
-        mean = max(1, int(self.est.prompt_mean(model)))
-        return prof.prefill_work_s(mean) / mean
+        return self._per_profile(prof, "pf/token", _prefill_work_per_token)[max(1, int(self.est.prompt_mean(model)))]
 
     @staticmethod
     def _put(srv: _Server, prefill_s: float, sign: int) -> None:
@@ -893,8 +913,11 @@ class QLMPolicy(QLMBasicPolicy):
         """Make room for an urgent group at the head of a full instance's queue."""
         out: list[Decision] = []
         for inst in cluster.instances:
-            room = room_of(inst, 0)
-            if room is None or room.slots > 0:
+            # `room_of(inst, 0)` is None or has a slot: without building the Room (this runs every plan).
+            prof = inst.profile
+            if inst.swapping or not inst.healthy or prof is None:
+                continue
+            if prof.max_num_seqs - (inst.num_running + inst.num_waiting) > 0:
                 continue
             head = self._most_urgent(inst.model, now)
             if head is None or head.late or not head.queue:
