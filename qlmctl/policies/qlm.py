@@ -634,8 +634,8 @@ class QLMPolicy(QLMBasicPolicy):
             start_pct = srv.start_s(True)
             if r.predicted_ttft_s is None:
                 base = now - r.arrival_s + own_pf + lag
-                self._predict(r, base + self._with_arrivals(start, r, future, now),
-                              base + self._with_arrivals(start_pct, r, future, now))
+                ahead = self._ahead(r, future, now) if future else None
+                self._predict(r, base + self._stretch(start, ahead), base + self._stretch(start_pct, ahead))
             keys.append(self._key(r))
             starts.append(start)
             starts_pct.append(start_pct)
@@ -686,32 +686,36 @@ class QLMPolicy(QLMBasicPolicy):
             out.append((c.ttft_s, c.rank, rate * cost / servers))
         return out
 
-    def _with_arrivals(self, start: float, r: Request, future: list[tuple[float, int, float]], now: float) -> float:
-        """`start` stretched by the requests that will arrive before `r` starts and still go before it:
-        under EDF those whose deadline comes earlier, under strict precedence those of tighter classes."""
-        if not future:
+    def _ahead(self, r: Request, future: list[tuple[float, int, float]], now: float) -> tuple[bool, list]:
+        """The arrivals that will go before `r` (see `_stretch`), worked out once for its several starts:
+        (True, the loads of the tighter classes) under strict precedence, else (False, per class: how long
+        its arrivals still have an earlier deadline than `r`'s, and its load)."""
+        if self._strict:
+            rank = self._rank.get(r.slo_class, 0)
+            return True, [load for _, c_rank, load in future if c_rank < rank]
+        left = r.deadline_s - now
+        return False, [(left - slo_s, load) for slo_s, _, load in future]
+
+    @staticmethod
+    def _stretch(start: float, ahead: tuple[bool, list] | None) -> float:
+        """`start` stretched by the requests that will arrive before it and still go first (`_ahead`; None:
+        no arrivals): under EDF those whose deadline comes earlier, under strict precedence those of tighter
+        classes."""
+        if ahead is None:
             return start
+        strict, terms = ahead
         base = start
         # A fixed point: the longer it waits, the more arrive ahead of it. Each round is a function of `start`
         # alone, so once a round leaves it unchanged (e.g. nothing ahead at 0 s) the rest would too.
-        if self._strict:
-            rank = self._rank.get(r.slo_class, 0)
-            loads = [load for _, c_rank, load in future if c_rank < rank]
-            for _ in range(3):
-                extra = 0.0
-                for load in loads:
-                    extra += load * start
-                new = base + extra
-                if new == start:
-                    return new
-                start = new
-            return start
-        left = r.deadline_s - now
-        caps = [(left - slo_s, load) for slo_s, _, load in future]
         for _ in range(3):
             extra = 0.0
-            for cap, load in caps:
-                extra += load * max(0.0, min(start, cap))
+            if strict:
+                for load in terms:
+                    extra += load * start
+            else:
+                for cap, load in terms:
+                    m = cap if cap < start else start  # max(0.0, min(start, cap)), without the calls
+                    extra += load * (m if m > 0.0 else 0.0)
             new = base + extra
             if new == start:
                 return new
@@ -775,7 +779,8 @@ class QLMPolicy(QLMBasicPolicy):
         model = r.model
         own = prof.prefill_time(r.prompt_tokens) + self._lag.get(model, 0.0)
         start = start_pct = 0.0
-        future = self._future.get(model, [])
+        future = self._future.get(model)
+        ahead = self._ahead(r, future, now) if future else None
         planned = self._group_start.get(key) if model not in self._served else None
         if planned is not None:
             t, head, each = planned
@@ -788,9 +793,9 @@ class QLMPolicy(QLMBasicPolicy):
                 if starts:
                     i = min(bisect.bisect_left(keys, self._key(r)), len(starts) - 1)
                     start = max(0.0, starts[i] - (now - t))
-                    start_pct = self._with_arrivals(max(0.0, starts_pct[i] - (now - t)), r, future, now)
+                    start_pct = self._stretch(max(0.0, starts_pct[i] - (now - t)), ahead)
         miss = now + start + own > r.deadline_s
-        self._predict(r, self._with_arrivals(start, r, future, now) + own, start_pct + own)
+        self._predict(r, self._stretch(start, ahead) + own, start_pct + own)
         return miss
 
     def _predict(self, r: Request, mean_s: float, pct_s: float) -> None:
