@@ -78,9 +78,18 @@ class RWTEstimator:
         self._prompt_mean: dict[str, OutputStats] = {m: OutputStats.with_prior(512.0, 512.0, 1.0) for m in profiles}
         self.class_stats: dict[tuple[str, str], OutputStats] = {}
         """Output lengths per (model, SLO class): classes of one model can differ by 10x (code vs chat)."""
+        self._observed = 0
+        """Requests learnt from: `rate` is a function of the profile, the model and this state alone."""
+        self._same: dict[int, tuple[EngineProfile, EngineProfile]] = {}
+        """Per profile object (by id, kept alive here): the first equal profile seen (instances of one GPU type
+        each have their own copy)."""
+        self._by_profile: dict[EngineProfile, EngineProfile] = {}
+        self._rates: dict[tuple[int, str], tuple[int, ServiceRate]] = {}
+        """`rate`'s answers per (id of the first equal profile, model), as of `_observed`."""
 
     def observe(self, model: str, prompt_tokens: int, output_tokens: int, slo_class: str | None = None) -> None:
         """Learn from a finished request (per class too, when `slo_class` is given)."""
+        self._observed += 1
         st = self.stats.get(model)
         if st is None:
             st = self.stats[model] = OutputStats.with_prior(256.0, 256.0)
@@ -107,6 +116,20 @@ class RWTEstimator:
         return st.mean if st else 256.0
 
     def rate(self, profile: EngineProfile, model: str) -> ServiceRate:
+        """How fast an instance with `profile` serves `model`, from the output statistics now (the same
+        object again while nothing new was observed: planners ask once per instance, often of equal profiles)."""
+        same = self._same.get(id(profile))
+        if same is None:
+            same = self._same[id(profile)] = (profile, self._by_profile.setdefault(profile, profile))
+        key = (id(same[1]), model)
+        hit = self._rates.get(key)
+        if hit is not None and hit[0] == self._observed:
+            return hit[1]
+        rate = self._rate(profile, model)
+        self._rates[key] = (self._observed, rate)
+        return rate
+
+    def _rate(self, profile: EngineProfile, model: str) -> ServiceRate:
         st = self.stats.get(model) or OutputStats.with_prior(256.0, 256.0)
         mu = max(1.0, st.mean)
         prompt = self._prompt_mean[model].mean if model in self._prompt_mean else 512.0
