@@ -221,7 +221,8 @@ class Engine:
     @property
     def free_blocks(self) -> int:
         """Blocks not in use and not needed by sequences already waiting here."""
-        return self.total_blocks - self._used - self._waiting_blocks - self._pending_blocks - self._transit_blocks
+        total = self.profile.kv_blocks if self.profile else 0  # total_blocks, without the call (policies poll this)
+        return total - self._used - self._waiting_blocks - self._pending_blocks - self._transit_blocks
 
     @property
     def pending_prefill_tokens(self) -> int:

@@ -40,8 +40,8 @@ def _usage(inst: "SimInstance") -> float | None:
 class SimInstance:
     """One simulated vLLM instance, as the scheduler sees it (implements InstanceView).
 
-    `model`, `profile` and `swapping` are plain attributes (policies read them on every call): the cluster
-    keeps them current with `sync` whenever a swap begins or ends."""
+    `instance_id`, `model`, `profile` and `swapping` are plain attributes (policies read them on every call):
+    the cluster keeps the last three current with `sync` whenever a swap begins or ends."""
 
     healthy = True
 
@@ -55,7 +55,7 @@ class SimInstance:
         engine_policy: str,
         warm: bool = True,
     ) -> None:
-        self._id = instance_id
+        self.instance_id = instance_id
         self.name = name
         self.gpu = gpu
         self._profiles = profiles
@@ -82,10 +82,6 @@ class SimInstance:
         self.profile = eng.profile
         self.model = eng.model
         self.swapping = eng.loading or self.swap_after_drain is not None
-
-    @property
-    def instance_id(self) -> int:
-        return self._id
 
     @property
     def num_running(self) -> int:
