@@ -575,19 +575,20 @@ class QLMPolicy(QLMBasicPolicy):
         self._starts = {}
         caps: dict[int, int | None] = {}
         servers_by_model: dict[str, list[tuple[InstanceView, _Server]]] = {}
+        tpot = self._tpot
         for inst in cluster.instances:
             m = inst.model
-            if m is None or inst.swapping or not inst.healthy or inst.profile is None:
+            prof = inst.profile
+            if m is None or inst.swapping or not inst.healthy or prof is None:
                 continue
             rate = self._rate_of(inst, m)
             if rate is None:
                 continue
-            cap = self._tpot_cap(inst, m)
+            cap = self._tpot_cap(inst, m) if tpot else None  # (None without TPOT classes, without the call)
             caps[inst.instance_id] = cap
-            pending = inst.pending_prefill_tokens
-            srv = _Server(rate, inst.num_running + inst.num_waiting,
-                          prefill_s=pending * self._prefill_s_per_token(inst.profile, m), tpot_cap=cap,
-                          concurrency=inst.num_running)
+            running = inst.num_running
+            pending_s = inst.pending_prefill_tokens * self._prefill_s_per_token(prof, m)
+            srv = _Server(rate, running + inst.num_waiting, 0, pending_s, cap, running)
             servers_by_model.setdefault(m, []).append((inst, srv))
         self._tpot_caps = caps
         self._served = set(servers_by_model)
@@ -609,9 +610,10 @@ class QLMPolicy(QLMBasicPolicy):
         future = self._future[model] = self._future_load(model, per_tok, len(servers), now)
         srvs = [s for _, s in servers]
         nearest = [s.start_s(False) for s in srvs]  # each server's start for the next request, kept current
-        out_len = {c: self.est.class_output_mean(model, c) for c in self.ctx.slo_classes}
+        out_len: dict[str, float] = {}  # per class met, the mean output length (a walk often meets one class)
+        classes = self.ctx.slo_classes
         prefill = self._prefill_cache(prof)
-        limit = 4 * sum(s.rate.concurrency for s in srvs) + 256
+        limit = 4 * sum([s.rate.concurrency for s in srvs]) + 256
         horizon = self._horizon_s
         strict = self._strict
         keys: list[tuple[float, ...]] = []
@@ -619,7 +621,9 @@ class QLMPolicy(QLMBasicPolicy):
         starts_pct: list[float] = []
         taken: list[tuple[float, int, Request, int, float]] = []  # max-heap of (-badness, id, request, server, work)
         deferred: set[int] = set()
-        for r in heapq.merge(*(g.queue for g in groups), key=self._key):
+        # In urgency order (merging one queue gives that queue: skip the merge's machinery, the common case).
+        queued = groups[0].queue if len(groups) == 1 else heapq.merge(*(g.queue for g in groups), key=self._key)
+        for r in queued:
             if r.deadline_s - now > horizon:
                 if strict:
                     continue  # a looser class may still come
@@ -640,8 +644,12 @@ class QLMPolicy(QLMBasicPolicy):
             starts.append(start)
             starts_pct.append(start_pct)
             work = tokens * per_tok[0]
-            bad = self._badness(r, work + max(0.0, out_len.get(r.slo_class, rate.request_time_s) - r.generated_tokens)
-                                * per_tok[1])
+            cls = r.slo_class
+            mean_out = out_len.get(cls)
+            if mean_out is None:
+                mean_out = out_len[cls] = self.est.class_output_mean(model, cls) if cls in classes \
+                    else rate.request_time_s
+            bad = self._badness(r, work + max(0.0, mean_out - r.generated_tokens) * per_tok[1])
             if now + start + own_pf + lag > r.deadline_s:
                 self.stats.predicted_violations += 1
                 # Moore-Hodgson: give up the worst request taken so far if that is worse than giving up this one.
