@@ -250,6 +250,8 @@ class QLMPolicy(QLMBasicPolicy):
         self._prefill_times: dict[int, _Memo] = {}
         self._profile_memo: dict[tuple[int, str], _Memo] = {}
         """See `_per_profile`."""
+        self._own_prefill = {m: self._prefill_cache(p) for m, p in ctx.profiles.items()}
+        """Per model, its default profile's `prefill_time` (memoised): asked for every arrival and queue head."""
         self._horizon_s = max(60.0, 20.0 * ctx.reschedule_interval_s)
         """The walk looks at requests due within this long; later ones wait for a later walk."""
         self._calib: dict[tuple[str, str, tuple[int, bool] | None], _Calibration] = {}
@@ -393,10 +395,12 @@ class QLMPolicy(QLMBasicPolicy):
         # Least-loaded first, one request at a time, so replicas of a model share its load.
         rooms = [(rm.load, rm.inst.instance_id, rm) for rm in book.open_rooms()]
         heapq.heapify(rooms)
+        tpot = self._tpot
         while rooms and self._count:
             _, iid, room = heapq.heappop(rooms)
             book.fresh_blocks(room)
-            self._cap_for_tpot(room)
+            if tpot:  # (without TPOT classes every cap is None)
+                self._cap_for_tpot(room)
             g = self._next_group(room.inst, room, now, out)
             if g is None:
                 room.blocked = True
@@ -413,9 +417,10 @@ class QLMPolicy(QLMBasicPolicy):
 
     def _next_group(self, inst: InstanceView, room: Room, now: float, out: list[Decision]) -> RequestGroup | None:
         """The group `inst` should take its next request from, if that request fits; None to stop."""
+        groups = self.groups
         for key in self.vqs.get(inst.instance_id, ()):
-            g = self.groups.get(key)
-            if g is None or not self._ready_head(g, now):
+            g = groups.get(key)
+            if g is None or not g.queue or not self._ready_head(g, now):  # (an empty group is never ready)
                 continue
             if g.model == inst.model:
                 break
@@ -446,14 +451,17 @@ class QLMPolicy(QLMBasicPolicy):
         best: RequestGroup | None = None
         best_key: tuple[float, ...] = ()
         late: RequestGroup | None = None
-        for g in self._by_model.get(model or "", ()):
+        ready, key = self._ready_head, self._key
+        for g in self._by_model.get(model or "", ()):  # (`ready` may add a late group: the loop sees it too)
+            q = g.queue
+            if not q:
+                continue
             if g.late:
-                if g.queue:
-                    late = g
+                late = g
                 continue
-            if not self._ready_head(g, now):
+            if not ready(g, now):
                 continue
-            k = self._key(g.queue[0])
+            k = key(q[0])
             if best is None or k < best_key:
                 best, best_key = g, k
         if best is None and late is not None and late.queue:
@@ -518,10 +526,10 @@ class QLMPolicy(QLMBasicPolicy):
         frontend delay (which grows with the streams it relays) are too long."""
         if r.first_token_s is not None:
             return False
-        prof = self.ctx.profiles.get(r.model)
-        if prof is None:
+        prefill = self._own_prefill.get(r.model)
+        if prefill is None:
             return now > r.deadline_s
-        return now + prof.prefill_time(r.prompt_tokens) + self._lag_low.get(r.model, 0.0) > r.deadline_s
+        return now + prefill(r.prompt_tokens) + self._lag_low.get(r.model, 0.0) > r.deadline_s
 
     def _update_lag(self) -> None:
         """Per model, the admission lag: from dispatch to first token beyond the prompt's own prefill (the
@@ -781,11 +789,11 @@ class QLMPolicy(QLMBasicPolicy):
     def _predict_at_arrival(self, r: Request, key: GroupKey, now: float) -> bool:
         """Record `r`'s predicted TTFT from its place by urgency in the last walk over its model's queue (its
         start then, less the time since); True when the mean prediction misses its deadline. `key`: its group."""
-        prof = self.ctx.profiles.get(r.model)
-        if prof is None:
-            return False
         model = r.model
-        own = prof.prefill_time(r.prompt_tokens) + self._lag.get(model, 0.0)
+        prefill = self._own_prefill.get(model)
+        if prefill is None:
+            return False
+        own = prefill(r.prompt_tokens) + self._lag.get(model, 0.0)
         start = start_pct = 0.0
         future = self._future.get(model)
         ahead = self._ahead(r, future, now) if future else None
