@@ -39,6 +39,7 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from typing import ClassVar
 
 from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, InstanceView, Reject
@@ -537,20 +538,21 @@ class QLMPolicy(QLMBasicPolicy):
         Measured on recent requests once there are enough (median for estimates, lower quartile for
         "hopeless", so that nothing that could still make it is given up); until then the profile's model
         on the least-loaded instance."""
-        self._update_lag_model()
+        measured = [(m, seen) for m, seen in self._lag_seen.items() if len(seen) >= CALIBRATION_MIN]
+        self._update_lag_model({m for m, _ in measured})
         self._lag_low = dict(self._lag)
-        for m, seen in self._lag_seen.items():
-            if len(seen) >= CALIBRATION_MIN:
-                self._lag[m] = seen.quantile(0.5)
-                self._lag_low[m] = seen.quantile(0.25)
+        for m, seen in measured:
+            self._lag[m] = seen.quantile(0.5)
+            self._lag_low[m] = seen.quantile(0.25)
 
-    def _update_lag_model(self) -> None:
+    def _update_lag_model(self, measured: set[str]) -> None:
+        """The profile's model of the lag, for the models not `measured` (their measure replaces it)."""
         lag: dict[str, float] = {}
         for rm in self._book.rooms():
             inst = rm.inst
             prof = inst.profile
             m = inst.model
-            if prof is None or m is None:
+            if prof is None or m is None or m in measured:
                 continue
             t = self._per_profile(prof, "lag", _lag_at)[rm.load]
             lag[m] = min(lag.get(m, math.inf), t)
@@ -865,7 +867,11 @@ class QLMPolicy(QLMBasicPolicy):
             options = []
             for lane in lanes:
                 if lane.model == model:  # `_start_on` for a lane already serving the model, inlined (hot loop)
-                    rate_l = lane.rates[model] if model in lane.rates else self._planned_rate(lane, model)
+                    rates = lane.rates  # `_planned_rate`, without its KeyError on a lane's first look
+                    if model in rates:
+                        rate_l = rates[model]
+                    else:
+                        rate_l = rates[model] = self._rate_of(lane.inst, model)
                     if rate_l is None:
                         continue
                     k = lane.ahead - rate_l.concurrency + 1
@@ -886,7 +892,7 @@ class QLMPolicy(QLMBasicPolicy):
             # Spread over more replicas of the same model while that brings the tail in sooner.
             rate = self._rate_of(chosen[0][2].inst, g.model)
             assert rate is not None
-            for start, swap, lane in sorted(options, key=lambda o: o[0]):
+            for start, swap, lane in sorted(options, key=itemgetter(0)):
                 if lane is chosen[0][2] or swap:
                     continue
                 k = len(chosen)
