@@ -486,8 +486,12 @@ class Engine:
             cnt = self._phase_cnt
             full, rem = divmod(n, bs)
             add = full * self._num_decode
-            for j in range(1, rem + 1):
-                add += cnt[(-(s + j)) % bs]
+            if rem:
+                # The phases crossed in steps s+1..s+rem: cnt[(-(s + j)) % bs] for those j, a run of indices
+                # going down from `hi` (wrapping below 0), summed as slices.
+                hi = (-(s + 1)) % bs
+                lo = hi - rem + 1
+                add += sum(cnt[lo:hi + 1]) if lo >= 0 else sum(cnt[:hi + 1]) + sum(cnt[bs + lo:])
             self._used += add
             self._ctx += seg.decode * n
             stats.tokens += seg.decode * n
@@ -630,16 +634,22 @@ class Engine:
     def _admit(self, t: float, reserve: int) -> None:
         """Admit waiting sequences in queue order while a batch slot, the token budget and KV blocks beyond
         `reserve` (the running decodes' next step) last; stop at the first that does not fit."""
+        fcfs = self._fcfs
+        waiting = self._waiting if fcfs else self._waiting_heap
+        running = self._running
+        stats = self.stats
+        if not waiting:  # most boundaries: nothing to admit, only the peaks to keep (as below)
+            if len(running) > stats.peak_running:
+                stats.peak_running = len(running)
+            if self._used > stats.peak_blocks:
+                stats.peak_blocks = self._used
+            return
         p = self.profile
         assert p is not None
         on_admit = self._on_admit
         budget_left = p.max_num_batched_tokens - self._num_decode - self._prefill_total
-        running = self._running
         max_seqs, kv = p.max_num_seqs, p.kv_blocks - reserve
-        fcfs = self._fcfs
-        waiting = self._waiting if fcfs else self._waiting_heap
         cache = self._cache
-        stats = self.stats
         while budget_left > 0 and len(running) < max_seqs and waiting:
             q = waiting[0] if fcfs else waiting[0][3]
             need = q.need
