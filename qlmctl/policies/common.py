@@ -89,6 +89,8 @@ class RoomBook:
     An instance's load changes only through the policy's own dispatches (applied with `Room.take`) and
     through finishes, evictions and swaps, which the policy's hooks report with `touch`. Free KV blocks
     also shrink as running requests decode, so `fresh_blocks` re-reads them for the one instance chosen.
+    So a room of the book holds its blocks and prompt tokens only once `fresh_blocks` has read them: call it
+    before `Room.fits` or `Room.take` (its slots and load are current from `refresh` on).
     """
 
     def __init__(self, dispatch_limit: int, lookahead_steps: float | None = None) -> None:
@@ -116,8 +118,17 @@ class RoomBook:
         insts = cluster.instances
         ids = range(len(insts)) if self._stale is None else self._stale
         rooms, open_, unloaded = self._rooms, self._open, self._unloaded
+        limit = self.dispatch_limit
         for iid in ids:
-            rm = rooms[iid] = room_of(insts[iid], self.dispatch_limit, self.lookahead_steps)
+            # `room_of` but for what `fresh_blocks` reads when the room is chosen (free blocks, prompt tokens).
+            inst = insts[iid]
+            prof = inst.profile
+            if inst.swapping or not inst.healthy or prof is None:
+                rm = None
+            else:
+                load = inst.num_running + inst.num_waiting
+                rm = Room(inst, prof.max_num_seqs + limit - load, 0, load, prof.block_size)
+            rooms[iid] = rm
             if rm is None:
                 unloaded.add(iid)
                 open_.pop(iid, None)
