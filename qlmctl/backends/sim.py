@@ -166,8 +166,14 @@ class SimulatedCluster:
         self.policy = policy
         self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
         self._instances: list[SimInstance] = []
+        # One object per distinct profile (instances of one GPU type and flags share it), so that what policies
+        # and the estimator work out per profile (memoised by identity) is worked out once, not per instance.
+        same: dict[EngineProfile, EngineProfile] = {}
         for iid, (name, spec) in enumerate(scenario.instance_specs()):
-            profiles = {m: scenario.profile(m, spec.gpu, spec.profile_overrides, spec.engine) for m in scenario.models}
+            profiles: dict[str, EngineProfile] = {}
+            for m in scenario.models:
+                prof = scenario.profile(m, spec.gpu, spec.profile_overrides, spec.engine)
+                profiles[m] = same.setdefault(prof, prof)
             discipline = spec.engine.scheduling_policy or policy.engine_policy
             self._instances.append(SimInstance(iid, name, spec.gpu, profiles, spec.model, discipline,
                                                warm=scenario.spec.cluster.first_load == "warm"))

@@ -80,12 +80,8 @@ class RWTEstimator:
         """Output lengths per (model, SLO class): classes of one model can differ by 10x (code vs chat)."""
         self._observed = 0
         """Requests learnt from: `rate` is a function of the profile, the model and this state alone."""
-        self._same: dict[int, tuple[EngineProfile, EngineProfile]] = {}
-        """Per profile object (by id, kept alive here): the first equal profile seen (instances of one GPU type
-        each have their own copy)."""
-        self._by_profile: dict[EngineProfile, EngineProfile] = {}
-        self._rates: dict[tuple[int, str], tuple[int, ServiceRate]] = {}
-        """`rate`'s answers per (id of the first equal profile, model), as of `_observed`."""
+        self._rates: dict[tuple[int, str], tuple[int, EngineProfile, ServiceRate]] = {}
+        """`rate`'s answers per (profile, by id: the entry keeps it alive; model), as of `_observed`."""
 
     def observe(self, model: str, prompt_tokens: int, output_tokens: int, slo_class: str | None = None) -> None:
         """Learn from a finished request (per class too, when `slo_class` is given)."""
@@ -117,16 +113,14 @@ class RWTEstimator:
 
     def rate(self, profile: EngineProfile, model: str) -> ServiceRate:
         """How fast an instance with `profile` serves `model`, from the output statistics now (the same
-        object again while nothing new was observed: planners ask once per instance, often of equal profiles)."""
-        same = self._same.get(id(profile))
-        if same is None:
-            same = self._same[id(profile)] = (profile, self._by_profile.setdefault(profile, profile))
-        key = (id(same[1]), model)
+        object again while nothing new was observed: planners ask once per instance, and instances share
+        profiles)."""
+        key = (id(profile), model)
         hit = self._rates.get(key)
         if hit is not None and hit[0] == self._observed:
-            return hit[1]
+            return hit[2]
         rate = self._rate(profile, model)
-        self._rates[key] = (self._observed, rate)
+        self._rates[key] = (self._observed, profile, rate)
         return rate
 
     def _rate(self, profile: EngineProfile, model: str) -> ServiceRate:
