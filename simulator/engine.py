@@ -270,9 +270,11 @@ class Engine:
 
     def step_s(self) -> float:
         """Duration of a step of the segment in flight (its first; the fixed cost of a step when idle), s."""
-        if self.profile is None:
+        p = self.profile
+        if p is None:
             return 0.0
-        return self.profile.base_s if self._seg is None else self._first_step_s(self._seg)
+        seg = self._seg
+        return p.base_s if seg is None else seg.fixed + p.per_context_token_s * seg.ctx0  # (_first_step_s)
 
     def streamed(self, now: float) -> tuple[int, int]:
         """(output tokens produced, steps taken) from the start to `now`: the whole steps of the segment in

@@ -365,6 +365,8 @@ class QLMPolicy(QLMBasicPolicy):
 
     # ---------------------------------------------------------- schedule
     def schedule(self, cluster: ClusterView) -> list[Decision]:
+        if not self._count and not self._rejects:
+            return []  # nothing queued (most calls): no plan, no dispatch
         now = cluster.now()
         out: list[Decision] = self._rejects
         self._rejects = []
