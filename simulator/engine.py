@@ -53,6 +53,14 @@ class OutputKind(IntEnum):
     LOADED = 4
 
 
+# The members as module constants: the engine reads them for every sequence, and a member read through its
+# enum class costs ten times a global.
+_WAITING, _PREFILL, _DECODE, _DONE, _TRANSIT = (SeqState.WAITING, SeqState.PREFILL, SeqState.DECODE, SeqState.DONE,
+                                                SeqState.TRANSIT)
+_FIRST_TOKEN, _FINISHED, _PREEMPTED, _ABORTED, _LOADED = (OutputKind.FIRST_TOKEN, OutputKind.FINISHED,
+                                                           OutputKind.PREEMPTED, OutputKind.ABORTED, OutputKind.LOADED)
+
+
 @dataclass(slots=True, eq=False)
 class Sequence:
     """A request as the engine sees it. `tag` belongs to the driver; the engine never reads it."""
@@ -206,7 +214,7 @@ class Engine:
             if op == "submit":
                 n += q.prompt_tokens + q.generated
         for _, _, q in self._transit:
-            if q.state is SeqState.TRANSIT:
+            if q.state is _TRANSIT:
                 n += q.prompt_tokens + q.generated
         return n
 
@@ -252,7 +260,7 @@ class Engine:
             self._next = self._load_until
             return
         transit = self._transit
-        while transit and transit[0][2].state is not SeqState.TRANSIT:
+        while transit and transit[0][2].state is not _TRANSIT:
             heapq.heappop(transit)  # aborted on the way
         seg = self._seg
         if seg is None:
@@ -288,7 +296,7 @@ class Engine:
 
     def generated(self, seq: Sequence, now: float) -> int:
         """Output tokens `seq` has produced by `now` (exact at step granularity)."""
-        if seq.state is not SeqState.DECODE:
+        if seq.state is not _DECODE:
             return seq.generated
         s = self._s
         seg = self._seg
@@ -305,7 +313,7 @@ class Engine:
         seq.need = -(-(seq.prompt_tokens + seq.generated + 1) // self._bs)  # admission_blocks
         self._queued_tokens += seq.prompt_tokens + seq.generated
         if delay_s > 0.0:
-            seq.state = SeqState.TRANSIT
+            seq.state = _TRANSIT
             self._transit_order += 1
             heapq.heappush(self._transit, (now + delay_s, self._transit_order, seq))
             self._transit_count += 1
@@ -318,7 +326,7 @@ class Engine:
         """`seq` (its `need` set) reaches the engine at `now`: its arrival time for the priority order, as vLLM's
         API server stamps it on handing the request over (a request sent again is a new one there)."""
         seq.arrival_s = now
-        seq.state = SeqState.WAITING
+        seq.state = _WAITING
         seq.prefill_left = seq.prompt_tokens + seq.generated
         self._pending.append(("submit", seq))
         self._pending_submits += 1
@@ -327,7 +335,7 @@ class Engine:
 
     def abort(self, seq: Sequence, now: float) -> None:
         """Remove `seq` at the end of the step in flight; an ABORTED output reports it."""
-        if seq.state is SeqState.TRANSIT:  # not at the engine yet: gone at once
+        if seq.state is _TRANSIT:  # not at the engine yet: gone at once
             self._leave_transit(seq)
             self._queued_tokens -= seq.prompt_tokens + seq.generated
             seg = self._seg
@@ -336,8 +344,8 @@ class Engine:
                 if seg.n != seg.n_cmd:
                     seg.n = seg.n_cmd
                     seg.end = seg.t0 + self._seg_time(seg, seg.n)
-            seq.state = SeqState.DONE
-            self._outputs.append(Output(OutputKind.ABORTED, now, seq))
+            seq.state = _DONE
+            self._outputs.append(Output(_ABORTED, now, seq))
         else:
             self._pending.append(("abort", seq))
             self._interrupt(now)
@@ -412,7 +420,7 @@ class Engine:
         self._load_until = None
         self._load_profile = None
         self._clock = t
-        self._outputs.append(Output(OutputKind.LOADED, t, None))
+        self._outputs.append(Output(_LOADED, t, None))
         if self._pending:
             self._plan(t)
 
@@ -517,10 +525,9 @@ class Engine:
         # Decode completions.
         heap = self._decode_heap
         if heap and heap[0][0] <= s:
-            decode = SeqState.DECODE
             while heap and heap[0][0] <= s:
                 fs, _, q = heapq.heappop(heap)
-                if q.state is decode and q.finish_step == fs:
+                if q.state is _DECODE and q.finish_step == fs:
                     self._finish_decode(q, t)
         if self._used > stats.peak_blocks:
             stats.peak_blocks = self._used
@@ -534,13 +541,13 @@ class Engine:
             cache.insert(q.prefix, q.prompt_tokens, self.profile.kv_blocks - self._used)
         if first:
             self.stats.tokens += 1
-            self._outputs.append(Output(OutputKind.FIRST_TOKEN, t, q))
+            self._outputs.append(Output(_FIRST_TOKEN, t, q))
         if q.generated >= q.max_tokens:
             self._used -= q.blocks
             q.blocks = 0
-            q.state = SeqState.DONE
+            q.state = _DONE
             del self._running[q.admit_order]
-            self._outputs.append(Output(OutputKind.FINISHED, t, q))
+            self._outputs.append(Output(_FINISHED, t, q))
             return
         # Join decode: blocks now counted lazily from the token count.
         bs = self._bs
@@ -549,7 +556,7 @@ class Engine:
         s = self._s
         self._used += -(-tokens // bs) - q.blocks  # kv_blocks_for
         q.blocks = 0
-        q.state = SeqState.DECODE
+        q.state = _DECODE
         q.join_step = s
         q.gen_at_join = gen
         fs = q.finish_step = s + (q.max_tokens - gen)
@@ -571,20 +578,20 @@ class Engine:
 
     def _finish_decode(self, q: Sequence, t: float) -> None:
         self._leave_decode(q)
-        q.state = SeqState.DONE
-        self._outputs.append(Output(OutputKind.FINISHED, t, q))
+        q.state = _DONE
+        self._outputs.append(Output(_FINISHED, t, q))
 
     def _remove(self, q: Sequence) -> None:
         """Take `q` out of wherever it is (running or waiting)."""
-        if q.state is SeqState.DECODE:
+        if q.state is _DECODE:
             self._leave_decode(q)
-        elif q.state is SeqState.PREFILL:
+        elif q.state is _PREFILL:
             self._prefilling.remove(q)
             self._prefill_total -= q.prefill_left
             self._used -= q.blocks
             q.blocks = 0
             del self._running[q.admit_order]
-        elif q.state is SeqState.WAITING:
+        elif q.state is _WAITING:
             if self._fcfs:
                 self._waiting.remove(q)
             else:
@@ -594,7 +601,7 @@ class Engine:
             self._queued_tokens -= q.prefill_left
 
     def _enqueue_waiting(self, q: Sequence, front: bool) -> None:
-        q.state = SeqState.WAITING
+        q.state = _WAITING
         tokens = q.prompt_tokens + q.generated
         q.prefill_left = tokens
         q.need = need = -(-(tokens + 1) // self._bs)  # admission_blocks
@@ -618,7 +625,7 @@ class Engine:
         self.stats.preemptions += 1
         self._enqueue_waiting(victim, front=True)
         self._queued_tokens += victim.prefill_left
-        self._outputs.append(Output(OutputKind.PREEMPTED, t, victim))
+        self._outputs.append(Output(_PREEMPTED, t, victim))
 
     def _apply_pending(self, t: float) -> None:
         ops = self._pending
@@ -628,10 +635,10 @@ class Engine:
         for op, q in ops:
             if op == "submit":
                 self._enqueue_waiting(q, front=False)
-            elif q.state is not SeqState.DONE:
+            elif q.state is not _DONE:
                 self._remove(q)
-                q.state = SeqState.DONE
-                self._outputs.append(Output(OutputKind.ABORTED, t, q))
+                q.state = _DONE
+                self._outputs.append(Output(_ABORTED, t, q))
 
     def _admit(self, t: float, reserve: int) -> None:
         """Admit waiting sequences in queue order while a batch slot, the token budget and KV blocks beyond
@@ -664,7 +671,7 @@ class Engine:
             self._waiting_blocks -= need
             self._used += need
             q.blocks = need
-            q.state = SeqState.PREFILL
+            q.state = _PREFILL
             self._admit_counter += 1
             order = q.admit_order = self._admit_counter
             running[order] = q
@@ -756,7 +763,7 @@ class Engine:
             heap = self._decode_heap
             while heap:
                 fs, _, q = heap[0]
-                if q.state is SeqState.DECODE and q.finish_step == fs:
+                if q.state is _DECODE and q.finish_step == fs:
                     n_dec = fs - self._s
                     break
                 heapq.heappop(heap)
