@@ -500,8 +500,11 @@ class Engine:
                 # The phases crossed in steps s+1..s+rem: cnt[(-(s + j)) % bs] for those j, a run of indices
                 # going down from `hi` (wrapping below 0), summed as slices.
                 hi = (-(s + 1)) % bs
-                lo = hi - rem + 1
-                add += sum(cnt[lo:hi + 1]) if lo >= 0 else sum(cnt[:hi + 1]) + sum(cnt[bs + lo:])
+                if rem == 1:  # (the commonest: a single step)
+                    add += cnt[hi]
+                else:
+                    lo = hi - rem + 1
+                    add += sum(cnt[lo:hi + 1]) if lo >= 0 else sum(cnt[:hi + 1]) + sum(cnt[bs + lo:])
             self._used += add
             self._ctx += seg.decode * n
             stats.tokens += seg.decode * n
@@ -767,7 +770,7 @@ class Engine:
                     n_dec = fs - self._s
                     break
                 heapq.heappop(heap)
-            n = min(n_pf, n_dec)
+            n = n_dec if n_dec < n_pf else n_pf  # min(n_pf, n_dec), without the call
             if n == INF:
                 return  # idle
             free = p.kv_blocks - self._used
