@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from qlmctl.core.driver import Driver
@@ -164,7 +165,9 @@ class SimulatedCluster:
     ) -> None:
         self.scenario = scenario
         self.policy = policy
-        self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+        # By (arrival, id): two stable sorts on plain keys, not one on tuples, which would allocate a tuple per
+        # request (and, after the copies just made, set off a full collection of every live object: ~30 ms).
+        self.requests = sorted(sorted(requests, key=attrgetter("request_id")), key=attrgetter("arrival_s"))
         self._instances: list[SimInstance] = []
         # One object per distinct profile (instances of one GPU type and flags share it), so that what policies
         # and the estimator work out per profile (memoised by identity) is worked out once, not per instance.
