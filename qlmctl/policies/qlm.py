@@ -328,7 +328,7 @@ class QLMPolicy(QLMBasicPolicy):
         self._touch(request.instance_id)
 
     def _key_of(self, r: Request) -> GroupKey:
-        """`group_key(r)`, one GroupKey per (model, SLO) reused (a dataclass is slow to build on every arrival)."""
+        """`group_key(r)`, worked out once per (model, SLO) and reused: it is asked on every arrival."""
         k = (r.model, r.ttft_slo_s)
         key = self._keys.get(k)
         if key is None:
