@@ -253,6 +253,8 @@ class QLMPolicy(QLMBasicPolicy):
         """See `_per_profile`."""
         self._own_prefill = {m: self._prefill_cache(p) for m, p in ctx.profiles.items()}
         """Per model, its default profile's `prefill_time` (memoised): asked for every arrival and queue head."""
+        self._keys: dict[tuple[str, float], GroupKey] = {}
+        """Group keys by (model, TTFT SLO), see `_key_of`."""
         self._horizon_s = max(60.0, 20.0 * ctx.reschedule_interval_s)
         """The walk looks at requests due within this long; later ones wait for a later walk."""
         self._calib: dict[tuple[str, str, tuple[int, bool] | None], _Calibration] = {}
@@ -266,8 +268,6 @@ class QLMPolicy(QLMBasicPolicy):
         """Per request not yet started: the estimator's mean TTFT prediction (the calibration's reference), and
         the calibration it belongs to."""
         self._rejects: list[Decision] = []
-        self._keys: dict[tuple[str, float], GroupKey] = {}
-        """Group keys by (model, TTFT SLO), see `_key_of`."""
 
     # ------------------------------------------------------------- hooks
     def add_request(self, request: Request, now: float) -> None:
