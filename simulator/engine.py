@@ -53,6 +53,14 @@ class OutputKind(IntEnum):
     LOADED = 4
 
 
+# The members as module constants: the engine reads them for every sequence, and a member read through its
+# enum class costs ten times a global.
+_WAITING, _PREFILL, _DECODE, _DONE, _TRANSIT = (SeqState.WAITING, SeqState.PREFILL, SeqState.DECODE, SeqState.DONE,
+                                                SeqState.TRANSIT)
+_FIRST_TOKEN, _FINISHED, _PREEMPTED, _ABORTED, _LOADED = (OutputKind.FIRST_TOKEN, OutputKind.FINISHED,
+                                                           OutputKind.PREEMPTED, OutputKind.ABORTED, OutputKind.LOADED)
+
+
 @dataclass(slots=True, eq=False)
 class Sequence:
     """A request as the engine sees it. `tag` belongs to the driver; the engine never reads it."""
@@ -206,7 +214,7 @@ class Engine:
             if op == "submit":
                 n += q.prompt_tokens + q.generated
         for _, _, q in self._transit:
-            if q.state is SeqState.TRANSIT:
+            if q.state is _TRANSIT:
                 n += q.prompt_tokens + q.generated
         return n
 
@@ -221,7 +229,8 @@ class Engine:
     @property
     def free_blocks(self) -> int:
         """Blocks not in use and not needed by sequences already waiting here."""
-        return self.total_blocks - self._used - self._waiting_blocks - self._pending_blocks - self._transit_blocks
+        total = self.profile.kv_blocks if self.profile else 0  # total_blocks, without the call (policies poll this)
+        return total - self._used - self._waiting_blocks - self._pending_blocks - self._transit_blocks
 
     @property
     def pending_prefill_tokens(self) -> int:
@@ -251,7 +260,7 @@ class Engine:
             self._next = self._load_until
             return
         transit = self._transit
-        while transit and transit[0][2].state is not SeqState.TRANSIT:
+        while transit and transit[0][2].state is not _TRANSIT:
             heapq.heappop(transit)  # aborted on the way
         seg = self._seg
         if seg is None:
@@ -269,9 +278,11 @@ class Engine:
 
     def step_s(self) -> float:
         """Duration of a step of the segment in flight (its first; the fixed cost of a step when idle), s."""
-        if self.profile is None:
+        p = self.profile
+        if p is None:
             return 0.0
-        return self.profile.base_s if self._seg is None else self._first_step_s(self._seg)
+        seg = self._seg
+        return p.base_s if seg is None else seg.fixed + p.per_context_token_s * seg.ctx0  # (_first_step_s)
 
     def streamed(self, now: float) -> tuple[int, int]:
         """(output tokens produced, steps taken) from the start to `now`: the whole steps of the segment in
@@ -285,7 +296,7 @@ class Engine:
 
     def generated(self, seq: Sequence, now: float) -> int:
         """Output tokens `seq` has produced by `now` (exact at step granularity)."""
-        if seq.state is not SeqState.DECODE:
+        if seq.state is not _DECODE:
             return seq.generated
         s = self._s
         seg = self._seg
@@ -302,7 +313,7 @@ class Engine:
         seq.need = -(-(seq.prompt_tokens + seq.generated + 1) // self._bs)  # admission_blocks
         self._queued_tokens += seq.prompt_tokens + seq.generated
         if delay_s > 0.0:
-            seq.state = SeqState.TRANSIT
+            seq.state = _TRANSIT
             self._transit_order += 1
             heapq.heappush(self._transit, (now + delay_s, self._transit_order, seq))
             self._transit_count += 1
@@ -315,7 +326,7 @@ class Engine:
         """`seq` (its `need` set) reaches the engine at `now`: its arrival time for the priority order, as vLLM's
         API server stamps it on handing the request over (a request sent again is a new one there)."""
         seq.arrival_s = now
-        seq.state = SeqState.WAITING
+        seq.state = _WAITING
         seq.prefill_left = seq.prompt_tokens + seq.generated
         self._pending.append(("submit", seq))
         self._pending_submits += 1
@@ -324,7 +335,7 @@ class Engine:
 
     def abort(self, seq: Sequence, now: float) -> None:
         """Remove `seq` at the end of the step in flight; an ABORTED output reports it."""
-        if seq.state is SeqState.TRANSIT:  # not at the engine yet: gone at once
+        if seq.state is _TRANSIT:  # not at the engine yet: gone at once
             self._leave_transit(seq)
             self._queued_tokens -= seq.prompt_tokens + seq.generated
             seg = self._seg
@@ -333,8 +344,8 @@ class Engine:
                 if seg.n != seg.n_cmd:
                     seg.n = seg.n_cmd
                     seg.end = seg.t0 + self._seg_time(seg, seg.n)
-            seq.state = SeqState.DONE
-            self._outputs.append(Output(OutputKind.ABORTED, now, seq))
+            seq.state = _DONE
+            self._outputs.append(Output(_ABORTED, now, seq))
         else:
             self._pending.append(("abort", seq))
             self._interrupt(now)
@@ -409,7 +420,7 @@ class Engine:
         self._load_until = None
         self._load_profile = None
         self._clock = t
-        self._outputs.append(Output(OutputKind.LOADED, t, None))
+        self._outputs.append(Output(_LOADED, t, None))
         if self._pending:
             self._plan(t)
 
@@ -485,8 +496,15 @@ class Engine:
             cnt = self._phase_cnt
             full, rem = divmod(n, bs)
             add = full * self._num_decode
-            for j in range(1, rem + 1):
-                add += cnt[(-(s + j)) % bs]
+            if rem:
+                # The phases crossed in steps s+1..s+rem: cnt[(-(s + j)) % bs] for those j, a run of indices
+                # going down from `hi` (wrapping below 0), summed as slices.
+                hi = (-(s + 1)) % bs
+                if rem == 1:  # (the commonest: a single step)
+                    add += cnt[hi]
+                else:
+                    lo = hi - rem + 1
+                    add += sum(cnt[lo:hi + 1]) if lo >= 0 else sum(cnt[:hi + 1]) + sum(cnt[bs + lo:])
             self._used += add
             self._ctx += seg.decode * n
             stats.tokens += seg.decode * n
@@ -510,10 +528,9 @@ class Engine:
         # Decode completions.
         heap = self._decode_heap
         if heap and heap[0][0] <= s:
-            decode = SeqState.DECODE
             while heap and heap[0][0] <= s:
                 fs, _, q = heapq.heappop(heap)
-                if q.state is decode and q.finish_step == fs:
+                if q.state is _DECODE and q.finish_step == fs:
                     self._finish_decode(q, t)
         if self._used > stats.peak_blocks:
             stats.peak_blocks = self._used
@@ -527,13 +544,13 @@ class Engine:
             cache.insert(q.prefix, q.prompt_tokens, self.profile.kv_blocks - self._used)
         if first:
             self.stats.tokens += 1
-            self._outputs.append(Output(OutputKind.FIRST_TOKEN, t, q))
+            self._outputs.append(Output(_FIRST_TOKEN, t, q))
         if q.generated >= q.max_tokens:
             self._used -= q.blocks
             q.blocks = 0
-            q.state = SeqState.DONE
+            q.state = _DONE
             del self._running[q.admit_order]
-            self._outputs.append(Output(OutputKind.FINISHED, t, q))
+            self._outputs.append(Output(_FINISHED, t, q))
             return
         # Join decode: blocks now counted lazily from the token count.
         bs = self._bs
@@ -542,7 +559,7 @@ class Engine:
         s = self._s
         self._used += -(-tokens // bs) - q.blocks  # kv_blocks_for
         q.blocks = 0
-        q.state = SeqState.DECODE
+        q.state = _DECODE
         q.join_step = s
         q.gen_at_join = gen
         fs = q.finish_step = s + (q.max_tokens - gen)
@@ -564,20 +581,20 @@ class Engine:
 
     def _finish_decode(self, q: Sequence, t: float) -> None:
         self._leave_decode(q)
-        q.state = SeqState.DONE
-        self._outputs.append(Output(OutputKind.FINISHED, t, q))
+        q.state = _DONE
+        self._outputs.append(Output(_FINISHED, t, q))
 
     def _remove(self, q: Sequence) -> None:
         """Take `q` out of wherever it is (running or waiting)."""
-        if q.state is SeqState.DECODE:
+        if q.state is _DECODE:
             self._leave_decode(q)
-        elif q.state is SeqState.PREFILL:
+        elif q.state is _PREFILL:
             self._prefilling.remove(q)
             self._prefill_total -= q.prefill_left
             self._used -= q.blocks
             q.blocks = 0
             del self._running[q.admit_order]
-        elif q.state is SeqState.WAITING:
+        elif q.state is _WAITING:
             if self._fcfs:
                 self._waiting.remove(q)
             else:
@@ -587,7 +604,7 @@ class Engine:
             self._queued_tokens -= q.prefill_left
 
     def _enqueue_waiting(self, q: Sequence, front: bool) -> None:
-        q.state = SeqState.WAITING
+        q.state = _WAITING
         tokens = q.prompt_tokens + q.generated
         q.prefill_left = tokens
         q.need = need = -(-(tokens + 1) // self._bs)  # admission_blocks
@@ -611,7 +628,7 @@ class Engine:
         self.stats.preemptions += 1
         self._enqueue_waiting(victim, front=True)
         self._queued_tokens += victim.prefill_left
-        self._outputs.append(Output(OutputKind.PREEMPTED, t, victim))
+        self._outputs.append(Output(_PREEMPTED, t, victim))
 
     def _apply_pending(self, t: float) -> None:
         ops = self._pending
@@ -621,24 +638,30 @@ class Engine:
         for op, q in ops:
             if op == "submit":
                 self._enqueue_waiting(q, front=False)
-            elif q.state is not SeqState.DONE:
+            elif q.state is not _DONE:
                 self._remove(q)
-                q.state = SeqState.DONE
-                self._outputs.append(Output(OutputKind.ABORTED, t, q))
+                q.state = _DONE
+                self._outputs.append(Output(_ABORTED, t, q))
 
     def _admit(self, t: float, reserve: int) -> None:
         """Admit waiting sequences in queue order while a batch slot, the token budget and KV blocks beyond
         `reserve` (the running decodes' next step) last; stop at the first that does not fit."""
+        fcfs = self._fcfs
+        waiting = self._waiting if fcfs else self._waiting_heap
+        running = self._running
+        stats = self.stats
+        if not waiting:  # most boundaries: nothing to admit, only the peaks to keep (as below)
+            if len(running) > stats.peak_running:
+                stats.peak_running = len(running)
+            if self._used > stats.peak_blocks:
+                stats.peak_blocks = self._used
+            return
         p = self.profile
         assert p is not None
         on_admit = self._on_admit
         budget_left = p.max_num_batched_tokens - self._num_decode - self._prefill_total
-        running = self._running
         max_seqs, kv = p.max_num_seqs, p.kv_blocks - reserve
-        fcfs = self._fcfs
-        waiting = self._waiting if fcfs else self._waiting_heap
         cache = self._cache
-        stats = self.stats
         while budget_left > 0 and len(running) < max_seqs and waiting:
             q = waiting[0] if fcfs else waiting[0][3]
             need = q.need
@@ -651,7 +674,7 @@ class Engine:
             self._waiting_blocks -= need
             self._used += need
             q.blocks = need
-            q.state = SeqState.PREFILL
+            q.state = _PREFILL
             self._admit_counter += 1
             order = q.admit_order = self._admit_counter
             running[order] = q
@@ -743,11 +766,11 @@ class Engine:
             heap = self._decode_heap
             while heap:
                 fs, _, q = heap[0]
-                if q.state is SeqState.DECODE and q.finish_step == fs:
+                if q.state is _DECODE and q.finish_step == fs:
                     n_dec = fs - self._s
                     break
                 heapq.heappop(heap)
-            n = min(n_pf, n_dec)
+            n = n_dec if n_dec < n_pf else n_pf  # min(n_pf, n_dec), without the call
             if n == INF:
                 return  # idle
             free = p.kv_blocks - self._used

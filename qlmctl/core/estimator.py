@@ -78,9 +78,14 @@ class RWTEstimator:
         self._prompt_mean: dict[str, OutputStats] = {m: OutputStats.with_prior(512.0, 512.0, 1.0) for m in profiles}
         self.class_stats: dict[tuple[str, str], OutputStats] = {}
         """Output lengths per (model, SLO class): classes of one model can differ by 10x (code vs chat)."""
+        self._observed = 0
+        """Requests learnt from: `rate` is a function of the profile, the model and this state alone."""
+        self._rates: dict[tuple[int, str], tuple[int, EngineProfile, ServiceRate]] = {}
+        """`rate`'s answers per (profile, by id: the entry keeps it alive; model), as of `_observed`."""
 
     def observe(self, model: str, prompt_tokens: int, output_tokens: int, slo_class: str | None = None) -> None:
         """Learn from a finished request (per class too, when `slo_class` is given)."""
+        self._observed += 1
         st = self.stats.get(model)
         if st is None:
             st = self.stats[model] = OutputStats.with_prior(256.0, 256.0)
@@ -107,6 +112,18 @@ class RWTEstimator:
         return st.mean if st else 256.0
 
     def rate(self, profile: EngineProfile, model: str) -> ServiceRate:
+        """How fast an instance with `profile` serves `model`, from the output statistics now (the same
+        object again while nothing new was observed: planners ask once per instance, and instances share
+        profiles)."""
+        key = (id(profile), model)
+        hit = self._rates.get(key)
+        if hit is not None and hit[0] == self._observed:
+            return hit[2]
+        rate = self._rate(profile, model)
+        self._rates[key] = (self._observed, profile, rate)
+        return rate
+
+    def _rate(self, profile: EngineProfile, model: str) -> ServiceRate:
         st = self.stats.get(model) or OutputStats.with_prior(256.0, 256.0)
         mu = max(1.0, st.mean)
         prompt = self._prompt_mean[model].mean if model in self._prompt_mean else 512.0

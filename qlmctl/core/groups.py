@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from qlmctl.core.request import Request
 
@@ -11,8 +12,10 @@ LATE_BUCKET = 1 << 30
 """Bucket of requests whose deadline has passed: they go last, as they count as misses anyway."""
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class GroupKey:
+class GroupKey(NamedTuple):
+    """A group's identity. A named tuple, not a frozen dataclass: policies look groups up by key on every call,
+    and a tuple hashes and compares in C (the same values, order and hash as the dataclass's)."""
+
     model: str
     bucket: int
     """SLO bucket: floor(ttft_slo / bucket width), or LATE_BUCKET (plus a class's rank, where late requests
@@ -25,14 +28,14 @@ class RequestGroup:
     slo_s: float
     """TTFT deadline of the group's requests (the smallest seen), s."""
     queue: deque[Request] = field(default_factory=deque)
+    # The key's parts policies read on every call, as plain attributes (the key never changes).
+    model: str = field(init=False)
+    late: bool = field(init=False)
+    """A late group: its requests' deadlines have passed."""
 
-    @property
-    def model(self) -> str:
-        return self.key.model
-
-    @property
-    def late(self) -> bool:
-        return self.key.bucket >= LATE_BUCKET
+    def __post_init__(self) -> None:
+        self.model = self.key.model
+        self.late = self.key.bucket >= LATE_BUCKET
 
     def __len__(self) -> int:
         return len(self.queue)

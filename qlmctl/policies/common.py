@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from qlmctl.core.cluster import ClusterView, InstanceView
 from qlmctl.core.request import Request
-from simulator.profile import admission_blocks
+from simulator.profile import EngineProfile, admission_blocks
 
 
 @dataclass(slots=True)
@@ -36,10 +36,11 @@ class Room:
         if self.slots <= 0 or (self.tokens <= 0 and self.load > 0):
             return False
         # An empty engine takes anything that fits at all (it may need to preempt later, as vLLM would).
-        return self.blocks >= self.blocks_for(r) or self.load == 0
+        # (`blocks_for(r)` inlined: this runs for every dispatch.)
+        return self.blocks >= -(-(r.prompt_tokens + r.generated_tokens + 1) // self.block_size) or self.load == 0
 
     def take(self, r: Request) -> None:
-        n = self.blocks_for(r)
+        n = -(-(r.prompt_tokens + r.generated_tokens + 1) // self.block_size)  # blocks_for(r)
         self.slots -= 1
         self.blocks -= n
         self.taken_blocks += n
@@ -60,10 +61,11 @@ def room_of(inst: InstanceView, dispatch_limit: int, lookahead_steps: float | No
     prof = inst.profile
     if inst.swapping or not inst.healthy or prof is None:
         return None
-    load = inst.num_running + inst.num_waiting
+    running = inst.num_running
+    load = running + inst.num_waiting
     room = Room(inst, prof.max_num_seqs + dispatch_limit - load, inst.free_kv_blocks, load, prof.block_size)
     if lookahead_steps is not None:
-        room.tokens = token_room(inst, lookahead_steps)
+        room.tokens = _token_room(prof, running, inst.pending_prefill_tokens, lookahead_steps)
     return room
 
 
@@ -71,9 +73,14 @@ def token_room(inst: InstanceView, lookahead_steps: float) -> float:
     """Prompt tokens `inst` can start within `lookahead_steps` steps beyond those it already holds."""
     prof = inst.profile
     assert prof is not None
+    return _token_room(prof, inst.num_running, inst.pending_prefill_tokens, lookahead_steps)
+
+
+def _token_room(prof: EngineProfile, running: int, pending: int, lookahead_steps: float) -> float:
+    """`token_room` from what it reads of the instance (`room_of` has read its running count already)."""
     budget = prof.max_num_batched_tokens
-    per_step = max(budget - inst.num_running, budget / 4)
-    return lookahead_steps * per_step - inst.pending_prefill_tokens
+    per_step = max(budget - running, budget / 4)
+    return lookahead_steps * per_step - pending
 
 
 class RoomBook:
@@ -82,6 +89,8 @@ class RoomBook:
     An instance's load changes only through the policy's own dispatches (applied with `Room.take`) and
     through finishes, evictions and swaps, which the policy's hooks report with `touch`. Free KV blocks
     also shrink as running requests decode, so `fresh_blocks` re-reads them for the one instance chosen.
+    So a room of the book holds its blocks and prompt tokens only once `fresh_blocks` has read them: call it
+    before `Room.fits` or `Room.take` (its slots and load are current from `refresh` on).
     """
 
     def __init__(self, dispatch_limit: int, lookahead_steps: float | None = None) -> None:
@@ -109,8 +118,17 @@ class RoomBook:
         insts = cluster.instances
         ids = range(len(insts)) if self._stale is None else self._stale
         rooms, open_, unloaded = self._rooms, self._open, self._unloaded
+        limit = self.dispatch_limit
         for iid in ids:
-            rm = rooms[iid] = room_of(insts[iid], self.dispatch_limit, self.lookahead_steps)
+            # `room_of` but for what `fresh_blocks` reads when the room is chosen (free blocks, prompt tokens).
+            inst = insts[iid]
+            prof = inst.profile
+            if inst.swapping or not inst.healthy or prof is None:
+                rm = None
+            else:
+                load = inst.num_running + inst.num_waiting
+                rm = Room(inst, prof.max_num_seqs + limit - load, 0, load, prof.block_size)
+            rooms[iid] = rm
             if rm is None:
                 unloaded.add(iid)
                 open_.pop(iid, None)
@@ -156,7 +174,9 @@ class RoomBook:
 
     def fresh_blocks(self, rm: Room) -> None:
         """Re-read what shrinks between events: free KV blocks (decoding), and prefill tokens (each step)."""
-        rm.blocks = rm.inst.free_kv_blocks - rm.taken_blocks
+        inst = rm.inst
+        rm.blocks = inst.free_kv_blocks - rm.taken_blocks
         if self.lookahead_steps is not None:
-            rm.tokens = token_room(rm.inst, self.lookahead_steps) - rm.taken_tokens
+            tokens = _token_room(inst.profile, inst.num_running, inst.pending_prefill_tokens, self.lookahead_steps)
+            rm.tokens = tokens - rm.taken_tokens
 

@@ -40,6 +40,7 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from typing import ClassVar
 
 from qlmctl.core.calibration import TTFTCalibration
@@ -48,7 +49,7 @@ from qlmctl.core.estimator import ServiceRate
 from qlmctl.core.groups import LATE_BUCKET, GroupKey, RequestGroup, group_key
 from qlmctl.core.request import Request
 from qlmctl.policies.base import PolicyContext
-from qlmctl.policies.common import Room, RoomBook, room_of
+from qlmctl.policies.common import Room, RoomBook
 from qlmctl.policies.qlm_basic import PlanStats as BasicPlanStats
 from qlmctl.policies.qlm_basic import QLMBasicPolicy
 
@@ -103,6 +104,18 @@ class _Memo(dict):
     def __missing__(self, key):
         v = self[key] = self.fn(key)
         return v
+
+
+def _lag_at(prof, load: int) -> float:
+    """The profile's model of the admission lag on an instance running `load` sequences: the steps an engine
+    runs before admitting a new request (two with asynchronous scheduling) and the client-side delay."""
+    steps = 2 if prof.async_scheduling else 1
+    return (steps * prof.decode_step_time(load) if load else 0.0) + prof.client_delay(load)
+
+
+def _prefill_work_per_token(prof, mean: int) -> float:
+    """Prefill work per prompt token at a prompt of `mean` tokens."""
+    return prof.prefill_work_s(mean) / mean
 
 
 class _Quantiles:
@@ -193,9 +206,9 @@ class QLMPolicy(QLMBasicPolicy):
         self._starts: dict[str, tuple[float, list[tuple[float, ...]], list[float], list[float]]] = {}
         """Per model, from the last walk: its time, the order keys, each one's predicted start (mean and at the
         estimator's percentile), for predictions and admission at arrival."""
-        self._unwalked: dict[str, tuple[tuple[float, float], int, dict[str, float]]] = {}
+        self._unwalked: dict[str, tuple[tuple[float, float], int]] = {}
         """Per model, from the last walk: what `_unwalked_s` needs (the work per prompt and output token, the
-        servers, the output length per class)."""
+        servers)."""
         self._arrivals: dict[tuple[str, str], _Arrivals] = {}
         self._future: dict[str, list[tuple[float, int, float]]] = {}
         self._served: set[str] = set()
@@ -205,6 +218,12 @@ class QLMPolicy(QLMBasicPolicy):
         self._worth: dict[tuple[int, str, float], bool] = {}
         """`_swap_worth`'s answers for this plan, per (instance, model, plan time)."""
         self._prefill_times: dict[int, _Memo] = {}
+        self._profile_memo: dict[tuple[int, str], _Memo] = {}
+        """See `_per_profile`."""
+        self._own_prefill = {m: self._prefill_cache(p) for m, p in ctx.profiles.items()}
+        """Per model, its default profile's `prefill_time` (memoised): asked for every arrival and queue head."""
+        self._keys: dict[tuple[str, float], GroupKey] = {}
+        """Group keys by (model, TTFT SLO), see `_key_of`."""
         self._horizon_s = max(60.0, 20.0 * ctx.reschedule_interval_s)
         """The walk looks at requests due within this long; later ones wait for a later walk."""
         self._calib = TTFTCalibration(ctx.percentile)
@@ -220,14 +239,14 @@ class QLMPolicy(QLMBasicPolicy):
         if arr is None:
             arr = self._arrivals[(request.model, request.slo_class)] = _Arrivals(t=now)
         arr.add(now, request.prompt_tokens)
+        key = self._key_of(request)
         if request.predicted_ttft_s is None:
-            miss = self._predict_at_arrival(request, now)
+            miss = self._predict_at_arrival(request, key, now)
             if miss and self._reject:
                 self._calib.forget(request.request_id)
                 self._rejects.append(Reject(request, "predicted to miss its TTFT SLO at the current load"))
                 self.stats.rejected += 1
                 return
-        key = group_key(request, self.ctx.slo_bucket_s)
         g = self._group(key, request.ttft_slo_s)
         if key not in self._planned:
             self._dirty = True
@@ -265,6 +284,14 @@ class QLMPolicy(QLMBasicPolicy):
         self._arrived_models.add(request.model)
         self._touch(request.instance_id)
 
+    def _key_of(self, r: Request) -> GroupKey:
+        """`group_key(r)`, worked out once per (model, SLO) and reused: it is asked on every arrival."""
+        k = (r.model, r.ttft_slo_s)
+        key = self._keys.get(k)
+        if key is None:
+            key = self._keys[k] = group_key(r, self.ctx.slo_bucket_s)
+        return key
+
     def _group(self, key: GroupKey, slo_s: float) -> RequestGroup:
         g = self.groups.get(key)
         if g is None:
@@ -297,6 +324,8 @@ class QLMPolicy(QLMBasicPolicy):
 
     # ---------------------------------------------------------- schedule
     def schedule(self, cluster: ClusterView) -> list[Decision]:
+        if not self._count and not self._rejects:
+            return []  # nothing queued (most calls): no plan, no dispatch
         now = cluster.now()
         self._calib.advance(now)
         out: list[Decision] = self._rejects
@@ -329,10 +358,12 @@ class QLMPolicy(QLMBasicPolicy):
         # Least-loaded first, one request at a time, so replicas of a model share its load.
         rooms = [(rm.load, rm.inst.instance_id, rm) for rm in book.open_rooms()]
         heapq.heapify(rooms)
+        tpot = self._tpot
         while rooms and self._count:
             _, iid, room = heapq.heappop(rooms)
             book.fresh_blocks(room)
-            self._cap_for_tpot(room)
+            if tpot:  # (without TPOT classes every cap is None)
+                self._cap_for_tpot(room)
             g = self._next_group(room.inst, room, now, out)
             if g is None:
                 room.blocked = True
@@ -349,9 +380,10 @@ class QLMPolicy(QLMBasicPolicy):
 
     def _next_group(self, inst: InstanceView, room: Room, now: float, out: list[Decision]) -> RequestGroup | None:
         """The group `inst` should take its next request from, if that request fits; None to stop."""
+        groups = self.groups
         for key in self.vqs.get(inst.instance_id, ()):
-            g = self.groups.get(key)
-            if g is None or not self._ready_head(g, now):
+            g = groups.get(key)
+            if g is None or not g.queue or not self._ready_head(g, now):  # (an empty group is never ready)
                 continue
             if g.model == inst.model:
                 break
@@ -383,20 +415,23 @@ class QLMPolicy(QLMBasicPolicy):
         best: RequestGroup | None = None
         best_key: tuple[float, ...] = ()
         late: RequestGroup | None = None
+        ready, key = self._ready_head, self._key
         strict = self._strict
-        for g in self._by_model.get(model or "", ()):
+        for g in self._by_model.get(model or "", ()):  # (`ready` may add a late group: the loop sees it too)
+            q = g.queue
+            if not q:
+                continue
             if g.late:
-                if g.queue:
-                    if strict:
-                        k = (g.key.bucket - LATE_BUCKET, math.inf)
-                        if best is None or k < best_key:
-                            best, best_key = g, k
-                    else:
-                        late = g
+                if strict:
+                    k = (g.key.bucket - LATE_BUCKET, math.inf)
+                    if best is None or k < best_key:
+                        best, best_key = g, k
+                else:
+                    late = g
                 continue
-            if not self._ready_head(g, now):
+            if not ready(g, now):
                 continue
-            k = self._key(g.queue[0])
+            k = key(q[0])
             if best is None or k < best_key:
                 best, best_key = g, k
         if best is None and late is not None and late.queue:
@@ -461,10 +496,10 @@ class QLMPolicy(QLMBasicPolicy):
         frontend delay (which grows with the streams it relays) are too long."""
         if r.first_token_s is not None:
             return False
-        prof = self.ctx.profiles.get(r.model)
-        if prof is None:
+        prefill = self._own_prefill.get(r.model)
+        if prefill is None:
             return now > r.deadline_s
-        return now + prof.prefill_time(r.prompt_tokens) + self._lag_low.get(r.model, 0.0) > r.deadline_s
+        return now + prefill(r.prompt_tokens) + self._lag_low.get(r.model, 0.0) > r.deadline_s
 
     def _update_lag(self) -> None:
         """Per model, the admission lag: from dispatch to first token beyond the prompt's own prefill (the
@@ -472,25 +507,33 @@ class QLMPolicy(QLMBasicPolicy):
         Measured on recent requests once there are enough (median for estimates, lower quartile for
         "hopeless", so that nothing that could still make it is given up); until then the profile's model
         on the least-loaded instance."""
-        self._update_lag_model()
+        measured = [(m, seen) for m, seen in self._lag_seen.items() if len(seen) >= LAG_MIN]
+        self._update_lag_model({m for m, _ in measured})
         self._lag_low = dict(self._lag)
-        for m, seen in self._lag_seen.items():
-            if len(seen) >= LAG_MIN:
-                self._lag[m] = seen.quantile(0.5)
-                self._lag_low[m] = seen.quantile(0.25)
+        for m, seen in measured:
+            self._lag[m] = seen.quantile(0.5)
+            self._lag_low[m] = seen.quantile(0.25)
 
-    def _update_lag_model(self) -> None:
+    def _update_lag_model(self, measured: set[str]) -> None:
+        """The profile's model of the lag, for the models not `measured` (their measure replaces it)."""
         lag: dict[str, float] = {}
         for rm in self._book.rooms():
-            prof = rm.inst.profile
-            if prof is None or rm.inst.model is None:
+            inst = rm.inst
+            prof = inst.profile
+            m = inst.model
+            if prof is None or m is None or m in measured:
                 continue
-            d = rm.load
-            steps = 2 if prof.async_scheduling else 1
-            t = (steps * prof.decode_step_time(d) if d else 0.0) + prof.client_delay(d)
-            m = rm.inst.model
+            t = self._per_profile(prof, "lag", _lag_at)[rm.load]
             lag[m] = min(lag.get(m, math.inf), t)
         self._lag = lag
+
+    def _per_profile(self, prof, what: str, fn) -> _Memo:
+        """`fn(prof, x)` memoised per x for `prof` (pure functions of a frozen profile, asked once per plan per
+        instance with the same few arguments)."""
+        memo = self._profile_memo.get((id(prof), what))
+        if memo is None:  # the memo holds `prof`, so its id is not reused while the entry lives
+            memo = self._profile_memo[(id(prof), what)] = _Memo(lambda x: fn(prof, x))
+        return memo
 
     def _demote(self, g: RequestGroup, r: Request) -> None:
         g.queue.popleft()
@@ -515,19 +558,20 @@ class QLMPolicy(QLMBasicPolicy):
         self._starts = {}
         caps: dict[int, int | None] = {}
         servers_by_model: dict[str, list[tuple[InstanceView, _Server]]] = {}
+        tpot = self._tpot
         for inst in cluster.instances:
             m = inst.model
-            if m is None or inst.swapping or not inst.healthy or inst.profile is None:
+            prof = inst.profile
+            if m is None or inst.swapping or not inst.healthy or prof is None:
                 continue
             rate = self._rate_of(inst, m)
             if rate is None:
                 continue
-            cap = self._tpot_cap(inst, m)
+            cap = self._tpot_cap(inst, m) if tpot else None  # (None without TPOT classes, without the call)
             caps[inst.instance_id] = cap
-            pending = inst.pending_prefill_tokens
-            srv = _Server(rate, inst.num_running + inst.num_waiting,
-                          prefill_s=pending * self._prefill_s_per_token(inst.profile, m), tpot_cap=cap,
-                          concurrency=inst.num_running)
+            running = inst.num_running
+            pending_s = inst.pending_prefill_tokens * self._prefill_s_per_token(prof, m)
+            srv = _Server(rate, running + inst.num_waiting, 0, pending_s, cap, running)
             servers_by_model.setdefault(m, []).append((inst, srv))
         self._tpot_caps = caps
         self._served = set(servers_by_model)
@@ -549,9 +593,10 @@ class QLMPolicy(QLMBasicPolicy):
         future = self._future[model] = self._future_load(model, per_tok, len(servers), now)
         srvs = [s for _, s in servers]
         nearest = [s.start_s(False) for s in srvs]  # each server's start for the next request, kept current
-        out_len = {c: self.est.class_output_mean(model, c) for c in self.ctx.slo_classes}
+        out_len: dict[str, float] = {}  # per class met, the mean output length (a walk often meets one class)
+        classes = self.ctx.slo_classes
         prefill = self._prefill_cache(prof)
-        limit = 4 * sum(s.rate.concurrency for s in srvs) + 256
+        limit = 4 * sum([s.rate.concurrency for s in srvs]) + 256
         horizon = self._horizon_s
         strict = self._strict
         keys: list[tuple[float, ...]] = []
@@ -559,7 +604,9 @@ class QLMPolicy(QLMBasicPolicy):
         starts_pct: list[float] = []
         taken: list[tuple[float, int, Request, int, float]] = []  # max-heap of (-badness, id, request, server, work)
         deferred: set[int] = set()
-        for r in heapq.merge(*(g.queue for g in groups), key=self._key):
+        # In urgency order (merging one queue gives that queue: skip the merge's machinery, the common case).
+        queued = groups[0].queue if len(groups) == 1 else heapq.merge(*(g.queue for g in groups), key=self._key)
+        for r in queued:
             if r.deadline_s - now > horizon:
                 if strict:
                     continue  # a looser class may still come
@@ -574,14 +621,18 @@ class QLMPolicy(QLMBasicPolicy):
             start_pct = srv.start_s(True)
             if r.predicted_ttft_s is None:
                 base = now - r.arrival_s + own_pf + lag
-                self._predict(r, base + self._with_arrivals(start, r, future, now),
-                              base + self._with_arrivals(start_pct, r, future, now))
+                ahead = self._ahead(r, future, now) if future else None
+                self._predict(r, base + self._stretch(start, ahead), base + self._stretch(start_pct, ahead))
             keys.append(self._key(r))
             starts.append(start)
             starts_pct.append(start_pct)
             work = tokens * per_tok[0]
-            bad = self._badness(r, work + max(0.0, out_len.get(r.slo_class, rate.request_time_s) - r.generated_tokens)
-                                * per_tok[1])
+            cls = r.slo_class
+            mean_out = out_len.get(cls)
+            if mean_out is None:
+                mean_out = out_len[cls] = self.est.class_output_mean(model, cls) if cls in classes \
+                    else rate.request_time_s
+            bad = self._badness(r, work + max(0.0, mean_out - r.generated_tokens) * per_tok[1])
             if now + start + own_pf + lag > r.deadline_s:
                 self.stats.predicted_violations += 1
                 # Moore-Hodgson: give up the worst request taken so far if that is worse than giving up this one.
@@ -600,7 +651,7 @@ class QLMPolicy(QLMBasicPolicy):
             nearest[i] = srvs[i].start_s(False)
             heapq.heappush(taken, (-bad, r.request_id, r, i, work))
         self._starts[model] = (now, keys, starts, starts_pct)
-        self._unwalked[model] = (per_tok, len(srvs), out_len)
+        self._unwalked[model] = (per_tok, len(srvs))
         return self._give_up(groups, deferred, now)
 
     def _prefill_cache(self, prof) -> "dict[int, float].__getitem__":
@@ -627,28 +678,45 @@ class QLMPolicy(QLMBasicPolicy):
             out.append((c.ttft_s, c.rank, rate * cost / servers))
         return out
 
-    def _with_arrivals(self, start: float, r: Request, future: list[tuple[float, int, float]], now: float) -> float:
-        """`start` stretched by the requests that will arrive before `r` starts and still go before it:
-        under EDF those whose deadline comes earlier, under strict precedence those of tighter classes."""
-        if not future:
+    def _ahead(self, r: Request, future: list[tuple[float, int, float]], now: float) -> tuple[bool, list]:
+        """The arrivals that will go before `r` (see `_stretch`), worked out once for its several starts:
+        (True, the loads of the tighter classes) under strict precedence, else (False, per class: how long
+        its arrivals still have an earlier deadline than `r`'s, and its load)."""
+        if self._strict:
+            rank = self._rank.get(r.slo_class, 0)
+            return True, [load for _, c_rank, load in future if c_rank < rank]
+        left = r.deadline_s - now
+        return False, [(left - slo_s, load) for slo_s, _, load in future]
+
+    @staticmethod
+    def _stretch(start: float, ahead: tuple[bool, list] | None) -> float:
+        """`start` stretched by the requests that will arrive before it and still go first (`_ahead`; None:
+        no arrivals): under EDF those whose deadline comes earlier, under strict precedence those of tighter
+        classes."""
+        if ahead is None:
             return start
-        rank = self._rank.get(r.slo_class, 0)
+        strict, terms = ahead
         base = start
-        for _ in range(3):  # a fixed point: the longer it waits, the more arrive ahead of it
+        # A fixed point: the longer it waits, the more arrive ahead of it. Each round is a function of `start`
+        # alone, so once a round leaves it unchanged (e.g. nothing ahead at 0 s) the rest would too.
+        for _ in range(3):
             extra = 0.0
-            for slo_s, c_rank, load in future:
-                if self._strict:
-                    if c_rank < rank:
-                        extra += load * start
-                else:
-                    extra += load * max(0.0, min(start, r.deadline_s - now - slo_s))
-            start = base + extra
+            if strict:
+                for load in terms:
+                    extra += load * start
+            else:
+                for cap, load in terms:
+                    m = cap if cap < start else start  # max(0.0, min(start, cap)), without the calls
+                    extra += load * (m if m > 0.0 else 0.0)
+            new = base + extra
+            if new == start:
+                return new
+            start = new
         return start
 
     def _prefill_s_per_token(self, prof, model: str) -> float:
         """Prefill work per prompt token of `model`, at its mean prompt length (attention pairs included)."""
-        mean = max(1, int(self.est.prompt_mean(model)))
-        return prof.prefill_work_s(mean) / mean
+        return self._per_profile(prof, "pf/token", _prefill_work_per_token)[max(1, int(self.est.prompt_mean(model)))]
 
     @staticmethod
     def _put(srv: _Server, prefill_s: float, sign: int) -> None:
@@ -695,40 +763,43 @@ class QLMPolicy(QLMBasicPolicy):
             g.queue.extend(keep)
         return out
 
-    def _predict_at_arrival(self, r: Request, now: float) -> bool:
+    def _predict_at_arrival(self, r: Request, key: GroupKey, now: float) -> bool:
         """Record `r`'s predicted TTFT from its place by urgency in the last walk over its model's queue (its
-        start then, less the time since); True when the mean prediction misses its deadline."""
-        prof = self.ctx.profiles.get(r.model)
-        if prof is None:
+        start then, less the time since); True when the mean prediction misses its deadline. `key`: its group."""
+        model = r.model
+        prefill = self._own_prefill.get(model)
+        if prefill is None:
             return False
-        own = prof.prefill_time(r.prompt_tokens) + self._lag.get(r.model, 0.0)
-        walk = self._starts.get(r.model)
+        own = prefill(r.prompt_tokens) + self._lag.get(model, 0.0)
         start = start_pct = 0.0
-        planned = self._group_start.get(group_key(r, self.ctx.slo_bucket_s))
-        if r.model not in self._served and planned is not None:
+        future = self._future.get(model)
+        ahead = self._ahead(r, future, now) if future else None
+        planned = self._group_start.get(key) if model not in self._served else None
+        if planned is not None:
             t, head, each = planned
-            g = self.groups.get(group_key(r, self.ctx.slo_bucket_s))
+            g = self.groups.get(key)
             start = start_pct = max(0.0, head - (now - t)) + (len(g.queue) if g is not None else 0) * each
-        elif walk is not None:
-            t, keys, starts, starts_pct = walk
-            if starts:
-                key = self._key(r)
-                i = bisect.bisect_left(keys, key)
-                # Beyond the walk's reach (it stops at its horizon), the queued requests between its last
-                # one and `r` go first too.
-                beyond = self._unwalked_s(r.model, keys[-1], key) if i == len(starts) else 0.0
-                i = min(i, len(starts) - 1)
-                start = max(0.0, starts[i] - (now - t)) + beyond
-                start_pct = self._with_arrivals(max(0.0, starts_pct[i] - (now - t)) + beyond, r,
-                                                self._future.get(r.model, []), now)
+        else:
+            walk = self._starts.get(model)
+            if walk is not None:
+                t, keys, starts, starts_pct = walk
+                if starts:
+                    order = self._key(r)
+                    i = bisect.bisect_left(keys, order)
+                    # Beyond the walk's reach (it stops at its horizon), the queued requests between its
+                    # last one and `r` go first too.
+                    beyond = self._unwalked_s(model, keys[-1], order) if i == len(starts) else 0.0
+                    i = min(i, len(starts) - 1)
+                    start = max(0.0, starts[i] - (now - t)) + beyond
+                    start_pct = self._stretch(max(0.0, starts_pct[i] - (now - t)) + beyond, ahead)
         miss = now + start + own > r.deadline_s
-        self._predict(r, self._with_arrivals(start, r, self._future.get(r.model, []), now) + own, start_pct + own)
+        self._predict(r, self._stretch(start, ahead) + own, start_pct + own)
         return miss
 
     def _unwalked_s(self, model: str, after: tuple[float, ...], before: tuple[float, ...]) -> float:
         """Service time of the on-time requests of `model` queued with order keys in (`after`, `before`): ones
         the last walk did not reach, at their classes' mean lengths, spread over the model's servers."""
-        per_tok, servers, out_len = self._unwalked[model]
+        per_tok, servers = self._unwalked[model]
         prompt = self.est.prompt_mean(model) * per_tok[0]
         key = self._key
         total = 0.0
@@ -739,7 +810,7 @@ class QLMPolicy(QLMBasicPolicy):
             # FCFS within a group of one SLO: its keys rise along the queue.
             n = bisect.bisect_left(q, before, key=key) - bisect.bisect_right(q, after, key=key)
             if n > 0:
-                total += n * (prompt + out_len.get(g.queue[0].slo_class, 0.0) * per_tok[1])
+                total += n * (prompt + self.est.class_output_mean(model, q[0].slo_class) * per_tok[1])
         return total / max(1, servers)
 
     def _predict(self, r: Request, mean_s: float, pct_s: float) -> None:
@@ -786,7 +857,11 @@ class QLMPolicy(QLMBasicPolicy):
             options = []
             for lane in lanes:
                 if lane.model == model:  # `_start_on` for a lane already serving the model, inlined (hot loop)
-                    rate_l = lane.rates[model] if model in lane.rates else self._planned_rate(lane, model)
+                    rates = lane.rates  # `_planned_rate`, without its KeyError on a lane's first look
+                    if model in rates:
+                        rate_l = rates[model]
+                    else:
+                        rate_l = rates[model] = self._rate_of(lane.inst, model)
                     if rate_l is None:
                         continue
                     k = lane.ahead - rate_l.concurrency + 1
@@ -807,7 +882,7 @@ class QLMPolicy(QLMBasicPolicy):
             # Spread over more replicas of the same model while that brings the tail in sooner.
             rate = self._rate_of(chosen[0][2].inst, g.model)
             assert rate is not None
-            for start, swap, lane in sorted(options, key=lambda o: o[0]):
+            for start, swap, lane in sorted(options, key=itemgetter(0)):
                 if lane is chosen[0][2] or swap:
                     continue
                 k = len(chosen)
@@ -855,8 +930,11 @@ class QLMPolicy(QLMBasicPolicy):
         """Make room for an urgent group at the head of a full instance's queue."""
         out: list[Decision] = []
         for inst in cluster.instances:
-            room = room_of(inst, 0)
-            if room is None or room.slots > 0:
+            # `room_of(inst, 0)` is None or has a slot: without building the Room (this runs every plan).
+            prof = inst.profile
+            if inst.swapping or not inst.healthy or prof is None:
+                continue
+            if prof.max_num_seqs - (inst.num_running + inst.num_waiting) > 0:
                 continue
             head = self._most_urgent(inst.model, now)
             if head is None or head.late or not head.queue:

@@ -309,12 +309,14 @@ class QLMBasicPolicy(Policy):
     # ---------------------------------------------------------- planning
     def _lanes(self, cluster: ClusterView) -> list[_Lane]:
         lanes = []
+        swapping_to = self._swapping_to
         for inst in cluster.instances:
             if not inst.healthy:
                 continue
-            model = self._swapping_to.get(inst.instance_id, inst.model)
+            model = swapping_to.get(inst.instance_id, inst.model)
             offset = inst.load_time(model) if inst.swapping and model else 0.0
-            lanes.append(_Lane(inst, model, float(inst.num_running + inst.num_waiting), offset, []))
+            # (the per-plan dicts passed, not made by the dataclass's default factories: once per lane and plan)
+            lanes.append(_Lane(inst, model, float(inst.num_running + inst.num_waiting), offset, [], {}, {}))
         return lanes
 
     def _rate_of(self, inst: InstanceView, model: str) -> ServiceRate | None:
