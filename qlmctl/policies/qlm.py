@@ -226,6 +226,9 @@ class QLMPolicy(QLMBasicPolicy):
         """Group keys by (model, TTFT SLO), see `_key_of`."""
         self._horizon_s = max(60.0, 20.0 * ctx.reschedule_interval_s)
         """The walk looks at requests due within this long; later ones wait for a later walk."""
+        self._urgent: dict[str | None, RequestGroup | None] = {}
+        """Within one dispatch pass: `_most_urgent` per model, until that model's queues change (a dispatch or a
+        demotion). Every open room asks, and with many instances most of them ask about the same heads."""
         self._calib = TTFTCalibration(ctx.percentile)
         """Turns the estimator's mean TTFT predictions into ones at the configured percentile."""
         self._group_start: dict[GroupKey, tuple[float, float, float]] = {}
@@ -253,7 +256,11 @@ class QLMPolicy(QLMBasicPolicy):
         g.queue.append(request)
         self._count += 1
         self._depth[request.slo_class] = self._depth.get(request.slo_class, 0) + 1
-        self._arrived_models.add(request.model)
+        if len(g.queue) == 1:
+            # A new head: rooms that had nothing to take may take it. Behind a head, it changes nothing a
+            # blocked room looked at (a room is blocked with the heads as they are; time moving on is seen
+            # at the next plan, which unblocks every room).
+            self._arrived_models.add(request.model)
 
     def on_first_token(self, request: Request, now: float) -> None:
         self._touch(request.instance_id)  # its prompt left the engine's prefill backlog
@@ -359,6 +366,8 @@ class QLMPolicy(QLMBasicPolicy):
         rooms = [(rm.load, rm.inst.instance_id, rm) for rm in book.open_rooms()]
         heapq.heapify(rooms)
         tpot = self._tpot
+        urgent = self._urgent
+        urgent.clear()
         while rooms and self._count:
             _, iid, room = heapq.heappop(rooms)
             book.fresh_blocks(room)
@@ -369,6 +378,7 @@ class QLMPolicy(QLMBasicPolicy):
                 room.blocked = True
                 continue
             r = g.queue.popleft()
+            urgent.pop(g.model, None)
             self._count -= 1
             self._depth[r.slo_class] -= 1
             room.take(r)
@@ -404,7 +414,12 @@ class QLMPolicy(QLMBasicPolicy):
             if self._can_defer(inst, g, room.load, now):
                 continue
             return None
-        best = self._most_urgent(inst.model, now)
+        model = inst.model
+        urgent = self._urgent
+        if model in urgent:
+            best = urgent[model]
+        else:
+            best = urgent[model] = self._most_urgent(model, now)
         if best is not None and room.fits(best.queue[0]):
             return best
         return None
@@ -537,6 +552,7 @@ class QLMPolicy(QLMBasicPolicy):
 
     def _demote(self, g: RequestGroup, r: Request) -> None:
         g.queue.popleft()
+        self._urgent.pop(g.model, None)
         self._to_late(r)
 
     def _late_key(self, r: Request) -> GroupKey:
