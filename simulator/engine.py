@@ -202,23 +202,6 @@ class Engine:
         return len(self._waiting) + len(self._waiting_heap) + self._pending_submits + self._transit_count
 
     @property
-    def pending_prefill_tokens(self) -> int:
-        """Prompt tokens (with output to recompute) handed to this engine and not prefilled yet: in transit,
-        queued for the next boundary, waiting, and the rest of the prefilling sequences' prompts."""
-        n = self._prefill_total
-        for q in self._waiting:
-            n += q.prompt_tokens + q.generated
-        for e in self._waiting_heap:
-            n += e[3].prompt_tokens + e[3].generated
-        for op, q in self._pending:
-            if op == "submit":
-                n += q.prompt_tokens + q.generated
-        for _, _, q in self._transit:
-            if q.state is _TRANSIT:
-                n += q.prompt_tokens + q.generated
-        return n
-
-    @property
     def used_blocks(self) -> int:
         return self._used
 
