@@ -435,27 +435,32 @@ class QLMBasicPolicy(Policy):
                     break
             if head is None or head.late or head.model != inst.model:
                 continue
-            prof = inst.profile
-            assert prof is not None
-            rate = self.est.rate(prof, head.model)
-            wait = self.est.wait_time(0, inst.num_running + inst.num_waiting, rate, head.model)
-            r0 = head.queue[0]
-            slack = r0.deadline_s - now - prof.prefill_time(r0.prompt_tokens) - prof.client_delay(inst.num_running)
-            if wait <= slack:
-                continue
-            # Victims: requests of groups whose SLO is far looser, youngest first (least recompute).
-            victims = [
-                r
-                for r in inst.running_requests()
-                if r.request_id not in self._evicting and r.ttft_slo_s >= 4 * head.slo_s
-                and (r.first_token_s is not None or r.deadline_s - now > 4 * head.slo_s)
-            ]
-            if not victims:
-                continue
-            urgent = sum(1 for r in head.queue if r.deadline_s - now < 2 * wait)
-            victims.sort(key=lambda r: (-r.ttft_slo_s, r.generated_tokens))
-            for r in victims[: max(1, min(urgent, len(victims)))]:
-                self._evicting.add(r.request_id)
-                self.stats.evictions += 1
-                out.append(Evict(r, inst.instance_id))
+            out.extend(self._evict_for(inst, head, now))
+        return out
+
+    def _evict_for(self, inst: InstanceView, head: RequestGroup, now: float) -> list[Decision]:
+        """Evictions on the full instance `inst` for `head`, the group it serves next, if that group's head
+        would miss its deadline waiting for a slot: running requests of groups whose SLO is far looser."""
+        prof = inst.profile
+        assert prof is not None
+        rate = self.est.rate(prof, head.model)
+        wait = self.est.wait_time(0, inst.num_running + inst.num_waiting, rate, head.model)
+        r0 = head.queue[0]
+        slack = r0.deadline_s - now - prof.prefill_time(r0.prompt_tokens) - prof.client_delay(inst.num_running)
+        if wait <= slack:
+            return []
+        # Victims: youngest first (least recompute).
+        victims = [
+            r
+            for r in inst.running_requests()
+            if r.request_id not in self._evicting and r.ttft_slo_s >= 4 * head.slo_s
+            and (r.first_token_s is not None or r.deadline_s - now > 4 * head.slo_s)
+        ]
+        urgent = sum(1 for r in head.queue if r.deadline_s - now < 2 * wait)
+        victims.sort(key=lambda r: (-r.ttft_slo_s, r.generated_tokens))
+        out: list[Decision] = []
+        for r in victims[: max(1, min(urgent, len(victims)))]:
+            self._evicting.add(r.request_id)
+            self.stats.evictions += 1
+            out.append(Evict(r, inst.instance_id))
         return out
