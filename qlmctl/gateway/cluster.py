@@ -398,15 +398,10 @@ class LiveCluster:
                  tell_policy: bool = True, now: float | None = None) -> None:
         """The request ended: complete, failed (`error`), or abandoned by its client. `tell_policy` False: the
         driver tells the policy itself. `now`: when it ended (default now)."""
-        if lr.done:
+        now = self.now() if now is None else now
+        if not lr.end(now, error):
             return
         r = lr.req
-        now = self.now() if now is None else now
-        lr.done = True
-        r.finish_s = now
-        r.generated_tokens = lr.sent
-        if error is not None:
-            r.error = error
         self._live.pop(r.request_id, None)
         if lr.engine is not None:
             lr.engine.instance.remove(lr, now)

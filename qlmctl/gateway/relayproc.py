@@ -157,15 +157,10 @@ class RelayCluster:
 
     def finished(self, lr: LiveRequest, error: str | None = None, outcome: str | None = None,
                  tell_policy: bool = True) -> None:
-        if lr.done:
+        now = self.now()
+        if not lr.end(now, error):
             return
         r = lr.req
-        now = self.now()
-        lr.done = True
-        r.finish_s = now
-        r.generated_tokens = lr.sent
-        if error is not None:
-            r.error = error
         self._live.pop(r.request_id, None)
         if lr.queued:
             lr.cancelled = True

@@ -79,3 +79,16 @@ class LiveRequest:
     """Dispatched at least once (its queue time is observed at its first dispatch)."""
     last_token_t: float | None = None
     """time.monotonic() when its last tokens reached the client (for the inter-token gaps)."""
+
+    def end(self, now: float, error: str | None) -> bool:
+        """Mark it ended at `now` (failed with `error`, unless None) with what was sent; False if it had
+        ended already. The clusters' `finished` (live and relay worker) start with this."""
+        if self.done:
+            return False
+        self.done = True
+        r = self.req
+        r.finish_s = now
+        r.generated_tokens = self.sent
+        if error is not None:
+            r.error = error
+        return True
