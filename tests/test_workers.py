@@ -126,6 +126,16 @@ async def test_api_key_and_queue_limit_hold_across_workers():
                     check_exact(o, 400)
 
 
+async def _worker_pids(port: int, proc) -> list[int]:
+    """Once `serve` is up, the relay worker pids it prints when every worker listens."""
+    await _up(port, proc)
+    line = ""
+    while "relay workers" not in line:
+        line = await asyncio.to_thread(proc.stdout.readline)
+        assert line, "serve printed no worker pids"
+    return [int(p) for p in re.search(r"pids ([\d, ]+)\)", line).group(1).split(",")]
+
+
 @pytest.mark.asyncio
 async def test_sigkill_of_the_core_leaves_no_worker(tmp_path):
     with ExitStack() as stack:
@@ -133,12 +143,7 @@ async def test_sigkill_of_the_core_leaves_no_worker(tmp_path):
         port = _free_port()
         proc = _serve(tmp_path, e0.url, port, "--policy", "qlm", "--workers", "2")
         try:
-            await _up(port, proc)
-            line = ""
-            while "relay workers" not in line:
-                line = await asyncio.to_thread(proc.stdout.readline)
-                assert line, "serve printed no worker pids"
-            pids = [int(p) for p in re.search(r"pids ([\d, ]+)\)", line).group(1).split(",")]
+            pids = await _worker_pids(port, proc)
             assert len(pids) == 2 and all(_alive(p) for p in pids)
             # Mid-stream: the workers hold open client and engine connections when the core dies.
             pool = Pool(f"http://127.0.0.1:{port}", max_idle=8)
@@ -301,16 +306,11 @@ async def test_serve_restarts_a_killed_worker_and_sigterm_leaves_none(tmp_path):
         port = _free_port()
         proc = _serve(tmp_path, e0.url, port, "--policy", "qlm", "--workers", "2")
         try:
-            await _up(port, proc)
-            line = ""
-            while "relay workers" not in line:  # printed once every worker listens
-                line = await asyncio.to_thread(proc.stdout.readline)
-                assert line, "serve printed no worker pids"
-            first = [int(p) for p in re.search(r"pids ([\d, ]+)\)", line).group(1).split(",")]
+            first = await _worker_pids(port, proc)
             assert sorted(_relay_workers_of(proc.pid)) == sorted(first)
             os.kill(first[0], signal.SIGKILL)
             # The core says when the new worker listens, and its pid (the log goes to the same stream).
-            seen = []
+            seen, line = [], ""
             while (m := re.search(r"relay worker 0 restarted \(pid (\d+)", line)) is None:
                 line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
                 assert line, "serve exited: " + "".join(seen)
