@@ -203,6 +203,9 @@ class SimulatedCluster:
     def now(self) -> float:
         return self._now
 
+    steps_reported = True
+    """An engine's state changes only when it advances, and each advance is reported (`Policy.on_instance_stepped`)."""
+
     # World (the driver's operations)
     resolution_s = SIM_RESOLUTION_S
 
@@ -247,8 +250,10 @@ class SimulatedCluster:
 
     def applied(self, now: float) -> None:
         engines = self._engines
+        stepped = self.driver.stepped
         for iid in self._touched:
             outs = engines[iid].advance(now)
+            stepped(iid)
             if outs:
                 self._handle(iid, outs)
             self._push(iid)
@@ -291,6 +296,7 @@ class SimulatedCluster:
         driver = self.driver
         arrived = driver.arrived
         schedule = driver.schedule
+        stepped = driver.stepped
         wake: float | None = None
         last_progress = 0
         max_len = {m: max(inst.profile_for(m).max_model_len for inst in self._instances) for m in self.scenario.models}
@@ -313,6 +319,7 @@ class SimulatedCluster:
                     continue  # superseded
                 pushed[iid] = None
                 outs = engines[iid].advance(now)
+                stepped(iid)
                 if outs:
                     handle(iid, outs)
                 push(iid)

@@ -89,6 +89,10 @@ class ClusterView(Protocol):
 
     def now(self) -> float: ...
 
+    # Optional (read with getattr, default False): `steps_reported`, True where an instance's state changes
+    # only at moments the world reports through `Policy.on_instance_stepped` (the simulator). Live state moves
+    # on its own (streams, metrics), so a policy re-reads what it needs on every call there.
+
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:

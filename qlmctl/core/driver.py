@@ -108,6 +108,7 @@ class Driver:
         self.first_token = policy.on_first_token
         self.finished = policy.on_finished
         self.instance_changed = policy.on_instance_changed
+        self.stepped = policy.on_instance_stepped
         self.evicted = policy.on_evicted
 
     def requeue(self, request: Request, now: float) -> None:

@@ -129,6 +129,12 @@ class Policy(ABC):
     def on_instance_changed(self, instance_id: int) -> None:
         """An instance's capacity or model changed (swap done, health change, engine preemption)."""
 
+    def on_instance_stepped(self, instance_id: int) -> None:
+        """The instance's engine moved on: what the view reports of it (running and waiting counts, free KV
+        blocks, prefill backlog) may differ from the last look. A world whose instances change only at such
+        moments says so (`steps_reported`: the simulator, at each engine event) and calls this every time;
+        there, a policy may keep what it read of an instance until told. Live, state moves on its own."""
+
     def on_evicted(self, request: Request, now: float) -> None:
         """An Evict was carried out: the request is back in the policy's hands (head of its queue)."""
         raise NotImplementedError(f"{self.name} does not evict")

@@ -62,7 +62,7 @@ class QueuePolicy(Policy):
         super().__init__(ctx)
         self._queues: dict[str, _KeyQueue] = {}  # entries: (*key, request id, request)
         self._count = 0
-        self._book = RoomBook(ctx.dispatch_limit)
+        self._book = RoomBook(ctx.dispatch_limit, tracks_steps=True)
         self._served: set[str] | None = None  # models loaded somewhere; None: to recompute
         self._swap_targets: dict[int, str] = {}  # swaps under way: instance -> model
         self._depth: dict[str, int] = {}
@@ -80,6 +80,9 @@ class QueuePolicy(Policy):
 
     def on_finished(self, request: Request, now: float) -> None:
         self._book.touch(request.instance_id)
+
+    def on_instance_stepped(self, instance_id: int) -> None:
+        self._book.touch(instance_id)
 
     def on_instance_changed(self, instance_id: int) -> None:
         self._book.touch(instance_id)
@@ -101,40 +104,22 @@ class QueuePolicy(Policy):
             return []
         book = self._book
         book.refresh(cluster)
-        rooms = book.open_rooms()
         out: list[Decision] = []
         for model, q in self._queues.items():
-            if not q:
-                continue
-            # Least-loaded first (ties by instance id). A room the head does not fit is passed over for that
-            # head only: a later, smaller head may fit it. So a call leaves each model's head fitting no room,
-            # and a second call with nothing changed dispatches nothing (the simulator relies on that).
-            serving = [(rm.load, rm.inst.instance_id, rm) for rm in rooms if rm.inst.model == model]
-            heapq.heapify(serving)
-            while q and serving:
+            # Each head goes to the least-loaded instance it fits (ties by instance id); the first that fits
+            # nowhere waits, and so does everything behind it. So a call leaves each model's head fitting no
+            # room, and a second call with nothing changed dispatches nothing (the simulator relies on that).
+            while q:
                 r = q.head()[-1]
-                passed = []
-                while serving:
-                    best = serving[0][2]
-                    # Its KV figure is re-read, as decoding shrinks it between events.
-                    book.fresh_blocks(best)
-                    if best.fits(r):
-                        break
-                    passed.append(heapq.heappop(serving))
-                else:
-                    break  # the head fits nowhere: it waits, and so does everything behind it
+                rm = book.place(model, r)
+                if rm is None:
+                    break
                 q.pop()
                 self._count -= 1
                 self._depth[r.slo_class] -= 1
-                best.take(r)
-                iid = best.inst.instance_id
-                out.append(Dispatch(r, iid))
-                if best.slots <= 0:
-                    heapq.heappop(serving)
-                else:
-                    heapq.heapreplace(serving, (best.load, iid, best))
-                for e in passed:
-                    heapq.heappush(serving, e)
+                rm.take(r)
+                book.taken(rm)
+                out.append(Dispatch(r, rm.inst.instance_id))
         if self.ctx.enable_swap and self._count:
             out.extend(self._swaps(cluster))
         return out

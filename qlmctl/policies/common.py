@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -51,6 +52,11 @@ class Room:
             self.taken_tokens += t
 
 
+def _kv_room(rm: Room) -> float:
+    """Tokens `rm`'s free KV blocks hold (inf for an empty engine, which takes anything: `Room.fits`)."""
+    return rm.blocks * rm.block_size if rm.load > 0 else math.inf
+
+
 def room_of(inst: InstanceView, dispatch_limit: int, lookahead_steps: float | None = None) -> Room | None:
     """The room on `inst`, or None when it serves nothing now (swapping, unhealthy, no model).
 
@@ -93,13 +99,26 @@ class RoomBook:
     before `Room.fits` or `Room.take` (its slots and load are current from `refresh` on).
     """
 
-    def __init__(self, dispatch_limit: int, lookahead_steps: float | None = None) -> None:
+    def __init__(self, dispatch_limit: int, lookahead_steps: float | None = None, *,
+                 tracks_steps: bool = False) -> None:
+        """`tracks_steps`: the owner touches an instance on every `Policy.on_instance_stepped`, so where the
+        world reports steps (`steps_reported`), a room read since its refresh is still current (see `place`)."""
         self.dispatch_limit = dispatch_limit
         self.lookahead_steps = lookahead_steps
+        self.tracks_steps = tracks_steps
         self._rooms: dict[int, Room | None] = {}
         self._stale: set[int] | None = None  # None: all
         # Kept so that a call costs what changed, not the number of instances:
         self._open: dict[int, Room] = {}  # rooms that may have a free slot (a full one drops out until refreshed)
+        self._by_model: dict[str, dict[int, Room]] = {}  # `_open` by the model each serves
+        self._model_of: dict[int, str] = {}  # the model each room of `_by_model` is filed under
+        self._unread: dict[str, list[Room]] = {}  # open rooms refreshed since `place` last read them
+        self._caps: dict[str, list[tuple[float, int, int, Room]]] = {}
+        """Per model, a heap of (-free KV tokens, instance id, id(room), room) of the rooms read, for `place` (stale
+        entries are dropped as they come up)."""
+        self._loads: dict[str, list[tuple[int, int, int, Room]]] = {}
+        """Per model, a heap of (load, instance id, id(room), room) of the rooms read, for `place`."""
+        self._current = False  # rooms read stay current until touched (tracks_steps and the world reports steps)
         self._unloaded: set[int] = set()  # instances serving nothing
         self._handed: list[Room] = []  # rooms open_rooms gave out since the last refresh (only they take)
 
@@ -118,11 +137,16 @@ class RoomBook:
         insts = cluster.instances
         ids = range(len(insts)) if self._stale is None else self._stale
         rooms, open_, unloaded = self._rooms, self._open, self._unloaded
+        by_model, unread, model_of = self._by_model, self._unread, self._model_of
         limit = self.dispatch_limit
+        self._current = self.tracks_steps and getattr(cluster, "steps_reported", False)
         for iid in ids:
             # `room_of` but for what `fresh_blocks` reads when the room is chosen (free blocks, prompt tokens).
             inst = insts[iid]
             prof = inst.profile
+            old_model = model_of.pop(iid, None)
+            if old_model is not None:
+                by_model[old_model].pop(iid, None)
             if inst.swapping or not inst.healthy or prof is None:
                 rm = None
             else:
@@ -135,6 +159,16 @@ class RoomBook:
             else:
                 unloaded.discard(iid)
                 open_[iid] = rm
+                model = inst.model
+                serving = by_model.get(model)
+                if serving is None:
+                    serving = by_model[model] = {}
+                    unread[model] = []
+                    self._caps[model] = []
+                    self._loads[model] = []
+                serving[iid] = rm
+                unread[model].append(rm)
+                model_of[iid] = model
         self._stale = set()
 
     def get(self, instance_id: int) -> Room | None:
@@ -154,9 +188,107 @@ class RoomBook:
                 full.append(iid)
         if full is not None:
             for iid in full:  # a full room opens again only as a new Room, at a refresh
-                del self._open[iid]
+                self._close(self._open[iid])
         self._handed.extend(out)
         return out
+
+    def place(self, model: str, r: Request) -> Room | None:
+        """The least-loaded open room of `model` (ties: lowest instance id) that `r` fits, or None.
+
+        Where rooms stay current between touches (`tracks_steps` and a world that reports steps), only rooms
+        refreshed since the last call are read, and the rooms with KV for `r` come off a heap by free KV, so a
+        call costs what changed and what fits, not the number of instances. After `Room.take`, the caller
+        reports it with `taken`.
+        """
+        serving = self._by_model.get(model)
+        if not serving:
+            return None
+        if not self._current:  # nothing stays current: read them all
+            best: Room | None = None
+            best_key = (0, 0)
+            for iid, rm in list(serving.items()):
+                if rm.slots <= 0:
+                    self._close(rm)
+                    continue
+                self.fresh_blocks(rm)
+                if rm.fits(r) and (best is None or (rm.load, iid) < best_key):
+                    best, best_key = rm, (rm.load, iid)
+            return best
+        caps, loads = self._caps[model], self._loads[model]
+        unread = self._unread[model]
+        if unread:
+            fresh = self.fresh_blocks
+            for rm in unread:
+                iid = rm.inst.instance_id
+                if serving.get(iid) is not rm:
+                    continue  # refreshed again, or full, since
+                if rm.slots <= 0:
+                    self._close(rm)
+                    continue
+                fresh(rm)
+                heapq.heappush(caps, (-_kv_room(rm), iid, id(rm), rm))
+                heapq.heappush(loads, (rm.load, iid, id(rm), rm))
+            self._unread[model] = []
+            if len(caps) + len(loads) > 8 * len(serving) + 64:  # stale entries pile up: rebuild from the rooms
+                caps[:] = [(-_kv_room(rm), iid, id(rm), rm) for iid, rm in serving.items()]
+                loads[:] = [(rm.load, iid, id(rm), rm) for iid, rm in serving.items()]
+                heapq.heapify(caps)
+                heapq.heapify(loads)
+        # Entries of rooms since replaced, closed or changed are stale: dropped as they come up.
+        # The most free KV any room has (in tokens, so that block sizes may differ): too little, and `r` fits
+        # nowhere (`Room.fits` needs its tokens and one more).
+        while caps and (serving.get(caps[0][1]) is not caps[0][3] or -caps[0][0] != _kv_room(caps[0][3])):
+            heapq.heappop(caps)
+        if not caps or -caps[0][0] < r.prompt_tokens + r.generated_tokens + 1:
+            return None
+        # The least-loaded room `r` fits: walk up the load heap to the first that fits, and at the same pace
+        # down the KV heap through every room with KV for `r`; whichever ends first answers, so a call costs
+        # the fewer of the rooms passed over and the rooms that fit. What came off goes back.
+        tokens = r.prompt_tokens + r.generated_tokens + 1
+        held_l, held_c = [], []
+        best: Room | None = None
+        cand: Room | None = None
+        cand_key = (0, 0)
+        while True:
+            while loads and (serving.get(loads[0][1]) is not loads[0][3] or loads[0][0] != loads[0][3].load):
+                heapq.heappop(loads)
+            if not loads:
+                break
+            rm = loads[0][3]
+            if rm.fits(r):
+                best = rm
+                break
+            held_l.append(heapq.heappop(loads))
+            while caps and (serving.get(caps[0][1]) is not caps[0][3] or -caps[0][0] != _kv_room(caps[0][3])):
+                heapq.heappop(caps)
+            if not caps or -caps[0][0] < tokens:
+                best = cand  # every room with KV for `r` looked at
+                break
+            e = heapq.heappop(caps)
+            held_c.append(e)
+            rm = e[3]
+            if rm.fits(r) and (cand is None or (rm.load, e[1]) < cand_key):
+                cand, cand_key = rm, (rm.load, e[1])
+        for e in held_l:
+            heapq.heappush(loads, e)
+        for e in held_c:
+            heapq.heappush(caps, e)
+        return best
+
+    def taken(self, rm: Room) -> None:
+        """`rm` took a request (`Room.take`): a full room leaves the open ones until it is refreshed."""
+        self._handed.append(rm)
+        if rm.slots <= 0:
+            self._close(rm)
+        elif self._current:
+            model, iid = self._model_of[rm.inst.instance_id], rm.inst.instance_id
+            heapq.heappush(self._caps[model], (-_kv_room(rm), iid, id(rm), rm))
+            heapq.heappush(self._loads[model], (rm.load, iid, id(rm), rm))
+
+    def _close(self, rm: Room) -> None:
+        iid = rm.inst.instance_id
+        self._open.pop(iid, None)
+        self._by_model[self._model_of[iid]].pop(iid, None)
 
     def unblock(self, models: set[str]) -> None:
         """New requests of these models arrived: blocked rooms serving them may take them."""
