@@ -67,26 +67,32 @@ def _brute(insts: list[_Inst], taken: dict[int, tuple[int, int]], r: Request) ->
 @pytest.mark.parametrize("seed", range(6))
 def test_place_is_the_least_loaded_room_that_fits(steps_reported: bool, seed: int) -> None:
     rng = random.Random(seed)
-    insts = [_Inst(i, rng.choice(["a", "b"]), rng.randrange(0, 40), profile=_Profile(block_size=rng.choice([16, 32])))
-             for i in range(7)]
+    insts = [_Inst(i, rng.choice(["a", "b"]), rng.randrange(0, 40),
+                   profile=_Profile(max_num_seqs=8, block_size=rng.choice([16, 32])))
+             for i in range(4)]
     cluster = _Cluster(insts, steps_reported)
     book = RoomBook(dispatch_limit=0, tracks_steps=True)
     rid = 0
     placed = 0
-    for _call in range(300):
+    for _call in range(1500):
         # The world moves on: some engines step (blocks freed or used, requests finish), and say so.
         for inst in rng.sample(insts, rng.randrange(0, 4)):
-            inst.free_kv_blocks = max(0, inst.free_kv_blocks + rng.randrange(-10, 15))
-            if inst.num_running and rng.random() < 0.4:
+            if inst.num_running and rng.random() < 0.5:
+                # A request finished (on_finished) or the instance swapped (on_instance_changed): a new room.
                 inst.num_running -= 1
-            if rng.random() < 0.05:
-                inst.swapping = not inst.swapping
-            book.touch(inst.instance_id)  # what on_instance_stepped / on_finished do
+                inst.free_kv_blocks += rng.randrange(0, 40)
+                inst.swapping = inst.swapping != (rng.random() < 0.1)
+                book.touch(inst.instance_id)
+            else:
+                # A step (on_instance_stepped): decodes take blocks, a preemption gives some back; the room
+                # stands, only what was read of it is out of date.
+                inst.free_kv_blocks = max(0, inst.free_kv_blocks + rng.choice([-20, -5, 0, 10, 30]))
+                book.stepped(inst.instance_id)
         book.refresh(cluster)
         taken: dict[int, tuple[int, int]] = {}
-        for _ in range(rng.randrange(1, 5)):
+        for _ in range(rng.randrange(0, 3)):
             rid += 1
-            r = _request(rid, rng.choice(["a", "b"]), rng.randrange(1, 600))
+            r = _request(rid, rng.choice(["a", "b"]), rng.randrange(1, 900))
             rm = book.place(r.model, r)
             want = _brute(insts, taken, r)
             assert (rm.inst.instance_id if rm else None) == want, f"call {_call}, request {rid}"
@@ -102,4 +108,49 @@ def test_place_is_the_least_loaded_room_that_fits(steps_reported: bool, seed: in
             insts[iid].num_running += n
             insts[iid].free_kv_blocks -= b
             book.touch(iid)
-    assert placed > 50  # the walk did place requests, not only turn them away
+    assert placed > 10  # the walk did place requests, not only turn them away
+
+
+def test_a_step_makes_what_was_read_of_a_room_out_of_date() -> None:
+    """In a world that reports steps, a room read once is not read again until its engine steps; then it is."""
+    inst = _Inst(0, "a", free_kv_blocks=100)
+    cluster = _Cluster([inst], steps_reported=True)
+    book = RoomBook(dispatch_limit=0, tracks_steps=True)
+    r = _request(1, "a", 320)  # 21 blocks of 16
+    inst.num_running = 1
+    book.refresh(cluster)
+    assert book.place("a", r) is not None
+    inst.free_kv_blocks = 5  # decodes took the blocks, unannounced: the room read stands (the contract)
+    book.refresh(cluster)
+    assert book.place("a", r) is not None
+    book.stepped(0)  # ...until the step is reported
+    book.refresh(cluster)
+    assert book.place("a", r) is None
+    inst.free_kv_blocks = 40
+    book.stepped(0)
+    book.refresh(cluster)
+    assert book.place("a", r) is book.get(0)
+
+
+def test_read_skips_a_room_read_since_its_last_step() -> None:
+    """`RoomBook.read` (qlm's dispatch loop) re-reads a room only after a reported step."""
+    inst = _Inst(0, "a", free_kv_blocks=100, num_running=1)
+    cluster = _Cluster([inst], steps_reported=True)
+    book = RoomBook(dispatch_limit=0, tracks_steps=True)
+    book.refresh(cluster)
+    rm = book.get(0)
+    book.read(rm)
+    assert rm.blocks == 100
+    inst.free_kv_blocks = 7
+    book.read(rm)
+    assert rm.blocks == 100  # nothing reported: what was read stands
+    book.stepped(0)
+    book.read(rm)
+    assert rm.blocks == 7
+    live = RoomBook(dispatch_limit=0, tracks_steps=True)  # a world that does not report steps: always read
+    live.refresh(_Cluster([inst], steps_reported=False))
+    rm = live.get(0)
+    live.read(rm)
+    inst.free_kv_blocks = 3
+    live.read(rm)
+    assert rm.blocks == 3

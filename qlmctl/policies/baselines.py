@@ -82,7 +82,7 @@ class QueuePolicy(Policy):
         self._book.touch(request.instance_id)
 
     def on_instance_stepped(self, instance_id: int) -> None:
-        self._book.touch(instance_id)
+        self._book.stepped(instance_id)
 
     def on_instance_changed(self, instance_id: int) -> None:
         self._book.touch(instance_id)

@@ -28,6 +28,10 @@ class Room:
     tokens: float = math.inf
     """Prompt tokens the engine can start prefilling within the look-ahead (see `room_of`)."""
     taken_tokens: int = 0
+    read: bool = False
+    """Its blocks and tokens have been read (`RoomBook.fresh_blocks`) and its engine has not stepped since."""
+    heap_key: tuple[float, int] = (math.nan, -1)
+    """(free KV tokens, load) as last entered in the room book's heaps (`RoomBook.place`)."""
 
     def blocks_for(self, r: Request) -> int:
         """KV blocks the engine needs free to admit `r` (as `simulator.engine.Engine` counts them)."""
@@ -101,8 +105,9 @@ class RoomBook:
 
     def __init__(self, dispatch_limit: int, lookahead_steps: float | None = None, *,
                  tracks_steps: bool = False) -> None:
-        """`tracks_steps`: the owner touches an instance on every `Policy.on_instance_stepped`, so where the
-        world reports steps (`steps_reported`), a room read since its refresh is still current (see `place`)."""
+        """`tracks_steps`: the owner calls `stepped` (or `touch`) on every `Policy.on_instance_stepped`, so where
+        the world reports steps (`steps_reported`), what was read of a room stays current until then (`read`,
+        `place`)."""
         self.dispatch_limit = dispatch_limit
         self.lookahead_steps = lookahead_steps
         self.tracks_steps = tracks_steps
@@ -119,6 +124,7 @@ class RoomBook:
         self._loads: dict[str, list[tuple[int, int, int, Room]]] = {}
         """Per model, a heap of (load, instance id, id(room), room) of the rooms read, for `place`."""
         self._current = False  # rooms read stay current until touched (tracks_steps and the world reports steps)
+        self._placing = False  # `place` has been called: `_unread` is kept from then on
         self._unloaded: set[int] = set()  # instances serving nothing
         self._handed: list[Room] = []  # rooms open_rooms gave out since the last refresh (only they take)
 
@@ -167,7 +173,8 @@ class RoomBook:
                     self._caps[model] = []
                     self._loads[model] = []
                 serving[iid] = rm
-                unread[model].append(rm)
+                if self._placing:
+                    unread[model].append(rm)
                 model_of[iid] = model
         self._stale = set()
 
@@ -200,6 +207,10 @@ class RoomBook:
         call costs what changed and what fits, not the number of instances. After `Room.take`, the caller
         reports it with `taken`.
         """
+        if not self._placing:  # from now on rooms refreshed or stepped are listed for this
+            self._placing = True
+            for m, rooms in self._by_model.items():
+                self._unread[m] = list(rooms.values())
         serving = self._by_model.get(model)
         if not serving:
             return None
@@ -226,11 +237,16 @@ class RoomBook:
                     self._close(rm)
                     continue
                 fresh(rm)
-                heapq.heappush(caps, (-_kv_room(rm), iid, id(rm), rm))
-                heapq.heappush(loads, (rm.load, iid, id(rm), rm))
+                cap = _kv_room(rm)
+                if (cap, rm.load) != rm.heap_key:  # else its entries stand
+                    rm.heap_key = (cap, rm.load)
+                    heapq.heappush(caps, (-cap, iid, id(rm), rm))
+                    heapq.heappush(loads, (rm.load, iid, id(rm), rm))
             self._unread[model] = []
             if len(caps) + len(loads) > 8 * len(serving) + 64:  # stale entries pile up: rebuild from the rooms
-                caps[:] = [(-_kv_room(rm), iid, id(rm), rm) for iid, rm in serving.items()]
+                for rm in serving.values():
+                    rm.heap_key = (_kv_room(rm), rm.load)
+                caps[:] = [(-rm.heap_key[0], iid, id(rm), rm) for iid, rm in serving.items()]
                 loads[:] = [(rm.load, iid, id(rm), rm) for iid, rm in serving.items()]
                 heapq.heapify(caps)
                 heapq.heapify(loads)
@@ -282,7 +298,9 @@ class RoomBook:
             self._close(rm)
         elif self._current:
             model, iid = self._model_of[rm.inst.instance_id], rm.inst.instance_id
-            heapq.heappush(self._caps[model], (-_kv_room(rm), iid, id(rm), rm))
+            cap = _kv_room(rm)
+            rm.heap_key = (cap, rm.load)
+            heapq.heappush(self._caps[model], (-cap, iid, id(rm), rm))
             heapq.heappush(self._loads[model], (rm.load, iid, id(rm), rm))
 
     def _close(self, rm: Room) -> None:
@@ -304,9 +322,25 @@ class RoomBook:
         """Instances serving nothing now (no model, swapping or unhealthy), in instance order."""
         return sorted(self._unloaded) if self._unloaded else []
 
+    def stepped(self, instance_id: int) -> None:
+        """The instance's engine stepped (`Policy.on_instance_stepped`): what was read of its room is out of date.
+        The room itself (its slots, load and blocked mark) stands; `touch` replaces it."""
+        rm = self._rooms.get(instance_id)
+        if rm is not None and rm.read:
+            rm.read = False
+            model = self._model_of.get(instance_id)
+            if model is not None and self._placing:
+                self._unread[model].append(rm)
+
+    def read(self, rm: Room) -> None:
+        """`fresh_blocks`, unless what was read of `rm` is still current (see `tracks_steps`)."""
+        if not (rm.read and self._current):
+            self.fresh_blocks(rm)
+
     def fresh_blocks(self, rm: Room) -> None:
         """Re-read what shrinks between events: free KV blocks (decoding), and prefill tokens (each step)."""
         inst = rm.inst
+        rm.read = True
         rm.blocks = inst.free_kv_blocks - rm.taken_blocks
         if self.lookahead_steps is not None:
             tokens = _token_room(inst.profile, inst.num_running, inst.pending_prefill_tokens, self.lookahead_steps)

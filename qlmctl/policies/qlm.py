@@ -191,7 +191,7 @@ class QLMPolicy(QLMBasicPolicy):
         super().__init__(ctx)
         # The plain algorithm's state, but counters with deferrals and a room that counts prefill tokens.
         self.stats = PlanStats()
-        self._book = RoomBook(ctx.dispatch_limit, ctx.prefill_lookahead_steps)
+        self._book = RoomBook(ctx.dispatch_limit, ctx.prefill_lookahead_steps, tracks_steps=True)
         self._by_model: dict[str, list[RequestGroup]] = {}
         self._lag_low: dict[str, float] = {}
         self._lag_seen: dict[str, _Quantiles] = {}
@@ -370,7 +370,7 @@ class QLMPolicy(QLMBasicPolicy):
         urgent.clear()
         while rooms and self._count:
             _, iid, room = heapq.heappop(rooms)
-            book.fresh_blocks(room)
+            book.read(room)
             if tpot:  # (without TPOT classes every cap is None)
                 self._cap_for_tpot(room)
             g = self._next_group(room.inst, room, now, out)

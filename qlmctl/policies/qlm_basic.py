@@ -75,7 +75,7 @@ class QLMBasicPolicy(Policy):
         self._count = 0
         self._dirty = True
         self._next_plan = -math.inf
-        self._book = RoomBook(ctx.dispatch_limit)
+        self._book = RoomBook(ctx.dispatch_limit, tracks_steps=True)
         self._arrived_models: set[str] = set()
         self._depth: dict[str, int] = {}
         self._planned: set[GroupKey] = set()  # keys on some virtual queue
@@ -125,6 +125,9 @@ class QLMBasicPolicy(Policy):
 
     def _touch(self, instance_id: int | None) -> None:
         self._book.touch(instance_id)
+
+    def on_instance_stepped(self, instance_id: int) -> None:
+        self._book.stepped(instance_id)  # what was read of its room is out of date; the room (blocked or not) stands
 
     def num_queued(self) -> int:
         return self._count
@@ -179,7 +182,7 @@ class QLMBasicPolicy(Policy):
         heapq.heapify(rooms)
         while rooms and self._count:
             _, iid, room = heapq.heappop(rooms)
-            book.fresh_blocks(room)
+            book.read(room)
             g = self._next_group(room.inst, room, now, out)
             if g is None:
                 room.blocked = True
