@@ -191,3 +191,20 @@ def test_strict_late_requests_keep_their_class_precedence():
     runs = run("code_chat_batch", ["priority", "qlm-strict"], rate=60, n=3000)
     pri, strict = by_class(runs["priority"]), by_class(runs["qlm-strict"])
     assert all(strict[c] >= pri[c] - 0.005 for c in pri), (strict, pri)
+
+
+def test_a_prediction_counts_the_queue_ahead_when_the_walk_reached_none_of_it():
+    """Every queued request is due beyond the walk's horizon (a batch SLO of 30 min), so the walk predicts
+    none of them; a new arrival of the same class still waits for all of them. (It was predicted the
+    engine's own prefill, a few ms, behind 2000 queued requests.)"""
+    prof = load_scenario(SCEN / "prefill_bound.yaml").profile("llama-3.1-8b")
+    pol = make_policy("qlm", PolicyContext(profiles={"llama-3.1-8b": prof}))
+    inst = FrozenInstance(0, "llama-3.1-8b", {"llama-3.1-8b": prof}, free_kv_blocks=0)
+    for i in range(2000):
+        pol.add_request(Request(i, 1.0, "llama-3.1-8b", "c", 1800.0, 500, 100), 1.0)
+    pol.schedule(FrozenCluster([inst], t=1.0))  # the walk: nothing fits (no free KV), nothing within its horizon
+    late = Request(5000, 1.5, "llama-3.1-8b", "c", 1800.0, 500, 100)
+    pol.add_request(late, 1.5)
+    rate = pol.est.rate(prof, "llama-3.1-8b")
+    # At least the queue's decode work at full concurrency (its prefill comes on top).
+    assert late.predicted_ttft_s > 2000 * 100 * rate.token_time_s / rate.concurrency

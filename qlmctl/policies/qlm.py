@@ -799,7 +799,13 @@ class QLMPolicy(QLMBasicPolicy):
             walk = self._starts.get(model)
             if walk is not None:
                 t, keys, starts, starts_pct = walk
-                if starts:
+                if not starts:
+                    # The walk reached no request (every queued one is due beyond its horizon): all the
+                    # queued requests due before `r` go first.
+                    order = self._key(r)
+                    start = self._unwalked_s(model, (-math.inf,) * len(order), order)
+                    start_pct = self._stretch(start, ahead)
+                else:
                     order = self._key(r)
                     i = bisect.bisect_left(keys, order)
                     # Beyond the walk's reach (it stops at its horizon), the queued requests between its
