@@ -63,15 +63,16 @@ def _brute(insts: list[_Inst], taken: dict[int, tuple[int, int]], r: Request) ->
     return None if best is None else best[1]
 
 
+@pytest.mark.parametrize("scan_rooms", [0, 8], ids=["heaps", "scan"])
 @pytest.mark.parametrize("steps_reported", [True, False])
 @pytest.mark.parametrize("seed", range(6))
-def test_place_is_the_least_loaded_room_that_fits(steps_reported: bool, seed: int) -> None:
+def test_place_is_the_least_loaded_room_that_fits(steps_reported: bool, seed: int, scan_rooms: int) -> None:
     rng = random.Random(seed)
     insts = [_Inst(i, rng.choice(["a", "b"]), rng.randrange(0, 40),
                    profile=_Profile(max_num_seqs=8, block_size=rng.choice([16, 32])))
              for i in range(4)]
     cluster = _Cluster(insts, steps_reported)
-    book = RoomBook(dispatch_limit=0, tracks_steps=True)
+    book = RoomBook(dispatch_limit=0, tracks_steps=True, scan_rooms=scan_rooms)
     rid = 0
     placed = 0
     for _call in range(1500):
@@ -115,7 +116,7 @@ def test_a_step_makes_what_was_read_of_a_room_out_of_date() -> None:
     """In a world that reports steps, a room read once is not read again until its engine steps; then it is."""
     inst = _Inst(0, "a", free_kv_blocks=100)
     cluster = _Cluster([inst], steps_reported=True)
-    book = RoomBook(dispatch_limit=0, tracks_steps=True)
+    book = RoomBook(dispatch_limit=0, tracks_steps=True, scan_rooms=0)  # the heaps
     r = _request(1, "a", 320)  # 21 blocks of 16
     inst.num_running = 1
     book.refresh(cluster)

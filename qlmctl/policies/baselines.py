@@ -63,6 +63,7 @@ class QueuePolicy(Policy):
         self._queues: dict[str, _KeyQueue] = {}  # entries: (*key, request id, request)
         self._count = 0
         self._book = RoomBook(ctx.dispatch_limit, tracks_steps=True)
+        self.on_instance_stepped = self._book.stepped  # (bound straight through: it runs at every engine step)
         self._served: set[str] | None = None  # models loaded somewhere; None: to recompute
         self._swap_targets: dict[int, str] = {}  # swaps under way: instance -> model
         self._depth: dict[str, int] = {}
@@ -80,9 +81,6 @@ class QueuePolicy(Policy):
 
     def on_finished(self, request: Request, now: float) -> None:
         self._book.touch(request.instance_id)
-
-    def on_instance_stepped(self, instance_id: int) -> None:
-        self._book.stepped(instance_id)
 
     def on_instance_changed(self, instance_id: int) -> None:
         self._book.touch(instance_id)

@@ -56,6 +56,10 @@ class Room:
             self.taken_tokens += t
 
 
+SCAN_ROOMS = 8
+"""Up to this many rooms of a model, `RoomBook.place` looks at each (cheaper than keeping heaps)."""
+
+
 def _kv_room(rm: Room) -> float:
     """Tokens `rm`'s free KV blocks hold (inf for an empty engine, which takes anything: `Room.fits`)."""
     return rm.blocks * rm.block_size if rm.load > 0 else math.inf
@@ -104,13 +108,14 @@ class RoomBook:
     """
 
     def __init__(self, dispatch_limit: int, lookahead_steps: float | None = None, *,
-                 tracks_steps: bool = False) -> None:
+                 tracks_steps: bool = False, scan_rooms: int = SCAN_ROOMS) -> None:
         """`tracks_steps`: the owner calls `stepped` (or `touch`) on every `Policy.on_instance_stepped`, so where
         the world reports steps (`steps_reported`), what was read of a room stays current until then (`read`,
         `place`)."""
         self.dispatch_limit = dispatch_limit
         self.lookahead_steps = lookahead_steps
         self.tracks_steps = tracks_steps
+        self.scan_rooms = scan_rooms
         self._rooms: dict[int, Room | None] = {}
         self._stale: set[int] | None = None  # None: all
         # Kept so that a call costs what changed, not the number of instances:
@@ -121,6 +126,7 @@ class RoomBook:
         self._caps: dict[str, list[tuple[float, int, int, Room]]] = {}
         """Per model, a heap of (-free KV tokens, instance id, id(room), room) of the rooms read, for `place` (stale
         entries are dropped as they come up)."""
+        self._heaped: set[str] = set()  # models whose rooms `place` keeps in `_caps` / `_loads` (many rooms)
         self._loads: dict[str, list[tuple[int, int, int, Room]]] = {}
         """Per model, a heap of (load, instance id, id(room), room) of the rooms read, for `place`."""
         self._current = False  # rooms read stay current until touched (tracks_steps and the world reports steps)
@@ -214,20 +220,41 @@ class RoomBook:
         serving = self._by_model.get(model)
         if not serving:
             return None
-        if not self._current:  # nothing stays current: read them all
-            best: Room | None = None
-            best_key = (0, 0)
+        current = self._current
+        if not current or len(serving) <= self.scan_rooms:
+            # A look at each room (few, or none stays current); in a world that reports steps, only the rooms
+            # out of date are read again.
+            if current:
+                self._unread[model] = []
+                self._heaped.discard(model)
+            found: Room | None = None
+            found_key = (0, 0)
             for iid, rm in list(serving.items()):
                 if rm.slots <= 0:
                     self._close(rm)
                     continue
-                self.fresh_blocks(rm)
-                if rm.fits(r) and (best is None or (rm.load, iid) < best_key):
-                    best, best_key = rm, (rm.load, iid)
-            return best
+                if not (current and rm.read):
+                    self.fresh_blocks(rm)
+                if rm.fits(r) and (found is None or (rm.load, iid) < found_key):
+                    found, found_key = rm, (rm.load, iid)
+            return found
         caps, loads = self._caps[model], self._loads[model]
+        if model not in self._heaped:  # (again) after looks at each room: the heaps from all of them
+            self._heaped.add(model)
+            self._unread[model] = []
+            for rm in list(serving.values()):
+                if rm.slots <= 0:
+                    self._close(rm)
+                elif not rm.read:
+                    self.fresh_blocks(rm)
+            caps.clear()
+            loads.clear()
         unread = self._unread[model]
-        if unread:
+        if unread or not caps:
+            if not caps:  # (after the rebuild above: every room is read and current)
+                unread = list(serving.values())
+                for rm in unread:
+                    rm.heap_key = (math.nan, -1)
             fresh = self.fresh_blocks
             for rm in unread:
                 iid = rm.inst.instance_id
@@ -236,7 +263,8 @@ class RoomBook:
                 if rm.slots <= 0:
                     self._close(rm)
                     continue
-                fresh(rm)
+                if not rm.read:
+                    fresh(rm)
                 cap = _kv_room(rm)
                 if (cap, rm.load) != rm.heap_key:  # else its entries stand
                     rm.heap_key = (cap, rm.load)
@@ -296,7 +324,7 @@ class RoomBook:
         self._handed.append(rm)
         if rm.slots <= 0:
             self._close(rm)
-        elif self._current:
+        elif self._current and self._model_of[rm.inst.instance_id] in self._heaped:
             model, iid = self._model_of[rm.inst.instance_id], rm.inst.instance_id
             cap = _kv_room(rm)
             rm.heap_key = (cap, rm.load)
