@@ -890,14 +890,17 @@ class QLMPolicy(QLMBasicPolicy):
                     wait = (max(0.0, k + rate_l.spread * sqrt(k)) * rate_l.request_time_s / rate_l.concurrency
                             if k > 0 else 0.0)
                     options.append((lane.offset_s + wait, False, lane))
-                    continue
-                start, swap = self._start_on(lane, model)
-                if start < math.inf:
-                    options.append((start, swap, lane))
+            # Prefer not swapping when that still meets the head's deadline: then swaps are not looked at (the
+            # spread below passes them over too).
+            no_swap_ok = [o for o in options if o[0] <= slack]
+            if not no_swap_ok:
+                for lane in lanes:
+                    if lane.model != model:
+                        start, swap = self._start_on(lane, model)
+                        if start < math.inf:
+                            options.append((start, swap, lane))
             if not options:
                 continue
-            # Prefer not swapping when that still meets the head's deadline.
-            no_swap_ok = [o for o in options if not o[1] and o[0] <= slack]
             pool = no_swap_ok or options
             pool.sort(key=lambda o: (o[0], o[1], o[2].inst.instance_id))
             chosen = [pool[0]]
