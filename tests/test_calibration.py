@@ -66,3 +66,20 @@ def test_a_wait_past_the_prediction_is_a_miss_before_its_first_token():
     assert cal.misses == 1
     cal.first_token(1, 5.0)  # already counted
     assert (cal.hits, cal.misses) == (0, 1)
+
+
+def test_outcomes_that_come_together_move_the_factor_once():
+    # 500 requests of one key, all started by one swap-in at 30 s (their model was not loaded): one piece of
+    # evidence. Counted one by one, their hits would pull the factor down by 500 steps (e^-2.5).
+    cal = TTFTCalibration(0.9)
+    for i in range(500):
+        cal.predict(i, 0.0, 40.0, 40.0, key="k")  # factor 1: predicted 40 s each
+    for i in range(500):
+        cal.first_token(i, 30.0)
+    cal.advance(31.0)
+    assert cal.hits == 500
+    assert math.exp(cal._log_factor["k"]) > 0.99  # one hit's step: -0.005 in log
+    cal.predict(1000, 31.0, 40.0, 40.0, key="k")
+    cal.first_token(1000, 31.5)  # a later outcome is a step of its own
+    cal.advance(32.0)
+    assert cal._log_factor["k"] < -0.009

@@ -13,6 +13,11 @@ the factor of the moment (a request counts as a miss only while it is beyond the
 one it was predicted with): counting against old factors would raise the factor once for every request
 already in flight when the load rose, overshooting by as many requests as the queue holds.
 
+Outcomes of one key that come together (within `GROUP_S` of the first) move the factor as one step, by their
+share of misses: they are one piece of evidence, not many. Requests that start in the same engine step, or
+all at once when a swap brings their model in, were decided together; counted one by one, the hundreds of hits
+of one swap-in drove the factor far down (W_B: coverage 0.70 -> 0.88 at 30 req/s with the grouping).
+
 Factors are kept per key (the caller's: model, class, whether the model is loaded).
 """
 
@@ -26,6 +31,9 @@ from dataclasses import dataclass
 STEP = 0.05
 """How far one outcome moves the log factor. With percentile p, a miss moves it up by STEP * p and a hit
 down by STEP * (1 - p): about 20 misses in a row double the factor at p = 0.9."""
+
+GROUP_S = 0.05
+"""Outcomes of a key within this many seconds of the group's first are one step (a few engine steps)."""
 
 
 @dataclass(slots=True)
@@ -42,9 +50,12 @@ class _Pending:
 class TTFTCalibration:
     """Calibrated TTFT predictions for one policy (no global state)."""
 
-    def __init__(self, percentile: float, step: float = STEP) -> None:
+    def __init__(self, percentile: float, step: float = STEP, group_s: float = GROUP_S) -> None:
         self.percentile = percentile
         self.step = step
+        self.group_s = group_s
+        self._groups: dict[Hashable, list[float]] = {}
+        """Per key, the outcomes not applied yet: [time of the first, misses, outcomes]."""
         self._log_factor: dict[Hashable, float] = {}
         self._pending: dict[int, _Pending] = {}
         self._due: list[tuple[float, int]] = []
@@ -71,7 +82,7 @@ class TTFTCalibration:
         counted a miss already, or is now)."""
         p = self._pending.pop(request_id, None)
         if p is not None:
-            self._update(p.key, miss=now - p.arrival_s > p.mean_s * math.exp(self._log_factor[p.key]))
+            self._update(p.key, now - p.arrival_s > p.mean_s * math.exp(self._log_factor[p.key]), now)
 
     def forget(self, request_id: int) -> None:
         """A request ended without a first token before its prediction ran out (refused, failed): no outcome."""
@@ -79,6 +90,10 @@ class TTFTCalibration:
 
     def advance(self, now: float) -> None:
         """Count as misses the requests still without a first token that have waited beyond the factor."""
+        groups = self._groups
+        if groups:
+            for key in [k for k, g in groups.items() if now - g[0] > self.group_s]:
+                self._apply(key, groups.pop(key))
         due = self._due
         pending = self._pending
         lf = self._log_factor
@@ -90,15 +105,25 @@ class TTFTCalibration:
             p.due_s = p.arrival_s + p.mean_s * math.exp(lf[p.key])
             if p.due_s < now:
                 del pending[rid]
-                self._update(p.key, miss=True)
+                self._update(p.key, True, now)
             else:  # the factor rose since: not a miss yet
                 heapq.heappush(due, (p.due_s, rid))
 
-    def _update(self, key: Hashable, miss: bool) -> None:
+    def _update(self, key: Hashable, miss: bool, now: float) -> None:
         if miss:
             self.misses += 1
-            delta = self.step * self.percentile
         else:
             self.hits += 1
-            delta = -self.step * (1.0 - self.percentile)
-        self._log_factor[key] += delta
+        g = self._groups.get(key)
+        if g is not None and now - g[0] > self.group_s:
+            self._apply(key, self._groups.pop(key))
+            g = None
+        if g is None:
+            g = self._groups[key] = [now, 0, 0]
+        g[1] += miss
+        g[2] += 1
+
+    def _apply(self, key: Hashable, g: list[float]) -> None:
+        """One step for a group of outcomes: up by its share of misses, down by the share the percentile allows."""
+        _, misses, n = g
+        self._log_factor[key] += self.step * (misses / n - (1.0 - self.percentile))
