@@ -56,6 +56,7 @@ class TTFTCalibration:
         self.group_s = group_s
         self._groups: dict[Hashable, list[float]] = {}
         """Per key, the outcomes not applied yet: [time of the first, misses, outcomes]."""
+        self._groups_first = math.inf  # the earliest first time among `_groups` (advance's quick test)
         self._log_factor: dict[Hashable, float] = {}
         self._pending: dict[int, _Pending] = {}
         self._due: list[tuple[float, int]] = []
@@ -91,9 +92,10 @@ class TTFTCalibration:
     def advance(self, now: float) -> None:
         """Count as misses the requests still without a first token that have waited beyond the factor."""
         groups = self._groups
-        if groups:
+        if now - self._groups_first > self.group_s:
             for key in [k for k, g in groups.items() if now - g[0] > self.group_s]:
                 self._apply(key, groups.pop(key))
+            self._groups_first = min((g[0] for g in groups.values()), default=math.inf)
         due = self._due
         pending = self._pending
         lf = self._log_factor
@@ -120,6 +122,8 @@ class TTFTCalibration:
             g = None
         if g is None:
             g = self._groups[key] = [now, 0, 0]
+            if now < self._groups_first:
+                self._groups_first = now
         g[1] += miss
         g[2] += 1
 
