@@ -155,3 +155,18 @@ def test_read_skips_a_room_read_since_its_last_step() -> None:
     inst.free_kv_blocks = 3
     live.read(rm)
     assert rm.blocks == 3
+
+
+def test_a_world_that_does_not_report_steps_leaves_nothing_listed() -> None:
+    """Live (no reported steps) every room is read on every call: nothing piles up for later reading, however
+    long the gateway runs."""
+    insts = [_Inst(i, "a", free_kv_blocks=50, num_running=1) for i in range(3)]
+    cluster = _Cluster(insts, steps_reported=False)
+    book = RoomBook(dispatch_limit=0, tracks_steps=True)
+    for k in range(1000):
+        for inst in insts:
+            book.touch(inst.instance_id)
+            book.stepped(inst.instance_id)
+        book.refresh(cluster)
+        book.place("a", _request(k, "a", 100))
+    assert sum(len(v) for v in book._unread.values()) == 0

@@ -152,6 +152,7 @@ class RoomBook:
         by_model, unread, model_of = self._by_model, self._unread, self._model_of
         limit = self.dispatch_limit
         self._current = self.tracks_steps and getattr(cluster, "steps_reported", False)
+        listing = self._placing and self._current  # (where nothing stays current, `place` reads every room)
         for iid in ids:
             # `room_of` but for what `fresh_blocks` reads when the room is chosen (free blocks, prompt tokens).
             inst = insts[iid]
@@ -179,7 +180,7 @@ class RoomBook:
                     self._caps[model] = []
                     self._loads[model] = []
                 serving[iid] = rm
-                if self._placing:
+                if listing:
                     unread[model].append(rm)
                 model_of[iid] = model
         self._stale = set()
@@ -216,7 +217,7 @@ class RoomBook:
         if not self._placing:  # from now on rooms refreshed or stepped are listed for this
             self._placing = True
             for m, rooms in self._by_model.items():
-                self._unread[m] = list(rooms.values())
+                self._unread[m] = list(rooms.values()) if self._current else []
         serving = self._by_model.get(model)
         if not serving:
             return None
@@ -357,7 +358,7 @@ class RoomBook:
         if rm is not None and rm.read:
             rm.read = False
             model = self._model_of.get(instance_id)
-            if model is not None and self._placing:
+            if model is not None and self._placing and self._current:
                 self._unread[model].append(rm)
 
     def read(self, rm: Room) -> None:
