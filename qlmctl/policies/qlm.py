@@ -40,11 +40,10 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, replace
-from operator import itemgetter
 from typing import ClassVar
 
 from qlmctl.core.calibration import TTFTCalibration
-from qlmctl.core.cluster import ClusterView, Decision, Dispatch, InstanceView, Reject
+from qlmctl.core.cluster import ClusterView, Decision, InstanceView, Reject
 from qlmctl.core.estimator import ServiceRate
 from qlmctl.core.groups import LATE_BUCKET, GroupKey, RequestGroup, group_key
 from qlmctl.core.request import Request
@@ -330,63 +329,28 @@ class QLMPolicy(QLMBasicPolicy):
         return (r.prompt_tokens + r.generated_tokens) * pf_s_per_token + max(0.0, out - r.generated_tokens) * slot_s_per_token
 
     # ---------------------------------------------------------- schedule
-    def schedule(self, cluster: ClusterView) -> list[Decision]:
-        if not self._count and not self._rejects:
-            return []  # nothing queued (most calls): no plan, no dispatch
-        now = cluster.now()
-        self._calib.advance(now)
-        out: list[Decision] = self._rejects
-        self._rejects = []
-        if self._count and now >= self._next_plan:
-            self._next_plan = now + self.ctx.reschedule_interval_s
-            self._update_lag()  # from the rooms as of the last call: refreshed once per plan, off the hot path
-            self._demote_expired(now)
-            if self._dirty or self._predicts_violation(cluster, now):
-                self.vqs = self.plan_queues(cluster, now)
-                self._planned = {k for vq in self.vqs.values() for k in vq}
-                self.stats.plans += 1
-                self._dirty = False
-            out.extend(self._walk(cluster, now))
-            if self.ctx.enable_eviction:
-                out.extend(self._evictions(cluster, now))
-            self._book.unblock(set(self.ctx.profiles) | {g.model for g in self.groups.values()})
-        if not self._count:
-            return out
-        book = self._book
-        book.refresh(cluster)
-        if self._arrived_models:
-            book.unblock(self._arrived_models)
-            self._arrived_models = set()
-        insts = cluster.instances
-        for iid in book.unloaded():
-            inst = insts[iid]
-            if not inst.swapping and inst.healthy:
-                out.extend(self._maybe_swap(inst, now))
-        # Least-loaded first, one request at a time, so replicas of a model share its load.
-        rooms = [(rm.load, rm.inst.instance_id, rm) for rm in book.open_rooms()]
-        heapq.heapify(rooms)
-        tpot = self._tpot
-        urgent = self._urgent
-        urgent.clear()
-        while rooms and self._count:
-            _, iid, room = heapq.heappop(rooms)
-            book.read(room)
-            if tpot:  # (without TPOT classes every cap is None)
-                self._cap_for_tpot(room)
-            g = self._next_group(room.inst, room, now, out)
-            if g is None:
-                room.blocked = True
-                continue
-            r = g.queue.popleft()
-            urgent.pop(g.model, None)
-            self._count -= 1
-            self._depth[r.slo_class] -= 1
-            room.take(r)
-            prio = self._priority(r, g.late) if room.inst.scheduling_policy == "priority" else None
-            out.append(Dispatch(r, iid, prio))
-            if room.slots > 0:
-                heapq.heappush(rooms, (room.load, iid, room))
+    def _held_decisions(self) -> list[Decision]:
+        out, self._rejects = self._rejects, []
         return out
+
+    def _on_schedule(self, now: float) -> None:
+        self._calib.advance(now)
+
+    def _after_plan(self, cluster: ClusterView, now: float) -> list[Decision]:
+        return self._walk(cluster, now)
+
+    def _pass_begins(self) -> None:
+        self._urgent.clear()
+
+    def _limit_room(self, room: Room) -> None:
+        if self._tpot:  # (without TPOT classes every cap is None)
+            self._cap_for_tpot(room)
+
+    def _took(self, g: RequestGroup) -> None:
+        self._urgent.pop(g.model, None)
+
+    def _engine_priority(self, r: Request, g: RequestGroup, room: Room) -> int | None:
+        return self._priority(r, g.late) if room.inst.scheduling_policy == "priority" else None
 
     def _next_group(self, inst: InstanceView, room: Room, now: float, out: list[Decision]) -> RequestGroup | None:
         """The group `inst` should take its next request from, if that request fits; None to stop."""
@@ -865,91 +829,17 @@ class QLMPolicy(QLMBasicPolicy):
         return lo
 
     # ---------------------------------------------------------- planning
-    def plan_queues(self, cluster: ClusterView, now: float) -> dict[int, list[GroupKey]]:
-        """The heuristic global scheduler: place and order groups on virtual queues."""
-        self._rates = {}
-        lanes = self._lanes(cluster)
-        groups = [g for g in self.groups.values() if g.queue]
-        groups.sort(key=lambda g: (g.late, g.head_deadline(), g.key))
-        sqrt = math.sqrt
-        for g in groups:
-            n = len(g.queue)
-            model = g.model
-            slack = g.head_deadline() - now
-            options = []
-            for lane in lanes:
-                if lane.model == model:  # `_start_on` for a lane already serving the model, inlined (hot loop)
-                    rates = lane.rates  # `_planned_rate`, without its KeyError on a lane's first look
-                    if model in rates:
-                        rate_l = rates[model]
-                    else:
-                        rate_l = rates[model] = self._rate_of(lane.inst, model)
-                    if rate_l is None:
-                        continue
-                    k = lane.ahead - rate_l.concurrency + 1
-                    wait = (max(0.0, k + rate_l.spread * sqrt(k)) * rate_l.request_time_s / rate_l.concurrency
-                            if k > 0 else 0.0)
-                    options.append((lane.offset_s + wait, False, lane))
-            # Prefer not swapping when that still meets the head's deadline: then swaps are not looked at (the
-            # spread below passes them over too).
-            no_swap_ok = [o for o in options if o[0] <= slack]
-            if not no_swap_ok:
-                for lane in lanes:
-                    if lane.model != model:
-                        start, swap = self._start_on(lane, model)
-                        if start < math.inf:
-                            options.append((start, swap, lane))
-            if not options:
-                continue
-            pool = no_swap_ok or options
-            pool.sort(key=lambda o: (o[0], o[1], o[2].inst.instance_id))
-            chosen = [pool[0]]
-            # Spread over more replicas of the same model while that brings the tail in sooner.
-            rate = self._rate_of(chosen[0][2].inst, g.model)
-            assert rate is not None
-            for start, swap, lane in sorted(options, key=itemgetter(0)):
-                if lane is chosen[0][2] or swap:
-                    continue
-                k = len(chosen)
-                tail_now = max(o[0] for o in chosen) + rate.completions_time(n / k)
-                if start >= tail_now:
-                    break
-                chosen.append((start, swap, lane))
-            share = n / len(chosen)
-            head = chosen[0][0]
-            if chosen[0][1]:
-                # A swap waits while the group can (`_can_defer`: twice the drain and the load): the instance
-                # keeps its model busy until the head's slack comes down to that, then drains and loads.
-                head = max(head, slack - (head - chosen[0][2].offset_s))
-            self._group_start[g.key] = (now, head, rate.completions_time(1.0) / len(chosen))
-            for start, swap, lane in chosen:
-                if swap:
-                    lane.offset_s = start
-                    lane.ahead = 0.0
-                    lane.model = g.model
-                lane.ahead += share
-                lane.planned.append(g.key)
-        return {lane.inst.instance_id: lane.planned for lane in lanes}
+    def _placed(self, g: RequestGroup, chosen: list, slack: float, rate: ServiceRate, now: float) -> None:
+        """When `g`'s head is due to start (for predictions while its model is not loaded: `_group_start`)."""
+        head = chosen[0][0]
+        if chosen[0][1]:
+            # A swap waits while the group can (`_can_defer`: twice the drain and the load): the instance
+            # keeps its model busy until the head's slack comes down to that, then drains and loads.
+            head = max(head, slack - (head - chosen[0][2].offset_s))
+        self._group_start[g.key] = (now, head, rate.completions_time(1.0) / len(chosen))
 
-    def _predicts_violation(self, cluster: ClusterView, now: float) -> bool:
-        """Does the current plan make some group's head miss its deadline (per the estimator)?"""
-        self._rates = {}
-        lanes = {lane.inst.instance_id: lane for lane in self._lanes(cluster)}
-        for iid, vq in self.vqs.items():
-            lane = lanes.get(iid)
-            if lane is None:
-                return True
-            for key in vq:
-                g = self.groups.get(key)
-                if g is None or not g.queue:
-                    continue
-                start, swap = self._start_on(lane, g.model)
-                if not g.late and now + start > g.head_deadline():
-                    return True
-                if swap:
-                    lane.offset_s, lane.ahead, lane.model = start, 0.0, g.model
-                lane.ahead += len(g.queue)
-        return False
+    def _plan_violation(self) -> None:
+        pass  # counted per request in the walk
 
     def _evictions(self, cluster: ClusterView, now: float) -> list[Decision]:
         """Make room for an urgent group at the head of a full instance's queue."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import ClassVar
 
 from qlmctl.core.cluster import ClusterView, Decision, Dispatch, Evict, InstanceView, SwapModel
@@ -151,9 +152,12 @@ class QLMBasicPolicy(Policy):
 
     # ---------------------------------------------------------- schedule
     def schedule(self, cluster: ClusterView) -> list[Decision]:
+        out = self._held_decisions()
+        if not self._count:
+            return out  # nothing queued (most calls): no plan, no dispatch
         now = cluster.now()
-        out: list[Decision] = []
-        if self._count and now >= self._next_plan:
+        self._on_schedule(now)
+        if now >= self._next_plan:
             self._next_plan = now + self.ctx.reschedule_interval_s
             self._update_lag()  # from the rooms as of the last call: refreshed once per plan, off the hot path
             self._demote_expired(now)
@@ -162,6 +166,7 @@ class QLMBasicPolicy(Policy):
                 self._planned = {k for vq in self.vqs.values() for k in vq}
                 self.stats.plans += 1
                 self._dirty = False
+            out.extend(self._after_plan(cluster, now))
             if self.ctx.enable_eviction:
                 out.extend(self._evictions(cluster, now))
             self._book.unblock(set(self.ctx.profiles) | {g.model for g in self.groups.values()})
@@ -177,24 +182,53 @@ class QLMBasicPolicy(Policy):
             inst = insts[iid]
             if not inst.swapping and inst.healthy:
                 out.extend(self._maybe_swap(inst, now))
-        # Least-loaded first, one request at a time, so replicas sharing a group share its load.
+        # Least-loaded first, one request at a time, so replicas of a model share its load.
         rooms = [(rm.load, rm.inst.instance_id, rm) for rm in book.open_rooms()]
         heapq.heapify(rooms)
+        self._pass_begins()
+        limit, next_group, took, priority = self._limit_room, self._next_group, self._took, self._engine_priority
         while rooms and self._count:
             _, iid, room = heapq.heappop(rooms)
             book.read(room)
-            g = self._next_group(room.inst, room, now, out)
+            limit(room)
+            g = next_group(room.inst, room, now, out)
             if g is None:
                 room.blocked = True
                 continue
             r = g.queue.popleft()
+            took(g)
             self._count -= 1
             self._depth[r.slo_class] -= 1
             room.take(r)
-            out.append(Dispatch(r, iid))
+            out.append(Dispatch(r, iid, priority(r, g, room)))
             if room.slots > 0:
                 heapq.heappush(rooms, (room.load, iid, room))
         return out
+
+    # What qlm adds to the schedule above (no-ops here: the paper's algorithm).
+    def _held_decisions(self) -> list[Decision]:
+        """Decisions made outside `schedule` (admission control's refusals), handed out with the next call."""
+        return []
+
+    def _on_schedule(self, now: float) -> None:
+        """A schedule call at `now` with requests queued, before anything else."""
+
+    def _after_plan(self, cluster: ClusterView, now: float) -> list[Decision]:
+        """After each planning tick (and the plan, when it was made again)."""
+        return []
+
+    def _pass_begins(self) -> None:
+        """A dispatch pass over the rooms begins."""
+
+    def _limit_room(self, room: Room) -> None:
+        """Narrow `room` before it takes anything (qlm: the batch a TPOT SLO allows)."""
+
+    def _took(self, g: RequestGroup) -> None:
+        """`g`'s head was dispatched."""
+
+    def _engine_priority(self, r: Request, g: RequestGroup, room: Room) -> int | None:
+        """The `priority` a request is dispatched with (None: its own)."""
+        return None
 
     def _next_group(self, inst: InstanceView, room: Room, now: float, out: list[Decision]) -> RequestGroup | None:
         """The group `inst` should take its next request from, if that request fits; None to stop."""
@@ -366,25 +400,43 @@ class QLMBasicPolicy(Policy):
         lanes = self._lanes(cluster)
         groups = [g for g in self.groups.values() if g.queue]
         groups.sort(key=lambda g: (g.late, g.head_deadline(), g.key))
+        sqrt = math.sqrt
         for g in groups:
             n = len(g.queue)
+            model = g.model
             slack = g.head_deadline() - now
             options = []
             for lane in lanes:
-                start, swap = self._start_on(lane, g.model)
-                if start < math.inf:
-                    options.append((start, swap, lane))
+                if lane.model == model:  # `_start_on` for a lane already serving the model, inlined (hot loop)
+                    rates = lane.rates  # `_planned_rate`, without its KeyError on a lane's first look
+                    if model in rates:
+                        rate_l = rates[model]
+                    else:
+                        rate_l = rates[model] = self._rate_of(lane.inst, model)
+                    if rate_l is None:
+                        continue
+                    k = lane.ahead - rate_l.concurrency + 1
+                    wait = (max(0.0, k + rate_l.spread * sqrt(k)) * rate_l.request_time_s / rate_l.concurrency
+                            if k > 0 else 0.0)
+                    options.append((lane.offset_s + wait, False, lane))
+            # Prefer not swapping when that still meets the head's deadline: then swaps are not looked at (the
+            # spread below passes them over too).
+            no_swap_ok = [o for o in options if o[0] <= slack]
+            if not no_swap_ok:
+                for lane in lanes:
+                    if lane.model != model:
+                        start, swap = self._start_on(lane, model)
+                        if start < math.inf:
+                            options.append((start, swap, lane))
             if not options:
                 continue
-            # Prefer not swapping when that still meets the head's deadline.
-            no_swap_ok = [o for o in options if not o[1] and o[0] <= slack]
             pool = no_swap_ok or options
             pool.sort(key=lambda o: (o[0], o[1], o[2].inst.instance_id))
             chosen = [pool[0]]
             # Spread over more replicas of the same model while that brings the tail in sooner.
             rate = self._rate_of(chosen[0][2].inst, g.model)
             assert rate is not None
-            for start, swap, lane in sorted(options, key=lambda o: o[0]):
+            for start, swap, lane in sorted(options, key=itemgetter(0)):
                 if lane is chosen[0][2] or swap:
                     continue
                 k = len(chosen)
@@ -393,6 +445,7 @@ class QLMBasicPolicy(Policy):
                     break
                 chosen.append((start, swap, lane))
             share = n / len(chosen)
+            self._placed(g, chosen, slack, rate, now)
             for start, swap, lane in chosen:
                 if swap:
                     lane.offset_s = start
@@ -401,6 +454,11 @@ class QLMBasicPolicy(Policy):
                 lane.ahead += share
                 lane.planned.append(g.key)
         return {lane.inst.instance_id: lane.planned for lane in lanes}
+
+    def _placed(self, g: RequestGroup, chosen: list[tuple[float, bool, _Lane]], slack: float, rate: ServiceRate,
+                now: float) -> None:
+        """`plan_queues` placed `g` on the lanes `chosen` ((start, swap, lane), the first one first); qlm
+        records when its head is due to start."""
 
     def _predicts_violation(self, cluster: ClusterView, now: float) -> bool:
         """Does the current plan make some group's head miss its deadline (per the estimator)?"""
@@ -416,13 +474,18 @@ class QLMBasicPolicy(Policy):
                     continue
                 start, swap = self._start_on(lane, g.model)
                 if not g.late and now + start > g.head_deadline():
-                    self.stats.predicted_violations += 1
+                    self._plan_violation()
                     return True
                 if swap:
                     lane.offset_s, lane.ahead, lane.model = start, 0.0, g.model
                 lane.ahead += len(g.queue)
         return False
 
+
+    def _plan_violation(self) -> None:
+        """`_predicts_violation` found a head the plan makes late (qlm counts its predicted violations per
+        request in its walk instead)."""
+        self.stats.predicted_violations += 1
     def _evictions(self, cluster: ClusterView, now: float) -> list[Decision]:
         """Make room for an urgent group at the head of a full instance's queue."""
         out: list[Decision] = []
