@@ -208,3 +208,16 @@ def test_a_prediction_counts_the_queue_ahead_when_the_walk_reached_none_of_it():
     rate = pol.est.rate(prof, "llama-3.1-8b")
     # At least the queue's decode work at full concurrency (its prefill comes on top).
     assert late.predicted_ttft_s > 2000 * 100 * rate.token_time_s / rate.concurrency
+
+
+def test_multi_model_swaps_count_their_dead_time():
+    """The bundled multi_model scenario as shipped (four models on two GPUs, 20 s interactive SLOs, swaps of
+    4-22 s): a swap away from a model whose tight requests wait costs them the requests the sleep and the wake
+    do not serve. Counting that, qlm is at or above vLLM priority's attainment; counting only the queued
+    requests a swap makes late, it swapped 26 times where priority swapped 10 and fell a point behind (86.9 %
+    against 87.9 %)."""
+    sc = load_scenario(SCEN / "multi_model.yaml")
+    reqs, _ = build_requests(sc)
+    pri, qlm = (simulate(sc, p, reqs).summary for p in ("priority", "qlm"))
+    assert qlm["slo_attainment"] >= pri["slo_attainment"], (qlm["slo_attainment"], pri["slo_attainment"])
+    assert qlm["num_swaps"] < 20

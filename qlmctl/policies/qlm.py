@@ -465,9 +465,29 @@ class QLMPolicy(QLMBasicPolicy):
         for i, r in enumerate(cur_q):
             pf = cur_pf(r.prompt_tokens)
             lost += (now + i * each_cur + pf <= r.deadline_s) - (back + i * each_cur + pf <= r.deadline_s)
+        # The swap's dead time (the sleep and the wake, there and back) serves nobody. With the current model's
+        # requests waiting, the instance completes that many fewer of them, and under load the shortfall is
+        # never made up: it falls on the classes whose SLO is shorter than what this model's queue then
+        # waits (a class that can wait longer absorbs it). Counted by their share of its arrivals.
+        dead = inst.load_time(model) + inst.load_time(cur)
+        away = back - now + len(cur_q) * each_cur  # how long the last of this model's queue waits, the swap taken
+        lost += dead * cur_rate.concurrency / cur_rate.request_time_s * self._tight_share(cur, away, now)
         others = sum(1 for i in self._servers_of.get(cur, ()) if i != inst.instance_id)
         worth = self._worth[key] = saved > lost / (1 + others)
         return worth
+
+    def _tight_share(self, model: str, wait_s: float, now: float) -> float:
+        """The share of `model`'s recent arrivals whose TTFT SLO is shorter than `wait_s`."""
+        total = tight = 0.0
+        for (m, cls), arr in self._arrivals.items():
+            c = self.ctx.slo_classes.get(cls)
+            if m != model or c is None:
+                continue
+            rate = arr.rate_at(now)
+            total += rate
+            if c.ttft_s < wait_s:
+                tight += rate
+        return tight / total if total > 0 else 0.0
 
     def _hopeless(self, r: Request, now: float) -> bool:
         """Its first token cannot come in time even if it were dispatched now: its own prefill plus the
