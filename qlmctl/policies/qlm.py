@@ -339,19 +339,6 @@ class QLMPolicy(QLMBasicPolicy):
     def _after_plan(self, cluster: ClusterView, now: float) -> list[Decision]:
         return self._walk(cluster, now)
 
-    def _pass_begins(self) -> None:
-        self._urgent.clear()
-
-    def _limit_room(self, room: Room) -> None:
-        if self._tpot:  # (without TPOT classes every cap is None)
-            self._cap_for_tpot(room)
-
-    def _took(self, g: RequestGroup) -> None:
-        self._urgent.pop(g.model, None)
-
-    def _engine_priority(self, r: Request, g: RequestGroup, room: Room) -> int | None:
-        return self._priority(r, g.late) if room.inst.scheduling_policy == "priority" else None
-
     def _next_group(self, inst: InstanceView, room: Room, now: float, out: list[Decision]) -> RequestGroup | None:
         """The group `inst` should take its next request from, if that request fits; None to stop."""
         groups = self.groups

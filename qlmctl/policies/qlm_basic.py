@@ -77,6 +77,10 @@ class QLMBasicPolicy(Policy):
         self._dirty = True
         self._next_plan = -math.inf
         self._book = RoomBook(ctx.dispatch_limit, tracks_steps=True)
+        self._tpot: dict[str, float] = {}
+        """TPOT SLO per class that has one (qlm keeps batches within them; none here)."""
+        self._urgent: dict[str | None, RequestGroup | None] = {}
+        """Within one dispatch pass, per model, the group whose head goes next (qlm's `_most_urgent`)."""
         self._arrived_models: set[str] = set()
         self._depth: dict[str, int] = {}
         self._planned: set[GroupKey] = set()  # keys on some virtual queue
@@ -185,22 +189,24 @@ class QLMBasicPolicy(Policy):
         # Least-loaded first, one request at a time, so replicas of a model share its load.
         rooms = [(rm.load, rm.inst.instance_id, rm) for rm in book.open_rooms()]
         heapq.heapify(rooms)
-        self._pass_begins()
-        limit, next_group, took, priority = self._limit_room, self._next_group, self._took, self._engine_priority
+        tpot, urgent, next_group = self._tpot, self._urgent, self._next_group
+        urgent.clear()
         while rooms and self._count:
             _, iid, room = heapq.heappop(rooms)
             book.read(room)
-            limit(room)
+            if tpot:  # (without TPOT classes every cap is None)
+                self._cap_for_tpot(room)
             g = next_group(room.inst, room, now, out)
             if g is None:
                 room.blocked = True
                 continue
             r = g.queue.popleft()
-            took(g)
+            urgent.pop(g.model, None)
             self._count -= 1
             self._depth[r.slo_class] -= 1
             room.take(r)
-            out.append(Dispatch(r, iid, priority(r, g, room)))
+            prio = self._priority(r, g.late) if room.inst.scheduling_policy == "priority" else None
+            out.append(Dispatch(r, iid, prio))
             if room.slots > 0:
                 heapq.heappush(rooms, (room.load, iid, room))
         return out
@@ -217,17 +223,11 @@ class QLMBasicPolicy(Policy):
         """After each planning tick (and the plan, when it was made again)."""
         return []
 
-    def _pass_begins(self) -> None:
-        """A dispatch pass over the rooms begins."""
+    def _cap_for_tpot(self, room: Room) -> None:
+        """Narrow `room` to the batch a TPOT SLO allows (called only with `_tpot` classes: qlm's)."""
 
-    def _limit_room(self, room: Room) -> None:
-        """Narrow `room` before it takes anything (qlm: the batch a TPOT SLO allows)."""
-
-    def _took(self, g: RequestGroup) -> None:
-        """`g`'s head was dispatched."""
-
-    def _engine_priority(self, r: Request, g: RequestGroup, room: Room) -> int | None:
-        """The `priority` a request is dispatched with (None: its own)."""
+    def _priority(self, r: Request, late: bool) -> int | None:
+        """The `priority` a request goes to a priority-scheduling engine with (None: its own)."""
         return None
 
     def _next_group(self, inst: InstanceView, room: Room, now: float, out: list[Decision]) -> RequestGroup | None:
