@@ -104,7 +104,9 @@ class RoomBook:
     through finishes, evictions and swaps, which the policy's hooks report with `touch`. Free KV blocks
     also shrink as running requests decode, so `fresh_blocks` re-reads them for the one instance chosen.
     So a room of the book holds its blocks and prompt tokens only once `fresh_blocks` has read them: call it
-    before `Room.fits` or `Room.take` (its slots and load are current from `refresh` on).
+    before `Room.fits` or `Room.take` (its slots and load are current from `refresh` on). In a world that
+    reports engine steps (the simulator), what was read stays current until the next step (`stepped`), so
+    `read` and `place` read only rooms whose engines moved; live, they read every room every time.
     """
 
     def __init__(self, dispatch_limit: int, lookahead_steps: float | None = None, *,
