@@ -400,7 +400,6 @@ class QLMBasicPolicy(Policy):
         lanes = self._lanes(cluster)
         groups = [g for g in self.groups.values() if g.queue]
         groups.sort(key=lambda g: (g.late, g.head_deadline(), g.key))
-        sqrt = math.sqrt
         for g in groups:
             n = len(g.queue)
             model = g.model
@@ -413,12 +412,9 @@ class QLMBasicPolicy(Policy):
                         rate_l = rates[model]
                     else:
                         rate_l = rates[model] = self._rate_of(lane.inst, model)
-                    if rate_l is None:
-                        continue
-                    k = lane.ahead - rate_l.concurrency + 1
-                    wait = (max(0.0, k + rate_l.spread * sqrt(k)) * rate_l.request_time_s / rate_l.concurrency
-                            if k > 0 else 0.0)
-                    options.append((lane.offset_s + wait, False, lane))
+                    if rate_l is not None:
+                        options.append((lane.offset_s + rate_l.completions_time(lane.ahead - rate_l.concurrency + 1),
+                                        False, lane))
             # Prefer not swapping when that still meets the head's deadline: then swaps are not looked at (the
             # spread below passes them over too).
             no_swap_ok = [o for o in options if o[0] <= slack]
@@ -481,11 +477,11 @@ class QLMBasicPolicy(Policy):
                 lane.ahead += len(g.queue)
         return False
 
-
     def _plan_violation(self) -> None:
         """`_predicts_violation` found a head the plan makes late (qlm counts its predicted violations per
         request in its walk instead)."""
         self.stats.predicted_violations += 1
+
     def _evictions(self, cluster: ClusterView, now: float) -> list[Decision]:
         """Make room for an urgent group at the head of a full instance's queue."""
         out: list[Decision] = []
