@@ -242,23 +242,17 @@ class RoomBook:
                     found, found_key = rm, (rm.load, iid)
             return found
         caps, loads = self._caps[model], self._loads[model]
+        unread = self._unread[model]
+        self._unread[model] = []
         if model not in self._heaped:  # (again) after looks at each room: the heaps from all of them
             self._heaped.add(model)
-            self._unread[model] = []
             for rm in list(serving.values()):
                 if rm.slots <= 0:
                     self._close(rm)
                 elif not rm.read:
                     self.fresh_blocks(rm)
-            caps.clear()
-            loads.clear()
-        unread = self._unread[model]
-        if unread or not caps:
-            if not caps:  # (after the rebuild above: every room is read and current)
-                unread = list(serving.values())
-                for rm in unread:
-                    rm.heap_key = (math.nan, -1)
-            fresh = self.fresh_blocks
+            self._heap_up(serving, caps, loads)
+        elif unread:
             for rm in unread:
                 iid = rm.inst.instance_id
                 if serving.get(iid) is not rm:
@@ -267,31 +261,25 @@ class RoomBook:
                     self._close(rm)
                     continue
                 if not rm.read:
-                    fresh(rm)
+                    self.fresh_blocks(rm)
                 cap = _kv_room(rm)
                 if (cap, rm.load) != rm.heap_key:  # else its entries stand
                     rm.heap_key = (cap, rm.load)
                     heapq.heappush(caps, (-cap, iid, id(rm), rm))
                     heapq.heappush(loads, (rm.load, iid, id(rm), rm))
-            self._unread[model] = []
-            if len(caps) + len(loads) > 8 * len(serving) + 64:  # stale entries pile up: rebuild from the rooms
-                for rm in serving.values():
-                    rm.heap_key = (_kv_room(rm), rm.load)
-                caps[:] = [(-rm.heap_key[0], iid, id(rm), rm) for iid, rm in serving.items()]
-                loads[:] = [(rm.load, iid, id(rm), rm) for iid, rm in serving.items()]
-                heapq.heapify(caps)
-                heapq.heapify(loads)
+            if len(caps) + len(loads) > 8 * len(serving) + 64:  # stale entries pile up
+                self._heap_up(serving, caps, loads)
         # Entries of rooms since replaced, closed or changed are stale: dropped as they come up.
         # The most free KV any room has (in tokens, so that block sizes may differ): too little, and `r` fits
         # nowhere (`Room.fits` needs its tokens and one more).
+        tokens = r.prompt_tokens + r.generated_tokens + 1
         while caps and (serving.get(caps[0][1]) is not caps[0][3] or -caps[0][0] != _kv_room(caps[0][3])):
             heapq.heappop(caps)
-        if not caps or -caps[0][0] < r.prompt_tokens + r.generated_tokens + 1:
+        if not caps or -caps[0][0] < tokens:
             return None
         # The least-loaded room `r` fits: walk up the load heap to the first that fits, and at the same pace
         # down the KV heap through every room with KV for `r`; whichever ends first answers, so a call costs
         # the fewer of the rooms passed over and the rooms that fit. What came off goes back.
-        tokens = r.prompt_tokens + r.generated_tokens + 1
         held_l, held_c = [], []
         best: Room | None = None
         cand: Room | None = None
@@ -321,6 +309,16 @@ class RoomBook:
         for e in held_c:
             heapq.heappush(caps, e)
         return best
+
+    @staticmethod
+    def _heap_up(serving: dict[int, Room], caps: list, loads: list) -> None:
+        """`place`'s heaps made anew from the rooms of `serving` (all read and current)."""
+        for rm in serving.values():
+            rm.heap_key = (_kv_room(rm), rm.load)
+        caps[:] = [(-rm.heap_key[0], iid, id(rm), rm) for iid, rm in serving.items()]
+        loads[:] = [(rm.load, iid, id(rm), rm) for iid, rm in serving.items()]
+        heapq.heapify(caps)
+        heapq.heapify(loads)
 
     def taken(self, rm: Room) -> None:
         """`rm` took a request (`Room.take`): a full room leaves the open ones until it is refreshed."""
