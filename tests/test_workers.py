@@ -13,8 +13,11 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import sys
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -136,34 +139,38 @@ async def _worker_pids(port: int, proc) -> list[int]:
     return [int(p) for p in re.search(r"pids ([\d, ]+)\)", line).group(1).split(",")]
 
 
+@contextmanager
+def _qlm_with_workers(stack: ExitStack, tmp_path: Path, workers: int = 2) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`qlmctl serve` (qlm, relay workers) in front of one emulator: its process and port; killed at the end if
+    it still runs."""
+    (e0,) = emulators(stack, 1)
+    port = _free_port()
+    proc = _serve(tmp_path, e0.url, port, "--policy", "qlm", "--workers", str(workers))
+    try:
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.asyncio
 async def test_sigkill_of_the_core_leaves_no_worker(tmp_path):
-    with ExitStack() as stack:
-        (e0,) = emulators(stack, 1)
-        port = _free_port()
-        proc = _serve(tmp_path, e0.url, port, "--policy", "qlm", "--workers", "2")
-        try:
-            pids = await _worker_pids(port, proc)
-            assert len(pids) == 2 and all(_alive(p) for p in pids)
-            # Mid-stream: the workers hold open client and engine connections when the core dies.
-            pool = Pool(f"http://127.0.0.1:{port}", max_idle=8)
-            from qlmctl.client.outcomes import call
-            from tests.test_faults import body
-
-            reqs = [asyncio.ensure_future(call(pool, *body(i, 2000, stream=True), timeout_s=30)) for i in range(4)]
-            await asyncio.sleep(0.5)
-            proc.send_signal(signal.SIGKILL)
-            await _exit_code(proc)
-            assert await wait_until(lambda: not any(_alive(p) for p in pids), 10)
-            outs = await asyncio.gather(*reqs)
-            assert all(o.kind != "completed" for o in outs)  # cut off, not hung: the client sees the end
-            await pool.aclose()
-            # The port is free again: nothing listens on it.
-            with pytest.raises(httpx.ConnectError):
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with ExitStack() as stack, _qlm_with_workers(stack, tmp_path) as (proc, port):
+        pids = await _worker_pids(port, proc)
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        # Mid-stream: the workers hold open client and engine connections when the core dies.
+        pool = Pool(f"http://127.0.0.1:{port}", max_idle=8)
+        reqs = [asyncio.ensure_future(call(pool, *body(i, 2000, stream=True), timeout_s=30)) for i in range(4)]
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        await _exit_code(proc)
+        assert await wait_until(lambda: not any(_alive(p) for p in pids), 10)
+        outs = await asyncio.gather(*reqs)
+        assert all(o.kind != "completed" for o in outs)  # cut off, not hung: the client sees the end
+        await pool.aclose()
+        # The port is free again: nothing listens on it.
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
 @pytest.mark.asyncio
@@ -301,38 +308,31 @@ def _relay_workers_of(core_pid: int) -> list[int]:
 
 @pytest.mark.asyncio
 async def test_serve_restarts_a_killed_worker_and_sigterm_leaves_none(tmp_path):
-    with ExitStack() as stack:
-        (e0,) = emulators(stack, 1)
-        port = _free_port()
-        proc = _serve(tmp_path, e0.url, port, "--policy", "qlm", "--workers", "2")
-        try:
-            first = await _worker_pids(port, proc)
-            assert sorted(_relay_workers_of(proc.pid)) == sorted(first)
-            os.kill(first[0], signal.SIGKILL)
-            # The core says when the new worker listens, and its pid (the log goes to the same stream).
-            seen, line = [], ""
-            while (m := re.search(r"relay worker 0 restarted \(pid (\d+)", line)) is None:
-                line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
-                assert line, "serve exited: " + "".join(seen)
-                seen.append(line)
-            new = int(m.group(1))
-            assert new != first[0] and new in _relay_workers_of(proc.pid), "".join(seen)
-            async with httpx.AsyncClient() as c:
-                for _ in range(8):  # fresh connections, to either worker
-                    r = await c.post(f"http://127.0.0.1:{port}/v1/completions", headers={"connection": "close"},
-                                     json={"model": "m", "prompt": "w1 w2", "max_tokens": 4}, timeout=30)
-                    assert r.status_code == 200, r.text
-            # Killed again, then SIGTERM while its restart waits out the backoff: it does not come back.
-            os.kill(new, signal.SIGKILL)
-            proc.send_signal(signal.SIGTERM)
-            assert await _exit_code(proc, 60) == 0
-            out = "".join(seen) + proc.stdout.read()
-            assert "restarting it in" in out and "restart 1" in out, out
-            assert _relay_workers_of(proc.pid) == []
-            assert not any(_alive(p) for p in (*first, new))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with ExitStack() as stack, _qlm_with_workers(stack, tmp_path) as (proc, port):
+        first = await _worker_pids(port, proc)
+        assert sorted(_relay_workers_of(proc.pid)) == sorted(first)
+        os.kill(first[0], signal.SIGKILL)
+        # The core says when the new worker listens, and its pid (the log goes to the same stream).
+        seen, line = [], ""
+        while (m := re.search(r"relay worker 0 restarted \(pid (\d+)", line)) is None:
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+            assert line, "serve exited: " + "".join(seen)
+            seen.append(line)
+        new = int(m.group(1))
+        assert new != first[0] and new in _relay_workers_of(proc.pid), "".join(seen)
+        async with httpx.AsyncClient() as c:
+            for _ in range(8):  # fresh connections, to either worker
+                r = await c.post(f"http://127.0.0.1:{port}/v1/completions", headers={"connection": "close"},
+                                 json={"model": "m", "prompt": "w1 w2", "max_tokens": 4}, timeout=30)
+                assert r.status_code == 200, r.text
+        # Killed again, then SIGTERM while its restart waits out the backoff: it does not come back.
+        os.kill(new, signal.SIGKILL)
+        proc.send_signal(signal.SIGTERM)
+        assert await _exit_code(proc, 60) == 0
+        out = "".join(seen) + proc.stdout.read()
+        assert "restarting it in" in out and "restart 1" in out, out
+        assert _relay_workers_of(proc.pid) == []
+        assert not any(_alive(p) for p in (*first, new))
 
 
 def test_restart_backoff_doubles_to_its_cap_and_resets_after_a_stable_run():
