@@ -29,6 +29,7 @@ app = typer.Typer(
     help="SLO-oriented queue management (QLM) for LLM serving: simulate, serve, profile, plot. "
     "Shell completion: qlmctl --install-completion.",
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 
 

@@ -64,7 +64,8 @@ def test_help_lists_every_command():
                 "sweep", "schema"]
     assert [c.name or c.callback.__name__ for c in app.registered_commands] == commands
     assert len(COMMAND_MODULES) == len(commands)  # one command per module
-    listed = [line.split()[1] for line in res.output.splitlines() if line.startswith("│ ") and
+    # A command's name starts its row; a wrapped description line starts with spaces.
+    listed = [line.split()[1] for line in res.output.splitlines() if line.startswith("│ ") and line[2] != " " and
               line.split()[1] in commands]
     assert listed == commands
 

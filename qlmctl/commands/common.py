@@ -146,5 +146,5 @@ METADATA_HELP = "KEY=VALUE pairs recorded in summary.json (and the result file),
 SAVE_RESULT_HELP = "Also write vLLM's result file per policy (a vllm bench serve JSON: plot and compare read it)."
 SAVE_DETAILED_HELP = "With the result file, the per-request arrays (input_lens, ttfts, itls, ...), as vLLM's --save-detailed."
 RESULT_DIR_HELP = "Folder of the result file (default: the current folder, as vLLM)."
-RESULT_FILENAME_HELP = "Name of the result file (default vLLM's: <label>-<rate>qps-<model>-<date>.json)."
+RESULT_FILENAME_HELP = "Name of the result file (default vLLM's: `<label>-<rate>qps-<model>-<date>.json`)."
 FORCE_HELP = "Replace the results of the same policies (labels) already in --out (by default a run refuses to overwrite them)."

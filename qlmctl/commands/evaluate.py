@@ -59,12 +59,12 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(
             None, "--out", "-o",
             help="Folder for evaluation.md and figures/ (or a .md path: figures/ goes beside it); default: a new "
-            "results/evaluate-<date-time>/. `--out docs` regenerates the repository's docs/evaluation.md: "
+            "`results/evaluate-<date-time>/`. `--out docs` regenerates the repository's docs/evaluation.md: "
             "hand-written text around the generated block of an existing evaluation.md is kept.",
         ),
         runs_dir: Optional[Path] = typer.Option(
             None, "--runs-dir",
-            help="Where each simulation's results folder goes: <runs-dir>/<scenario>/rate-<R>/<policy>; default: "
+            help="Where each simulation's results folder goes: `<runs-dir>/<scenario>/rate-<R>/<policy>`; default: "
             "runs/ beside evaluation.md (results/eval with --out docs).",
         ),
         quick: bool = typer.Option(

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
             "rate and request count.",
         ),
         out: Optional[Path] = typer.Option(
-            None, "--out", "-o", help="Folder for the figures; default: <first RESULTS>/figures."
+            None, "--out", "-o", help="Folder for the figures; default: `<first RESULTS>/figures`."
         ),
         formats: str = typer.Option("png,svg", "--format", help="Comma-separated file formats: png, svg, pdf."),
         figures: Optional[str] = typer.Option(

@@ -46,7 +46,7 @@ def replay(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="Bearer token, if the server wants one."),
     insecure: bool = typer.Option(False, "--insecure", help="Do not check the server's TLS certificate (https)."),
     priority: bool = typer.Option(False, "--priority", help="Send each request's SLO-class priority (lower first) as vLLM's `priority` field, for a vLLM server started with --scheduling-policy priority."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default: a new results/<scenario name>/<date-time>/."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default: a new `results/<scenario name>/<date-time>/`."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     metric_percentiles: Optional[str] = typer.Option(None, "--metric-percentiles", help=METRIC_PERCENTILES_HELP),
     percentile_metrics: Optional[str] = typer.Option(None, "--percentile-metrics", help=PERCENTILE_METRICS_HELP),
@@ -61,7 +61,7 @@ def replay(
     length (ignore_eos, temperature 0), SLO class in the x-slo-class header.
 
     Latencies are measured on the client side as vLLM's serving benchmark does and written, in scenario seconds,
-    to <out>/<label>/ in the same form as `simulate`, so that `qlmctl plot` compares both.
+    to `<out>/<label>/` in the same form as `simulate`, so that `qlmctl plot` compares both.
     """
     import asyncio
 

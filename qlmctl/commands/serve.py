@@ -36,7 +36,7 @@ def serve(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the workload's random choices."),
     concurrency: int = typer.Option(1024, "--concurrency", min=1, help="Replay: most requests open at once (later ones are sent late)."),
     client_process: bool = typer.Option(True, "--client-process/--in-process-client", help="Replay: run the client in a process of its own (default), or on the gateway's event loop."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Replay output folder; default: a new results/<scenario name>/<date-time>/."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Replay output folder; default: a new `results/<scenario name>/<date-time>/`."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     metadata: Optional[list[str]] = typer.Option(None, "--metadata", help=METADATA_HELP),
     log_dir: Optional[Path] = typer.Option(None, "--engine-logs", help="With --launch: folder for the engines' output (default: a temp folder)."),
@@ -49,7 +49,7 @@ def serve(
     Clients name their SLO class in the `x-slo-class` header (or `slo_class` body field), or a TTFT deadline in
     seconds in `x-slo-ttft-s` (`slo_ttft_s`). /metrics serves Prometheus metrics (latencies in wall-clock
     seconds). With --trace or --replay, each policy gets its own gateway in front of the same engines; results
-    (scenario seconds, client-side latencies) go to <out>/<policy>/ as with `simulate`. See docs/live.md.
+    (scenario seconds, client-side latencies) go to `<out>/<policy>/` as with `simulate`. See docs/live.md.
 
     SIGTERM (or Ctrl-C) stops intake (new requests get 503), lets what is queued or running finish for up to
     --drain-timeout seconds, ends the rest with a 503 error, writes the results of a replay and exits 0; a

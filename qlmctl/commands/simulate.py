@@ -40,7 +40,7 @@ def simulate(
     burstiness: Optional[float] = typer.Option(None, "--burstiness", min=1e-6, help=BURSTINESS_HELP),
     duration: Optional[float] = typer.Option(None, "--duration", min=1e-6, help=DURATION_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the workload's random choices."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default: a new results/<scenario name>/<date-time>/ (results/<scenario name>/latest points to it)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default: a new `results/<scenario name>/<date-time>/` (`results/<scenario name>/latest` points to it)."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     metric_percentiles: Optional[str] = typer.Option(None, "--metric-percentiles", help=METRIC_PERCENTILES_HELP),
     percentile_metrics: Optional[str] = typer.Option(None, "--percentile-metrics", help=PERCENTILE_METRICS_HELP),

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 def sweep(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML (see scenarios/sweeps/ and docs/sweep.md)."),
     out: Optional[Path] = typer.Option(
-        None, "--out", "-o", help="Output folder; default results/sweeps/<sweep name>. Reused to resume."
+        None, "--out", "-o", help="Output folder; default `results/sweeps/<sweep name>`. Reused to resume."
     ),
     workers: Optional[int] = typer.Option(
         None, "--workers", "-j", min=1,
