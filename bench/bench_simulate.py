@@ -46,7 +46,7 @@ def point(args: tuple[str, int, dict, str], out: mp.Queue) -> None:
     reqs, _ = build_requests(sc)
     t_build = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), time.process_time()
-    run = simulate(sc, policy, reqs)
+    run = simulate(sc, policy, reqs, copy_requests=False)  # as `qlmctl simulate` runs its last (or only) policy
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     out.put({"point": name, "policy": policy, "requests": len(reqs), "instances": instances,

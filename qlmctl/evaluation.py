@@ -293,7 +293,7 @@ def simulate_point(task: EvalTask, source: Bundle | LocalBundle) -> PointRun:
         folder = scenario_file.parent
         sc = load_scenario(scenario_file, point.overrides)
         requests, report = build_requests(sc)
-        run = simulate(sc, point.policy, requests)
+        run = simulate(sc, point.policy, requests, copy_requests=False)  # built for this run alone
         run.summary.update(run_header(sc, report, requests, backend="simulate", label=point.policy))
         run.summary["eval_scenario"] = point.scenario
         run.summary["target_rate_rps"] = point.rate

@@ -51,15 +51,24 @@ def simulate(
     requests: Sequence[Request],
     progress: Callable[[int, int], None] | None = None,
     stop_if: Callable[[float, int, Sequence[Request]], bool] | None = None,
+    copy_requests: bool = True,
 ) -> PolicyRun:
     """Simulate `requests` under `policy`.
 
     `stop_if(now, done, requests)` is asked every few thousand finished requests (simulated time, requests
     finished, the run's requests); True ends the run there (`PolicyRun.stopped_early`): a sweep stops a
     point that can no longer be in a steady state.
+
+    `copy_requests`: the run works on copies, so `requests` can be replayed again (under another policy).
+    False lets it fill in `requests` themselves, for a caller that replays them once (a copy costs about
+    2 s per million requests); they must not have been run before.
     """
     pol = make_policy(policy, PolicyContext.from_scenario(scenario))
-    cluster = SimulatedCluster(scenario, pol, fresh_copies(requests))
+    if copy_requests:
+        requests = fresh_copies(requests)
+    elif any(r.dispatch_s is not None or r.finish_s is not None or r.rejected for r in requests):
+        raise ValueError("simulate(copy_requests=False) needs requests that have not been run yet")
+    cluster = SimulatedCluster(scenario, pol, list(requests))
     def watch(done: int, total: int) -> None:
         if progress is not None:
             progress(done, total)

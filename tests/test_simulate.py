@@ -57,6 +57,18 @@ def test_every_request_finishes_once_with_its_tokens(policy):
     assert reqs[0].finish_s is None  # the caller's requests are untouched (fresh copies per policy)
 
 
+def test_a_run_without_copies_fills_in_the_callers_requests_and_refuses_them_twice():
+    sc = make_scenario(instances=2, kv_blocks=120, max_num_seqs=8)
+    copied = simulate(sc, "qlm", mixed_requests(200, seed=4))
+    reqs = mixed_requests(200, seed=4)
+    run = simulate(sc, "qlm", reqs, copy_requests=False)
+    rec = lambda rs: sorted((r.request_id, r.dispatch_s, r.first_token_s, r.finish_s, r.instance_id) for r in rs)
+    assert rec(run.result.requests) == rec(copied.result.requests)  # the same run, copies or not
+    assert rec(reqs) == rec(copied.result.requests)  # on the caller's own objects
+    with pytest.raises(ValueError, match="not been run"):
+        simulate(sc, "fcfs", reqs, copy_requests=False)
+
+
 @pytest.mark.parametrize("policy", CORE_POLICIES)
 def test_same_seed_same_results(policy):
     sc = make_scenario(instances=2, kv_blocks=120, max_num_seqs=8)

@@ -93,9 +93,11 @@ def simulate(
     files = []
     date = now()
     with policy_progress(console) as prog:
-        for name in policies:
+        for i, name in enumerate(policies):
             task = prog.add_task(name, total=len(requests))
-            run = run_sim(sc, name, requests, lambda done, total, t=task: prog.update(t, completed=done))
+            last = i == len(policies) - 1  # the last policy may fill in the requests themselves: no copy
+            run = run_sim(sc, name, requests, lambda done, total, t=task: prog.update(t, completed=done),
+                          copy_requests=not last)
             prog.update(task, completed=len(requests))
             try:
                 run.summary.update(run_header(sc, report, requests, backend="simulate", label=name,

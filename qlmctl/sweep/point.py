@@ -141,7 +141,7 @@ def run_point(point: Point, source: Bundle | LocalBundle) -> PointOutcome:
         warmup, min_ratio, stop = point.config.measure
         start_s, end_s = measured_window(requests, sc.spec.workload.duration_s, warmup)
         watch = SteadyWatch(requests, start_s, end_s, min_ratio) if stop else None
-        run = simulate(sc, point.config.policy, requests, stop_if=watch)
+        run = simulate(sc, point.config.policy, requests, stop_if=watch, copy_requests=False)
         summary = run.summary
         metrics = {k: summary.get(k) for k in SUMMARY_METRICS}
         metrics.update(steady_metrics(run.result.requests, start_s, end_s, min_ratio, run.stopped_early))
