@@ -83,3 +83,24 @@ def test_outcomes_that_come_together_move_the_factor_once():
     cal.first_token(1000, 31.5)  # a later outcome is a step of its own
     cal.advance(32.0)
     assert cal._log_factor["k"] < -0.009
+
+
+def test_requests_waiting_on_a_swap_are_predicted_toward_their_deadline():
+    # 300 requests whose model is not loaded: the estimate puts their start at 100 s, but the swap comes when
+    # their slack runs low and serves them in portions, 120-270 s after arrival (their SLO: 300 s). All are
+    # predicted before the first outcome: as a factor on the mean (1) every one missed; as a weight between
+    # the mean and the deadline, at the percentile at first, about the percentile are covered (outcomes are
+    # judged against the weight of the moment, which the hits bring down).
+    cal = TTFTCalibration(0.9)
+    preds = [cal.predict(i, i * 0.5, 100.0, 100.0, key="w", ttft_slo_s=300.0) for i in range(300)]
+    assert preds[0] == 100.0 + 0.9 * 200.0
+    actual = np.linspace(120.0, 270.0, 300)
+    events = sorted((i * 0.5 + a, i) for i, a in enumerate(actual))
+    for t, i in events:
+        cal.advance(t)
+        cal.first_token(i, t)
+    assert cal.hits + cal.misses == 300 and cal.hits >= 0.9 * 300
+    # Hits move the weight down by WEIGHT_STEP's share, not the factor's (a log step would not be bounded).
+    assert 0.0 < cal._log_factor["w"] < 0.9
+    # A mean beyond the deadline: the deadline.
+    assert cal.predict(1000, 200.0, 400.0, 400.0, key="w", ttft_slo_s=300.0) == 300.0

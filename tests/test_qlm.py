@@ -140,6 +140,15 @@ def test_predictions_are_recorded_and_cover_about_their_percentile():
     assert fcfs["estimator_coverage"] is None and fcfs["estimator_samples"] == 0
 
 
+@needs_trace
+def test_predictions_cover_requests_that_wait_on_swaps():
+    """W_B (four models on two instances, batch SLOs of 5 and 30 min) at 45 req/s: requests of a model that is
+    not loaded, or that waits long while swaps come, start when their slack runs low, far beyond the plan's
+    start; predicted between it and the deadline they are covered (as a factor on the plan's start: 0.70)."""
+    qlm = run("w_b", ["qlm"], rate=45, n=40_500)["qlm"]
+    assert 0.85 <= qlm.summary["estimator_coverage"] <= 0.95
+
+
 def test_lag_is_measured_not_assumed():
     """The admission lag comes from what requests saw (dispatch to first token), so a saturated API-server
     model does not make every tight request look hopeless."""

@@ -61,6 +61,12 @@ TPOT_MARGIN = 0.9
 ARRIVAL_WINDOW_S = 10.0
 """Time constant of the arrival rates per model and class the estimator extrapolates (see `_Arrivals`)."""
 
+SWAP_WAIT_SHARE = 0.1
+"""While a swap is coming, a request of a loaded model whose mean TTFT is above this share of its TTFT SLO is
+predicted as one waiting on swaps (see `_predict`): short waits are not, as the instances serve them before
+they go (W_B, 60 req/s: the 14B's batch-2 requests, predicted at 500 s from its loaded instance, waited 900 s
+while it was swapped out; coverage 0.13)."""
+
 SWAP_LOOKAHEAD = 512
 """Queued requests per model that a swap's worth looks at (in urgency order)."""
 
@@ -212,6 +218,8 @@ class QLMPolicy(QLMBasicPolicy):
         self._future: dict[str, list[tuple[float, int, float]]] = {}
         self._served: set[str] = set()
         """Models some instance serves now (as of the last walk)."""
+        self._swap_coming = False
+        """Some model with on-time requests queued is not loaded (as of the last walk): a swap is coming."""
         self._servers_of: dict[str, list[int]] = {}
         """Per model, the instances serving it (as of the last walk)."""
         self._worth: dict[tuple[int, str, float], bool] = {}
@@ -562,6 +570,7 @@ class QLMPolicy(QLMBasicPolicy):
             servers_by_model.setdefault(m, []).append((inst, srv))
         self._tpot_caps = caps
         self._served = set(servers_by_model)
+        self._swap_coming = any(self._has_queued(m) for m in self._by_model if m not in self._served)
         self._servers_of = {m: [inst.instance_id for inst, _ in s] for m, s in servers_by_model.items()}
         self._worth = {}
         for model, servers in servers_by_model.items():
@@ -811,8 +820,15 @@ class QLMPolicy(QLMBasicPolicy):
         `pct_s`, the estimator's own percentile, is the first guess)."""
         # How far off an estimate runs depends on whether the model is loaded (else its start waits on the
         # swaps the plan foresees): each has its own factor.
+        loaded = r.model in self._served
+        # A request whose start waits on swaps (its model is not loaded, or is and waits long while a swap is
+        # coming that may take its instances away) starts when its slack runs low, between other models'
+        # turns, rather than where the estimate puts it: its prediction lies between the mean and its deadline.
+        bound = math.isfinite(r.ttft_slo_s) and (not loaded or (
+            self._swap_coming and mean_s > SWAP_WAIT_SHARE * r.ttft_slo_s))
         r.predicted_ttft_s = self._calib.predict(r.request_id, r.arrival_s, mean_s, pct_s,
-                                                 key=(r.model, r.slo_class, r.model in self._served))
+                                                 key=(r.model, r.slo_class, loaded, bound),
+                                                 ttft_slo_s=r.ttft_slo_s if bound else None)
 
     def _tpot_cap(self, inst: InstanceView, model: str) -> int | None:
         """The most sequences `inst` may run while it serves a class with a TPOT SLO (None: no such class)."""
