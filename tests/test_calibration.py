@@ -104,3 +104,21 @@ def test_requests_waiting_on_a_swap_are_predicted_toward_their_deadline():
     assert 0.0 < cal._log_factor["w"] < 0.9
     # A mean beyond the deadline: the deadline.
     assert cal.predict(1000, 200.0, 400.0, 400.0, key="w", ttft_slo_s=300.0) == 300.0
+
+
+def test_misses_past_the_deadline_do_not_wind_the_weight_up():
+    # An overload that makes 400 requests miss their SLO (first tokens past the deadline) then passes: the
+    # weight stops at the deadline, so the hits that follow bring predictions back below it at once; unbounded,
+    # it would have climbed to about 4 and the next 400 would all be predicted at the deadline.
+    cal = TTFTCalibration(0.9)
+    for i in range(400):
+        cal.predict(i, float(i), 10.0, 10.0, key="w", ttft_slo_s=100.0)
+    for i in range(400):
+        cal.advance(i + 100.5)  # each one waits past its deadline: a miss, found a second after the one before
+    cal.advance(1000.0)
+    assert cal.misses == 400 and cal._log_factor["w"] == 1.0
+    for i in range(400, 420):
+        cal.predict(i, 2000.0 + i, 10.0, 10.0, key="w", ttft_slo_s=100.0)
+        cal.first_token(i, 2000.0 + i + 5.0)
+    cal.advance(3000.0)
+    assert cal.predict(999, 3000.0, 10.0, 10.0, key="w", ttft_slo_s=100.0) < 100.0

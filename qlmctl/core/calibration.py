@@ -66,7 +66,7 @@ class _Pending:
         """Its prediction with the key's factor (or weight) `theta`."""
         if self.room_s is None:
             return self.mean_s * math.exp(theta)
-        return self.mean_s + min(1.0, max(0.0, theta)) * self.room_s
+        return self.mean_s + theta * self.room_s
 
 
 class TTFTCalibration:
@@ -168,5 +168,10 @@ class TTFTCalibration:
     def _apply(self, key: Hashable, g: list[float]) -> None:
         """One step for a group of outcomes: up by its share of misses, down by the share the percentile allows."""
         _, misses, n = g
-        step = self.weight_step if key in self._weighted else self.step
-        self._log_factor[key] += step * (misses / n - (1.0 - self.percentile))
+        if key in self._weighted:
+            # Kept in [0, 1]: misses past the deadline (SLO violations) would wind it up beyond the deadline,
+            # where the hits that follow would take as long to bring it back.
+            w = self._log_factor[key] + self.weight_step * (misses / n - (1.0 - self.percentile))
+            self._log_factor[key] = min(1.0, max(0.0, w))
+        else:
+            self._log_factor[key] += self.step * (misses / n - (1.0 - self.percentile))
