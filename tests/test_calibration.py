@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
-from qlmctl.core.calibration import TTFTCalibration
+from qlmctl.core.calibration import STEP, TTFTCalibration
 
 
 def _replay(cal: TTFTCalibration, ratios: np.ndarray, mean_s: float = 1.0, gap_s: float = 0.1) -> np.ndarray:
@@ -122,3 +123,16 @@ def test_misses_past_the_deadline_do_not_wind_the_weight_up():
         cal.first_token(i, 2000.0 + i + 5.0)
     cal.advance(3000.0)
     assert cal.predict(999, 3000.0, 10.0, 10.0, key="w", ttft_slo_s=100.0) < 100.0
+
+
+def test_misses_found_in_one_late_call_count_when_they_happened():
+    # 20 predictions run out one second apart, and the policy looks only once, 30 s later (calls come when
+    # the scheduler runs, seconds apart under some loads): they are 20 misses at 20 moments, 20 steps up, not
+    # one piece of evidence as outcomes of one moment are.
+    cal = TTFTCalibration(0.9)
+    for i in range(20):
+        cal.predict(i, float(i), 1.0, 1.0, key="k")
+    cal.advance(50.0)
+    cal.advance(60.0)  # applies the last group
+    assert cal.misses == 20
+    assert cal._log_factor["k"] == pytest.approx(20 * STEP * 0.9)

@@ -16,7 +16,11 @@ already in flight when the load rose, overshooting by as many requests as the qu
 Outcomes of one key that come together (within `GROUP_S` of the first) move the factor as one step, by their
 share of misses: they are one piece of evidence, not many. Requests that start in the same engine step, or
 all at once when a swap brings their model in, were decided together; counted one by one, the hundreds of hits
-of one swap-in drove the factor far down (W_B: coverage 0.70 -> 0.88 at 30 req/s with the grouping).
+of one swap-in drove the factor far down (W_B: coverage 0.70 -> 0.88 at 30 req/s with the grouping). A miss
+is dated when the request's wait passed its prediction, not when a call found it: calls come when the
+scheduler runs, up to seconds apart, and misses found together in one late call are not one piece of
+evidence (dated by the call, they moved the factor once where hits, spread over engine steps, moved it many
+times: W_A at 30 and 80 req/s sat at 0.84-0.85).
 
 Factors are kept per key (the caller's: model, class, whether the model is loaded, whether it waits on swaps).
 
@@ -145,7 +149,7 @@ class TTFTCalibration:
             p.due_s = p.arrival_s + p.pred_s(lf[p.key])
             if p.due_s < now:
                 del pending[rid]
-                self._update(p.key, True, now)
+                self._update(p.key, True, p.due_s)  # when it became a miss: calls come seconds apart
             else:  # the factor rose since: not a miss yet
                 heapq.heappush(due, (p.due_s, rid))
 
