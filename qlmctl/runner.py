@@ -68,7 +68,7 @@ def simulate(
         requests = fresh_copies(requests)
     elif any(r.dispatch_s is not None or r.finish_s is not None or r.rejected for r in requests):
         raise ValueError("simulate(copy_requests=False) needs requests that have not been run yet")
-    cluster = SimulatedCluster(scenario, pol, list(requests))
+    cluster = SimulatedCluster(scenario, pol, requests)  # (it sorts them into a list of its own)
     def watch(done: int, total: int) -> None:
         if progress is not None:
             progress(done, total)
