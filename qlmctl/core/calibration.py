@@ -88,6 +88,7 @@ class TTFTCalibration:
         """Per key, the outcomes not applied yet: [time of the first, misses, outcomes]."""
         self._groups_first = math.inf  # the earliest first time among `_groups` (advance's quick test)
         self._log_factor: dict[Hashable, float] = {}
+        """Per key, its log factor; for a key in `_weighted`, its weight between the mean and the deadline."""
         self._pending: dict[int, _Pending] = {}
         self._due: list[tuple[float, int]] = []
         """(due time, request id) of the pending predictions, earliest first (stale entries skipped)."""
