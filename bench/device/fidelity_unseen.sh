@@ -11,6 +11,7 @@
 #       ~2.5 min: conversation 2x/4x/8x straight to vLLM (fcfs), 4x through `qlmctl serve` (fcfs)
 #   run(command="STAGE=3 bash bench/device/fidelity_unseen.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
 #       ~3.5 min: restart with --scheduling-policy priority; conversation 4x/8x and code near, priority sent
+#   STAGE=3b: stage 3's conversation at 8x alone (~2.5 min)
 # Each stage writes $OUT/unseen_stage<N>.tgz (<set>/<load>/<label>/summary.json, requests.parquet: what
 # bench/fidelity_compare.py reads; summary.engine_metrics holds vLLM's own histogram and counter deltas, the
 # prefix-cache counters included) and $OUT/server_llama-3.1-8b.log. Compare on this side (see docs/fidelity.md):
@@ -74,6 +75,11 @@ case $STAGE in
   direct unseen near 21.5 540 --priority
   direct unseen over 43 1075 --priority
   direct code near 16 320 --priority
+  ;;
+3b)  # stage 3's overloaded conversation alone (the run the H100 session of 2026-12-06 had no time left for)
+  free_gpu
+  start_vllm "$K/m8b" llama-3.1-8b $PORT --scheduling-policy priority || exit 4
+  direct unseen over 43 1075 --priority
   ;;
 esac
 # Folder names as bench/fidelity_compare.py expects them: <set>/<load>/<label>.
