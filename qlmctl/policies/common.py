@@ -122,6 +122,9 @@ class RoomBook:
         self._stale: set[int] | None = None  # None: all
         # Kept so that a call costs what changed, not the number of instances:
         self._open: dict[int, Room] = {}  # rooms that may have a free slot (a full one drops out until refreshed)
+        self._ready: dict[int, Room] = {}  # the open rooms not blocked (`open_rooms`)
+        self._blocked: dict[str, dict[int, Room]] = {}  # per model, the blocked rooms its next arrival opens
+        self._starved: dict[int, Room] = {}  # blocked rooms out of prompt tokens: opened by a step (`block`)
         self._by_model: dict[str, dict[int, Room]] = {}  # `_open` by the model each serves
         self._model_of: dict[int, str] = {}  # the model each room of `_by_model` is filed under
         self._unread: dict[str, list[Room]] = {}  # open rooms refreshed since `place` last read them
@@ -152,6 +155,7 @@ class RoomBook:
         ids = range(len(insts)) if self._stale is None else self._stale
         rooms, open_, unloaded = self._rooms, self._open, self._unloaded
         by_model, unread, model_of = self._by_model, self._unread, self._model_of
+        ready, blocked, starved = self._ready, self._blocked, self._starved
         limit = self.dispatch_limit
         self._current = self.tracks_steps and getattr(cluster, "steps_reported", False)
         listing = self._placing and self._current  # (where nothing stays current, `place` reads every room)
@@ -162,6 +166,9 @@ class RoomBook:
             old_model = model_of.pop(iid, None)
             if old_model is not None:
                 by_model[old_model].pop(iid, None)
+                blocked[old_model].pop(iid, None)
+            ready.pop(iid, None)
+            starved.pop(iid, None)
             if inst.swapping or not inst.healthy or prof is None:
                 rm = None
             else:
@@ -174,10 +181,12 @@ class RoomBook:
             else:
                 unloaded.discard(iid)
                 open_[iid] = rm
+                ready[iid] = rm
                 model = inst.model
                 serving = by_model.get(model)
                 if serving is None:
                     serving = by_model[model] = {}
+                    blocked[model] = {}
                     unread[model] = []
                     self._caps[model] = []
                     self._loads[model] = []
@@ -194,10 +203,9 @@ class RoomBook:
         """Rooms of serving instances with a free slot that are not blocked (in no particular order)."""
         out = []
         full = None
-        for iid, rm in self._open.items():
+        for iid, rm in self._ready.items():
             if rm.slots > 0:
-                if not rm.blocked:
-                    out.append(rm)
+                out.append(rm)
             elif full is None:
                 full = [iid]
             else:
@@ -334,14 +342,46 @@ class RoomBook:
 
     def _close(self, rm: Room) -> None:
         iid = rm.inst.instance_id
+        model = self._model_of[iid]
         self._open.pop(iid, None)
-        self._by_model[self._model_of[iid]].pop(iid, None)
+        self._by_model[model].pop(iid, None)
+        self._ready.pop(iid, None)
+        self._blocked[model].pop(iid, None)
+        self._starved.pop(iid, None)
+
+    def block(self, rm: Room) -> None:
+        """`rm` had nothing it could take: skip it until its instance or its model's queue changes (`unblock`,
+        a refresh). A room whose prompt-token budget is spent (`Room.fits` refuses every request) waits for
+        its engine to step as well (`stepped`): under heavy traffic most rooms are in that state, and an
+        arrival would otherwise try each of them in turn."""
+        rm.blocked = True
+        iid = rm.inst.instance_id
+        if self._ready.get(iid) is not rm:
+            return
+        del self._ready[iid]
+        if self._current and rm.read and rm.tokens <= 0 and rm.load > 0:
+            self._starved[iid] = rm
+        else:
+            self._blocked[self._model_of[iid]][iid] = rm
 
     def unblock(self, models: set[str]) -> None:
         """New requests of these models arrived: blocked rooms serving them may take them."""
-        for rm in self._open.values():
-            if rm.blocked and rm.inst.model in models:
-                rm.blocked = False
+        blocked, ready = self._blocked, self._ready
+        for m in models:
+            rooms = blocked.get(m)
+            if rooms:
+                stay = None
+                for iid, rm in rooms.items():
+                    if rm.inst.model != m:  # began a swap since its refresh: stays blocked until the next one
+                        if stay is None:
+                            stay = {}
+                        stay[iid] = rm
+                        continue
+                    rm.blocked = False
+                    ready[iid] = rm
+                rooms.clear()
+                if stay:
+                    rooms.update(stay)
 
     def rooms(self) -> list[Room]:
         """Rooms of every serving instance."""
@@ -355,6 +395,9 @@ class RoomBook:
         """The instance's engine stepped (`Policy.on_instance_stepped`): what was read of its room is out of date.
         The room itself (its slots, load and blocked mark) stands; `touch` replaces it."""
         rm = self._rooms.get(instance_id)
+        if rm is not None and self._starved.get(instance_id) is rm:  # its token budget is spent no more
+            del self._starved[instance_id]
+            self._blocked[self._model_of[instance_id]][instance_id] = rm
         if rm is not None and rm.read:
             rm.read = False
             model = self._model_of.get(instance_id)

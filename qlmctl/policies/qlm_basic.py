@@ -198,7 +198,7 @@ class QLMBasicPolicy(Policy):
                 self._cap_for_tpot(room)
             g = next_group(room.inst, room, now, out)
             if g is None:
-                room.blocked = True
+                book.block(room)
                 continue
             r = g.queue.popleft()
             urgent.pop(g.model, None)
