@@ -199,13 +199,16 @@ class RoomBook:
     def get(self, instance_id: int) -> Room | None:
         return self._rooms.get(instance_id)
 
-    def open_rooms(self) -> list[Room]:
-        """Rooms of serving instances with a free slot that are not blocked (in no particular order)."""
+    def open_rooms(self) -> list[tuple[int, int, Room]]:
+        """(load, instance id, room) of each serving instance with a free slot that is not blocked, in no
+        particular order: a heap's entries, least-loaded first once heapified."""
         out = []
         full = None
+        handed = self._handed
         for iid, rm in self._ready.items():
             if rm.slots > 0:
-                out.append(rm)
+                out.append((rm.load, iid, rm))
+                handed.append(rm)
             elif full is None:
                 full = [iid]
             else:
@@ -213,7 +216,6 @@ class RoomBook:
         if full is not None:
             for iid in full:  # a full room opens again only as a new Room, at a refresh
                 self._close(self._open[iid])
-        self._handed.extend(out)
         return out
 
     def place(self, model: str, r: Request) -> Room | None:

@@ -187,7 +187,7 @@ class QLMBasicPolicy(Policy):
             if not inst.swapping and inst.healthy:
                 out.extend(self._maybe_swap(inst, now))
         # Least-loaded first, one request at a time, so replicas of a model share its load.
-        rooms = [(rm.load, rm.inst.instance_id, rm) for rm in book.open_rooms()]
+        rooms = book.open_rooms()
         heapq.heapify(rooms)
         tpot, urgent, next_group = self._tpot, self._urgent, self._next_group
         urgent.clear()
