@@ -110,6 +110,8 @@ class Driver:
         self.instance_changed = policy.on_instance_changed
         self.stepped = policy.on_instance_stepped
         self.evicted = policy.on_evicted
+        # None where the policy keeps the base class's (no wake-ups): a call saved on every event.
+        self._next_wakeup = policy.next_wakeup if getattr(policy, "wakes", True) else None
 
     def requeue(self, request: Request, now: float) -> None:
         """An engine failed `request`'s attempt: it waits in the policy again (see the module docstring)."""
@@ -126,7 +128,7 @@ class Driver:
         decisions = self.policy.schedule(self.world)
         if decisions:
             self.apply(decisions, now)
-        wake = self.policy.next_wakeup(now)
+        wake = self._next_wakeup(now) if self._next_wakeup is not None else None
         if self._told:
             wake = now if wake is None else min(wake, now)
         if wake is not None:

@@ -97,6 +97,8 @@ class Policy(ABC):
     takes_evictions: ClassVar[bool] = False
     """Whether the policy emits `Evict` and takes evicted requests back through `on_evicted`. A policy that
     sets it must override `on_evicted`."""
+    wakes: ClassVar[bool] = False
+    """Whether the class overrides `next_wakeup` (set for each subclass): the driver skips the call otherwise."""
 
     def __init__(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
@@ -105,6 +107,7 @@ class Policy(ABC):
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
+        cls.wakes = cls.next_wakeup is not Policy.next_wakeup
         if cls.takes_evictions and cls.on_evicted is Policy.on_evicted:
             raise TypeError(f"{cls.__name__} sets takes_evictions but does not override on_evicted")
 

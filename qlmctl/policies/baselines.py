@@ -127,9 +127,15 @@ class QueuePolicy(Policy):
         if self._served is None:
             self._served = {i.model for i in cluster.instances if i.healthy and i.model is not None}
         served = self._served | set(self._swap_targets.values()) if self._swap_targets else self._served
-        starving = sorted((q.head()[:-2], m) for m, q in self._queues.items() if q and m not in served)
-        if not starving:
+        starving = None  # (a plain loop: this runs on every call while requests wait, mostly to find none)
+        for m, q in self._queues.items():
+            if q and m not in served:
+                if starving is None:
+                    starving = []
+                starving.append((q.head()[:-2], m))
+        if starving is None:
             return []
+        starving.sort()
         book = self._book
         idle = []
         for inst in cluster.instances:
