@@ -94,6 +94,8 @@ def main() -> None:
                     help="vLLM's --api-server-count in the live runs (the simulated profile takes it too)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a profile field for the simulated side, e.g. frontend_window_s=1 (repeatable)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="a profile file for every model of the scenario (e.g. one measured on the live runs' GPU)")
     ap.add_argument("--loads", default=None, metavar="NAME:RATE:N,...",
                     help="the loads (default: light:8:240,near:20:600,over:32:960)")
     ap.add_argument("--policies", default=",".join(POLICIES), help="live folders to compare (P@priority: see above)")
@@ -122,7 +124,15 @@ def main() -> None:
                "|---|---|---:|---:|---:|---:|---:|"]
     worst: dict[str, float] = {}
 
+    if args.profile is not None:
+        models = load_scenario(args.scenario).spec.models
+        over_models = {m: {"profile_file": str(args.profile.resolve())} for m in models}
+    else:
+        over_models = None
+
     def scenario_for(over: dict, discipline: str | None, **profile: object) -> object:
+        if over_models is not None:
+            over = {**over, "models": over_models}
         base = load_scenario(args.scenario, over)
         insts = []
         for i in base.spec.cluster.instances:
