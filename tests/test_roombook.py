@@ -170,3 +170,55 @@ def test_a_world_that_does_not_report_steps_leaves_nothing_listed() -> None:
         book.refresh(cluster)
         book.place("a", _request(k, "a", 100))
     assert sum(len(v) for v in book._unread.values()) == 0
+
+
+def test_a_room_out_of_prompt_tokens_stays_blocked_until_its_engine_steps() -> None:
+    """qlm's dispatch loop blocks a room that took nothing. An arrival opens blocked rooms again, except one
+    whose prompt-token budget is spent: no request fits it until its engine steps (then the next arrival does)."""
+    starved = _Inst(0, "a", free_kv_blocks=100, num_running=3, pending_prefill_tokens=10**6)
+    other = _Inst(1, "a", free_kv_blocks=0, num_running=3)  # blocked for its KV, not its tokens
+    cluster = _Cluster([starved, other], steps_reported=True)
+    book = RoomBook(dispatch_limit=0, lookahead_steps=2.0, tracks_steps=True)
+    book.refresh(cluster)
+    for _, _, rm in book.open_rooms():
+        book.read(rm)
+        assert not rm.fits(_request(1, "a", 10))
+        book.block(rm)
+    assert book.open_rooms() == []
+    book.unblock({"a"})
+    assert [iid for _, iid, _ in book.open_rooms()] == [1]  # the starved room waits for a step
+    book.block(book.get(1))
+    starved.pending_prefill_tokens = 0
+    book.unblock({"a"})
+    assert [iid for _, iid, _ in book.open_rooms()] == [1]  # its step is not reported yet: what was read stands
+    book.block(book.get(1))
+    book.stepped(0)
+    book.unblock({"a"})
+    assert sorted(iid for _, iid, _ in book.open_rooms()) == [0, 1]
+    live = RoomBook(dispatch_limit=0, lookahead_steps=2.0, tracks_steps=True)  # no reported steps: re-read
+    starved.pending_prefill_tokens = 10**6
+    live.refresh(_Cluster([starved], steps_reported=False))
+    rm = live.get(0)
+    live.read(rm)
+    live.block(rm)
+    live.unblock({"a"})
+    assert [iid for _, iid, _ in live.open_rooms()] == [0]
+
+
+def test_fcfs_dispatches_once_a_preemption_frees_blocks() -> None:
+    """A queue baseline skips calls while nothing it was told of can let its heads fit (a world that reports
+    steps). A preemption frees KV blocks without a finish: the world reports it, and the head goes out."""
+    from qlmctl.policies import PolicyContext, make_policy
+
+    inst = _Inst(0, "a", free_kv_blocks=2, num_running=2)
+    inst.profile_for = lambda m: inst.profile if m == "a" else None  # type: ignore[attr-defined]
+    cluster = _Cluster([inst], steps_reported=True)
+    pol = make_policy("fcfs", PolicyContext(profiles={"a": _Profile(max_num_seqs=8)}))  # type: ignore[dict-item]
+    r = _request(1, "a", 320)  # 21 blocks of 16
+    pol.add_request(r, 0.0)
+    assert pol.schedule(cluster) == []
+    inst.free_kv_blocks = 60  # the engine preempted a running request
+    pol.on_instance_stepped(0)
+    pol.on_preempted(_request(99, "a", 900), 0.0)
+    out = pol.schedule(cluster)
+    assert [(d.request.request_id, d.instance_id) for d in out] == [(1, 0)]

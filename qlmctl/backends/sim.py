@@ -204,7 +204,8 @@ class SimulatedCluster:
         return self._now
 
     steps_reported = True
-    """An engine's state changes only when it advances, and each advance is reported (`Policy.on_instance_stepped`)."""
+    """An engine's state changes only when it advances, and each advance is reported (`Policy.on_instance_stepped`),
+    its preemptions too (`Policy.on_preempted`)."""
 
     # World (the driver's operations)
     resolution_s = SIM_RESOLUTION_S
@@ -424,7 +425,9 @@ class SimulatedCluster:
                     r.first_token_s = o.time + front
                 driver.first_token(r, o.time)
             elif kind is OutputKind.PREEMPTED:
-                o.seq.tag.num_preemptions += 1
+                r = o.seq.tag
+                r.num_preemptions += 1
+                driver.preempted(r, o.time)
             elif kind is OutputKind.ABORTED:
                 seq = o.seq
                 r = seq.tag

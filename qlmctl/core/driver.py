@@ -110,6 +110,7 @@ class Driver:
         self.instance_changed = policy.on_instance_changed
         self.stepped = policy.on_instance_stepped
         self.evicted = policy.on_evicted
+        self.preempted = policy.on_preempted
         # None where the policy keeps the base class's (no wake-ups): a call saved on every event.
         self._next_wakeup = policy.next_wakeup if getattr(policy, "wakes", True) else None
 

@@ -130,7 +130,11 @@ class Policy(ABC):
         """The request finished (all output tokens produced)."""
 
     def on_instance_changed(self, instance_id: int) -> None:
-        """An instance's capacity or model changed (swap done, health change, engine preemption)."""
+        """An instance's capacity or model changed (swap done, health change)."""
+
+    def on_preempted(self, request: Request, now: float) -> None:
+        """The engine preempted `request` (it waits there to resume, as vLLM does): its KV blocks are free again.
+        Reported by a world that reports steps (`steps_reported`); live, the engine keeps this to itself."""
 
     def on_instance_stepped(self, instance_id: int) -> None:
         """The instance's engine moved on: what the view reports of it (running and waiting counts, free KV

@@ -67,6 +67,9 @@ class QueuePolicy(Policy):
         self._served: set[str] | None = None  # models loaded somewhere; None: to recompute
         self._swap_targets: dict[int, str] = {}  # swaps under way: instance -> model
         self._depth: dict[str, int] = {}
+        self._settled = False
+        """The last call left every model's head fitting no room, and nothing that could change that has happened
+        since: a call would dispatch nothing (see `schedule`)."""
 
     def key(self, r: Request) -> tuple[float, ...]:
         raise NotImplementedError
@@ -75,15 +78,23 @@ class QueuePolicy(Policy):
         q = self._queues.get(request.model)
         if q is None:
             q = self._queues[request.model] = _KeyQueue()
-        q.push((*self.key(request), request.request_id, request))
+        entry = (*self.key(request), request.request_id, request)
+        q.push(entry)
+        if self._settled and q.head() is entry:
+            self._settled = False  # a new head, which may fit where the last one did not
         self._count += 1
         self._depth[request.slo_class] = self._depth.get(request.slo_class, 0) + 1
 
     def on_finished(self, request: Request, now: float) -> None:
         self._book.touch(request.instance_id)
+        self._settled = False
+
+    def on_preempted(self, request: Request, now: float) -> None:
+        self._settled = False  # its blocks are free
 
     def on_instance_changed(self, instance_id: int) -> None:
         self._book.touch(instance_id)
+        self._settled = False
         self._served = None
         self._swap_targets.pop(instance_id, None)
 
@@ -98,7 +109,7 @@ class QueuePolicy(Policy):
         return {(m, self.name): len(q) for m, q in self._queues.items() if q}
 
     def schedule(self, cluster: ClusterView) -> list[Decision]:
-        if not self._count:
+        if not self._count or self._settled:
             return []
         book = self._book
         book.refresh(cluster)
@@ -120,6 +131,11 @@ class QueuePolicy(Policy):
                 out.append(Dispatch(r, rm.inst.instance_id))
         if self.ctx.enable_swap and self._count:
             out.extend(self._swaps(cluster))
+        # In a world that reports every change to an engine (the simulator), the next call can dispatch only
+        # after one of: a new head, a finish, a preemption, a swap done (the hooks above). Free KV blocks
+        # otherwise only shrink as requests decode, and load and slots move only with finishes; under
+        # overload most calls come from engine steps that change none of it. Live, engines move on their own.
+        self._settled = getattr(cluster, "steps_reported", False)
         return out
 
     def _swaps(self, cluster: ClusterView) -> list[Decision]:
