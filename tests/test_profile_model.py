@@ -204,3 +204,30 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
 def test_unreachable_engine_is_a_clear_error():
     res = CliRunner().invoke(app, ["profile-model", "m", "--url", "http://127.0.0.1:9", "--health-timeout-s", "1"])
     assert res.exit_code == 2 and "not healthy" in res.output
+
+
+def test_mixed_steps_keep_what_was_measured_when_the_decoders_run_out(tmp_path: Path):
+    """The long requests of a mixed-step measurement get the output length the KV cache holds for the batch; on
+    a fast GPU they can finish before the windows do (an H100 at B=224). That batch's later points are skipped
+    with a reason, not the whole profile."""
+    import asyncio
+
+    from qlmctl.client.prober import Profiler
+
+    proc, url = _emulator_process(tmp_path, TRUTH)
+
+    async def measure() -> tuple[list[MixedPoint], list[str]]:
+        prof = Profiler(url, "m")
+        try:
+            # 12 output tokens: the decoders are done before the first window ends.
+            return await prof.mixed_points(8, 256, [256, 1024], max_tokens=12, window_s=0.3), prof.skipped
+        finally:
+            await prof.close()
+
+    try:
+        points, skipped = asyncio.run(measure())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert points == []
+    assert len(skipped) == 1 and "B=8 ctx=256: the decoders finished their 12 tokens" in skipped[0]
