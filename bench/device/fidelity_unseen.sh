@@ -22,6 +22,8 @@
 #       --loads light:8:160,near:16:320,over:22:440 --policies direct,direct@priority
 #   python bench/fidelity_compare.py /tmp/unseen/mooncake --scenario scenarios/fidelity_mooncake.yaml \
 #       --loads paced:5:400 --policies direct
+# Against a profile measured on the live runs' GPU (e.g. an H100's, by profile_h200.sh): add
+#   --profile scenarios/profiles/h100-llama-3.1-8b.yaml
 set -u
 STAGE=${STAGE:-1}
 source bench/device/vllm_env.sh
@@ -49,7 +51,7 @@ make_models
 case $STAGE in
 1)
   free_gpu
-  start_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4
+  start_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4; echo fcfs > "$K/unseen_mode"
   log "gpu: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
   # The slice's 400 requests at 5 req/s, with their prefix sharing (a replay without it would need a restart:
   # the comparison holds the simulation with and without caching against this run instead).
@@ -59,8 +61,10 @@ case $STAGE in
   direct code over 22 440
   ;;
 2)
-  if ! python3 -c "import urllib.request as u; u.urlopen('$URL/health', timeout=2)" 2>/dev/null; then
-    free_gpu; start_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4   # not warm from stage 1: start again
+  # Reuse stage 1's server only: one that stage 3 left in priority mode would order these runs its way.
+  if [ "$(cat "$K/unseen_mode" 2>/dev/null)" != fcfs ] || \
+     ! python3 -c "import urllib.request as u; u.urlopen('$URL/health', timeout=2)" 2>/dev/null; then
+    free_gpu; start_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4; echo fcfs > "$K/unseen_mode"
   fi
   direct unseen light 10.8 216
   direct unseen near 21.5 540
@@ -71,14 +75,14 @@ case $STAGE in
   ;;
 3)
   free_gpu
-  start_vllm "$K/m8b" llama-3.1-8b $PORT --scheduling-policy priority || exit 4
+  start_vllm "$K/m8b" llama-3.1-8b $PORT --scheduling-policy priority || exit 4; echo priority > "$K/unseen_mode"
   direct unseen near 21.5 540 --priority
   direct unseen over 43 1075 --priority
   direct code near 16 320 --priority
   ;;
 3b)  # stage 3's overloaded conversation alone (the run the H100 session of 2026-12-06 had no time left for)
   free_gpu
-  start_vllm "$K/m8b" llama-3.1-8b $PORT --scheduling-policy priority || exit 4
+  start_vllm "$K/m8b" llama-3.1-8b $PORT --scheduling-policy priority || exit 4; echo priority > "$K/unseen_mode"
   direct unseen over 43 1075 --priority
   ;;
 esac

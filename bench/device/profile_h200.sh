@@ -7,6 +7,8 @@
 # MODELS="m3b:llama-3.2-3b m8b:llama-3.1-8b" profiles both shapes (the last one stays up).
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
+# qlmctl's own dependencies the bundle lacks (orjson, ...), carried as .whl
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=$PYTHONPATH:/tmp/site
 make_models
 log "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 VER=$(python3 -c "import vllm; print(vllm.__version__)")
@@ -23,7 +25,7 @@ for spec in ${MODELS:-m8b:llama-3.1-8b}; do
       --gpu "$GPU" --flags "vllm $VER: $VLLM_FLAGS (torch.compile + CUDA graphs)" --sleep \
       --prompt-lengths 128,256,512,768,1024,1536,2048,3072,4096,6144,8000 --reps 3 \
       --batches 1,8,32,64,128,192,256 --contexts 128,1024 --output-tokens 128 \
-      --mixed-batches 32,96,160,224 --mixed-contexts 512,1536 --mixed-lengths 256,1024,2048 \
+      --mixed-batches ${MIXED_BATCHES:-32,96,160,224} --mixed-contexts 512,1536 --mixed-lengths 256,1024,2048 \
       --no-frontend --load-streams ${LOAD_STREAMS:-0,64,128,192} --load-rates ${LOAD_RATES:-4,12,20} \
       $( [ "$cold" -gt 30 ] && echo --load-cold-s "$cold" ) 2>&1 | grep -vE "━" | tail -60
     cp "$OUT/$TAGG-$name.yaml" "$K/" 2>/dev/null   # for fidelity_h200.sh on this warm machine (PROFILE_FROM)
