@@ -35,4 +35,6 @@ async def test_simulated_and_live_attainment_agree_with_sleep_mode_swaps():
             sim = simulate(sc, policy, requests)
             assert live.summary["completed"] == sim.summary["completed"] == 1000
             assert live.summary["num_swaps"] > 0 and sim.summary["num_swaps"] > 0
-            assert abs(live.summary["slo_attainment"] - sim.summary["slo_attainment"]) <= 0.03, policy
+            # Within 3 points, counted in requests (30 of 1,000), so that 0.96 against 0.99 is not lost to rounding.
+            gap = round(abs(live.summary["slo_attainment"] - sim.summary["slo_attainment"]) * 1000)
+            assert gap <= 30, (policy, live.summary["slo_attainment"], sim.summary["slo_attainment"])
