@@ -4,7 +4,8 @@
 # and mixed steps, and vLLM's API server as a queue (CPU per request and per streamed token, probe TTFTs
 # under Poisson arrivals while it streams). Leaves the server up (prefix caching off) for fidelity_h200.sh on the warm machine.
 # run(command="bash bench/device/profile_h200.sh", carry=[".vllmkit/bin", ".vllmkit/p0"])
-# MODELS="m3b:llama-3.2-3b m8b:llama-3.1-8b" profiles both shapes (the last one stays up).
+# MODELS="m3b:llama-3.2-3b m8b:llama-3.1-8b" profiles both shapes (the last one stays up). The API-server windows
+# go up to 320 streams: the unseen replays ran 200-400, where a fit up to 192 underrated the server (docs/fidelity.md).
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
 # qlmctl's own dependencies the bundle lacks (orjson, ...), carried as .whl
@@ -26,7 +27,7 @@ for spec in ${MODELS:-m8b:llama-3.1-8b}; do
       --prompt-lengths 128,256,512,768,1024,1536,2048,3072,4096,6144,8000 --reps 3 \
       --batches 1,8,32,64,128,192,256 --contexts 128,1024 --output-tokens 128 \
       --mixed-batches ${MIXED_BATCHES:-32,96,160,224} --mixed-contexts 512,1536 --mixed-lengths 256,1024,2048 \
-      --no-frontend --load-streams ${LOAD_STREAMS:-0,64,128,192} --load-rates ${LOAD_RATES:-4,12,20} \
+      --no-frontend --load-streams ${LOAD_STREAMS:-0,64,128,192,320} --load-rates ${LOAD_RATES:-4,12,20} \
       $( [ "$cold" -gt 30 ] && echo --load-cold-s "$cold" ) 2>&1 | grep -vE "━" | tail -60
     cp "$OUT/$TAGG-$name.yaml" "$K/" 2>/dev/null   # for fidelity_h200.sh on this warm machine (PROFILE_FROM)
     [ "$name" = llama-3.1-8b ] || stop_vllm   # the 8B server stays up for fidelity_h200.sh
