@@ -5,7 +5,8 @@
 # under Poisson arrivals while it streams). Leaves the server up (prefix caching off) for fidelity_h200.sh on the warm machine.
 # run(command="bash bench/device/profile_h200.sh", carry=[".vllmkit/bin", ".vllmkit/p0"])
 # MODELS="m3b:llama-3.2-3b m8b:llama-3.1-8b" profiles both shapes (the last one stays up). The API-server windows
-# go up to 320 streams: the unseen replays ran 200-400, where a fit up to 192 underrated the server (docs/fidelity.md).
+# go up to 320 streams: the unseen replays ran up to ~250 (near load) and ~490 (overload), where a fit up to 192
+# underrated the server (docs/fidelity.md).
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
 # qlmctl's own dependencies the bundle lacks (orjson, ...), carried as .whl
