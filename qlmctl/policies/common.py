@@ -21,8 +21,6 @@ class Room:
     blocks: int
     load: int
     block_size: int
-    blocked: bool = False
-    """Had nothing it could take at the last look; skipped until its instance or model's queue changes."""
     taken_blocks: int = 0
     """Blocks taken by this call's dispatches, which the engine's free figure does not show yet."""
     tokens: float = math.inf
@@ -356,7 +354,6 @@ class RoomBook:
         a refresh). A room whose prompt-token budget is spent (`Room.fits` refuses every request) waits for
         its engine to step as well (`stepped`): under heavy traffic most rooms are in that state, and an
         arrival would otherwise try each of them in turn."""
-        rm.blocked = True
         iid = rm.inst.instance_id
         if self._ready.get(iid) is not rm:
             return
@@ -372,18 +369,10 @@ class RoomBook:
         for m in models:
             rooms = blocked.get(m)
             if rooms:
-                stay = None
-                for iid, rm in rooms.items():
-                    if rm.inst.model != m:  # began a swap since its refresh: stays blocked until the next one
-                        if stay is None:
-                            stay = {}
-                        stay[iid] = rm
-                        continue
-                    rm.blocked = False
-                    ready[iid] = rm
-                rooms.clear()
-                if stay:
-                    rooms.update(stay)
+                for iid, rm in list(rooms.items()):
+                    if rm.inst.model == m:  # (one that began a swap since its refresh waits for the next one)
+                        del rooms[iid]
+                        ready[iid] = rm
 
     def rooms(self) -> list[Room]:
         """Rooms of every serving instance."""
@@ -395,7 +384,7 @@ class RoomBook:
 
     def stepped(self, instance_id: int) -> None:
         """The instance's engine stepped (`Policy.on_instance_stepped`): what was read of its room is out of date.
-        The room itself (its slots, load and blocked mark) stands; `touch` replaces it."""
+        The room itself (its slots, load, and whether it is blocked) stands; `touch` replaces it."""
         rm = self._rooms.get(instance_id)
         if rm is not None and self._starved.get(instance_id) is rm:  # its token budget is spent no more
             del self._starved[instance_id]
