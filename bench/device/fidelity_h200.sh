@@ -8,7 +8,6 @@
 # POLICIES="qlm,fcfs" reverses the order.
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 # A profile just measured on this warm machine (profile_h200.sh) replaces the committed one, so that the
 # live policies estimate with it; PROFILE_FROM=none keeps the committed one.
 P=${PROFILE_FROM:-$K/h200-llama-3.1-8b.yaml}

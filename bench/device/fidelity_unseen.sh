@@ -27,7 +27,6 @@
 set -u
 STAGE=${STAGE:-1}
 source bench/device/vllm_env.sh
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=$PYTHONPATH:/tmp/site
 PORT=8010
 URL=http://127.0.0.1:$PORT
 # vLLM's defaults but the context length the profile was measured at (and sleep mode, as every script here).

@@ -3,14 +3,12 @@
 # profile is named after the GPU nvidia-smi reports, e.g. h100-llama-3.1-8b.yaml) with real vLLM: prefill, decode
 # and mixed steps, and vLLM's API server as a queue (CPU per request and per streamed token, probe TTFTs
 # under Poisson arrivals while it streams). Leaves the server up (prefix caching off) for fidelity_h200.sh on the warm machine.
-# run(command="bash bench/device/profile_h200.sh", carry=[".vllmkit/bin", ".vllmkit/p0"])
+# run(command="bash bench/device/profile_h200.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
 # MODELS="m3b:llama-3.2-3b m8b:llama-3.1-8b" profiles both shapes (the last one stays up). The API-server windows
 # go up to 320 streams: the unseen replays ran up to ~250 (near load) and ~490 (overload), where a fit up to 192
 # underrated the server (docs/fidelity.md).
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
-# qlmctl's own dependencies the bundle lacks (orjson, ...), carried as .whl
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=$PYTHONPATH:/tmp/site
 make_models
 log "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 VER=$(python3 -c "import vllm; print(vllm.__version__)")

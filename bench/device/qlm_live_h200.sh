@@ -16,7 +16,6 @@ STAGE=${STAGE:-1}
 RATE=${RATE:-26}
 N=${N:-900}
 source bench/device/vllm_env.sh
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=$PYTHONPATH:/tmp/site
 VLLM_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --enable-sleep-mode --gpu-memory-utilization 0.42"
 make_models
 log "gpu: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"

@@ -27,6 +27,10 @@ PY
 }
 export PYTHONPATH=$K/site:$PWD PYTHONUNBUFFERED=1 VLLM_SERVER_DEV_MODE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
        HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
+# qlmctl's own dependencies the bundle lacks (orjson, ...): their wheels, carried as .whl
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 VLLM_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --max-num-seqs 256 --max-num-batched-tokens 8192 --enable-sleep-mode"
 # Replays of one trace repeat its prompts run after run; vLLM's prefix cache would then skip most prefill
 # work for every run but the first, which the simulator does not model. Fidelity runs turn it off.
