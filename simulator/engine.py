@@ -517,7 +517,12 @@ class Engine:
                     self._finish_decode(q, t)
         if self._used > stats.peak_blocks:
             stats.peak_blocks = self._used
-        self._plan(t)
+        if self._pending_submits and self._lag == 2:
+            # With asynchronous scheduling the step after this boundary was scheduled when the step that just
+            # ended began: a sequence that reached the engine during that step joins the one after next.
+            self._plan(t, seg.t0 + self._seg_time(seg, n - 1) if n > 1 else seg.t0)
+        else:
+            self._plan(t)
 
     def _prefill_done(self, q: Sequence, t: float) -> None:
         first = q.generated == 0
@@ -613,13 +618,20 @@ class Engine:
         self._queued_tokens += victim.prefill_left
         self._outputs.append(Output(_PREEMPTED, t, victim))
 
-    def _apply_pending(self, t: float) -> None:
+    def _apply_pending(self, t: float, late_from: float = INF) -> None:
+        """Apply the queued commands; submits of sequences that reached the engine at or after `late_from`
+        stay queued (see `_plan`)."""
         ops = self._pending
         self._pending = []
         self._pending_submits = 0
         self._pending_blocks = 0
         for op, q in ops:
             if op == "submit":
+                if q.arrival_s >= late_from:
+                    self._pending.append((op, q))
+                    self._pending_submits += 1
+                    self._pending_blocks += q.need
+                    continue
                 self._enqueue_waiting(q, front=False)
             elif q.state is not _DONE:
                 self._remove(q)
@@ -708,10 +720,16 @@ class Engine:
             stream -= take
         return pairs
 
-    def _plan(self, t: float) -> None:
-        """At a boundary: apply queued commands, admit, handle KV pressure, start the next segment."""
+    def _plan(self, t: float, late_from: float = INF) -> None:
+        """At a boundary: apply queued commands, admit, handle KV pressure, start the next segment.
+
+        Sequences that reached the engine at or after `late_from` (the start of the step that just ended, with
+        asynchronous scheduling) are not admitted here: the next segment ends after one step, where they are.
+        An engine with nothing else to run takes them at once."""
         if self._pending:
-            self._apply_pending(t)
+            self._apply_pending(t, late_from)
+            if self._pending_submits and not self._running and not self._waiting and not self._waiting_heap:
+                self._apply_pending(t)
         p = self.profile
         if p is None:
             return
@@ -779,6 +797,8 @@ class Engine:
             n = int(n)
             ctx = self._ctx
             c = p.per_context_token_s
+            if self._pending_submits:
+                n = 1  # late arrivals (above) are admitted at this step's end
             seg = _Segment(t, n, prefill, d, ctx, 0.0, fixed, n)
             # _seg_time(seg, n)
             seg.end = t + (n * (fixed + c * ctx) + c * d * n * (n - 1) / 2.0)

@@ -312,6 +312,31 @@ def test_on_admit_reports_each_admission_at_its_boundary():
     assert admitted[0] == (0, 0.0) and admitted[1][0] == 1 and 0.001 < admitted[1][1] < first1
 
 
+def test_async_scheduling_admits_an_arrival_after_the_step_already_scheduled():
+    """vLLM's engine core with asynchronous scheduling picks a request up at the end of the step in flight,
+    when the step after it is already scheduled: it joins the one after that, even where the step in flight
+    ends the segment for another reason (here the first request's prefill)."""
+    admitted: dict[int, float] = {}
+    e = Engine(small_profile(async_scheduling=True), on_admit=lambda q, t: admitted.setdefault(q.seq_id, t))
+    outs = run_all(e, [Sequence(0, 10, 50), Sequence(1, 10, 5)], [0.0, 0.001])
+    first = {o.seq.seq_id: o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN}
+    step = first[0]  # the prefill step of request 0, in flight when request 1 arrived
+    # Request 0's first token ends that step; request 1 is admitted one (decode) step later, not there.
+    assert admitted[1] == pytest.approx(step + e.profile.step_time(0, 1, 11), rel=1e-6)
+    assert first[1] > admitted[1] > first[0]
+    # Without asynchronous scheduling it joins the step right after the one in flight.
+    admitted.clear()
+    e = Engine(small_profile(async_scheduling=False), on_admit=lambda q, t: admitted.setdefault(q.seq_id, t))
+    outs = run_all(e, [Sequence(0, 10, 50), Sequence(1, 10, 5)], [0.0, 0.001])
+    first0 = next(o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN and o.seq.seq_id == 0)
+    assert admitted[1] == first0
+    # An idle engine takes an arrival at once either way.
+    admitted.clear()
+    e = Engine(small_profile(async_scheduling=True), on_admit=lambda q, t: admitted.setdefault(q.seq_id, t))
+    run_all(e, [Sequence(0, 10, 2), Sequence(1, 10, 2)], [0.0, 5.0])
+    assert admitted == {0: 0.0, 1: 5.0}
+
+
 def test_on_admit_fires_again_after_a_preemption_and_changes_nothing():
     p = small_profile(kv_blocks=40, max_num_seqs=16)
     admitted: dict[int, list[float]] = {}
