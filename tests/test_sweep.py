@@ -433,3 +433,30 @@ def test_cli_reports_a_failing_point_with_its_parameters(tmp_path: Path, sweep_f
 
     res = CliRunner().invoke(app, ["sweep", str(tmp_path / "missing.yaml")])
     assert res.exit_code == 2 and "file not found" in res.output
+
+
+def test_a_bundle_carries_every_file_its_scenario_names(tmp_path: Path, monkeypatch) -> None:
+    """Per-class lengths traces travel in the bundle like the others: a worker whose folder and working
+    directory are elsewhere builds the same requests (the paths were relative to the scenario's folder)."""
+    from qlmctl.scenario import load_scenario
+    from qlmctl.sweep.bundle import make_bundle, materialise
+    from qlmctl.workload import build_requests
+
+    home = tmp_path / "project" / "scenarios"
+    home.mkdir(parents=True)
+    shutil.copy(TRACE, tmp_path / "project" / "lengths.csv")
+    spec = {**SCENARIO, "workload": {
+        "synthetic": {"rate_rps": 5, "num_requests": 50},
+        "model": {"constant": "m"},
+        "slo_class": {"split": {"interactive": 0.5, "batch": 0.5}},
+        "lengths_by_class": {"interactive": {"lengths_from": "../lengths.csv"},
+                             "batch": {"prompt": {"mean": 100}, "output": {"mean": 10}}}}}
+    sc = load_scenario(write_yaml(home / "s.yaml", spec))
+    bundle = make_bundle(sc)
+    assert len(bundle.files) == 1 and "lengths.csv" in next(iter(bundle.origins.values()))
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    shipped = load_scenario(materialise(bundle, elsewhere / "cache"))
+    want = [(r.prompt_tokens, r.output_tokens) for r in build_requests(sc)[0]]
+    assert [(r.prompt_tokens, r.output_tokens) for r in build_requests(shipped)[0]] == want

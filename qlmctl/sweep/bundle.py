@@ -76,6 +76,9 @@ def make_bundle(scenario: Scenario) -> Bundle:
     synthetic = workload.get("synthetic") or {}
     if synthetic.get("lengths_from"):
         synthetic["lengths_from"] = pack(synthetic["lengths_from"], "workload.synthetic.lengths_from")
+    for cls, lengths in (workload.get("lengths_by_class") or {}).items():
+        if lengths.get("lengths_from"):
+            lengths["lengths_from"] = pack(lengths["lengths_from"], f"workload.lengths_by_class.{cls}.lengths_from")
 
     origins[SCENARIO_FILE] = str(scenario.path) if scenario.path is not None else SCENARIO_FILE
     # Key order is meaning (the SLO-class split draws in it), so it is kept as validated.
