@@ -130,10 +130,14 @@ def test_replay_reads_crlf_events_and_interpolates_itl_within_a_read():
     for r, gaps in zip(res.requests, res.itls):
         assert r.error is None and r.generated_tokens == 9
         # 3 reads of 3 events: the first read's extra 2 tokens came with the first; then 6 gaps, each a
-        # third of the ~50 ms between reads (never 0, as vLLM's client reports for tokens read together).
+        # share of the ~50 ms between reads (never 0, as vLLM's client reports for tokens read together).
         assert len(gaps) == 8 and gaps[:2] == [0.0, 0.0]
-        assert all(0.005 < g < 0.05 for g in gaps[2:]), gaps
-        assert sum(gaps) == pytest.approx(r.finish_s - r.first_token_s, abs=0.06)
+        assert all(g > 0.005 for g in gaps[2:]), gaps
+        # The tokens of one read share its gap evenly.
+        assert gaps[2] == pytest.approx(gaps[3]) == pytest.approx(gaps[4]), gaps
+        # The server spaced its writes 50 ms apart, and the stream ends after the last token: bounds that hold
+        # however late a busy client reads.
+        assert 2 * 0.05 * 0.9 < sum(gaps) <= r.finish_s - r.first_token_s + 1e-9, (gaps, r.finish_s - r.first_token_s)
 
 
 def test_replay_command_names_a_wrong_model_and_finds_the_served_one(tmp_path):

@@ -197,6 +197,7 @@ def test_swap_when_the_other_model_cannot_wait_and_this_one_can():
     assert not any(isinstance(d, Dispatch) and d.request.model == "llama-3.1-8b" for d in out)
 
 
+@needs_trace  # code_chat_batch resamples chat lengths from the Azure trace
 def test_strict_late_requests_keep_their_class_precedence():
     """Under strict precedence a deferred code request (1 s SLO) goes after the on-time code requests but
     before chat's (10 s): behind them, as before, code fell below vLLM priority's attainment (96.4 % vs
