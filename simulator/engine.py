@@ -625,14 +625,24 @@ class Engine:
         self._pending = []
         self._pending_submits = 0
         self._pending_blocks = 0
+        late: set[int] = set()
         for op, q in ops:
             if op == "submit":
                 if q.arrival_s >= late_from:
+                    late.add(id(q))
                     self._pending.append((op, q))
                     self._pending_submits += 1
                     self._pending_blocks += q.need
                     continue
                 self._enqueue_waiting(q, front=False)
+            elif id(q) in late:  # aborted before it could be admitted: its submit goes too
+                late.discard(id(q))
+                self._pending.remove(("submit", q))
+                self._pending_submits -= 1
+                self._pending_blocks -= q.need
+                self._queued_tokens -= q.prompt_tokens + q.generated
+                q.state = _DONE
+                self._outputs.append(Output(_ABORTED, t, q))
             elif q.state is not _DONE:
                 self._remove(q)
                 q.state = _DONE

@@ -330,6 +330,16 @@ def test_async_scheduling_admits_an_arrival_after_the_step_already_scheduled():
     outs = run_all(e, [Sequence(0, 10, 50), Sequence(1, 10, 5)], [0.0, 0.001])
     first0 = next(o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN and o.seq.seq_id == 0)
     assert admitted[1] == first0
+    # A late arrival aborted before the boundary where it would have been admitted leaves with nothing owed.
+    e = Engine(small_profile(async_scheduling=True))
+    a, b = Sequence(0, 10, 50), Sequence(1, 10, 5)
+    e.submit(a, 0.0)
+    e.advance(0.0005)
+    e.submit(b, 0.001)
+    e.abort(b, 0.0015)
+    outs = e.advance(10.0)
+    assert [o.kind for o in outs if o.seq is b] == [OutputKind.ABORTED]
+    assert any(o.kind is OutputKind.FINISHED and o.seq is a for o in outs) and e.num_waiting == 0
     # An idle engine takes an arrival at once either way.
     admitted.clear()
     e = Engine(small_profile(async_scheduling=True), on_admit=lambda q, t: admitted.setdefault(q.seq_id, t))
