@@ -32,6 +32,11 @@ class RequestGroup:
     model: str = field(init=False)
     late: bool = field(init=False)
     """A late group: its requests' deadlines have passed."""
+    # The head found ready (not hopeless) at a time, with the owner's generation then (its admission lag's):
+    # asked again for the same head at the same time, the answer stands (see `QLMBasicPolicy._ready_head`).
+    ready_head: Request | None = field(init=False, default=None)
+    ready_s: float = field(init=False, default=-1.0)
+    ready_gen: int = field(init=False, default=-1)
 
     def __post_init__(self) -> None:
         self.model = self.key.model

@@ -807,10 +807,15 @@ class QLMPolicy(QLMBasicPolicy):
         total = 0.0
         for g in self._by_model.get(model, ()):
             q = g.queue
-            if not q or g.late or key(q[0]) >= before or key(q[-1]) <= after:
+            if not q or g.late:
                 continue
-            # FCFS within a group of one SLO: its keys rise along the queue.
-            n = bisect.bisect_left(q, before, key=key) - bisect.bisect_right(q, after, key=key)
+            first, last = key(q[0]), key(q[-1])
+            if first >= before or last <= after:
+                continue
+            # FCFS within a group of one SLO: its keys rise along the queue. (A bisection of a deque reads
+            # its middle, which costs the deque's length: skipped where the ends answer, the common case.)
+            n = ((len(q) if last < before else bisect.bisect_left(q, before, key=key))
+                 - (0 if first > after else bisect.bisect_right(q, after, key=key)))
             if n > 0:
                 total += n * (prompt + self.est.class_output_mean(model, q[0].slo_class) * per_tok[1])
         return total / max(1, servers)

@@ -89,6 +89,7 @@ class QLMBasicPolicy(Policy):
         self._rates: dict[tuple[int, str], ServiceRate] = {}
         self._resident_until: dict[int, float] = {}  # swap hysteresis, see _next_group
         self._lag: dict[str, float] = {}  # admission lag per model, see _hopeless
+        self._lag_gen = 0  # counts `_lag`'s updates (`_ready_head`)
 
     # ------------------------------------------------------------- hooks
     def add_request(self, request: Request, now: float) -> None:
@@ -164,6 +165,7 @@ class QLMBasicPolicy(Policy):
         if now >= self._next_plan:
             self._next_plan = now + self.ctx.reschedule_interval_s
             self._update_lag()  # from the rooms as of the last call: refreshed once per plan, off the hot path
+            self._lag_gen += 1  # what `_ready_head` found under the old lag is to be found again
             self._demote_expired(now)
             if self._dirty or self._predicts_violation(cluster, now):
                 self.vqs = self.plan_queues(cluster, now)
@@ -272,9 +274,17 @@ class QLMBasicPolicy(Policy):
     def _ready_head(self, g: RequestGroup, now: float) -> bool:
         """Demote expired heads; True when `g` has a request to give."""
         q = g.queue
+        if not q:
+            return False
+        head = q[0]
+        if g.ready_head is head and g.ready_s == now and g.ready_gen == self._lag_gen:
+            return True  # asked by every open room of a call: `_hopeless` depends on the head, now and the lag
         while q and not g.late and self._hopeless(q[0], now):
             self._demote(g, q[0])
-        return bool(q)
+        if not q:
+            return False
+        g.ready_head, g.ready_s, g.ready_gen = q[0], now, self._lag_gen
+        return True
 
     def _hopeless(self, r: Request, now: float) -> bool:
         """Its first token cannot come in time even if it were dispatched now: its own prefill plus the
