@@ -3,7 +3,7 @@ workload.
 
     python bench/fidelity_compare.py LIVE_DIR [--out docs/fidelity.md]
     python bench/fidelity_compare.py LIVE_DIR --scenario S --loads light:10.8:216,near:21.5:540 \
-        --policies direct,direct@priority,fcfs [--set frontend_window_s=1]
+        --policies direct,direct@priority,fcfs [--set frontend_window_s=1] [--step-scale 1.02]
 
 A policy `P@priority` is the live folder `P-priority` (bench/device/replay_direct.py --priority writes
 `direct-priority`), simulated as P with the engines' --scheduling-policy priority. Where the live engine reports
@@ -43,6 +43,11 @@ METRICS = [("TTFT p50 (ms)", "p50_ttft_ms"), ("TTFT p90 (ms)", "p90_ttft_ms"),
            ("SLO attainment", "slo_attainment")]
 
 
+STEP_FIELDS = ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s", "per_prefill_pair_s",
+               "per_prefill_step_s")
+"""The step-time model's coefficients (`EngineProfile.step_time`): what `--step-scale` multiplies."""
+
+
 def repetitions(live: Path, load: str) -> list[Path]:
     """The load's run folders: `load` itself and `load_b`, `load_c`, ... (not e.g. `near_inproc`)."""
     return sorted(d for d in live.iterdir() if d.is_dir() and re.fullmatch(rf"{load}(_[a-z])?", d.name))
@@ -73,6 +78,14 @@ def engine_cells(summary: dict) -> list[float | None]:
             q + pf if q is not None and pf is not None else None]
 
 
+def live_steps(summary: dict) -> float | None:
+    """Engine steps over a live run: the count of vLLM's `iteration_tokens_total` histogram (one sample a step),
+    summed over the engines."""
+    counts = [m["vllm:iteration_tokens_total"]["count"] for m in summary.get("engine_metrics", {}).values()
+              if isinstance(m.get("vllm:iteration_tokens_total"), dict)]
+    return float(sum(counts)) if counts else None
+
+
 def prefix_hit_rate(summary: dict) -> float | None:
     """vLLM's prefix-cache hit rate over a live run (its counters' deltas), None when it reports none."""
     em = next(iter(summary.get("engine_metrics", {}).values()), {})
@@ -96,6 +109,9 @@ def main() -> None:
                     help="a profile field for the simulated side, e.g. frontend_window_s=1 (repeatable)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="a profile file for every model of the scenario (e.g. one measured on the live runs' GPU)")
+    ap.add_argument("--step-scale", type=float, default=1.0, metavar="F",
+                    help="multiply the simulated engine's step-time coefficients by F (a sensitivity check: how "
+                         "much a latency moves per percent of engine speed)")
     ap.add_argument("--loads", default=None, metavar="NAME:RATE:N,...",
                     help="the loads (default: light:8:240,near:20:600,over:32:960)")
     ap.add_argument("--policies", default=",".join(POLICIES), help="live folders to compare (P@priority: see above)")
@@ -115,9 +131,11 @@ def main() -> None:
     breakdown = ["", "Where the TTFT goes (means, ms; live columns averaged over repetitions). Client: the replay "
                  "client's TTFT through `qlmctl serve`; vLLM: the engine's own histograms over the run (API server "
                  "arrival to first token; engine-core queue + prefill); simulated: the whole client TTFT and its "
-                 "engine part (frontend delay and API server queue left out).", "",
-                 "| load | policy | client | vLLM TTFT | vLLM queue + prefill | simulated | simulated engine part |",
-                 "|---|---|---:|---:|---:|---:|---:|"]
+                 "engine part (frontend delay and API server queue left out). Steps: the engine steps of the run, live "
+                 "(vLLM's iteration histogram) and simulated, which tell whether the batches were composed alike.", "",
+                 "| load | policy | client | vLLM TTFT | vLLM queue + prefill | simulated | simulated engine part "
+                 "| live steps | simulated steps |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     caching = ["", "Prefix cache (share of the admitted prompt tokens found cached; live: vLLM's counters):", "",
                "| load | policy | live hit rate | simulated hit rate | live TTFT p50 | simulated "
                "| simulated, caching off |",
@@ -137,7 +155,11 @@ def main() -> None:
         insts = []
         for i in base.spec.cluster.instances:
             d = i.model_dump()
-            d["profile_overrides"] = {**i.profile_overrides, **extra, **profile}
+            scaled = {}
+            if args.step_scale != 1.0 and i.model is not None:
+                prof = base.profile(i.model, i.gpu, i.profile_overrides, i.engine)
+                scaled = {f: getattr(prof, f) * args.step_scale for f in STEP_FIELDS}
+            d["profile_overrides"] = {**i.profile_overrides, **extra, **scaled, **profile}
             if discipline:
                 d["engine"] = {**(d.get("engine") or {}), "scheduling_policy": discipline}
             insts.append(d)
@@ -161,7 +183,7 @@ def main() -> None:
                 summary = json.loads((f / "summary.json").read_text())
                 frame = pd.read_parquet(f / "requests.parquet") if (f / "requests.parquet").exists() else None
                 live_vals.append(metric_values(summary, frame))
-                live_cells.append(engine_cells(summary))
+                live_cells.append(engine_cells(summary) + [live_steps(summary)])
             run = simulate(sc, policy, reqs)
             sim = metric_values(run.summary, requests_frame(run.result.requests))
             name = f"{load} ({rate:g} req/s)"
@@ -180,8 +202,9 @@ def main() -> None:
                 lines.append(f"| {name} | {spec} | {label} | {live_txt} | {fmt(sv)} | {err:+.0%} | {spread} |")
             cells = [mean_or_none([c[i] for c in live_cells]) for i in range(3)]
             cells += [run.summary.get("mean_ttft_ms"), simulate(bare, policy, reqs).summary.get("mean_ttft_ms")]
+            cells += [mean_or_none([c[3] for c in live_cells]), float(sum(i["steps"] for i in run.result.instances))]
             breakdown.append(f"| {name} | {spec} | " + " | ".join(
-                "-" if c is None else f"{c:,.1f}" for c in cells) + " |")
+                "-" if c is None else f"{c:,.0f}" if i >= 5 else f"{c:,.1f}" for i, c in enumerate(cells)) + " |")
             live_hits = [prefix_hit_rate(json.loads((f / "summary.json").read_text())) for f in folders]
             live_hits = [h for h in live_hits if h is not None]
             if live_hits:

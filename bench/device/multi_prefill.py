@@ -58,15 +58,16 @@ async def main() -> None:
             return after[0] - before[0], after[1] - before[1]
 
         for k, length in POINTS:
-            extras = []
+            extras, decode_steps = [], []
             for _ in range(args.reps):
                 d0 = await window(0, 0)
                 s, c = await window(k, length)
                 d1 = await window(0, 0)
                 t_dec = (d0[0] + d1[0]) / (d0[1] + d1[1])
+                decode_steps.append(t_dec)
                 extras.append((s - c * t_dec) / b)
             row = {"k": k, "prompt_tokens": length, "decoders": b, "extra_s": statistics.median(extras),
-                   "extras_s": extras}
+                   "extras_s": extras, "decode_step_s": statistics.median(decode_steps)}
             if args.profile is not None:
                 p = _load_yaml_model(args.profile, ProfileSpec).to_profile(args.model)
                 one = p.step_time(k * length, b, b * ctx, sum(chunk_pairs(0, length) for _ in range(k))) \
