@@ -37,11 +37,17 @@ async def main() -> None:
     ap.add_argument("--profile", type=Path, default=None)
     ap.add_argument("--batch", type=int, default=32, help="decoders running throughout")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--ctx", type=int, default=512, help="prompt tokens of each decoder")
+    ap.add_argument("--decode-tokens", type=int, default=3000, help="tokens each decoder generates (at most)")
+    ap.add_argument("--points", default=None, metavar="KxL,...",
+                    help="the injections, k prompts of L tokens each (default: " +
+                         ",".join(f"{k}x{n}" for k, n in POINTS) + ")")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    points = POINTS if args.points is None else [tuple(int(x) for x in kl.split("x")) for kl in args.points.split(",")]
     prof = Profiler(args.url, args.model)
-    b, ctx = args.batch, 512
-    decoders = [asyncio.create_task(prof.complete(ctx, 3000)) for _ in range(b)]
+    b, ctx = args.batch, args.ctx
+    decoders = [asyncio.create_task(prof.complete(ctx, args.decode_tokens)) for _ in range(b)]
     rows = []
     try:
         await asyncio.sleep(3.0)
@@ -57,7 +63,7 @@ async def main() -> None:
                 raise RuntimeError("the decoders finished before the windows did")
             return after[0] - before[0], after[1] - before[1]
 
-        for k, length in POINTS:
+        for k, length in points:
             extras, decode_steps = [], []
             for _ in range(args.reps):
                 d0 = await window(0, 0)
