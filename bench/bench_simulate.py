@@ -3,20 +3,32 @@
     python bench/bench_simulate.py azure            # full Azure conversation trace (19,366 requests), 4 instances
     python bench/bench_simulate.py million          # synthetic 1,000,000 requests on 32 instances (qlm, fcfs)
     python bench/bench_simulate.py scaling          # 250k / 500k / 1M requests: does time double with requests?
+    python bench/bench_simulate.py azure --against 65d5a0c [--reps 3]
+                                                    # the same points at another commit, alternated on this machine
 
 Each point runs in a fresh process so peak RSS is its own. Targets (issue 18): <= 1 s per policy for Azure,
 <= 30 s and 1 GB for the million, time linear in requests. Each point is compared with its figure in
 docs/benchmarks.md (the simulator table, matched on point and policy): "regression" when it ran more than 20 %
 slower there (CPU seconds where the table has them, else wall seconds).
+
+Machines differ (this project's development machine has run 1-3.5 times slower from one session to the next), so a
+figure from another machine says little. `--against REV` runs each point at REV too (a temporary git worktree),
+alternating with this checkout, `--reps` times each, and compares medians of CPU seconds on this machine: a
+"regression" is more than 20 % slower than REV. Against the commit the table was measured at, the ratio times the
+table's figure estimates this checkout on the table's machine.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import queue
 import re
 import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,7 +122,57 @@ def verdict(res: dict, docs: dict[tuple[str, str], dict[str, float]]) -> str:
     return f"{word}: {mine:g} s vs {fig[key]:g} s documented ({ratio:.2f}x, {key})"
 
 
-def main(which: str) -> None:
+def point_in(tree: Path, args: tuple[str, int, dict, str]) -> dict:
+    """`point(args)` in a fresh process that imports qlmctl and simulator from `tree` (a checkout)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--point", json.dumps(args), "--tree", str(tree)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"point {args[0]} {args[3]} at {tree} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _point_here(args_json: str, tree: str) -> None:
+    """Child of `point_in`: run one point with `tree`'s code and print its result as JSON."""
+    sys.path.insert(0, tree)
+    import qlmctl
+    import simulator
+
+    for mod in (qlmctl, simulator):
+        if not Path(mod.__file__).resolve().is_relative_to(Path(tree).resolve()):
+            raise SystemExit(f"{mod.__name__} imported from {mod.__file__}, not from {tree}")
+    name, instances, workload, policy = json.loads(args_json)
+    q: queue.Queue = queue.Queue()
+    point((name, instances, workload, policy), q)
+    print(json.dumps(q.get()))
+
+
+def against(points: list[tuple[str, int, dict, str]], rev: str, reps: int) -> None:
+    """Each point here and at `rev`, alternated `reps` times; medians of CPU seconds and their ratio."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        other = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(other), rev], check=True)
+        try:
+            regressions = 0
+            print(f"| point | policy | here, CPU (s) | {rev}, CPU (s) | ratio (min-max) | peak RSS here / {rev} (GB) |")
+            print("|---|---|---:|---:|---:|---:|")
+            for args in points:
+                mine, theirs = [], []
+                for _ in range(reps):
+                    mine.append(point_in(REPO, args))
+                    theirs.append(point_in(other, args))
+                a = statistics.median(r["cpu_s"] for r in mine)
+                b = statistics.median(r["cpu_s"] for r in theirs)
+                ratios = [x["cpu_s"] / y["cpu_s"] for x, y in zip(mine, theirs)]
+                regressions += a / b > REGRESSION
+                print(f"| {args[0]} | {args[3]} | {a:.2f} | {b:.2f} | {a / b:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) "
+                      f"| {max(r['peak_rss_gb'] for r in mine)} / {max(r['peak_rss_gb'] for r in theirs)} |", flush=True)
+            if regressions:
+                print(f"\n{regressions} regression(s): slower than {rev} by more than {REGRESSION - 1:.0%}")
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(other)], check=False)
+
+
+def main(which: str, rev: str | None = None, reps: int = 3) -> None:
     points = []
     if which in ("azure", "all"):
         for pol in ("fcfs", "priority", "edf", "qlm"):
@@ -123,6 +185,9 @@ def main(which: str) -> None:
         for n in (250_000, 500_000, 1_000_000):
             syn = {"synthetic": {"rate_rps": 800, "num_requests": n, "lengths_from": str(AZURE)}}
             points.append((f"synthetic-{n // 1000}k", 32, syn, "qlm"))
+    if rev is not None:
+        against(points, rev, reps)
+        return
     rows = []
     docs = documented()
     regressions = 0
@@ -146,4 +211,11 @@ def main(which: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "azure")
+    argv = sys.argv[1:]
+    if "--point" in argv:
+        _point_here(argv[argv.index("--point") + 1], argv[argv.index("--tree") + 1])
+        sys.exit(0)
+    rev = argv[argv.index("--against") + 1] if "--against" in argv else None
+    reps = int(argv[argv.index("--reps") + 1]) if "--reps" in argv else 3
+    pos = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] not in ("--against", "--reps"))]
+    main(pos[0] if pos else "azure", rev, reps)
