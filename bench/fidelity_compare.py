@@ -157,7 +157,7 @@ def main() -> None:
             d = i.model_dump()
             scaled = {}
             if args.step_scale != 1.0 and i.model is not None:
-                prof = base.profile(i.model, i.gpu, i.profile_overrides, i.engine)
+                prof = base.profile(i.model, i.gpu, {**i.profile_overrides, **extra}, i.engine)
                 scaled = {f: getattr(prof, f) * args.step_scale for f in STEP_FIELDS}
             d["profile_overrides"] = {**i.profile_overrides, **extra, **scaled, **profile}
             if discipline:
