@@ -148,6 +148,10 @@ def _point_here(args_json: str, tree: str) -> None:
 
 def against(points: list[tuple[str, int, dict, str]], rev: str, reps: int) -> None:
     """Each point here and at `rev`, alternated `reps` times; medians of CPU seconds and their ratio."""
+    known = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                           capture_output=True, text=True)
+    if known.returncode != 0:
+        raise SystemExit(f"--against {rev}: no such commit in {REPO}")
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         other = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(other), rev], check=True)
