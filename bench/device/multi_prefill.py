@@ -18,12 +18,14 @@ import asyncio
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from qlmctl.client.prober import Profiler  # noqa: E402
+from qlmctl.engines.vllm import parse_vllm_metrics  # noqa: E402
 from qlmctl.scenario import ProfileSpec, _load_yaml_model  # noqa: E402
 from simulator.profile import chunk_pairs  # noqa: E402
 
@@ -45,12 +47,23 @@ async def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     points = POINTS if args.points is None else [tuple(int(x) for x in kl.split("x")) for kl in args.points.split(",")]
-    prof = Profiler(args.url, args.model)
+    # Prompts of random tokens, a fresh draw every run: with the same seed a later run's prompts would repeat an
+    # earlier run's token stream, and a prefix cache left on would skip part of their prefill.
+    prof = Profiler(args.url, args.model, seed=time.time_ns() % 2**32)
     b, ctx = args.batch, args.ctx
+    # A run right after another starts only once the engine has let go of the last one's decoders (aborted as
+    # their streams closed): the windows divide the engine's ITL totals by `b`, which strays count too.
+    await prof.wait_idle()
     decoders = [asyncio.create_task(prof.complete(ctx, args.decode_tokens)) for _ in range(b)]
     rows = []
     try:
         await asyncio.sleep(3.0)
+        t0 = asyncio.get_running_loop().time()
+        while asyncio.get_running_loop().time() - t0 < 30.0:  # every decoder past its prefill
+            m = parse_vllm_metrics((await prof.client.get("/metrics")).text)
+            if m.num_requests_running >= b and m.num_requests_waiting == 0:
+                break
+            await asyncio.sleep(0.2)
 
         async def window(k: int, length: int) -> tuple[float, float]:
             before = await prof.itl_totals()

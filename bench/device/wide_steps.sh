@@ -3,10 +3,12 @@
 # beside many decodes (up to ~7.6k prompt tokens beside 224 decoders: what an engine ramping up under overload
 # runs), against the step model; the profile's mixed points stop at 2,048 prompt tokens beside 160 decoders.
 # bench/device/multi_prefill.py with 32 and with 224 decoders, the same injections; vLLM's defaults as the unseen
-# replays ran them (prefix caching on, --max-num-seqs 1024).
+# replays ran them (--max-num-seqs 1024) but prefix caching off: its cost is nil (bench/device/caching_cost.sh), and
+# runs that repeated a token stream hit it.
+# (BATCHES="32 96 160 224" for more decode counts)
 # run(command="bash bench/device/wide_steps.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"], timeout_s=600)
 set -u
-source bench/device/vllm_env.sh
+PREFIX_CACHING=off source bench/device/vllm_env.sh
 VLLM_FLAGS=${VLLM_FLAGS/--max-num-seqs 256/--max-num-seqs 1024}
 make_models
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -14,7 +16,7 @@ TAGG=$(echo "$GPU" | grep -oiE "h100|h200" | head -1 | tr A-Z a-z); TAGG=${TAGG:
 log "gpu: $GPU; flags: $VLLM_FLAGS"
 ensure_vllm "$K/m8b" llama-3.1-8b 8000 || exit 1
 POINTS=${POINTS:-1x2048,2x2048,4x1900,1x7600,8x950}
-for b in 32 224; do
+for b in ${BATCHES:-32 224}; do
   dt=3000; [ $b -gt 64 ] && dt=1600
   log "decoders $b"
   timeout 200 python3 bench/device/multi_prefill.py --url http://127.0.0.1:8000 --batch $b --ctx 128 \
