@@ -10,8 +10,7 @@ set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
 BASE_FLAGS=${VLLM_FLAGS/--max-num-seqs 256/--max-num-seqs 1024}
 make_models
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-TAGG=$(echo "$GPU" | grep -oiE "h100|h200" | head -1 | tr A-Z a-z); TAGG=${TAGG:-h200}
+gpu_tag
 for mode in off on; do
   VLLM_FLAGS=$BASE_FLAGS
   [ $mode = on ] && VLLM_FLAGS=${BASE_FLAGS/ --no-enable-prefix-caching/}

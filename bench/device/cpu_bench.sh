@@ -10,12 +10,13 @@ source bench/device/vllm_env.sh
 for d in ../shared/traces shared/traces; do mkdir -p $d && cp .bench_shared/azure_llm_2023_conv.csv $d/; done
 lscpu | grep -E "Model name|^CPU\(s\)|MHz" | head -4; python3 -V
 CORES=${CORES:-2,3}
-head_run() { PYTHONPATH=$K/site:$PWD taskset -c $CORES python3 bench/bench_simulate.py "$1" 2>&1 | grep -E '^\{' ; }
-old_run() { (cd .bench_old && PYTHONPATH=$K/site:$PWD taskset -c $CORES python3 bench/bench_simulate.py "$1" 2>&1 | grep -E '^\{'); }
+run_at() {  # $1: the checkout (. or .bench_old), $2: the bench's points
+  (cd "$1" && PYTHONPATH=$K/site:$PWD taskset -c $CORES python3 bench/bench_simulate.py "$2" 2>&1 | grep -E '^\{')
+}
 for rep in 1 2; do
-  log "azure HEAD ($rep)"; head_run azure
-  log "azure old ($rep)"; old_run azure
+  log "azure HEAD ($rep)"; run_at . azure
+  log "azure old ($rep)"; run_at .bench_old azure
 done
-log "million HEAD"; head_run million
-log "million old"; old_run million
+log "million HEAD"; run_at . million
+log "million old"; run_at .bench_old million
 log done

@@ -10,8 +10,7 @@ set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
 VLLM_FLAGS=${VLLM_FLAGS/--max-num-seqs 256/--max-num-seqs 1024}
 make_models
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-TAGG=$(echo "$GPU" | grep -oiE "h100|h200" | head -1 | tr A-Z a-z); TAGG=${TAGG:-h200}
+gpu_tag
 log "gpu: $GPU; flags: $VLLM_FLAGS"
 ensure_vllm "$K/m8b" llama-3.1-8b 8000 || exit 1
 timeout 150 python3 bench/device/multi_prefill.py --url http://127.0.0.1:8000 \

@@ -62,6 +62,10 @@ watch_cpu() {  # CPU use of vLLM's API server, its engine core and qlmctl, every
   (while sleep 2; do echo "t=$(( $(date +%s) - T0 ))"; top -b -n 1 -w 160 | grep -E "python|VLLM" | head -8; done) \
     > "$OUT/top.log" 2>&1 &
 }
+gpu_tag() {  # GPU: the card's name; TAGG: h100 or h200 (the bundled profile named after it; h200 otherwise)
+  GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+  TAGG=$(echo "$GPU" | grep -oiE "h100|h200" | head -1 | tr A-Z a-z); TAGG=${TAGG:-h200}
+}
 stop_vllm() { [ -n "$SPID" ] && kill -- -$SPID 2>/dev/null; sleep 4; kill -9 -- -$SPID 2>/dev/null; SPID=; }
 qlm() { python3 -c "from qlmctl.cli import main; main()" "$@"; }
 PROFILE_PY="import typer; from qlmctl.commands.profile import profile_model; typer.run(profile_model)"

@@ -11,8 +11,7 @@ set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
 VLLM_FLAGS=${VLLM_FLAGS/--max-num-seqs 256/--max-num-seqs 1024}
 make_models
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-TAGG=$(echo "$GPU" | grep -oiE "h100|h200" | head -1 | tr A-Z a-z); TAGG=${TAGG:-h200}
+gpu_tag
 log "gpu: $GPU; flags: $VLLM_FLAGS"
 ensure_vllm "$K/m8b" llama-3.1-8b 8000 || exit 1
 POINTS=${POINTS:-1x2048,2x2048,4x1900,1x7600,8x950}
