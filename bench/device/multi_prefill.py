@@ -25,7 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from qlmctl.client.prober import Profiler  # noqa: E402
-from qlmctl.engines.vllm import parse_vllm_metrics  # noqa: E402
 from qlmctl.scenario import ProfileSpec, _load_yaml_model  # noqa: E402
 from simulator.profile import chunk_pairs  # noqa: E402
 
@@ -58,12 +57,7 @@ async def main() -> None:
     rows = []
     try:
         await asyncio.sleep(3.0)
-        t0 = asyncio.get_running_loop().time()
-        while asyncio.get_running_loop().time() - t0 < 30.0:  # every decoder past its prefill
-            m = parse_vllm_metrics((await prof.client.get("/metrics")).text)
-            if m.num_requests_running >= b and m.num_requests_waiting == 0:
-                break
-            await asyncio.sleep(0.2)
+        await prof.wait_requests(lambda running, waiting: running >= b and waiting == 0)  # every decoder running
 
         async def window(k: int, length: int) -> tuple[float, float]:
             before = await prof.itl_totals()

@@ -345,11 +345,15 @@ class Profiler:
 
     async def wait_idle(self, timeout_s: float = 30.0) -> None:
         """Wait until the engine reports no running or waiting request (after aborting the decoders)."""
+        await self.wait_requests(lambda running, waiting: running + waiting == 0, timeout_s)
+
+    async def wait_requests(self, done, timeout_s: float = 30.0) -> None:
+        """Wait until `done(running, waiting)` holds for the engine's request gauges (or `timeout_s` passes)."""
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < timeout_s:
             resp = await self.client.get("/metrics")
             m = parse_vllm_metrics(resp.text)
-            if m.num_requests_running + m.num_requests_waiting == 0:
+            if done(m.num_requests_running, m.num_requests_waiting):
                 return
             await asyncio.sleep(0.2)
 
