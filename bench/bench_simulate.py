@@ -20,6 +20,7 @@ table's figure estimates this checkout on the table's machine.
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import queue
@@ -215,11 +216,14 @@ def main(which: str, rev: str | None = None, reps: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--point" in argv:
-        _point_here(argv[argv.index("--point") + 1], argv[argv.index("--tree") + 1])
-        sys.exit(0)
-    rev = argv[argv.index("--against") + 1] if "--against" in argv else None
-    reps = int(argv[argv.index("--reps") + 1]) if "--reps" in argv else 3
-    pos = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] not in ("--against", "--reps"))]
-    main(pos[0] if pos else "azure", rev, reps)
+    ap = argparse.ArgumentParser(description="Simulator speed: wall time and peak memory per policy.")
+    ap.add_argument("which", nargs="?", default="azure", choices=("azure", "million", "scaling", "all"))
+    ap.add_argument("--against", metavar="REV", help="also run each point at this commit, alternated, and compare")
+    ap.add_argument("--reps", type=int, default=3, help="runs of each point per side with --against")
+    ap.add_argument("--point", help=argparse.SUPPRESS)  # the child of `point_in`
+    ap.add_argument("--tree", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.point is not None:
+        _point_here(args.point, args.tree)
+    else:
+        main(args.which, args.against, args.reps)
