@@ -71,10 +71,18 @@ def point(args: tuple[str, int, dict, str], out: mp.Queue) -> None:
 
 
 def run_point(args) -> dict:
+    """Run one point in a fresh process (its own peak RSS); a child that dies is an error, not a hang."""
     q: mp.Queue = mp.Queue()
     p = mp.Process(target=point, args=(args, q))
     p.start()
-    res = q.get()
+    while True:
+        try:
+            res = q.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not p.is_alive() and q.empty():
+                raise SystemExit(f"bench point {args[0]} / {args[3]} failed: its process exited with code {p.exitcode}"
+                                 " (its traceback is above)")
     p.join()
     return res
 
