@@ -116,6 +116,8 @@ class _Segment:
     """The sequence in transit whose arrival's cut `n` already holds (None: none)."""
     cut_n: int = 0
     """That cut: the steps of this segment begun by that arrival's step end."""
+    prefill_share: float = 0.0
+    """Share of each step's time that is prefill work (for the sustained-load slowdown; 0 without one)."""
 
 
 @dataclass
@@ -183,6 +185,10 @@ class Engine:
         self._cache: PrefixCache | None = None
         self._new_cache()
         self._next = INF  # next_event_time(), kept current by every command and by advance()
+        # Sustained prefill load (`EngineProfile.sustained_prefill_slowdown`): an exponentially weighted share of
+        # the recent time that went to prefill work, as of `_pf_t` (-1: the profile has no such slowdown).
+        self._pf_share = 0.0
+        self._pf_t = 0.0 if profile is not None and profile.sustained_prefill_slowdown else -1.0
 
     # ----------------------------------------------------------------- views
     @property
@@ -400,6 +406,8 @@ class Engine:
         self._bs = self.profile.block_size
         self._new_cache()  # the model that slept dropped its KV cache
         self._phase_cnt = [0] * self._bs
+        self._pf_share = 0.0  # (the GPU idled through the swap, as far as the window sees)
+        self._pf_t = t if self.profile.sustained_prefill_slowdown else -1.0
         self._load_until = None
         self._load_profile = None
         self._clock = t
@@ -471,6 +479,8 @@ class Engine:
         self._clock = t
         stats = self.stats
         stats.busy_s += t - seg.t0
+        if self._pf_t >= 0.0:  # the profile has a sustained-load slowdown (`_plan`)
+            self._pf_account(seg, t)
         stats.steps += n
         s = self._s
         # Decode progress: D tokens a step, new blocks where sequences cross a block boundary.
@@ -730,6 +740,20 @@ class Engine:
             stream -= take
         return pairs
 
+    def _pf_now(self, t: float, p: EngineProfile) -> float:
+        """The recent share of time in prefill work, as of `t` (time since the last segment counts as none)."""
+        return self._pf_share * math.exp(-(t - self._pf_t) / p.sustained_window_s)
+
+    def _pf_account(self, seg: _Segment, t: float) -> None:
+        """Fold segment `seg`, which ended at `t`, into the recent share of time in prefill work."""
+        p = self.profile
+        assert p is not None
+        tau = p.sustained_window_s
+        u = self._pf_share * math.exp(-(seg.t0 - self._pf_t) / tau)  # idle or untracked time before it
+        a = math.exp(-(t - seg.t0) / tau)
+        self._pf_share = u * a + seg.prefill_share * (1.0 - a)
+        self._pf_t = t
+
     def _plan(self, t: float, late_from: float = INF) -> None:
         """At a boundary: apply queued commands, admit, handle KV pressure, start the next segment.
 
@@ -804,12 +828,19 @@ class Engine:
             billed = prefill if knee <= 0 else max(0, prefill + d - knee)
             fixed = (p.base_s + p.per_prefill_token_s * billed + p.per_decode_seq_s * d
                      + p.per_prefill_pair_s * pairs + (p.per_prefill_step_s if prefill > 0 else 0.0))
+            share = 0.0
+            if p.sustained_prefill_slowdown and prefill > 0:
+                work = p.per_prefill_token_s * billed + p.per_prefill_pair_s * pairs + p.per_prefill_step_s
+                share = work / fixed
+                if self._pf_now(t, p) >= p.sustained_prefill_share:
+                    fixed += work * p.sustained_prefill_slowdown
             n = int(n)
             ctx = self._ctx
             c = p.per_context_token_s
             if self._pending_submits:
                 n = 1  # late arrivals (above) are admitted at this step's end
             seg = _Segment(t, n, prefill, d, ctx, 0.0, fixed, n)
+            seg.prefill_share = share
             # _seg_time(seg, n)
             seg.end = t + (n * (fixed + c * ctx) + c * d * n * (n - 1) / 2.0)
             self._seg = seg

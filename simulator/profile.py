@@ -153,6 +153,18 @@ class EngineProfile:
                        "over an exponential window of this many seconds (`simulator.api_server`). The fit is the "
                        "same (its load windows are steady); they differ when short decode-only steps alternate "
                        "with long prefill ones")
+    sustained_prefill_slowdown: float = param(
+        0.0, ge=0, doc="how much slower prefill work runs once the GPU has been busy with it for a while, as a "
+                       "share (0.05: 5 %): under sustained prefill load a GPU holds its power cap at a lower clock "
+                       "(an H100 at 700 W: ~1,500 MHz against ~1,930 in short bursts), and `profile-model` times "
+                       "bursts. It applies to a step's prefill terms while `sustained_prefill_share` of the recent "
+                       "busy time (an exponential window of `sustained_window_s`) went to prefill work "
+                       "(bench/device/power_steps.py measures it)")
+    sustained_prefill_share: float = param(
+        0.6, ge=0, doc="share of the recent engine time spent in prefill work from which "
+                       "`sustained_prefill_slowdown` applies")
+    sustained_window_s: float = param(
+        1.0, gt=0, doc="time constant of the window `sustained_prefill_share` is measured over, s")
 
     def frontend_delay(self, streams: int) -> float:
         """Client-visible latency outside the engine's steps while the server relays `streams` streams."""

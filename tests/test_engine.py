@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from simulator.api_server import RATE_WINDOW_S, APIServer
 from simulator.engine import Engine, OutputKind, Sequence
-from simulator.profile import TYPICAL_CONTEXT_TOKENS, admission_blocks, kv_blocks_for
+from simulator.profile import TYPICAL_CONTEXT_TOKENS, admission_blocks, chunk_pairs, kv_blocks_for
 from tests.conftest import small_profile
 
 
@@ -457,3 +457,52 @@ def test_pending_prefill_tokens_counts_what_is_handed_over_and_not_prefilled(req
             + sum(q.prefill_left for q in sent if q.state.name == "PREFILL")
         assert e.pending_prefill_tokens == expected
     assert e.pending_prefill_tokens == 0
+
+
+def _first_tokens(p, prompts: list[int], at: list[float]) -> list[float]:
+    e = Engine(p)
+    seqs = [Sequence(i, n, 1) for i, n in enumerate(prompts)]
+    outs = run_all(e, seqs, at)
+    return sorted(o.time for o in outs if o.kind is OutputKind.FIRST_TOKEN)
+
+
+def test_sustained_prefill_load_slows_prefill_work_once_its_window_fills():
+    # Prompts of one budget each, all queued at 0: every step is a lone prefill, 80 % of it prefill work.
+    p = small_profile(max_num_batched_tokens=512)
+    tau, s = 0.1, 0.1
+    slow = p.with_overrides(sustained_prefill_slowdown=s, sustained_prefill_share=0.6, sustained_window_s=tau)
+    step = p.step_time(512, 0, 0, chunk_pairs(0, 512))
+    work = step - p.base_s
+    share = work / step
+    assert 0.75 < share < 0.85
+    plain = _first_tokens(p, [512] * 40, [0.0] * 40)
+    assert [b - a for a, b in zip(plain, plain[1:])] == pytest.approx([step] * 39, rel=1e-9)
+    got = _first_tokens(slow, [512] * 40, [0.0] * 40)
+    gaps = [got[0]] + [b - a for a, b in zip(got, got[1:])]
+    # The share of prefill work over the window, share * (1 - exp(-t / tau)), passes 0.6 at the crossing: steps
+    # that start before it run at the profile's speed, the rest pay the slowdown on their prefill work.
+    cross = -tau * math.log(1.0 - 0.6 / share)
+    starts = [0.0] + got[:-1]
+    for start, gap in zip(starts, gaps):
+        want = step + (s * work if start >= cross * (1 + 1e-9) else 0.0)
+        if abs(start - cross) > step:  # (the step that starts at the crossing may fall either side of it)
+            assert gap == pytest.approx(want, rel=1e-9)
+    assert sum(g > step * (1 + 1e-6) for g in gaps) >= 30
+
+
+def test_sustained_slowdown_spares_a_lone_prefill_and_decode_steps():
+    p = small_profile(max_num_batched_tokens=512)
+    slow = p.with_overrides(sustained_prefill_slowdown=0.5, sustained_prefill_share=0.6, sustained_window_s=0.1)
+    # A lone prompt on an idle engine, and one long after a burst of prefill work: both at the profile's speed.
+    assert _first_tokens(slow, [300], [0.0]) == pytest.approx([p.prefill_time(300)], rel=1e-12)
+    burst = _first_tokens(slow, [512] * 20 + [300], [0.0] * 20 + [50.0])
+    assert burst[-1] - 50.0 == pytest.approx(p.prefill_time(300), rel=1e-9)
+    assert burst[19] > _first_tokens(p, [512] * 20, [0.0] * 20)[-1]  # (the burst itself did slow down)
+    # Decode steps never pay it: one request's decode after a slowed burst is the plain decode.
+    e = Engine(slow)
+    seqs = [Sequence(i, 512, 1) for i in range(20)] + [Sequence(20, 100, 30)]
+    outs = run_all(e, seqs, [0.0] * 21)
+    last = [o for o in outs if o.seq is seqs[20]]
+    first = next(o.time for o in last if o.kind is OutputKind.FIRST_TOKEN)
+    fin = next(o.time for o in last if o.kind is OutputKind.FINISHED)
+    assert fin - first == pytest.approx(sum(p.step_time(0, 1, 101 + k) for k in range(29)), rel=1e-9)
