@@ -12,6 +12,11 @@ T' = token rows beyond the knee, see simulator.profile):
     mixed point:   step = base + m + a*T'(L, D) + q*A(L) + b*D + c*C
 With mixed points the knee is chosen (0 to 512 tokens) for the least mean error; without them it is 0,
 and so is m (the cost of a step carrying prefill, which only mixed steps tell apart from base).
+
+Sustained-load windows (steps under a steady stream of prompts beside decoders, after the first seconds) are
+fitted after the step model: their time less their decode part (timed as the decode-only windows of the same run
+ran, which carry the host's own offset), over the model's prefill work, is how much slower that work runs once
+the GPU has been busy with it (`EngineProfile.sustained_prefill_slowdown`).
 """
 
 from __future__ import annotations
@@ -98,6 +103,29 @@ class FrontendLoadPoint:
 
 
 @dataclass
+class SustainedWindow:
+    """A window of a sustained-load run: `decoders` streams decoding throughout, and (`kind` "load") prompts of
+    `prompt_length` tokens sent at `rate_rps` (None: as many as keep every step full) or (`kind` "decode")
+    none, just before or after."""
+
+    run: int
+    kind: str
+    index: int
+    """Order within the run (decode windows: -1 before, a large number after)."""
+    decoders: int
+    prompt_length: int
+    rate_rps: float | None
+    steps: float
+    """Engine steps in the window (the decoders' inter-token latencies counted, over `decoders`)."""
+    time_s: float
+    """Their total time (the latencies summed, over `decoders`)."""
+    prompt_tokens: float
+    """Prompt tokens the engine prefilled in the window (its prompt-token counter)."""
+    context_tokens: float
+    """KV tokens of each decoder at the window's middle."""
+
+
+@dataclass
 class RawProfile:
     """Everything measured, kept so fitting can be redone off the GPU."""
 
@@ -108,6 +136,7 @@ class RawProfile:
     mixed: list[MixedPoint] = field(default_factory=list)
     frontend: list[FrontendPoint] = field(default_factory=list)
     frontend_load: list[FrontendLoadPoint] = field(default_factory=list)
+    sustained: list[SustainedWindow] = field(default_factory=list)
     num_gpu_blocks: int | None = None
     block_size: int | None = None
     max_model_len: int | None = None
@@ -131,6 +160,7 @@ class RawProfile:
         d["mixed"] = [MixedPoint(**p) for p in d.get("mixed", [])]
         d["frontend"] = [FrontendPoint(**p) for p in d.get("frontend", [])]
         d["frontend_load"] = [FrontendLoadPoint(**p) for p in d.get("frontend_load", [])]
+        d["sustained"] = [SustainedWindow(**p) for p in d.get("sustained", [])]
         return cls(**d)
 
 
@@ -156,6 +186,11 @@ class Fit:
     frontend_queue_factor: float = 0.0
     frontend_latency_s: float | None = None
     """Intercept of the queue-model fit (replaces the HTTP overhead as the profile's frontend latency)."""
+    sustained_prefill_slowdown: float | None = None
+    """From the sustained-load windows (None: none measured)."""
+    sustained_runs: list[tuple[int, float, float, float, float]] = field(default_factory=list)
+    """Per sustained-load run: (run, decode-only time over the model's, loaded time over the model's, prefill
+    share of the model's time, the slowdown of prefill work they imply)."""
 
     @property
     def mean_abs_error(self) -> float:
@@ -181,7 +216,71 @@ def fit_profile(raw: RawProfile, max_num_batched_tokens: int, quadratic: bool = 
         _fit_frontend(raw, best, max_num_batched_tokens)
     if raw.frontend_load:
         _fit_frontend_queue(raw, best, max_num_batched_tokens)
+    if raw.sustained:
+        _fit_sustained(raw, best, max_num_batched_tokens)
     return best
+
+
+SUSTAINED_SHARE = 0.6
+"""Runs whose prefill work took at least this share of the model's time make the sustained slowdown (and the
+profile's `sustained_prefill_share`): bench/device/power_steps.py on an H100 found none at 0.44, and 3.5-6.7 % at
+0.74-0.94."""
+
+
+def window_model_s(prof: EngineProfile, w: SustainedWindow) -> tuple[float, float]:
+    """(the step model's time for `w`'s steps, its decode-only part): `w.steps` steps beside `w.decoders`
+    decoders of `w.context_tokens` each that prefilled `w.prompt_tokens` tokens in prompts of `w.prompt_length`.
+    A prompt or more a step on average: spread evenly over the steps; fewer: a step of its own for each prompt,
+    the rest decode only."""
+    if w.steps <= 0:
+        return 0.0, 0.0
+    b, ctx, n = w.decoders, w.decoders * w.context_tokens, w.prompt_length
+    decode = w.steps * prof.step_time(0, b, ctx)
+    per = w.prompt_tokens / w.steps
+    if per >= n:
+        return w.steps * prof.step_time(per, b, ctx, per / n * chunk_pairs(0, n)), decode
+    prompts = w.prompt_tokens / n
+    return prompts * prof.step_time(n, b, ctx, chunk_pairs(0, n)) + (w.steps - prompts) * prof.step_time(0, b, ctx), \
+        decode
+
+
+def _fit_sustained(raw: RawProfile, fit: Fit, budget: int) -> None:
+    """Set `fit.sustained_prefill_slowdown` from the sustained-load runs: each run's load windows of its second
+    half (the GPU settled), less their decode part at the decode-only windows' pace, against the model's prefill
+    work; the run at the highest share (overload keeps steps full of prompts) is the figure, if it reaches
+    `SUSTAINED_SHARE` (else 0: no slowdown seen where it would show)."""
+    fit.sustained_runs = sustained_slowdowns(_step_profile(fit, budget), raw.sustained)
+    best = max(((share, slow) for _, _, _, share, slow in fit.sustained_runs if share >= SUSTAINED_SHARE),
+               default=None)
+    if fit.sustained_runs:
+        fit.sustained_prefill_slowdown = max(0.0, best[1]) if best is not None else 0.0
+
+
+def sustained_slowdowns(prof: EngineProfile, windows: list[SustainedWindow]) -> list[tuple[int, float, float, float,
+                                                                                             float]]:
+    """Per run of `windows`: (run, decode-only time over `prof`'s, loaded time over its (second half), the share
+    of the loaded time that is prefill work by the model, and how much slower than the model that work ran)."""
+    out = []
+    for run in sorted({w.run for w in windows}):
+        ws = [w for w in windows if w.run == run]
+        dec = [w for w in ws if w.kind == "decode" and w.steps > 0]
+        load = sorted((w for w in ws if w.kind == "load" and w.steps > 0), key=lambda w: w.index)
+        late = load[len(load) // 2:]
+        if not dec or not late:
+            continue
+        dec_model = sum(window_model_s(prof, w)[0] for w in dec)
+        models = [window_model_s(prof, w) for w in late]
+        total = sum(m for m, _ in models)
+        if dec_model <= 0 or total <= 0:
+            continue
+        dec_ratio = sum(w.time_s for w in dec) / dec_model
+        ratio = sum(w.time_s for w in late) / total
+        share = 1.0 - sum(d for _, d in models) / total
+        # The decode part of the loaded steps runs as the decode-only windows did (the host's own offset, and
+        # whatever the model misses at their contexts); the rest of the time over the model's is prefill work's.
+        slow = (ratio - dec_ratio * (1.0 - share)) / share - 1.0 if share > 0 else 0.0
+        out.append((run, dec_ratio, ratio, share, slow))
+    return out
 
 
 def _step_profile(fit: Fit, budget: int, **fields: Any) -> EngineProfile:
@@ -355,6 +454,9 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         out["frontend_cpu_per_request_s"] = float(f"{fit.frontend_cpu_per_request_s:.4g}")
         out["frontend_cpu_per_token_s"] = float(f"{fit.frontend_cpu_per_token_s:.4g}")
         out["frontend_queue_factor"] = float(f"{fit.frontend_queue_factor:.4g}")
+    if fit.sustained_prefill_slowdown is not None:
+        out["sustained_prefill_slowdown"] = round(fit.sustained_prefill_slowdown, 4)
+        out["sustained_prefill_share"] = SUSTAINED_SHARE
     if raw.max_model_len:
         out["max_model_len"] = int(raw.max_model_len)
     if raw.async_scheduling is not None:
@@ -377,6 +479,7 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         "fit_max_abs_rel_error": round(fit.max_abs_error, 4),
         "sleep_s": raw.sleep_s,
         "points": {"prefill": len(raw.prefill), "decode": len(raw.decode), "mixed": len(raw.mixed),
-                   "frontend": len(raw.frontend), "frontend_load": len(raw.frontend_load)},
+                   "frontend": len(raw.frontend), "frontend_load": len(raw.frontend_load),
+                   "sustained": len(raw.sustained)},
     }
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from qlmctl.cli import app
-from simulator.fit import DecodePoint, FrontendLoadPoint, MixedPoint, PrefillPoint, RawProfile, fit_profile
+from simulator.fit import (DecodePoint, FrontendLoadPoint, MixedPoint, PrefillPoint, RawProfile, SustainedWindow,
+                          fit_profile)
 from simulator.profile import EngineProfile, chunk_pairs
 
 TRUTH = EngineProfile(model="m", base_s=0.02, per_prefill_token_s=1.5e-4, per_decode_seq_s=1.0e-3,
@@ -159,7 +161,7 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
             "--mixed-batches", "8,16", "--mixed-contexts", "256", "--mixed-lengths", "256,1024",
             "--frontend-streams", "0,16,32", "--no-async-scheduling",
             "--load-streams", "0,16", "--load-rates", "5", "--load-window-s", "1", "--probe-tokens", "256",
-            "--gpu", "emulated", "--sleep",
+            "--gpu", "emulated", "--sleep", "--sustained-s", "6",
         ])
     finally:
         proc.terminate()
@@ -192,6 +194,9 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     assert prof["max_model_len"] == TRUTH.max_model_len
     assert prof["provenance"]["gpu"] == "emulated" and "vllm" in prof["provenance"]["engine"]
     assert prof["load_warm_s"] == pytest.approx(TRUTH.load_warm_s, rel=0.25)
+    # An engine that runs prefill as fast under sustained load as in bursts: no slowdown is claimed.
+    assert prof["provenance"]["points"]["sustained"] >= 4
+    assert prof["sustained_prefill_slowdown"] < 0.03
     # Refitting the saved raw measurements gives the same profile, with no engine.
     res2 = CliRunner().invoke(app, ["profile-model", "m", "--from-raw", str(raw), "--out", str(tmp_path / "p2.yaml"),
                                     "--max-num-seqs", "64", "--max-num-batched-tokens", "2048"])
@@ -231,3 +236,65 @@ def test_mixed_steps_keep_what_was_measured_when_the_decoders_run_out(tmp_path: 
         proc.wait(30)
     assert points == []
     assert len(skipped) == 1 and "B=8 ctx=256: the decoders finished their 12 tokens" in skipped[0]
+
+
+def _sustained_windows(truth: EngineProfile, run: int, per_step: float, length: int, b: int = 8,
+                       ctx: float = 600.0) -> list[SustainedWindow]:
+    """A sustained run exact under `truth`: decode-only windows either side, load windows of `per_step` prompt
+    tokens a step whose prefill work runs `truth.sustained_prefill_slowdown` slower (every step, as once the
+    engine's window has filled)."""
+    def dec(i: int) -> SustainedWindow:
+        return SustainedWindow(run, "decode", i, b, length, None, 100.0, 100 * truth.step_time(0, b, b * ctx), 0.0, ctx)
+
+    loads = []
+    for i in range(10):
+        steps = 10.0
+        one = truth.step_time(per_step, b, b * ctx, per_step / length * chunk_pairs(0, length))
+        work = one - truth.step_time(0, b, b * ctx)
+        loads.append(SustainedWindow(run, "load", i, b, length, None, steps,
+                                     steps * (one + truth.sustained_prefill_slowdown * work), steps * per_step, ctx))
+    return [dec(-1), *loads, dec(1 << 30)]
+
+
+def test_fit_recovers_the_sustained_slowdown_from_the_run_at_the_highest_prefill_share():
+    truth = replace(TRUTH, sustained_prefill_slowdown=0.06)
+    raw = synthetic_steps(RawProfile(model="m", url="x"))
+    for n in (256, 1024, 2000):
+        raw.prefill.append(PrefillPoint(n, TRUTH.prefill_time(n), TRUTH.prefill_time(n)))
+    # Run 0 fills every step with prompts (share ~0.9), run 1 sends one prompt a step (~0.5): the fit takes run 0.
+    raw.sustained = _sustained_windows(truth, 0, 2048 - 8, 512) + _sustained_windows(truth, 1, 256, 256)
+    fit = fit_profile(raw, 2048)
+    shares = {run: share for run, _, _, share, _ in fit.sustained_runs}
+    assert shares[0] > 0.85 and shares[1] < 0.6
+    assert fit.sustained_prefill_slowdown == pytest.approx(0.06, rel=1e-3)
+    assert all(dec == pytest.approx(1.0, rel=1e-6) for _, dec, _, _, _ in fit.sustained_runs)
+    # Below the share the slowdown is looked for at, nothing is claimed: 0.
+    raw.sustained = _sustained_windows(truth, 1, 256, 256)
+    assert fit_profile(raw, 2048).sustained_prefill_slowdown == 0.0
+
+
+def test_profile_model_measures_an_emulated_engine_slowing_under_sustained_load(tmp_path: Path):
+    # Fast steps, so that the other points' bursts stay far below the share the slowdown needs (as a GPU's do).
+    truth = EngineProfile(model="m", base_s=0.004, per_prefill_token_s=2.5e-5, per_decode_seq_s=1.0e-4,
+                          per_context_token_s=1.0e-7, kv_blocks=8192, block_size=16, max_num_seqs=64,
+                          max_num_batched_tokens=2048, max_model_len=8192, sustained_prefill_slowdown=0.08,
+                          sustained_prefill_share=0.6, sustained_window_s=0.5)
+    out = tmp_path / "prof.yaml"
+    proc, url = _emulator_process(tmp_path, truth)
+    try:
+        res = CliRunner().invoke(app, [
+            "profile-model", "m", "--url", url, "--out", str(out), "--raw", str(tmp_path / "raw.json"),
+            "--prompt-lengths", "256,1024,2048", "--batches", "1,8,32", "--contexts", "128,1024", "--output-tokens", "40",
+            "--reps", "2", "--max-num-seqs", "64", "--max-num-batched-tokens", "2048", "--no-mixed",
+            "--no-frontend", "--no-frontend-load", "--no-async-scheduling", "--sustained-s", "8",
+        ])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert res.exit_code == 0, res.output
+    prof = yaml.safe_load(out.read_text())
+    assert prof["provenance"]["points"]["sustained"] >= 8
+    assert prof["sustained_prefill_share"] == 0.6
+    # The engine's own slowdown, within the timing noise of a run on a busy machine.
+    assert prof["sustained_prefill_slowdown"] == pytest.approx(0.08, abs=0.025), res.output
+    assert "sustained prefill slowdown" in res.output

@@ -11,6 +11,10 @@ Measurements (all through the OpenAI completions API, token-id prompts so length
   windows around it, one step with B decodes plus an L-token prefill (what chunked prefill runs under
   load, and where a sum of separately fitted prefill and decode costs can go wrong);
 - frontend: TTFT of short probes while the server streams to many clients (the API server's own cost);
+- sustained load: B sequences decoding while prompts of L tokens keep every step full (or come at a set
+  rate) for many seconds; window by window, the engine's inter-token latency totals and prompt-token counter
+  give the steps, their time and the tokens prefilled, and decode-only windows before and after give the same
+  host's plain steps (a GPU held at its power cap runs prefill slower than in the bursts above);
 - capacity: `vllm:cache_config_info{num_gpu_blocks, block_size}` from /metrics;
 - optionally the sleep (level 1) and wake-up times, i.e. the warm model-swap cost.
 """
@@ -28,7 +32,8 @@ from qlmctl.client.http import SSEParser, error_message, server_url
 from qlmctl.engines.base import EngineTotals
 from qlmctl.engines.totals import engine_totals_delta, parse_engine_totals
 from qlmctl.engines.vllm import parse_vllm_metrics
-from simulator.fit import DecodePoint, FrontendLoadPoint, FrontendPoint, MixedPoint, PrefillPoint, RawProfile
+from simulator.fit import (DecodePoint, FrontendLoadPoint, FrontendPoint, MixedPoint, PrefillPoint, RawProfile,
+                          SustainedWindow)
 
 PROMPT_TOKEN_LOW = 1000
 PROMPT_TOKEN_HIGH = 30000
@@ -314,6 +319,79 @@ class Profiler:
         finally:
             await self._stop(loads)
         return points
+
+    async def sustained_run(self, run: int, decoders: int, prompt_length: int, seconds: float, *,
+                            rate_rps: float | None = None, context: int = 128, decode_tokens: int = 4000,
+                            budget: int = 8192, window_s: float = 1.0) -> list[SustainedWindow]:
+        """`decoders` streams decode throughout while prompts of `prompt_length` tokens (max_tokens=1) come for
+        `seconds`: at `rate_rps`, evenly spaced, or (None) as many at once as keep every step full. The windows:
+        one decode-only second before, one every `window_s` of the load, one decode-only second after."""
+        await self.wait_idle()
+        senders: set[asyncio.Task] = set()
+        out: list[SustainedWindow] = []
+
+        async def sample() -> tuple[float, float, float]:
+            itl = await self.itl_totals()
+            pt = await self.counter("vllm:prompt_tokens")
+            if itl is None or pt is None:
+                raise RuntimeError("the engine exports no inter-token latency histogram or prompt-token counter")
+            return itl[0], itl[1], pt
+
+        start = await sample()  # the decoders' tokens are counted from here: their context at each window
+        tasks = [asyncio.create_task(self.complete(context, decode_tokens)) for _ in range(decoders)]
+
+        def window(kind: str, index: int, a: tuple, z: tuple, rate: float | None) -> None:
+            steps = (z[1] - a[1]) / decoders
+            before = (a[1] - start[1]) / decoders
+            out.append(SustainedWindow(run, kind, index, decoders, prompt_length, rate, steps,
+                                       (z[0] - a[0]) / decoders, z[2] - a[2], context + 1 + before + steps / 2))
+
+        def send() -> None:
+            task = asyncio.create_task(self.stream(prompt_length, 1))
+            senders.add(task)
+            task.add_done_callback(senders.discard)
+
+        try:
+            await asyncio.sleep(1.0)
+            await self.wait_requests(lambda running, waiting: running >= decoders and waiting == 0)
+            a = await sample()
+            await asyncio.sleep(1.0)
+            z = await sample()
+            window("decode", -1, a, z, None)
+            t_end = time.perf_counter() + seconds
+            # Three steps' worth in flight keeps every step full however late the client reads.
+            inflight = max(1, -(-budget // prompt_length)) * 3
+
+            async def inject() -> None:
+                nxt = time.perf_counter()
+                while time.perf_counter() < t_end:
+                    if rate_rps is None:
+                        while len(senders) < inflight:
+                            send()
+                        await asyncio.sleep(0.005)
+                    else:
+                        send()
+                        nxt += 1.0 / rate_rps
+                        await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+
+            injector = asyncio.create_task(inject())
+            a, i = await sample(), 0
+            while time.perf_counter() < t_end:
+                await asyncio.sleep(window_s)
+                z = await sample()
+                window("load", i, a, z, rate_rps)
+                a, i = z, i + 1
+            await injector
+            await asyncio.gather(*list(senders), return_exceptions=True)
+            a = await sample()
+            await asyncio.sleep(1.0)
+            z = await sample()
+            window("decode", 1 << 30, a, z, None)
+            if any(t.done() for t in tasks):
+                raise RuntimeError("the decoders finished before the sustained run did (too few decode tokens)")
+        finally:
+            await self._stop(tasks + list(senders))
+        return out
 
     async def _stop(self, tasks: list[asyncio.Task]) -> None:
         """Cancel the load requests (the engine aborts them) and wait until the engine is idle again."""

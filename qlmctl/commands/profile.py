@@ -90,7 +90,7 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
                    mixed_batches: list[int], mixed_lengths: list[int], mixed_contexts: list[int],
                    frontend_streams: list[int], load_streams: list[int], load_rates: list[float],
                    load_window_s: float, probe_tokens: int, max_num_seqs: int, api_key: str | None = None,
-                   verify: bool = True) -> None:
+                   verify: bool = True, sustained_s: float = 0.0) -> None:
     from qlmctl.client.prober import Profiler
 
     prof = Profiler(url, model, seed=seed, api_key=api_key, verify=verify)
@@ -98,7 +98,7 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
         await prof.capacity(raw)
         await prof.stream(16, 8)  # warm-up
         total = (len(prompt_lengths) + len(batches) * len(contexts) + len(mixed_batches) * len(mixed_contexts)
-                 + len(frontend_streams) + len(load_streams) + (1 if sleep else 0))
+                 + len(frontend_streams) + len(load_streams) + (1 if sleep else 0) + (1 if sustained_s else 0))
         task = progress.add_task("profiling", total=total)
         # The API server under load first: a run cut short (Ctrl-C, a time limit) still has it.
         for n in load_streams:
@@ -134,6 +134,20 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
                 else:
                     raw.mixed.extend(await prof.mixed_points(b, ctx, mixed_lengths, max_tokens=max_tokens))
                 progress.advance(task)
+        if sustained_s:
+            # A quarter of the step budget a prompt, so that a few fill each step; decoders as in the mixed points.
+            b, length = min(32, max(1, max_num_seqs // 4)), max(64, budget // 4)
+            progress.update(task, description=f"sustained load, {sustained_s:g} s")
+            decode_tokens = _max_tokens(raw, b + 3 * 4, 128, cap=4000)  # (the prompts in flight hold KV too)
+            if decode_tokens < 256:
+                prof.skipped.append("sustained load: too little KV cache or model length for its decoders")
+            else:
+                try:
+                    raw.sustained.extend(await prof.sustained_run(0, b, length, sustained_s, budget=budget,
+                                                                  decode_tokens=decode_tokens))
+                except RuntimeError as e:
+                    prof.skipped.append(f"sustained load: {e}")
+            progress.advance(task)
         for n in frontend_streams:
             progress.update(task, description=f"frontend, {n} streams")
             max_tokens = _max_tokens(raw, n, 512)
@@ -186,6 +200,8 @@ def profile_model(
     max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile's engine_flags: what it was measured with)."),
     max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens (recorded in engine_flags)."),
     kv_blocks: Optional[int] = typer.Option(None, min=1, help="KV blocks, if the engine does not report them."),
+    sustained: bool = typer.Option(True, "--sustained/--no-sustained", help="Also run the engine under sustained prefill load (decoders beside prompts that keep every step full) for --sustained-s seconds: how much slower prefill runs once the GPU is held at its power cap than in the short bursts of the other points (sustained_prefill_slowdown)."),
+    sustained_s: float = typer.Option(20.0, "--sustained-s", min=4.0, help="Seconds of sustained load (the second half is measured, once the GPU's clock has settled)."),
     sleep: bool = typer.Option(False, "--sleep/--no-sleep", help="Also time POST /sleep and /wake_up (warm swap cost)."),
     async_scheduling: bool = typer.Option(True, "--async-scheduling/--no-async-scheduling", help="Whether the engine schedules one step ahead, as vLLM 0.24 does by default (its log: 'Asynchronous scheduling is enabled'); recorded in the profile."),
     load_cold_s: Optional[float] = typer.Option(None, min=0, help="Cold load time to record (launch to /health), s; measured when --launch starts the engine."),
@@ -193,8 +209,8 @@ def profile_model(
     seed: int = typer.Option(0, help="Seed for the prompts' token ids."),
 ) -> None:
     """Measure a vLLM engine (prefill vs prompt length, step time vs batch and context, steps mixing decodes
-    with a prefill, first-token delay under streaming load, KV capacity) and fit the simulator's step-time
-    model. Prints the fit and its error per point; writes the profile with its provenance. Times in seconds."""
+    with a prefill, first-token delay under streaming load, prefill under sustained load, KV capacity) and fit
+    the simulator's step-time model. Prints the fit and its error per point; writes the profile with its provenance. Times in seconds."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -246,7 +262,8 @@ def profile_model(
                               TimeElapsedColumn(), console=console) as progress:
                     asyncio.run(_measure(url, model, pl, bs, cx, output_tokens, reps, sleep, seed,
                                          max_num_batched_tokens, progress, raw, mb, ml, mc, fs, ls, lr,
-                                         load_window_s, probe_tokens, max_num_seqs, api_key, not insecure))
+                                         load_window_s, probe_tokens, max_num_seqs, api_key, not insecure,
+                                         sustained_s if sustained else 0.0))
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted: keeping what was measured[/]")
             except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
@@ -294,8 +311,13 @@ def profile_model(
         t.add_row("API server CPU per streamed token (s)", f"{fit.frontend_cpu_per_token_s:.4g}")
         t.add_row("API server idle CPU (s/s)", f"{fit.frontend_idle_cpu:.3g}")
         t.add_row("API server queue factor", f"{fit.frontend_queue_factor:.3g}")
+    if fit.sustained_prefill_slowdown is not None:
+        t.add_row("sustained prefill slowdown", f"{fit.sustained_prefill_slowdown:+.1%}")
     t.add_row("KV blocks", f"{prof['kv_blocks']:,}")
     console.print(t)
+    for run, dec, load, share, slow in fit.sustained_runs:
+        console.print(f"sustained load, run {run}: decode-only steps at {dec:.3f} of the model, loaded steps at "
+                      f"{load:.3f} (prefill work {share:.0%} of their time): prefill work {slow:+.1%}")
     e = Table(title=f"fit error per point (mean |err| {fit.mean_abs_error:.1%}, max {fit.max_abs_error:.1%})")
     for c in ("point", "measured (ms)", "fitted (ms)", "error"):
         e.add_column(c, justify="right" if c != "point" else "left")
