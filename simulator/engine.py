@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from simulator.prefix import PrefixCache, PromptBlocks
 from simulator.profile import DEFAULT_BLOCK_SIZE, EngineProfile, admission_blocks, chunk_pairs, kv_blocks_for
@@ -70,7 +71,7 @@ class Sequence:
     max_tokens: int
     priority: int = 0
     arrival_s: float = 0.0
-    tag: object = None
+    tag: Any = None
     prefix: PromptBlocks | None = None
     """The prompt's known leading content, for prefix caching (None: nothing it shares is known)."""
     # Engine state.
@@ -112,7 +113,7 @@ class _Segment:
     n_cmd: int = 0
     """`n` as commands have cut it; `n` itself may be cut further, ahead of time, by the next arrival from
     transit (see `Engine.next_event_time`)."""
-    cut_by: object = None
+    cut_by: Any = None
     """The sequence in transit whose arrival's cut `n` already holds (None: none)."""
     cut_n: int = 0
     """That cut: the steps of this segment begun by that arrival's step end."""
@@ -539,6 +540,7 @@ class Engine:
         q.generated += 1
         cache = self._cache
         if cache is not None and q.prefix is not None:
+            assert self.profile is not None
             cache.insert(q.prefix, q.prompt_tokens, self.profile.kv_blocks - self._used)
         if first:
             self.stats.tokens += 1
@@ -662,7 +664,7 @@ class Engine:
         """Admit waiting sequences in queue order while a batch slot, the token budget and KV blocks beyond
         `reserve` (the running decodes' next step) last; stop at the first that does not fit."""
         fcfs = self._fcfs
-        waiting = self._waiting if fcfs else self._waiting_heap
+        waiting: Any = self._waiting if fcfs else self._waiting_heap
         running = self._running
         stats = self.stats
         if not waiting:  # most boundaries: nothing to admit, only the peaks to keep (as below)
@@ -678,7 +680,7 @@ class Engine:
         max_seqs, kv = p.max_num_seqs, p.kv_blocks - reserve
         cache = self._cache
         while budget_left > 0 and len(running) < max_seqs and waiting:
-            q = waiting[0] if fcfs else waiting[0][3]
+            q: Sequence = waiting[0] if fcfs else waiting[0][3]
             need = q.need
             if self._used + need > kv:
                 break  # head-of-line waits for memory, as in vLLM
@@ -791,18 +793,18 @@ class Engine:
             total = self._prefill_total
             if total > 0 and chunk > 0:
                 if total <= chunk:
-                    prefill, n_pf = total, 1
+                    prefill, n_pf = total, 1.0
                 else:
                     head = self._prefilling[0].prefill_left
                     k = -(-head // chunk)
                     prefill = chunk
-                    n_pf = k if total >= k * chunk else total // chunk
+                    n_pf = float(k if total >= k * chunk else total // chunk)
             n_dec: float = INF
             heap = self._decode_heap
             while heap:
                 fs, _, q = heap[0]
                 if q.state is _DECODE and q.finish_step == fs:
-                    n_dec = fs - self._s
+                    n_dec = float(fs - self._s)
                     break
                 heapq.heappop(heap)
             n = n_dec if n_dec < n_pf else n_pf  # min(n_pf, n_dec), without the call
@@ -821,7 +823,7 @@ class Engine:
             pairs = 0.0
             if prefill and p.per_prefill_pair_s:
                 # Each chunk of a long prompt sees more cached tokens than the last, so steps differ.
-                n = 1
+                n = 1.0
                 pairs = self._prefill_pairs(prefill)
             # p.step_time(prefill, d, 0, pairs), the same arithmetic without its calls (the context term is 0).
             knee = p.knee_tokens
@@ -834,14 +836,14 @@ class Engine:
                 share = work / fixed
                 if self._pf_now(t, p) >= p.sustained_prefill_share:
                     fixed += work * p.sustained_prefill_slowdown
-            n = int(n)
+            steps = int(n)
             ctx = self._ctx
             c = p.per_context_token_s
             if self._pending_submits:
-                n = 1  # late arrivals (above) are admitted at this step's end
-            seg = _Segment(t, n, prefill, d, ctx, 0.0, fixed, n)
+                steps = 1  # late arrivals (above) are admitted at this step's end
+            seg = _Segment(t, steps, prefill, d, ctx, 0.0, fixed, steps)
             seg.prefill_share = share
-            # _seg_time(seg, n)
-            seg.end = t + (n * (fixed + c * ctx) + c * d * n * (n - 1) / 2.0)
+            # _seg_time(seg, steps)
+            seg.end = t + (steps * (fixed + c * ctx) + c * d * steps * (steps - 1) / 2.0)
             self._seg = seg
             return

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from dataclasses import fields as dc_fields
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,10 @@ class PromptBlocks:
 
     block_tokens: int
     hashes: tuple[int, ...]
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickled by its constructor: compiled by mypyc, a frozen dataclass cannot be unpickled field by field.
+        return type(self), tuple(getattr(self, f.name) for f in dc_fields(self))
 
 
 class PrefixCache:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, replace
+from dataclasses import fields as dc_fields
 from typing import Any
 
 DEFAULT_BLOCK_SIZE = 16
@@ -276,6 +277,10 @@ class EngineProfile:
 
     def with_overrides(self, **fields: object) -> "EngineProfile":
         return replace(self, **fields)  # type: ignore[arg-type]
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickled by its constructor: compiled by mypyc, a frozen dataclass cannot be unpickled field by field.
+        return type(self), tuple(getattr(self, f.name) for f in dc_fields(self))
 
     @classmethod
     def from_token_throughput(

@@ -300,7 +300,7 @@ class SimulatedCluster:
         stepped = driver.stepped
         wake: float | None = None
         last_progress = 0
-        max_len = {m: max(inst.profile_for(m).max_model_len for inst in self._instances) for m in self.scenario.models}
+        max_len = {m: max(inst.profile_for(m).max_model_len for inst in self._instances) for m in self.scenario.models}  # type: ignore[union-attr]
         t_arr = reqs[0].arrival_s if n else INF
         while True:
             # The heap's top is live if it is its engine's latest entry (see _push).

@@ -63,7 +63,7 @@ class QueuePolicy(Policy):
         self._queues: dict[str, _KeyQueue] = {}  # entries: (*key, request id, request)
         self._count = 0
         self._book = RoomBook(ctx.dispatch_limit, tracks_steps=True)
-        self.on_instance_stepped = self._book.stepped  # (bound straight through: it runs at every engine step)
+        self.on_instance_stepped = self._book.stepped  # type: ignore[method-assign]  # (bound straight through)
         self._served: set[str] | None = None  # models loaded somewhere; None: to recompute
         self._swap_targets: dict[int, str] = {}  # swaps under way: instance -> model
         self._depth: dict[str, int] = {}

@@ -145,9 +145,9 @@ class RoomBook:
         self._stale = None
 
     def refresh(self, cluster: ClusterView) -> None:
-        for rm in self._handed:  # the last call's dispatches are on the engines now
-            rm.taken_blocks = 0
-            rm.taken_tokens = 0
+        for handed in self._handed:  # the last call's dispatches are on the engines now
+            handed.taken_blocks = 0
+            handed.taken_tokens = 0
         self._handed = []
         insts = cluster.instances
         ids = range(len(insts)) if self._stale is None else self._stale
@@ -181,6 +181,7 @@ class RoomBook:
                 open_[iid] = rm
                 ready[iid] = rm
                 model = inst.model
+                assert model is not None
                 serving = by_model.get(model)
                 if serving is None:
                     serving = by_model[model] = {}
@@ -288,7 +289,8 @@ class RoomBook:
         # The least-loaded room `r` fits: walk up the load heap to the first that fits, and at the same pace
         # down the KV heap through every room with KV for `r`; whichever ends first answers, so a call costs
         # the fewer of the rooms passed over and the rooms that fit. What came off goes back.
-        held_l, held_c = [], []
+        held_l: list[tuple[int, int, int, Room]] = []
+        held_c: list[tuple[float, int, int, Room]] = []
         best: Room | None = None
         cand: Room | None = None
         cand_key = (0, 0)
@@ -312,10 +314,10 @@ class RoomBook:
             rm = e[3]
             if rm.fits(r) and (cand is None or (rm.load, e[1]) < cand_key):
                 cand, cand_key = rm, (rm.load, e[1])
-        for e in held_l:
-            heapq.heappush(loads, e)
-        for e in held_c:
-            heapq.heappush(caps, e)
+        for el in held_l:
+            heapq.heappush(loads, el)
+        for ec in held_c:
+            heapq.heappush(caps, ec)
         return best
 
     @staticmethod
@@ -406,6 +408,7 @@ class RoomBook:
         rm.read = True
         rm.blocks = inst.free_kv_blocks - rm.taken_blocks
         if self.lookahead_steps is not None:
+            assert inst.profile is not None
             tokens = _token_room(inst.profile, inst.num_running, inst.pending_prefill_tokens, self.lookahead_steps)
             rm.tokens = tokens - rm.taken_tokens
 

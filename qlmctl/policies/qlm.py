@@ -39,6 +39,7 @@ import heapq
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -391,6 +392,7 @@ class QLMPolicy(QLMBasicPolicy):
         late: RequestGroup | None = None
         ready, key = self._ready_head, self._key
         strict = self._strict
+        k: tuple[float, ...]
         for g in self._by_model.get(model or "", ()):  # (`ready` may add a late group: the loop sees it too)
             q = g.queue
             if not q:
@@ -456,7 +458,7 @@ class QLMPolicy(QLMBasicPolicy):
             pf = new_pf(r.prompt_tokens)
             saved += (swap_at + j * each_new + pf <= r.deadline_s) - (later_at + j * each_new + pf <= r.deadline_s)
         back = swap_at + len(new_q) * each_new + inst.load_time(cur)  # the current model's queue resumes
-        lost = 0
+        lost = 0.0
         for i, r in enumerate(cur_q):
             pf = cur_pf(r.prompt_tokens)
             lost += (now + i * each_cur + pf <= r.deadline_s) - (back + i * each_cur + pf <= r.deadline_s)
@@ -650,7 +652,7 @@ class QLMPolicy(QLMBasicPolicy):
         self._unwalked[model] = (per_tok, len(srvs))
         return self._give_up(groups, deferred, now)
 
-    def _prefill_cache(self, prof) -> "dict[int, float].__getitem__":
+    def _prefill_cache(self, prof) -> Callable[[int], float]:
         """`prof.prefill_time`, memoised per prompt length (the walk asks for the same lengths often)."""
         cache = self._prefill_times.get(id(prof))
         if cache is None:

@@ -347,8 +347,8 @@ class QLMBasicPolicy(Policy):
         self._swapping_to[inst.instance_id] = model
         # Optional hysteresis (scheduler.params): keep a model at least this long after loading it.
         load = inst.load_time(model)
-        residency = max(float(self.ctx.params.get("min_residency_s", 0.0)),
-                        float(self.ctx.params.get("residency_load_factor", 0.0)) * load)
+        residency = max(float(self.ctx.params.get("min_residency_s", 0.0)),  # type: ignore[arg-type]
+                        float(self.ctx.params.get("residency_load_factor", 0.0)) * load)  # type: ignore[arg-type]
         self._resident_until[inst.instance_id] = now + load + residency
         self.stats.swaps += 1
         return [SwapModel(inst.instance_id, model)]

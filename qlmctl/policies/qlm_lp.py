@@ -95,7 +95,7 @@ class LPParams:
         def num(name: str, kind: type, low: float, default_value: Any) -> Any:
             if name not in p:
                 return default_value
-            v = p[name]
+            v: Any = p[name]
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
             if not ok or not v >= low or (kind is float and not math.isfinite(v)):
                 kind_word = "a whole number" if kind is int else "a number"
@@ -294,10 +294,10 @@ class QLMLPPolicy(QLMPolicy):
             rates.append(row)
         lane_states = []
         for i, lane in enumerate(lanes):
-            m = model_index.get(lane.model) if lane.model is not None else None
-            rate = rates[i][m] if m is not None else None
+            mi = model_index.get(lane.model) if lane.model is not None else None
+            rate = rates[i][mi] if mi is not None else None
             drain = float(rate.completions(lane.ahead)) if rate is not None else 0.0
-            lane_states.append(LaneState(lane.inst.instance_id, m, lane.offset_s, drain))
+            lane_states.append(LaneState(lane.inst.instance_id, mi, lane.offset_s, drain))
         keys: list[GroupKey] = []
         states: list[GroupState] = []
         for g in groups:
