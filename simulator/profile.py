@@ -160,7 +160,7 @@ class EngineProfile:
                        "(an H100 at 700 W: ~1,500 MHz against ~1,930 in short bursts), and `profile-model` times "
                        "bursts. It applies to a step's prefill terms while `sustained_prefill_share` of the recent "
                        "busy time (an exponential window of `sustained_window_s`) went to prefill work "
-                       "(bench/device/power_steps.py measures it)")
+                       "(`profile-model --sustained` measures it)")
     sustained_prefill_share: float = param(
         0.6, ge=0, doc="share of the recent engine time spent in prefill work from which "
                        "`sustained_prefill_slowdown` applies")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qlmctl.core.request import Request
-from qlmctl.policies import policy_class, policy_names
+from qlmctl.policies import policy_class, policy_doc, policy_names
 from qlmctl.policies.shepherd import ShepherdPolicy
 from qlmctl.policies.sjf import SJFOraclePolicy
 from qlmctl.runner import simulate
@@ -43,7 +43,7 @@ def test_both_are_registered_and_the_oracle_says_so():
     names = policy_names()
     assert "shepherd" in names and "sjf-oracle" in names
     assert policy_class("sjf-oracle") is SJFOraclePolicy
-    assert "oracle" in (SJFOraclePolicy.__doc__ or "").lower()
+    assert "oracle" in policy_doc(SJFOraclePolicy).lower()
     assert "oracle" in SJFOraclePolicy.label
 
 
@@ -164,3 +164,15 @@ def test_every_request_finishes_once_with_its_tokens(n, seed, policy, seqs, kv, 
         assert r.error is None and r.finish_s is not None
         assert r.generated_tokens == r.output_tokens
         assert r.arrival_s <= r.dispatch_s <= r.first_token_s <= r.finish_s
+
+
+def test_a_policy_without_a_run_time_docstring_is_described_from_its_source(tmp_path, monkeypatch):
+    # As the compiled build leaves its classes: no __doc__, the module's source installed beside it.
+    (tmp_path / "plugin_policy.py").write_text('class Plugin:\n    """Serves plugins first."""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import plugin_policy
+
+    plugin_policy.Plugin.__doc__ = None
+    assert policy_doc(plugin_policy.Plugin) == "Serves plugins first."
+    (tmp_path / "plugin_policy.py").unlink()
+    assert policy_doc(plugin_policy.Plugin) == ""

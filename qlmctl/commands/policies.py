@@ -9,10 +9,10 @@ from qlmctl.commands.common import console
 
 def list_policies() -> None:
     """List the scheduling policies."""
-    from qlmctl.policies import policy_class, policy_names
+    from qlmctl.policies import policy_class, policy_doc, policy_names
 
     for n in policy_names():
-        doc = (policy_class(n).__doc__ or "").strip().splitlines()
+        doc = policy_doc(policy_class(n)).strip().splitlines()
         console.print(f"[bold]{n}[/]  {doc[0] if doc else ''}", highlight=False)
 
 

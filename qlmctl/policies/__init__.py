@@ -48,6 +48,27 @@ def policy_class(name: str) -> type[Policy]:
     return getattr(importlib.import_module(module), attr)
 
 
+def policy_doc(cls: type) -> str:
+    """`cls`'s docstring. A class compiled by the optional mypyc build (setup.py) keeps none at run time, so it is
+    read from the module's source, installed beside it."""
+    if cls.__doc__:
+        return cls.__doc__
+    import ast
+    import sys
+    from pathlib import Path
+
+    path = Path(getattr(sys.modules.get(cls.__module__), "__file__", "") or "")
+    source = path.with_name(path.name.split(".")[0] + ".py")
+    try:
+        tree = ast.parse(source.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
+            return ast.get_docstring(node) or ""
+    return ""
+
+
 def make_policy(name: str, ctx: PolicyContext) -> Policy:
     return policy_class(name)(ctx)
 
