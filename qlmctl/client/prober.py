@@ -35,6 +35,12 @@ from qlmctl.engines.vllm import parse_vllm_metrics
 from simulator.fit import (DecodePoint, FrontendLoadPoint, FrontendPoint, MixedPoint, PrefillPoint, RawProfile,
                           SustainedWindow)
 
+def sustained_inflight(budget: int, prompt_length: int) -> int:
+    """Prompts a saturating sustained run keeps in flight: three steps' worth, so that every step is full however
+    late the client reads."""
+    return max(1, -(-budget // prompt_length)) * 3
+
+
 PROMPT_TOKEN_LOW = 1000
 PROMPT_TOKEN_HIGH = 30000
 
@@ -359,8 +365,7 @@ class Profiler:
             z = await sample()
             window("decode", -1, a, z, None)
             t_end = time.perf_counter() + seconds
-            # Three steps' worth in flight keeps every step full however late the client reads.
-            inflight = max(1, -(-budget // prompt_length)) * 3
+            inflight = sustained_inflight(budget, prompt_length)
 
             async def inject() -> None:
                 nxt = time.perf_counter()

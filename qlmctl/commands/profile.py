@@ -138,7 +138,12 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
             # A quarter of the step budget a prompt, so that a few fill each step; decoders as in the mixed points.
             b, length = min(32, max(1, max_num_seqs // 4)), max(64, budget // 4)
             progress.update(task, description=f"sustained load, {sustained_s:g} s")
-            decode_tokens = _max_tokens(raw, b + 3 * 4, 128, cap=4000)  # (the prompts in flight hold KV too)
+            # The decoders' output, within the KV cache the prompts in flight leave (and the model length).
+            from qlmctl.client.prober import sustained_inflight
+            kv_tokens = (raw.num_gpu_blocks or 0) * (raw.block_size or 16)
+            spare = 0.8 * kv_tokens - sustained_inflight(budget, length) * length
+            decode_tokens = min(4000, (raw.max_model_len or 8192) - 1 - 128,
+                                int(spare / b) - 128 if kv_tokens else 4000)
             if decode_tokens < 256:
                 prof.skipped.append("sustained load: too little KV cache or model length for its decoders")
             else:
