@@ -234,11 +234,12 @@ def window_model_s(prof: EngineProfile, w: SustainedWindow) -> tuple[float, floa
     the rest decode only."""
     if w.steps <= 0:
         return 0.0, 0.0
-    b, ctx, n = w.decoders, w.decoders * w.context_tokens, w.prompt_length
+    # (Whole tokens, as the step model takes them: the compiled build checks its argument types.)
+    b, ctx, n = w.decoders, round(w.decoders * w.context_tokens), w.prompt_length
     decode = w.steps * prof.step_time(0, b, ctx)
     per = w.prompt_tokens / w.steps
     if per >= n:
-        return w.steps * prof.step_time(per, b, ctx, per / n * chunk_pairs(0, n)), decode
+        return w.steps * prof.step_time(round(per), b, ctx, per / n * chunk_pairs(0, n)), decode
     prompts = w.prompt_tokens / n
     return prompts * prof.step_time(n, b, ctx, chunk_pairs(0, n)) + (w.steps - prompts) * prof.step_time(0, b, ctx), \
         decode
