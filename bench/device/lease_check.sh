@@ -12,7 +12,7 @@
 #       --policies direct --profile PROFILE --set enable_prefix_caching=false
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
-VLLM_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --enable-sleep-mode --no-enable-prefix-caching"
+VLLM_FLAGS=$DEFAULT_FLAGS
 PORT=8010
 URL=http://127.0.0.1:$PORT
 make_models

@@ -7,17 +7,13 @@
 # run(command="bash bench/device/power.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"], timeout_s=600)
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
-VLLM_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --enable-sleep-mode --no-enable-prefix-caching"
+VLLM_FLAGS=$DEFAULT_FLAGS
 PORT=8010
 make_models
 gpu_tag
 log "gpu: $GPU; flags: $VLLM_FLAGS"
 ensure_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4
-FIELDS=timestamp,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,utilization.gpu
-REASONS=clocks_event_reasons.active
-nvidia-smi --query-gpu=$REASONS --format=csv,noheader >/dev/null 2>&1 || REASONS=clocks_throttle_reasons.active
-nvidia-smi --query-gpu=$FIELDS,$REASONS --format=csv -lms 200 > "$OUT/smi_power.csv" 2>&1 &
-SMI=$!
+watch_gpu "$OUT/smi_power.csv"
 timeout 400 python3 bench/device/power_steps.py --url http://127.0.0.1:$PORT --duties ${DUTIES:-1,0.8,0.5,0.25} \
   --seconds ${SECONDS_EACH:-25} --decode-tokens 4000 --profile scenarios/profiles/$TAGG-llama-3.1-8b.yaml \
   --out "$OUT/power_steps_$TAGG.json" --phases "$OUT/phases_power.txt" 2>&1 | tail -8

@@ -13,18 +13,14 @@
 # as bench/fidelity_compare.py reads them).
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
-VLLM_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --enable-sleep-mode --no-enable-prefix-caching"
+VLLM_FLAGS=$DEFAULT_FLAGS
 PORT=8010
 URL=http://127.0.0.1:$PORT
 make_models
 gpu_tag
 log "gpu: $GPU; flags: $VLLM_FLAGS"
 start_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4
-FIELDS=timestamp,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,utilization.gpu
-REASONS=clocks_event_reasons.active
-nvidia-smi --query-gpu=$REASONS --format=csv,noheader >/dev/null 2>&1 || REASONS=clocks_throttle_reasons.active
-nvidia-smi --query-gpu=$FIELDS,$REASONS --format=csv -lms 200 > "$OUT/smi.csv" 2>&1 &
-SMI=$!
+watch_gpu "$OUT/smi.csv"
 phase() { echo "$(date +%s.%N) $*" >> "$OUT/phases.txt"; log "phase: $*"; }
 steps() {  # $1: cold|hot
   phase "steps-$1"

@@ -66,6 +66,16 @@ gpu_tag() {  # GPU: the card's name; TAGG: h100 or h200 (the bundled profile nam
   GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
   TAGG=$(echo "$GPU" | grep -oiE "h100|h200" | head -1 | tr A-Z a-z); TAGG=${TAGG:-h200}
 }
+# vLLM's defaults as the unseen replays ran them (--max-num-seqs 1024 and 8,192-token steps on an H100/H200), the
+# profile's context length, sleep mode, prefix caching off (replays repeat their prompts): the sustained-load scripts.
+DEFAULT_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --enable-sleep-mode --no-enable-prefix-caching"
+watch_gpu() {  # $1: CSV file; the SM clock, power, temperature and throttle reasons every 200 ms (SMI: its pid)
+  local fields=timestamp,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,utilization.gpu
+  local reasons=clocks_event_reasons.active
+  nvidia-smi --query-gpu=$reasons --format=csv,noheader >/dev/null 2>&1 || reasons=clocks_throttle_reasons.active
+  nvidia-smi --query-gpu=$fields,$reasons --format=csv -lms 200 > "$1" 2>&1 &
+  SMI=$!
+}
 stop_vllm() { [ -n "$SPID" ] && kill -- -$SPID 2>/dev/null; sleep 4; kill -9 -- -$SPID 2>/dev/null; SPID=; }
 qlm() { python3 -c "from qlmctl.cli import main; main()" "$@"; }
 PROFILE_PY="import typer; from qlmctl.commands.profile import profile_model; typer.run(profile_model)"
