@@ -238,8 +238,8 @@ def test_mixed_steps_keep_what_was_measured_when_the_decoders_run_out(tmp_path: 
     assert len(skipped) == 1 and "B=8 ctx=256: the decoders finished their 12 tokens" in skipped[0]
 
 
-def _sustained_windows(truth: EngineProfile, run: int, per_step: float, length: int, b: int = 8,
-                       ctx: float = 600.0) -> list[SustainedWindow]:
+def _sustained_windows(truth: EngineProfile, run: int, per_step: int, length: int, b: int = 8,
+                       ctx: int = 600) -> list[SustainedWindow]:
     """A sustained run exact under `truth`: decode-only windows either side, load windows of `per_step` prompt
     tokens a step whose prefill work runs `truth.sustained_prefill_slowdown` slower (every step, as once the
     engine's window has filled)."""
