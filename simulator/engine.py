@@ -750,9 +750,8 @@ class Engine:
         """Fold segment `seg`, which ended at `t`, into the recent share of time in prefill work."""
         p = self.profile
         assert p is not None
-        tau = p.sustained_window_s
-        u = self._pf_share * math.exp(-(seg.t0 - self._pf_t) / tau)  # idle or untracked time before it
-        a = math.exp(-(t - seg.t0) / tau)
+        u = self._pf_now(seg.t0, p)  # (any idle time before the segment counts as none)
+        a = math.exp(-(t - seg.t0) / p.sustained_window_s)
         self._pf_share = u * a + seg.prefill_share * (1.0 - a)
         self._pf_t = t
 

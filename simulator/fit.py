@@ -223,8 +223,8 @@ def fit_profile(raw: RawProfile, max_num_batched_tokens: int, quadratic: bool = 
 
 SUSTAINED_SHARE = 0.6
 """Runs whose prefill work took at least this share of the model's time make the sustained slowdown (and the
-profile's `sustained_prefill_share`): bench/device/power_steps.py on an H100 found none at 0.44, and 3.5-6.7 % at
-0.74-0.94."""
+profile's `sustained_prefill_share`): bench/device/power_steps.py on two H100s found none at 0.44-0.46, and 4.5-8.8 %
+at 0.74-0.94."""
 
 
 def window_model_s(prof: EngineProfile, w: SustainedWindow) -> tuple[float, float]:
@@ -236,13 +236,13 @@ def window_model_s(prof: EngineProfile, w: SustainedWindow) -> tuple[float, floa
         return 0.0, 0.0
     # (Whole tokens, as the step model takes them: the compiled build checks its argument types.)
     b, ctx, n = w.decoders, round(w.decoders * w.context_tokens), w.prompt_length
-    decode = w.steps * prof.step_time(0, b, ctx)
+    plain = prof.step_time(0, b, ctx)
+    decode = w.steps * plain
     per = w.prompt_tokens / w.steps
     if per >= n:
         return w.steps * prof.step_time(round(per), b, ctx, per / n * chunk_pairs(0, n)), decode
     prompts = w.prompt_tokens / n
-    return prompts * prof.step_time(n, b, ctx, chunk_pairs(0, n)) + (w.steps - prompts) * prof.step_time(0, b, ctx), \
-        decode
+    return prompts * prof.step_time(n, b, ctx, chunk_pairs(0, n)) + (w.steps - prompts) * plain, decode
 
 
 def _fit_sustained(raw: RawProfile, fit: Fit, budget: int) -> None:

@@ -41,6 +41,8 @@ def sustained_inflight(budget: int, prompt_length: int) -> int:
     return max(1, -(-budget // prompt_length)) * 3
 
 
+ITL_HISTOGRAM = "vllm:inter_token_latency_seconds"
+
 PROMPT_TOKEN_LOW = 1000
 PROMPT_TOKEN_HIGH = 30000
 
@@ -53,7 +55,7 @@ def _load_point(streams: int, probes: int, probe_tokens: int, elapsed: float, cl
     def mean(name: str) -> float | None:
         return d[name]["mean"] if name in d else None
 
-    itl = d.get("vllm:inter_token_latency_seconds", {"sum": 0.0, "count": 0.0})
+    itl = d.get(ITL_HISTOGRAM, {"sum": 0.0, "count": 0.0})
     cpu = d.get("process_cpu_seconds")
     queue, prefill = mean("vllm:request_queue_time_seconds"), mean("vllm:request_prefill_time_seconds")
     return FrontendLoadPoint(
@@ -295,7 +297,7 @@ class Profiler:
         totals), and the probes' TTFT as this client and as vLLM's histograms see it. The load streams were
         admitted before the first window, so the request-level histograms' deltas are the probes' alone."""
         names = ("vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds",
-                 "vllm:request_prefill_time_seconds", "vllm:inter_token_latency_seconds")
+                 "vllm:request_prefill_time_seconds", ITL_HISTOGRAM)
         prompted = await self.counter("vllm:prompt_tokens")
         loads = [asyncio.create_task(self._raw_stream(prompt_tokens, max_tokens)) for _ in range(streams)]
         points: list[FrontendLoadPoint] = []
@@ -337,11 +339,13 @@ class Profiler:
         out: list[SustainedWindow] = []
 
         async def sample() -> tuple[float, float, float]:
-            itl = await self.itl_totals()
-            pt = await self.counter("vllm:prompt_tokens")
+            # One scrape for both, so that the steps and the tokens of a window are read at the same moment.
+            totals = await self._totals(histograms=(ITL_HISTOGRAM,), counters=("vllm:prompt_tokens",))
+            itl = totals.histograms.get(ITL_HISTOGRAM) if totals is not None else None
+            pt = totals.counters.get("vllm:prompt_tokens") if totals is not None else None
             if itl is None or pt is None:
                 raise RuntimeError("the engine exports no inter-token latency histogram or prompt-token counter")
-            return itl[0], itl[1], pt
+            return itl.sum, itl.count, pt
 
         start = await sample()  # the decoders' tokens are counted from here: their context at each window
         tasks = [asyncio.create_task(self.complete(context, decode_tokens)) for _ in range(decoders)]
@@ -455,9 +459,8 @@ class Profiler:
 
     async def itl_totals(self) -> tuple[float, float] | None:
         """(sum s, count) of the engine's `vllm:inter_token_latency_seconds` histogram, if it has one."""
-        name = "vllm:inter_token_latency_seconds"
-        totals = await self._totals(histograms=(name,))
-        h = totals.histograms.get(name) if totals is not None else None
+        totals = await self._totals(histograms=(ITL_HISTOGRAM,))
+        h = totals.histograms.get(ITL_HISTOGRAM) if totals is not None else None
         return (h.sum, h.count) if h is not None else None
 
     async def capacity(self, raw: RawProfile) -> None:

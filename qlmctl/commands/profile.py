@@ -30,11 +30,13 @@ def _ints(text: str, name: str, minimum: int = 1) -> list[int]:
     return vals
 
 
-def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int, cap: int = 2000) -> int:
+def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int, cap: int = 2000, reserved: int = 0) -> int:
     """Output length for `streams` long requests of `prompt_tokens` that must outlast a measurement
-    without filling the KV cache (no preemption) or passing the model length."""
+    without filling the KV cache (no preemption; `reserved` tokens of it held by other requests) or passing the
+    model length."""
     kv_tokens = (raw.num_gpu_blocks or 0) * (raw.block_size or 16)
-    room = min(int(0.8 * kv_tokens / max(1, streams)) if kv_tokens else 2000, (raw.max_model_len or 8192) - 1)
+    room = min(int((0.8 * kv_tokens - reserved) / max(1, streams)) if kv_tokens else 2000,
+               (raw.max_model_len or 8192) - 1)
     return min(cap, room - prompt_tokens)
 
 
@@ -140,10 +142,7 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
             progress.update(task, description=f"sustained load, {sustained_s:g} s")
             # The decoders' output, within the KV cache the prompts in flight leave (and the model length).
             from qlmctl.client.prober import sustained_inflight
-            kv_tokens = (raw.num_gpu_blocks or 0) * (raw.block_size or 16)
-            spare = 0.8 * kv_tokens - sustained_inflight(budget, length) * length
-            decode_tokens = min(4000, (raw.max_model_len or 8192) - 1 - 128,
-                                int(spare / b) - 128 if kv_tokens else 4000)
+            decode_tokens = _max_tokens(raw, b, 128, cap=4000, reserved=sustained_inflight(budget, length) * length)
             if decode_tokens < 256:
                 prof.skipped.append("sustained load: too little KV cache or model length for its decoders")
             else:
