@@ -62,7 +62,7 @@ _FIRST_TOKEN, _FINISHED, _PREEMPTED, _ABORTED, _LOADED = (OutputKind.FIRST_TOKEN
                                                            OutputKind.PREEMPTED, OutputKind.ABORTED, OutputKind.LOADED)
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, init=False)
 class Sequence:
     """A request as the engine sees it. `tag` belongs to the driver; the engine never reads it."""
 
@@ -90,15 +90,36 @@ class Sequence:
     admit_order: int = 0
     num_preemptions: int = 0
 
+    # Written out (the dataclass's own is generated at import, so the compiled build would call interpreted code
+    # for every sequence; the same for the other records built once per request or step).
+    def __init__(self, seq_id: int, prompt_tokens: int, max_tokens: int, priority: int = 0, arrival_s: float = 0.0,
+                 tag: Any = None, prefix: PromptBlocks | None = None) -> None:
+        self.seq_id = seq_id
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.priority = priority
+        self.arrival_s = arrival_s
+        self.tag = tag
+        self.prefix = prefix
+        self.state = _WAITING
+        self.generated = self.prefill_left = self.blocks = self.need = 0
+        self.join_step = self.gen_at_join = self.finish_step = self.phase = self.admit_order = 0
+        self.num_preemptions = 0
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Output:
     kind: OutputKind
     time: float
     seq: Sequence | None
 
+    def __init__(self, kind: OutputKind, time: float, seq: Sequence | None) -> None:
+        self.kind = kind
+        self.time = time
+        self.seq = seq
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class _Segment:
     """A run of `n` identical steps starting at `t0` at step counter `s0`."""
 
@@ -119,6 +140,20 @@ class _Segment:
     """That cut: the steps of this segment begun by that arrival's step end."""
     prefill_share: float = 0.0
     """Share of each step's time that is prefill work (for the sustained-load slowdown; 0 without one)."""
+
+    def __init__(self, t0: float, n: int, prefill: int, decode: int, ctx0: int, end: float, fixed: float = 0.0,
+                 n_cmd: int = 0, cut_by: Any = None, cut_n: int = 0, prefill_share: float = 0.0) -> None:
+        self.t0 = t0
+        self.n = n
+        self.prefill = prefill
+        self.decode = decode
+        self.ctx0 = ctx0
+        self.end = end
+        self.fixed = fixed
+        self.n_cmd = n_cmd
+        self.cut_by = cut_by
+        self.cut_n = cut_n
+        self.prefill_share = prefill_share
 
 
 @dataclass

@@ -54,7 +54,7 @@ GROUP_S = 0.05
 """Outcomes of a key within this many seconds of the group's first are one step (a few engine steps)."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class _Pending:
     arrival_s: float
     mean_s: float
@@ -65,6 +65,14 @@ class _Pending:
     """When its wait passes the key's factor, as of the last check."""
     room_s: float | None
     """Its deadline less its mean (from arrival, at least 0), for a key that learns a weight; else None."""
+
+    # Written out: the dataclass's generated one would be interpreted code in the compiled build.
+    def __init__(self, arrival_s: float, mean_s: float, key: Hashable, due_s: float, room_s: float | None) -> None:
+        self.arrival_s = arrival_s
+        self.mean_s = mean_s
+        self.key = key
+        self.due_s = due_s
+        self.room_s = room_s
 
     def pred_s(self, theta: float) -> float:
         """Its prediction with the key's factor (or weight) `theta`."""

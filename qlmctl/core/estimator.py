@@ -40,7 +40,7 @@ class OutputStats:
         return math.sqrt(self.m2 / self.n) if self.n > 0 else 0.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ServiceRate:
     """How fast one instance serves one model, from its profile and the output statistics."""
 
@@ -53,6 +53,15 @@ class ServiceRate:
     prefill_s_per_token: float
     spread: float
     """The percentile's share of the output-length sum, per request: z * std / mean of the output length."""
+
+    # Written out: the dataclass's generated one would be interpreted code in the compiled build.
+    def __init__(self, concurrency: int, request_time_s: float, token_time_s: float, prefill_s_per_token: float,
+                 spread: float) -> None:
+        self.concurrency = concurrency
+        self.request_time_s = request_time_s
+        self.token_time_s = token_time_s
+        self.prefill_s_per_token = prefill_s_per_token
+        self.spread = spread
 
     @property
     def requests_per_s(self) -> float:

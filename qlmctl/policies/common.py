@@ -11,7 +11,7 @@ from qlmctl.core.request import Request
 from simulator.profile import EngineProfile, admission_blocks
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Room:
     """Batch slots, KV blocks and (for a pulling policy) prefill tokens an instance can still take now;
     decremented as a policy dispatches."""
@@ -30,6 +30,21 @@ class Room:
     """Its blocks and tokens have been read (`RoomBook.fresh_blocks`) and its engine has not stepped since."""
     heap_key: tuple[float, int] = (math.nan, -1)
     """(free KV tokens, load) as last entered in the room book's heaps (`RoomBook.place`)."""
+
+    # Written out: the dataclass's generated one would be interpreted code in the compiled build.
+    def __init__(self, inst: InstanceView, slots: int, blocks: int, load: int, block_size: int, taken_blocks: int = 0,
+                 tokens: float = math.inf, taken_tokens: int = 0, read: bool = False,
+                 heap_key: tuple[float, int] = (math.nan, -1)) -> None:
+        self.inst = inst
+        self.slots = slots
+        self.blocks = blocks
+        self.load = load
+        self.block_size = block_size
+        self.taken_blocks = taken_blocks
+        self.tokens = tokens
+        self.taken_tokens = taken_tokens
+        self.read = read
+        self.heap_key = heap_key
 
     def blocks_for(self, r: Request) -> int:
         """KV blocks the engine needs free to admit `r` (as `simulator.engine.Engine` counts them)."""

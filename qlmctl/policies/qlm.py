@@ -149,7 +149,7 @@ class _Quantiles:
         return s[min(len(s) - 1, max(0, int(math.ceil(q * len(s))) - 1))]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class _Server:
     """One instance serving a model, as the per-request walk of a plan sees it."""
 
@@ -162,6 +162,16 @@ class _Server:
     tpot_cap: int | None = None
     concurrency: int = 0
     """Sequences the engine runs now."""
+
+    # Written out: the dataclass's generated one would be interpreted code in the compiled build.
+    def __init__(self, rate: ServiceRate, running: int, queued: int = 0, prefill_s: float = 0.0,
+                 tpot_cap: int | None = None, concurrency: int = 0) -> None:
+        self.rate = rate
+        self.running = running
+        self.queued = queued
+        self.prefill_s = prefill_s
+        self.tpot_cap = tpot_cap
+        self.concurrency = concurrency
 
     def start_s(self, pct: bool) -> float:
         """Time until the next request put here can start: a free batch slot, and the prefill ahead."""

@@ -38,7 +38,7 @@ from qlmctl.policies.base import Policy, PolicyContext
 from qlmctl.policies.common import Room, RoomBook, room_of
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class _Lane:
     """Planning state of one instance while groups are placed on it."""
 
@@ -49,6 +49,17 @@ class _Lane:
     planned: list[GroupKey]
     rates: dict[str, ServiceRate | None] = field(default_factory=dict)  # per model, this plan
     loads: dict[str, float] = field(default_factory=dict)  # load time per model, this plan
+
+    # Written out: the dataclass's generated one would be interpreted code in the compiled build.
+    def __init__(self, inst: InstanceView, model: str | None, ahead: float, offset_s: float, planned: list[GroupKey],
+                 rates: dict[str, ServiceRate | None] | None = None, loads: dict[str, float] | None = None) -> None:
+        self.inst = inst
+        self.model = model
+        self.ahead = ahead
+        self.offset_s = offset_s
+        self.planned = planned
+        self.rates = {} if rates is None else rates
+        self.loads = {} if loads is None else loads
 
 
 @dataclass(slots=True)
