@@ -15,12 +15,15 @@ from setuptools import setup
 
 COMPILED = [
     "simulator/engine.py", "simulator/prefix.py", "simulator/profile.py", "simulator/api_server.py",
-    "qlmctl/backends/sim.py", "qlmctl/core/driver.py", "qlmctl/core/calibration.py", "qlmctl/core/estimator.py",
+    "qlmctl/backends/sim.py", "qlmctl/core/request.py", "qlmctl/core/groups.py", "qlmctl/core/driver.py",
+    "qlmctl/core/calibration.py", "qlmctl/core/estimator.py",
     "qlmctl/policies/common.py", "qlmctl/policies/baselines.py", "qlmctl/policies/sjf.py",
     "qlmctl/policies/qlm_basic.py", "qlmctl/policies/qlm.py", "qlmctl/policies/qlm_lp.py",
 ]
-"""The event loop, the engine and the policies it calls on every event (a compiled class cannot be subclassed by
-an interpreted one, so the policies derived from these are compiled too)."""
+"""The event loop, the engine, the policies it calls on every event, and the request and group records they all
+read (a compiled class's attributes are read from other compiled code directly, an interpreted one's through a
+lookup). A compiled class cannot be subclassed by an interpreted one, so the policies derived from these are
+compiled too."""
 
 
 def ext_modules() -> list:
