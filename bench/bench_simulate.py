@@ -49,14 +49,8 @@ def scenario_dict(instances: int, workload: dict) -> dict:
     }
 
 
-def build() -> str:
-    """"compiled" when the engine module imported is mypyc's build of it (setup.py's QLMCTL_COMPILE), else "pure"."""
-    import simulator.engine
-
-    return "pure" if simulator.engine.__file__.endswith(".py") else "compiled"
-
-
 def point(args: tuple[str, int, dict, str], out: mp.Queue) -> None:
+    import simulator
     from qlmctl.runner import simulate
     from qlmctl.scenario import Scenario, ScenarioSpec
     from qlmctl.workload import build_requests
@@ -70,7 +64,7 @@ def point(args: tuple[str, int, dict, str], out: mp.Queue) -> None:
     run = simulate(sc, policy, reqs, copy_requests=False)  # as `qlmctl simulate` runs its last (or only) policy
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    out.put({"point": name, "policy": policy, "build": build(), "requests": len(reqs), "instances": instances,
+    out.put({"point": name, "policy": policy, "build": simulator.build(), "requests": len(reqs), "instances": instances,
              "build_s": round(t_build, 2), "simulate_s": round(run.result.wall_s, 2),
              "with_summary_s": round(wall, 2), "cpu_s": round(cpu, 2), "events": run.result.events,
              "peak_rss_gb": round(rss_gb, 2),

@@ -35,9 +35,10 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
+        import simulator
         from qlmctl.vllm_bench import version
 
-        typer.echo(f"qlmctl {version()}")
+        typer.echo(f"qlmctl {version()} ({simulator.build()} build)")
         raise typer.Exit()
 
 

@@ -194,6 +194,7 @@ def test_class_colours_follow_the_name_and_throughput_bins_hold_enough():
 def test_version_schema_and_completion():
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.startswith("qlmctl ")
+    assert res.output.rstrip().endswith(("(pure build)", "(compiled build)"))
     res = runner.invoke(app, ["schema"])
     schema = json.loads(res.output)
     assert schema["title"] == "qlmctl scenario file" and "cluster" in schema["properties"]
