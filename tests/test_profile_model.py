@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -114,10 +116,11 @@ def test_frontend_queue_fit_recovers_known_costs():
     assert RawProfile.from_json(raw.to_json()) == raw
 
 
-def _emulator_process(tmp_path: Path, profile: EngineProfile):
-    """`qlmctl emulate` of `profile` in a process of its own: the prober's parsing shares no interpreter lock
-    with the engine's timing (as with a real engine), so a busy machine delays its tokens by its scheduling
-    latency only (well under a millisecond), not by the prober's work."""
+@contextmanager
+def _emulated(tmp_path: Path, profile: EngineProfile) -> Iterator[str]:
+    """The URL of `qlmctl emulate` of `profile`, run in a process of its own (stopped on leaving): the prober's
+    parsing shares no interpreter lock with the engine's timing (as with a real engine), so a busy machine delays
+    its tokens by its scheduling latency only (well under a millisecond), not by the prober's work."""
     import dataclasses
     import os
     import socket
@@ -141,19 +144,24 @@ def _emulator_process(tmp_path: Path, profile: EngineProfile):
     while time.monotonic() < end:
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
+                break
         except httpx.HTTPError:
             time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the emulator did not start")
+    else:
+        proc.kill()
+        raise RuntimeError("the emulator did not start")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     out = tmp_path / "prof.yaml"
     raw = tmp_path / "raw.json"
     # Deliver tokens within 1 ms of their step, so timing noise stays well under the 5 % asked for.
-    proc, url = _emulator_process(tmp_path, TRUTH)
-    try:
+    with _emulated(tmp_path, TRUTH) as url:
         res = CliRunner().invoke(app, [
             "profile-model", "m", "--url", url, "--out", str(out), "--raw", str(raw),
             "--prompt-lengths", "256,1024,2048,3000", "--batches", "1,8,32", "--contexts", "128,512",
@@ -163,9 +171,6 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
             "--load-streams", "0,16", "--load-rates", "5", "--load-window-s", "1", "--probe-tokens", "256",
             "--gpu", "emulated", "--sleep", "--sustained-s", "6",
         ])
-    finally:
-        proc.terminate()
-        proc.wait(30)
     assert res.exit_code == 0, res.output
     prof = yaml.safe_load(out.read_text())
     # 5 %, widened by the timing noise of this run as the fit itself measured it: its worst relative error
@@ -219,9 +224,7 @@ def test_mixed_steps_keep_what_was_measured_when_the_decoders_run_out(tmp_path: 
 
     from qlmctl.client.prober import Profiler
 
-    proc, url = _emulator_process(tmp_path, TRUTH)
-
-    async def measure() -> tuple[list[MixedPoint], list[str]]:
+    async def measure(url: str) -> tuple[list[MixedPoint], list[str]]:
         prof = Profiler(url, "m")
         try:
             # 12 output tokens: the decoders are done before the first window ends.
@@ -229,11 +232,8 @@ def test_mixed_steps_keep_what_was_measured_when_the_decoders_run_out(tmp_path: 
         finally:
             await prof.close()
 
-    try:
-        points, skipped = asyncio.run(measure())
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with _emulated(tmp_path, TRUTH) as url:
+        points, skipped = asyncio.run(measure(url))
     assert points == []
     assert len(skipped) == 1 and "B=8 ctx=256: the decoders finished their 12 tokens" in skipped[0]
 
@@ -280,17 +280,13 @@ def test_profile_model_measures_an_emulated_engine_slowing_under_sustained_load(
                           max_num_batched_tokens=2048, max_model_len=8192, sustained_prefill_slowdown=0.08,
                           sustained_prefill_share=0.6, sustained_window_s=0.5)
     out = tmp_path / "prof.yaml"
-    proc, url = _emulator_process(tmp_path, truth)
-    try:
+    with _emulated(tmp_path, truth) as url:
         res = CliRunner().invoke(app, [
             "profile-model", "m", "--url", url, "--out", str(out), "--raw", str(tmp_path / "raw.json"),
             "--prompt-lengths", "256,1024,2048", "--batches", "1,8,32", "--contexts", "128,1024", "--output-tokens", "40",
             "--reps", "2", "--max-num-seqs", "64", "--max-num-batched-tokens", "2048", "--no-mixed",
             "--no-frontend", "--no-frontend-load", "--no-async-scheduling", "--sustained-s", "8",
         ])
-    finally:
-        proc.terminate()
-        proc.wait(30)
     assert res.exit_code == 0, res.output
     prof = yaml.safe_load(out.read_text())
     assert prof["provenance"]["points"]["sustained"] >= 8
