@@ -8,15 +8,17 @@
 
 Each point runs in a fresh process so peak RSS is its own. Targets (issue 18): <= 1 s per policy for Azure,
 <= 30 s and 1 GB for the million, time linear in requests. Each point is compared with its figure in
-docs/benchmarks.md (the simulator table, matched on point and policy): "regression" when it ran more than 20 %
-slower there (CPU seconds where the table has them, else wall seconds). The table is the pure build's: a run on the
-compiled build (setup.py's QLMCTL_COMPILE; each point says which build it imported) is not judged against it.
+docs/benchmarks.md (the simulator tables, matched on point, policy and build): "regression" when it ran more than
+20 % slower there (CPU seconds where the table has them, else wall seconds). A point runs the build that is
+installed (a regular install compiles, an editable one is pure Python: setup.py); each point says which.
 
 Machines differ (this project's development machine has run 1-3.5 times slower from one session to the next), so a
 figure from another machine says little. `--against REV` runs each point at REV too (a temporary git worktree),
 alternating with this checkout, `--reps` times each, and compares medians of CPU seconds on this machine: a
 "regression" is more than 20 % slower than REV. Against the commit the table was measured at, the ratio times the
-table's figure estimates this checkout on the table's machine.
+table's figure estimates this checkout on the table's machine. `--against REV --build compiled` compiles both
+sides first (copies of this checkout's sources and of REV's, built in place as setup.py does; about two minutes
+each on a 2-core machine), to compare the build a regular install runs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import json
 import multiprocessing as mp
 import queue
 import re
+import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,10 +98,10 @@ REGRESSION = 1.2
 """A point is a regression when it takes more than this times its documented figure."""
 
 
-def documented() -> dict[tuple[str, str], dict[str, float]]:
-    """(point, policy) -> {"simulate_s", "cpu_s"} from docs/benchmarks.md's simulator table (rows whose first cell
-    is a bench point name, e.g. `azure-full`)."""
-    out: dict[tuple[str, str], dict[str, float]] = {}
+def documented() -> dict[tuple[str, str, str], dict[str, float]]:
+    """(point, policy, build) -> {"simulate_s", "cpu_s"} from docs/benchmarks.md's simulator tables (rows whose
+    first cell is a bench point name, e.g. `azure-full`; the build from a `build` column, else "pure")."""
+    out: dict[tuple[str, str, str], dict[str, float]] = {}
     if not DOCS.exists():
         return out
     header: list[str] | None = None
@@ -118,17 +122,14 @@ def documented() -> dict[tuple[str, str], dict[str, float]]:
                 fig[key] = float(row.get(col, "").replace(",", ""))
             except ValueError:
                 pass
-        out.setdefault((cells[0], row.get("policy", "")), fig)
+        out.setdefault((cells[0], row.get("policy", ""), row.get("build", "pure")), fig)
     return out
 
 
-def verdict(res: dict, docs: dict[tuple[str, str], dict[str, float]]) -> str:
-    fig = docs.get((res["point"], res["policy"]))
+def verdict(res: dict, docs: dict[tuple[str, str, str], dict[str, float]]) -> str:
+    fig = docs.get((res["point"], res["policy"], res["build"]))
     if not fig:
-        return "no documented figure"
-    if res.get("build") == "compiled":
-        # The table holds the pure build's figures; a compiled run beside them says nothing about a regression.
-        return "compiled build: compare with docs/benchmarks.md's compiled tables or with --against"
+        return f"no documented figure for the {res['build']} build"
     key = "cpu_s" if "cpu_s" in fig else "simulate_s"
     mine = res["cpu_s"] if key == "cpu_s" else res["simulate_s"]
     ratio = mine / fig[key]
@@ -160,8 +161,24 @@ def _point_here(args_json: str, tree: str) -> None:
     print(json.dumps(q.get()))
 
 
-def against(points: list[tuple[str, int, dict, str]], rev: str, reps: int) -> None:
-    """Each point here and at `rev`, alternated `reps` times; medians of CPU seconds and their ratio."""
+def compiled_copy(src: Path, dst: Path) -> Path:
+    """The sources of the checkout `src` copied to `dst` (unless they are one) and compiled in place, as a regular
+    install builds them."""
+    if src.resolve() != dst.resolve():
+        for part in ("qlmctl", "simulator"):
+            shutil.copytree(src / part, dst / part, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        shutil.copy(src / "setup.py", dst)
+    print(f"compiling {src} ...", file=sys.stderr, flush=True)
+    done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dst, capture_output=True,
+                          text=True, env={**os.environ, "QLMCTL_COMPILE": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"compiling {src} failed:\n{done.stderr[-3000:]}")
+    return dst
+
+
+def against(points: list[tuple[str, int, dict, str]], rev: str, reps: int, build: str = "pure") -> None:
+    """Each point here and at `rev`, alternated `reps` times; medians of CPU seconds and their ratio. `build`
+    "compiled" compiles both sides first."""
     known = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
                            capture_output=True, text=True)
     if known.returncode != 0:
@@ -170,6 +187,10 @@ def against(points: list[tuple[str, int, dict, str]], rev: str, reps: int) -> No
         other = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(other), rev], check=True)
         try:
+            here = REPO
+            if build == "compiled":
+                here = compiled_copy(REPO, Path(tmp) / "here")
+                compiled_copy(other, other)
             regressions = 0
             print(f"| point | policy | here, CPU (s) | {rev}, CPU (s) | ratio (min-max) | peak RSS here / {rev} (GB) "
                   "| build here / there |")
@@ -177,7 +198,7 @@ def against(points: list[tuple[str, int, dict, str]], rev: str, reps: int) -> No
             for args in points:
                 mine, theirs = [], []
                 for _ in range(reps):
-                    mine.append(point_in(REPO, args))
+                    mine.append(point_in(here, args))
                     theirs.append(point_in(other, args))
                 a = statistics.median(r["cpu_s"] for r in mine)
                 b = statistics.median(r["cpu_s"] for r in theirs)
@@ -192,7 +213,7 @@ def against(points: list[tuple[str, int, dict, str]], rev: str, reps: int) -> No
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(other)], check=False)
 
 
-def main(which: str, rev: str | None = None, reps: int = 3) -> None:
+def main(which: str, rev: str | None = None, reps: int = 3, build: str = "pure") -> None:
     points = []
     if which in ("azure", "all"):
         for pol in ("fcfs", "priority", "edf", "qlm"):
@@ -206,7 +227,7 @@ def main(which: str, rev: str | None = None, reps: int = 3) -> None:
             syn = {"synthetic": {"rate_rps": 800, "num_requests": n, "lengths_from": str(AZURE)}}
             points.append((f"synthetic-{n // 1000}k", 32, syn, "qlm"))
     if rev is not None:
-        against(points, rev, reps)
+        against(points, rev, reps, build)
         return
     rows = []
     docs = documented()
@@ -235,10 +256,14 @@ if __name__ == "__main__":
     ap.add_argument("which", nargs="?", default="azure", choices=("azure", "million", "scaling", "all"))
     ap.add_argument("--against", metavar="REV", help="also run each point at this commit, alternated, and compare")
     ap.add_argument("--reps", type=int, default=3, help="runs of each point per side with --against")
+    ap.add_argument("--build", choices=("pure", "compiled"), default="pure",
+                    help="with --against: the build both sides run (compiled: both built first, ~2 min each)")
     ap.add_argument("--point", help=argparse.SUPPRESS)  # the child of `point_in`
     ap.add_argument("--tree", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.point is not None:
         _point_here(args.point, args.tree)
     else:
-        main(args.which, args.against, args.reps)
+        if args.build != "pure" and args.against is None:
+            ap.error("--build applies to --against; without it a point runs the installed build")
+        main(args.which, args.against, args.reps, args.build)

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WALL_KEYS = {"sim_wall_s", "wall_s", "date", "created", "command", "solve_s", "solve_time_s", "sim_events"}
+WALL_KEYS = {"sim_wall_s", "wall_s", "date", "created", "command", "solve_s", "solve_time_s", "sim_events",
+             "sim_build"}
 """Keys that measure the run, not its result: wall times, and the event loop's iterations (a speed-up may
 skip events that change nothing)."""
 

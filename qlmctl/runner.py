@@ -10,6 +10,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
+import simulator
 from qlmctl.backends.sim import SimResult, SimulatedCluster
 from qlmctl.core.request import Request
 from qlmctl.metrics import INSTANCE_STATS, summarize
@@ -93,6 +94,7 @@ def simulate(
             "scenario": scenario.spec.name,
             "backend": "simulate",
             "sim_wall_s": result.wall_s,
+            "sim_build": simulator.build(),  # what sim_wall_s was measured with: "pure" or "compiled" (setup.py)
             "sim_events": result.events,
             "policy_stats": result.policy_stats,
             "policy_errors": result.policy_errors,

@@ -20,7 +20,20 @@ from qlmctl.engines import ENGINE_KINDS
 from qlmctl.errors import UserError
 from simulator.profile import EngineProfile
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _repo_root() -> Path:
+    """The checkout whose scenarios/ and traces/ the defaults name. In a source checkout (or an editable install) it
+    is this package's own parent; a regular install (`pip install .`, the compiled build) leaves those folders behind
+    in the checkout, so there it is the current directory, when that is a checkout."""
+    src = Path(__file__).resolve().parent.parent
+    if (src / "scenarios").is_dir():
+        return src
+    cwd = Path.cwd()
+    return cwd if (cwd / "scenarios").is_dir() else src
+
+
+REPO_ROOT = _repo_root()
 DEFAULT_SCENARIO = REPO_ROOT / "scenarios" / "default.yaml"
 
 
@@ -836,6 +849,9 @@ def load_scenario(path: str | Path | None = None, overrides: dict[str, Any] | No
     `overrides` is a nested dict merged over the file's content before validation.
     """
     p = Path(path) if path is not None else DEFAULT_SCENARIO
+    if path is None and not p.is_file():
+        raise UserError("no scenario given, and no bundled default here: run in a qlmctl checkout (its "
+                        "scenarios/default.yaml), or pass --scenario FILE")
     data = _read_yaml(p)
     if not isinstance(data, dict):
         raise UserError("expected a mapping at the top level", p)

@@ -10,13 +10,13 @@ import pytest
 
 from qlmctl.core.request import Request
 from qlmctl.policies.common import RoomBook
+from simulator.profile import EngineProfile
+from tests.conftest import small_profile
 
 
-@dataclass
-class _Profile:
-    max_num_seqs: int = 4
-    block_size: int = 16
-    max_num_batched_tokens: int = 8192
+def _profile(max_num_seqs: int = 4, block_size: int = 16) -> EngineProfile:
+    # A real profile, not a stand-in: the compiled build (setup.py) checks the type of what it reads.
+    return small_profile(max_num_seqs=max_num_seqs, block_size=block_size, max_num_batched_tokens=8192)
 
 
 @dataclass
@@ -29,7 +29,7 @@ class _Inst:
     pending_prefill_tokens: int = 0
     swapping: bool = False
     healthy: bool = True
-    profile: _Profile = field(default_factory=_Profile)
+    profile: EngineProfile = field(default_factory=_profile)
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _brute(insts: list[_Inst], taken: dict[int, tuple[int, int]], r: Request) ->
 def test_place_is_the_least_loaded_room_that_fits(steps_reported: bool, seed: int, scan_rooms: int) -> None:
     rng = random.Random(seed)
     insts = [_Inst(i, rng.choice(["a", "b"]), rng.randrange(0, 40),
-                   profile=_Profile(max_num_seqs=8, block_size=rng.choice([16, 32])))
+                   profile=_profile(max_num_seqs=8, block_size=rng.choice([16, 32])))
              for i in range(4)]
     cluster = _Cluster(insts, steps_reported)
     book = RoomBook(dispatch_limit=0, tracks_steps=True, scan_rooms=scan_rooms)
@@ -213,7 +213,7 @@ def test_fcfs_dispatches_once_a_preemption_frees_blocks() -> None:
     inst = _Inst(0, "a", free_kv_blocks=2, num_running=2)
     inst.profile_for = lambda m: inst.profile if m == "a" else None  # type: ignore[attr-defined]
     cluster = _Cluster([inst], steps_reported=True)
-    pol = make_policy("fcfs", PolicyContext(profiles={"a": _Profile(max_num_seqs=8)}))  # type: ignore[dict-item]
+    pol = make_policy("fcfs", PolicyContext(profiles={"a": _profile(max_num_seqs=8)}))
     r = _request(1, "a", 320)  # 21 blocks of 16
     pol.add_request(r, 0.0)
     assert pol.schedule(cluster) == []

@@ -111,7 +111,10 @@ def simulate(
             summaries[name] = run.summary
     print_results(console, summaries, f"{sc.spec.name}: simulated, {len(requests):,} requests, {n_inst} instance(s)",
                   percentiles=opts.table_percentiles(), metrics=opts.percentile_metrics)
-    console.print(f"results in [bold]{out_dir}[/]", highlight=False)
+    wall = sum(float(s.get("sim_wall_s", 0.0)) for s in summaries.values())
+    build = next(iter(summaries.values())).get("sim_build", "?")
+    console.print(f"results in [bold]{out_dir}[/] [dim](simulated in {wall:.1f} s, {build} build)[/]",
+                  highlight=False)
     for f in files:
         console.print(f"vllm bench serve result: [bold]{f}[/]", highlight=False)
 
