@@ -12,12 +12,7 @@
 #       --policies direct --profile PROFILE --set enable_prefix_caching=false
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
-VLLM_FLAGS=$DEFAULT_FLAGS
-PORT=8010
-URL=http://127.0.0.1:$PORT
-make_models
-gpu_tag
-log "gpu: $GPU; flags: $VLLM_FLAGS"
+default_server
 VER=$(python3 -c "import vllm; print(vllm.__version__)")
 ensure_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4
 case ${STAGE:-1} in

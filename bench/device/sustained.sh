@@ -13,12 +13,7 @@
 # as bench/fidelity_compare.py reads them).
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
-VLLM_FLAGS=$DEFAULT_FLAGS
-PORT=8010
-URL=http://127.0.0.1:$PORT
-make_models
-gpu_tag
-log "gpu: $GPU; flags: $VLLM_FLAGS"
+default_server
 start_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4
 watch_gpu "$OUT/smi.csv"
 phase() { echo "$(date +%s.%N) $*" >> "$OUT/phases.txt"; log "phase: $*"; }

@@ -69,6 +69,14 @@ gpu_tag() {  # GPU: the card's name; TAGG: h100 or h200 (the bundled profile nam
 # vLLM's defaults as the unseen replays ran them (--max-num-seqs 1024 and 8,192-token steps on an H100/H200), the
 # profile's context length, sleep mode, prefix caching off (replays repeat their prompts): the sustained-load scripts.
 DEFAULT_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --enable-sleep-mode --no-enable-prefix-caching"
+default_server() {  # the sustained-load scripts' setting: DEFAULT_FLAGS on :8010 (PORT, URL), models made, GPU named
+  VLLM_FLAGS=$DEFAULT_FLAGS
+  PORT=8010
+  URL=http://127.0.0.1:$PORT
+  make_models
+  gpu_tag
+  log "gpu: $GPU; flags: $VLLM_FLAGS"
+}
 watch_gpu() {  # $1: CSV file; the SM clock, power, temperature and throttle reasons every 200 ms (SMI: its pid)
   local fields=timestamp,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,utilization.gpu
   local reasons=clocks_event_reasons.active
