@@ -25,6 +25,19 @@ def test_simulate_default_writes_results(tmp_path: Path):
         assert (folder / "requests.parquet").exists() or (folder / "requests.csv").exists()
 
 
+def test_simulate_says_which_build_ran_and_when_a_compiled_one_would_help(tmp_path: Path, monkeypatch):
+    import qlmctl.commands.simulate as cmd
+
+    monkeypatch.setattr(cmd, "PURE_NOTE_REQUESTS", 300)  # (100,000 in earnest: a long run)
+    res = runner.invoke(app, ["simulate", "-n", "300", "--policy", "fcfs", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    build = json.loads((tmp_path / "fcfs" / "summary.json").read_text())["sim_build"]
+    assert build in ("pure", "compiled") and f"{build} build)" in res.output
+    assert ("a regular install, pip install ., compiles it" in " ".join(res.output.split())) == (build == "pure")
+    res = runner.invoke(app, ["simulate", "-n", "299", "--policy", "fcfs", "-o", str(tmp_path), "--force"])
+    assert res.exit_code == 0 and "compiles it" not in res.output
+
+
 def test_simulate_a_trace_argument(tmp_path: Path):
     trace = tmp_path / "t.csv"
     trace.write_text("arrival_s,model,slo_class,prompt_tokens,output_tokens\n"
