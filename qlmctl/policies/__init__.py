@@ -5,6 +5,10 @@ policy is one new module (a `Policy` subclass whose `name` is its key here) plus
 `POLICIES`. Modules are imported on first use, so a command that runs `fcfs` never loads the MILP
 solvers that `qlm-lp` needs. An explicit table rather than self-registration on import: the list of
 names needs no imports, and nothing depends on which modules happen to have been imported.
+
+A new policy is developed in an editable (pure Python) install: in the compiled build of a regular install
+(setup.py), an interpreted class cannot derive from the compiled ones (`QueuePolicy`, `QLMPolicy`, ...); one
+deriving from `Policy` itself works in both. A module added to setup.py's COMPILED list is compiled with the rest.
 """
 
 from __future__ import annotations
