@@ -139,7 +139,11 @@ def test_a_regular_install_finds_the_checkout_it_runs_in(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "__file__", str(site / "scenario.py"))
     checkout = tmp_path / "checkout"
     (checkout / "scenarios").mkdir(parents=True)
+    (checkout / "scenarios" / "default.yaml").write_text("name: x\n")
+    (checkout / "traces").mkdir()
     monkeypatch.chdir(checkout)
+    assert S._repo_root() == checkout
+    monkeypatch.chdir(checkout / "traces")  # anywhere inside it
     assert S._repo_root() == checkout
     monkeypatch.chdir(tmp_path)
     assert S._repo_root() == tmp_path / "site-packages"
