@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import queue
 import re
-import os
 import resource
 import shutil
 import statistics
