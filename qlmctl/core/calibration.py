@@ -144,9 +144,16 @@ class TTFTCalibration:
         """Count as misses the requests still without a first token that have waited beyond the factor."""
         groups = self._groups
         if now - self._groups_first > self.group_s:
-            for key in [k for k, g in groups.items() if now - g[0] > self.group_s]:
+            expired: list[Hashable] = []
+            first = math.inf
+            for k, g in groups.items():
+                if now - g[0] > self.group_s:
+                    expired.append(k)
+                elif g[0] < first:
+                    first = g[0]
+            for key in expired:
                 self._apply(key, groups.pop(key))
-            self._groups_first = min((g[0] for g in groups.values()), default=math.inf)
+            self._groups_first = first
         due = self._due
         pending = self._pending
         lf = self._log_factor

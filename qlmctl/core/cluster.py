@@ -94,7 +94,7 @@ class ClusterView(Protocol):
     # on its own (streams, metrics), so a policy re-reads what it needs on every call there.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, and a frozen record's __init__ costs 3x
 class Dispatch:
     """Hand `request` to instance `instance_id`'s engine now.
 
