@@ -10,7 +10,10 @@ QLMCTL_OPT_LEVEL: mypyc's (and the C compiler's) optimisation level, 0-3 (defaul
 """
 
 import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
@@ -65,9 +68,23 @@ def ext_modules() -> list:
     try:
         # Imports outside the compiled set are followed for their types only (their own errors are not this
         # build's), and the dependencies need not be installed in the build environment.
-        return mypycify(["--ignore-missing-imports", "--follow-imports=silent", *COMPILED], opt_level=os.environ.get("QLMCTL_OPT_LEVEL", "3"))
+        return mypycify(["--ignore-missing-imports", "--follow-imports=silent", *COMPILED],
+                        opt_level=os.environ.get("QLMCTL_OPT_LEVEL", "3"))
     except (Exception, SystemExit) as e:  # mypy's type check exits on an error
         return _pure(f"mypyc could not translate the sources ({e})")
+
+
+def build_in_place(src: Path, dst: Path, opt_level: str = "3") -> subprocess.CompletedProcess:
+    """The checkout `src`'s sources (qlmctl/, simulator/, its setup.py) copied to `dst`, unless they are one, and
+    compiled there in place (`setup.py build_ext --inplace`, QLMCTL_COMPILE=1): the compiled build without an
+    install, for the test that checks it against the pure one and for `bench_simulate.py --build compiled`."""
+    if Path(src).resolve() != Path(dst).resolve():
+        for part in ("qlmctl", "simulator"):
+            shutil.copytree(Path(src) / part, Path(dst) / part, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        shutil.copy(Path(src) / "setup.py", dst)
+    env = {**os.environ, "QLMCTL_COMPILE": "1", "QLMCTL_OPT_LEVEL": opt_level}
+    return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dst, env=env,
+                          capture_output=True, text=True)
 
 
 class OptionalBuildExt(build_ext):

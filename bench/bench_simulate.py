@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import queue
 import re
 import resource
-import shutil
+import runpy
 import statistics
 import subprocess
 import sys
@@ -162,15 +161,9 @@ def _point_here(args_json: str, tree: str) -> None:
 
 
 def compiled_copy(src: Path, dst: Path) -> Path:
-    """The sources of the checkout `src` copied to `dst` (unless they are one) and compiled in place, as a regular
-    install builds them."""
-    if src.resolve() != dst.resolve():
-        for part in ("qlmctl", "simulator"):
-            shutil.copytree(src / part, dst / part, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-        shutil.copy(src / "setup.py", dst)
+    """`src`'s sources compiled in place at `dst` (setup.py's `build_in_place`, as a regular install builds them)."""
     print(f"compiling {src} ...", file=sys.stderr, flush=True)
-    done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dst, capture_output=True,
-                          text=True, env={**os.environ, "QLMCTL_COMPILE": "1"})
+    done = runpy.run_path(str(REPO / "setup.py"), run_name="bench")["build_in_place"](src, dst)
     if done.returncode != 0:
         raise SystemExit(f"compiling {src} failed:\n{done.stderr[-3000:]}")
     return dst

@@ -109,12 +109,7 @@ def test_the_compiled_build_decides_as_the_pure_one(tmp_path):
     why = _can_compile()
     if why:
         pytest.skip(f"cannot build the compiled modules here: {why}")
-    for part in ("qlmctl", "simulator"):
-        shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    shutil.copy(REPO / "setup.py", tmp_path)
-    env = {**os.environ, "QLMCTL_COMPILE": "1", "QLMCTL_OPT_LEVEL": "0"}  # -O0: the same code, built faster
-    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True)
+    build = _setup_module()["build_in_place"](REPO, tmp_path, opt_level="0")  # -O0: the same code, built faster
     assert build.returncode == 0, build.stderr[-3000:]
 
     def digest(root: Path) -> list[str]:
