@@ -21,16 +21,13 @@ from qlmctl.errors import UserError
 from simulator.profile import EngineProfile
 
 
-
 def _repo_root() -> Path:
     """The checkout whose scenarios/ and traces/ the defaults name. In a source checkout (or an editable install) it
     is this package's own parent; a regular install (`pip install .`, the compiled build) leaves those folders behind
     in the checkout, so there it is the checkout the command runs in (the current directory or one above it)."""
     src = Path(__file__).resolve().parent.parent
-    if (src / "scenarios").is_dir():
-        return src
     cwd = Path.cwd()
-    for d in (cwd, *cwd.parents):
+    for d in (src, cwd, *cwd.parents):
         if (d / "scenarios" / "default.yaml").is_file():
             return d
     return src
