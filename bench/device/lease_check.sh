@@ -6,15 +6,35 @@
 #   run(command="STAGE=1 bash bench/device/lease_check.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
 #       start vLLM, profile-model with fewer points than profile_h200.sh (its API-server windows up to 256 streams)
 #   run(command="STAGE=2 bash bench/device/lease_check.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
-#       the same server (a warm machine): code completion near and over, conversation near and over, fcfs
+#       the same server (a warm machine): code completion near and over, conversation near and over, fcfs; then
+#       the conversation near through `qlmctl serve` (fcfs)
+#   run(command="STAGE=3 bash bench/device/lease_check.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
+#       the server restarted with --scheduling-policy priority (~100 s): the four replays again, priorities sent
 # Compare here (the profile from stage 1's $OUT):
 #   python bench/fidelity_compare.py DIR/code --scenario scenarios/fidelity_code.yaml --loads near:16:320,over:22:440 \
 #       --policies direct --profile PROFILE --set enable_prefix_caching=false
+# (stage 3's folders, unpacked beside stage 2's: --policies direct,direct@priority; the gateway run: add fcfs)
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
 default_server
 VER=$(python3 -c "import vllm; print(vllm.__version__)")
-ensure_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4
+MODE=fcfs; [ "${STAGE:-1}" = 3 ] && MODE=priority
+if [ "$(cat "$K/lease_mode" 2>/dev/null || echo fcfs)" != $MODE ] && [ -f "$K/server_llama-3.1-8b.pgid" ]; then
+  kill -- -"$(cat "$K/server_llama-3.1-8b.pgid")" 2>/dev/null; sleep 6; log "stopped the $(cat "$K/lease_mode") server"
+fi
+EXTRA=; [ $MODE = priority ] && EXTRA="--scheduling-policy priority"
+ensure_vllm "$K/m8b" llama-3.1-8b $PORT $EXTRA || exit 4
+echo $MODE > "$K/lease_mode"
+replays() {  # $1: the folder under $OUT; rest: replay_direct.py's extra flags
+  local dest=$1; shift
+  local extra=("$@")
+  for spec in "code near 16 320" "code over 22 440" "unseen near 21.5 540" "unseen over 43 1075"; do
+    set -- $spec
+    log "direct $1/$2: $3 req/s, $4 requests ${extra[*]-}"
+    timeout 200 python3 bench/device/replay_direct.py -s "scenarios/fidelity_$1.yaml" --url $URL --rate "$3" -n "$4" \
+      -o "$dest/$1/$2" ${extra[@]+"${extra[@]}"} 2>&1 | grep -vE "━|^\s*$" | tail -1
+  done
+}
 case ${STAGE:-1} in
 1)
   timeout -s INT $(( ${CALL_LIMIT_S:-585} - $(date +%s) + T0 )) python3 -c "$PROFILE_PY" llama-3.1-8b --url $URL \
@@ -26,14 +46,18 @@ case ${STAGE:-1} in
   ;;
 2)
   R="$OUT/lease"
-  for spec in "code near 16 320" "code over 22 440" "unseen near 21.5 540" "unseen over 43 1075"; do
-    set -- $spec
-    log "direct $1/$2: $3 req/s, $4 requests"
-    timeout 200 python3 bench/device/replay_direct.py -s "scenarios/fidelity_$1.yaml" --url $URL --rate "$3" -n "$4" \
-      -o "$R/$1/$2" 2>&1 | grep -vE "━|^\s*$" | tail -1
-  done
+  replays "$R"
+  log "through the gateway: conversation near, fcfs"
+  timeout 200 python3 -c "from qlmctl.cli import main; main()" serve -s scenarios/fidelity_unseen.yaml --replay \
+    --rate 21.5 -n 540 -p fcfs -o "$R/unseen/near" 2>&1 | grep -vE "━|^\s*$" | tail -3
   mv "$R/unseen" "$R/conv" 2>/dev/null
   tar czf "$OUT/lease.tgz" -C "$R" . && rm -rf "$R"
+  ;;
+3)
+  R="$OUT/lease"
+  replays "$R" --priority
+  mv "$R/unseen" "$R/conv" 2>/dev/null
+  tar czf "$OUT/lease_priority.tgz" -C "$R" . && rm -rf "$R"
   ;;
 esac
 log done
