@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from dataclasses import fields as dc_fields
 from typing import Any
+
+from simulator.profile import by_constructor
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +33,7 @@ class PromptBlocks:
     hashes: tuple[int, ...]
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Pickled by its constructor: compiled by mypyc, a frozen dataclass cannot be unpickled field by field.
-        return type(self), tuple(getattr(self, f.name) for f in dc_fields(self))
+        return by_constructor(self)
 
 
 class PrefixCache:

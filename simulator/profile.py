@@ -83,6 +83,12 @@ def param(default: Any = MISSING, *, doc: str, gt: float | None = None, ge: floa
     return field(default=default, metadata={"doc": doc, "gt": gt, "ge": ge, "file_default": file_default})
 
 
+def by_constructor(record: Any) -> tuple[Any, tuple[Any, ...]]:
+    """`__reduce__` for a frozen dataclass: pickled by its constructor, since compiled by mypyc one cannot be
+    unpickled field by field."""
+    return type(record), tuple(getattr(record, f.name) for f in dc_fields(record))
+
+
 @dataclass(frozen=True, slots=True)
 class EngineProfile:
     """Timing and capacity of one model on one GPU type.
@@ -279,8 +285,7 @@ class EngineProfile:
         return replace(self, **fields)  # type: ignore[arg-type]
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Pickled by its constructor: compiled by mypyc, a frozen dataclass cannot be unpickled field by field.
-        return type(self), tuple(getattr(self, f.name) for f in dc_fields(self))
+        return by_constructor(self)
 
     @classmethod
     def from_token_throughput(

@@ -82,8 +82,10 @@ def _can_compile() -> str | None:
 
 
 DIGEST = r"""
-import hashlib, sys
+import hashlib, pickle, sys
 import simulator
+from simulator.prefix import PromptBlocks
+from simulator.profile import EngineProfile
 from qlmctl.runner import simulate
 from qlmctl.scenario import load_scenario
 from qlmctl.workload import build_requests
@@ -99,6 +101,9 @@ for scenario, policy, cap in [("default", "fcfs", 600), ("default", "priority", 
         h.update(repr((r.request_id, r.instance_id, r.dispatch_s, r.first_token_s, r.finish_s, r.num_preemptions,
                        r.num_evictions)).encode())
     print(scenario, policy, h.hexdigest()[:16], run.summary["slo_attainment"])
+# Sweeps hand profiles and prompts to worker processes: frozen records pickle the same in both builds.
+records = [EngineProfile.from_token_throughput("m", 2000.0, knee_tokens=64), PromptBlocks(16, (3, 5, 8))]
+print([pickle.loads(pickle.dumps(x)) == x for x in records])
 """
 
 
@@ -121,7 +126,7 @@ def test_the_compiled_build_decides_as_the_pure_one(tmp_path):
     compiled, pure = digest(tmp_path), digest(REPO)
     assert compiled[0] == "compiled" and pure[0] == "pure"
     assert compiled[1:] == pure[1:]
-    assert len(pure) == 10
+    assert len(pure) == 11 and pure[-1] == "[True, True]"
 
 
 def test_a_regular_install_finds_the_checkout_it_runs_in(tmp_path, monkeypatch):
