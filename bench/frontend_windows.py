@@ -1,0 +1,95 @@
+"""profile-model's API-server load windows, simulated with a profile, against what was measured.
+
+    python bench/frontend_windows.py docs/fidelity/lease-h100-d/raw-lease.json --profile docs/fidelity/lease-h100-d/h100-lease.yaml
+    python bench/frontend_windows.py docs/fidelity/api-split-h100/api1.json --profile P [--set frontend_window_s=1]
+
+`profile-model` fits the API-server queue model (`EngineProfile.frontend_wait`) on these windows with the engine's
+part taken from vLLM's histograms plus half a step and the load at the window's mean rates; the simulator instead
+runs the engine step by step and charges the wait at the load it sees (the step in flight, or a window:
+`frontend_window_s`). This replays each window in the simulator (the same streams, 512-token prompts decoding
+throughout, Poisson probes of 1,024 tokens with max_tokens 1 at the window's rate; mean over seeds): the check
+the fit does not make. Columns: the probes' mean client TTFT live and simulated, the simulated engine part (the
+same run with the API-server model off) against vLLM's queue + prefill, and the split of the live remainder
+(vLLM's TTFT beyond its queue + prefill; the client's beyond vLLM's TTFT). Reads a raw profile (`frontend_load`)
+or a list of windows (`bench/device/api_split.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from qlmctl.core.request import Request
+from qlmctl.runner import simulate
+from qlmctl.scenario import Scenario, ScenarioSpec
+
+MODEL = "llama-3.1-8b"
+WARMUP_S = 3.0
+"""Simulated time the streams get to be admitted and prefilled before the window opens."""
+
+
+def scenario(profile: Path, overrides: dict) -> Scenario:
+    spec = {
+        "name": "frontend-windows",
+        "models": {MODEL: {"profile_file": str(profile.resolve())}},
+        "cluster": {"instances": [{"name": "gpu0", "model": MODEL, "engine": {"enable_prefix_caching": False},
+                                   "profile_overrides": {"max_num_seqs": 1024, **overrides}}]},
+        "slo_classes": {"batch": {"ttft_s": 3600}},
+        "workload": {"synthetic": {"rate_rps": 1, "num_requests": 1}},
+    }
+    return Scenario(ScenarioSpec.model_validate(spec), profile)
+
+
+def window_ttft(sc: Scenario, streams: int, rate: float, window_s: float, probe_tokens: int, seed: int) -> float:
+    """Mean simulated client TTFT of the probes of one window, s."""
+    rng = np.random.default_rng(seed)
+    reqs = [Request(i, 0.001 * i, MODEL, "batch", 3600.0, 512, 4000) for i in range(streams)]
+    probes = []
+    t = WARMUP_S + rng.exponential(1.0 / rate)
+    while t < WARMUP_S + window_s:
+        probes.append(Request(len(reqs) + len(probes), t, MODEL, "batch", 3600.0, probe_tokens, 1))
+        t += rng.exponential(1.0 / rate)
+    simulate(sc, "direct", reqs + probes, copy_requests=False)
+    return float(np.mean([r.first_token_s - r.arrival_s for r in probes]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("raw", type=Path, help="a raw profile (profile-model --raw) or bench/device/api_split.py's JSON")
+    ap.add_argument("--profile", type=Path, required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a profile field, repeatable")
+    ap.add_argument("--window-s", type=float, default=4.0, help="each window's length, s (profile-model's)")
+    ap.add_argument("--seeds", type=int, default=3)
+    args = ap.parse_args()
+    data = json.loads(args.raw.read_text())
+    windows = data["frontend_load"] if isinstance(data, dict) else data
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    sc = scenario(args.profile, overrides)
+    bare = scenario(args.profile, {**overrides, "frontend_queue_factor": 0.0, "frontend_latency_s": 0.0,
+                                   "frontend_per_stream_s": 0.0})
+    print("| streams | req/s | live client (ms) | simulated (ms) | error | simulated engine part (ms) "
+          "| vLLM queue + prefill (ms) | live: vLLM TTFT beyond it (ms) | live: client beyond vLLM TTFT (ms) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    errs = []
+    for w in windows:
+        def mean_over_seeds(s: Scenario) -> float:
+            return float(np.mean([window_ttft(s, w["streams"], w["rate_rps"], args.window_s, w["probe_tokens"], k)
+                                  for k in range(args.seeds)]))
+        sim, engine = mean_over_seeds(sc), mean_over_seeds(bare)
+        live = w["client_ttft_s"]
+        err = sim / live - 1.0
+        errs.append(abs(err))
+        qp, vt = w.get("engine_s"), w.get("vllm_ttft_s")
+        cells = [f"{x * 1e3:.1f}" if x is not None else "-" for x in
+                 (qp, vt - qp if vt is not None and qp is not None else None, live - vt if vt is not None else None)]
+        print(f"| {w['streams']} | {w['rate_rps']:.1f} | {live * 1e3:.1f} | {sim * 1e3:.1f} | {err:+.0%} "
+              f"| {engine * 1e3:.1f} | " + " | ".join(cells) + " |")
+    print(f"\nmean |error| {np.mean(errs):.1%}, worst {max(errs):.1%} over {len(errs)} windows")
+
+
+if __name__ == "__main__":
+    main()
