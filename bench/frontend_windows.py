@@ -1,6 +1,7 @@
 """profile-model's API-server load windows, simulated with a profile, against what was measured.
 
-    python bench/frontend_windows.py docs/fidelity/lease-h100-d/raw-lease.json --profile docs/fidelity/lease-h100-d/h100-lease.yaml
+    python bench/frontend_windows.py docs/fidelity/lease-h100-d/raw-lease.json \
+        --profile docs/fidelity/lease-h100-d/h100-lease.yaml
     python bench/frontend_windows.py docs/fidelity/api-split-h100/api1.json --profile P [--set frontend_window_s=1]
 
 `profile-model` fits the API-server queue model (`EngineProfile.frontend_wait`) on these windows with the engine's
@@ -41,7 +42,7 @@ def scenario(profile: Path, overrides: dict) -> Scenario:
         "slo_classes": {"batch": {"ttft_s": 3600}},
         "workload": {"synthetic": {"rate_rps": 1, "num_requests": 1}},
     }
-    return Scenario(ScenarioSpec.model_validate(spec), profile)
+    return Scenario(ScenarioSpec.model_validate(spec), Path(__file__))
 
 
 def window_ttft(sc: Scenario, streams: int, rate: float, window_s: float, probe_tokens: int, seed: int) -> float:
@@ -76,10 +77,8 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     errs = []
     for w in windows:
-        def mean_over_seeds(s: Scenario) -> float:
-            return float(np.mean([window_ttft(s, w["streams"], w["rate_rps"], args.window_s, w["probe_tokens"], k)
-                                  for k in range(args.seeds)]))
-        sim, engine = mean_over_seeds(sc), mean_over_seeds(bare)
+        sim, engine = (float(np.mean([window_ttft(s, w["streams"], w["rate_rps"], args.window_s, w["probe_tokens"], k)
+                                      for k in range(args.seeds)])) for s in (sc, bare))
         live = w["client_ttft_s"]
         err = sim / live - 1.0
         errs.append(abs(err))
