@@ -50,7 +50,7 @@ make_models
 case $STAGE in
 1)
   free_gpu
-  start_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4; echo fcfs > "$K/unseen_mode"
+  start_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4
   log "gpu: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
   # The slice's 400 requests at 5 req/s, with their prefix sharing (a replay without it would need a restart:
   # the comparison holds the simulation with and without caching against this run instead).
@@ -60,11 +60,8 @@ case $STAGE in
   direct code over 22 440
   ;;
 2)
-  # Reuse stage 1's server only: one that stage 3 left in priority mode would order these runs its way.
-  if [ "$(cat "$K/unseen_mode" 2>/dev/null)" != fcfs ] || \
-     ! python3 -c "import urllib.request as u; u.urlopen('$URL/health', timeout=2)" 2>/dev/null; then
-    free_gpu; start_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4; echo fcfs > "$K/unseen_mode"
-  fi
+  # Stage 1's server only (ensure_vllm): one that stage 3 left in priority mode would order these runs its way.
+  ensure_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4
   direct unseen light 10.8 216
   direct unseen near 21.5 540
   direct unseen over 43 1075
@@ -74,14 +71,14 @@ case $STAGE in
   ;;
 3)
   free_gpu
-  start_vllm "$K/m8b" llama-3.1-8b $PORT --scheduling-policy priority || exit 4; echo priority > "$K/unseen_mode"
+  start_vllm "$K/m8b" llama-3.1-8b $PORT --scheduling-policy priority || exit 4
   direct unseen near 21.5 540 --priority
   direct unseen over 43 1075 --priority
   direct code near 16 320 --priority
   ;;
 3b)  # stage 3's overloaded conversation alone (the run the H100 session of 2026-12-06 had no time left for)
   free_gpu
-  start_vllm "$K/m8b" llama-3.1-8b $PORT --scheduling-policy priority || exit 4; echo priority > "$K/unseen_mode"
+  start_vllm "$K/m8b" llama-3.1-8b $PORT --scheduling-policy priority || exit 4
   direct unseen over 43 1075 --priority
   ;;
 esac

@@ -18,13 +18,8 @@ set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
 default_server
 VER=$(python3 -c "import vllm; print(vllm.__version__)")
-MODE=fcfs; [ "${STAGE:-1}" = 3 ] && MODE=priority
-if [ "$(cat "$K/lease_mode" 2>/dev/null || echo fcfs)" != $MODE ] && [ -f "$K/server_llama-3.1-8b.pgid" ]; then
-  kill -- -"$(cat "$K/server_llama-3.1-8b.pgid")" 2>/dev/null; sleep 6; log "stopped the $(cat "$K/lease_mode") server"
-fi
-EXTRA=; [ $MODE = priority ] && EXTRA="--scheduling-policy priority"
-ensure_vllm "$K/m8b" llama-3.1-8b $PORT $EXTRA || exit 4
-echo $MODE > "$K/lease_mode"
+EXTRA=; [ "${STAGE:-1}" = 3 ] && EXTRA="--scheduling-policy priority"
+ensure_vllm "$K/m8b" llama-3.1-8b $PORT $EXTRA || exit 4  # (stage 3 restarts stage 2's server in priority mode)
 replays() {  # $1: the folder under $OUT; rest: replay_direct.py's extra flags
   local dest=$1; shift
   local extra=("$@")

@@ -37,12 +37,15 @@ VLLM_FLAGS="--load-format dummy --dtype bfloat16 --max-model-len 8192 --max-num-
 [ "${PREFIX_CACHING:-on}" = off ] && VLLM_FLAGS="$VLLM_FLAGS --no-enable-prefix-caching"
 SPID=
 start_vllm() {  # $1 model dir, $2 served name, $3 port, rest: extra flags (TAG=...: log/pgid name, else the served name)
+  local id="$VLLM_FLAGS $*"
   local dir=$1 name=$2 port=$3; shift 3
   local tag=${TAG:-$name}
   log "starting vllm serve $name on :$port"
   setsid python3 -m vllm.entrypoints.cli.main serve "$dir" --served-model-name "$name" $VLLM_FLAGS \
     --host 127.0.0.1 --port "$port" "$@" > "$OUT/server_$tag.log" 2>&1 &
   SPID=$!; echo $SPID > "$K/server_$tag.pgid"
+  # What `ensure_vllm` compares before it reuses this server: its process group, then how it was started.
+  printf '%s\n%s\n' "$SPID" "$id" > "$K/port_$port"
   local t=0
   until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; do
     sleep 2; t=$((t + 2))
@@ -52,9 +55,16 @@ start_vllm() {  # $1 model dir, $2 served name, $3 port, rest: extra flags (TAG=
   log "healthy after ${t}s"
   grep -E "KV cache|Maximum concurrency|Model loading took|Graph capturing" "$OUT/server_$tag.log" | sed 's/^.*\] //' | cut -c1-150
 }
-ensure_vllm() {  # like start_vllm, unless a healthy server already answers on that port (a warm machine)
+ensure_vllm() {  # like start_vllm, unless a server started the same way (flags, model, extra flags) answers on that
+  # port (a warm machine); one started otherwise (say with --scheduling-policy priority, or prefix caching on) is
+  # stopped first
   if python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$3/health', timeout=2)" 2>/dev/null; then
-    log "reusing the vllm server on :$3"; return 0
+    if [ "$(sed -n 2p "$K/port_$3" 2>/dev/null)" = "$VLLM_FLAGS $*" ]; then
+      log "reusing the vllm server on :$3"; return 0
+    fi
+    local pg; pg=$(sed -n 1p "$K/port_$3" 2>/dev/null)
+    [ -n "$pg" ] || { log "a server these scripts did not start answers on :$3"; return 1; }
+    log "stopping the server on :$3 (started otherwise)"; kill -- -"$pg" 2>/dev/null; sleep 6
   fi
   start_vllm "$@"
 }
