@@ -47,6 +47,9 @@ STEP_FIELDS = ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context
                "per_prefill_step_s")
 """The step-time model's coefficients (`EngineProfile.step_time`): what `--step-scale` multiplies."""
 
+ENGINE_ONLY = {"frontend_latency_s": 0.0, "frontend_per_stream_s": 0.0, "frontend_queue_factor": 0.0}
+"""Profile overrides that take the API server's delays out: what the engine alone takes."""
+
 
 def repetitions(live: Path, load: str) -> list[Path]:
     """The load's run folders: `load` itself and `load_b`, `load_c`, ... (not e.g. `near_inproc`)."""
@@ -175,9 +178,7 @@ def main() -> None:
                 continue
             sc = scenario_for(over, discipline or None)
             reqs, _ = build_requests(sc)
-            # The same cluster with the frontend delay removed: what the engine alone takes.
-            bare = scenario_for(over, discipline or None, frontend_latency_s=0.0, frontend_per_stream_s=0.0,
-                                frontend_queue_factor=0.0)
+            bare = scenario_for(over, discipline or None, **ENGINE_ONLY)
             live_vals, live_cells = [], []
             for f in folders:
                 summary = json.loads((f / "summary.json").read_text())

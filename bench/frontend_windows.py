@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from fidelity_compare import ENGINE_ONLY  # bench/, this script's folder, is on the path
 
 from qlmctl.core.request import Request
 from qlmctl.runner import simulate
@@ -70,8 +71,7 @@ def main() -> None:
     windows = data["frontend_load"] if isinstance(data, dict) else data
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     sc = scenario(args.profile, overrides)
-    bare = scenario(args.profile, {**overrides, "frontend_queue_factor": 0.0, "frontend_latency_s": 0.0,
-                                   "frontend_per_stream_s": 0.0})
+    bare = scenario(args.profile, {**overrides, **ENGINE_ONLY})
     print("| streams | req/s | live client (ms) | simulated (ms) | error | simulated engine part (ms) "
           "| vLLM queue + prefill (ms) | live: vLLM TTFT beyond it (ms) | live: client beyond vLLM TTFT (ms) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
