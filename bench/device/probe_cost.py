@@ -1,0 +1,117 @@
+"""What a one-token probe costs the engine, window by window, for `bench/device/probe_cost.sh`.
+
+    python bench/device/probe_cost.py --url http://127.0.0.1:8010 --label async -o F.json
+
+At 12-19 probes a second beside 128-256 streams, vLLM's steps ran 25-45 % longer than the step model says
+(docs/fidelity.md, "A sixth host"). These windows vary one thing at a time to tell why: the probe's output (1 token
+finishes in its prefill step; 4 do not), its length at the same prompt tokens per second (512 tokens at twice the
+rate: a cost per request, or per token), and (the caller restarts the server) asynchronous scheduling. Per window:
+the client's and vLLM's TTFT, vLLM's queue + prefill, the steps (vLLM's iteration-token histogram: count = steps
+the API server saw) and the streams' inter-token latency, the API server's and the engine core's CPU, and the
+window's wall-clock bounds (to read GPU clocks and utilisation from an nvidia-smi log against).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qlmctl.client.prober import ITL_HISTOGRAM, Profiler
+from qlmctl.engines.totals import engine_totals_delta
+
+HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds",
+              "vllm:request_prefill_time_seconds", ITL_HISTOGRAM, "vllm:iteration_tokens_total")
+PLAN = [  # (streams, probe tokens, probe output tokens, rates)
+    (128, 1024, 1, (6.0, 12.0, 19.0)),
+    (128, 1024, 4, (6.0, 12.0, 19.0)),
+    (128, 512, 1, (12.0, 24.0, 38.0)),
+    (256, 1024, 1, (3.0, 10.0, 19.0)),
+    (0, 1024, 1, (6.0, 19.0)),
+]
+
+
+def engine_core_cpu_s() -> float:
+    """CPU seconds (user + system) of every process whose command line names vLLM's engine core."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"EngineCore" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            continue
+    return total
+
+
+async def windows(prof: Profiler, label: str, streams: int, probe_tokens: int, probe_out: int,
+                  rates: tuple[float, ...], window_s: float) -> list[dict]:
+    prompted = await prof.counter("vllm:prompt_tokens")
+    loads = [asyncio.create_task(prof._raw_stream(512, 4000)) for _ in range(streams)]
+    out: list[dict] = []
+    try:
+        await prof._wait_prefilled(prompted, streams * 512)
+        await asyncio.sleep(0.5)
+        for rate in rates:
+            before = await prof._totals(HISTOGRAMS, ("process_cpu_seconds",))
+            core0, wall0, t0 = engine_core_cpu_s(), time.time(), time.perf_counter()
+            probes: list[asyncio.Task] = []
+            t_next = float(prof.rng.exponential(1.0 / rate))
+            while t_next < window_s:
+                await asyncio.sleep(max(0.0, t0 + t_next - time.perf_counter()))
+                probes.append(asyncio.create_task(prof.stream(probe_tokens, probe_out)))
+                t_next += float(prof.rng.exponential(1.0 / rate))
+            ttfts = [t for t, _ in await asyncio.gather(*probes)]
+            after = await prof._totals(HISTOGRAMS, ("process_cpu_seconds",))
+            elapsed = time.perf_counter() - t0
+            core = (engine_core_cpu_s() - core0) / elapsed
+            if any(t.done() for t in loads):
+                raise RuntimeError(f"a load stream ended early ({streams} streams)")
+            d = engine_totals_delta(before, after) if before and after else {}
+            rec = {"label": label, "streams": streams, "probe_tokens": probe_tokens, "probe_out": probe_out,
+                   "rate_rps": len(ttfts) / elapsed, "probes": len(ttfts), "elapsed_s": elapsed,
+                   "wall_t0": wall0, "wall_t1": wall0 + elapsed, "client_ttft_s": float(np.mean(ttfts)),
+                   "engine_core_cpu_per_s": core}
+            for name, h in d.items():
+                rec[name] = h
+            out.append(rec)
+            it = d.get("vllm:iteration_tokens_total", {})
+            itl = d.get(ITL_HISTOGRAM, {})
+            print(f"{label} streams={streams} probe={probe_tokens}x{probe_out} rate={rec['rate_rps']:.1f} "
+                  f"ttft={rec['client_ttft_s'] * 1e3:.1f}ms steps/s={it.get('count', 0) / elapsed:.1f} "
+                  f"tokens/step={it.get('mean') or 0:.0f} itl={(itl.get('mean') or 0) * 1e3:.1f}ms "
+                  f"core_cpu={core:.2f}", flush=True)
+    finally:
+        await prof._stop(loads)
+    return out
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--label", required=True, help="names this server's setting in the output")
+    ap.add_argument("--window-s", type=float, default=4.0)
+    ap.add_argument("--plan", default="all", help="'all' or comma-separated indices into PLAN")
+    ap.add_argument("-o", "--out", required=True)
+    args = ap.parse_args()
+    plan = PLAN if args.plan == "all" else [PLAN[int(i)] for i in args.plan.split(",")]
+    prof = Profiler(args.url, args.model)
+    got: list[dict] = []
+    try:
+        for streams, tokens, outs, rates in plan:
+            got.extend(await windows(prof, args.label, streams, tokens, outs, rates, args.window_s))
+    finally:
+        await prof.close()
+        Path(args.out).write_text(json.dumps(got, indent=1))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
