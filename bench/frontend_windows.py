@@ -28,6 +28,7 @@ from fidelity_compare import ENGINE_ONLY  # bench/, this script's folder, is on 
 from qlmctl.core.request import Request
 from qlmctl.runner import simulate
 from qlmctl.scenario import Scenario, ScenarioSpec
+from simulator.engine import Engine, Sequence
 
 MODEL = "llama-3.1-8b"
 WARMUP_S = 3.0
@@ -57,6 +58,31 @@ def window_ttft(sc: Scenario, streams: int, rate: float, window_s: float, probe_
         t += rng.exponential(1.0 / rate)
     simulate(sc, "direct", reqs + probes, copy_requests=False)
     return float(np.mean([r.first_token_s - r.arrival_s for r in probes]))
+
+
+def window_steps(sc: Scenario, streams: int, rate: float, window_s: float, probe_tokens: int, probe_out: int,
+                 seed: int) -> tuple[float, float]:
+    """(steps per second, mean step s) of the simulated engine alone over one window (the probes sent straight
+    to it): the window's steps against vLLM's (its iteration-token histogram, or the streams' inter-token
+    latency), the part of the TTFT rise that is the engine's."""
+    rng = np.random.default_rng(seed)
+    eng = Engine(sc.profile(MODEL, overrides={"max_num_seqs": 1024}))
+    for i in range(streams):
+        eng.submit(Sequence(i, 512, 4000, arrival_s=0.001 * i), 0.001 * i)
+    eng.advance(WARMUP_S)
+    t = WARMUP_S + rng.exponential(1.0 / rate)
+    tokens0, steps0 = eng.streamed(WARMUP_S)
+    k = streams
+    while t < WARMUP_S + window_s:
+        eng.advance(t)
+        eng.submit(Sequence(k, probe_tokens, probe_out, arrival_s=t), t)
+        k += 1
+        t += rng.exponential(1.0 / rate)
+    end = WARMUP_S + window_s
+    eng.advance(end)
+    _, steps1 = eng.streamed(end)
+    steps = steps1 - steps0
+    return steps / window_s, window_s / steps if steps else float("nan")
 
 
 def main() -> None:

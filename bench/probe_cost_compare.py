@@ -1,0 +1,86 @@
+"""bench/device/probe_cost.sh's windows against the simulated engine: steps, TTFT parts, CPU and GPU clock.
+
+    python bench/probe_cost_compare.py docs/fidelity/probe-cost-h100 --profile docs/fidelity/lease-h100-d/h100-lease.yaml
+
+Per window: live steps per second (vLLM's iteration-token histogram: one observation per engine step the API
+server saw) and the streams' mean inter-token latency, against the simulated engine alone over the same window
+(`frontend_windows.window_steps`); the engine time each probe adds beyond the streams' decode-only steps, live and
+simulated; vLLM's queue + prefill and TTFT; the API server's and the engine core's CPU (s/s); and the GPU's mean SM
+clock, utilisation and power over the window (nvidia-smi every 200 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+# bench/, this script's folder, is on the path
+from frontend_windows import scenario, window_steps
+
+
+def smi_rows(path: Path) -> list[tuple[float, float, float, float]]:
+    """(epoch s, SM clock MHz, power W, utilisation %) per sample."""
+    out = []
+    if not path.exists():
+        return out
+    for r in list(csv.reader(path.open()))[1:]:
+        try:  # nvidia-smi stamps local time, as datetime.timestamp() reads it
+            t = datetime.strptime(r[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            out.append((t, float(r[1].split()[0]), float(r[3].split()[0]), float(r[6].split()[0])))
+        except (ValueError, IndexError):
+            continue
+    return out
+
+
+def mean_of(h: dict | None) -> float:
+    return float(h["mean"]) if h and h.get("mean") is not None else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("folder", type=Path, help="probe_cost.sh's $OUT: probe_*.json and smi.csv")
+    ap.add_argument("--profile", type=Path, required=True)
+    ap.add_argument("--seeds", type=int, default=3)
+    args = ap.parse_args()
+    sc = scenario(args.profile, {})
+    smi = smi_rows(args.folder / "smi.csv")
+    print("| server | streams | probe tokens x out | probes/s | live steps/s | sim steps/s | live ITL (ms) "
+          "| sim step (ms) | engine ms per probe, live / sim | vLLM queue+prefill (ms) | vLLM TTFT (ms) "
+          "| client TTFT (ms) | API CPU | core CPU | SM MHz | GPU util % | W |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    decode: dict[int, float] = {}  # the simulated decode-only step per stream count (live agrees within 1-4 %)
+    for f in sorted(args.folder.glob("probe_*.json")):
+        for w in json.loads(f.read_text()):
+            el = w["elapsed_s"]
+            it = w.get("vllm:iteration_tokens_total") or {}
+            live_sps = it.get("count", float("nan")) / el
+            sim = [window_steps(sc, w["streams"], w["rate_rps"], el, w["probe_tokens"], w["probe_out"], k)
+                   for k in range(args.seeds)]
+            sim_sps = float(np.mean([s[0] for s in sim]))
+            sim_step = float(np.mean([s[1] for s in sim]))
+            per = ""
+            if w["streams"]:
+                # Engine time per probe: what the window's steps took beyond as many decode-only steps.
+                if w["streams"] not in decode:
+                    decode[w["streams"]] = window_steps(sc, w["streams"], 1e-6, el, 1, 1, 0)[1]
+                d = decode[w["streams"]]
+                per = f"{(1 - live_sps * d) / w['rate_rps'] * 1e3:.1f} / {(1 - sim_sps * d) / w['rate_rps'] * 1e3:.1f}"
+            qp = mean_of(w.get("vllm:request_queue_time_seconds")) + mean_of(w.get("vllm:request_prefill_time_seconds"))
+            sel = [s for s in smi if w["wall_t0"] <= s[0] <= w["wall_t1"]]
+            clock, power, util = (float(np.mean([s[i] for s in sel])) if sel else float("nan") for i in (1, 2, 3))
+            api = w.get("process_cpu_seconds")
+            print(f"| {w['label']} | {w['streams']} | {w['probe_tokens']} x {w['probe_out']} | {w['rate_rps']:.1f} "
+                  f"| {live_sps:.1f} | {sim_sps:.1f} | {mean_of(w.get('vllm:inter_token_latency_seconds')) * 1e3:.1f} "
+                  f"| {sim_step * 1e3:.1f} | {per} | {qp * 1e3:.1f} "
+                  f"| {mean_of(w.get('vllm:time_to_first_token_seconds')) * 1e3:.1f} | {w['client_ttft_s'] * 1e3:.1f} "
+                  f"| {api / el if api is not None else float('nan'):.2f} | {w['engine_core_cpu_per_s']:.2f} "
+                  f"| {clock:.0f} | {util:.0f} | {power:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
