@@ -1,6 +1,6 @@
 """bench/device/probe_cost.sh's windows against the simulated engine: steps, TTFT parts, CPU and GPU clock.
 
-    python bench/probe_cost_compare.py docs/fidelity/probe-cost-h100 --profile docs/fidelity/lease-h100-d/h100-lease.yaml
+    python bench/probe_cost_compare.py docs/fidelity/probe-cost-h100 --profile PROFILE.yaml
 
 Per window: live steps per second (vLLM's iteration-token histogram: one observation per engine step the API
 server saw) and the streams' mean inter-token latency, against the simulated engine alone over the same window
@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     sc = scenario(args.profile, {})
     smi = smi_rows(args.folder / "smi.csv")
-    print("| server | streams | probe tokens x out | probes/s | live steps/s | sim steps/s | live ITL (ms) "
+    print("| server / variant | streams | probe tokens x out | probes/s | live steps/s | sim steps/s | live ITL (ms) "
           "| sim step (ms) | engine ms per probe, live / sim | vLLM queue+prefill (ms) | vLLM TTFT (ms) "
           "| client TTFT (ms) | API CPU | core CPU | SM MHz | GPU util % | W |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -74,7 +74,8 @@ def main() -> None:
             sel = [s for s in smi if w["wall_t0"] <= s[0] <= w["wall_t1"]]
             clock, power, util = (float(np.mean([s[i] for s in sel])) if sel else float("nan") for i in (1, 2, 3))
             api = w.get("process_cpu_seconds")
-            print(f"| {w['label']} | {w['streams']} | {w['probe_tokens']} x {w['probe_out']} | {w['rate_rps']:.1f} "
+            server = w["label"] + (f"/{w['variant']}" if w.get("variant") else "")
+            print(f"| {server} | {w['streams']} | {w['probe_tokens']} x {w['probe_out']} | {w['rate_rps']:.1f} "
                   f"| {live_sps:.1f} | {sim_sps:.1f} | {mean_of(w.get('vllm:inter_token_latency_seconds')) * 1e3:.1f} "
                   f"| {sim_step * 1e3:.1f} | {per} | {qp * 1e3:.1f} "
                   f"| {mean_of(w.get('vllm:time_to_first_token_seconds')) * 1e3:.1f} | {w['client_ttft_s'] * 1e3:.1f} "

@@ -27,14 +27,16 @@ from qlmctl.engines.totals import engine_totals_delta
 
 HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds",
               "vllm:request_prefill_time_seconds", ITL_HISTOGRAM, "vllm:iteration_tokens_total")
-PLAN = [  # (streams, probe tokens, probe output tokens, rates)
-    (128, 1024, 1, (6.0, 12.0, 19.0)),
-    (128, 1024, 4, (6.0, 12.0, 19.0)),
-    (128, 512, 1, (12.0, 24.0, 38.0)),
-    (256, 1024, 1, (3.0, 10.0, 19.0)),
-    (0, 1024, 1, (6.0, 19.0)),
+PLAN = [  # (streams, probe tokens, probe output tokens, rates, variant)
+    (128, 1024, 1, (6.0, 12.0, 19.0), ""),
+    (128, 1024, 4, (6.0, 12.0, 19.0), ""),
+    (128, 512, 1, (12.0, 24.0, 38.0), ""),
+    (256, 1024, 1, (3.0, 10.0, 19.0), ""),
+    (0, 1024, 1, (6.0, 19.0), ""),
+    (128, 1024, 1, (6.0, 19.0), "text"),  # probes as words for the server to tokenize, as replays send them
+    (128, 1024, 1, (6.0, 19.0), "parsed"),  # the streams read and parsed event by event, as a replay client does
 ]
-
+"""`variant`: "" token-id probes beside streams whose bytes are dropped unread (profile-model's windows)."""
 
 def engine_core_cpu_s() -> float:
     """CPU seconds (user + system) of every process whose command line names vLLM's engine core."""
@@ -52,9 +54,10 @@ def engine_core_cpu_s() -> float:
 
 
 async def windows(prof: Profiler, label: str, streams: int, probe_tokens: int, probe_out: int,
-                  rates: tuple[float, ...], window_s: float) -> list[dict]:
+                  rates: tuple[float, ...], window_s: float, variant: str) -> list[dict]:
     prompted = await prof.counter("vllm:prompt_tokens")
-    loads = [asyncio.create_task(prof._raw_stream(512, 4000)) for _ in range(streams)]
+    load = prof.stream if variant == "parsed" else prof._raw_stream
+    loads = [asyncio.create_task(load(512, 4000)) for _ in range(streams)]
     out: list[dict] = []
     try:
         await prof._wait_prefilled(prompted, streams * 512)
@@ -66,7 +69,7 @@ async def windows(prof: Profiler, label: str, streams: int, probe_tokens: int, p
             t_next = float(prof.rng.exponential(1.0 / rate))
             while t_next < window_s:
                 await asyncio.sleep(max(0.0, t0 + t_next - time.perf_counter()))
-                probes.append(asyncio.create_task(prof.stream(probe_tokens, probe_out)))
+                probes.append(asyncio.create_task(prof.stream(probe_tokens, probe_out, text=variant == "text")))
                 t_next += float(prof.rng.exponential(1.0 / rate))
             ttfts = [t for t, _ in await asyncio.gather(*probes)]
             after = await prof._totals(HISTOGRAMS, ("process_cpu_seconds",))
@@ -75,7 +78,8 @@ async def windows(prof: Profiler, label: str, streams: int, probe_tokens: int, p
             if any(t.done() for t in loads):
                 raise RuntimeError(f"a load stream ended early ({streams} streams)")
             d = engine_totals_delta(before, after) if before and after else {}
-            rec = {"label": label, "streams": streams, "probe_tokens": probe_tokens, "probe_out": probe_out,
+            rec = {"label": label, "variant": variant, "streams": streams, "probe_tokens": probe_tokens,
+                   "probe_out": probe_out,
                    "rate_rps": len(ttfts) / elapsed, "probes": len(ttfts), "elapsed_s": elapsed,
                    "wall_t0": wall0, "wall_t1": wall0 + elapsed, "client_ttft_s": float(np.mean(ttfts)),
                    "engine_core_cpu_per_s": core}
@@ -84,7 +88,8 @@ async def windows(prof: Profiler, label: str, streams: int, probe_tokens: int, p
             out.append(rec)
             it = d.get("vllm:iteration_tokens_total", {})
             itl = d.get(ITL_HISTOGRAM, {})
-            print(f"{label} streams={streams} probe={probe_tokens}x{probe_out} rate={rec['rate_rps']:.1f} "
+            print(f"{label}{'/' + variant if variant else ''} streams={streams} probe={probe_tokens}x{probe_out} "
+                  f"rate={rec['rate_rps']:.1f} "
                   f"ttft={rec['client_ttft_s'] * 1e3:.1f}ms steps/s={it.get('count', 0) / elapsed:.1f} "
                   f"tokens/step={it.get('mean') or 0:.0f} itl={(itl.get('mean') or 0) * 1e3:.1f}ms "
                   f"core_cpu={core:.2f}", flush=True)
@@ -106,8 +111,8 @@ async def main() -> None:
     prof = Profiler(args.url, args.model)
     got: list[dict] = []
     try:
-        for streams, tokens, outs, rates in plan:
-            got.extend(await windows(prof, args.label, streams, tokens, outs, rates, args.window_s))
+        for streams, tokens, outs, rates, variant in plan:
+            got.extend(await windows(prof, args.label, streams, tokens, outs, rates, args.window_s, variant))
     finally:
         await prof.close()
         Path(args.out).write_text(json.dumps(got, indent=1))

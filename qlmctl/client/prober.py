@@ -95,10 +95,14 @@ class Profiler:
     def _prompt(self, n: int) -> list[int]:
         return self.rng.integers(PROMPT_TOKEN_LOW, PROMPT_TOKEN_HIGH, size=n).tolist()
 
-    async def stream(self, prompt_tokens: int, max_tokens: int) -> tuple[float, list[float]]:
-        """One streamed completion: (TTFT s, token arrival times relative to send)."""
-        body = {"model": self.model, "prompt": self._prompt(prompt_tokens), "max_tokens": max_tokens,
-                "temperature": 0.0, "ignore_eos": True, "stream": True}
+    async def stream(self, prompt_tokens: int, max_tokens: int, text: bool = False) -> tuple[float, list[float]]:
+        """One streamed completion: (TTFT s, token arrival times relative to send). `text`: the prompt as words
+        ("w<id>", one token each with the synthetic tokenizer) for the server to tokenize, as a replay sends it,
+        instead of token ids."""
+        ids = self._prompt(prompt_tokens)
+        prompt = " ".join(f"w{t}" for t in ids) if text else ids
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                "stream": True}
         t0 = time.perf_counter()
         times: list[float] = []
         parser = SSEParser()
