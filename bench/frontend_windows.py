@@ -7,12 +7,13 @@
 `profile-model` fits the API-server queue model (`EngineProfile.frontend_wait`) on these windows with the engine's
 part taken from vLLM's histograms plus half a step and the load at the window's mean rates; the simulator instead
 runs the engine step by step and charges the wait at the load it sees (the step in flight, or a window:
-`frontend_window_s`). This replays each window in the simulator (the same streams, 512-token prompts decoding
-throughout, Poisson probes of 1,024 tokens with max_tokens 1 at the window's rate; mean over seeds): the check
-the fit does not make. Columns: the probes' mean client TTFT live and simulated, the simulated engine part (the
-same run with the API-server model off) against vLLM's queue + prefill, and the split of the live remainder
-(vLLM's TTFT beyond its queue + prefill; the client's beyond vLLM's TTFT). Reads a raw profile (`frontend_load`)
-or a list of windows (`bench/device/api_split.py`).
+`frontend_window_s`). This replays each stream count's windows in the simulator as profile-model ran them (the
+same streams, 512-token prompts decoding throughout and ageing from window to window, Poisson probes of 1,024
+tokens with max_tokens 1 at each window's rate; mean over seeds): the check the fit does not make. Columns: the
+probes' mean client TTFT live and simulated, the simulated engine part (the same run with the API-server model off)
+against vLLM's queue + prefill, and the split of the live remainder (vLLM's TTFT beyond its queue + prefill; the
+client's beyond vLLM's TTFT). Reads a raw profile (`frontend_load`) or a list of windows
+(`bench/device/api_split.py`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from qlmctl.scenario import Scenario, ScenarioSpec
 from simulator.engine import Engine, Sequence
 
 MODEL = "llama-3.1-8b"
-WARMUP_S = 3.0
-"""Simulated time the streams get to be admitted and prefilled before the window opens."""
+SCRAPE_S = 0.15
+"""Time between two windows of profile-model's (the probes' last responses, two /metrics scrapes), s."""
 
 
 def scenario(profile: Path, overrides: dict) -> Scenario:
@@ -47,42 +48,69 @@ def scenario(profile: Path, overrides: dict) -> Scenario:
     return Scenario(ScenarioSpec.model_validate(spec), Path(__file__))
 
 
-def window_ttft(sc: Scenario, streams: int, rate: float, window_s: float, probe_tokens: int, seed: int) -> float:
-    """Mean simulated client TTFT of the probes of one window, s."""
+def prefilled_at(sc: Scenario, streams: int) -> float:
+    """When `streams` 512-token prompts sent at once (1 ms apart) are all prefilled on the simulated engine, s."""
+    eng = Engine(sc.profile(MODEL, overrides={"max_num_seqs": 1024}))
+    for i in range(streams):
+        eng.submit(Sequence(i, 512, 4000, arrival_s=0.001 * i), 0.001 * i)
+    t = 0.001 * streams
+    while eng.pending_prefill_tokens or eng.num_waiting:
+        t += 0.01
+        eng.advance(t)
+    return t
+
+
+def window_ttft(sc: Scenario, streams: int, windows: list[tuple[float, float, float, int]], seed: int) -> list[float]:
+    """Mean simulated client TTFT of the probes of each of a run of windows beside the same `streams`, s:
+    `windows` are (start s after the streams are prefilled and half a second more, length s, probes per second,
+    probe tokens), the probes asking for one token. One simulation for the run: the streams age through it."""
     rng = np.random.default_rng(seed)
     reqs = [Request(i, 0.001 * i, MODEL, "batch", 3600.0, 512, 4000) for i in range(streams)]
-    probes = []
-    t = WARMUP_S + rng.exponential(1.0 / rate)
-    while t < WARMUP_S + window_s:
-        probes.append(Request(len(reqs) + len(probes), t, MODEL, "batch", 3600.0, probe_tokens, 1))
-        t += rng.exponential(1.0 / rate)
-    simulate(sc, "direct", reqs + probes, copy_requests=False)
-    return float(np.mean([r.first_token_s - r.arrival_s for r in probes]))
+    t0 = prefilled_at(sc, streams) + 0.5
+    runs: list[list[Request]] = []
+    k = streams
+    for start, length, rate, tokens in windows:
+        probes = []
+        t = t0 + start + rng.exponential(1.0 / rate)
+        while t < t0 + start + length:
+            probes.append(Request(k, t, MODEL, "batch", 3600.0, tokens, 1))
+            k += 1
+            t += rng.exponential(1.0 / rate)
+        runs.append(probes)
+    simulate(sc, "direct", reqs + [r for probes in runs for r in probes], copy_requests=False)
+    return [float(np.mean([r.first_token_s - r.arrival_s for r in probes])) if probes else float("nan")
+            for probes in runs]
 
 
-def window_steps(sc: Scenario, streams: int, rate: float, window_s: float, probe_tokens: int, probe_out: int,
-                 seed: int) -> tuple[float, float]:
-    """(steps per second, mean step s) of the simulated engine alone over one window (the probes sent straight
-    to it): the window's steps against vLLM's (its iteration-token histogram, or the streams' inter-token
-    latency), the part of the TTFT rise that is the engine's."""
+def window_steps(sc: Scenario, streams: int, windows: list[tuple[float, float, float, int, int]],
+                 seed: int) -> list[tuple[float, float]]:
+    """(steps per second, mean step s) of the simulated engine alone over each of a run of windows beside the same
+    `streams` (512-token prompts decoding throughout, as profile-model's load): `windows` are (start s after the
+    streams are prefilled, length s, probes per second, probe tokens, probe output tokens), the probes sent
+    straight to the engine. The streams age from window to window as they do live (their contexts grow, and each
+    step's attention with them), so a run of windows is simulated as one. For the window's steps against vLLM's
+    (its iteration-token histogram, or the streams' inter-token latency)."""
     rng = np.random.default_rng(seed)
     eng = Engine(sc.profile(MODEL, overrides={"max_num_seqs": 1024}))
     for i in range(streams):
         eng.submit(Sequence(i, 512, 4000, arrival_s=0.001 * i), 0.001 * i)
-    eng.advance(WARMUP_S)
-    t = WARMUP_S + rng.exponential(1.0 / rate)
-    tokens0, steps0 = eng.streamed(WARMUP_S)
+    t0 = prefilled_at(sc, streams) + 0.5  # profile-model waits half a second once the streams are prefilled
     k = streams
-    while t < WARMUP_S + window_s:
-        eng.advance(t)
-        eng.submit(Sequence(k, probe_tokens, probe_out, arrival_s=t), t)
-        k += 1
-        t += rng.exponential(1.0 / rate)
-    end = WARMUP_S + window_s
-    eng.advance(end)
-    _, steps1 = eng.streamed(end)
-    steps = steps1 - steps0
-    return steps / window_s, window_s / steps if steps else float("nan")
+    out = []
+    for start, length, rate, tokens, outs in windows:
+        a, b = t0 + start, t0 + start + length
+        eng.advance(a)
+        _, steps0 = eng.streamed(a)
+        t = a + rng.exponential(1.0 / rate)
+        while t < b:
+            eng.advance(t)
+            eng.submit(Sequence(k, tokens, outs, arrival_s=t), t)
+            k += 1
+            t += rng.exponential(1.0 / rate)
+        eng.advance(b)
+        steps = eng.streamed(b)[1] - steps0
+        out.append((steps / length, length / steps if steps else float("nan")))
+    return out
 
 
 def main() -> None:
@@ -102,17 +130,24 @@ def main() -> None:
           "| vLLM queue + prefill (ms) | live: vLLM TTFT beyond it (ms) | live: client beyond vLLM TTFT (ms) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     errs = []
+    by_streams: dict[int, list[dict]] = {}  # profile-model measures a stream count's windows in a row
     for w in windows:
-        sim, engine = (float(np.mean([window_ttft(s, w["streams"], w["rate_rps"], args.window_s, w["probe_tokens"], k)
-                                      for k in range(args.seeds)])) for s in (sc, bare))
-        live = w["client_ttft_s"]
-        err = sim / live - 1.0
-        errs.append(abs(err))
-        qp, vt = w.get("engine_s"), w.get("vllm_ttft_s")
-        cells = [f"{x * 1e3:.1f}" if x is not None else "-" for x in
-                 (qp, vt - qp if vt is not None and qp is not None else None, live - vt if vt is not None else None)]
-        print(f"| {w['streams']} | {w['rate_rps']:.1f} | {live * 1e3:.1f} | {sim * 1e3:.1f} | {err:+.0%} "
-              f"| {engine * 1e3:.1f} | " + " | ".join(cells) + " |")
+        by_streams.setdefault(w["streams"], []).append(w)
+    for ws in by_streams.values():
+        # Where it was not recorded, each window is taken to start a window and a scrape after the one before.
+        spec = [(j * (args.window_s + SCRAPE_S), args.window_s, w["rate_rps"], w["probe_tokens"])
+                for j, w in enumerate(ws)]
+        sims, engines = ([window_ttft(s, ws[0]["streams"], spec, k) for k in range(args.seeds)] for s in (sc, bare))
+        for j, w in enumerate(ws):
+            sim, engine = float(np.mean([x[j] for x in sims])), float(np.mean([x[j] for x in engines]))
+            live = w["client_ttft_s"]
+            err = sim / live - 1.0
+            errs.append(abs(err))
+            qp, vt = w.get("engine_s"), w.get("vllm_ttft_s")
+            cells = [f"{x * 1e3:.1f}" if x is not None else "-" for x in
+                     (qp, vt - qp if vt is not None and qp is not None else None, live - vt if vt is not None else None)]
+            print(f"| {w['streams']} | {w['rate_rps']:.1f} | {live * 1e3:.1f} | {sim * 1e3:.1f} | {err:+.0%} "
+                  f"| {engine * 1e3:.1f} | " + " | ".join(cells) + " |")
     print(f"\nmean |error| {np.mean(errs):.1%}, worst {max(errs):.1%} over {len(errs)} windows")
 
 

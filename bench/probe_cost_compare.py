@@ -53,22 +53,27 @@ def main() -> None:
           "| sim step (ms) | engine ms per probe, live / sim | vLLM queue+prefill (ms) | vLLM TTFT (ms) "
           "| client TTFT (ms) | API CPU | core CPU | SM MHz | GPU util % | W |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    decode: dict[int, float] = {}  # the simulated decode-only step per stream count (live agrees within 1-4 %)
+    runs: dict[tuple, list[dict]] = {}  # the windows beside one set of streams, in order
     for f in sorted(args.folder.glob("probe_*.json")):
         for w in json.loads(f.read_text()):
+            key = (f.name, w["label"], w.get("variant", ""), w["streams"], w["probe_tokens"], w["probe_out"])
+            runs.setdefault(key, []).append(w)
+    for ws in runs.values():
+        first = ws[0]["wall_t0"]
+        spec = [(w["wall_t0"] - first, w["elapsed_s"], w["rate_rps"], w["probe_tokens"], w["probe_out"]) for w in ws]
+        sims = [window_steps(sc, ws[0]["streams"], spec, k) for k in range(args.seeds)]
+        idle = window_steps(sc, ws[0]["streams"], [(x[0], x[1], 1e-9, 1, 1) for x in spec], 0)
+        for j, w in enumerate(ws):
             el = w["elapsed_s"]
             it = w.get("vllm:iteration_tokens_total") or {}
             live_sps = it.get("count", float("nan")) / el
-            sim = [window_steps(sc, w["streams"], w["rate_rps"], el, w["probe_tokens"], w["probe_out"], k)
-                   for k in range(args.seeds)]
-            sim_sps = float(np.mean([s[0] for s in sim]))
-            sim_step = float(np.mean([s[1] for s in sim]))
+            sim_sps = float(np.mean([s[j][0] for s in sims]))
+            sim_step = float(np.mean([s[j][1] for s in sims]))
             per = ""
             if w["streams"]:
-                # Engine time per probe: what the window's steps took beyond as many decode-only steps.
-                if w["streams"] not in decode:
-                    decode[w["streams"]] = window_steps(sc, w["streams"], 1e-6, el, 1, 1, 0)[1]
-                d = decode[w["streams"]]
+                # Engine time per probe: what the window's steps took beyond as many decode-only steps (of the
+                # simulated streams at that age alone; live decode steps agree within a few per cent).
+                d = idle[j][1]
                 per = f"{(1 - live_sps * d) / w['rate_rps'] * 1e3:.1f} / {(1 - sim_sps * d) / w['rate_rps'] * 1e3:.1f}"
             qp = mean_of(w.get("vllm:request_queue_time_seconds")) + mean_of(w.get("vllm:request_prefill_time_seconds"))
             sel = [s for s in smi if w["wall_t0"] <= s[0] <= w["wall_t1"]]
