@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 from datetime import datetime
 from pathlib import Path
@@ -23,12 +24,14 @@ import numpy as np
 from frontend_windows import scenario, window_steps
 
 
-def smi_rows(path: Path) -> list[tuple[float, float, float, float]]:
-    """(epoch s, SM clock MHz, power W, utilisation %) per sample."""
+def smi_rows(folder: Path) -> list[tuple[float, float, float, float]]:
+    """(epoch s, SM clock MHz, power W, utilisation %) per sample of the folder's smi.csv (or smi.csv.gz)."""
     out = []
-    if not path.exists():
+    path = folder / "smi.csv"
+    if not path.exists() and not path.with_suffix(".csv.gz").exists():
         return out
-    for r in list(csv.reader(path.open()))[1:]:
+    f = path.open() if path.exists() else gzip.open(path.with_suffix(".csv.gz"), "rt")
+    for r in list(csv.reader(f))[1:]:
         try:  # nvidia-smi stamps local time, as datetime.timestamp() reads it
             t = datetime.strptime(r[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
             out.append((t, float(r[1].split()[0]), float(r[3].split()[0]), float(r[6].split()[0])))
@@ -48,7 +51,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     sc = scenario(args.profile, {})
-    smi = smi_rows(args.folder / "smi.csv")
+    smi = smi_rows(args.folder)
     print("| server / variant | streams | probe tokens x out | probes/s | live steps/s | sim steps/s | live ITL (ms) "
           "| sim step (ms) | engine ms per probe, live / sim | vLLM queue+prefill (ms) | vLLM TTFT (ms) "
           "| client TTFT (ms) | API CPU | core CPU | SM MHz | GPU util % | W |")
