@@ -48,8 +48,9 @@ def scenario(profile: Path, overrides: dict) -> Scenario:
     return Scenario(ScenarioSpec.model_validate(spec), Path(__file__))
 
 
-def prefilled_at(sc: Scenario, streams: int) -> float:
-    """When `streams` 512-token prompts sent at once (1 ms apart) are all prefilled on the simulated engine, s."""
+def streams_prefilled(sc: Scenario, streams: int) -> tuple[Engine, float]:
+    """The simulated engine alone with `streams` 512-token prompts sent at once (1 ms apart), advanced to when all
+    are prefilled (within 10 ms), and that time, s."""
     eng = Engine(sc.profile(MODEL, overrides={"max_num_seqs": 1024}))
     for i in range(streams):
         eng.submit(Sequence(i, 512, 4000, arrival_s=0.001 * i), 0.001 * i)
@@ -57,7 +58,7 @@ def prefilled_at(sc: Scenario, streams: int) -> float:
     while eng.pending_prefill_tokens or eng.num_waiting:
         t += 0.01
         eng.advance(t)
-    return t
+    return eng, t
 
 
 def window_ttft(sc: Scenario, streams: int, windows: list[tuple[float, float, float, int]], seed: int) -> list[float]:
@@ -66,7 +67,7 @@ def window_ttft(sc: Scenario, streams: int, windows: list[tuple[float, float, fl
     probe tokens), the probes asking for one token. One simulation for the run: the streams age through it."""
     rng = np.random.default_rng(seed)
     reqs = [Request(i, 0.001 * i, MODEL, "batch", 3600.0, 512, 4000) for i in range(streams)]
-    t0 = prefilled_at(sc, streams) + 0.5
+    t0 = streams_prefilled(sc, streams)[1] + 0.5
     runs: list[list[Request]] = []
     k = streams
     for start, length, rate, tokens in windows:
@@ -91,10 +92,8 @@ def window_steps(sc: Scenario, streams: int, windows: list[tuple[float, float, f
     step's attention with them), so a run of windows is simulated as one. For the window's steps against vLLM's
     (its iteration-token histogram, or the streams' inter-token latency)."""
     rng = np.random.default_rng(seed)
-    eng = Engine(sc.profile(MODEL, overrides={"max_num_seqs": 1024}))
-    for i in range(streams):
-        eng.submit(Sequence(i, 512, 4000, arrival_s=0.001 * i), 0.001 * i)
-    t0 = prefilled_at(sc, streams) + 0.5  # profile-model waits half a second once the streams are prefilled
+    eng, t0 = streams_prefilled(sc, streams)
+    t0 += 0.5  # profile-model waits half a second once the streams are prefilled
     k = streams
     out = []
     for start, length, rate, tokens, outs in windows:
