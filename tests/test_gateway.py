@@ -242,7 +242,7 @@ def test_engine_totals_sum_label_sets_take_both_counter_spellings_and_survive_a_
 async def test_loop_lag_is_small_when_idle_and_seen_when_the_loop_is_blocked(one_engine):
     import threading
 
-    from qlmctl.gateway.looplag import LoopLagMonitor
+    from qlmctl.looplag import LoopLagMonitor
 
     sc = scenario([("g0", "m", one_engine.url)], speedup=4)
     async with Gateway(sc, "fcfs", port=0) as gw, httpx.AsyncClient(base_url=gw.url) as c:

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from qlmctl.cli import app
-from qlmctl.client.replay import synthetic_prompt
+from qlmctl.client.replay import replay, synthetic_prompt
 from qlmctl.emulator.testing import live_scenario_spec, local_emulators
 from qlmctl.gateway.run import run_live
 from qlmctl.report import read_results, read_timeline
@@ -131,6 +131,9 @@ async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_
     s = run.summary
     assert 0 <= s["gateway_loop_lag_p50_ms"] <= s["gateway_loop_lag_p99_ms"] <= s["gateway_loop_lag_max_ms"]
     assert max(lags) * 1e3 <= s["gateway_loop_lag_max_ms"] + 1e-9
+    # The replay client's own load, measured in its process (not the gateway's).
+    assert 0 <= s["client_loop_lag_p50_ms"] <= s["client_loop_lag_p99_ms"] <= s["client_loop_lag_max_ms"]
+    assert 0 < s["client_cpu_per_s"] < 4
     assert set(s["gateway_tokenizer"].values()) == {"engine"}  # auto, in front of emulators: their /tokenize
 
     em = s["engine_metrics"]
@@ -153,6 +156,32 @@ async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_
         inference = m["vllm:request_inference_time_seconds"]["mean"]
         assert inference == pytest.approx(pf["mean"] + m["vllm:request_decode_time_seconds"]["mean"], rel=1e-6)
     json.dumps(s, allow_nan=False)  # summary.json stays plain JSON
+
+
+@pytest.mark.asyncio
+async def test_replay_reports_its_own_loop_lag_and_cpu(tmp_path, engines):
+    """A client that is late to read its streams is late in the TTFT it measures: the replay says how late."""
+    import asyncio
+    import time
+
+    trace = tmp_path / "small.csv"
+    mixed_trace(trace, n_batch=4, n_interactive=6, span_s=2.0, seed=2)
+    _, sc = live_scenario(tmp_path, engines, trace)
+    requests, _ = build_requests(sc)
+
+    async def block_loop() -> None:
+        await asyncio.sleep(0.3)
+        time.sleep(0.25)  # the client's loop does nothing else meanwhile: a lag of at least 250 ms
+
+    blocker = asyncio.create_task(block_loop())
+    res = await replay(engines[0].url, requests, speedup=SPEEDUP)
+    await blocker
+    assert all(r.error is None for r in res.requests)
+    c = res.client
+    assert c["client_loop_lag_max_ms"] >= 200, c
+    assert 0 <= c["client_loop_lag_p50_ms"] <= c["client_loop_lag_p99_ms"] <= c["client_loop_lag_max_ms"]
+    # The blocking sleep is wall time, not CPU; the replay's own work is some, well under a core.
+    assert 0 < c["client_cpu_per_s"] < 2
 
 
 @pytest.mark.asyncio

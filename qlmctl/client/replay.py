@@ -28,7 +28,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ import orjson
 
 from qlmctl.client.http import SSEParser, describe_error, error_message, make_client, status_hint
 from qlmctl.core.request import Request
+from qlmctl.looplag import LoopLagMonitor
 from simulator.prefix import PromptBlocks
 
 COMPLETIONS = "/v1/completions"
@@ -86,6 +87,10 @@ class ReplayResult:
     wall_s: float
     t0: float
     """time.monotonic() at the replay's time zero."""
+    client: dict[str, float | None] = field(default_factory=dict)
+    """The client's own load over the replay, for a run's summary: its event-loop lag (`client_loop_lag_p50_ms`,
+    `_p99_ms`, `_max_ms`: a token it is late to read is late in the TTFT and ITL it measures) and its CPU seconds
+    per wall second (`client_cpu_per_s`, the process's)."""
 
 
 async def replay(
@@ -143,6 +148,9 @@ async def replay(
             if progress is not None:
                 progress(done, n)
 
+    lag = LoopLagMonitor()
+    lag.start()
+    cpu0 = time.process_time()
     try:
         t0 = out.t0 = time.monotonic()
         base = reqs[0].arrival_s if reqs else 0.0
@@ -165,6 +173,10 @@ async def replay(
         for t in tasks:
             t.cancel()
         await client.aclose()
+        await lag.stop()
+    cpu = time.process_time() - cpu0
+    out.client = {**lag.summary("client_loop_lag"),
+                  "client_cpu_per_s": cpu / out.wall_s if out.wall_s > 0 else None}
     return out
 
 

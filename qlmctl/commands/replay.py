@@ -118,7 +118,7 @@ def replay(
     served = ",".join(dict.fromkeys(model_map.values()))
     summary = summarize(res.requests, itls=res.itls,
                         extra={"policy": label, "scenario": sc.spec.name, "backend": "replay", "url": root,
-                               "speedup": s, "live_wall_s": res.wall_s})
+                               "speedup": s, "live_wall_s": res.wall_s, **res.client})
     try:
         summary.update(run_header(sc, report, requests, backend="replay", label=label, max_concurrency=concurrency,
                                   tokenizer_id=served, metadata=opts.metadata))

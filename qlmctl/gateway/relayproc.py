@@ -309,7 +309,7 @@ async def _worker(fd: int) -> int:
     from qlmctl.gateway.clientconn import ClientLimits, ConnectionGuard, raise_fd_limit
     from qlmctl.gateway.exporter import GatewayMetrics, families_of
     from qlmctl.gateway.lograte import QuietLoggers
-    from qlmctl.gateway.looplag import LoopLagMonitor
+    from qlmctl.looplag import LoopLagMonitor
     from qlmctl.gateway.security import SecretFilter
     from qlmctl.gateway.server import quiet_server
     from qlmctl.gateway.tokenizer import counter_for

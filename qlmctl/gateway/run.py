@@ -86,6 +86,7 @@ async def run_live(
             "schedule_calls": cluster.schedule_calls,
             "policy_stats": gw.policy.stats_dict(),
             **gw.loop_lag.summary(),
+            **res.client,
             "gateway_tokenizer": gw.tokenizers,
             "engine_metrics": _engine_deltas(before, after),
         },

@@ -20,7 +20,7 @@ from qlmctl.gateway.cluster import LiveCluster
 from qlmctl.gateway.exporter import GatewayMetrics
 from qlmctl.gateway.instance import SwapControl
 from qlmctl.gateway.lograte import QuietLoggers
-from qlmctl.gateway.looplag import LoopLagMonitor
+from qlmctl.looplag import LoopLagMonitor
 from qlmctl.gateway.security import SecretFilter, resolve_api_key, resolve_api_keys, scenario_secrets
 from qlmctl.gateway.tokenizer import resolve
 from qlmctl.policies import Policy, PolicyContext, make_policy

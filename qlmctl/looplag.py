@@ -1,9 +1,10 @@
-"""Event-loop lag: how late the gateway's event loop gets round to a task that is due.
+"""Event-loop lag: how late an asyncio process's event loop gets round to a task that is due.
 
 Everything the gateway does (parsing requests, relaying every token, scheduling, polling engines) runs
-on one asyncio loop, so a busy loop delays all of it, and a client sees the delay as TTFT. A monitor
-task sleeps a fixed interval and records how much later than asked it woke (`loop.time()` based): that
-is the time the loop spent on other callbacks before it could run a ready one.
+on one asyncio loop, so a busy loop delays all of it, and a client sees the delay as TTFT. A replay client
+is one such loop too: the time it takes to read a token it is late with counts in the TTFT it measures. A
+monitor task sleeps a fixed interval and records how much later than asked it woke (`loop.time()` based):
+that is the time the loop spent on other callbacks before it could run a ready one.
 """
 
 from __future__ import annotations
