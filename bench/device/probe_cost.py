@@ -87,17 +87,9 @@ async def windows(prof: Profiler, label: str, streams: int, probe_tokens: int, p
         await prof._wait_prefilled(prompted, streams * 512)
         await asyncio.sleep(0.5)
         for rate in rates:
-            before = await prof._totals(HISTOGRAMS, ("process_cpu_seconds",))
-            core0, own0, wall0, t0 = engine_core_cpu_s(), time.process_time(), time.time(), time.perf_counter()
-            probes: list[asyncio.Task] = []
-            t_next = float(prof.rng.exponential(1.0 / rate))
-            while t_next < window_s:
-                await asyncio.sleep(max(0.0, t0 + t_next - time.perf_counter()))
-                probes.append(asyncio.create_task(prof.stream(probe_tokens, probe_out, text=variant == "text")))
-                t_next += float(prof.rng.exponential(1.0 / rate))
-            ttfts = [t for t, _ in await asyncio.gather(*probes)]
-            after = await prof._totals(HISTOGRAMS, ("process_cpu_seconds",))
-            elapsed = time.perf_counter() - t0
+            core0, own0, wall0 = engine_core_cpu_s(), time.process_time(), time.time()
+            ttfts, before, after, elapsed = await prof.probe_window(
+                rate, window_s, probe_tokens, HISTOGRAMS, ("process_cpu_seconds",), probe_out, variant == "text")
             core = (engine_core_cpu_s() - core0) / elapsed
             own = (time.process_time() - own0) / elapsed
             if any(t.done() for t in loads) or (child is not None and not child.is_alive()):

@@ -309,17 +309,8 @@ class Profiler:
             await self._wait_prefilled(prompted, streams * prompt_tokens)
             await asyncio.sleep(0.5)
             for rate in rates:
-                before = await self._totals(names, ("process_cpu_seconds",))
-                t0 = time.perf_counter()
-                probes: list[asyncio.Task] = []
-                t_next = float(self.rng.exponential(1.0 / rate))
-                while t_next < window_s:
-                    await asyncio.sleep(max(0.0, t0 + t_next - time.perf_counter()))
-                    probes.append(asyncio.create_task(self.stream(probe_tokens, 1)))
-                    t_next += float(self.rng.exponential(1.0 / rate))
-                ttfts = [t for t, _ in await asyncio.gather(*probes)]
-                after = await self._totals(names, ("process_cpu_seconds",))
-                elapsed = time.perf_counter() - t0
+                ttfts, before, after, elapsed = await self.probe_window(rate, window_s, probe_tokens, names,
+                                                                        ("process_cpu_seconds",))
                 for t in loads:
                     if t.done():
                         raise RuntimeError(f"a load stream ended early with {streams} streams: "
@@ -331,6 +322,24 @@ class Profiler:
         finally:
             await self._stop(loads)
         return points
+
+    async def probe_window(self, rate: float, window_s: float, probe_tokens: int, histograms: tuple[str, ...],
+                           counters: tuple[str, ...], probe_out: int = 1, text: bool = False
+                           ) -> tuple[list[float], EngineTotals | None, EngineTotals | None, float]:
+        """One window of probes (`probe_tokens` prompts asking for `probe_out` tokens, Poisson arrivals at `rate`
+        for `window_s`): (their TTFTs, the engine's totals of `histograms` and `counters` before and after, the
+        seconds from the first totals read to the last), all probes answered."""
+        before = await self._totals(histograms, counters)
+        t0 = time.perf_counter()
+        probes: list[asyncio.Task] = []
+        t_next = float(self.rng.exponential(1.0 / rate))
+        while t_next < window_s:
+            await asyncio.sleep(max(0.0, t0 + t_next - time.perf_counter()))
+            probes.append(asyncio.create_task(self.stream(probe_tokens, probe_out, text=text)))
+            t_next += float(self.rng.exponential(1.0 / rate))
+        ttfts = [t for t, _ in await asyncio.gather(*probes)]
+        after = await self._totals(histograms, counters)
+        return ttfts, before, after, time.perf_counter() - t0
 
     async def sustained_run(self, run: int, decoders: int, prompt_length: int, seconds: float, *,
                             rate_rps: float | None = None, context: int = 128, decode_tokens: int = 4000,
