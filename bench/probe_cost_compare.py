@@ -12,32 +12,28 @@ clock, utilisation and power over the window (nvidia-smi every 200 ms).
 from __future__ import annotations
 
 import argparse
-import csv
 import gzip
 import json
-from datetime import datetime
+import sys
 from pathlib import Path
 
 import numpy as np
 
-# bench/, this script's folder, is on the path
+# bench/, this script's folder, is on the path; its device/ folder holds the nvidia-smi log reader
 from frontend_windows import scenario, window_steps
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "device"))
+from smi_phases import SmiSample, read_smi  # noqa: E402
 
-def smi_rows(folder: Path) -> list[tuple[float, float, float, float]]:
-    """(epoch s, SM clock MHz, power W, utilisation %) per sample of the folder's smi.csv (or smi.csv.gz)."""
-    out = []
+
+def smi_rows(folder: Path) -> list[SmiSample]:
+    """The samples of the folder's smi.csv (or smi.csv.gz); none without one."""
     path = folder / "smi.csv"
-    if not path.exists() and not path.with_suffix(".csv.gz").exists():
-        return out
-    f = path.open() if path.exists() else gzip.open(path.with_suffix(".csv.gz"), "rt")
-    for r in list(csv.reader(f))[1:]:
-        try:  # nvidia-smi stamps local time, as datetime.timestamp() reads it
-            t = datetime.strptime(r[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
-            out.append((t, float(r[1].split()[0]), float(r[3].split()[0]), float(r[6].split()[0])))
-        except (ValueError, IndexError):
-            continue
-    return out
+    if path.exists():
+        return read_smi(path.open())
+    if path.with_suffix(".csv.gz").exists():
+        return read_smi(gzip.open(path.with_suffix(".csv.gz"), "rt"))
+    return []
 
 
 def mean_of(h: dict | None) -> float:
@@ -79,8 +75,9 @@ def main() -> None:
                 d = idle[j][1]
                 per = f"{(1 - live_sps * d) / w['rate_rps'] * 1e3:.1f} / {(1 - sim_sps * d) / w['rate_rps'] * 1e3:.1f}"
             qp = mean_of(w.get("vllm:request_queue_time_seconds")) + mean_of(w.get("vllm:request_prefill_time_seconds"))
-            sel = [s for s in smi if w["wall_t0"] <= s[0] <= w["wall_t1"]]
-            clock, power, util = (float(np.mean([s[i] for s in sel])) if sel else float("nan") for i in (1, 2, 3))
+            sel = [s for s in smi if w["wall_t0"] <= s.t <= w["wall_t1"]]
+            clock, power, util = (float(np.mean([getattr(s, f) for s in sel])) if sel else float("nan")
+                                  for f in ("sm_mhz", "power_w", "util_pct"))
             api = w.get("process_cpu_seconds")
             server = w["label"] + (f"/{w['variant']}" if w.get("variant") else "")
             print(f"| {server} | {w['streams']} | {w['probe_tokens']} x {w['probe_out']} | {w['rate_rps']:.1f} "
