@@ -48,6 +48,16 @@ def scenario(profile: Path, overrides: dict) -> Scenario:
     return Scenario(ScenarioSpec.model_validate(spec), Path(__file__))
 
 
+def probe_times(rng: np.random.Generator, start: float, end: float, rate: float) -> list[float]:
+    """Poisson arrival times at `rate` per second in [`start`, `end`), as profile-model sends its probes."""
+    times = []
+    t = start + rng.exponential(1.0 / rate)
+    while t < end:
+        times.append(t)
+        t += rng.exponential(1.0 / rate)
+    return times
+
+
 def streams_prefilled(sc: Scenario, streams: int) -> tuple[Engine, float]:
     """The simulated engine alone with `streams` 512-token prompts sent at once (1 ms apart), advanced to when all
     are prefilled (within 10 ms), and that time, s."""
@@ -72,11 +82,9 @@ def window_ttft(sc: Scenario, streams: int, windows: list[tuple[float, float, fl
     k = streams
     for start, length, rate, tokens in windows:
         probes = []
-        t = t0 + start + rng.exponential(1.0 / rate)
-        while t < t0 + start + length:
+        for t in probe_times(rng, t0 + start, t0 + start + length, rate):
             probes.append(Request(k, t, MODEL, "batch", 3600.0, tokens, 1))
             k += 1
-            t += rng.exponential(1.0 / rate)
         runs.append(probes)
     simulate(sc, "direct", reqs + [r for probes in runs for r in probes], copy_requests=False)
     return [float(np.mean([r.first_token_s - r.arrival_s for r in probes])) if probes else float("nan")
@@ -100,12 +108,10 @@ def window_steps(sc: Scenario, streams: int, windows: list[tuple[float, float, f
         a, b = t0 + start, t0 + start + length
         eng.advance(a)
         _, steps0 = eng.streamed(a)
-        t = a + rng.exponential(1.0 / rate)
-        while t < b:
+        for t in probe_times(rng, a, b, rate):
             eng.advance(t)
             eng.submit(Sequence(k, tokens, outs, arrival_s=t), t)
             k += 1
-            t += rng.exponential(1.0 / rate)
         eng.advance(b)
         steps = eng.streamed(b)[1] - steps0
         out.append((steps / length, length / steps if steps else float("nan")))
