@@ -415,3 +415,48 @@ def test_sleep_takes_the_profiles_sleep_s_and_wake_up_its_load_warm_s():
         t0 = time.perf_counter()
         assert c.post("/wake_up").status_code == 200
         assert 0.09 <= time.perf_counter() - t0 < 0.35  # load_warm_s / speedup
+
+
+def _hold_emulators(port_file: str) -> None:
+    """A parent that starts emulators in a process of their own, writes their port, then waits to be killed."""
+    from qlmctl.emulator.testing import process_emulators
+    with process_emulators([(profile(), "m")]) as emus:
+        with open(port_file, "w") as f:
+            f.write(str(emus[0].port))
+        time.sleep(600)
+
+
+def test_process_emulators_serve_and_stop_with_their_parent(tmp_path):
+    import multiprocessing
+
+    from qlmctl.emulator.testing import process_emulators
+
+    with process_emulators([(profile(), "m"), (profile(model="n"), "n")], speedup=10) as emus:
+        assert [e.model for e in emus] == ["m", "n"] and emus[0].port != emus[1].port
+        r = httpx.post(emus[1].url + "/v1/completions", json={"model": "n", "prompt": "a b c", "max_tokens": 3},
+                       timeout=10)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        url = emus[0].url
+    with pytest.raises(httpx.TransportError):  # stopped on exit
+        httpx.get(url + "/health", timeout=2)
+
+    # A parent killed outright (no exit handler runs): its emulators' process sees the pipe close and stops.
+    port_file = tmp_path / "port"
+    parent = multiprocessing.get_context("spawn").Process(target=_hold_emulators, args=(str(port_file),))
+    parent.start()
+    deadline = time.monotonic() + 60
+    while not (port_file.exists() and port_file.read_text()):
+        assert time.monotonic() < deadline and parent.is_alive()
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port_file.read_text()}"
+    assert httpx.get(url + "/health", timeout=5).status_code == 200
+    parent.kill()
+    parent.join()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url + "/health", timeout=1)
+        except httpx.TransportError:
+            break
+        assert time.monotonic() < deadline, "the emulators outlived their killed parent"
+        time.sleep(0.1)
