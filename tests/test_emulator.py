@@ -439,6 +439,10 @@ def test_process_emulators_serve_and_stop_with_their_parent(tmp_path):
         url = emus[0].url
     with pytest.raises(httpx.TransportError):  # stopped on exit
         httpx.get(url + "/health", timeout=2)
+    # One that cannot start: the error says why.
+    with pytest.raises(RuntimeError, match="did not start: ValueError.*KV cache"):
+        with process_emulators([(profile(), "m"), (profile(kv_blocks=10), "bad")]):
+            pass
 
     # A parent killed outright (no exit handler runs): its emulators' process sees the pipe close and stops.
     port_file = tmp_path / "port"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,8 +74,12 @@ def process_emulators(engines: list[tuple[EngineProfile, str]], *, speedup: floa
     proc.start()
     child.close()
     try:
-        if not parent.poll(startup_timeout_s):
-            raise RuntimeError(f"emulators did not start within {startup_timeout_s:g} s")
+        deadline = time.monotonic() + startup_timeout_s
+        while not parent.poll(0.05):
+            if not proc.is_alive():
+                raise RuntimeError(f"the emulators' process exited with code {proc.exitcode} before they started")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"emulators did not start within {startup_timeout_s:g} s")
         ports = parent.recv()
         if isinstance(ports, str):
             raise RuntimeError(f"emulators did not start: {ports}")
