@@ -483,4 +483,7 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
                    "frontend": len(raw.frontend), "frontend_load": len(raw.frontend_load),
                    "sustained": len(raw.sustained)},
     }
+    if raw.frontend_load:
+        # Read by the probing process (before this was recorded), its loop's lag is in the fitted API-server cost.
+        out["provenance"]["load_streams_read_by"] = raw.meta.get("load_streams_read_by", "the probing process")
     return out

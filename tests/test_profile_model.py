@@ -195,6 +195,7 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     loads = json.loads(raw.read_text())["frontend_load"]
     assert [p["streams"] for p in loads] == [0, 16] and all(p["probes"] > 0 and p["engine_s"] for p in loads)
     assert prof["provenance"]["points"]["frontend_load"] == 2 and "frontend_queue_factor" not in prof
+    assert prof["provenance"]["load_streams_read_by"] == "another process"
     assert prof["kv_blocks"] == TRUTH.kv_blocks and prof["block_size"] == 16
     assert prof["max_model_len"] == TRUTH.max_model_len
     assert prof["provenance"]["gpu"] == "emulated" and "vllm" in prof["provenance"]["engine"]

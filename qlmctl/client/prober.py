@@ -25,10 +25,12 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from qlmctl.client.http import SSEParser, error_message, server_url
+from qlmctl.client.loadproc import LoadStreams
 from qlmctl.engines.base import EngineTotals
 from qlmctl.engines.totals import engine_totals_delta, parse_engine_totals
 from qlmctl.engines.vllm import parse_vllm_metrics
@@ -79,6 +81,8 @@ class Profiler:
 
         self.url = server_url(url)
         self.model = model
+        self._client_kw: dict = {"timeout_s": timeout_s, "api_key": api_key, "verify": verify}
+        """What a process of its own needs to reach the same server (`LoadStreams`)."""
         self.rng = np.random.default_rng(seed)
         self.skipped: list[str] = []
         """Points measured but not kept, with the reason."""
@@ -292,9 +296,13 @@ class Profiler:
 
     async def frontend_load_points(self, streams: int, rates: list[float], probe_tokens: int = 1024,
                                    prompt_tokens: int = 512, window_s: float = 5.0,
-                                   max_tokens: int = 2000) -> list[FrontendLoadPoint]:
+                                   max_tokens: int = 2000, load_process: bool = True) -> list[FrontendLoadPoint]:
         """Windows of probes (prefill-only requests of `probe_tokens`, Poisson arrivals at each of `rates`)
         while the server streams `streams` decodes to clients, as a trace's requests meet it.
+
+        The load streams are read by another process (`LoadStreams`) unless `load_process` is False: read here,
+        they would delay this client's probes by its own event loop's lag, which the fit would book to the API
+        server (10-14 ms at 128 streams on an H100 host).
 
         Over each window: the API server's CPU seconds (`process_cpu_seconds_total`, which vLLM's /metrics
         exports for its API server process), the tokens streamed and the engine's step (inter-token latency
@@ -303,23 +311,38 @@ class Profiler:
         names = ("vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds",
                  "vllm:request_prefill_time_seconds", ITL_HISTOGRAM)
         prompted = await self.counter("vllm:prompt_tokens")
-        loads = [asyncio.create_task(self._raw_stream(prompt_tokens, max_tokens)) for _ in range(streams)]
+        held = None
+        loads: list[asyncio.Task] = []
+        if load_process and streams:
+            held = LoadStreams(str(self.url), self.model, streams, prompt_tokens, max_tokens,
+                               seed=int(self.rng.integers(2**31)), **self._client_kw)
+            held.start()
+        else:
+            loads = [asyncio.create_task(self._raw_stream(prompt_tokens, max_tokens)) for _ in range(streams)]
+
+        def check() -> None:
+            if held is not None:
+                held.check()
+            for t in loads:
+                if t.done():
+                    raise RuntimeError(f"a load stream ended early with {streams} streams: "
+                                       f"{t.exception() or 'finished'}")
+
         points: list[FrontendLoadPoint] = []
         try:
-            await self._wait_prefilled(prompted, streams * prompt_tokens)
+            await self._wait_prefilled(prompted, streams * prompt_tokens, alive=check)
             await asyncio.sleep(0.5)
             for rate in rates:
                 ttfts, before, after, elapsed = await self.probe_window(rate, window_s, probe_tokens, names,
                                                                         ("process_cpu_seconds",))
-                for t in loads:
-                    if t.done():
-                        raise RuntimeError(f"a load stream ended early with {streams} streams: "
-                                           f"{t.exception() or 'finished'}")
+                check()
                 if not ttfts or before is None or after is None:
                     continue
                 points.append(_load_point(streams, len(ttfts), probe_tokens, elapsed,
                                           float(np.mean(ttfts)), before, after))
         finally:
+            if held is not None:
+                await held.stop()  # its connections close: the engine aborts the streams
             await self._stop(loads)
         return points
 
@@ -432,12 +455,16 @@ class Profiler:
             async for _ in resp.aiter_raw():
                 pass
 
-    async def _wait_prefilled(self, start: float | None, tokens: int, timeout_s: float = 120.0) -> None:
-        """Wait until the engine's prompt-token counter has grown by `tokens` since `start` (if it has one)."""
+    async def _wait_prefilled(self, start: float | None, tokens: int, timeout_s: float = 120.0,
+                              alive: Callable[[], None] | None = None) -> None:
+        """Wait until the engine's prompt-token counter has grown by `tokens` since `start` (if it has one);
+        `alive()` raises if what sends them has failed."""
         if start is None or tokens <= 0:
             return
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < timeout_s:
+            if alive is not None:
+                alive()
             now = await self.counter("vllm:prompt_tokens")
             if now is not None and now - start >= tokens:
                 return

@@ -103,6 +103,7 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
                  + len(frontend_streams) + len(load_streams) + (1 if sleep else 0) + (1 if sustained_s else 0))
         task = progress.add_task("profiling", total=total)
         # The API server under load first: a run cut short (Ctrl-C, a time limit) still has it.
+        raw.meta["load_streams_read_by"] = "another process"  # (frontend_load_points' default)
         for n in load_streams:
             progress.update(task, description=f"API server load, {n} streams")
             max_tokens = _max_tokens(raw, n, 512, cap=4000)  # must outlast every window

@@ -1,0 +1,95 @@
+"""Load streams held open by a process of their own, so that reading them costs the measuring client nothing.
+
+`profile-model` measures the API server's time with probes sent while the engine streams hundreds of decodes.
+Read by the probing process, those streams kept its event loop busy (0.4-0.8 CPU s/s at 128-256 streams on an
+H100 host) and its lag went into every probe's TTFT, and from there into the fitted API-server cost: moved to
+another process, the probes' TTFT fell by 10-14 ms (docs/fidelity.md, "What a probe costs the engine")."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+
+def _hold(conn: Connection, url: str, model: str, n: int, prompt_tokens: int, max_tokens: int, seed: int,
+          profiler_kw: dict[str, Any]) -> None:
+    """The child: `n` streams until the parent says stop or dies (its end of the pipe closes); exit code 1 with the
+    reason on stderr if a stream ends first."""
+    from qlmctl.client.prober import Profiler
+
+    async def run() -> int:
+        prof = Profiler(url, model, seed=seed, **profiler_kw)
+        loop = asyncio.get_running_loop()
+        told = loop.create_future()
+        # A daemon thread, not `to_thread`: the loop must be able to end while it still waits.
+        threading.Thread(target=_wait_told, args=(conn, loop, told), daemon=True).start()
+        streams = [asyncio.create_task(prof._raw_stream(prompt_tokens, max_tokens)) for _ in range(n)]
+        done, _ = await asyncio.wait([*streams, told], return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if told not in done:
+            err = next(iter(done)).exception()
+            print(f"a load stream ended early: {err or 'finished'}", file=sys.stderr, flush=True)
+            code = 1
+        for t in streams:
+            t.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+        await prof.close()
+        return code
+
+    sys.exit(asyncio.run(run()))
+
+
+def _wait_told(conn: Connection, loop: asyncio.AbstractEventLoop, told: asyncio.Future) -> None:
+    try:
+        conn.recv()
+    except (EOFError, OSError):
+        pass
+    try:
+        loop.call_soon_threadsafe(lambda: told.done() or told.set_result(None))
+    except RuntimeError:  # the loop has ended
+        pass
+
+
+class LoadStreams:
+    """`n` streamed completions of `prompt_tokens` asking for `max_tokens`, bytes dropped, held by a child process
+    from `start()` to `stop()` (the engine aborts them when their connections close). `check()` raises if any has
+    ended. If this process dies, the child sees its pipe close and ends its streams."""
+
+    def __init__(self, url: str, model: str, n: int, prompt_tokens: int, max_tokens: int, *, seed: int = 1,
+                 **profiler_kw: Any) -> None:
+        self._args = (url, model, n, prompt_tokens, max_tokens, seed, profiler_kw)
+        self._proc: Any = None
+        self._conn: Connection | None = None
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with a running event loop
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_hold, args=(child, *self._args), daemon=True, name="qlmctl-load-streams")
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def check(self) -> None:
+        """Raise RuntimeError if the child has exited (a stream ended, or it failed to start)."""
+        if self._proc is not None and not self._proc.is_alive():
+            raise RuntimeError(f"a load stream ended early with {self._args[2]} streams (the load process exited "
+                               f"with code {self._proc.exitcode}; its reason is on stderr)")
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        proc, conn = self._proc, self._conn
+        if proc is None or conn is None:
+            return
+        try:
+            conn.send("stop")
+        except OSError:
+            pass
+        conn.close()
+        await asyncio.to_thread(proc.join, timeout_s)
+        if proc.is_alive():
+            proc.kill()
+            await asyncio.to_thread(proc.join)
+        self._proc = self._conn = None
