@@ -104,6 +104,25 @@ def simulate(
     return PolicyRun(policy, result, summary, stopped_early=stopped)
 
 
+def late_arrival_range(scenario: Scenario, policy: str, requests: Sequence[Request], late_s: float = 0.5,
+                       draws: int = 12) -> tuple[float, float]:
+    """The lowest and highest SLO attainment of `requests` simulated as they are and `draws` times with each
+    arriving up to `late_s` later (uniform, seeds 0 .. draws - 1; its deadline moves with it).
+
+    How much a result hangs on sub-second timing: a live run is one draw of such timing (its client and gateway
+    are late by tens to hundreds of milliseconds), so it is compared with this range rather than with one run."""
+    import numpy as np
+
+    got = [simulate(scenario, policy, requests).summary["slo_attainment"]]
+    for seed in range(draws):
+        late = np.random.default_rng(seed).uniform(0.0, late_s, len(requests))
+        reqs = fresh_copies(requests)
+        for r, d in zip(reqs, late):
+            r.arrival_s += float(d)
+        got.append(simulate(scenario, policy, reqs, copy_requests=False).summary["slo_attainment"])
+    return min(got), max(got)
+
+
 def _partial_result(cluster: SimulatedCluster, wall_s: float) -> SimResult:
     """What a run stopped by `stop_if` did so far."""
     reqs = list(cluster.requests)

@@ -227,6 +227,18 @@ def test_serve_trace_cli_writes_results_like_simulate(tmp_path, engines):
         timeline = read_timeline(out / policy)
         assert timeline is not None and set(timeline["kind"]) <= {"queue_depth", "swap", "evict", "loop_lag"}
 
+    # --speedup overrides live.speedup (here the scenario says real time; the engines run 5x).
+    spec = yaml.safe_load(path.read_text())
+    spec["live"]["speedup"] = 1.0
+    path.write_text(yaml.safe_dump(spec))
+    res = CliRunner().invoke(app, ["serve", "-s", str(path), "--trace", str(trace), "-p", "fcfs",
+                                   "--speedup", str(SPEEDUP), "-o", str(tmp_path / "fast")])
+    assert res.exit_code == 0, res.output
+    summary, _ = read_results(tmp_path / "fast" / "fcfs")
+    assert summary["speedup"] == SPEEDUP and summary["completed"] == 20
+    # Its arrivals span 3 scenario seconds: at least 3 s of wall time at real time, 0.6 s at 5x (0.83 s measured).
+    assert summary["live_wall_s"] < 2.5
+
     # The standalone client against an engine directly (a gateway or vLLM alike).
     res = CliRunner().invoke(app, ["replay", str(trace), "-s", str(path), "--url", engines[0].url, "-l", "direct",
                                    "-o", str(out)])

@@ -14,31 +14,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from qlmctl.emulator.testing import process_emulators
 from qlmctl.gateway.run import run_live
-from qlmctl.runner import fresh_copies, simulate
+from qlmctl.runner import late_arrival_range, simulate
 from qlmctl.scenario import load_scenario
 from qlmctl.workload import build_requests
 
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "multi_model_live.yaml"
-LATE_S = 0.5
-"""How late a perturbed simulation's requests may arrive (uniform, per request)."""
-DRAWS = 12
-
-
-def simulated_range(sc, policy, requests) -> tuple[float, float]:
-    """The lowest and highest attainment of the unperturbed run and `DRAWS` perturbed ones."""
-    got = [simulate(sc, policy, requests).summary["slo_attainment"]]
-    for seed in range(DRAWS):
-        late = np.random.default_rng(seed).uniform(0.0, LATE_S, len(requests))
-        reqs = fresh_copies(requests)
-        for r, d in zip(reqs, late):
-            r.arrival_s += float(d)
-        got.append(simulate(sc, policy, reqs, copy_requests=False).summary["slo_attainment"])
-    return min(got), max(got)
 
 
 @pytest.mark.asyncio
@@ -60,7 +44,7 @@ async def test_simulated_and_live_attainment_agree_with_sleep_mode_swaps():
             sim = simulate(sc, policy, requests)
             assert live.summary["completed"] == sim.summary["completed"] == 1000
             assert live.summary["num_swaps"] > 0 and sim.summary["num_swaps"] > 0
-            lo, hi = simulated_range(sc, policy, requests)
+            lo, hi = late_arrival_range(sc, policy, requests, late_s=0.5, draws=12)
             got = live.summary["slo_attainment"]
             # Within 3 points, counted in requests (30 of 1,000), so that 0.96 against 0.99 is not lost to rounding.
             below, above = round((lo - got) * 1000), round((got - hi) * 1000)

@@ -42,6 +42,7 @@ def serve(
     log_dir: Optional[Path] = typer.Option(None, "--engine-logs", help="With --launch: folder for the engines' output (default: a temp folder)."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every HTTP request."),
     workers: int = typer.Option(0, "--workers", "-w", min=0, help="Relay worker processes (HTTP, streaming, resume) in front of one QLM core process. 0 (default): one per CPU beyond the core's, up to 8 (so one process on a 2-CPU host); 1: one process does both. See docs/live.md."),
+    speedup: Optional[float] = typer.Option(None, "--speedup", min=1e-3, help="Scenario seconds per wall second, for the replay and for emulated engines started by --launch; default live.speedup. 1: real time (what a real vLLM runs at; on a small host, also what keeps the gateway and emulators on time)."),
     drain_s: Optional[float] = typer.Option(None, "--drain-timeout", min=0.0, help="On SIGTERM or Ctrl-C: wall seconds queued and running requests may still finish before they get a 503; default live.drain_timeout_s (30)."),
 ) -> None:
     """Serve an OpenAI-compatible API whose requests wait in the QLM core before reaching vLLM engines.
@@ -84,6 +85,8 @@ def serve(
 
         if drain_s is not None:
             sc.spec.live.drain_timeout_s = drain_s
+        if speedup is not None:
+            sc.spec.live.speedup = speedup
         if workers == 0:
             from qlmctl.gateway.workers import auto_workers
 
