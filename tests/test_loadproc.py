@@ -33,7 +33,7 @@ def wait_for(pred, timeout_s: float = 30.0) -> None:
 @pytest.mark.asyncio
 async def test_streams_held_then_stopped_and_an_early_end_is_an_error():
     with start_emulator(EngineProfile(**PROFILE), "m") as emu:
-        held = LoadStreams(emu.url, "m", 6, 64, 3000)
+        held = LoadStreams(emu.url, "m", [[7] * 64] * 6, 3000)
         held.start()
         try:
             wait_for(lambda: running(emu.url) == 6)
@@ -42,7 +42,7 @@ async def test_streams_held_then_stopped_and_an_early_end_is_an_error():
             await held.stop()
         wait_for(lambda: running(emu.url) == 0)  # their connections closed: the engine aborted them
 
-        short = LoadStreams(emu.url, "m", 2, 16, 20)  # done in a fraction of a second
+        short = LoadStreams(emu.url, "m", [[7] * 16] * 2, 20)  # done in a fraction of a second
         short.start()
         try:
             wait_for(lambda: short._proc.exitcode is not None)
@@ -53,7 +53,7 @@ async def test_streams_held_then_stopped_and_an_early_end_is_an_error():
 
 
 def _start_and_wait(url: str) -> None:
-    held = LoadStreams(url, "m", 4, 64, 3000)  # (kept: its end of the pipe closing would stop the streams)
+    held = LoadStreams(url, "m", [[7] * 64] * 4, 3000)  # (kept: its end of the pipe closing would stop the streams)
     held.start()
     time.sleep(600)
 

@@ -14,20 +14,35 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
+from qlmctl.client.http import error_message
 
-def _hold(conn: Connection, url: str, model: str, n: int, prompt_tokens: int, max_tokens: int, seed: int,
-          profiler_kw: dict[str, Any]) -> None:
-    """The child: `n` streams until the parent says stop or dies (its end of the pipe closes); exit code 1 with the
-    reason on stderr if a stream ends first."""
-    from qlmctl.client.prober import Profiler
+
+async def drain_stream(client: Any, model: str, prompt: list[int], max_tokens: int) -> None:
+    """A streamed completion of `prompt` (token ids) whose bytes are read and dropped: load, not measurement."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"engine answered {resp.status_code}: {error_message(await resp.aread())}")
+        async for _ in resp.aiter_raw():
+            pass
+
+
+def _hold(conn: Connection, url: str, model: str, prompts: list[list[int]], max_tokens: int, timeout_s: float,
+          api_key: str | None, verify: bool) -> None:
+    """The child: one stream per prompt until the parent says stop or dies (its end of the pipe closes); exit
+    code 1 with the reason on stderr if a stream ends first."""
+    import httpx
 
     async def run() -> int:
-        prof = Profiler(url, model, seed=seed, **profiler_kw)
+        client = httpx.AsyncClient(base_url=url, timeout=timeout_s, verify=verify,
+                                   headers={"authorization": f"Bearer {api_key}"} if api_key else {},
+                                   limits=httpx.Limits(max_connections=len(prompts) + 8))
         loop = asyncio.get_running_loop()
         told = loop.create_future()
         # A daemon thread, not `to_thread`: the loop must be able to end while it still waits.
         threading.Thread(target=_wait_told, args=(conn, loop, told), daemon=True).start()
-        streams = [asyncio.create_task(prof._raw_stream(prompt_tokens, max_tokens)) for _ in range(n)]
+        streams = [asyncio.create_task(drain_stream(client, model, p, max_tokens)) for p in prompts]
         done, _ = await asyncio.wait([*streams, told], return_when=asyncio.FIRST_COMPLETED)
         code = 0
         if told not in done:
@@ -37,7 +52,7 @@ def _hold(conn: Connection, url: str, model: str, n: int, prompt_tokens: int, ma
         for t in streams:
             t.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
-        await prof.close()
+        await client.aclose()
         return code
 
     sys.exit(asyncio.run(run()))
@@ -55,13 +70,13 @@ def _wait_told(conn: Connection, loop: asyncio.AbstractEventLoop, told: asyncio.
 
 
 class LoadStreams:
-    """`n` streamed completions of `prompt_tokens` asking for `max_tokens`, bytes dropped, held by a child process
-    from `start()` to `stop()` (the engine aborts them when their connections close). `check()` raises if any has
-    ended. If this process dies, the child sees its pipe close and ends its streams."""
+    """One streamed completion per prompt (token ids) asking for `max_tokens`, bytes dropped, held by a child
+    process from `start()` to `stop()` (the engine aborts them when their connections close). `check()` raises if
+    any has ended. If this process dies, the child sees its pipe close and ends its streams."""
 
-    def __init__(self, url: str, model: str, n: int, prompt_tokens: int, max_tokens: int, *, seed: int = 1,
-                 **profiler_kw: Any) -> None:
-        self._args = (url, model, n, prompt_tokens, max_tokens, seed, profiler_kw)
+    def __init__(self, url: str, model: str, prompts: list[list[int]], max_tokens: int, *, timeout_s: float = 600.0,
+                 api_key: str | None = None, verify: bool = True) -> None:
+        self._args = (url, model, prompts, max_tokens, timeout_s, api_key, verify)
         self._proc: Any = None
         self._conn: Connection | None = None
 
@@ -76,7 +91,7 @@ class LoadStreams:
     def check(self) -> None:
         """Raise RuntimeError if the child has exited (a stream ended, or it failed to start)."""
         if self._proc is not None and not self._proc.is_alive():
-            raise RuntimeError(f"a load stream ended early with {self._args[2]} streams (the load process exited "
+            raise RuntimeError(f"a load stream ended early with {len(self._args[2])} streams (the load process exited "
                                f"with code {self._proc.exitcode}; its reason is on stderr)")
 
     async def stop(self, timeout_s: float = 10.0) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 
 from qlmctl.client.http import SSEParser, error_message, server_url
-from qlmctl.client.loadproc import LoadStreams
+from qlmctl.client.loadproc import LoadStreams, drain_stream
 from qlmctl.engines.base import EngineTotals
 from qlmctl.engines.totals import engine_totals_delta, parse_engine_totals
 from qlmctl.engines.vllm import parse_vllm_metrics
@@ -314,8 +314,8 @@ class Profiler:
         held = None
         loads: list[asyncio.Task] = []
         if load_process and streams:
-            held = LoadStreams(str(self.url), self.model, streams, prompt_tokens, max_tokens,
-                               seed=int(self.rng.integers(2**31)), **self._client_kw)
+            held = LoadStreams(str(self.url), self.model, [self._prompt(prompt_tokens) for _ in range(streams)],
+                               max_tokens, **self._client_kw)
             held.start()
         else:
             loads = [asyncio.create_task(self._raw_stream(prompt_tokens, max_tokens)) for _ in range(streams)]
@@ -447,13 +447,7 @@ class Profiler:
 
     async def _raw_stream(self, prompt_tokens: int, max_tokens: int) -> None:
         """A streamed completion whose bytes are read and dropped (load, not measurement)."""
-        body = {"model": self.model, "prompt": self._prompt(prompt_tokens), "max_tokens": max_tokens,
-                "temperature": 0.0, "ignore_eos": True, "stream": True}
-        async with self.client.stream("POST", "/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                raise RuntimeError(f"engine answered {resp.status_code}: {error_message(await resp.aread())}")
-            async for _ in resp.aiter_raw():
-                pass
+        await drain_stream(self.client, self.model, self._prompt(prompt_tokens), max_tokens)
 
     async def _wait_prefilled(self, start: float | None, tokens: int, timeout_s: float = 120.0,
                               alive: Callable[[], None] | None = None) -> None:
