@@ -14,6 +14,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
+from qlmctl.childproc import stop_child, wait_told
 from qlmctl.client.http import error_message
 
 
@@ -59,10 +60,7 @@ def _hold(conn: Connection, url: str, model: str, prompts: list[list[int]], max_
 
 
 def _wait_told(conn: Connection, loop: asyncio.AbstractEventLoop, told: asyncio.Future) -> None:
-    try:
-        conn.recv()
-    except (EOFError, OSError):
-        pass
+    wait_told(conn)
     try:
         loop.call_soon_threadsafe(lambda: told.done() or told.set_result(None))
     except RuntimeError:  # the loop has ended
@@ -98,13 +96,5 @@ class LoadStreams:
         proc, conn = self._proc, self._conn
         if proc is None or conn is None:
             return
-        try:
-            conn.send("stop")
-        except OSError:
-            pass
-        conn.close()
-        await asyncio.to_thread(proc.join, timeout_s)
-        if proc.is_alive():
-            proc.kill()
-            await asyncio.to_thread(proc.join)
+        await asyncio.to_thread(stop_child, proc, conn, timeout_s)
         self._proc = self._conn = None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from qlmctl.childproc import stop_child, wait_told
 from qlmctl.emulator.server import EmulatorHandle, start_emulator
 from simulator.profile import EngineProfile
 
@@ -50,10 +51,7 @@ def _serve_emulators(engines: list[tuple[EngineProfile, str]], speedup: float, k
         for prof, name in engines:
             started.append(start_emulator(prof, name, speedup=speedup, **kw))
         conn.send([e.port for e in started])
-        try:
-            conn.recv()
-        except EOFError:
-            pass
+        wait_told(conn)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(f"{type(exc).__name__}: {exc}")
     finally:
@@ -86,15 +84,7 @@ def process_emulators(engines: list[tuple[EngineProfile, str]], *, speedup: floa
         host = kw.get("host", "127.0.0.1")
         yield [EmulatorAddress(host, port, name) for port, (_, name) in zip(ports, engines)]
     finally:
-        try:
-            parent.send("stop")
-        except OSError:
-            pass
-        parent.close()
-        proc.join(10.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        stop_child(proc, parent)
 
 
 def live_scenario_spec(profile_fields: dict[str, Any], engines: list[tuple[str, str, str]], *,
