@@ -296,13 +296,13 @@ class Profiler:
 
     async def frontend_load_points(self, streams: int, rates: list[float], probe_tokens: int = 1024,
                                    prompt_tokens: int = 512, window_s: float = 5.0,
-                                   max_tokens: int = 2000, load_process: bool = True) -> list[FrontendLoadPoint]:
+                                   max_tokens: int = 2000) -> list[FrontendLoadPoint]:
         """Windows of probes (prefill-only requests of `probe_tokens`, Poisson arrivals at each of `rates`)
         while the server streams `streams` decodes to clients, as a trace's requests meet it.
 
-        The load streams are read by another process (`LoadStreams`) unless `load_process` is False: read here,
-        they would delay this client's probes by its own event loop's lag, which the fit would book to the API
-        server (10-14 ms at 128 streams on an H100 host).
+        The load streams are read by another process (`LoadStreams`): read here, they would delay this client's
+        probes by its own event loop's lag, which the fit would book to the API server (10-14 ms at 128 streams
+        on an H100 host).
 
         Over each window: the API server's CPU seconds (`process_cpu_seconds_total`, which vLLM's /metrics
         exports for its API server process), the tokens streamed and the engine's step (inter-token latency
@@ -311,39 +311,25 @@ class Profiler:
         names = ("vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds",
                  "vllm:request_prefill_time_seconds", ITL_HISTOGRAM)
         prompted = await self.counter("vllm:prompt_tokens")
-        held = None
-        loads: list[asyncio.Task] = []
-        if load_process and streams:
-            held = LoadStreams(str(self.url), self.model, [self._prompt(prompt_tokens) for _ in range(streams)],
-                               max_tokens, **self._client_kw)
+        held = LoadStreams(str(self.url), self.model, [self._prompt(prompt_tokens) for _ in range(streams)],
+                           max_tokens, **self._client_kw)
+        if streams:
             held.start()
-        else:
-            loads = [asyncio.create_task(self._raw_stream(prompt_tokens, max_tokens)) for _ in range(streams)]
-
-        def check() -> None:
-            if held is not None:
-                held.check()
-            for t in loads:
-                if t.done():
-                    raise RuntimeError(f"a load stream ended early with {streams} streams: "
-                                       f"{t.exception() or 'finished'}")
-
         points: list[FrontendLoadPoint] = []
         try:
-            await self._wait_prefilled(prompted, streams * prompt_tokens, alive=check)
+            await self._wait_prefilled(prompted, streams * prompt_tokens, alive=held.check)
             await asyncio.sleep(0.5)
             for rate in rates:
                 ttfts, before, after, elapsed = await self.probe_window(rate, window_s, probe_tokens, names,
                                                                         ("process_cpu_seconds",))
-                check()
+                held.check()
                 if not ttfts or before is None or after is None:
                     continue
                 points.append(_load_point(streams, len(ttfts), probe_tokens, elapsed,
                                           float(np.mean(ttfts)), before, after))
         finally:
-            if held is not None:
-                await held.stop()  # its connections close: the engine aborts the streams
-            await self._stop(loads)
+            await held.stop()  # its connections close: the engine aborts the streams
+            await self.wait_idle()
         return points
 
     async def probe_window(self, rate: float, window_s: float, probe_tokens: int, histograms: tuple[str, ...],
