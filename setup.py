@@ -21,7 +21,7 @@ from setuptools.command.build_ext import build_ext
 COMPILED = [
     "simulator/engine.py", "simulator/prefix.py", "simulator/profile.py", "simulator/api_server.py",
     "qlmctl/backends/sim.py", "qlmctl/core/request.py", "qlmctl/core/groups.py", "qlmctl/core/driver.py",
-    "qlmctl/core/calibration.py", "qlmctl/core/estimator.py",
+    "qlmctl/core/calibration.py", "qlmctl/core/estimator.py", "qlmctl/core/cluster.py",
     "qlmctl/policies/common.py", "qlmctl/policies/baselines.py", "qlmctl/policies/sjf.py",
     "qlmctl/policies/qlm_basic.py", "qlmctl/policies/qlm.py", "qlmctl/policies/qlm_lp.py",
 ]

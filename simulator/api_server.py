@@ -14,11 +14,12 @@ fits which live runs.
 from __future__ import annotations
 
 import math
+from typing import Final
 
 from simulator.engine import Engine
 from simulator.profile import FRONTEND_RHO_CAP
 
-RATE_WINDOW_S = 1.0
+RATE_WINDOW_S: Final = 1.0
 """Time constant of the rates the server is seen to work at, s."""
 
 

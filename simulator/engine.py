@@ -23,18 +23,24 @@ The engine never reads a clock: the driver calls `advance(t)` to process boundar
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from heapq import heapify, heappop, heappush
+from typing import Any, Final
 
 from simulator.prefix import PrefixCache, PromptBlocks
-from simulator.profile import DEFAULT_BLOCK_SIZE, EngineProfile, admission_blocks, chunk_pairs, kv_blocks_for
+from simulator.profile import (
+    DEFAULT_BLOCK_SIZE,
+    EngineProfile,
+    admission_blocks,
+    chunk_pairs,
+    kv_blocks_for,
+)
 
-INF = math.inf
+INF: Final = math.inf
 
 
 class SeqState(IntEnum):
@@ -56,10 +62,16 @@ class OutputKind(IntEnum):
 
 # The members as module constants: the engine reads them for every sequence, and a member read through its
 # enum class costs ten times a global.
-_WAITING, _PREFILL, _DECODE, _DONE, _TRANSIT = (SeqState.WAITING, SeqState.PREFILL, SeqState.DECODE, SeqState.DONE,
-                                                SeqState.TRANSIT)
-_FIRST_TOKEN, _FINISHED, _PREEMPTED, _ABORTED, _LOADED = (OutputKind.FIRST_TOKEN, OutputKind.FINISHED,
-                                                           OutputKind.PREEMPTED, OutputKind.ABORTED, OutputKind.LOADED)
+_WAITING: Final = SeqState.WAITING
+_PREFILL: Final = SeqState.PREFILL
+_DECODE: Final = SeqState.DECODE
+_DONE: Final = SeqState.DONE
+_TRANSIT: Final = SeqState.TRANSIT
+_FIRST_TOKEN: Final = OutputKind.FIRST_TOKEN
+_FINISHED: Final = OutputKind.FINISHED
+_PREEMPTED: Final = OutputKind.PREEMPTED
+_ABORTED: Final = OutputKind.ABORTED
+_LOADED: Final = OutputKind.LOADED
 
 
 @dataclass(slots=True, eq=False, init=False)
@@ -286,7 +298,7 @@ class Engine:
             return
         transit = self._transit
         while transit and transit[0][2].state is not _TRANSIT:
-            heapq.heappop(transit)  # aborted on the way
+            heappop(transit)  # aborted on the way
         seg = self._seg
         if seg is None:
             self._next = transit[0][0] if transit else INF
@@ -340,7 +352,7 @@ class Engine:
         if delay_s > 0.0:
             seq.state = _TRANSIT
             self._transit_order += 1
-            heapq.heappush(self._transit, (now + delay_s, self._transit_order, seq))
+            heappush(self._transit, (now + delay_s, self._transit_order, seq))
             self._transit_count += 1
             self._transit_blocks += seq.need
         else:
@@ -399,7 +411,7 @@ class Engine:
             if self._load_until is not None:
                 self._finish_load()
             elif transit and transit[0][0] < (self._seg.end if self._seg is not None else INF):
-                ready, _, q = heapq.heappop(transit)
+                ready, _, q = heappop(transit)
                 self._leave_transit(q)
                 self._submit_now(q, ready)
             else:
@@ -523,17 +535,21 @@ class Engine:
         if seg.decode:
             bs = self._bs
             cnt = self._phase_cnt
-            full, rem = divmod(n, bs)
+            full = n // bs  # (not divmod, nor sums of slices below: compiled, these are native int operations)
+            rem = n - full * bs
             add = full * self._num_decode
             if rem:
                 # The phases crossed in steps s+1..s+rem: cnt[(-(s + j)) % bs] for those j, a run of indices
-                # going down from `hi` (wrapping below 0), summed as slices.
+                # going down from `hi` (wrapping below 0).
                 hi = (-(s + 1)) % bs
                 if rem == 1:  # (the commonest: a single step)
                     add += cnt[hi]
                 else:
                     lo = hi - rem + 1
-                    add += sum(cnt[lo:hi + 1]) if lo >= 0 else sum(cnt[:hi + 1]) + sum(cnt[bs + lo:])
+                    for j in range(max(lo, 0), hi + 1):
+                        add += cnt[j]
+                    for j in range(bs + lo, bs):  # (empty unless the run wrapped below 0)
+                        add += cnt[j]
             self._used += add
             self._ctx += seg.decode * n
             stats.tokens += seg.decode * n
@@ -558,7 +574,7 @@ class Engine:
         heap = self._decode_heap
         if heap and heap[0][0] <= s:
             while heap and heap[0][0] <= s:
-                fs, _, q = heapq.heappop(heap)
+                fs, _, q = heappop(heap)
                 if q.state is _DECODE and q.finish_step == fs:
                     self._finish_decode(q, t)
         if self._used > stats.peak_blocks:
@@ -602,7 +618,7 @@ class Engine:
         self._phase_cnt[phase] += 1
         self._num_decode += 1
         self._ctx += tokens
-        heapq.heappush(self._decode_heap, (fs, q.admit_order, q))
+        heappush(self._decode_heap, (fs, q.admit_order, q))
 
     def _leave_decode(self, q: Sequence) -> None:
         """Materialise a decoding sequence's tokens and take it out of the decode accounting."""
@@ -634,7 +650,7 @@ class Engine:
                 self._waiting.remove(q)
             else:
                 self._waiting_heap = [e for e in self._waiting_heap if e[3] is not q]
-                heapq.heapify(self._waiting_heap)
+                heapify(self._waiting_heap)
             self._waiting_blocks -= q.need
             self._queued_tokens -= q.prefill_left
 
@@ -650,7 +666,7 @@ class Engine:
             else:
                 self._waiting.append(q)
         else:
-            heapq.heappush(self._waiting_heap, (q.priority, q.arrival_s, q.seq_id, q))
+            heappush(self._waiting_heap, (q.priority, q.arrival_s, q.seq_id, q))
 
     def _preempt_one(self, t: float) -> None:
         if self._fcfs:
@@ -722,7 +738,7 @@ class Engine:
             if fcfs:
                 waiting.popleft()
             else:
-                heapq.heappop(waiting)
+                heappop(waiting)
             self._waiting_blocks -= need
             self._used += need
             q.blocks = need
@@ -757,7 +773,8 @@ class Engine:
             return INF
         bs = self._bs
         cnt = self._phase_cnt
-        periods, left = divmod(free, d)
+        periods = free // d  # (floor division, as divmod's: a native int operation where divmod is a call)
+        left = free - periods * d
         s = self._s
         acc = 0
         for j in range(1, bs + 1):
@@ -840,7 +857,7 @@ class Engine:
                 if q.state is _DECODE and q.finish_step == fs:
                     n_dec = float(fs - self._s)
                     break
-                heapq.heappop(heap)
+                heappop(heap)
             n = n_dec if n_dec < n_pf else n_pf  # min(n_pf, n_dec), without the call
             if n == INF:
                 return  # idle

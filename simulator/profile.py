@@ -37,15 +37,15 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, dataclass, field, replace
 from dataclasses import fields as dc_fields
-from typing import Any
+from typing import Any, Final
 
-DEFAULT_BLOCK_SIZE = 16
+DEFAULT_BLOCK_SIZE: Final = 16
 """vLLM's default KV block size, tokens."""
 
-TYPICAL_CONTEXT_TOKENS = 1024
+TYPICAL_CONTEXT_TOKENS: Final = 1024
 """KV context assumed per decoding sequence where a step is estimated ahead, without knowing its batch."""
 
-FRONTEND_RHO_CAP = 0.95
+FRONTEND_RHO_CAP: Final = 0.95
 """Most utilisation the API-server queue model lets the server reach (see `EngineProfile.frontend_wait`)."""
 
 

@@ -10,25 +10,28 @@ engines' operations.
 from __future__ import annotations
 
 import gc
-import heapq
+from heapq import heappop, heappush
 import math
 import time
 from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
+from typing import Any, Final
 
 from qlmctl.core.driver import Driver
 from qlmctl.core.request import Request
 from qlmctl.policies.base import Policy
 from qlmctl.scenario import Scenario
 from simulator.api_server import APIServer
-from simulator.engine import Engine, OutputKind, Sequence
+from simulator.engine import Engine, Output, OutputKind, Sequence
 from simulator.profile import EngineProfile
 
-INF = math.inf
-_FINISHED, _FIRST_TOKEN = OutputKind.FINISHED, OutputKind.FIRST_TOKEN
-SIM_RESOLUTION_S = 1e-6
+INF: Final = math.inf
+NO_ENTRY: Final = -math.inf  # (no event time equals it)
+_FINISHED: Final = OutputKind.FINISHED
+_FIRST_TOKEN: Final = OutputKind.FIRST_TOKEN
+_LOADED: Final = OutputKind.LOADED
+SIM_RESOLUTION_S: Final = 1e-6
 """The simulated clock's tick: a wake-up asked for at or before now comes this much later."""
 
 
@@ -184,7 +187,9 @@ class SimulatedCluster:
         self._seqs: dict[int, Sequence] = {}
         self._engines = [inst.engine for inst in self._instances]
         self._heap: list[tuple[float, int]] = []
-        self._pushed: list[float | None] = [None] * len(self._instances)
+        # Each engine's live heap entry's time; NO_ENTRY where it has none (a float, not None: compiled, a float
+        # compares natively).
+        self._pushed: list[float] = [NO_ENTRY] * len(self._instances)
         """Per engine, the time of its one live entry in `_heap` (None: none)."""
         self._evictions = 0
         self._done = 0
@@ -292,12 +297,9 @@ class SimulatedCluster:
         heap = self._heap
         pushed = self._pushed
         engines = self._engines
-        heappop = heapq.heappop
-        handle, push = self._handle, self._push
+        # (The driver's and this object's methods called as methods, not bound to locals: compiled, a method
+        # call is a direct native call, a bound method object a generic one.)
         driver = self.driver
-        arrived = driver.arrived
-        schedule = driver.schedule
-        stepped = driver.stepped
         wake: float | None = None
         last_progress = 0
         max_len = {m: max(inst.profile_for(m).max_model_len for inst in self._instances) for m in self.scenario.models}  # type: ignore[union-attr]
@@ -318,12 +320,12 @@ class SimulatedCluster:
                 t, iid = heappop(heap)
                 if pushed[iid] != t:
                     continue  # superseded
-                pushed[iid] = None
+                pushed[iid] = NO_ENTRY
                 outs = engines[iid].advance(now)
-                stepped(iid)
+                driver.stepped(iid)
                 if outs:
-                    handle(iid, outs)
-                push(iid)
+                    self._handle(iid, outs)
+                self._push(iid)
             while t_arr <= now:
                 r = reqs[i]
                 i += 1
@@ -333,10 +335,10 @@ class SimulatedCluster:
                     r.error = "prompt_tokens + max_tokens exceeds max_model_len"
                     self._done += 1
                     continue
-                arrived(r, now)
+                driver.arrived(r, now)
             if now >= self._next_sample:
                 self._sample(now)
-            wake = schedule(now)
+            wake = driver.schedule(now)
             if progress is not None and self._done - last_progress >= 2000:
                 last_progress = self._done
                 progress(self._done, n)
@@ -391,17 +393,17 @@ class SimulatedCluster:
         t = self._engines[iid].next_event_time()
         if t != self._pushed[iid]:
             if t < INF:
-                heapq.heappush(self._heap, (t, iid))
+                heappush(self._heap, (t, iid))
                 self._pushed[iid] = t
             else:
-                self._pushed[iid] = None
+                self._pushed[iid] = NO_ENTRY
 
     def _sample(self, now: float) -> None:
         for cls, depth in self.policy.queue_depths().items():
             self.timeline.append((now, "queue_depth", -1, "", cls, float(depth)))
         self._next_sample = now + self._sample_dt
 
-    def _handle(self, iid: int, outs: list) -> None:
+    def _handle(self, iid: int, outs: list[Output]) -> None:
         inst = self._instances[iid]
         driver = self.driver
         # What a client sees on top of the engine's times: the same for every output of this advance (the
@@ -409,9 +411,14 @@ class SimulatedCluster:
         front = inst.api_server.frontend_delay()
         for o in outs:
             kind = o.kind
+            if kind is _LOADED:
+                inst.sync()
+                driver.instance_changed(iid)
+                continue
+            seq = o.seq
+            assert seq is not None  # (every output but LOADED is a sequence's)
+            r: Request = seq.tag
             if kind is _FINISHED:
-                seq = o.seq
-                r: Request = seq.tag
                 r.finish_s = o.time + front
                 r.generated_tokens = seq.generated
                 rid = r.request_id
@@ -420,26 +427,19 @@ class SimulatedCluster:
                 self._done += 1
                 driver.finished(r, o.time)
             elif kind is _FIRST_TOKEN:
-                r = o.seq.tag
                 if r.first_token_s is None:
                     r.first_token_s = o.time + front
                 driver.first_token(r, o.time)
             elif kind is OutputKind.PREEMPTED:
-                r = o.seq.tag
                 r.num_preemptions += 1
                 driver.preempted(r, o.time)
             elif kind is OutputKind.ABORTED:
-                seq = o.seq
-                r = seq.tag
                 r.generated_tokens = seq.generated
                 r.num_evictions += 1
                 self._evictions += 1
                 del inst.requests[r.request_id]
                 self.timeline.append((o.time, "evict", iid, r.model, r.slo_class, float(seq.generated)))
                 driver.evicted(r, o.time)
-            elif kind is OutputKind.LOADED:
-                inst.sync()
-                driver.instance_changed(iid)
         if inst.swap_after_drain is not None and not inst.requests and outs:
             model, inst.swap_after_drain = inst.swap_after_drain, None
             self._load(inst, model, outs[-1].time)

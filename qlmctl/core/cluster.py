@@ -94,7 +94,7 @@ class ClusterView(Protocol):
     # on its own (streams, metrics), so a policy re-reads what it needs on every call there.
 
 
-@dataclass(slots=True)  # not frozen: one per request, and a frozen record's __init__ costs 3x
+@dataclass(slots=True, init=False)  # not frozen: one per request, and a frozen record's __init__ costs 3x
 class Dispatch:
     """Hand `request` to instance `instance_id`'s engine now.
 
@@ -105,6 +105,12 @@ class Dispatch:
     request: Request
     instance_id: int
     priority: int | None = None
+
+    # Written out: the dataclass's generated one would be interpreted code in the compiled build.
+    def __init__(self, request: Request, instance_id: int, priority: int | None = None) -> None:
+        self.request = request
+        self.instance_id = instance_id
+        self.priority = priority
 
 
 @dataclass(frozen=True, slots=True)

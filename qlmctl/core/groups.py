@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from qlmctl.core.request import Request
 
-LATE_BUCKET = 1 << 30
+LATE_BUCKET: Final = 1 << 30
 """Bucket of requests whose deadline has passed: they go last, as they count as misses anyway."""
 
 

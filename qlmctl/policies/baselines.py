@@ -7,8 +7,8 @@ wait with no instance serving them, swaps it to the model whose head request com
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
+from heapq import heappop, heappush
 from typing import ClassVar
 
 from qlmctl.core.cluster import ClusterView, Decision, Dispatch, SwapModel
@@ -38,7 +38,7 @@ class _KeyQueue:
         if not run or entry >= run[-1]:
             run.append(entry)
         else:
-            heapq.heappush(self._heap, entry)
+            heappush(self._heap, entry)
 
     def head(self) -> tuple:
         run, heap = self._run, self._heap
@@ -49,7 +49,7 @@ class _KeyQueue:
     def pop(self) -> tuple:
         run, heap = self._run, self._heap
         if heap and (not run or heap[0] < run[0]):
-            return heapq.heappop(heap)
+            return heappop(heap)
         return run.popleft()
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
+from heapq import heapify, heappop, heappush
+from typing import Final
 
 from qlmctl.core.cluster import ClusterView, InstanceView
 from qlmctl.core.request import Request
@@ -69,7 +70,7 @@ class Room:
             self.taken_tokens += t
 
 
-SCAN_ROOMS = 8
+SCAN_ROOMS: Final = 8
 """Up to this many rooms of a model, `RoomBook.place` looks at each (cheaper than keeping heaps)."""
 
 
@@ -176,12 +177,20 @@ class RoomBook:
             # `room_of` but for what `fresh_blocks` reads when the room is chosen (free blocks, prompt tokens).
             inst = insts[iid]
             prof = inst.profile
-            old_model = model_of.pop(iid, None)
+            # (`in` and `del`, not `pop(iid, None)`: compiled, these are primitives and `pop` a method call)
+            old_model = model_of.get(iid)
             if old_model is not None:
-                by_model[old_model].pop(iid, None)
-                blocked[old_model].pop(iid, None)
-            ready.pop(iid, None)
-            starved.pop(iid, None)
+                del model_of[iid]
+                was = by_model[old_model]
+                if iid in was:
+                    del was[iid]
+                was = blocked[old_model]
+                if iid in was:
+                    del was[iid]
+            if iid in ready:
+                del ready[iid]
+            if iid in starved:
+                del starved[iid]
             if inst.swapping or not inst.healthy or prof is None:
                 rm = None
             else:
@@ -190,7 +199,8 @@ class RoomBook:
             rooms[iid] = rm
             if rm is None:
                 unloaded.add(iid)
-                open_.pop(iid, None)
+                if iid in open_:
+                    del open_[iid]
             else:
                 unloaded.discard(iid)
                 open_[iid] = rm
@@ -289,8 +299,8 @@ class RoomBook:
                 cap = _kv_room(rm)
                 if (cap, rm.load) != rm.heap_key:  # else its entries stand
                     rm.heap_key = (cap, rm.load)
-                    heapq.heappush(caps, (-cap, iid, id(rm), rm))
-                    heapq.heappush(loads, (rm.load, iid, id(rm), rm))
+                    heappush(caps, (-cap, iid, id(rm), rm))
+                    heappush(loads, (rm.load, iid, id(rm), rm))
             if len(caps) + len(loads) > 8 * len(serving) + 64:  # stale entries pile up
                 self._heap_up(serving, caps, loads)
         # Entries of rooms since replaced, closed or changed are stale: dropped as they come up.
@@ -298,7 +308,7 @@ class RoomBook:
         # nowhere (`Room.fits` needs its tokens and one more).
         tokens = r.prompt_tokens + r.generated_tokens + 1
         while caps and (serving.get(caps[0][1]) is not caps[0][3] or -caps[0][0] != _kv_room(caps[0][3])):
-            heapq.heappop(caps)
+            heappop(caps)
         if not caps or -caps[0][0] < tokens:
             return None
         # The least-loaded room `r` fits: walk up the load heap to the first that fits, and at the same pace
@@ -311,28 +321,28 @@ class RoomBook:
         cand_key = (0, 0)
         while True:
             while loads and (serving.get(loads[0][1]) is not loads[0][3] or loads[0][0] != loads[0][3].load):
-                heapq.heappop(loads)
+                heappop(loads)
             if not loads:
                 break
             rm = loads[0][3]
             if rm.fits(r):
                 best = rm
                 break
-            held_l.append(heapq.heappop(loads))
+            held_l.append(heappop(loads))
             while caps and (serving.get(caps[0][1]) is not caps[0][3] or -caps[0][0] != _kv_room(caps[0][3])):
-                heapq.heappop(caps)
+                heappop(caps)
             if not caps or -caps[0][0] < tokens:
                 best = cand  # every room with KV for `r` looked at
                 break
-            e = heapq.heappop(caps)
+            e = heappop(caps)
             held_c.append(e)
             rm = e[3]
             if rm.fits(r) and (cand is None or (rm.load, e[1]) < cand_key):
                 cand, cand_key = rm, (rm.load, e[1])
         for el in held_l:
-            heapq.heappush(loads, el)
+            heappush(loads, el)
         for ec in held_c:
-            heapq.heappush(caps, ec)
+            heappush(caps, ec)
         return best
 
     @staticmethod
@@ -342,8 +352,8 @@ class RoomBook:
             rm.heap_key = (_kv_room(rm), rm.load)
         caps[:] = [(-rm.heap_key[0], iid, id(rm), rm) for iid, rm in serving.items()]
         loads[:] = [(rm.load, iid, id(rm), rm) for iid, rm in serving.items()]
-        heapq.heapify(caps)
-        heapq.heapify(loads)
+        heapify(caps)
+        heapify(loads)
 
     def taken(self, rm: Room) -> None:
         """`rm` took a request (`Room.take`): a full room leaves the open ones until it is refreshed."""
@@ -354,8 +364,8 @@ class RoomBook:
             model, iid = self._model_of[rm.inst.instance_id], rm.inst.instance_id
             cap = _kv_room(rm)
             rm.heap_key = (cap, rm.load)
-            heapq.heappush(self._caps[model], (-cap, iid, id(rm), rm))
-            heapq.heappush(self._loads[model], (rm.load, iid, id(rm), rm))
+            heappush(self._caps[model], (-cap, iid, id(rm), rm))
+            heappush(self._loads[model], (rm.load, iid, id(rm), rm))
 
     def _close(self, rm: Room) -> None:
         iid = rm.inst.instance_id

@@ -41,7 +41,8 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from heapq import heapify, heappush
+from typing import ClassVar, Final
 
 from qlmctl.core.calibration import TTFTCalibration
 from qlmctl.core.cluster import ClusterView, Decision, InstanceView, Reject
@@ -53,22 +54,22 @@ from qlmctl.policies.common import Room, RoomBook
 from qlmctl.policies.qlm_basic import PlanStats as BasicPlanStats
 from qlmctl.policies.qlm_basic import QLMBasicPolicy
 
-LATE_PRIORITY = 10**15
+LATE_PRIORITY: Final = 10**15
 """Engine priority of a late request, above every on-time one (which are deadlines in ms, see `_priority`)."""
-CLASS_PRIORITY = 10**12
+CLASS_PRIORITY: Final = 10**12
 """Engine priority step between classes under the strict objective (more ms than any run lasts)."""
-TPOT_MARGIN = 0.9
+TPOT_MARGIN: Final = 0.9
 """Fraction of a TPOT SLO the predicted time per output token may use (steps vary around their mean)."""
-ARRIVAL_WINDOW_S = 10.0
+ARRIVAL_WINDOW_S: Final = 10.0
 """Time constant of the arrival rates per model and class the estimator extrapolates (see `_Arrivals`)."""
 
-SWAP_WAIT_SHARE = 0.1
+SWAP_WAIT_SHARE: Final = 0.1
 """While a swap is coming, a request of a loaded model whose mean TTFT is above this share of its TTFT SLO is
 predicted as one waiting on swaps (see `_predict`): short waits are not, as the instances serve them before
 they go (W_B, 60 req/s: the 14B's batch-2 requests, predicted at 500 s from its loaded instance, waited 900 s
 while it was swapped out; coverage 0.13)."""
 
-SWAP_LOOKAHEAD = 512
+SWAP_LOOKAHEAD: Final = 512
 """Queued requests per model that a swap's worth looks at (in urgency order)."""
 
 
@@ -94,9 +95,9 @@ class _Arrivals:
         return self.rate * math.exp(-(now - self.t) / ARRIVAL_WINDOW_S) if now > self.t else self.rate
 
 
-LAG_WINDOW = 256
+LAG_WINDOW: Final = 256
 """Recent engine admission lags kept per model (see `_update_lag`)."""
-LAG_MIN = 20
+LAG_MIN: Final = 20
 """Lags needed before their quantile replaces the profile's."""
 
 
@@ -400,10 +401,9 @@ class QLMPolicy(QLMBasicPolicy):
         best: RequestGroup | None = None
         best_key: tuple[float, ...] = ()
         late: RequestGroup | None = None
-        ready, key = self._ready_head, self._key
         strict = self._strict
         k: tuple[float, ...]
-        for g in self._by_model.get(model or "", ()):  # (`ready` may add a late group: the loop sees it too)
+        for g in self._by_model.get(model or "", ()):  # (`_ready_head` may add a late group: the loop sees it too)
             q = g.queue
             if not q:
                 continue
@@ -415,9 +415,9 @@ class QLMPolicy(QLMBasicPolicy):
                 else:
                     late = g
                 continue
-            if not ready(g, now):
+            if not self._ready_head(g, now):
                 continue
-            k = key(q[0])
+            k = self._key(q[0])
             if best is None or k < best_key:
                 best, best_key = g, k
         if best is None and late is not None and late.queue:
@@ -649,7 +649,7 @@ class QLMPolicy(QLMBasicPolicy):
                     deferred.add(r.request_id)
                     continue
                 taken.remove(victim)
-                heapq.heapify(taken)
+                heapify(taken)
                 _, _, v, vi, vwork = victim
                 self._put(srvs[vi], vwork, -1)
                 nearest[vi] = srvs[vi].start_s(False)
@@ -657,7 +657,7 @@ class QLMPolicy(QLMBasicPolicy):
                 i = nearest.index(min(nearest)) if len(srvs) > 1 else 0
             self._put(srvs[i], work, +1)
             nearest[i] = srvs[i].start_s(False)
-            heapq.heappush(taken, (-bad, r.request_id, r, i, work))
+            heappush(taken, (-bad, r.request_id, r, i, work))
         self._starts[model] = (now, keys, starts, starts_pct)
         self._unwalked[model] = (per_tok, len(srvs))
         return self._give_up(groups, deferred, now)
@@ -686,36 +686,45 @@ class QLMPolicy(QLMBasicPolicy):
             out.append((c.ttft_s, c.rank, rate * cost / servers))
         return out
 
-    def _ahead(self, r: Request, future: list[tuple[float, int, float]], now: float) -> tuple[bool, list]:
-        """The arrivals that will go before `r` (see `_stretch`), worked out once for its several starts:
-        (True, the loads of the tighter classes) under strict precedence, else (False, per class: how long
-        its arrivals still have an earlier deadline than `r`'s, and its load)."""
+    def _ahead(self, r: Request, future: list[tuple[float, int, float]], now: float
+               ) -> tuple[list[float], list[float]]:
+        """The arrivals that will go before `r` (see `_stretch`), worked out once for its several starts: per
+        class, how long its arrivals still go first (under EDF while their deadline comes before `r`'s; under
+        strict precedence always, for the tighter classes) and its load. Two lists of floats, not a list of
+        pairs: the compiled build reads them unboxed."""
+        caps: list[float] = []
+        loads: list[float] = []
         if self._strict:
             rank = self._rank.get(r.slo_class, 0)
-            return True, [load for _, c_rank, load in future if c_rank < rank]
-        left = r.deadline_s - now
-        return False, [(left - slo_s, load) for slo_s, _, load in future]
+            for _, c_rank, load in future:
+                if c_rank < rank:
+                    caps.append(math.inf)
+                    loads.append(load)
+        else:
+            left = r.deadline_s - now
+            for slo_s, _, load in future:
+                caps.append(left - slo_s)
+                loads.append(load)
+        return caps, loads
 
     @staticmethod
-    def _stretch(start: float, ahead: tuple[bool, list] | None) -> float:
+    def _stretch(start: float, ahead: tuple[list[float], list[float]] | None) -> float:
         """`start` stretched by the requests that will arrive before it and still go first (`_ahead`; None:
         no arrivals): under EDF those whose deadline comes earlier, under strict precedence those of tighter
         classes."""
         if ahead is None:
             return start
-        strict, terms = ahead
+        caps, loads = ahead
+        n = len(caps)
         base = start
         # A fixed point: the longer it waits, the more arrive ahead of it. Each round is a function of `start`
         # alone, so once a round leaves it unchanged (e.g. nothing ahead at 0 s) the rest would too.
         for _ in range(3):
             extra = 0.0
-            if strict:
-                for load in terms:
-                    extra += load * start
-            else:
-                for cap, load in terms:
-                    m = cap if cap < start else start  # max(0.0, min(start, cap)), without the calls
-                    extra += load * (m if m > 0.0 else 0.0)
+            for i in range(n):
+                cap = caps[i]
+                m = cap if cap < start else start  # max(0.0, min(start, cap)), without the calls
+                extra += loads[i] * (m if m > 0.0 else 0.0)
             new = base + extra
             if new == start:
                 return new
@@ -821,7 +830,7 @@ class QLMPolicy(QLMBasicPolicy):
             q = g.queue
             if not q or g.late:
                 continue
-            first, last = key(q[0]), key(q[-1])
+            first, last = self._key(q[0]), self._key(q[-1])
             if first >= before or last <= after:
                 continue
             # FCFS within a group of one SLO: its keys rise along the queue. (A bisection of a deque reads

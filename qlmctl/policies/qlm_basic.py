@@ -24,7 +24,7 @@ the engine's real bottleneck instead (see there).
 
 from __future__ import annotations
 
-import heapq
+from heapq import heapify, heappop, heappush
 import math
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -201,15 +201,15 @@ class QLMBasicPolicy(Policy):
                 out.extend(self._maybe_swap(inst, now))
         # Least-loaded first, one request at a time, so replicas of a model share its load.
         rooms = book.open_rooms()
-        heapq.heapify(rooms)
-        tpot, urgent, next_group = self._tpot, self._urgent, self._next_group
+        heapify(rooms)
+        tpot, urgent = self._tpot, self._urgent
         urgent.clear()
         while rooms and self._count:
-            _, iid, room = heapq.heappop(rooms)
+            _, iid, room = heappop(rooms)
             book.read(room)
             if tpot:  # (without TPOT classes every cap is None)
                 self._cap_for_tpot(room)
-            g = next_group(room.inst, room, now, out)
+            g = self._next_group(room.inst, room, now, out)  # (a method call: native in the compiled build)
             if g is None:
                 book.block(room)
                 continue
@@ -221,7 +221,7 @@ class QLMBasicPolicy(Policy):
             prio = self._priority(r, g.late) if room.inst.scheduling_policy == "priority" else None
             out.append(Dispatch(r, iid, prio))
             if room.slots > 0:
-                heapq.heappush(rooms, (room.load, iid, room))
+                heappush(rooms, (room.load, iid, room))
         return out
 
     # What qlm adds to the schedule above (no-ops here: the paper's algorithm).
