@@ -99,8 +99,11 @@ class TTFTCalibration:
         self._log_factor: dict[Hashable, float] = {}
         """Per key, its log factor; for a key in `_weighted`, its weight between the mean and the deadline."""
         self._pending: dict[int, _Pending] = {}
-        self._due: list[tuple[float, int]] = []
-        """(due time, request id) of the pending predictions, earliest first (stale entries skipped)."""
+        self._due: list[float] = []
+        """The due times of the pending predictions, a heap, earliest first (stale entries skipped). Floats, not
+        (time, request id) pairs: a heap of floats compares natively, and most entries go stale unread."""
+        self._due_ids: dict[float, list[int]] = {}
+        """The request ids due at each time of `_due`."""
         self.hits = 0
         self.misses = 0
 
@@ -127,8 +130,18 @@ class TTFTCalibration:
         pred = p.pred_s(theta)
         due = p.due_s = arrival_s + pred
         self._pending[request_id] = p
-        heappush(self._due, (due, request_id))
+        self._push_due(due, request_id)
         return pred
+
+    def _push_due(self, due: float, request_id: int) -> None:
+        if due != due:
+            return  # NaN (a degenerate estimate): never due, where a NaN in the heap would stop every later one
+        ids = self._due_ids.get(due)
+        if ids is None:
+            self._due_ids[due] = [request_id]
+            heappush(self._due, due)
+        else:
+            ids.append(request_id)
 
     def first_token(self, request_id: int, now: float) -> None:
         """A request got its first token at `now`: a hit if within the current factor (one beyond it was
@@ -158,17 +171,22 @@ class TTFTCalibration:
         due = self._due
         pending = self._pending
         lf = self._log_factor
-        while due and due[0][0] < now:
-            d, rid = heappop(due)
-            p = pending.get(rid)
-            if p is None or p.due_s != d:
-                continue  # started, forgotten, or pushed back since
-            p.due_s = p.arrival_s + p.pred_s(lf[p.key])
-            if p.due_s < now:
-                del pending[rid]
-                self._update(p.key, True, p.due_s)  # when it became a miss: calls come seconds apart
-            else:  # the factor rose since: not a miss yet
-                heappush(due, (p.due_s, rid))
+        due_ids = self._due_ids
+        while due and due[0] < now:
+            d = heappop(due)
+            ids = due_ids.pop(d)
+            if len(ids) > 1:
+                ids.sort()  # (as (time, id) pairs would come)
+            for rid in ids:
+                p = pending.get(rid)
+                if p is None or p.due_s != d:
+                    continue  # started, forgotten, or pushed back since
+                p.due_s = p.arrival_s + p.pred_s(lf[p.key])
+                if p.due_s < now:
+                    del pending[rid]
+                    self._update(p.key, True, p.due_s)  # when it became a miss: calls come seconds apart
+                else:  # the factor rose since: not a miss yet
+                    self._push_due(p.due_s, rid)
 
     def _update(self, key: Hashable, miss: bool, now: float) -> None:
         if miss:

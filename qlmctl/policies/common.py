@@ -31,11 +31,13 @@ class Room:
     """Its blocks and tokens have been read (`RoomBook.fresh_blocks`) and its engine has not stepped since."""
     heap_key: tuple[float, int] = (math.nan, -1)
     """(free KV tokens, load) as last entered in the room book's heaps (`RoomBook.place`)."""
+    iid: int = -1
+    """Its instance's id, where a room book made it (-1 from `room_of`)."""
 
     # Written out: the dataclass's generated one would be interpreted code in the compiled build.
     def __init__(self, inst: InstanceView, slots: int, blocks: int, load: int, block_size: int, taken_blocks: int = 0,
                  tokens: float = math.inf, taken_tokens: int = 0, read: bool = False,
-                 heap_key: tuple[float, int] = (math.nan, -1)) -> None:
+                 heap_key: tuple[float, int] = (math.nan, -1), iid: int = -1) -> None:
         self.inst = inst
         self.slots = slots
         self.blocks = blocks
@@ -46,6 +48,7 @@ class Room:
         self.taken_tokens = taken_tokens
         self.read = read
         self.heap_key = heap_key
+        self.iid = iid
 
     def blocks_for(self, r: Request) -> int:
         """KV blocks the engine needs free to admit `r` (as `simulator.engine.Engine` counts them)."""
@@ -195,7 +198,7 @@ class RoomBook:
                 rm = None
             else:
                 load = inst.num_running + inst.num_waiting
-                rm = Room(inst, prof.max_num_seqs + limit - load, 0, load, prof.block_size)
+                rm = Room(inst, prof.max_num_seqs + limit - load, 0, load, prof.block_size, iid=iid)
             rooms[iid] = rm
             if rm is None:
                 unloaded.add(iid)
@@ -226,12 +229,16 @@ class RoomBook:
     def open_rooms(self) -> list[tuple[int, int, Room]]:
         """(load, instance id, room) of each serving instance with a free slot that is not blocked, in no
         particular order: a heap's entries, least-loaded first once heapified."""
-        out = []
+        return [(rm.load, rm.iid, rm) for rm in self.open_list()]
+
+    def open_list(self) -> list[Room]:
+        """The rooms of `open_rooms`, without their keys (`Room.load`, `Room.iid`), in no particular order."""
+        out: list[Room] = []
         full = None
         handed = self._handed
         for iid, rm in self._ready.items():
             if rm.slots > 0:
-                out.append((rm.load, iid, rm))
+                out.append(rm)
                 handed.append(rm)
             elif full is None:
                 full = [iid]

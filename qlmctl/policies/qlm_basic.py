@@ -24,7 +24,6 @@ the engine's real bottleneck instead (see there).
 
 from __future__ import annotations
 
-from heapq import heapify, heappop, heappush
 import math
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -200,18 +199,27 @@ class QLMBasicPolicy(Policy):
             if not inst.swapping and inst.healthy:
                 out.extend(self._maybe_swap(inst, now))
         # Least-loaded first, one request at a time, so replicas of a model share its load.
-        rooms = book.open_rooms()
-        heapify(rooms)
+        # (A scan for the least loaded, not a heap of (load, id, room): most calls dispatch one or two requests,
+        # and a scan of the open rooms costs less than the tuples a heap needs. The same order.)
+        rooms = book.open_list()
         tpot, urgent = self._tpot, self._urgent
         urgent.clear()
         while rooms and self._count:
-            _, iid, room = heappop(rooms)
+            at = 0
+            room = rooms[0]
+            for k in range(1, len(rooms)):
+                other = rooms[k]
+                if other.load < room.load or (other.load == room.load and other.iid < room.iid):
+                    at, room = k, other
+            iid = room.iid
             book.read(room)
             if tpot:  # (without TPOT classes every cap is None)
                 self._cap_for_tpot(room)
             g = self._next_group(room.inst, room, now, out)  # (a method call: native in the compiled build)
             if g is None:
                 book.block(room)
+                rooms[at] = rooms[-1]
+                rooms.pop()
                 continue
             r = g.queue.popleft()
             urgent.pop(g.model, None)
@@ -220,8 +228,9 @@ class QLMBasicPolicy(Policy):
             room.take(r)
             prio = self._priority(r, g.late) if room.inst.scheduling_policy == "priority" else None
             out.append(Dispatch(r, iid, prio))
-            if room.slots > 0:
-                heappush(rooms, (room.load, iid, room))
+            if room.slots <= 0:
+                rooms[at] = rooms[-1]
+                rooms.pop()
         return out
 
     # What qlm adds to the schedule above (no-ops here: the paper's algorithm).
