@@ -10,11 +10,12 @@ engines' operations.
 from __future__ import annotations
 
 import gc
-from heapq import heappop, heappush
 import math
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 from operator import attrgetter
 from typing import Any, Final
 
@@ -187,10 +188,9 @@ class SimulatedCluster:
         self._seqs: dict[int, Sequence] = {}
         self._engines = [inst.engine for inst in self._instances]
         self._heap: list[tuple[float, int]] = []
-        # Each engine's live heap entry's time; NO_ENTRY where it has none (a float, not None: compiled, a float
-        # compares natively).
         self._pushed: list[float] = [NO_ENTRY] * len(self._instances)
-        """Per engine, the time of its one live entry in `_heap` (None: none)."""
+        """Per engine, the time of its one live entry in `_heap` (NO_ENTRY: none; a float, not None, so that the
+        compiled loop compares natively)."""
         self._evictions = 0
         self._done = 0
         span = self.requests[-1].arrival_s - self.requests[0].arrival_s if self.requests else 0.0
