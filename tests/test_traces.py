@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -316,15 +315,13 @@ def _shared(name: str) -> Path:
     ],
 )
 def test_real_traces(name: str, fmt: str, rows: int) -> None:
+    # (How fast they load is a benchmark's, bench/bench_traces.py: a wall-clock bound here failed on a busy host.)
     path = _shared(name)
-    start = time.perf_counter()
     t = load_trace(path)
-    elapsed = time.perf_counter() - start
     _check_frame(t.frame)
     assert t.format == fmt
     assert t.rows_read == rows
     assert len(t) + sum(t.skipped.values()) == rows
-    assert elapsed < 0.5
     if fmt == "burstgpt":
         raw = pd.read_csv(path)
         assert t.skipped == {BURSTGPT_FAILED: int((raw["Response tokens"] == 0).sum())}
