@@ -180,21 +180,21 @@ def test_a_room_out_of_prompt_tokens_stays_blocked_until_its_engine_steps() -> N
     cluster = _Cluster([starved, other], steps_reported=True)
     book = RoomBook(dispatch_limit=0, lookahead_steps=2.0, tracks_steps=True)
     book.refresh(cluster)
-    for _, _, rm in book.open_rooms():
+    for rm in book.open_list():
         book.read(rm)
         assert not rm.fits(_request(1, "a", 10))
         book.block(rm)
-    assert book.open_rooms() == []
+    assert book.open_list() == []
     book.unblock({"a"})
-    assert [iid for _, iid, _ in book.open_rooms()] == [1]  # the starved room waits for a step
+    assert [rm.iid for rm in book.open_list()] == [1]  # the starved room waits for a step
     book.block(book.get(1))
     starved.pending_prefill_tokens = 0
     book.unblock({"a"})
-    assert [iid for _, iid, _ in book.open_rooms()] == [1]  # its step is not reported yet: what was read stands
+    assert [rm.iid for rm in book.open_list()] == [1]  # its step is not reported yet: what was read stands
     book.block(book.get(1))
     book.stepped(0)
     book.unblock({"a"})
-    assert sorted(iid for _, iid, _ in book.open_rooms()) == [0, 1]
+    assert sorted(rm.iid for rm in book.open_list()) == [0, 1]
     live = RoomBook(dispatch_limit=0, lookahead_steps=2.0, tracks_steps=True)  # no reported steps: re-read
     starved.pending_prefill_tokens = 10**6
     live.refresh(_Cluster([starved], steps_reported=False))
@@ -202,7 +202,7 @@ def test_a_room_out_of_prompt_tokens_stays_blocked_until_its_engine_steps() -> N
     live.read(rm)
     live.block(rm)
     live.unblock({"a"})
-    assert [iid for _, iid, _ in live.open_rooms()] == [0]
+    assert [rm.iid for rm in live.open_list()] == [0]
 
 
 def test_fcfs_dispatches_once_a_preemption_frees_blocks() -> None:

@@ -32,7 +32,7 @@ class Room:
     heap_key: tuple[float, int] = (math.nan, -1)
     """(free KV tokens, load) as last entered in the room book's heaps (`RoomBook.place`)."""
     iid: int = -1
-    """Its instance's id, where a room book made it (-1 from `room_of`)."""
+    """Its instance's id (`inst.instance_id`, kept here: compiled, a read through the instance view is a lookup)."""
 
     # Written out: the dataclass's generated one would be interpreted code in the compiled build.
     def __init__(self, inst: InstanceView, slots: int, blocks: int, load: int, block_size: int, taken_blocks: int = 0,
@@ -94,7 +94,8 @@ def room_of(inst: InstanceView, dispatch_limit: int, lookahead_steps: float | No
         return None
     running = inst.num_running
     load = running + inst.num_waiting
-    room = Room(inst, prof.max_num_seqs + dispatch_limit - load, inst.free_kv_blocks, load, prof.block_size)
+    room = Room(inst, prof.max_num_seqs + dispatch_limit - load, inst.free_kv_blocks, load, prof.block_size,
+                iid=inst.instance_id)
     if lookahead_steps is not None:
         room.tokens = _token_room(prof, running, inst.pending_prefill_tokens, lookahead_steps)
     return room
@@ -139,7 +140,7 @@ class RoomBook:
         self._stale: set[int] | None = None  # None: all
         # Kept so that a call costs what changed, not the number of instances:
         self._open: dict[int, Room] = {}  # rooms that may have a free slot (a full one drops out until refreshed)
-        self._ready: dict[int, Room] = {}  # the open rooms not blocked (`open_rooms`)
+        self._ready: dict[int, Room] = {}  # the open rooms not blocked (`open_list`)
         self._blocked: dict[str, dict[int, Room]] = {}  # per model, the blocked rooms its next arrival opens
         self._starved: dict[int, Room] = {}  # blocked rooms out of prompt tokens: opened by a step (`block`)
         self._by_model: dict[str, dict[int, Room]] = {}  # `_open` by the model each serves
@@ -154,7 +155,7 @@ class RoomBook:
         self._current = False  # rooms read stay current until touched (tracks_steps and the world reports steps)
         self._placing = False  # `place` has been called: `_unread` is kept from then on
         self._unloaded: set[int] = set()  # instances serving nothing
-        self._handed: list[Room] = []  # rooms open_rooms gave out since the last refresh (only they take)
+        self._handed: list[Room] = []  # rooms open_list gave out since the last refresh (only they take)
 
     def touch(self, instance_id: int | None) -> None:
         if instance_id is not None and self._stale is not None:
@@ -226,13 +227,9 @@ class RoomBook:
     def get(self, instance_id: int) -> Room | None:
         return self._rooms.get(instance_id)
 
-    def open_rooms(self) -> list[tuple[int, int, Room]]:
-        """(load, instance id, room) of each serving instance with a free slot that is not blocked, in no
-        particular order: a heap's entries, least-loaded first once heapified."""
-        return [(rm.load, rm.iid, rm) for rm in self.open_list()]
-
     def open_list(self) -> list[Room]:
-        """The rooms of `open_rooms`, without their keys (`Room.load`, `Room.iid`), in no particular order."""
+        """Each serving instance's room that has a free slot and is not blocked, in no particular order (a
+        caller takes the least loaded first: `Room.load`, then `Room.iid`)."""
         out: list[Room] = []
         full = None
         handed = self._handed
