@@ -2,7 +2,7 @@
 
     python bench/req_trace_split.py DIR        # DIR: the unpacked req_trace.tgz (conv/near/direct/..., code/...)
 
-Per replay (a folder holding the replay's requests.parquet and the server's reqtrace.jsonl), the mean and p50 / p90
+Per replay (a folder holding the server's reqtrace.jsonl and, in it or below, the replay's requests.parquet), the mean and p50 / p90
 of each leg of the time to first token, ms:
   http in + out   the client's TTFT less the API server's own first-token latency (the request's way in before the
                   API server stamps it, and the first token's way out to the client);
@@ -41,7 +41,10 @@ def legs(folder: Path) -> pd.DataFrame:
                      "output": t["first_token_latency"] - (t["first_token"] - arrival),
                      "vllm_ttft": t["first_token_latency"], "prompt_tokens": t["prompt_tokens"]})
     trace = pd.DataFrame(rows)
-    client = pd.read_parquet(folder / "requests.parquet")[["request_id", "ttft_s"]].dropna()
+    found = sorted(folder.rglob("requests.parquet"))  # the replay's folder (`direct/`) beside the trace
+    if len(found) != 1:
+        raise SystemExit(f"{folder}: expected one replay's requests.parquet under it, found {len(found)}")
+    client = pd.read_parquet(found[0])[["request_id", "ttft_s"]].dropna()
     df = trace.merge(client, on="request_id", how="inner")
     df["http in + out"] = df["ttft_s"] - df["vllm_ttft"]
     return df

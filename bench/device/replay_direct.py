@@ -55,7 +55,8 @@ async def main() -> None:
     failed = [r.error for r in res.requests if r.error]
     summary = summarize(res.requests, itls=res.itls, extra={
         "policy": label, "scenario": sc.spec.name, "backend": "replay", "url": args.url, "speedup": 1.0,
-        "live_wall_s": res.wall_s, "engine_metrics": {"gpu0": engine_totals_delta(before, after)}})
+        "live_wall_s": res.wall_s, "engine_metrics": {"gpu0": engine_totals_delta(before, after)},
+        **res.client})  # the client's own loop lag and CPU: a token it reads late is late in its TTFT
     folder = save_live(LiveRun(label, res.requests, summary, [], res), sc, args.out)
     deltas = summary["engine_metrics"]["gpu0"]
     q, h = deltas.get("vllm:prefix_cache_queries"), deltas.get("vllm:prefix_cache_hits")
