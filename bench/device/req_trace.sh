@@ -5,6 +5,7 @@
 # PYTHONPATH, which logs each finished request's API-server arrival, engine-core QUEUED / SCHEDULED / first-token
 # times and the API server's first-token latency; then the unseen replays, fcfs straight to vLLM, one trace file each.
 #   run(command="bash bench/device/req_trace.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
+#   (SPECS="unseen near 21.5 540" bash ...: only those replays, comma-separated "set load rate requests")
 # Read here: python bench/req_trace_split.py DIR (DIR: the unpacked req_trace.tgz)
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
@@ -17,7 +18,9 @@ export PYTHONPATH=$SAVED_PYTHONPATH
 unset QLM_REQ_TRACE
 grep -m1 "reqtrace" "$OUT/server_llama-3.1-8b.log"
 R="$OUT/trace"
-for spec in "unseen light 10.8 216" "unseen near 21.5 540" "unseen over 43 1075" "code near 16 320" "code over 22 440"; do
+watch_cpu; WPID=$!  # the API server's, the engine core's and the client's CPU every 2 s ($OUT/top.log)
+IFS=, read -ra SPECS <<< "${SPECS:-unseen light 10.8 216,unseen near 21.5 540,unseen over 43 1075,code near 16 320,code over 22 440}"
+for spec in "${SPECS[@]}"; do
   set -- $spec
   log "direct $1/$2: $3 req/s, $4 requests"
   timeout 200 python3 bench/device/replay_direct.py -s "scenarios/fidelity_$1.yaml" --url $URL --rate "$3" -n "$4" \
@@ -27,5 +30,6 @@ for spec in "unseen light 10.8 216" "unseen near 21.5 540" "unseen over 43 1075"
   wc -l < "$R/$1/$2/reqtrace.jsonl" 2>/dev/null
 done
 mv "$R/unseen" "$R/conv" 2>/dev/null
+kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
 tar czf "$OUT/req_trace.tgz" -C "$R" . && rm -rf "$R"
 log done
