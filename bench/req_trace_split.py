@@ -17,6 +17,7 @@ The five add up to the client's TTFT.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 from pathlib import Path
@@ -30,7 +31,9 @@ LEGS = ("http in + out", "intake", "queue", "prefill", "output")
 def legs(folder: Path) -> pd.DataFrame:
     """One row per request of the replay in `folder`: its legs (s), joined on the request id the client sent."""
     rows = []
-    for line in (folder / "reqtrace.jsonl").read_text().splitlines():
+    plain = folder / "reqtrace.jsonl"
+    text = plain.read_text() if plain.exists() else gzip.decompress((folder / "reqtrace.jsonl.gz").read_bytes()).decode()
+    for line in text.splitlines():
         t = json.loads(line)
         m = re.match(r"cmpl-(\d+)", t["id"])
         if m is None or not t["first_token"]:
@@ -56,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     print("| replay | requests | client TTFT mean / p50 (ms) | " + " | ".join(f"{k}: mean / p50 / p90" for k in LEGS) + " |")
     print("|---|---:|---:|" + "---:|" * len(LEGS))
-    for f in sorted(p.parent for p in args.dir.rglob("reqtrace.jsonl")):
+    for f in sorted({p.parent for p in args.dir.rglob("reqtrace.jsonl*")}):  # (committed gzipped)
         df = legs(f)
         if df.empty:
             continue
