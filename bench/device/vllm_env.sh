@@ -1,5 +1,6 @@
 # Sourced by the device scripts: unpack the vLLM bundle (carried as .vllmkit/p0) once, make model folders,
 # and define start/stop helpers for `vllm serve` with dummy weights. Run from the repo root on the GPU host.
+# A call carries the tree and the bundle in 64 MiB: move docs/figures aside for it (docs/fidelity.md, Procedure).
 K=${K:-/root/vk}; OUT=${OUT:-/tmp/vkout}; mkdir -p "$K/parts" "$OUT"
 T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
