@@ -1,7 +1,7 @@
 """Where each request's TTFT went inside vLLM, from `bench/device/req_trace.sh`'s per-request traces.
 
     python bench/req_trace_split.py DIR                 # DIR: the unpacked req_trace.tgz (conv/near/..., code/...)
-    python bench/req_trace_split.py DIR --by-streams    # and per replay, the legs by streams running at arrival
+    python bench/req_trace_split.py DIR --by-streams    # and the legs by streams running at arrival, per replay
 
 Per replay (a folder holding the server's reqtrace.jsonl, committed gzipped, and in it or below the replay's
 requests.parquet), the mean and p50 / p90 of each leg of the time to first token, ms:
@@ -85,13 +85,20 @@ def main() -> None:
     if args.by_streams:
         print("\n| replay | streams running at arrival | requests | " + " | ".join(f"{k} (ms)" for k in LEGS) + " |")
         print("|---|---|---:|" + "---:|" * len(LEGS))
+        corr = []
         for f, df in frames.items():
+            if len(df) > 2:
+                corr.append(f"{f.relative_to(args.dir)}: http in + out against streams "
+                            f"{df['http in + out'].corr(df.running):.2f}, against prompt tokens "
+                            f"{df['http in + out'].corr(df.prompt_tokens):.2f}; intake against streams "
+                            f"{df.intake.corr(df.running):.2f}")
             for lo, hi in zip(STREAM_BINS, STREAM_BINS[1:]):
                 s = df[(df.running >= lo) & (df.running < hi)]
                 if len(s):
                     span = f"{lo}-{hi - 1}" if hi < STREAM_BINS[-1] else f"{lo} and more"
                     print(f"| {f.relative_to(args.dir)} | {span} | {len(s)} | "
                           + " | ".join(f"{s[k].mean() * 1e3:.1f}" for k in LEGS) + " |")
+        print("\ncorrelations (Pearson, per request):\n" + "\n".join(corr))
 
 
 if __name__ == "__main__":
