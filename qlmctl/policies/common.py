@@ -181,23 +181,26 @@ class RoomBook:
             # `room_of` but for what `fresh_blocks` reads when the room is chosen (free blocks, prompt tokens).
             inst = insts[iid]
             prof = inst.profile
-            # (`in` and `del`, not `pop(iid, None)`: compiled, these are primitives and `pop` a method call)
             old_model = model_of.get(iid)
-            if old_model is not None and prof is not None and not inst.swapping and inst.healthy \
-                    and inst.model == old_model:
+            if inst.swapping or not inst.healthy or prof is None:
+                rm = None
+            else:
+                load = inst.num_running + inst.num_waiting
+                rm = Room(inst, prof.max_num_seqs + limit - load, 0, load, prof.block_size, iid=iid)
+            rooms[iid] = rm
+            if rm is not None and old_model is not None and inst.model == old_model:
                 # The common case, the same model on a healthy engine: its new room replaces the old one where
                 # that was filed (the dicts' order is not read: every caller picks by load, then instance id).
-                load = inst.num_running + inst.num_waiting
-                same = Room(inst, prof.max_num_seqs + limit - load, 0, load, prof.block_size, iid=iid)
-                rooms[iid] = open_[iid] = ready[iid] = by_model[old_model][iid] = same
+                open_[iid] = ready[iid] = by_model[old_model][iid] = rm
                 was = blocked[old_model]
                 if iid in was:
                     del was[iid]
                 if iid in starved:
                     del starved[iid]
                 if listing:
-                    unread[old_model].append(same)
+                    unread[old_model].append(rm)
                 continue
+            # (`in` and `del`, not `pop(iid, None)`: compiled, these are primitives and `pop` a method call)
             if old_model is not None:
                 del model_of[iid]
                 was = by_model[old_model]
@@ -210,12 +213,6 @@ class RoomBook:
                 del ready[iid]
             if iid in starved:
                 del starved[iid]
-            if inst.swapping or not inst.healthy or prof is None:
-                rm = None
-            else:
-                load = inst.num_running + inst.num_waiting
-                rm = Room(inst, prof.max_num_seqs + limit - load, 0, load, prof.block_size, iid=iid)
-            rooms[iid] = rm
             if rm is None:
                 unloaded.add(iid)
                 if iid in open_:
