@@ -2,6 +2,7 @@
 
     python bench/req_trace_split.py DIR                 # DIR: the unpacked req_trace.tgz (conv/near/..., code/...)
     python bench/req_trace_split.py DIR --by-streams    # and the legs by streams running at arrival, per replay
+    python bench/req_trace_split.py DIR --api           # and the way in through the API server, hop by hop
 
 Per replay (a folder holding the server's reqtrace.jsonl, committed gzipped, and in it or below the replay's
 requests.parquet), the mean and p50 / p90 of each leg of the time to first token, ms:
@@ -14,6 +15,14 @@ requests.parquet), the mean and p50 / p90 of each leg of the time to first token
   output          that output to the API server's first token (the output's way back and its processing).
 The five add up to the client's TTFT. Requests on one side only (no trace line, or no client TTFT) are counted in
 the table's "unjoined" column, not dropped unsaid.
+
+--api (traces whose lines carry the API server's hops, `bench/device/reqtrace`, and replays that recorded their
+send times' origin, `client_t0_mono`): "http in" split into the client's send to the completion handler (TCP,
+the HTTP server, request parsing), the handler to the tokenizer's hand-over, the wait for the tokenizer's thread,
+the tokenizer's call, the handler's resumption after it, and the rest up to the arrival stamp; and "out" (the first
+token's way from the API server to the client). With the process's event-loop lags and garbage collections
+(`reqtrace.jsonl.events`) that overlap each request's way in. Folders without a replay (probe windows) get the
+server-side hops only.
 """
 
 from __future__ import annotations
@@ -64,16 +73,96 @@ def legs(folder: Path) -> tuple[pd.DataFrame, int]:
     return df, len(lines) + len(client) - 2 * len(df)
 
 
+API_HOPS = ("client to handler", "handler to tokenizer", "tokenizer queue", "tokenize", "resume", "to arrival stamp",
+            "out")
+
+
+def _events(folder: Path) -> pd.DataFrame:
+    f = folder / "reqtrace.jsonl.events"
+    packed = folder / "reqtrace.jsonl.events.gz"
+    text = f.read_text() if f.exists() else gzip.decompress(packed.read_bytes()).decode() if packed.exists() else ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return pd.DataFrame(rows, columns=["kind", "pid", "t", "dur", "gen", "collected"]) if rows else \
+        pd.DataFrame(columns=["kind", "pid", "t", "dur", "gen", "collected"])
+
+
+def api_hops(folder: Path) -> pd.DataFrame:
+    """One row per traced request with the API server's hops (s) on its way in, and the lag and garbage
+    collection time of the API server that overlap that way in."""
+    lines = [t for t in _trace_lines(folder) if t.get("api") and "add" in t["api"]]
+    found = sorted(folder.rglob("requests.parquet"))
+    t0 = None
+    client = None
+    if len(found) == 1:
+        summary = json.loads((found[0].parent / "summary.json").read_text())
+        t0 = summary.get("client_t0_mono")
+        client = pd.read_parquet(found[0])[["request_id", "arrival_s", "ttft_s"]].set_index("request_id")
+    ev = _events(folder)
+    api_pid = lines[0].get("pid") if lines else None
+    stalls = ev[(ev.pid == api_pid)] if len(ev) else ev
+    rows = []
+    for t in lines:
+        a = t["api"]
+        arrival = t["arrival_wall"] - t["wall_minus_mono"]
+        row = {"id": t["id"], "handler to tokenizer": a.get("tok_submit", a["add"]) - a["handler"],
+               "to arrival stamp": arrival - a.get("tok_resume", a["handler"]), "running": 0}
+        if "tok_start" in a:
+            row.update({"tokenizer queue": a["tok_start"] - a["tok_submit"], "tokenize": a["tok_end"] - a["tok_start"],
+                        "resume": a["tok_resume"] - a["tok_end"]})
+        start = a["handler"]
+        m = re.match(r"cmpl-(\d+)-", t["id"])
+        if client is not None and t0 is not None and m is not None and int(m.group(1)) in client.index:
+            c = client.loc[int(m.group(1))]
+            sent = t0 + c.arrival_s
+            row["client to handler"] = a["handler"] - sent
+            row["out"] = sent + c.ttft_s - (arrival + t["first_token_latency"])
+            start = sent
+        if len(stalls):
+            for kind in ("lag", "gc"):
+                s = stalls[stalls.kind == kind]
+                lo, hi = np.maximum(s.t, start), np.minimum(s.t + s.dur, arrival)
+                row[f"{kind} overlap"] = float(np.clip(hi - lo, 0, None).sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def print_api(root: Path) -> None:
+    print("\n| folder | requests | " + " | ".join(f"{k}: mean / p50 / p90 (ms)" for k in API_HOPS)
+          + " | API loop lag / GC overlapping the way in, mean (ms) |")
+    print("|---|---:|" + "---:|" * (len(API_HOPS) + 1))
+    for f in sorted({p.parent for p in root.rglob("reqtrace.jsonl*")}):
+        df = api_hops(f)
+        if df.empty:
+            continue
+        cells = []
+        for k in API_HOPS:
+            v = df[k].dropna() if k in df else pd.Series(dtype=float)
+            cells.append(f"{v.mean() * 1e3:.1f} / {v.median() * 1e3:.1f} / {np.percentile(v, 90) * 1e3:.1f}"
+                         if len(v) else "-")
+        lag = df["lag overlap"].mean() * 1e3 if "lag overlap" in df else float("nan")
+        gcs = df["gc overlap"].mean() * 1e3 if "gc overlap" in df else float("nan")
+        print(f"| {f.relative_to(root)} | {len(df)} | " + " | ".join(cells) + f" | {lag:.1f} / {gcs:.1f} |")
+        ev = _events(f)
+        if len(ev):
+            for (kind, pid), g in ev.groupby(["kind", "pid"]):
+                print(f"    {kind} pid {pid}: {len(g)} events over their threshold, {g.dur.sum() * 1e3:.0f} ms in all, "
+                      f"longest {g.dur.max() * 1e3:.1f} ms" + (f", by generation {g.groupby('gen').size().to_dict()}"
+                                                                 if kind == "gc" else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path)
     ap.add_argument("--by-streams", action="store_true", help="also the mean legs by streams running at arrival")
+    ap.add_argument("--api", action="store_true", help="also the API server's hops on each request's way in")
     args = ap.parse_args()
     print("| replay | requests | unjoined | client TTFT mean / p50 (ms) | "
           + " | ".join(f"{k}: mean / p50 / p90" for k in LEGS) + " |")
     print("|---|---:|---:|---:|" + "---:|" * len(LEGS))
     frames = {}
     for f in sorted({p.parent for p in args.dir.rglob("reqtrace.jsonl*")}):
+        if not list(f.rglob("requests.parquet")):
+            continue  # probe windows: no replay to join (--api shows their server-side hops)
         df, unjoined = legs(f)
         if df.empty:
             continue
@@ -99,6 +188,8 @@ def main() -> None:
                     print(f"| {f.relative_to(args.dir)} | {span} | {len(s)} | "
                           + " | ".join(f"{s[k].mean() * 1e3:.1f}" for k in LEGS) + " |")
         print("\ncorrelations (Pearson, per request):\n" + "\n".join(corr))
+    if args.api:
+        print_api(args.dir)
 
 
 if __name__ == "__main__":

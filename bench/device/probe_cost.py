@@ -41,6 +41,8 @@ PLAN = [  # (streams, probe tokens, probe output tokens, rates, variant)
     (128, 1024, 1, (6.0, 19.0), "parsed"),  # the streams read and parsed event by event, as a replay client does
     (128, 1024, 1, (4.0, 12.0, 19.0), "split"),  # the streams read by another process: the probes' client idles
     (256, 1024, 1, (3.0, 10.0, 19.0), "split"),
+    (240, 1024, 1, (6.0, 19.0), "split"),  # 9, 10: as the replays near saturation meet it (200-256 streams),
+    (240, 1024, 1, (6.0, 19.0), "split-text"),  # with token ids, then words
 ]
 """`variant`: "" token-id probes beside streams whose bytes are dropped unread (profile-model's windows)."""
 
@@ -75,7 +77,8 @@ async def windows(prof: Profiler, label: str, streams: int, probe_tokens: int, p
     prompted = await prof.counter("vllm:prompt_tokens")
     load = prof.stream if variant == "parsed" else prof._raw_stream
     child = None
-    if variant == "split" and streams:
+    split, text = variant.startswith("split"), variant.endswith("text")
+    if split and streams:
         child = mp.get_context("spawn").Process(target=_load_process, args=(str(prof.url), prof.model, streams),
                                                  daemon=True)
         child.start()
@@ -89,7 +92,7 @@ async def windows(prof: Profiler, label: str, streams: int, probe_tokens: int, p
         for rate in rates:
             core0, own0, wall0 = engine_core_cpu_s(), time.process_time(), time.time()
             ttfts, before, after, elapsed = await prof.probe_window(
-                rate, window_s, probe_tokens, HISTOGRAMS, ("process_cpu_seconds",), probe_out, variant == "text")
+                rate, window_s, probe_tokens, HISTOGRAMS, ("process_cpu_seconds",), probe_out, text)
             core = (engine_core_cpu_s() - core0) / elapsed
             own = (time.process_time() - own0) / elapsed
             if any(t.done() for t in loads) or (child is not None and not child.is_alive()):

@@ -56,6 +56,7 @@ async def main() -> None:
     summary = summarize(res.requests, itls=res.itls, extra={
         "policy": label, "scenario": sc.spec.name, "backend": "replay", "url": args.url, "speedup": 1.0,
         "live_wall_s": res.wall_s, "engine_metrics": {"gpu0": engine_totals_delta(before, after)},
+        "client_t0_mono": res.t0,  # the send times' origin on the host's monotonic clock (vLLM's traces use it)
         **res.client})  # the client's own loop lag and CPU: a token it reads late is late in its TTFT
     folder = save_live(LiveRun(label, res.requests, summary, [], res), sc, args.out)
     deltas = summary["engine_metrics"]["gpu0"]

@@ -5,7 +5,8 @@
 # PYTHONPATH, which logs each finished request's API-server arrival, engine-core QUEUED / SCHEDULED / first-token
 # times and the API server's first-token latency; then the unseen replays, fcfs straight to vLLM, one trace file each.
 #   run(command="bash bench/device/req_trace.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
-#   (SPECS="unseen near 21.5 540" bash ...: only those replays, comma-separated "set load rate requests")
+#   (SPECS="unseen near 21.5 540" bash ...: only those replays, comma-separated "set load rate requests";
+#    WINDOWS=9,10: then bench/device/probe_cost.py's windows of those PLAN indices on the same server, traced too)
 # Read here: python bench/req_trace_split.py DIR (DIR: the unpacked req_trace.tgz)
 set -u
 PREFIX_CACHING=off source bench/device/vllm_env.sh
@@ -27,8 +28,18 @@ for spec in "${SPECS[@]}"; do
     -o "$R/$1/$2" 2>&1 | grep -vE "━|^\s*$" | tail -1
   sleep 2  # the last finishes logged
   mv "$OUT/reqtrace.jsonl" "$R/$1/$2/reqtrace.jsonl" 2>/dev/null || log "no trace for $1/$2"
+  mv "$OUT/reqtrace.jsonl.events" "$R/$1/$2/reqtrace.jsonl.events" 2>/dev/null
   wc -l < "$R/$1/$2/reqtrace.jsonl" 2>/dev/null
 done
+if [ -n "${WINDOWS:-}" ]; then  # probe_cost.py's windows (--plan $WINDOWS) on the same traced server
+  log "windows $WINDOWS"
+  mkdir -p "$R/windows"
+  timeout 150 python3 bench/device/probe_cost.py --url $URL --label traced --plan "$WINDOWS" \
+    -o "$R/windows/probe.json" 2>&1 | tail -6
+  sleep 2
+  mv "$OUT/reqtrace.jsonl" "$R/windows/reqtrace.jsonl" 2>/dev/null || log "no trace for the windows"
+  mv "$OUT/reqtrace.jsonl.events" "$R/windows/reqtrace.jsonl.events" 2>/dev/null
+fi
 mv "$R/unseen" "$R/conv" 2>/dev/null
 kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
 tar czf "$OUT/req_trace.tgz" -C "$R" . && rm -rf "$R"
