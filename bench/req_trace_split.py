@@ -3,6 +3,7 @@
     python bench/req_trace_split.py DIR                 # DIR: the unpacked req_trace.tgz (conv/near/..., code/...)
     python bench/req_trace_split.py DIR --by-streams    # and the legs by streams running at arrival, per replay
     python bench/req_trace_split.py DIR --api           # and the way in through the API server, hop by hop
+    python bench/req_trace_split.py DIR --in-out        # "http in + out" split in two, and the intake's order
 
 Per replay (a folder holding the server's reqtrace.jsonl, committed gzipped, and in it or below the replay's
 requests.parquet), the mean and p50 / p90 of each leg of the time to first token, ms:
@@ -15,6 +16,13 @@ requests.parquet), the mean and p50 / p90 of each leg of the time to first token
   output          that output to the API server's first token (the output's way back and its processing).
 The five add up to the client's TTFT. Requests on one side only (no trace line, or no client TTFT) are counted in
 the table's "unjoined" column, not dropped unsaid.
+
+--in-out: "http in" (the client's send to the API server's arrival stamp) and "out" (the first token's way from the
+API server to the client) apart, by streams running at arrival. The client's and the server's clocks are aligned
+on the request that took least from send to stamp (so "in" is above that least, under 0.5 ms where measured:
+a replay's first requests meet an idle server); replays that recorded `client_t0_mono` need no alignment. Then
+whether the server stamped requests in the order they were sent, and its longest stalls: the spans in which
+requests were sent but none stamped.
 
 --api (traces whose lines carry the API server's hops, `bench/device/reqtrace`, and replays that recorded their
 send times' origin, `client_t0_mono`): "http in" split into the client's send to the completion handler (TCP,
@@ -150,11 +158,60 @@ def print_api(root: Path) -> None:
                                                                  if kind == "gc" else ""))
 
 
+def in_out(folder: Path) -> tuple[pd.DataFrame, int, bool]:
+    """Per request of the replay in `folder`: its send and stamp times on the client's clock (s), "in" and "out"
+    (s) and the streams running at arrival; the stamps out of send order; whether the clocks were aligned on
+    the least "in" (no `client_t0_mono` in the summary)."""
+    df, _ = legs(folder)
+    lines = {int(m.group(1)): t for t in _trace_lines(folder)
+             if (m := re.match(r"cmpl-(\d+)", t["id"])) is not None}
+    found = sorted(folder.rglob("requests.parquet"))
+    client = pd.read_parquet(found[0])[["request_id", "arrival_s"]]
+    df = df.merge(client, on="request_id")
+    stamp_mono = np.array([lines[i]["arrival_wall"] - lines[i]["wall_minus_mono"] for i in df.request_id])
+    t0 = json.loads((found[0].parent / "summary.json").read_text()).get("client_t0_mono")
+    aligned = t0 is None
+    offset = float(np.min(stamp_mono - df.arrival_s.to_numpy())) if aligned else float(t0)
+    df["stamp"] = stamp_mono - offset
+    df["in"] = df["stamp"] - df["arrival_s"]
+    df["out"] = df["http in + out"] - df["in"]
+    df = df.sort_values("arrival_s").reset_index(drop=True)
+    inversions = int((np.diff(df["stamp"].to_numpy()) < 0).sum())
+    return df, inversions, aligned
+
+
+def print_in_out(root: Path) -> None:
+    print("\n| replay | streams running at arrival | requests | in: mean / p50 / p90 (ms) | out: mean / p50 / p90 (ms) |")
+    print("|---|---|---:|---:|---:|")
+    notes = []
+    for f in sorted({p.parent for p in root.rglob("reqtrace.jsonl*")}):
+        if not list(f.rglob("requests.parquet")):
+            continue
+        df, inversions, aligned = in_out(f)
+        for lo, hi in zip(STREAM_BINS, STREAM_BINS[1:]):
+            s = df[(df.running >= lo) & (df.running < hi)]
+            if len(s):
+                span = f"{lo}-{hi - 1}" if hi < STREAM_BINS[-1] else f"{lo} and more"
+                print(f"| {f.relative_to(root)} | {span} | {len(s)} | " + " | ".join(
+                    f"{s[k].mean() * 1e3:.1f} / {s[k].median() * 1e3:.1f} / {np.percentile(s[k], 90) * 1e3:.1f}"
+                    for k in ("in", "out")) + " |")
+        # Stalls: from a request's send until the next stamp of any request, while that request waits.
+        sends, stamps = df["arrival_s"].to_numpy(), np.sort(df["stamp"].to_numpy())
+        nxt = stamps[np.searchsorted(stamps, sends, side="left").clip(max=len(stamps) - 1)]
+        waits = nxt - sends
+        top = np.argsort(waits)[::-1][:3]
+        notes.append(f"{f.relative_to(root)}: {inversions} of {len(df)} stamps out of send order"
+                     f"{' (clocks aligned on the least in)' if aligned else ''}; longest spans with a request sent "
+                     "and none stamped: " + ", ".join(f"{waits[i] * 1e3:.0f} ms from {sends[i]:.2f} s" for i in top))
+    print("\n" + "\n".join(notes))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path)
     ap.add_argument("--by-streams", action="store_true", help="also the mean legs by streams running at arrival")
     ap.add_argument("--api", action="store_true", help="also the API server's hops on each request's way in")
+    ap.add_argument("--in-out", action="store_true", help="also the HTTP legs apart, and the intake's order and stalls")
     args = ap.parse_args()
     print("| replay | requests | unjoined | client TTFT mean / p50 (ms) | "
           + " | ".join(f"{k}: mean / p50 / p90" for k in LEGS) + " |")
@@ -188,6 +245,8 @@ def main() -> None:
                     print(f"| {f.relative_to(args.dir)} | {span} | {len(s)} | "
                           + " | ".join(f"{s[k].mean() * 1e3:.1f}" for k in LEGS) + " |")
         print("\ncorrelations (Pearson, per request):\n" + "\n".join(corr))
+    if args.in_out:
+        print_in_out(args.dir)
     if args.api:
         print_api(args.dir)
 
