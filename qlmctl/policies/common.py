@@ -153,9 +153,11 @@ class RoomBook:
         self._loads: dict[str, list[tuple[int, int, int, Room]]] = {}
         """Per model, a heap of (load, instance id, id(room), room) of the rooms read, for `place`."""
         self._current = False  # rooms read stay current until touched (tracks_steps and the world reports steps)
+        self._cluster: ClusterView | None = None  # the cluster `_reports` was asked of
+        self._reports = False  # `tracks_steps` and that cluster reports steps
         self._placing = False  # `place` has been called: `_unread` is kept from then on
         self._unloaded: set[int] = set()  # instances serving nothing
-        self._handed: list[Room] = []  # rooms open_list gave out since the last refresh (only they take)
+        self._handed: list[Room] = []  # rooms that took requests since the last refresh (`took`, `taken`)
 
     def touch(self, instance_id: int | None) -> None:
         if instance_id is not None and self._stale is not None:
@@ -165,17 +167,25 @@ class RoomBook:
         self._stale = None
 
     def refresh(self, cluster: ClusterView) -> None:
-        for handed in self._handed:  # the last call's dispatches are on the engines now
-            handed.taken_blocks = 0
-            handed.taken_tokens = 0
-        self._handed = []
+        handed = self._handed
+        if handed:
+            for took in handed:  # the last call's dispatches are on the engines now
+                took.taken_blocks = 0
+                took.taken_tokens = 0
+            handed.clear()
+        if cluster is not self._cluster:  # (asked once per cluster, not on every call)
+            self._cluster = cluster
+            self._reports = bool(self.tracks_steps and getattr(cluster, "steps_reported", False))
+        self._current = self._reports
+        stale = self._stale
+        if stale is not None and not stale:
+            return  # nothing touched since the last refresh (many calls)
         insts = cluster.instances
-        ids = range(len(insts)) if self._stale is None else self._stale
+        ids = range(len(insts)) if stale is None else stale
         rooms, open_, unloaded = self._rooms, self._open, self._unloaded
         by_model, unread, model_of = self._by_model, self._unread, self._model_of
         ready, blocked, starved = self._ready, self._blocked, self._starved
         limit = self.dispatch_limit
-        self._current = self.tracks_steps and getattr(cluster, "steps_reported", False)
         listing = self._placing and self._current  # (where nothing stays current, `place` reads every room)
         for iid in ids:
             # `room_of` but for what `fresh_blocks` reads when the room is chosen (free blocks, prompt tokens).
@@ -234,29 +244,37 @@ class RoomBook:
                 if listing:
                     unread[model].append(rm)
                 model_of[iid] = model
-        self._stale = set()
+        if stale is None:
+            self._stale = set()
+        else:
+            stale.clear()
 
     def get(self, instance_id: int) -> Room | None:
         return self._rooms.get(instance_id)
 
     def open_list(self) -> list[Room]:
         """Each serving instance's room that has a free slot and is not blocked, in no particular order (a
-        caller takes the least loaded first: `Room.load`, then `Room.iid`)."""
+        caller takes the least loaded first: `Room.load`, then `Room.iid`). The caller reports each room that
+        takes a request with `took`."""
         out: list[Room] = []
         full = None
-        handed = self._handed
-        for iid, rm in self._ready.items():
+        for rm in self._ready.values():
             if rm.slots > 0:
                 out.append(rm)
-                handed.append(rm)
             elif full is None:
-                full = [iid]
+                full = [rm]
             else:
-                full.append(iid)
+                full.append(rm)
         if full is not None:
-            for iid in full:  # a full room opens again only as a new Room, at a refresh
-                self._close(self._open[iid])
+            for rm in full:  # a full room opens again only as a new Room, at a refresh
+                self._close(rm)
         return out
+
+    def took(self, rm: Room) -> None:
+        """`rm`, from `open_list`, took a request (`Room.take`): what it took stops counting at the next refresh
+        (the engine shows it then). Only rooms that took are listed, not every room handed out: most calls
+        dispatch one request and hand out every open room."""
+        self._handed.append(rm)
 
     def place(self, model: str, r: Request) -> Room | None:
         """The least-loaded open room of `model` (ties: lowest instance id) that `r` fits, or None.

@@ -226,6 +226,7 @@ class QLMBasicPolicy(Policy):
             self._count -= 1
             self._depth[r.slo_class] -= 1
             room.take(r)
+            book.took(room)
             prio = self._priority(r, g.late) if room.inst.scheduling_policy == "priority" else None
             out.append(Dispatch(r, iid, prio))
             if room.slots <= 0:
