@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import heapq
 import math
+import random
 
 import numpy as np
 import pytest
 
-from qlmctl.core.calibration import STEP, TTFTCalibration
+from qlmctl.core.calibration import DUE_BIN_S, STEP, DueQueue, TTFTCalibration
 
 
 def _replay(cal: TTFTCalibration, ratios: np.ndarray, mean_s: float = 1.0, gap_s: float = 0.1) -> np.ndarray:
@@ -136,3 +138,43 @@ def test_misses_found_in_one_late_call_count_when_they_happened():
     cal.advance(60.0)  # applies the last group
     assert cal.misses == 20
     assert cal._log_factor["k"] == pytest.approx(20 * STEP * 0.9)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_due_queue_reads_entries_as_a_heap_would(seed: int) -> None:
+    """`DueQueue` hands out every entry due before each reading time, in (time, id) order, as a heap of every
+    entry would: entries pushed late (into bins already read, or at times already passed), equal times, long
+    gaps, times that are no number."""
+    rng = random.Random(seed)
+    q = DueQueue()
+    ref: list[tuple[float, int]] = []
+    now = rng.uniform(-1.0, 1.0)
+    rid = 0
+    for _ in range(2000):
+        for _ in range(rng.randrange(4)):
+            kind = rng.random()
+            if kind < 0.1:
+                due = math.floor(now / DUE_BIN_S) * DUE_BIN_S + rng.choice([0.0, DUE_BIN_S / 2])  # a bin's edge
+            elif kind < 0.2:
+                due = now - rng.uniform(0.0, 1.0)  # already past
+            elif kind < 0.25:
+                due = rng.choice([math.nan, math.inf])
+            else:
+                due = now + rng.expovariate(1.0 / rng.choice([0.01, 0.3, 30.0]))
+            rid += 1
+            q.push(due, rid)
+            if due == due and due < math.inf:
+                heapq.heappush(ref, (due, rid))
+        now += rng.choice([0.0, 0.001, 0.05, 0.3, 2.0, 500.0]) if rng.random() < 0.9 else 0.0
+        got = []
+        while (e := q.next_before(now)) is not None:
+            got.append(e)
+            if rng.random() < 0.05:  # pushed back while reading (the factor rose): due at or after now
+                rid += 1
+                due = now + rng.choice([0.0, rng.uniform(0.0, 0.2)])
+                q.push(due, rid)
+                heapq.heappush(ref, (due, rid))
+        want = []
+        while ref and ref[0][0] < now:
+            want.append(heapq.heappop(ref))
+        assert got == want

@@ -37,10 +37,12 @@ the arrivals) and most of it missed (W_B at 45 req/s: 3B batch-1 requests waitin
 from __future__ import annotations
 
 import math
+from bisect import insort
 from collections.abc import Hashable
 from dataclasses import dataclass
-from heapq import heappop, heappush
 from typing import Final
+
+INF: Final = math.inf
 
 STEP: Final = 0.05
 """How far one outcome moves the log factor. With percentile p, a miss moves it up by STEP * p and a hit
@@ -82,6 +84,78 @@ class _Pending:
         return self.mean_s + theta * self.room_s
 
 
+DUE_BIN_S: Final = 0.0625
+"""Width of `DueQueue`'s bins, s: a few dozen predictions each at hundreds of arrivals a second."""
+
+
+class DueQueue:
+    """(due time, request id) entries, read in that order up to a time: a calendar queue. Entries go into bins
+    of DUE_BIN_S by due time, unsorted; a bin is sorted when the reading reaches it. A heap of every entry cost
+    more: most entries go stale unread (their request starts first), and each pop sifted through all of them."""
+
+    def __init__(self) -> None:
+        self._bins: dict[int, list[tuple[float, int]]] = {}
+        """The bins after `_bin`, by index (floor of due time / DUE_BIN_S)."""
+        self._cur: list[tuple[float, int]] = []
+        """The entries of bin `_bin` and earlier, sorted; those before `_at` have been read."""
+        self._at = 0
+        self._bin = -(1 << 40)  # (before any time)
+
+    def push(self, due: float, request_id: int) -> None:
+        if not -INF < due < INF:
+            return  # NaN (a degenerate estimate), or never due
+        b = int(due // DUE_BIN_S)
+        if b <= self._bin:
+            insort(self._cur, (due, request_id), lo=self._at)
+            return
+        entries = self._bins.get(b)
+        if entries is None:
+            self._bins[b] = [(due, request_id)]
+        else:
+            entries.append((due, request_id))
+
+    def next_before(self, now: float) -> tuple[float, int] | None:
+        """The first entry not read yet, if it is due before `now` (it counts as read); else None."""
+        while True:
+            at = self._at
+            cur = self._cur
+            if at < len(cur):
+                entry = cur[at]
+                if entry[0] < now:
+                    self._at = at + 1
+                    return entry
+                return None  # (every entry of a later bin is later still)
+            bins = self._bins
+            if not bins:
+                return None
+            last = int(now // DUE_BIN_S) if now < INF else max(bins)
+            if last <= self._bin:
+                return None
+            # The next bin up to `last`'s that holds entries (its index looked for, or the least one's taken).
+            nxt = -1
+            found = False
+            if last - self._bin <= len(bins):
+                b = self._bin + 1
+                while b <= last:
+                    if b in bins:
+                        nxt, found = b, True
+                        break
+                    b += 1
+            else:
+                nxt = min(bins)
+                found = nxt <= last
+            if not found:
+                self._bin = last
+                self._cur = []
+                self._at = 0
+                return None
+            entries = bins.pop(nxt)
+            entries.sort()
+            self._bin = nxt
+            self._cur = entries
+            self._at = 0
+
+
 class TTFTCalibration:
     """Calibrated TTFT predictions for one policy (no global state)."""
 
@@ -99,11 +173,8 @@ class TTFTCalibration:
         self._log_factor: dict[Hashable, float] = {}
         """Per key, its log factor; for a key in `_weighted`, its weight between the mean and the deadline."""
         self._pending: dict[int, _Pending] = {}
-        self._due: list[float] = []
-        """The due times of the pending predictions, a heap, earliest first (stale entries skipped). Floats, not
-        (time, request id) pairs: a heap of floats compares natively, and most entries go stale unread."""
-        self._due_ids: dict[float, list[int]] = {}
-        """The request ids due at each time of `_due`."""
+        self._due = DueQueue()
+        """The pending predictions by due time (stale entries skipped)."""
         self.hits = 0
         self.misses = 0
 
@@ -130,18 +201,8 @@ class TTFTCalibration:
         pred = p.pred_s(theta)
         due = p.due_s = arrival_s + pred
         self._pending[request_id] = p
-        self._push_due(due, request_id)
+        self._due.push(due, request_id)
         return pred
-
-    def _push_due(self, due: float, request_id: int) -> None:
-        if due != due:
-            return  # NaN (a degenerate estimate): never due, where a NaN in the heap would stop every later one
-        ids = self._due_ids.get(due)
-        if ids is None:
-            self._due_ids[due] = [request_id]
-            heappush(self._due, due)
-        else:
-            ids.append(request_id)
 
     def first_token(self, request_id: int, now: float) -> None:
         """A request got its first token at `now`: a hit if within the current factor (one beyond it was
@@ -171,22 +232,20 @@ class TTFTCalibration:
         due = self._due
         pending = self._pending
         lf = self._log_factor
-        due_ids = self._due_ids
-        while due and due[0] < now:
-            d = heappop(due)
-            ids = due_ids.pop(d)
-            if len(ids) > 1:
-                ids.sort()  # (as (time, id) pairs would come)
-            for rid in ids:
-                p = pending.get(rid)
-                if p is None or p.due_s != d:
-                    continue  # started, forgotten, or pushed back since
-                p.due_s = p.arrival_s + p.pred_s(lf[p.key])
-                if p.due_s < now:
-                    del pending[rid]
-                    self._update(p.key, True, p.due_s)  # when it became a miss: calls come seconds apart
-                else:  # the factor rose since: not a miss yet
-                    self._push_due(p.due_s, rid)
+        while True:
+            entry = due.next_before(now)
+            if entry is None:
+                break
+            d, rid = entry
+            p = pending.get(rid)
+            if p is None or p.due_s != d:
+                continue  # started, forgotten, or pushed back since
+            p.due_s = p.arrival_s + p.pred_s(lf[p.key])
+            if p.due_s < now:
+                del pending[rid]
+                self._update(p.key, True, p.due_s)  # when it became a miss: calls come seconds apart
+            else:  # the factor rose since: not a miss yet
+                due.push(p.due_s, rid)
 
     def _update(self, key: Hashable, miss: bool, now: float) -> None:
         if miss:
