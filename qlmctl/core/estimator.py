@@ -87,6 +87,8 @@ class RWTEstimator:
         self._prompt_mean: dict[str, OutputStats] = {m: OutputStats.with_prior(512.0, 512.0, 1.0) for m in profiles}
         self.class_stats: dict[tuple[str, str], OutputStats] = {}
         """Output lengths per (model, SLO class): classes of one model can differ by 10x (code vs chat)."""
+        self._class_stats_of: dict[str, dict[str, OutputStats]] = {}
+        """`class_stats` by model, then class (asked per queued request: no tuple made and hashed)."""
         self._observed = 0
         """Requests learnt from: `rate` is a function of the profile, the model and this state alone."""
         self._rates: dict[tuple[int, str], tuple[int, EngineProfile, ServiceRate]] = {}
@@ -102,19 +104,24 @@ class RWTEstimator:
         st.add(output_tokens)
         self._prompt_mean[model].add(prompt_tokens)
         if slo_class is not None:
-            key = (model, slo_class)
-            cs = self.class_stats.get(key)
+            of_model = self._class_stats_of.get(model)
+            if of_model is None:
+                of_model = self._class_stats_of[model] = {}
+            cs = of_model.get(slo_class)
             if cs is None:  # starts from the model's prior, worth a few samples
-                cs = self.class_stats[key] = OutputStats.with_prior(st.mean, st.std, 5.0)
+                cs = self.class_stats[(model, slo_class)] = of_model[slo_class] = OutputStats.with_prior(
+                    st.mean, st.std, 5.0)
             cs.add(output_tokens)
 
     def class_output_mean(self, model: str, slo_class: str) -> float:
         """Mean output length of `model`'s requests of `slo_class` (the model's while none has finished)."""
-        cs = self.class_stats.get((model, slo_class))
+        of_model = self._class_stats_of.get(model)
+        cs = of_model.get(slo_class) if of_model is not None else None
         return cs.mean if cs is not None else self.output_mean(model)
 
     def prompt_mean(self, model: str) -> float:
-        return self._prompt_mean[model].mean if model in self._prompt_mean else 512.0
+        st = self._prompt_mean.get(model)
+        return st.mean if st is not None else 512.0
 
     def output_mean(self, model: str) -> float:
         st = self.stats.get(model)

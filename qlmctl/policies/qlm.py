@@ -113,6 +113,10 @@ class _Memo(dict):
         return v
 
 
+def _deadline(r: Request) -> float:
+    return r.deadline_s
+
+
 def _lag_at(prof, load: int) -> float:
     """The profile's model of the admission lag on an instance running `load` sequences: the steps an engine
     runs before admitting a new request (two with asynchronous scheduling) and the client-side delay."""
@@ -227,6 +231,8 @@ class QLMPolicy(QLMBasicPolicy):
         """Per model, from the last walk: what `_unwalked_s` needs (the work per prompt and output token, the
         servers)."""
         self._arrivals: dict[tuple[str, str], _Arrivals] = {}
+        self._arrivals_of: dict[str, dict[str, _Arrivals]] = {}
+        """`_arrivals` by model, then class: looked up on every arrival without a tuple made and hashed."""
         self._future: dict[str, list[tuple[float, int, float]]] = {}
         self._served: set[str] = set()
         """Models some instance serves now (as of the last walk)."""
@@ -239,10 +245,14 @@ class QLMPolicy(QLMBasicPolicy):
         self._prefill_times: dict[int, _Memo] = {}
         self._profile_memo: dict[tuple[int, str], _Memo] = {}
         """See `_per_profile`."""
-        self._own_prefill = {m: self._prefill_cache(p) for m, p in ctx.profiles.items()}
+        self._own_prefill = {m: self._prefill_memo(p) for m, p in ctx.profiles.items()}
         """Per model, its default profile's `prefill_time` (memoised): asked for every arrival and queue head."""
-        self._keys: dict[tuple[str, float], GroupKey] = {}
-        """Group keys by (model, TTFT SLO), see `_key_of`."""
+        self._keys: dict[str, dict[float, GroupKey]] = {}
+        """Group keys by model, then TTFT SLO, see `_key_of`."""
+        self._calib_keys: dict[str, dict[str, list[tuple[str, str, bool, bool]]]] = {}
+        """The calibration's keys by model and class, see `_calib_key`."""
+        self._future_split: dict[str, tuple[list[float], list[float]]] = {}
+        """Per model, `_future`'s TTFT SLOs and loads as two lists (see `_ahead`)."""
         self._horizon_s = max(60.0, 20.0 * ctx.reschedule_interval_s)
         """The walk looks at requests due within this long; later ones wait for a later walk."""
         self._urgent: dict[str | None, RequestGroup | None] = {}
@@ -257,9 +267,12 @@ class QLMPolicy(QLMBasicPolicy):
 
     # ------------------------------------------------------------- hooks
     def add_request(self, request: Request, now: float) -> None:
-        arr = self._arrivals.get((request.model, request.slo_class))
+        of_model = self._arrivals_of.get(request.model)
+        if of_model is None:
+            of_model = self._arrivals_of[request.model] = {}
+        arr = of_model.get(request.slo_class)
         if arr is None:
-            arr = self._arrivals[(request.model, request.slo_class)] = _Arrivals(t=now)
+            arr = self._arrivals[(request.model, request.slo_class)] = of_model[request.slo_class] = _Arrivals(t=now)
         arr.add(now, request.prompt_tokens)
         key = self._key_of(request)
         if request.predicted_ttft_s is None:
@@ -312,10 +325,12 @@ class QLMPolicy(QLMBasicPolicy):
 
     def _key_of(self, r: Request) -> GroupKey:
         """`group_key(r)`, worked out once per (model, SLO) and reused: it is asked on every arrival."""
-        k = (r.model, r.ttft_slo_s)
-        key = self._keys.get(k)
+        of_model = self._keys.get(r.model)
+        if of_model is None:
+            of_model = self._keys[r.model] = {}
+        key = of_model.get(r.ttft_slo_s)
         if key is None:
-            key = self._keys[k] = group_key(r, self.ctx.slo_bucket_s)
+            key = of_model[r.ttft_slo_s] = group_key(r, self.ctx.slo_bucket_s)
         return key
 
     def _group(self, key: GroupKey, slo_s: float) -> RequestGroup:
@@ -362,15 +377,16 @@ class QLMPolicy(QLMBasicPolicy):
     def _next_group(self, inst: InstanceView, room: Room, now: float, out: list[Decision]) -> RequestGroup | None:
         """The group `inst` should take its next request from, if that request fits; None to stop."""
         groups = self.groups
-        for key in self.vqs.get(inst.instance_id, ()):
+        model = inst.model  # (read once: through the instance view, each read is a lookup)
+        for key in self.vqs.get(room.iid, ()):
             g = groups.get(key)
             if g is None or not g.queue or not self._ready_head(g, now):  # (an empty group is never ready)
                 continue
-            if g.model == inst.model:
+            if g.model == model:
                 break
             # Swap hysteresis (off by default): a model just loaded serves its own queue for a while
             # first, so an instance shared by two busy models does not alternate every few seconds.
-            if now < self._resident_until.get(inst.instance_id, -math.inf) and self._has_queued(inst.model):
+            if now < self._resident_until.get(room.iid, -math.inf) and self._has_queued(model):
                 continue
             # The plan puts another model next. A swap leaves the instance dead for the sleep and the wake, and
             # this model's queue waits: it is worth it only if it brings more requests in on time than it
@@ -385,7 +401,6 @@ class QLMPolicy(QLMBasicPolicy):
             if self._can_defer(inst, g, room.load, now):
                 continue
             return None
-        model = inst.model
         urgent = self._urgent
         if model in urgent:
             best = urgent[model]
@@ -400,6 +415,7 @@ class QLMPolicy(QLMBasicPolicy):
         Under strict precedence a class's late requests go after its on-time ones and before looser classes'."""
         best: RequestGroup | None = None
         best_key: tuple[float, ...] = ()
+        best_s = 0.0
         late: RequestGroup | None = None
         strict = self._strict
         k: tuple[float, ...]
@@ -417,9 +433,14 @@ class QLMPolicy(QLMBasicPolicy):
                 continue
             if not self._ready_head(g, now):
                 continue
-            k = self._key(q[0])
-            if best is None or k < best_key:
-                best, best_key = g, k
+            if strict:
+                k = self._key(q[0])
+                if best is None or k < best_key:
+                    best, best_key = g, k
+            else:  # `_key` is (deadline,): the deadlines compared, without the tuples (the same order)
+                d = q[0].deadline_s
+                if best is None or d < best_s:
+                    best, best_s = g, d
         if best is None and late is not None and late.queue:
             return late
         return best
@@ -505,7 +526,7 @@ class QLMPolicy(QLMBasicPolicy):
         prefill = self._own_prefill.get(r.model)
         if prefill is None:
             return now > r.deadline_s
-        return now + prefill(r.prompt_tokens) + self._lag_low.get(r.model, 0.0) > r.deadline_s
+        return now + prefill[r.prompt_tokens] + self._lag_low.get(r.model, 0.0) > r.deadline_s
 
     def _update_lag(self) -> None:
         """Per model, the admission lag: from dispatch to first token beyond the prompt's own prefill (the
@@ -599,6 +620,7 @@ class QLMPolicy(QLMBasicPolicy):
         rate = servers[0][1].rate
         per_tok = (self._prefill_s_per_token(prof, model), rate.token_time_s / rate.concurrency)
         future = self._future[model] = self._future_load(model, per_tok, len(servers), now)
+        self._future_split[model] = ([slo_s for slo_s, _, _ in future], [load for _, _, load in future])
         srvs = [s for _, s in servers]
         nearest = [s.start_s(False) for s in srvs]  # each server's start for the next request, kept current
         out_len: dict[str, float] = {}  # per class met, the mean output length (a walk often meets one class)
@@ -664,10 +686,14 @@ class QLMPolicy(QLMBasicPolicy):
 
     def _prefill_cache(self, prof) -> Callable[[int], float]:
         """`prof.prefill_time`, memoised per prompt length (the walk asks for the same lengths often)."""
+        return self._prefill_memo(prof).__getitem__
+
+    def _prefill_memo(self, prof) -> _Memo:
+        """`_prefill_cache`'s memo itself: subscripted, it costs less than a call of its bound method."""
         cache = self._prefill_times.get(id(prof))
         if cache is None:
             cache = self._prefill_times[id(prof)] = _Memo(prof.prefill_time)
-        return cache.__getitem__
+        return cache
 
     def _future_load(self, model: str, per_tok: tuple[float, float], servers: int,
                      now: float) -> list[tuple[float, int, float]]:
@@ -687,42 +713,41 @@ class QLMPolicy(QLMBasicPolicy):
         return out
 
     def _ahead(self, r: Request, future: list[tuple[float, int, float]], now: float
-               ) -> tuple[list[float], list[float]]:
+               ) -> tuple[float, list[float], list[float]]:
         """The arrivals that will go before `r` (see `_stretch`), worked out once for its several starts: per
-        class, how long its arrivals still go first (under EDF while their deadline comes before `r`'s; under
-        strict precedence always, for the tighter classes) and its load. Two lists of floats, not a list of
-        pairs: the compiled build reads them unboxed."""
-        caps: list[float] = []
-        loads: list[float] = []
+        class, how long its arrivals still go first (under EDF while their deadline comes before `r`'s: `r`'s
+        time left less the class's SLO; under strict precedence always, for the tighter classes) and its load.
+        As (`r`'s time left, the classes' SLOs, their loads): under EDF the lists are the model's, shared by
+        every request (`_future_split`). Lists of floats, not of tuples: the compiled build reads them
+        unboxed."""
         if self._strict:
+            slos: list[float] = []
+            loads: list[float] = []
             rank = self._rank.get(r.slo_class, 0)
             for _, c_rank, load in future:
                 if c_rank < rank:
-                    caps.append(math.inf)
+                    slos.append(0.0)  # (inf - 0: always ahead)
                     loads.append(load)
-        else:
-            left = r.deadline_s - now
-            for slo_s, _, load in future:
-                caps.append(left - slo_s)
-                loads.append(load)
-        return caps, loads
+            return math.inf, slos, loads
+        slos, loads = self._future_split[r.model]
+        return r.deadline_s - now, slos, loads
 
     @staticmethod
-    def _stretch(start: float, ahead: tuple[list[float], list[float]] | None) -> float:
+    def _stretch(start: float, ahead: tuple[float, list[float], list[float]] | None) -> float:
         """`start` stretched by the requests that will arrive before it and still go first (`_ahead`; None:
         no arrivals): under EDF those whose deadline comes earlier, under strict precedence those of tighter
         classes."""
         if ahead is None:
             return start
-        caps, loads = ahead
-        n = len(caps)
+        left, slos, loads = ahead
+        n = len(slos)
         base = start
         # A fixed point: the longer it waits, the more arrive ahead of it. Each round is a function of `start`
         # alone, so once a round leaves it unchanged (e.g. nothing ahead at 0 s) the rest would too.
         for _ in range(3):
             extra = 0.0
             for i in range(n):
-                cap = caps[i]
+                cap = left - slos[i]
                 m = cap if cap < start else start  # max(0.0, min(start, cap)), without the calls
                 extra += loads[i] * (m if m > 0.0 else 0.0)
             new = base + extra
@@ -787,7 +812,7 @@ class QLMPolicy(QLMBasicPolicy):
         prefill = self._own_prefill.get(model)
         if prefill is None:
             return False
-        own = prefill(r.prompt_tokens) + self._lag.get(model, 0.0)
+        own = prefill[r.prompt_tokens] + self._lag.get(model, 0.0)
         start = start_pct = 0.0
         future = self._future.get(model)
         ahead = self._ahead(r, future, now) if future else None
@@ -824,19 +849,29 @@ class QLMPolicy(QLMBasicPolicy):
         the last walk did not reach, at their classes' mean lengths, spread over the model's servers."""
         per_tok, servers = self._unwalked[model]
         prompt = self.est.prompt_mean(model) * per_tok[0]
-        key = self._key
+        strict = self._strict
+        # Under EDF a key is (deadline,): its deadline is compared instead, without the tuples (the same order).
+        after_s, before_s = (0.0, 0.0) if strict else (after[0], before[0])
         total = 0.0
         for g in self._by_model.get(model, ()):
             q = g.queue
             if not q or g.late:
                 continue
-            first, last = self._key(q[0]), self._key(q[-1])
-            if first >= before or last <= after:
-                continue
             # FCFS within a group of one SLO: its keys rise along the queue. (A bisection of a deque reads
             # its middle, which costs the deque's length: skipped where the ends answer, the common case.)
-            n = ((len(q) if last < before else bisect.bisect_left(q, before, key=key))
-                 - (0 if first > after else bisect.bisect_right(q, after, key=key)))
+            if strict:
+                key = self._key
+                first, last = key(q[0]), key(q[-1])
+                if first >= before or last <= after:
+                    continue
+                n = ((len(q) if last < before else bisect.bisect_left(q, before, key=key))
+                     - (0 if first > after else bisect.bisect_right(q, after, key=key)))
+            else:
+                first_s, last_s = q[0].deadline_s, q[-1].deadline_s
+                if first_s >= before_s or last_s <= after_s:
+                    continue
+                n = ((len(q) if last_s < before_s else bisect.bisect_left(q, before_s, key=_deadline))
+                     - (0 if first_s > after_s else bisect.bisect_right(q, after_s, key=_deadline)))
             if n > 0:
                 total += n * (prompt + self.est.class_output_mean(model, q[0].slo_class) * per_tok[1])
         return total / max(1, servers)
@@ -853,8 +888,19 @@ class QLMPolicy(QLMBasicPolicy):
         bound = math.isfinite(r.ttft_slo_s) and (not loaded or (
             self._swap_coming and mean_s > SWAP_WAIT_SHARE * r.ttft_slo_s))
         r.predicted_ttft_s = self._calib.predict(r.request_id, r.arrival_s, mean_s, pct_s,
-                                                 key=(r.model, r.slo_class, loaded, bound),
+                                                 key=self._calib_key(r.model, r.slo_class, loaded, bound),
                                                  ttft_slo_s=r.ttft_slo_s if bound else None)
+
+    def _calib_key(self, model: str, cls: str, loaded: bool, bound: bool) -> tuple[str, str, bool, bool]:
+        """(model, class, loaded, bound), the one tuple of these values: the calibration looks it up on every
+        prediction and outcome, and a key that is the very object stored is found without comparing."""
+        of_model = self._calib_keys.get(model)
+        if of_model is None:
+            of_model = self._calib_keys[model] = {}
+        keys = of_model.get(cls)
+        if keys is None:
+            keys = of_model[cls] = [(model, cls, lo, bo) for lo in (False, True) for bo in (False, True)]
+        return keys[(2 if loaded else 0) + (1 if bound else 0)]
 
     def _tpot_cap(self, inst: InstanceView, model: str) -> int | None:
         """The most sequences `inst` may run while it serves a class with a TPOT SLO (None: no such class)."""

@@ -192,7 +192,7 @@ class QLMBasicPolicy(Policy):
         book.refresh(cluster)
         if self._arrived_models:
             book.unblock(self._arrived_models)
-            self._arrived_models = set()
+            self._arrived_models.clear()
         insts = cluster.instances
         for iid in book.unloaded():
             inst = insts[iid]
