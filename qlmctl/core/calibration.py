@@ -84,6 +84,17 @@ class _Pending:
         return self.mean_s + theta * self.room_s
 
 
+class _Outcomes:
+    """Outcomes of one key that count as one step (see GROUP_S); a record, not a list of three numbers: compiled,
+    its fields are read and counted without boxing."""
+
+    def __init__(self, first_s: float) -> None:
+        self.first_s = first_s
+        """Time of the first."""
+        self.misses = 0
+        self.n = 0
+
+
 DUE_BIN_S: Final = 0.0625
 """Width of `DueQueue`'s bins, s: a few dozen predictions each at hundreds of arrivals a second."""
 
@@ -167,8 +178,8 @@ class TTFTCalibration:
         self._weighted: set[Hashable] = set()
         """Keys that learn a weight between the mean and the deadline, not a factor."""
         self.group_s = group_s
-        self._groups: dict[Hashable, list[float]] = {}
-        """Per key, the outcomes not applied yet: [time of the first, misses, outcomes]."""
+        self._groups: dict[Hashable, _Outcomes] = {}
+        """Per key, the outcomes not applied yet."""
         self._groups_first = math.inf  # the earliest first time among `_groups` (advance's quick test)
         self._log_factor: dict[Hashable, float] = {}
         """Per key, its log factor; for a key in `_weighted`, its weight between the mean and the deadline."""
@@ -207,13 +218,16 @@ class TTFTCalibration:
     def first_token(self, request_id: int, now: float) -> None:
         """A request got its first token at `now`: a hit if within the current factor (one beyond it was
         counted a miss already, or is now)."""
-        p = self._pending.pop(request_id, None)
+        # (`get` and `del`, not `pop(id, None)`: compiled, these are primitives and `pop` a method call)
+        p = self._pending.get(request_id)
         if p is not None:
+            del self._pending[request_id]
             self._update(p.key, now - p.arrival_s > p.pred_s(self._log_factor[p.key]), now)
 
     def forget(self, request_id: int) -> None:
         """A request ended without a first token before its prediction ran out (refused, failed): no outcome."""
-        self._pending.pop(request_id, None)
+        if request_id in self._pending:
+            del self._pending[request_id]
 
     def advance(self, now: float) -> None:
         """Count as misses the requests still without a first token that have waited beyond the factor."""
@@ -222,10 +236,10 @@ class TTFTCalibration:
             expired: list[Hashable] = []
             first = math.inf
             for k, g in groups.items():
-                if now - g[0] > self.group_s:
+                if now - g.first_s > self.group_s:
                     expired.append(k)
-                elif g[0] < first:
-                    first = g[0]
+                elif g.first_s < first:
+                    first = g.first_s
             for key in expired:
                 self._apply(key, groups.pop(key))
             self._groups_first = first
@@ -253,19 +267,20 @@ class TTFTCalibration:
         else:
             self.hits += 1
         g = self._groups.get(key)
-        if g is not None and now - g[0] > self.group_s:
+        if g is not None and now - g.first_s > self.group_s:
             self._apply(key, self._groups.pop(key))
             g = None
         if g is None:
-            g = self._groups[key] = [now, 0, 0]
+            g = self._groups[key] = _Outcomes(now)
             if now < self._groups_first:
                 self._groups_first = now
-        g[1] += miss
-        g[2] += 1
+        if miss:
+            g.misses += 1
+        g.n += 1
 
-    def _apply(self, key: Hashable, g: list[float]) -> None:
+    def _apply(self, key: Hashable, g: _Outcomes) -> None:
         """One step for a group of outcomes: up by its share of misses, down by the share the percentile allows."""
-        _, misses, n = g
+        misses, n = g.misses, g.n
         if key in self._weighted:
             # Kept in [0, 1]: misses past the deadline (SLO violations) would wind it up beyond the deadline,
             # where the hits that follow would take as long to bring it back.

@@ -297,12 +297,12 @@ class QLMPolicy(QLMBasicPolicy):
     def on_first_token(self, request: Request, now: float) -> None:
         self._touch(request.instance_id)  # its prompt left the engine's prefill backlog
         if request.dispatch_s is not None and request.num_evictions == 0 and request.num_preemptions == 0:
-            prof = self.ctx.profiles.get(request.model)
-            if prof is not None:
+            prefill = self._own_prefill.get(request.model)  # (the default profile's `prefill_time`, memoised)
+            if prefill is not None:
                 seen = self._lag_seen.get(request.model)
                 if seen is None:
                     seen = self._lag_seen[request.model] = _Quantiles()
-                seen.add(max(0.0, now - request.dispatch_s - prof.prefill_time(request.prompt_tokens)))
+                seen.add(max(0.0, now - request.dispatch_s - prefill[request.prompt_tokens]))
         self._calib.first_token(request.request_id, now)
 
     def on_finished(self, request: Request, now: float) -> None:
