@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from qlmctl.core.calibration import DUE_BIN_S, STEP, DueQueue, TTFTCalibration
+from qlmctl.core.calibration import STEP, DueQueue, TTFTCalibration, _Pending
 
 
 def _replay(cal: TTFTCalibration, ratios: np.ndarray, mean_s: float = 1.0, gap_s: float = 0.1) -> np.ndarray:
@@ -142,19 +142,27 @@ def test_misses_found_in_one_late_call_count_when_they_happened():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_the_due_queue_reads_entries_as_a_heap_would(seed: int) -> None:
-    """`DueQueue` hands out every entry due before each reading time, in (time, id) order, as a heap of every
-    entry would: entries pushed late (into bins already read, or at times already passed), equal times, long
-    gaps, times that are no number."""
+    """`DueQueue` hands out every live entry due before each reading time, in (time, id) order, as a heap of
+    every entry would: entries pushed late (into bins already read, or at times already passed), equal times,
+    long gaps, times that are no number, predictions taken out (first tokens) or due again later."""
     rng = random.Random(seed)
-    q = DueQueue()
+    pending: dict[int, _Pending] = {}
+    q = DueQueue(pending)
     ref: list[tuple[float, int]] = []
     now = rng.uniform(-1.0, 1.0)
     rid = 0
+
+    def push(due: float, rid: int) -> None:
+        pending[rid] = _Pending(0.0, 1.0, "k", due, None)
+        q.push(due, rid)
+        if due == due and due < math.inf:
+            heapq.heappush(ref, (due, rid))
+
     for _ in range(2000):
         for _ in range(rng.randrange(4)):
             kind = rng.random()
             if kind < 0.1:
-                due = math.floor(now / DUE_BIN_S) * DUE_BIN_S + rng.choice([0.0, DUE_BIN_S / 2])  # a bin's edge
+                due = math.floor(now * 16) / 16 + rng.choice([0.0, 1 / 32])  # a bin's edge, or its middle
             elif kind < 0.2:
                 due = now - rng.uniform(0.0, 1.0)  # already past
             elif kind < 0.25:
@@ -162,19 +170,24 @@ def test_the_due_queue_reads_entries_as_a_heap_would(seed: int) -> None:
             else:
                 due = now + rng.expovariate(1.0 / rng.choice([0.01, 0.3, 30.0]))
             rid += 1
-            q.push(due, rid)
-            if due == due and due < math.inf:
-                heapq.heappush(ref, (due, rid))
+            push(due, rid)
+        for k in rng.sample(sorted(pending), min(len(pending), rng.randrange(3))):
+            del pending[k]  # started
         now += rng.choice([0.0, 0.001, 0.05, 0.3, 2.0, 500.0]) if rng.random() < 0.9 else 0.0
         got = []
         while (e := q.next_before(now)) is not None:
+            if not q.live(*e):
+                continue
             got.append(e)
-            if rng.random() < 0.05:  # pushed back while reading (the factor rose): due at or after now
-                rid += 1
-                due = now + rng.choice([0.0, rng.uniform(0.0, 0.2)])
-                q.push(due, rid)
-                heapq.heappush(ref, (due, rid))
+            if rng.random() < 0.1:  # due again later (the factor rose): at or after now
+                push(now + rng.choice([0.0, rng.uniform(0.0, 0.2)]), e[1])
+            elif rng.random() < 0.5:
+                del pending[e[1]]  # a miss
         want = []
         while ref and ref[0][0] < now:
-            want.append(heapq.heappop(ref))
+            e = heapq.heappop(ref)
+            if e in got:
+                want.append(e)
+            else:
+                assert not q.live(*e)  # only stale entries are left out
         assert got == want

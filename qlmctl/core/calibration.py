@@ -95,27 +95,40 @@ class _Outcomes:
         self.n = 0
 
 
-DUE_BIN_S: Final = 0.0625
-"""Width of `DueQueue`'s bins, s: a few dozen predictions each at hundreds of arrivals a second."""
+DUE_BINS_PER_S: Final = 16.0
+"""`DueQueue`'s bins a second: a few dozen predictions each at hundreds of arrivals a second."""
 
 
 class DueQueue:
-    """(due time, request id) entries, read in that order up to a time: a calendar queue. Entries go into bins
-    of DUE_BIN_S by due time, unsorted; a bin is sorted when the reading reaches it. A heap of every entry cost
-    more: most entries go stale unread (their request starts first), and each pop sifted through all of them."""
+    """The pending predictions' (due time, request id) entries, read in that order up to a time: a calendar
+    queue. Entries go into bins by due time (1 / DUE_BINS_PER_S wide), unsorted; when the reading reaches a
+    bin, its entries still live (`live`) are sorted. A heap of every entry cost more: most go stale unread
+    (their request starts first), and each pop sifted through all of them. An entry stays live until its
+    prediction is taken out of `pending` or due again later (a due time only moves later)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pending: dict[int, _Pending]) -> None:
+        self.pending = pending
+        """The calibration's pending predictions, by request id."""
         self._bins: dict[int, list[tuple[float, int]]] = {}
-        """The bins after `_bin`, by index (floor of due time / DUE_BIN_S)."""
+        """The bins after `_bin`, by index (`_bin_of`)."""
         self._cur: list[tuple[float, int]] = []
         """The entries of bin `_bin` and earlier, sorted; those before `_at` have been read."""
         self._at = 0
         self._bin = -(1 << 40)  # (before any time)
 
+    @staticmethod
+    def _bin_of(t: float) -> int:
+        # Truncated, not floored: any index that never decreases as `t` grows will do, and this one is native.
+        return int(t * DUE_BINS_PER_S)
+
+    def live(self, due: float, request_id: int) -> bool:
+        p = self.pending.get(request_id)
+        return p is not None and p.due_s == due
+
     def push(self, due: float, request_id: int) -> None:
         if not -INF < due < INF:
             return  # NaN (a degenerate estimate), or never due
-        b = int(due // DUE_BIN_S)
+        b = self._bin_of(due)
         if b <= self._bin:
             insort(self._cur, (due, request_id), lo=self._at)
             return
@@ -126,7 +139,8 @@ class DueQueue:
             entries.append((due, request_id))
 
     def next_before(self, now: float) -> tuple[float, int] | None:
-        """The first entry not read yet, if it is due before `now` (it counts as read); else None."""
+        """The first entry not read yet, if it is due before `now` (it counts as read); else None. It may have
+        gone stale since its bin was reached: the caller checks (`live`)."""
         while True:
             at = self._at
             cur = self._cur
@@ -139,7 +153,7 @@ class DueQueue:
             bins = self._bins
             if not bins:
                 return None
-            last = int(now // DUE_BIN_S) if now < INF else max(bins)
+            last = self._bin_of(now) if now < INF else max(bins)
             if last <= self._bin:
                 return None
             # The next bin up to `last`'s that holds entries (its index looked for, or the least one's taken).
@@ -160,7 +174,7 @@ class DueQueue:
                 self._cur = []
                 self._at = 0
                 return None
-            entries = bins.pop(nxt)
+            entries = [e for e in bins.pop(nxt) if self.live(e[0], e[1])]
             entries.sort()
             self._bin = nxt
             self._cur = entries
@@ -184,7 +198,7 @@ class TTFTCalibration:
         self._log_factor: dict[Hashable, float] = {}
         """Per key, its log factor; for a key in `_weighted`, its weight between the mean and the deadline."""
         self._pending: dict[int, _Pending] = {}
-        self._due = DueQueue()
+        self._due = DueQueue(self._pending)
         """The pending predictions by due time (stale entries skipped)."""
         self.hits = 0
         self.misses = 0
@@ -218,16 +232,13 @@ class TTFTCalibration:
     def first_token(self, request_id: int, now: float) -> None:
         """A request got its first token at `now`: a hit if within the current factor (one beyond it was
         counted a miss already, or is now)."""
-        # (`get` and `del`, not `pop(id, None)`: compiled, these are primitives and `pop` a method call)
-        p = self._pending.get(request_id)
+        p = self._pending.pop(request_id, None)
         if p is not None:
-            del self._pending[request_id]
             self._update(p.key, now - p.arrival_s > p.pred_s(self._log_factor[p.key]), now)
 
     def forget(self, request_id: int) -> None:
         """A request ended without a first token before its prediction ran out (refused, failed): no outcome."""
-        if request_id in self._pending:
-            del self._pending[request_id]
+        self._pending.pop(request_id, None)
 
     def advance(self, now: float) -> None:
         """Count as misses the requests still without a first token that have waited beyond the factor."""

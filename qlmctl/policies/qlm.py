@@ -302,7 +302,8 @@ class QLMPolicy(QLMBasicPolicy):
                 seen = self._lag_seen.get(request.model)
                 if seen is None:
                     seen = self._lag_seen[request.model] = _Quantiles()
-                seen.add(max(0.0, now - request.dispatch_s - prefill[request.prompt_tokens]))
+                pf: float = prefill[request.prompt_tokens]
+                seen.add(max(0.0, now - request.dispatch_s - pf))
         self._calib.first_token(request.request_id, now)
 
     def on_finished(self, request: Request, now: float) -> None:
@@ -526,7 +527,8 @@ class QLMPolicy(QLMBasicPolicy):
         prefill = self._own_prefill.get(r.model)
         if prefill is None:
             return now > r.deadline_s
-        return now + prefill[r.prompt_tokens] + self._lag_low.get(r.model, 0.0) > r.deadline_s
+        pf: float = prefill[r.prompt_tokens]  # (typed: the memo's values are untyped, and arithmetic on them generic)
+        return now + pf + self._lag_low.get(r.model, 0.0) > r.deadline_s
 
     def _update_lag(self) -> None:
         """Per model, the admission lag: from dispatch to first token beyond the prompt's own prefill (the
@@ -812,7 +814,8 @@ class QLMPolicy(QLMBasicPolicy):
         prefill = self._own_prefill.get(model)
         if prefill is None:
             return False
-        own = prefill[r.prompt_tokens] + self._lag.get(model, 0.0)
+        pf: float = prefill[r.prompt_tokens]
+        own = pf + self._lag.get(model, 0.0)
         start = start_pct = 0.0
         future = self._future.get(model)
         ahead = self._ahead(r, future, now) if future else None
@@ -885,7 +888,7 @@ class QLMPolicy(QLMBasicPolicy):
         # A request whose start waits on swaps (its model is not loaded, or is and waits long while a swap is
         # coming that may take its instances away) starts when its slack runs low, between other models'
         # turns, rather than where the estimate puts it: its prediction lies between the mean and its deadline.
-        bound = math.isfinite(r.ttft_slo_s) and (not loaded or (
+        bound = -math.inf < r.ttft_slo_s < math.inf and (not loaded or (  # (math.isfinite, without a call)
             self._swap_coming and mean_s > SWAP_WAIT_SHARE * r.ttft_slo_s))
         r.predicted_ttft_s = self._calib.predict(r.request_id, r.arrival_s, mean_s, pct_s,
                                                  key=self._calib_key(r.model, r.slo_class, loaded, bound),
