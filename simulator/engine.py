@@ -41,6 +41,9 @@ from simulator.profile import (
 )
 
 INF: Final = math.inf
+ORDER_BITS: Final = 32
+"""Bits of an admit order in a `_decode_heap` entry (an engine admits far fewer sequences than 2^32)."""
+ORDER_MASK: Final = (1 << ORDER_BITS) - 1
 
 
 class SeqState(IntEnum):
@@ -209,7 +212,11 @@ class Engine:
         self._prefilling: deque[Sequence] = deque()
         self._prefill_total = 0
         self._running: dict[int, Sequence] = {}  # admit order -> seq, for victim choice
-        self._decode_heap: list[tuple[int, int, Sequence]] = []
+        self._decode_heap: list[int] = []
+        """The decoding sequences' finish steps, each entry `finish step << ORDER_BITS | admit order` (the order of
+        (finish step, admit order) pairs; a heap of ints compares natively, one of tuples item by item)."""
+        self._decode_seqs: dict[int, Sequence] = {}
+        """The sequence of each `_decode_heap` entry, by its admit order, until the entry is popped."""
         self._num_decode = 0
         self._ctx = 0  # total KV tokens of decoding sequences at step counter `_s`
         self._bs = profile.block_size if profile else DEFAULT_BLOCK_SIZE
@@ -572,9 +579,14 @@ class Engine:
                 self._prefill_done(q, t)
         # Decode completions.
         heap = self._decode_heap
-        if heap and heap[0][0] <= s:
-            while heap and heap[0][0] <= s:
-                fs, _, q = heappop(heap)
+        if heap and heap[0] >> ORDER_BITS <= s:
+            seqs = self._decode_seqs
+            while heap and heap[0] >> ORDER_BITS <= s:
+                e = heappop(heap)
+                fs = e >> ORDER_BITS
+                order = e & ORDER_MASK
+                q = seqs[order]
+                del seqs[order]
                 if q.state is _DECODE and q.finish_step == fs:
                     self._finish_decode(q, t)
         if self._used > stats.peak_blocks:
@@ -618,7 +630,8 @@ class Engine:
         self._phase_cnt[phase] += 1
         self._num_decode += 1
         self._ctx += tokens
-        heappush(self._decode_heap, (fs, q.admit_order, q))
+        heappush(self._decode_heap, fs << ORDER_BITS | q.admit_order)
+        self._decode_seqs[q.admit_order] = q
 
     def _leave_decode(self, q: Sequence) -> None:
         """Materialise a decoding sequence's tokens and take it out of the decode accounting."""
@@ -853,11 +866,14 @@ class Engine:
             n_dec: float = INF
             heap = self._decode_heap
             while heap:
-                fs, _, q = heap[0]
+                e = heap[0]
+                fs = e >> ORDER_BITS
+                q = self._decode_seqs[e & ORDER_MASK]
                 if q.state is _DECODE and q.finish_step == fs:
                     n_dec = float(fs - self._s)
                     break
                 heappop(heap)
+                del self._decode_seqs[e & ORDER_MASK]
             n = n_dec if n_dec < n_pf else n_pf  # min(n_pf, n_dec), without the call
             if n == INF:
                 return  # idle
