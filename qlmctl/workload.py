@@ -126,6 +126,10 @@ def build_requests(scenario: Scenario) -> tuple[list[Request], WorkloadReport]:
     slo = {
         name: (c.ttft_s, c.tpot_s, scenario.slo_priority(name)) for name, c in spec.slo_classes.items()
     }
+    # Each request's model and class as the scenario's own name object, not a string of its own (what `tolist`
+    # makes): the simulator looks them up in dicts keyed by those names, and finds the same object without
+    # comparing characters.
+    names = {name: name for name in (*scenario.models, *spec.slo_classes)}
     prompt = frame["prompt_tokens"].to_numpy(dtype=np.int64).tolist()
     output = frame["output_tokens"].to_numpy(dtype=np.int64).tolist()
     # The cyclic GC would rescan the growing list many times while a million objects are made;
@@ -137,8 +141,8 @@ def build_requests(scenario: Scenario) -> tuple[list[Request], WorkloadReport]:
             Request(
                 request_id=i,
                 arrival_s=a,
-                model=m,
-                slo_class=c,
+                model=names.get(m, m),
+                slo_class=names.get(c, c),
                 ttft_slo_s=slo[c][0],
                 tpot_slo_s=slo[c][1],
                 priority=slo[c][2],
