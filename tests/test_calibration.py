@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from qlmctl.core.calibration import STEP, DueQueue, TTFTCalibration, _Pending
+from qlmctl.core.calibration import STEP, DueQueue, TTFTCalibration, _Key, _Pending
 
 
 def _replay(cal: TTFTCalibration, ratios: np.ndarray, mean_s: float = 1.0, gap_s: float = 0.1) -> np.ndarray:
@@ -48,7 +48,7 @@ def test_a_load_step_is_followed_without_overshooting():
     covered = _replay(cal, ratios, mean_s=1.0)
     assert abs(covered[10_000:].mean() - 0.9) < 0.03
     new_p90 = 8 * math.exp(2.0 + 1.2816 * 0.3)
-    assert max(math.exp(v) for v in cal._log_factor.values()) < 1.5 * new_p90
+    assert max(math.exp(v) for v in cal.thetas().values()) < 1.5 * new_p90
 
 
 def test_a_request_forgotten_before_its_prediction_runs_out_counts_neither_way():
@@ -81,11 +81,11 @@ def test_outcomes_that_come_together_move_the_factor_once():
         cal.first_token(i, 30.0)
     cal.advance(31.0)
     assert cal.hits == 500
-    assert math.exp(cal._log_factor["k"]) > 0.99  # one hit's step: -0.005 in log
+    assert math.exp(cal.thetas()["k"]) > 0.99  # one hit's step: -0.005 in log
     cal.predict(1000, 31.0, 40.0, 40.0, key="k")
     cal.first_token(1000, 31.5)  # a later outcome is a step of its own
     cal.advance(32.0)
-    assert cal._log_factor["k"] < -0.009
+    assert cal.thetas()["k"] < -0.009
 
 
 def test_requests_waiting_on_a_swap_are_predicted_toward_their_deadline():
@@ -104,7 +104,7 @@ def test_requests_waiting_on_a_swap_are_predicted_toward_their_deadline():
         cal.first_token(i, t)
     assert cal.hits + cal.misses == 300 and cal.hits >= 0.9 * 300
     # Hits move the weight down by WEIGHT_STEP's share, not the factor's (a log step would not be bounded).
-    assert 0.0 < cal._log_factor["w"] < 0.9
+    assert 0.0 < cal.thetas()["w"] < 0.9
     # A mean beyond the deadline: the deadline.
     assert cal.predict(1000, 200.0, 400.0, 400.0, key="w", ttft_slo_s=300.0) == 300.0
 
@@ -119,7 +119,7 @@ def test_misses_past_the_deadline_do_not_wind_the_weight_up():
     for i in range(400):
         cal.advance(i + 100.5)  # each one waits past its deadline: a miss, found a second after the one before
     cal.advance(1000.0)
-    assert cal.misses == 400 and cal._log_factor["w"] == 1.0
+    assert cal.misses == 400 and cal.thetas()["w"] == 1.0
     for i in range(400, 420):
         cal.predict(i, 2000.0 + i, 10.0, 10.0, key="w", ttft_slo_s=100.0)
         cal.first_token(i, 2000.0 + i + 5.0)
@@ -137,7 +137,7 @@ def test_misses_found_in_one_late_call_count_when_they_happened():
     cal.advance(50.0)
     cal.advance(60.0)  # applies the last group
     assert cal.misses == 20
-    assert cal._log_factor["k"] == pytest.approx(20 * STEP * 0.9)
+    assert cal.thetas()["k"] == pytest.approx(20 * STEP * 0.9)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -153,7 +153,7 @@ def test_the_due_queue_reads_entries_as_a_heap_would(seed: int) -> None:
     rid = 0
 
     def push(due: float, rid: int) -> None:
-        pending[rid] = _Pending(0.0, 1.0, "k", due, None)
+        pending[rid] = _Pending(0.0, 1.0, _Key("k", 0.0, False), due, None)
         q.push(due, rid)
         if due == due and due < math.inf:
             heapq.heappush(ref, (due, rid))

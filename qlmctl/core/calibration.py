@@ -57,12 +57,35 @@ GROUP_S: Final = 0.05
 """Outcomes of a key within this many seconds of the group's first are one step (a few engine steps)."""
 
 
+class _Outcomes:
+    """Outcomes of one key that count as one step (see GROUP_S); a record, not a list of three numbers: compiled,
+    its fields are read and counted without boxing."""
+
+    def __init__(self, first_s: float) -> None:
+        self.first_s = first_s
+        """Time of the first."""
+        self.misses = 0
+        self.n = 0
+
+
+class _Key:
+    """One key's state: its factor, and its outcomes not applied yet. A prediction holds its key's record, so
+    that its outcome reaches them without a lookup by key."""
+
+    def __init__(self, key: Hashable, theta: float, weighted: bool) -> None:
+        self.key = key
+        self.theta = theta
+        """Its log factor; for a key that learns a weight between the mean and the deadline, that weight."""
+        self.weighted = weighted
+        self.outcomes: _Outcomes | None = None
+
+
 @dataclass(slots=True, init=False)
 class _Pending:
     arrival_s: float
     mean_s: float
     """The estimator's mean TTFT prediction."""
-    key: Hashable
+    key: _Key
     """Whose factor the outcome updates."""
     due_s: float
     """When its wait passes the key's factor, as of the last check."""
@@ -70,7 +93,7 @@ class _Pending:
     """Its deadline less its mean (from arrival, at least 0), for a key that learns a weight; else None."""
 
     # Written out: the dataclass's generated one would be interpreted code in the compiled build.
-    def __init__(self, arrival_s: float, mean_s: float, key: Hashable, due_s: float, room_s: float | None) -> None:
+    def __init__(self, arrival_s: float, mean_s: float, key: _Key, due_s: float, room_s: float | None) -> None:
         self.arrival_s = arrival_s
         self.mean_s = mean_s
         self.key = key
@@ -82,17 +105,6 @@ class _Pending:
         if self.room_s is None:
             return self.mean_s * math.exp(theta)
         return self.mean_s + theta * self.room_s
-
-
-class _Outcomes:
-    """Outcomes of one key that count as one step (see GROUP_S); a record, not a list of three numbers: compiled,
-    its fields are read and counted without boxing."""
-
-    def __init__(self, first_s: float) -> None:
-        self.first_s = first_s
-        """Time of the first."""
-        self.misses = 0
-        self.n = 0
 
 
 DUE_BINS_PER_S: Final = 16.0
@@ -189,14 +201,11 @@ class TTFTCalibration:
         self.percentile = percentile
         self.step = step
         self.weight_step = weight_step
-        self._weighted: set[Hashable] = set()
-        """Keys that learn a weight between the mean and the deadline, not a factor."""
         self.group_s = group_s
-        self._groups: dict[Hashable, _Outcomes] = {}
-        """Per key, the outcomes not applied yet."""
+        self._keys: dict[Hashable, _Key] = {}
+        self._groups: dict[Hashable, _Key] = {}
+        """The keys with outcomes not applied yet."""
         self._groups_first = math.inf  # the earliest first time among `_groups` (advance's quick test)
-        self._log_factor: dict[Hashable, float] = {}
-        """Per key, its log factor; for a key in `_weighted`, its weight between the mean and the deadline."""
         self._pending: dict[int, _Pending] = {}
         self._due = DueQueue(self._pending)
         """The pending predictions by due time (stale entries skipped)."""
@@ -214,16 +223,15 @@ class TTFTCalibration:
         if ttft_slo_s is not None:
             mean_s = min(mean_s, ttft_slo_s)  # a mean past the deadline: the deadline (the weight is moot)
             room = ttft_slo_s - mean_s
-        theta = self._log_factor.get(key)
-        if theta is None:
+        rec = self._keys.get(key)
+        if rec is None:
             if room is None:
-                theta = math.log(max(1.0, first_guess_s / mean_s))
+                rec = _Key(key, math.log(max(1.0, first_guess_s / mean_s)), False)
             else:
-                theta = self.percentile
-                self._weighted.add(key)
-            self._log_factor[key] = theta
-        p = _Pending(arrival_s, mean_s, key, 0.0, room)
-        pred = p.pred_s(theta)
+                rec = _Key(key, self.percentile, True)
+            self._keys[key] = rec
+        p = _Pending(arrival_s, mean_s, rec, 0.0, room)
+        pred = p.pred_s(rec.theta)
         due = p.due_s = arrival_s + pred
         self._pending[request_id] = p
         self._due.push(due, request_id)
@@ -234,7 +242,7 @@ class TTFTCalibration:
         counted a miss already, or is now)."""
         p = self._pending.pop(request_id, None)
         if p is not None:
-            self._update(p.key, now - p.arrival_s > p.pred_s(self._log_factor[p.key]), now)
+            self._update(p.key, now - p.arrival_s > p.pred_s(p.key.theta), now)
 
     def forget(self, request_id: int) -> None:
         """A request ended without a first token before its prediction ran out (refused, failed): no outcome."""
@@ -244,19 +252,21 @@ class TTFTCalibration:
         """Count as misses the requests still without a first token that have waited beyond the factor."""
         groups = self._groups
         if now - self._groups_first > self.group_s:
-            expired: list[Hashable] = []
+            expired: list[_Key] = []
             first = math.inf
-            for k, g in groups.items():
+            for rec in groups.values():
+                g = rec.outcomes
+                assert g is not None
                 if now - g.first_s > self.group_s:
-                    expired.append(k)
+                    expired.append(rec)
                 elif g.first_s < first:
                     first = g.first_s
-            for key in expired:
-                self._apply(key, groups.pop(key))
+            for rec in expired:
+                del groups[rec.key]
+                self._apply(rec)
             self._groups_first = first
         due = self._due
         pending = self._pending
-        lf = self._log_factor
         while True:
             entry = due.next_before(now)
             if entry is None:
@@ -265,37 +275,48 @@ class TTFTCalibration:
             p = pending.get(rid)
             if p is None or p.due_s != d:
                 continue  # started, forgotten, or pushed back since
-            p.due_s = p.arrival_s + p.pred_s(lf[p.key])
+            p.due_s = p.arrival_s + p.pred_s(p.key.theta)
             if p.due_s < now:
                 del pending[rid]
                 self._update(p.key, True, p.due_s)  # when it became a miss: calls come seconds apart
             else:  # the factor rose since: not a miss yet
                 due.push(p.due_s, rid)
 
-    def _update(self, key: Hashable, miss: bool, now: float) -> None:
+    def _update(self, rec: _Key, miss: bool, now: float) -> None:
         if miss:
             self.misses += 1
         else:
             self.hits += 1
-        g = self._groups.get(key)
+        g = rec.outcomes
         if g is not None and now - g.first_s > self.group_s:
-            self._apply(key, self._groups.pop(key))
+            del self._groups[rec.key]
+            self._apply(rec)
             g = None
         if g is None:
-            g = self._groups[key] = _Outcomes(now)
+            g = rec.outcomes = _Outcomes(now)
+            self._groups[rec.key] = rec
             if now < self._groups_first:
                 self._groups_first = now
         if miss:
             g.misses += 1
         g.n += 1
 
-    def _apply(self, key: Hashable, g: _Outcomes) -> None:
-        """One step for a group of outcomes: up by its share of misses, down by the share the percentile allows."""
+    def _apply(self, rec: _Key) -> None:
+        """One step for a key's group of outcomes: up by its share of misses, down by the share the percentile
+        allows."""
+        g = rec.outcomes
+        assert g is not None
+        rec.outcomes = None
         misses, n = g.misses, g.n
-        if key in self._weighted:
+        if rec.weighted:
             # Kept in [0, 1]: misses past the deadline (SLO violations) would wind it up beyond the deadline,
             # where the hits that follow would take as long to bring it back.
-            w = self._log_factor[key] + self.weight_step * (misses / n - (1.0 - self.percentile))
-            self._log_factor[key] = min(1.0, max(0.0, w))
+            w = rec.theta + self.weight_step * (misses / n - (1.0 - self.percentile))
+            rec.theta = min(1.0, max(0.0, w))
         else:
-            self._log_factor[key] += self.step * (misses / n - (1.0 - self.percentile))
+            rec.theta += self.step * (misses / n - (1.0 - self.percentile))
+
+    def thetas(self) -> dict[Hashable, float]:
+        """Per key, its log factor (or, for a key that learns a weight between the mean and the deadline, its
+        weight)."""
+        return {key: rec.theta for key, rec in self._keys.items()}
