@@ -270,6 +270,26 @@ class RoomBook:
                 self._close(rm)
         return out
 
+    def least_loaded(self) -> Room | None:
+        """The room of `open_list` with the least load (ties: the lowest instance id), or None. A caller that
+        dispatches one request at a time asks again after each: a room it blocks leaves the open ones, and one
+        it fills is passed over (and closed at the next look). Cheaper than `open_list` where most calls
+        dispatch one request: nothing is listed."""
+        best: Room | None = None
+        full: list[Room] | None = None
+        for rm in self._ready.values():
+            if rm.slots > 0:
+                if best is None or rm.load < best.load or (rm.load == best.load and rm.iid < best.iid):
+                    best = rm
+            elif full is None:
+                full = [rm]
+            else:
+                full.append(rm)
+        if full is not None:
+            for rm in full:  # a full room opens again only as a new Room, at a refresh
+                self._close(rm)
+        return best
+
     def took(self, rm: Room) -> None:
         """`rm`, from `open_list`, took a request (`Room.take`): what it took stops counting at the next refresh
         (the engine shows it then). Only rooms that took are listed, not every room handed out: most calls
@@ -447,14 +467,15 @@ class RoomBook:
         """The instance's engine stepped (`Policy.on_instance_stepped`): what was read of its room is out of date.
         The room itself (its slots, load, and whether it is blocked) stands; `touch` replaces it."""
         rm = self._rooms.get(instance_id)
-        if rm is not None and self._starved.get(instance_id) is rm:  # its token budget is spent no more
+        if rm is None or not rm.read:
+            return  # (a starved room has been read: `block`, and a step or a refresh ends both)
+        if self._starved.get(instance_id) is rm:  # its token budget is spent no more
             del self._starved[instance_id]
             self._blocked[self._model_of[instance_id]][instance_id] = rm
-        if rm is not None and rm.read:
-            rm.read = False
-            model = self._model_of.get(instance_id)
-            if model is not None and self._placing and self._current:
-                self._unread[model].append(rm)
+        rm.read = False
+        model = self._model_of.get(instance_id)
+        if model is not None and self._placing and self._current:
+            self._unread[model].append(rm)
 
     def read(self, rm: Room) -> None:
         """`fresh_blocks`, unless what was read of `rm` is still current (see `tracks_steps`)."""
@@ -467,7 +488,8 @@ class RoomBook:
         rm.read = True
         rm.blocks = inst.free_kv_blocks - rm.taken_blocks
         if self.lookahead_steps is not None:
-            assert inst.profile is not None
-            tokens = _token_room(inst.profile, inst.num_running, inst.pending_prefill_tokens, self.lookahead_steps)
+            prof = inst.profile  # (read once: through the instance view, each read is a lookup)
+            assert prof is not None
+            tokens = _token_room(prof, inst.num_running, inst.pending_prefill_tokens, self.lookahead_steps)
             rm.tokens = tokens - rm.taken_tokens
 

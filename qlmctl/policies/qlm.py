@@ -34,10 +34,10 @@
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
 import math
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -68,6 +68,9 @@ SWAP_WAIT_SHARE: Final = 0.1
 predicted as one waiting on swaps (see `_predict`): short waits are not, as the instances serve them before
 they go (W_B, 60 req/s: the 14B's batch-2 requests, predicted at 500 s from its loaded instance, waited 900 s
 while it was swapped out; coverage 0.13)."""
+
+_NO_KEYS: Final[list[GroupKey]] = []
+"""The virtual queue of an instance that has none (never changed)."""
 
 SWAP_LOOKAHEAD: Final = 512
 """Queued requests per model that a swap's worth looks at (in urgency order)."""
@@ -255,9 +258,8 @@ class QLMPolicy(QLMBasicPolicy):
         """Per model, `_future`'s TTFT SLOs and loads as two lists (see `_ahead`)."""
         self._horizon_s = max(60.0, 20.0 * ctx.reschedule_interval_s)
         """The walk looks at requests due within this long; later ones wait for a later walk."""
-        self._urgent: dict[str | None, RequestGroup | None] = {}
-        """Within one dispatch pass: `_most_urgent` per model, until that model's queues change (a dispatch or a
-        demotion). Every open room asks, and with many instances most of them ask about the same heads."""
+        # (`_urgent`, from QLMBasicPolicy: within one dispatch pass, `_most_urgent` of the model last asked, until
+        # its queues change. Every open room asks, and with many instances most of them ask about the same heads.)
         self._calib = TTFTCalibration(ctx.percentile)
         """Turns the estimator's mean TTFT predictions into ones at the configured percentile."""
         self._group_start: dict[GroupKey, tuple[float, float, float]] = {}
@@ -379,7 +381,7 @@ class QLMPolicy(QLMBasicPolicy):
         """The group `inst` should take its next request from, if that request fits; None to stop."""
         groups = self.groups
         model = inst.model  # (read once: through the instance view, each read is a lookup)
-        for key in self.vqs.get(room.iid, ()):
+        for key in self.vqs.get(room.iid, _NO_KEYS):  # (a list either way: iterated natively)
             g = groups.get(key)
             if g is None or not g.queue or not self._ready_head(g, now):  # (an empty group is never ready)
                 continue
@@ -402,11 +404,11 @@ class QLMPolicy(QLMBasicPolicy):
             if self._can_defer(inst, g, room.load, now):
                 continue
             return None
-        urgent = self._urgent
-        if model in urgent:
-            best = urgent[model]
+        if self._urgent_valid and self._urgent_model == model:
+            best = self._urgent
         else:
-            best = urgent[model] = self._most_urgent(model, now)
+            best = self._most_urgent(model, now)
+            self._urgent, self._urgent_model, self._urgent_valid = best, model, True
         if best is not None and room.fits(best.queue[0]):
             return best
         return None
@@ -566,7 +568,7 @@ class QLMPolicy(QLMBasicPolicy):
 
     def _demote(self, g: RequestGroup, r: Request) -> None:
         g.queue.popleft()
-        self._urgent.pop(g.model, None)
+        self._urgent_valid = False
         self._to_late(r)
 
     def _late_key(self, r: Request) -> GroupKey:
@@ -836,7 +838,7 @@ class QLMPolicy(QLMBasicPolicy):
                     start_pct = self._stretch(start, ahead)
                 else:
                     order = self._key(r)
-                    i = bisect.bisect_left(keys, order)
+                    i = bisect_left(keys, order)
                     # Beyond the walk's reach (it stops at its horizon), the queued requests between its
                     # last one and `r` go first too.
                     beyond = self._unwalked_s(model, keys[-1], order) if i == len(starts) else 0.0
@@ -867,14 +869,14 @@ class QLMPolicy(QLMBasicPolicy):
                 first, last = key(q[0]), key(q[-1])
                 if first >= before or last <= after:
                     continue
-                n = ((len(q) if last < before else bisect.bisect_left(q, before, key=key))
-                     - (0 if first > after else bisect.bisect_right(q, after, key=key)))
+                n = ((len(q) if last < before else bisect_left(q, before, key=key))
+                     - (0 if first > after else bisect_right(q, after, key=key)))
             else:
                 first_s, last_s = q[0].deadline_s, q[-1].deadline_s
                 if first_s >= before_s or last_s <= after_s:
                     continue
-                n = ((len(q) if last_s < before_s else bisect.bisect_left(q, before_s, key=_deadline))
-                     - (0 if first_s > after_s else bisect.bisect_right(q, after_s, key=_deadline)))
+                n = ((len(q) if last_s < before_s else bisect_left(q, before_s, key=_deadline))
+                     - (0 if first_s > after_s else bisect_right(q, after_s, key=_deadline)))
             if n > 0:
                 total += n * (prompt + self.est.class_output_mean(model, q[0].slo_class) * per_tok[1])
         return total / max(1, servers)

@@ -89,8 +89,12 @@ class QLMBasicPolicy(Policy):
         self._book = RoomBook(ctx.dispatch_limit, tracks_steps=True)
         self._tpot: dict[str, float] = {}
         """TPOT SLO per class that has one (qlm keeps batches within them; none here)."""
-        self._urgent: dict[str | None, RequestGroup | None] = {}
-        """Within one dispatch pass, per model, the group whose head goes next (qlm's `_most_urgent`)."""
+        self._urgent: RequestGroup | None = None
+        """Within one dispatch pass, while `_urgent_valid`: the group of `_urgent_model` whose head goes next (qlm's
+        `_most_urgent`). One entry, not one per model: most calls dispatch once, and what a change (a dispatch, a
+        demotion) makes it forget, `_most_urgent` finds again the same, with nothing more to demote."""
+        self._urgent_model: str | None = None
+        self._urgent_valid = False
         self._arrived_models: set[str] = set()
         self._depth: dict[str, int] = {}
         self._planned: set[GroupKey] = set()  # keys on some virtual queue
@@ -199,18 +203,14 @@ class QLMBasicPolicy(Policy):
             if not inst.swapping and inst.healthy:
                 out.extend(self._maybe_swap(inst, now))
         # Least-loaded first, one request at a time, so replicas of a model share its load.
-        # (A scan for the least loaded, not a heap of (load, id, room): most calls dispatch one or two requests,
-        # and a scan of the open rooms costs less than the tuples a heap needs. The same order.)
-        rooms = book.open_list()
-        tpot, urgent = self._tpot, self._urgent
-        urgent.clear()
-        while rooms and self._count:
-            at = 0
-            room = rooms[0]
-            for k in range(1, len(rooms)):
-                other = rooms[k]
-                if other.load < room.load or (other.load == room.load and other.iid < room.iid):
-                    at, room = k, other
+        # (The book scans its open rooms for the least loaded, again after each dispatch: most calls dispatch one
+        # or two requests, and a scan costs less than a heap of (load, id, room) or a list of the rooms.)
+        tpot = self._tpot
+        self._urgent_valid = False
+        while self._count:
+            room = book.least_loaded()
+            if room is None:
+                break
             iid = room.iid
             book.read(room)
             if tpot:  # (without TPOT classes every cap is None)
@@ -218,20 +218,15 @@ class QLMBasicPolicy(Policy):
             g = self._next_group(room.inst, room, now, out)  # (a method call: native in the compiled build)
             if g is None:
                 book.block(room)
-                rooms[at] = rooms[-1]
-                rooms.pop()
                 continue
             r = g.queue.popleft()
-            urgent.pop(g.model, None)
+            self._urgent_valid = False
             self._count -= 1
             self._depth[r.slo_class] -= 1
             room.take(r)
             book.took(room)
             prio = self._priority(r, g.late) if room.inst.scheduling_policy == "priority" else None
             out.append(Dispatch(r, iid, prio))
-            if room.slots <= 0:
-                rooms[at] = rooms[-1]
-                rooms.pop()
         return out
 
     # What qlm adds to the schedule above (no-ops here: the paper's algorithm).
