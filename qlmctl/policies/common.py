@@ -293,9 +293,8 @@ class RoomBook:
         return best
 
     def took(self, rm: Room) -> None:
-        """`rm`, from `open_list`, took a request (`Room.take`): what it took stops counting at the next refresh
-        (the engine shows it then). Only rooms that took are listed, not every room handed out: most calls
-        dispatch one request and hand out every open room."""
+        """`rm`, from `open_list` or `least_loaded`, took a request (`Room.take`): what it took stops counting at
+        the next refresh (the engine shows it then). Only rooms that took are listed, not every room handed out."""
         self._handed.append(rm)
 
     def place(self, model: str, r: Request) -> Room | None:

@@ -898,7 +898,7 @@ class QLMPolicy(QLMBasicPolicy):
 
     def _calib_key(self, model: str, cls: str, loaded: bool, bound: bool) -> tuple[str, str, bool, bool]:
         """(model, class, loaded, bound), the one tuple of these values: the calibration looks it up on every
-        prediction and outcome, and a key that is the very object stored is found without comparing."""
+        prediction, and a key that is the very object stored is found without comparing."""
         of_model = self._calib_keys.get(model)
         if of_model is None:
             of_model = self._calib_keys[model] = {}
