@@ -37,7 +37,6 @@ from simulator.profile import (
     EngineProfile,
     admission_blocks,
     chunk_pairs,
-    kv_blocks_for,
 )
 
 INF: Final = math.inf
