@@ -16,19 +16,17 @@ def _replay(cal: TTFTCalibration, ratios: np.ndarray, mean_s: float = 1.0, gap_s
     """Requests every `gap_s`, each with the estimator's mean `mean_s` and an actual TTFT of ratio x mean;
     events in time order, as a policy sees them. Returns whether each prediction covered its TTFT."""
     preds = np.empty(len(ratios))
-    events: list[tuple[float, int]] = []  # (first token time, request)
-    k = 0
+    # (first token time, request), a heap: the earliest first (by request id among equal times)
+    events: list[tuple[float, int]] = []
     for i, x in enumerate(ratios):
         now = i * gap_s
-        events.sort()
-        while k < len(events) and events[k][0] <= now:
-            t, rid = events[k]
+        while events and events[0][0] <= now:
+            t, rid = heapq.heappop(events)
             cal.advance(t)
             cal.first_token(rid, t)
-            k += 1
         cal.advance(now)
         preds[i] = cal.predict(i, now, mean_s, 1.5 * mean_s, key=("m", "c"))
-        events.append((now + x * mean_s, i))
+        heapq.heappush(events, (now + x * mean_s, i))
     return ratios <= preds / mean_s
 
 
