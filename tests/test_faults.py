@@ -357,6 +357,25 @@ async def _up(port: int, proc, timeout_s: float = 30.0) -> None:
     raise AssertionError("gateway did not come up")
 
 
+async def _gateway_holds(url: str, engine_url: str, running: int, queued: int, timeout_s: float = 30.0) -> bool:
+    """Wait until the engine runs `running` requests and the gateway at `url` queues `queued` (its
+    qlm_queue_depth summed over classes)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient() as c:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while loop.time() < end:
+            state = (await c.get(engine_url + "/emulator/state")).json()
+            text = (await c.get(url + "/metrics")).text
+            depth = sum(smp.value for f in text_string_to_metric_families(text) if f.name == "qlm_queue_depth"
+                        for smp in f.samples)
+            if state["in_flight"] == running and depth == queued:
+                return True
+            await asyncio.sleep(0.02)
+    return False
+
+
 async def _exit_code(proc, timeout_s: float = 30.0) -> int:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
@@ -383,7 +402,9 @@ async def test_sigterm_drains_or_fails_cleanly_and_a_restart_starts_afresh(tmp_p
             # 8 batch slots: 8 stream (about a second each), 4 wait in the gateway.
             long = [asyncio.ensure_future(call(pool, *body(i, 400, stream=i % 2 == 0), timeout_s=60))
                     for i in range(12)]
-            await asyncio.sleep(0.3)
+            # Every one of them taken in (8 on the engine, 4 queued) before the signal: after a fixed 0.3 s, on
+            # a busy machine one could still be on its way and meet the stopped intake instead.
+            assert await _gateway_holds(url, e0.url, running=8, queued=4), "the 12 requests did not arrive"
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.15)
             late = await call(pool, *body(0, 5, stream=False))
