@@ -256,19 +256,9 @@ class RoomBook:
         """Each serving instance's room that has a free slot and is not blocked, in no particular order (a
         caller takes the least loaded first: `Room.load`, then `Room.iid`). The caller reports each room that
         takes a request with `took`."""
-        out: list[Room] = []
-        full = None
-        for rm in self._ready.values():
-            if rm.slots > 0:
-                out.append(rm)
-            elif full is None:
-                full = [rm]
-            else:
-                full.append(rm)
-        if full is not None:
-            for rm in full:  # a full room opens again only as a new Room, at a refresh
-                self._close(rm)
-        return out
+        for rm in [rm for rm in self._ready.values() if rm.slots <= 0]:
+            self._close(rm)  # a full room opens again only as a new Room, at a refresh
+        return list(self._ready.values())
 
     def least_loaded(self) -> Room | None:
         """The room of `open_list` with the least load (ties: the lowest instance id), or None. A caller that
