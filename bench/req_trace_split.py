@@ -4,6 +4,7 @@
     python bench/req_trace_split.py DIR --by-streams    # and the legs by streams running at arrival, per replay
     python bench/req_trace_split.py DIR --api           # and the way in through the API server, hop by hop
     python bench/req_trace_split.py DIR --in-out        # "http in + out" split in two, and the intake's order
+    python bench/req_trace_split.py DIR --lag           # "in" and "out" against the API server's event-loop lag
 
 Per replay (a folder holding the server's reqtrace.jsonl, committed gzipped, and in it or below the replay's
 requests.parquet), the mean and p50 / p90 of each leg of the time to first token, ms:
@@ -206,12 +207,51 @@ def print_in_out(root: Path) -> None:
     print("\n" + "\n".join(notes))
 
 
+LAG_BINS = (0.0, 0.05, 0.2, 0.4, 0.6, 100.0)
+"""Bins of the API server's loop lag around a request's send: seconds late per second, over +-0.5 s."""
+
+
+def print_lag(root: Path) -> None:
+    """For replays traced with the API server's loop lags (`reqtrace.jsonl.events`) and their send times' origin
+    (`client_t0_mono`): "in" and "out" by how late the server's event loop ran around each request's send."""
+    print("\n| replay | loop lag around the send (s per s) | requests | streams running, mean | in: mean / p50 (ms) "
+          "| out: mean (ms) |")
+    print("|---|---|---:|---:|---:|---:|")
+    notes = []
+    for f in sorted({p.parent for p in root.rglob("reqtrace.jsonl*")}):
+        found = list(f.rglob("requests.parquet"))
+        if not found:
+            continue
+        t0 = json.loads((found[0].parent / "summary.json").read_text()).get("client_t0_mono")
+        ev = _events(f)
+        lag = ev[ev.kind == "lag"] if len(ev) else ev
+        if t0 is None or not len(lag):
+            continue
+        df, _, _ = in_out(f)
+        starts, durs = (lag.t - t0).to_numpy(float), lag.dur.to_numpy(float)
+        df["lag"] = [durs[(starts > a - 0.5) & (starts < a + 0.5)].sum() for a in df.arrival_s]
+        covered = sum(float(np.clip(np.minimum(starts + durs, b) - np.maximum(starts, a), 0, None).sum())
+                      for a, b in zip(df.arrival_s, df.stamp))
+        for lo, hi in zip(LAG_BINS, LAG_BINS[1:]):
+            b = df[(df.lag >= lo) & (df.lag < hi)]
+            if len(b):
+                span = f"{lo:.2f}-{hi:.2f}" if hi < LAG_BINS[-1] else f"{lo:.2f} and more"
+                print(f"| {f.relative_to(root)} | {span} | {len(b)} | {b.running.mean():.0f} | "
+                      f"{b['in'].mean() * 1e3:.1f} / {b['in'].median() * 1e3:.1f} | {b.out.mean() * 1e3:.1f} |")
+        notes.append(f"{f.relative_to(root)}: in against loop lag {df['in'].corr(df.lag):.2f}, against streams "
+                     f"{df['in'].corr(df.running):.2f}; out against loop lag {df.out.corr(df.lag):.2f}; loop lag "
+                     f"against streams {df.lag.corr(df.running):.2f}; the loop ran late over "
+                     f"{covered / max(df['in'].sum(), 1e-9):.0%} of the requests' time in")
+    print("\n" + "\n".join(notes))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path)
     ap.add_argument("--by-streams", action="store_true", help="also the mean legs by streams running at arrival")
     ap.add_argument("--api", action="store_true", help="also the API server's hops on each request's way in")
     ap.add_argument("--in-out", action="store_true", help="also the HTTP legs apart, and the intake's order and stalls")
+    ap.add_argument("--lag", action="store_true", help="also in and out against the API server's loop lag")
     args = ap.parse_args()
     print("| replay | requests | unjoined | client TTFT mean / p50 (ms) | "
           + " | ".join(f"{k}: mean / p50 / p90" for k in LEGS) + " |")
@@ -247,6 +287,8 @@ def main() -> None:
         print("\ncorrelations (Pearson, per request):\n" + "\n".join(corr))
     if args.in_out:
         print_in_out(args.dir)
+    if args.lag:
+        print_lag(args.dir)
     if args.api:
         print_api(args.dir)
 

@@ -172,6 +172,9 @@ if PATH:
                 return spec
 
         sys.meta_path.insert(0, _PostImport())
+        for _name, _patch in _PATCHES.items():  # those imported already (with vllm.v1.metrics.stats, above)
+            if _name in sys.modules:
+                _patch(sys.modules[_name])
         print(f"reqtrace: installed in pid {os.getpid()}", flush=True)
     except Exception as e:  # a tracing aid must not stop the server
         print(f"reqtrace: not installed ({e!r})", flush=True)
