@@ -85,10 +85,9 @@ class RWTEstimator:
             m: OutputStats.with_prior(p.mean_output_tokens, p.std_output_tokens) for m, p in profiles.items()
         }
         self._prompt_mean: dict[str, OutputStats] = {m: OutputStats.with_prior(512.0, 512.0, 1.0) for m in profiles}
-        self.class_stats: dict[tuple[str, str], OutputStats] = {}
-        """Output lengths per (model, SLO class): classes of one model can differ by 10x (code vs chat)."""
-        self._class_stats_of: dict[str, dict[str, OutputStats]] = {}
-        """`class_stats` by model, then class (asked per queued request: no tuple made and hashed)."""
+        self.class_stats: dict[str, dict[str, OutputStats]] = {}
+        """Output lengths by model, then SLO class: classes of one model can differ by 10x (code vs chat). (Nested,
+        not keyed by (model, class): asked per queued request, and no tuple is made and hashed.)"""
         self._observed = 0
         """Requests learnt from: `rate` is a function of the profile, the model and this state alone."""
         self._rates: dict[tuple[int, str], tuple[int, EngineProfile, ServiceRate]] = {}
@@ -104,18 +103,17 @@ class RWTEstimator:
         st.add(output_tokens)
         self._prompt_mean[model].add(prompt_tokens)
         if slo_class is not None:
-            of_model = self._class_stats_of.get(model)
+            of_model = self.class_stats.get(model)
             if of_model is None:
-                of_model = self._class_stats_of[model] = {}
+                of_model = self.class_stats[model] = {}
             cs = of_model.get(slo_class)
             if cs is None:  # starts from the model's prior, worth a few samples
-                cs = self.class_stats[(model, slo_class)] = of_model[slo_class] = OutputStats.with_prior(
-                    st.mean, st.std, 5.0)
+                cs = of_model[slo_class] = OutputStats.with_prior(st.mean, st.std, 5.0)
             cs.add(output_tokens)
 
     def class_output_mean(self, model: str, slo_class: str) -> float:
         """Mean output length of `model`'s requests of `slo_class` (the model's while none has finished)."""
-        of_model = self._class_stats_of.get(model)
+        of_model = self.class_stats.get(model)
         cs = of_model.get(slo_class) if of_model is not None else None
         return cs.mean if cs is not None else self.output_mean(model)
 

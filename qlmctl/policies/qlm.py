@@ -233,9 +233,8 @@ class QLMPolicy(QLMBasicPolicy):
         self._unwalked: dict[str, tuple[tuple[float, float], int]] = {}
         """Per model, from the last walk: what `_unwalked_s` needs (the work per prompt and output token, the
         servers)."""
-        self._arrivals: dict[tuple[str, str], _Arrivals] = {}
-        self._arrivals_of: dict[str, dict[str, _Arrivals]] = {}
-        """`_arrivals` by model, then class: looked up on every arrival without a tuple made and hashed."""
+        self._arrivals: dict[str, dict[str, _Arrivals]] = {}
+        """Recent arrivals by model, then class (looked up on every arrival: no tuple made and hashed)."""
         self._future: dict[str, list[tuple[float, int, float]]] = {}
         self._served: set[str] = set()
         """Models some instance serves now (as of the last walk)."""
@@ -269,12 +268,12 @@ class QLMPolicy(QLMBasicPolicy):
 
     # ------------------------------------------------------------- hooks
     def add_request(self, request: Request, now: float) -> None:
-        of_model = self._arrivals_of.get(request.model)
+        of_model = self._arrivals.get(request.model)
         if of_model is None:
-            of_model = self._arrivals_of[request.model] = {}
+            of_model = self._arrivals[request.model] = {}
         arr = of_model.get(request.slo_class)
         if arr is None:
-            arr = self._arrivals[(request.model, request.slo_class)] = of_model[request.slo_class] = _Arrivals(t=now)
+            arr = of_model[request.slo_class] = _Arrivals(t=now)
         arr.add(now, request.prompt_tokens)
         key = self._key_of(request)
         if request.predicted_ttft_s is None:
@@ -510,9 +509,9 @@ class QLMPolicy(QLMBasicPolicy):
     def _tight_share(self, model: str, wait_s: float, now: float) -> float:
         """The share of `model`'s recent arrivals whose TTFT SLO is shorter than `wait_s`."""
         total = tight = 0.0
-        for (m, cls), arr in self._arrivals.items():
+        for cls, arr in self._arrivals.get(model, {}).items():
             c = self.ctx.slo_classes.get(cls)
-            if m != model or c is None:
+            if c is None:
                 continue
             rate = arr.rate_at(now)
             total += rate
@@ -704,9 +703,9 @@ class QLMPolicy(QLMBasicPolicy):
         """Per SLO class of `model`: (its TTFT SLO, its rank, the share of the servers' capacity its
         arrivals take), from recent arrival rates and class lengths."""
         out = []
-        for (m, cls), arr in self._arrivals.items():
+        for cls, arr in self._arrivals.get(model, {}).items():
             c = self.ctx.slo_classes.get(cls)
-            if m != model or c is None:
+            if c is None:
                 continue
             rate = arr.rate_at(now)
             if rate <= 0:
