@@ -50,10 +50,16 @@ STREAM_BINS = (0, 100, 150, 200, 100_000)
 """Bins of the streams running at a request's arrival, for --by-streams."""
 
 
-def _trace_lines(folder: Path) -> list[dict]:
-    plain, packed = folder / "reqtrace.jsonl", folder / "reqtrace.jsonl.gz"
-    text = plain.read_text() if plain.exists() else gzip.decompress(packed.read_bytes()).decode()
+def _json_lines(folder: Path, name: str) -> list[dict]:
+    """The JSON lines of `folder/name`, or of its gzipped copy (`name`.gz, as committed); none if neither is there."""
+    plain, packed = folder / name, folder / f"{name}.gz"
+    text = plain.read_text() if plain.exists() else gzip.decompress(packed.read_bytes()).decode() \
+        if packed.exists() else ""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _trace_lines(folder: Path) -> list[dict]:
+    return _json_lines(folder, "reqtrace.jsonl")
 
 
 def legs(folder: Path) -> tuple[pd.DataFrame, int]:
@@ -67,7 +73,7 @@ def legs(folder: Path) -> tuple[pd.DataFrame, int]:
         m = re.match(r"cmpl-(\d+)", t["id"])
         if m is None or not t["first_token"]:
             continue
-        rows.append({"request_id": int(m.group(1)), "intake": t["queued"] - arrival,
+        rows.append({"request_id": int(m.group(1)), "stamp_mono": arrival, "intake": t["queued"] - arrival,
                      "queue": t["scheduled"] - t["queued"], "prefill": t["first_token"] - t["scheduled"],
                      "output": t["first_token_latency"] - (t["first_token"] - arrival),
                      "vllm_ttft": t["first_token_latency"], "prompt_tokens": t["prompt_tokens"],
@@ -76,7 +82,7 @@ def legs(folder: Path) -> tuple[pd.DataFrame, int]:
     found = sorted(folder.rglob("requests.parquet"))  # the replay's folder (`direct/`) beside the trace
     if len(found) != 1:
         raise SystemExit(f"{folder}: expected one replay's requests.parquet under it, found {len(found)}")
-    client = pd.read_parquet(found[0])[["request_id", "ttft_s"]].dropna()
+    client = pd.read_parquet(found[0])[["request_id", "arrival_s", "ttft_s"]].dropna()
     df = trace.merge(client, on="request_id", how="inner")
     df["http in + out"] = df["ttft_s"] - df["vllm_ttft"]
     return df, len(lines) + len(client) - 2 * len(df)
@@ -87,10 +93,7 @@ API_HOPS = ("client to handler", "handler to tokenizer", "tokenizer queue", "tok
 
 
 def _events(folder: Path) -> pd.DataFrame:
-    f = folder / "reqtrace.jsonl.events"
-    packed = folder / "reqtrace.jsonl.events.gz"
-    text = f.read_text() if f.exists() else gzip.decompress(packed.read_bytes()).decode() if packed.exists() else ""
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = _json_lines(folder, "reqtrace.jsonl.events")
     return pd.DataFrame(rows, columns=["kind", "pid", "t", "dur", "gen", "collected"]) if rows else \
         pd.DataFrame(columns=["kind", "pid", "t", "dur", "gen", "collected"])
 
@@ -164,12 +167,8 @@ def in_out(folder: Path) -> tuple[pd.DataFrame, int, bool]:
     (s) and the streams running at arrival; the stamps out of send order; whether the clocks were aligned on
     the least "in" (no `client_t0_mono` in the summary)."""
     df, _ = legs(folder)
-    lines = {int(m.group(1)): t for t in _trace_lines(folder)
-             if (m := re.match(r"cmpl-(\d+)", t["id"])) is not None}
     found = sorted(folder.rglob("requests.parquet"))
-    client = pd.read_parquet(found[0])[["request_id", "arrival_s"]]
-    df = df.merge(client, on="request_id")
-    stamp_mono = np.array([lines[i]["arrival_wall"] - lines[i]["wall_minus_mono"] for i in df.request_id])
+    stamp_mono = df["stamp_mono"].to_numpy()
     t0 = json.loads((found[0].parent / "summary.json").read_text()).get("client_t0_mono")
     aligned = t0 is None
     offset = float(np.min(stamp_mono - df.arrival_s.to_numpy())) if aligned else float(t0)
