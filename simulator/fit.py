@@ -100,6 +100,16 @@ class FrontendLoadPoint:
     """Mean TTFT of the probes by vLLM's own histogram (API server arrival to first token)."""
     engine_s: float | None = None
     """Mean queue + prefill time of the probes by vLLM's histograms (engine core only)."""
+    probe_out: int = 1
+    """Tokens each probe asked for, streamed back (1: a prefill-only probe)."""
+    probe_words: bool = False
+    """Whether the probes' prompts were words for the API server to tokenize (as a trace's requests are) rather
+    than token ids."""
+
+    @property
+    def probe_kind(self) -> str:
+        """"words:64" or "ids:1": how the probes were made (`profile-model --load-probes`)."""
+        return f"{'words' if self.probe_words else 'ids'}:{self.probe_out}"
 
 
 @dataclass
@@ -184,6 +194,8 @@ class Fit:
     frontend_idle_cpu: float = 0.0
     """The API server's CPU use with nothing to do (its polling), CPU s per s."""
     frontend_queue_factor: float = 0.0
+    frontend_probes: str | None = None
+    """The probes of the load windows the queue model was fitted on ("words:64"; `FrontendLoadPoint.probe_kind`)."""
     frontend_latency_s: float | None = None
     """Intercept of the queue-model fit (replaces the HTTP overhead as the profile's frontend latency)."""
     sustained_prefill_slowdown: float | None = None
@@ -204,18 +216,34 @@ class Fit:
 KNEES = range(0, 513, 16)
 
 
+def load_probe_points(raw: RawProfile, kind: str | None = None) -> list[FrontendLoadPoint]:
+    """The API-server load windows to fit the queue model on: those whose probes were made as `kind` ("words:64",
+    `FrontendLoadPoint.probe_kind`); by default the first kind measured, so that a raw file holding windows with
+    trace-like probes and with token-id ones fits on what was asked for first. ValueError if none is of `kind`."""
+    pts = raw.frontend_load
+    if not pts:
+        return []
+    kind = kind or pts[0].probe_kind
+    chosen = [p for p in pts if p.probe_kind == kind]
+    if not chosen:
+        kinds = ", ".join(sorted({p.probe_kind for p in pts}))
+        raise ValueError(f"no API-server load windows with probes '{kind}' (measured: {kinds})")
+    return chosen
+
+
 def fit_profile(raw: RawProfile, max_num_batched_tokens: int, quadratic: bool = True,
-                knee: int | None = None) -> Fit:
+                knee: int | None = None, load_probes: str | None = None) -> Fit:
     """Fit the step-time coefficients to the raw measurements (see module docstring).
 
-    `quadratic=False` leaves out the prefill-attention term; `knee` fixes the knee instead of searching."""
+    `quadratic=False` leaves out the prefill-attention term; `knee` fixes the knee instead of searching;
+    `load_probes` picks the API-server load windows the queue model is fitted on (`load_probe_points`)."""
     knees = [knee] if knee is not None else (list(KNEES) if raw.mixed else [0])
     fits = [_fit_at(raw, max_num_batched_tokens, quadratic, k) for k in knees]
     best = min(fits, key=lambda f: f.mean_abs_error)
     if raw.frontend:
         _fit_frontend(raw, best, max_num_batched_tokens)
     if raw.frontend_load:
-        _fit_frontend_queue(raw, best, max_num_batched_tokens)
+        _fit_frontend_queue(raw, load_probe_points(raw, load_probes), best, max_num_batched_tokens)
     if raw.sustained:
         _fit_sustained(raw, best, max_num_batched_tokens)
     return best
@@ -302,13 +330,13 @@ def _probe_engine_s(prof: EngineProfile, streams: int, step_s: float, probe_toke
     return lag * step_s + step_s + extra
 
 
-def _fit_frontend_queue(raw: RawProfile, fit: Fit, budget: int) -> None:
+def _fit_frontend_queue(raw: RawProfile, pts: list[FrontendLoadPoint], fit: Fit, budget: int) -> None:
     """The API server as one queue (see EngineProfile.frontend_wait): its CPU cost per request and per
     streamed token by least squares on its CPU counter over the windows, then the probes' TTFT beyond
     the engine's part = latency + factor * (queueing wait at those costs), fitted over the windows."""
     from scipy.optimize import nnls
 
-    pts = raw.frontend_load
+    fit.frontend_probes = pts[0].probe_kind
     cpu = [p for p in pts if p.cpu_per_s is not None]
     if len(cpu) >= 3:
         a = np.array([[1.0, p.rate_rps, p.tokens_per_s] for p in cpu])
@@ -325,10 +353,12 @@ def _fit_frontend_queue(raw: RawProfile, fit: Fit, budget: int) -> None:
         if p.engine_s is not None:
             # vLLM's queue + prefill times start when the engine core takes the request in, at the end of
             # the step it arrived in: half a step on average, which the simulator counts as engine time.
-            engine = p.engine_s + (0.5 * p.step_s if p.streams else 0.0)
+            engine = p.engine_s + 0.5 * p.step_s
         else:  # an engine without those histograms: the step model's view (probes assumed not to overlap)
             engine = _probe_engine_s(costs, p.streams, p.step_s, p.probe_tokens, lag)
-        rows.append((p, engine, costs.frontend_wait(p.streams, p.step_s, p.rate_rps)))
+        # The server's load as measured over the window: probes that stream answers add tokens of their own.
+        steps_per_s = 1.0 / p.step_s if p.step_s > 0 else 0.0
+        rows.append((p, engine, costs.frontend_wait_rates(p.tokens_per_s, steps_per_s, p.rate_rps)))
     a = np.array([[1.0, w] for _, _, w in rows])
     y = np.array([p.client_ttft_s - engine for p, engine, _ in rows])
     w = 1.0 / np.array([p.client_ttft_s for p, _, _ in rows])  # relative error, like the step fit
@@ -338,7 +368,8 @@ def _fit_frontend_queue(raw: RawProfile, fit: Fit, budget: int) -> None:
     fit.frontend_errors = []
     for (p, engine, wait) in rows:
         model = engine + fit.frontend_latency_s + fit.frontend_queue_factor * wait
-        fit.frontend_errors.append((f"probes {p.rate_rps:.0f}/s, {p.streams} streams", p.client_ttft_s, model,
+        label = f"probes {p.probe_kind} {p.rate_rps:.0f}/s, {p.streams} streams"
+        fit.frontend_errors.append((label, p.client_ttft_s, model,
                                     (model - p.client_ttft_s) / p.client_ttft_s))
 
 
@@ -486,4 +517,6 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
     if raw.frontend_load:
         # Read by the probing process (before this was recorded), its loop's lag is in the fitted API-server cost.
         out["provenance"]["load_streams_read_by"] = raw.meta.get("load_streams_read_by", "the probing process")
+        if fit.frontend_probes is not None:
+            out["provenance"]["load_probes"] = fit.frontend_probes  # the windows the API-server model was fitted on
     return out

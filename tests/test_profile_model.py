@@ -114,6 +114,41 @@ def test_frontend_queue_fit_recovers_known_costs():
     assert fit.frontend_latency_s == pytest.approx(0.012, rel=1e-6)
     assert max(abs(e[3]) for e in fit.frontend_errors) < 1e-9
     assert RawProfile.from_json(raw.to_json()) == raw
+    assert fit.frontend_probes == "ids:1"
+
+
+def test_frontend_queue_fit_takes_the_windows_of_one_kind_of_probe():
+    """Windows of two kinds of probe, whose requests cost the API server differently: the fit takes the first kind
+    measured unless told, each kind's costs recovered from its own windows; a kind not measured is an error."""
+    def windows(kind: tuple[int, bool], per_request: float) -> list[FrontendLoadPoint]:
+        truth = TRUTH.with_overrides(frontend_cpu_per_request_s=per_request, frontend_cpu_per_token_s=6e-5,
+                                     frontend_queue_factor=1.8, frontend_latency_s=0.012)
+        out = []
+        for streams, step in ((0, 0.0), (128, 0.018), (192, 0.03)):
+            for rate in (4.0, 20.0):
+                tokens = streams / step if step else 0.0
+                client = 0.04 + 0.5 * step + 0.012 + truth.frontend_wait(streams, step, rate)
+                out.append(FrontendLoadPoint(
+                    streams=streams, rate_rps=rate, probes=int(rate * 5), probe_tokens=1024, step_s=step,
+                    tokens_per_s=tokens, client_ttft_s=client, cpu_per_s=0.04 + per_request * rate + 6e-5 * tokens,
+                    vllm_ttft_s=None, engine_s=0.04, probe_out=kind[0], probe_words=kind[1]))
+        return out
+
+    raw = RawProfile(model="m", url="-", num_gpu_blocks=100, async_scheduling=True)
+    for n in (256, 1024, 2048):
+        raw.prefill.append(PrefillPoint(n, 0.003 + TRUTH.prefill_time(n)))
+    for b in (1, 8, 32):
+        raw.decode.append(DecodePoint(b, 128, 32, TRUTH.step_time(0, b, b * 144), b * 144))
+    raw.frontend_load = windows((32, True), 0.009) + windows((1, False), 0.004)
+    fit = fit_profile(raw, TRUTH.max_num_batched_tokens)
+    assert fit.frontend_probes == "words:32"
+    assert fit.frontend_cpu_per_request_s == pytest.approx(0.009, rel=1e-6)
+    assert fit.frontend_queue_factor == pytest.approx(1.8, rel=1e-6)
+    ids = fit_profile(raw, TRUTH.max_num_batched_tokens, load_probes="ids:1")
+    assert ids.frontend_cpu_per_request_s == pytest.approx(0.004, rel=1e-6) and ids.frontend_probes == "ids:1"
+    assert RawProfile.from_json(raw.to_json()) == raw
+    with pytest.raises(ValueError, match="ids:1, words:32"):
+        fit_profile(raw, TRUTH.max_num_batched_tokens, load_probes="words:64")
 
 
 @contextmanager
@@ -169,7 +204,7 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
             "--mixed-batches", "8,16", "--mixed-contexts", "256", "--mixed-lengths", "256,1024",
             "--frontend-streams", "0,16,32", "--no-async-scheduling",
             "--load-streams", "0,16", "--load-rates", "5", "--load-window-s", "1", "--probe-tokens", "256",
-            "--gpu", "emulated", "--sleep", "--sustained-s", "6",
+            "--load-probes", "words:8,ids:1", "--gpu", "emulated", "--sleep", "--sustained-s", "6",
         ])
     assert res.exit_code == 0, res.output
     prof = yaml.safe_load(out.read_text())
@@ -192,9 +227,16 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     assert prof["frontend_per_stream_s"] * 32 < step32 / 3
     # The API server load windows ran and were kept (the emulator exports no process CPU counter, so
     # there is no queue model to fit; the windows' probes are timed by its vLLM-style histograms).
+    # Each stream count has a window of each kind of probe: words with an 8-token answer, then token ids.
     loads = json.loads(raw.read_text())["frontend_load"]
-    assert [p["streams"] for p in loads] == [0, 16] and all(p["probes"] > 0 and p["engine_s"] for p in loads)
-    assert prof["provenance"]["points"]["frontend_load"] == 2 and "frontend_queue_factor" not in prof
+    assert [(p["streams"], p["probe_words"], p["probe_out"]) for p in loads] == [
+        (0, True, 8), (0, False, 1), (16, True, 8), (16, False, 1)]
+    assert all(p["probes"] > 0 and p["engine_s"] for p in loads)
+    # The probes' answers were streamed: a window with words carries their tokens, one with ids beside no
+    # streams carries none.
+    assert loads[0]["tokens_per_s"] > 0 and loads[1]["tokens_per_s"] == 0
+    assert prof["provenance"]["points"]["frontend_load"] == 4 and "frontend_queue_factor" not in prof
+    assert prof["provenance"]["load_probes"] == "words:8"
     assert prof["provenance"]["load_streams_read_by"] == "another process"
     assert prof["kv_blocks"] == TRUTH.kv_blocks and prof["block_size"] == 16
     assert prof["max_model_len"] == TRUTH.max_model_len
@@ -209,6 +251,14 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     assert res2.exit_code == 0, res2.output
     again = yaml.safe_load((tmp_path / "p2.yaml").read_text())
     assert again["base_s"] == prof["base_s"]
+    assert again["provenance"]["load_probes"] == "words:8"  # the first kind measured
+    # Fitted on the other kind of window; a kind not measured is a clear error naming those that were.
+    res3 = CliRunner().invoke(app, ["profile-model", "m", "--from-raw", str(raw), "--out", str(tmp_path / "p3.yaml"),
+                                    "--load-probes", "ids:1"])
+    assert res3.exit_code == 0, res3.output
+    assert yaml.safe_load((tmp_path / "p3.yaml").read_text())["provenance"]["load_probes"] == "ids:1"
+    res4 = CliRunner().invoke(app, ["profile-model", "m", "--from-raw", str(raw), "--load-probes", "words:3"])
+    assert res4.exit_code == 2 and "words:3" in res4.output and "ids:1, words:8" in res4.output
     assert json.loads(raw.read_text())["model"] == "m"
 
 

@@ -50,7 +50,8 @@ PROMPT_TOKEN_HIGH = 30000
 
 
 def _load_point(streams: int, probes: int, probe_tokens: int, elapsed: float, client_ttft: float,
-                before: EngineTotals, after: EngineTotals) -> FrontendLoadPoint:
+                before: EngineTotals, after: EngineTotals, probe_out: int = 1,
+                probe_words: bool = False) -> FrontendLoadPoint:
     """A FrontendLoadPoint from the /metrics totals around its window."""
     d = engine_totals_delta(before, after)
 
@@ -65,7 +66,8 @@ def _load_point(streams: int, probes: int, probe_tokens: int, elapsed: float, cl
         step_s=itl["sum"] / itl["count"] if itl["count"] > 0 else 0.0, tokens_per_s=itl["count"] / elapsed,
         client_ttft_s=client_ttft, cpu_per_s=cpu / elapsed if cpu is not None else None,
         vllm_ttft_s=mean("vllm:time_to_first_token_seconds"),
-        engine_s=queue + prefill if queue is not None and prefill is not None else None)
+        engine_s=queue + prefill if queue is not None and prefill is not None else None, probe_out=probe_out,
+        probe_words=probe_words)
 
 
 class _DecodersDone(Exception):
@@ -99,14 +101,18 @@ class Profiler:
     def _prompt(self, n: int) -> list[int]:
         return self.rng.integers(PROMPT_TOKEN_LOW, PROMPT_TOKEN_HIGH, size=n).tolist()
 
-    async def stream(self, prompt_tokens: int, max_tokens: int, text: bool = False) -> tuple[float, list[float]]:
+    async def stream(self, prompt_tokens: int, max_tokens: int, text: bool = False,
+                     first_only: bool = False) -> tuple[float, list[float]]:
         """One streamed completion: (TTFT s, token arrival times relative to send). `text`: the prompt as words
-        ("w<id>", one token each with the synthetic tokenizer) for the server to tokenize, as a replay sends it,
-        instead of token ids."""
+        ("w<id>", one token each with the synthetic tokenizer) for the server to tokenize, and the usage chunk
+        asked for at the end, as a replay sends it, instead of token ids. `first_only`: after the first token the
+        rest of the answer is read but not parsed (this client stays light; the times hold the first only)."""
         ids = self._prompt(prompt_tokens)
         prompt = " ".join(f"w{t}" for t in ids) if text else ids
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                "stream": True}
+        body: dict = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                      "ignore_eos": True, "stream": True}
+        if text:
+            body["stream_options"] = {"include_usage": True}
         t0 = time.perf_counter()
         times: list[float] = []
         parser = SSEParser()
@@ -115,6 +121,8 @@ class Profiler:
                 raise RuntimeError(f"engine answered {resp.status_code}: {error_message(await resp.aread())}")
             async for data in resp.aiter_bytes():
                 now = time.perf_counter() - t0
+                if first_only and times:
+                    continue
                 for event in parser.feed(data):
                     if event == b"[DONE]":
                         continue
@@ -296,9 +304,12 @@ class Profiler:
 
     async def frontend_load_points(self, streams: int, rates: list[float], probe_tokens: int = 1024,
                                    prompt_tokens: int = 512, window_s: float = 5.0,
-                                   max_tokens: int = 2000) -> list[FrontendLoadPoint]:
-        """Windows of probes (prefill-only requests of `probe_tokens`, Poisson arrivals at each of `rates`)
-        while the server streams `streams` decodes to clients, as a trace's requests meet it.
+                                   max_tokens: int = 2000,
+                                   kinds: tuple[tuple[int, bool], ...] = ((1, False),)) -> list[FrontendLoadPoint]:
+        """Windows of probes (requests of `probe_tokens`, Poisson arrivals at each of `rates`) while the server
+        streams `streams` decodes to clients, as a trace's requests meet it; for each of `kinds` of probes in turn,
+        (tokens asked for, prompt as words): (1, False) a prefill-only probe of token ids, (32, True) a request as a
+        trace's are, words for the API server to tokenize and a streamed answer to relay and close.
 
         The load streams are read by another process (`LoadStreams`): read here, they would delay this client's
         probes by its own event loop's lag, which the fit would book to the API server (10-14 ms at 128 streams
@@ -319,14 +330,15 @@ class Profiler:
         try:
             await self._wait_prefilled(prompted, streams * prompt_tokens, alive=held.check)
             await asyncio.sleep(0.5)
-            for rate in rates:
-                ttfts, before, after, elapsed = await self.probe_window(rate, window_s, probe_tokens, names,
-                                                                        ("process_cpu_seconds",))
+            for (probe_out, probe_words), rate in ((k, r) for k in kinds for r in rates):
+                ttfts, before, after, elapsed = await self.probe_window(
+                    rate, window_s, probe_tokens, names, ("process_cpu_seconds",), probe_out=probe_out,
+                    text=probe_words)
                 held.check()
                 if not ttfts or before is None or after is None:
                     continue
-                points.append(_load_point(streams, len(ttfts), probe_tokens, elapsed,
-                                          float(np.mean(ttfts)), before, after))
+                points.append(_load_point(streams, len(ttfts), probe_tokens, elapsed, float(np.mean(ttfts)), before,
+                                          after, probe_out=probe_out, probe_words=probe_words))
         finally:
             await held.stop()  # its connections close: the engine aborts the streams
             await self.wait_idle()
@@ -344,7 +356,7 @@ class Profiler:
         t_next = float(self.rng.exponential(1.0 / rate))
         while t_next < window_s:
             await asyncio.sleep(max(0.0, t0 + t_next - time.perf_counter()))
-            probes.append(asyncio.create_task(self.stream(probe_tokens, probe_out, text=text)))
+            probes.append(asyncio.create_task(self.stream(probe_tokens, probe_out, text=text, first_only=True)))
             t_next += float(self.rng.exponential(1.0 / rate))
         ttfts = [t for t, _ in await asyncio.gather(*probes)]
         after = await self._totals(histograms, counters)

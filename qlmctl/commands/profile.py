@@ -40,6 +40,33 @@ def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int, cap: int = 
     return min(cap, room - prompt_tokens)
 
 
+DEFAULT_LOAD_PROBES = "words:32"
+"""Requests like a trace's (words to tokenize, a streamed answer): prefill-only probes of token ids cost the API server
+less than the requests of a replay near saturation do (docs/fidelity.md)."""
+
+
+def _probe_kinds(text: str) -> tuple[tuple[int, bool], ...]:
+    """--load-probes 'words:32,ids:1' as ((32, True), (1, False))."""
+    from qlmctl.errors import UserError
+
+    kinds = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        kind, _, n = item.partition(":")
+        if kind not in ("words", "ids") or not n.isdigit() or int(n) < 1:
+            raise UserError(f"expected KIND:N with KIND 'words' or 'ids' and N >= 1 tokens, got '{item}'",
+                            field="--load-probes")
+        kinds.append((int(n), kind == "words"))
+    if not kinds:
+        raise UserError("no probe kind given", field="--load-probes")
+    return tuple(kinds)
+
+
+def _first_kind(text: str) -> str:
+    """The kind the queue model is fitted on, as `FrontendLoadPoint.probe_kind` names it."""
+    n, words = _probe_kinds(text)[0]
+    return f"{'words' if words else 'ids'}:{n}"
+
+
 def _wait_health(url: str, proc: subprocess.Popen | None, timeout_s: float, verify: bool = True) -> None:
     import httpx
 
@@ -92,7 +119,8 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
                    mixed_batches: list[int], mixed_lengths: list[int], mixed_contexts: list[int],
                    frontend_streams: list[int], load_streams: list[int], load_rates: list[float],
                    load_window_s: float, probe_tokens: int, max_num_seqs: int, api_key: str | None = None,
-                   verify: bool = True, sustained_s: float = 0.0) -> None:
+                   verify: bool = True, sustained_s: float = 0.0,
+                   load_probes: tuple[tuple[int, bool], ...] = ((1, False),)) -> None:
     from qlmctl.client.prober import Profiler
 
     prof = Profiler(url, model, seed=seed, api_key=api_key, verify=verify)
@@ -115,7 +143,8 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
             else:
                 try:
                     raw.frontend_load.extend(await prof.frontend_load_points(
-                        n, load_rates, probe_tokens=probe_tokens, window_s=load_window_s, max_tokens=max_tokens))
+                        n, load_rates, probe_tokens=probe_tokens, window_s=load_window_s, max_tokens=max_tokens,
+                        kinds=load_probes))
                 except RuntimeError as e:
                     prof.skipped.append(f"API server load with {n} streams: {e}")
             progress.advance(task)
@@ -202,6 +231,7 @@ def profile_model(
     load_rates: str = typer.Option("4,12,20", help="API server load: probe arrival rates, requests/s (Poisson)."),
     load_window_s: float = typer.Option(5.0, min=0.5, help="API server load: seconds of probes per rate."),
     probe_tokens: int = typer.Option(1024, min=1, help="API server load: prompt length of each probe, tokens."),
+    load_probes: Optional[str] = typer.Option(None, help="API server load: the probes, comma-separated KIND:N, each measured in every window setting: 'words:N', a prompt of words for the server to tokenize and an answer of N tokens streamed back, as a trace's requests are; 'ids:N', token ids, the answer N tokens. The queue model is fitted on the first kind. Default: words:32 when measuring; with --from-raw, the first kind the file holds."),
     max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile's engine_flags: what it was measured with)."),
     max_num_batched_tokens: int = typer.Option(8192, min=1, help="The engine's --max-num-batched-tokens (recorded in engine_flags)."),
     kv_blocks: Optional[int] = typer.Option(None, min=1, help="KV blocks, if the engine does not report them."),
@@ -246,6 +276,7 @@ def profile_model(
             mb = _ints(mixed_batches, "--mixed-batches") if mixed else []
             ml = _ints(mixed_lengths, "--mixed-lengths")
             mc = _ints(mixed_contexts, "--mixed-contexts")
+            kinds = _probe_kinds(load_probes or DEFAULT_LOAD_PROBES)
             fs = _ints(frontend_streams, "--frontend-streams", minimum=0) if frontend else []
             ls = _ints(load_streams, "--load-streams", minimum=0) if frontend_load else []
             lr = [float(r) for r in _ints(load_rates, "--load-rates")] if frontend_load else []
@@ -268,7 +299,7 @@ def profile_model(
                     asyncio.run(_measure(url, model, pl, bs, cx, output_tokens, reps, sleep, seed,
                                          max_num_batched_tokens, progress, raw, mb, ml, mc, fs, ls, lr,
                                          load_window_s, probe_tokens, max_num_seqs, api_key, not insecure,
-                                         sustained_s if sustained else 0.0))
+                                         sustained_s if sustained else 0.0, kinds))
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted: keeping what was measured[/]")
             except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
@@ -289,7 +320,7 @@ def profile_model(
                     raw_path.parent.mkdir(parents=True, exist_ok=True)
                     raw_path.write_text(raw.to_json())
         try:
-            fit = fit_profile(raw, max_num_batched_tokens)
+            fit = fit_profile(raw, max_num_batched_tokens, load_probes=_first_kind(load_probes) if load_probes else None)
         except ValueError as e:
             raise UserError(str(e)) from None
         prof = profile_dict(raw, fit, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -30,8 +30,9 @@ RUN_HISTOGRAMS: tuple[str, ...] = (
 )
 """vLLM histograms whose change over a live run `run_live` reports (the engine's latency decomposition)."""
 RUN_COUNTERS: tuple[str, ...] = ("vllm:num_preemptions", "vllm:prompt_tokens", "vllm:generation_tokens",
-                                  "vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
-"""vLLM counters whose change over a live run `run_live` reports (names without `_total`)."""
+                                  "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "process_cpu_seconds")
+"""vLLM counters whose change over a live run `run_live` reports (names without `_total`); `process_cpu_seconds`
+is the API server process's CPU time (the profile's API-server model charges it per request and per token)."""
 
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 

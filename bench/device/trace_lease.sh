@@ -1,0 +1,70 @@
+#!/bin/bash
+# Two device calls on one warm machine (issue 18, the conversation's TTFT near saturation): a profile whose API-server
+# windows send probes as a trace's requests are (words to tokenize, a streamed answer) and, in the same windows'
+# settings, prefill-only probes of token ids, then the unseen replays on the same server, every request traced
+# (bench/device/reqtrace: the way in hop by hop, the API server's loop lag, garbage collections) and the API server's
+# CPU counted over each replay (`process_cpu_seconds` in engine_metrics). The same vLLM flags as lease_check.sh.
+#   run(command="STAGE=1 bash bench/device/trace_lease.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
+#       start vLLM traced, profile-model (its load windows first, words:32 then ids:1 at 0/128/256 streams)
+#   run(command="STAGE=2 bash bench/device/trace_lease.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
+#       the same server (warm: call within its 30 s): conversation light / near / over, code near / over, fcfs,
+#       straight to vLLM, one trace file each
+# Here: the profile fitted on either kind of window (`qlmctl profile-model m --from-raw raw-lease.json
+# --load-probes ids:1`), `bench/fidelity_compare.py DIR/conv --scenario scenarios/fidelity_unseen.yaml --loads
+# light:10.8:216,near:21.5:540,over:43:1075 --policies direct --profile PROFILE --set enable_prefix_caching=false`,
+# `bench/req_trace_split.py DIR --in-out --lag --api`.
+set -u
+PREFIX_CACHING=off source bench/device/vllm_env.sh
+default_server
+VER=$(python3 -c "import vllm; print(vllm.__version__)")
+TRACE=$K/reqtrace.jsonl  # on the machine's own disk: the server outlives the call that started it
+LOG=server_llama-3.1-8b.log  # the server's log, in $K for the same reason
+take_trace() {  # $1: where the trace so far goes
+  sleep 2  # the last finishes logged
+  mv "$TRACE" "$1" 2>/dev/null || log "no trace for $1"
+  mv "$TRACE.events" "$1.events" 2>/dev/null
+}
+case ${STAGE:-1} in
+1)
+  export QLM_REQ_TRACE=$TRACE
+  SAVED_PYTHONPATH=$PYTHONPATH
+  export PYTHONPATH=$PWD/bench/device/reqtrace:$PYTHONPATH
+  OUT=$K ensure_vllm "$K/m8b" llama-3.1-8b $PORT || { gzip -c "$K/$LOG" > "$OUT/server_1.log.gz"; exit 4; }
+  export PYTHONPATH=$SAVED_PYTHONPATH
+  unset QLM_REQ_TRACE
+  grep -m1 "reqtrace" "$K/$LOG"
+  rm -f "$TRACE" "$TRACE.events"  # the start's own requests
+  watch_cpu; WPID=$!
+  timeout -s INT $(( ${CALL_LIMIT_S:-585} - $(date +%s) + T0 )) python3 -c "$PROFILE_PY" llama-3.1-8b --url $URL \
+    --out "$OUT/$TAGG-lease.yaml" --raw "$OUT/raw-lease.json" --gpu "$GPU" \
+    --flags "vllm $VER: $VLLM_FLAGS (torch.compile + CUDA graphs)" --max-num-seqs 1024 --max-num-batched-tokens 8192 \
+    --prompt-lengths 256,512,1024,2048,4096,8000 --reps 2 --batches 1,32,128,256 --contexts 128,1024 \
+    --mixed-batches 32,160 --mixed-contexts 512 --mixed-lengths 256,2048 --no-frontend \
+    --load-streams 0,128,256 --load-rates 4,20 --load-window-s 4 --load-probes words:32,ids:1 \
+    --sustained-s 20 2>&1 | grep -vE "━" | tail -60
+  kill $WPID 2>/dev/null
+  take_trace "$OUT/profile_trace.jsonl"
+  gzip -f "$OUT/profile_trace.jsonl" "$OUT/profile_trace.jsonl.events" "$OUT/top.log" 2>/dev/null
+  gzip -c "$K/$LOG" > "$OUT/server_1.log.gz"
+  ;;
+2)
+  OUT=$K ensure_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4  # stage 1's (a fresh one here would be untraced)
+  R="$OUT/trace"
+  watch_cpu; WPID=$!
+  rm -f "$TRACE" "$TRACE.events"
+  IFS=, read -ra SPECS <<< "${SPECS:-unseen light 10.8 216,unseen near 21.5 540,unseen over 43 1075,code near 16 320,code over 22 440}"
+  for spec in "${SPECS[@]}"; do
+    set -- $spec
+    log "direct $1/$2: $3 req/s, $4 requests"
+    timeout 200 python3 bench/device/replay_direct.py -s "scenarios/fidelity_$1.yaml" --url $URL --rate "$3" -n "$4" \
+      -o "$R/$1/$2" 2>&1 | grep -vE "━|^\s*$" | tail -1
+    take_trace "$R/$1/$2/reqtrace.jsonl"
+    wc -l < "$R/$1/$2/reqtrace.jsonl" 2>/dev/null
+  done
+  mv "$R/unseen" "$R/conv" 2>/dev/null
+  kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
+  tar czf "$OUT/trace_lease.tgz" -C "$R" . && rm -rf "$R"
+  gzip -c "$K/$LOG" > "$OUT/server_2.log.gz"
+  ;;
+esac
+log done
