@@ -55,11 +55,13 @@ case ${STAGE:-1} in
   IFS=, read -ra SPECS <<< "${SPECS:-unseen light 10.8 216,unseen near 21.5 540,unseen over 43 1075,code near 16 320,code over 22 440}"
   for spec in "${SPECS[@]}"; do
     set -- $spec
-    log "direct $1/$2: $3 req/s, $4 requests"
+    dest=$R/$1/$2
+    for rep in b c d e; do [ -e "$dest" ] || break; dest=$R/$1/$2_$rep; done  # a repeated load: near_b, ...
+    log "direct $1/$2: $3 req/s, $4 requests -> $dest"
     timeout 200 python3 bench/device/replay_direct.py -s "scenarios/fidelity_$1.yaml" --url $URL --rate "$3" -n "$4" \
-      -o "$R/$1/$2" 2>&1 | grep -vE "━|^\s*$" | tail -1
-    take_trace "$R/$1/$2/reqtrace.jsonl"
-    wc -l < "$R/$1/$2/reqtrace.jsonl" 2>/dev/null
+      -o "$dest" 2>&1 | grep -vE "━|^\s*$" | tail -1
+    take_trace "$dest/reqtrace.jsonl"
+    wc -l < "$dest/reqtrace.jsonl" 2>/dev/null
   done
   mv "$R/unseen" "$R/conv" 2>/dev/null
   kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"

@@ -31,6 +31,7 @@ if PATH:
 
         _orig = _stats.IterationStats.update_from_finished_request
         _api: dict[str, dict] = {}  # request id -> its "api" record, until the request finishes
+        _pending: dict[str, dict] = {}  # "cmpl-<x-request-id>" -> its record, from the handler to add_request
         _current: contextvars.ContextVar = contextvars.ContextVar("qlm_reqtrace", default=None)
         _thread_times: dict[int, tuple[float, float]] = {}  # id(prompt text) -> the tokenizer call's bounds
         _events: list[dict] = []
@@ -102,7 +103,13 @@ if PATH:
                     _watching[0] = True
                     asyncio.get_running_loop().create_task(_watch_loop())
                 hdr = raw_request.headers.get("x-request-id") if raw_request is not None else None
-                _current.set({"handler": time.monotonic(), "header_id": hdr})
+                rec = {"handler": time.monotonic(), "header_id": hdr}
+                _current.set(rec)  # seen by the tokenization, which runs in this task
+                if hdr:
+                    # vLLM's route runs this handler in a task of its own (cancellation on disconnect), and the
+                    # engine's add_request runs later in the response's task, which does not see the context
+                    # variable: it finds the record by id ("cmpl-<x-request-id>", vLLM's request id for it).
+                    _pending[f"cmpl-{hdr}"] = rec
                 return await orig(self, request, raw_request)
 
             cls.create_completion = create_completion
@@ -136,7 +143,8 @@ if PATH:
             orig = cls.add_request
 
             async def add_request(self, request_id, *args, **kwargs):
-                rec = _current.get()
+                # request_id is "cmpl-<id>-<choice index>"
+                rec = _pending.pop(request_id.rsplit("-", 1)[0], None) or _current.get()
                 if rec is not None:
                     rec = dict(rec, add=time.monotonic())
                     _api[request_id] = rec
