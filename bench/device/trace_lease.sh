@@ -9,6 +9,9 @@
 #   run(command="STAGE=2 bash bench/device/trace_lease.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
 #       the same server (warm: call within its 30 s): conversation light / near / over, code near / over, fcfs,
 #       straight to vLLM, one trace file each
+#   run(command="STAGE=3 bash bench/device/trace_lease.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
+#       a fresh server with --no-async-scheduling, the conversation near twice, light and code near once; then vLLM's
+#       default (asynchronous scheduling) and the conversation near twice: trace_sync.tgz (sync/, async/)
 # Here: the profile fitted on either kind of window (`qlmctl profile-model m --from-raw raw-lease.json
 # --load-probes ids:1`), `bench/fidelity_compare.py DIR/conv --scenario scenarios/fidelity_unseen.yaml --loads
 # light:10.8:216,near:21.5:540,over:43:1075 --policies direct --profile PROFILE --set enable_prefix_caching=false`,
@@ -23,6 +26,28 @@ take_trace() {  # $1: where the trace so far goes
   sleep 2  # the last finishes logged
   mv "$TRACE" "$1" 2>/dev/null || log "no trace for $1"
   mv "$TRACE.events" "$1.events" 2>/dev/null
+}
+replays() {  # $1: folder; the rest: "set load rate requests" specs; a repeated load gets near_b, ...
+  local R=$1; shift
+  for spec in "$@"; do
+    set -- $spec
+    dest=$R/$1/$2
+    for rep in b c d e; do [ -e "$dest" ] || break; dest=$R/$1/$2_$rep; done
+    log "direct $1/$2: $3 req/s, $4 requests -> $dest"
+    timeout 200 python3 bench/device/replay_direct.py -s "scenarios/fidelity_$1.yaml" --url $URL --rate "$3" -n "$4" \
+      -o "$dest" 2>&1 | grep -vE "━|^\s*$" | tail -1
+    take_trace "$dest/reqtrace.jsonl"
+    wc -l < "$dest/reqtrace.jsonl" 2>/dev/null
+  done
+}
+traced_server() {  # vLLM with the trace hook, its log in $K; extra flags as arguments
+  export QLM_REQ_TRACE=$TRACE
+  local saved=$PYTHONPATH
+  export PYTHONPATH=$PWD/bench/device/reqtrace:$PYTHONPATH
+  OUT=$K ensure_vllm "$K/m8b" llama-3.1-8b $PORT "$@" || { gzip -c "$K/$LOG" > "$OUT/server_fail.log.gz"; exit 4; }
+  export PYTHONPATH=$saved
+  unset QLM_REQ_TRACE
+  rm -f "$TRACE" "$TRACE.events"
 }
 case ${STAGE:-1} in
 1)
@@ -53,20 +78,25 @@ case ${STAGE:-1} in
   watch_cpu; WPID=$!
   rm -f "$TRACE" "$TRACE.events"
   IFS=, read -ra SPECS <<< "${SPECS:-unseen light 10.8 216,unseen near 21.5 540,unseen over 43 1075,code near 16 320,code over 22 440}"
-  for spec in "${SPECS[@]}"; do
-    set -- $spec
-    dest=$R/$1/$2
-    for rep in b c d e; do [ -e "$dest" ] || break; dest=$R/$1/$2_$rep; done  # a repeated load: near_b, ...
-    log "direct $1/$2: $3 req/s, $4 requests -> $dest"
-    timeout 200 python3 bench/device/replay_direct.py -s "scenarios/fidelity_$1.yaml" --url $URL --rate "$3" -n "$4" \
-      -o "$dest" 2>&1 | grep -vE "━|^\s*$" | tail -1
-    take_trace "$dest/reqtrace.jsonl"
-    wc -l < "$dest/reqtrace.jsonl" 2>/dev/null
-  done
+  replays "$R" "${SPECS[@]}"
   mv "$R/unseen" "$R/conv" 2>/dev/null
   kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
   tar czf "$OUT/trace_lease.tgz" -C "$R" . && rm -rf "$R"
   gzip -c "$K/$LOG" > "$OUT/server_2.log.gz"
+  ;;
+3)  # asynchronous scheduling off, then on (vLLM's default): the conversation near saturation twice each, traced
+  # (is the engine's part the simulator misses in vLLM's one-step-ahead pipeline?)
+  R="$OUT/trace"
+  watch_cpu; WPID=$!
+  traced_server --no-async-scheduling
+  replays "$R/sync" "unseen near 21.5 540" "unseen near 21.5 540" "unseen light 10.8 216" "code near 16 320"
+  gzip -c "$K/$LOG" > "$OUT/server_sync.log.gz"
+  traced_server
+  replays "$R/async" "unseen near 21.5 540" "unseen near 21.5 540"
+  gzip -c "$K/$LOG" > "$OUT/server_async.log.gz"
+  for d in "$R"/*/unseen; do mv "$d" "${d%/unseen}/conv"; done
+  kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
+  tar czf "$OUT/trace_sync.tgz" -C "$R" . && rm -rf "$R"
   ;;
 esac
 log done
