@@ -9,7 +9,7 @@ part taken from vLLM's histograms plus half a step and the load at the window's 
 runs the engine step by step and charges the wait at the load it sees (the step in flight, or a window:
 `frontend_window_s`). This replays each stream count's windows in the simulator as profile-model ran them (the
 same streams, 512-token prompts decoding throughout and ageing from window to window, Poisson probes of 1,024
-tokens with max_tokens 1 at each window's rate; mean over seeds): the check the fit does not make. Columns: the
+tokens at each window's rate asking for its probes' answer, `--load-probes`; mean over seeds): the check the fit does not make. Columns: the
 probes' mean client TTFT live and simulated, the simulated engine part (the same run with the API-server model off)
 against vLLM's queue + prefill, and the split of the live remainder (vLLM's TTFT beyond its queue + prefill; the
 client's beyond vLLM's TTFT). Reads a raw profile (`frontend_load`) or a list of windows
@@ -71,19 +71,20 @@ def streams_prefilled(sc: Scenario, streams: int) -> tuple[Engine, float]:
     return eng, t
 
 
-def window_ttft(sc: Scenario, streams: int, windows: list[tuple[float, float, float, int]], seed: int) -> list[float]:
+def window_ttft(sc: Scenario, streams: int, windows: list[tuple[float, float, float, int, int]],
+                seed: int) -> list[float]:
     """Mean simulated client TTFT of the probes of each of a run of windows beside the same `streams`, s:
     `windows` are (start s after the streams are prefilled and half a second more, length s, probes per second,
-    probe tokens), the probes asking for one token. One simulation for the run: the streams age through it."""
+    probe tokens, tokens each probe asks for). One simulation for the run: the streams age through it."""
     rng = np.random.default_rng(seed)
     reqs = [Request(i, 0.001 * i, MODEL, "batch", 3600.0, 512, 4000) for i in range(streams)]
     t0 = streams_prefilled(sc, streams)[1] + 0.5
     runs: list[list[Request]] = []
     k = streams
-    for start, length, rate, tokens in windows:
+    for start, length, rate, tokens, outs in windows:
         probes = []
         for t in probe_times(rng, t0 + start, t0 + start + length, rate):
-            probes.append(Request(k, t, MODEL, "batch", 3600.0, tokens, 1))
+            probes.append(Request(k, t, MODEL, "batch", 3600.0, tokens, outs))
             k += 1
         runs.append(probes)
     simulate(sc, "direct", reqs + [r for probes in runs for r in probes], copy_requests=False)
@@ -131,17 +132,21 @@ def main() -> None:
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     sc = scenario(args.profile, overrides)
     bare = scenario(args.profile, {**overrides, **ENGINE_ONLY})
-    print("| streams | req/s | live client (ms) | simulated (ms) | error | simulated engine part (ms) "
+    print("| probes | streams | req/s | live client (ms) | simulated (ms) | error | simulated engine part (ms) "
           "| vLLM queue + prefill (ms) | live: vLLM TTFT beyond it (ms) | live: client beyond vLLM TTFT (ms) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     errs = []
     by_streams: dict[int, list[dict]] = {}  # profile-model measures a stream count's windows in a row
     for w in windows:
         by_streams.setdefault(w["streams"], []).append(w)
     for ws in by_streams.values():
-        # Where it was not recorded, each window is taken to start a window and a scrape after the one before.
-        spec = [(j * (args.window_s + SCRAPE_S), args.window_s, w["rate_rps"], w["probe_tokens"])
-                for j, w in enumerate(ws)]
+        # Where it was not recorded, each window is taken to start a window and a scrape after the one before
+        # (a window whose probes stream answers ends when the last is answered: about its answer's steps later).
+        spec, start = [], 0.0
+        for w in ws:
+            outs = w.get("probe_out", 1)
+            spec.append((start, args.window_s, w["rate_rps"], w["probe_tokens"], outs))
+            start += args.window_s + SCRAPE_S + (outs - 1) * w.get("step_s", 0.0)
         sims, engines = ([window_ttft(s, ws[0]["streams"], spec, k) for k in range(args.seeds)] for s in (sc, bare))
         for j, w in enumerate(ws):
             sim, engine = float(np.mean([x[j] for x in sims])), float(np.mean([x[j] for x in engines]))
@@ -151,7 +156,8 @@ def main() -> None:
             qp, vt = w.get("engine_s"), w.get("vllm_ttft_s")
             cells = [f"{x * 1e3:.1f}" if x is not None else "-" for x in
                      (qp, vt - qp if vt is not None and qp is not None else None, live - vt if vt is not None else None)]
-            print(f"| {w['streams']} | {w['rate_rps']:.1f} | {live * 1e3:.1f} | {sim * 1e3:.1f} | {err:+.0%} "
+            kind = f"{'words' if w.get('probe_words') else 'ids'}:{w.get('probe_out', 1)}"
+            print(f"| {kind} | {w['streams']} | {w['rate_rps']:.1f} | {live * 1e3:.1f} | {sim * 1e3:.1f} | {err:+.0%} "
                   f"| {engine * 1e3:.1f} | " + " | ".join(cells) + " |")
     print(f"\nmean |error| {np.mean(errs):.1%}, worst {max(errs):.1%} over {len(errs)} windows")
 
