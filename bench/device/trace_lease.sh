@@ -12,6 +12,8 @@
 #   run(command="STAGE=3 bash bench/device/trace_lease.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
 #       a fresh server with --no-async-scheduling, the conversation near twice, light and code near once; then vLLM's
 #       default (asynchronous scheduling) and the conversation near twice: trace_sync.tgz (sync/, async/)
+#   run(command="CALL_LIMIT_S=270 STAGE=4 bash bench/device/trace_lease.sh", carry=[...], kind="nvidia-h200")
+#       the conversation near twice with the engine core's step log; on an H200, then its sustained-load run
 # Here: the profile fitted on either kind of window (`qlmctl profile-model m --from-raw raw-lease.json
 # --load-probes ids:1`), `bench/fidelity_compare.py DIR/conv --scenario scenarios/fidelity_unseen.yaml --loads
 # light:10.8:216,near:21.5:540,over:43:1075 --policies direct --profile PROFILE --set enable_prefix_caching=false`,
@@ -26,6 +28,7 @@ take_trace() {  # $1: where the trace so far goes
   sleep 2  # the last finishes logged
   mv "$TRACE" "$1" 2>/dev/null || log "no trace for $1"
   mv "$TRACE.events" "$1.events" 2>/dev/null
+  mv "$TRACE.steps" "$1.steps" 2>/dev/null
 }
 replays() {  # $1: folder; the rest: "set load rate requests" specs; a repeated load gets near_b, ...
   local R=$1; shift
@@ -47,7 +50,7 @@ traced_server() {  # vLLM with the trace hook, its log in $K; extra flags as arg
   OUT=$K ensure_vllm "$K/m8b" llama-3.1-8b $PORT "$@" || { gzip -c "$K/$LOG" > "$OUT/server_fail.log.gz"; exit 4; }
   export PYTHONPATH=$saved
   unset QLM_REQ_TRACE
-  rm -f "$TRACE" "$TRACE.events"
+  rm -f "$TRACE" "$TRACE.events" "$TRACE.steps"
 }
 case ${STAGE:-1} in
 1)
@@ -97,6 +100,21 @@ case ${STAGE:-1} in
   for d in "$R"/*/unseen; do mv "$d" "${d%/unseen}/conv"; done
   kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
   tar czf "$OUT/trace_sync.tgz" -C "$R" . && rm -rf "$R"
+  ;;
+4)  # one short call: a traced server (vLLM's defaults), the conversation near twice with the engine core's step log
+  # (`<trace>.steps`); on an H200, then the sustained-load run alone for the H200 profile (bench/device/sustained_fit.py)
+  R="$OUT/trace"
+  traced_server
+  replays "$R/steps" "unseen near 21.5 540" "unseen near 21.5 540"
+  for d in "$R"/*/unseen; do mv "$d" "${d%/unseen}/conv"; done
+  tar czf "$OUT/trace_steps.tgz" -C "$R" . && rm -rf "$R"
+  gzip -c "$K/$LOG" > "$OUT/server_steps.log.gz"
+  if [ "$TAGG" = h200 ] && [ $(( $(date +%s) - T0 )) -lt $(( ${CALL_LIMIT_S:-270} - 60 )) ]; then
+    timeout -s INT $(( ${CALL_LIMIT_S:-270} - $(date +%s) + T0 )) python3 -c "$PROFILE_PY" llama-3.1-8b --url $URL \
+      --out "$OUT/h200-sustained.yaml" --raw "$OUT/raw-sustained.json" --gpu "$GPU" --prompt-lengths 512,2048,4096 \
+      --reps 1 --batches 1,32,128 --contexts 128 --no-mixed --no-frontend --no-frontend-load --sustained-s 20 2>&1 \
+      | grep -vE "━" | grep -E "sustained" | tail -4
+  fi
   ;;
 esac
 log done

@@ -11,7 +11,9 @@ on vLLM 0.24's modules): `handler` (the completion handler entered), `tok_submit
 tokenization handed to the renderer's thread pool and the handler resumed after it), `tok_start` / `tok_end` (the
 tokenizer's call in its worker thread) and `add` (AsyncLLM.add_request entered, just before the arrival stamp).
 Beside it, `<file>.events` gets the process's garbage collections over 1 ms (every vLLM process) and the API
-server's event-loop lags over 2 ms: what can hold every request at once."""
+server's event-loop lags over 2 ms: what can hold every request at once; `<file>.steps` the engine core's steps
+(each batch scheduled: its tokens, new requests and requests; each batch's result taken in), to lay the engine's
+own step times beside the step model's."""
 
 import os
 
@@ -152,7 +154,45 @@ if PATH:
 
             cls.add_request = add_request
 
-        _PATCHES = {"vllm.entrypoints.openai.completion.serving": _patch_serving,
+        _steps: list[str] = []
+        _steps_flushed = [time.monotonic()]
+
+        def _flush_steps(force: bool = False) -> None:
+            # At least every second: a replay's file is moved away when it ends, and what is still held here would
+            # land in the next one's.
+            now = time.monotonic()
+            if _steps and (force or len(_steps) >= 500 or now - _steps_flushed[0] > 1.0):
+                lines, _steps[:] = list(_steps), []
+                _steps_flushed[0] = now
+                with open(PATH + ".steps", "a") as f:
+                    f.write("".join(lines))
+
+        def _patch_scheduler(mod) -> None:
+            # The engine core's steps: each batch scheduled (tokens, new requests, requests in it) and each batch's
+            # result taken in (with asynchronous scheduling the core blocks on it: the end of that step on the GPU).
+            cls = mod.Scheduler
+            sched, update = cls.schedule, cls.update_from_output
+            atexit.register(_flush_steps, True)
+
+            def schedule(self, *args, **kwargs):
+                out = sched(self, *args, **kwargs)
+                _steps.append(json.dumps({"k": "s", "t": time.monotonic(), "tok": out.total_num_scheduled_tokens,
+                                          "new": len(out.scheduled_new_reqs), "n": len(out.num_scheduled_tokens)})
+                              + "\n")
+                return out
+
+            def update_from_output(self, scheduler_output, *args, **kwargs):
+                t = time.monotonic()
+                out = update(self, scheduler_output, *args, **kwargs)
+                _steps.append(json.dumps({"k": "u", "t": t, "done": time.monotonic(),
+                                          "tok": scheduler_output.total_num_scheduled_tokens}) + "\n")
+                _flush_steps()
+                return out
+
+            cls.schedule, cls.update_from_output = schedule, update_from_output
+
+        _PATCHES = {"vllm.v1.core.sched.scheduler": _patch_scheduler,
+                    "vllm.entrypoints.openai.completion.serving": _patch_serving,
                     "vllm.renderers.base": _patch_renderer,
                     "vllm.v1.engine.async_llm": _patch_async_llm}
 
