@@ -41,8 +41,8 @@ def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int, cap: int = 
 
 
 DEFAULT_LOAD_PROBES = "words:32"
-"""Requests like a trace's (words to tokenize, a streamed answer): prefill-only probes of token ids cost the API server
-less than the requests of a replay near saturation do (docs/fidelity.md)."""
+"""Requests like a trace's (words to tokenize, a streamed answer): on an H100 host such a probe cost the API server
+7.3 ms of CPU against 4.7 for a prefill-only probe of token ids (docs/fidelity.md, "Probes like a trace's requests")."""
 
 
 def _probe_kinds(text: str) -> tuple[tuple[int, bool], ...]:
