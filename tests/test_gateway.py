@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import yaml
@@ -248,24 +249,36 @@ async def test_loop_lag_is_small_when_idle_and_seen_when_the_loop_is_blocked(one
     async with Gateway(sc, "fcfs", port=0) as gw, httpx.AsyncClient(base_url=gw.url) as c:
         lag = gw.loop_lag
         # The same monitor on an empty loop of its own, in this process at the same time: the lag any loop
-        # here gets from the machine (a busy machine, the emulators' threads), against which the
-        # gateway's idle lag is judged.
+        # here gets from the machine (a busy machine, another test worker, the emulators' threads), against
+        # which the gateway's idle lag is judged. Both are read over the same window: the gateway's monitor
+        # starts before its server does, so its first sample holds the server's start-up (60-200 ms of
+        # one callback on a 2-core machine busy with other work), which is not idle lag and which the
+        # reference, started later, never sees.
         ref = LoopLagMonitor()
+        ref_sampling, ref_done = threading.Event(), threading.Event()
 
         async def reference() -> None:
             ref.start()
-            await asyncio.sleep(0.5)
+            while not ref.samples:  # sampling: the window starts after this
+                await asyncio.sleep(0.005)
+            ref_sampling.set()
+            while not ref_done.is_set():
+                await asyncio.sleep(0.01)
             await ref.stop()
 
         th = threading.Thread(target=lambda: asyncio.run(reference()))
         th.start()
+        assert await asyncio.to_thread(ref_sampling.wait, 30)
+        first = len(lag.samples)
         await asyncio.sleep(0.5)
-        idle = lag.summary()
+        window = np.array(lag.samples[first:]) * 1e3
+        ref_done.set()
         await asyncio.to_thread(th.join)
-        noise_ms = ref.max_s * 1e3
-        assert len(lag.samples) >= 10
-        assert idle["gateway_loop_lag_p50_ms"] < 10 + noise_ms, (idle, noise_ms)
-        assert idle["gateway_loop_lag_max_ms"] < 150 + 2 * noise_ms, (idle, noise_ms)
+        noise_ms = ref.max_s * 1e3  # over a span that covers the gateway's window
+        assert len(window) >= 10
+        idle = {"p50_ms": float(np.median(window)), "max_ms": float(window.max())}
+        assert idle["p50_ms"] < 10 + noise_ms, (idle, noise_ms)
+        assert idle["max_ms"] < 150 + 2 * noise_ms, (idle, noise_ms)
 
         async def hog() -> None:
             time.sleep(0.2)  # blocks the gateway's loop, as a slow callback would
