@@ -41,3 +41,12 @@ def make_scenario(instances: int = 2, models: tuple[str, ...] = ("m",), kv_block
 @pytest.fixture
 def scenario() -> Scenario:
     return make_scenario()
+
+
+@pytest.fixture(autouse=True)
+def _private_launch_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --launch` records its engines in a per-user folder (`$XDG_RUNTIME_DIR/qlmctl`, else
+    `<tmp>/qlmctl-<uid>`, `qlmctl.gateway.launchstate`) and reads them back at the next launch. Each test
+    gets a folder of its own (its subprocesses inherit the setting), so that tests on parallel workers (and
+    gateways of the person running them) neither see nor clean up each other's records."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("run")))
