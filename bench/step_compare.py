@@ -7,7 +7,14 @@ step log holds each batch the engine core scheduled (its tokens and requests) an
 result in; with asynchronous scheduling the core waits on that result, so the gap between results taken in is the
 GPU's step. The simulation replays the same requests (the API-server model off: engine steps only). Printed per
 bucket of tokens per step: the steps live and simulated, and their mean duration (ms). Then the wait from a
-request's arrival stamp to the end of the step in flight, live (to its QUEUED stamp) and simulated."""
+request's arrival stamp to the end of the step in flight, live (to its QUEUED stamp) and simulated. Then, per
+request, where its way from the engine's door to its first token goes (`per_request_split`): the rest of the step
+in flight, the step already scheduled when it was taken in, and its own step, with their tokens, and how many
+first tokens each step that carried one carried (more per step: fewer, longer prefill steps).
+
+    --live-door: simulate the engine with each request arriving when the live API server handed it to the engine
+    (its `add_request`), not when the client sent it, and compare the engine's TTFT from that moment: what the
+    engine model gives when the API server's timing is taken from the live run."""
 
 from __future__ import annotations
 
@@ -94,6 +101,80 @@ def simulated_steps(sc, reqs) -> tuple[np.ndarray, np.ndarray, np.ndarray, objec
     return np.array(toks), np.array(durs), np.array(ends), run
 
 
+def per_request_split(folder: Path, run, st: np.ndarray, sd: np.ndarray, se: np.ndarray) -> None:
+    """Print the split of each request's time from the engine's door to its first token, live and simulated.
+
+    Live: from `add_request` to QUEUED (the core takes new requests in as it takes a result in), the steps whose
+    results came between QUEUED and the first token's result save the last (the one already scheduled, with
+    asynchronous scheduling), and the last (its own). Simulated, the engine alone (no API server): from arrival
+    to the end of the step in flight, the steps up to the one before the first token, and the first token's."""
+    recs = _lines(folder / "reqtrace.jsonl.steps")
+    results = [r for r in recs if r["k"] == "u"]
+    ut = np.array([r["t"] for r in results])
+    done = np.array([r["done"] for r in results])
+    utok = np.array([r["tok"] for r in results])
+    trace = [r for r in _lines(folder / "reqtrace.jsonl") if r.get("api")]
+    if not trace or len(ut) < 2:
+        print("\n(no per-request split: the trace has no API-server records or no steps)")
+        return
+    add = np.array([r["api"]["add"] for r in trace])
+    queued = np.array([r["queued"] for r in trace])
+    first = np.array([r["first_token"] for r in trace])
+    j = np.maximum(np.searchsorted(done, queued) - 1, 0)  # the result the core had just taken in at QUEUED
+    m = np.clip(np.searchsorted(ut, first + 0.003) - 1, 1, len(ut) - 1)  # the result carrying the first token
+    dur = np.diff(ut, prepend=ut[0])
+    live = {"door": queued - add, "scheduled": ut[m - 1] - ut[j], "own": dur[m], "scheduled_tok": utok[np.minimum(j + 1, m)],
+            "own_tok": utok[m], "per_step": m}
+    order = np.argsort(se, kind="stable")
+    st, sd, se = st[order], sd[order], se[order]
+    frame = requests_frame(run.result.requests)
+    arr = frame["arrival_s"].to_numpy()
+    ft = (frame["arrival_s"] + frame["ttft_s"]).to_numpy()
+    k = np.minimum(np.searchsorted(se, arr - 1e-9), len(se) - 1)
+    f = np.clip(np.searchsorted(se, ft - 1e-6), 1, len(se) - 1)
+    sim = {"door": se[k] - arr, "scheduled": se[f - 1] - se[k], "own": sd[f], "scheduled_tok": st[np.minimum(k + 1, f)],
+           "own_tok": st[f], "per_step": f}
+    print("\n| per request (means) | live | simulated |\n|---|---:|---:|")
+    rows = [("door to taken in (ms)", "door", 1e3), ("the step already scheduled (ms)", "scheduled", 1e3),
+            ("its own step (ms)", "own", 1e3), ("tokens of the step already scheduled", "scheduled_tok", 1),
+            ("tokens of its own step", "own_tok", 1)]
+    for label, key, scale in rows:
+        ok_l = live["scheduled"] < 1.0  # an engine idle between them: no step to split
+        ok_s = sim["scheduled"] < 1.0
+        print(f"| {label} | {live[key][ok_l].mean() * scale:.1f} | {sim[key][ok_s].mean() * scale:.1f} |")
+    for label, idx in (("live", live["per_step"]), ("simulated", sim["per_step"])):
+        _, c = np.unique(idx, return_counts=True)
+        print(f"{label}: {len(c)} steps carried a first token, {c.mean():.2f} each "
+              f"(1, 2, 3, 4+: {np.sum(c == 1)}, {np.sum(c == 2)}, {np.sum(c == 3)}, {np.sum(c >= 4)})")
+
+
+def door_compare(folder: Path, sc, reqs) -> None:
+    """Print the engine's TTFT from the live hand-over (`add_request`), live and simulated with the requests
+    arriving then, and the first tokens per prefill step."""
+    trace = {int(r["id"].rsplit("-", 2)[1]): r for r in _lines(folder / "reqtrace.jsonl") if r.get("api")}
+    keys = [int(str(r.request_id).rsplit("-", 1)[-1]) for r in reqs]
+    missing = [k for k in keys if k not in trace]
+    if missing:
+        raise SystemExit(f"{folder / 'reqtrace.jsonl'}: no API-server record for {len(missing)} requests "
+                         f"(first: {missing[0]})")
+    door = np.array([trace[k]["api"]["add"] for k in keys])
+    shift = door.min() - min(r.arrival_s for r in reqs)
+    for r, t in zip(reqs, door):
+        r.arrival_s = float(t - shift)
+    reqs.sort(key=lambda r: r.arrival_s)
+    _, _, se, run = simulated_steps(sc, reqs)
+    frame = requests_frame(run.result.requests)
+    sim = frame["ttft_s"].to_numpy()
+    live = np.array([trace[k]["first_token"] - trace[k]["api"]["add"] for k in keys])
+    _, c = np.unique(np.searchsorted(np.unique(se), (frame["arrival_s"] + frame["ttft_s"]).to_numpy() - 1e-6),
+                     return_counts=True)
+    print("| engine TTFT from the hand-over (ms) | live | simulated | error |\n|---|---:|---:|---:|")
+    for label, f in (("mean", np.mean), ("p50", np.median), ("p90", lambda x: np.percentile(x, 90))):
+        a, b = f(live) * 1e3, f(sim) * 1e3
+        print(f"| {label} | {a:.1f} | {b:.1f} | {b / a - 1:+.0%} |")
+    print(f"first tokens per step that carried one: simulated {c.mean():.2f} ({len(c)} steps)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folder", type=Path)
@@ -101,6 +182,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, required=True)
     ap.add_argument("-n", type=int, required=True)
     ap.add_argument("--profile", type=Path, required=True)
+    ap.add_argument("--live-door", action="store_true",
+                    help="arrivals at the live add_request times (the engine model alone, see above)")
     args = ap.parse_args()
     models = load_scenario(args.scenario).spec.models
     over = {"workload": {"target_rate_rps": args.rate, "max_requests": args.n},
@@ -113,6 +196,9 @@ def main() -> None:
         insts.append(d)
     sc = load_scenario(args.scenario, {**over, "cluster": {**base.spec.cluster.model_dump(), "instances": insts}})
     reqs, _ = build_requests(sc)
+    if args.live_door:
+        door_compare(args.folder, sc, reqs)
+        return
     lt, ld, _ = live_steps(args.folder)
     st, sd, se, run = simulated_steps(sc, reqs)
     print("| tokens per step | live steps | simulated steps | live mean (ms) | simulated mean (ms) | difference |")
@@ -135,6 +221,7 @@ def main() -> None:
     k = np.minimum(np.searchsorted(se, arr, side="right"), len(se) - 1)
     print(f"\nwait for the step in flight, mean (ms): live {intake.mean() * 1e3:.1f} (arrival stamp to QUEUED), "
           f"simulated {(se[k] - arr).mean() * 1e3:.1f}")
+    per_request_split(args.folder, run, st, sd, se)
 
 
 if __name__ == "__main__":
