@@ -93,7 +93,10 @@ print(simulator.build())
 for scenario, policy, cap in [("default", "fcfs", 600), ("default", "priority", 600), ("default", "edf", 600),
                               ("default", "qlm", 600), ("default", "shepherd", 600), ("multi_model", "qlm", 400),
                               ("multi_model", "fcfs", 400), ("prefill_bound", "qlm-strict", 400), ("tpot", "qlm", 300)]:
-    sc = load_scenario(f"{sys.argv[1]}/scenarios/{scenario}.yaml", {"workload": {"max_requests": cap}})
+    over = {"workload": {"max_requests": cap}}
+    if scenario == "tpot":  # its lengths come from the full trace outside the repository: the bundled slice here
+        over["workload"]["synthetic"] = {"lengths_from": f"{sys.argv[1]}/traces/azure_conv_2023_first3000.csv"}
+    sc = load_scenario(f"{sys.argv[1]}/scenarios/{scenario}.yaml", over)
     reqs, _ = build_requests(sc)
     run = simulate(sc, policy, reqs)
     h = hashlib.sha256()
