@@ -48,10 +48,9 @@ def _lines(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def live_steps(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def live_steps(recs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, duration s, end time) of each live step: batches paired scheduled-to-result in order, each one's
     duration the gap from the result before it (the first result of a busy spell has none and is left out)."""
-    recs = _lines(folder / "reqtrace.jsonl.steps")
     pending: list[dict] = []
     toks, durs, ends = [], [], []
     last = None
@@ -101,19 +100,31 @@ def simulated_steps(sc, reqs) -> tuple[np.ndarray, np.ndarray, np.ndarray, objec
     return np.array(toks), np.array(durs), np.array(ends), run
 
 
-def per_request_split(folder: Path, run, st: np.ndarray, sd: np.ndarray, se: np.ndarray) -> None:
+def first_token_steps(ends: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Index, in the sorted simulated step ends, of the step that gave each first token."""
+    return np.clip(np.searchsorted(ends, first - 1e-6), 1, len(ends) - 1)
+
+
+def per_step(label: str, idx: np.ndarray) -> str:
+    """How many first tokens each step that gave one gave, from each request's step index."""
+    _, c = np.unique(idx, return_counts=True)
+    return (f"{label}: {len(c)} steps carried a first token, {c.mean():.2f} each "
+            f"(1, 2, 3, 4+: {np.sum(c == 1)}, {np.sum(c == 2)}, {np.sum(c == 3)}, {np.sum(c >= 4)})")
+
+
+def per_request_split(recs: list[dict], trace: list[dict], run, st: np.ndarray, sd: np.ndarray,
+                      se: np.ndarray) -> None:
     """Print the split of each request's time from the engine's door to its first token, live and simulated.
 
     Live: from `add_request` to QUEUED (the core takes new requests in as it takes a result in), the steps whose
     results came between QUEUED and the first token's result save the last (the one already scheduled, with
     asynchronous scheduling), and the last (its own). Simulated, the engine alone (no API server): from arrival
     to the end of the step in flight, the steps up to the one before the first token, and the first token's."""
-    recs = _lines(folder / "reqtrace.jsonl.steps")
     results = [r for r in recs if r["k"] == "u"]
     ut = np.array([r["t"] for r in results])
     done = np.array([r["done"] for r in results])
     utok = np.array([r["tok"] for r in results])
-    trace = [r for r in _lines(folder / "reqtrace.jsonl") if r.get("api")]
+    trace = [r for r in trace if r.get("api")]
     if not trace or len(ut) < 2:
         print("\n(no per-request split: the trace has no API-server records or no steps)")
         return
@@ -131,21 +142,19 @@ def per_request_split(folder: Path, run, st: np.ndarray, sd: np.ndarray, se: np.
     arr = frame["arrival_s"].to_numpy()
     ft = (frame["arrival_s"] + frame["ttft_s"]).to_numpy()
     k = np.minimum(np.searchsorted(se, arr - 1e-9), len(se) - 1)
-    f = np.clip(np.searchsorted(se, ft - 1e-6), 1, len(se) - 1)
+    f = first_token_steps(se, ft)
     sim = {"door": se[k] - arr, "scheduled": se[f - 1] - se[k], "own": sd[f], "scheduled_tok": st[np.minimum(k + 1, f)],
            "own_tok": st[f], "per_step": f}
     print("\n| per request (means) | live | simulated |\n|---|---:|---:|")
     rows = [("door to taken in (ms)", "door", 1e3), ("the step already scheduled (ms)", "scheduled", 1e3),
             ("its own step (ms)", "own", 1e3), ("tokens of the step already scheduled", "scheduled_tok", 1),
             ("tokens of its own step", "own_tok", 1)]
+    ok_l = live["scheduled"] < 1.0  # an engine idle between them: no step to split
+    ok_s = sim["scheduled"] < 1.0
     for label, key, scale in rows:
-        ok_l = live["scheduled"] < 1.0  # an engine idle between them: no step to split
-        ok_s = sim["scheduled"] < 1.0
         print(f"| {label} | {live[key][ok_l].mean() * scale:.1f} | {sim[key][ok_s].mean() * scale:.1f} |")
-    for label, idx in (("live", live["per_step"]), ("simulated", sim["per_step"])):
-        _, c = np.unique(idx, return_counts=True)
-        print(f"{label}: {len(c)} steps carried a first token, {c.mean():.2f} each "
-              f"(1, 2, 3, 4+: {np.sum(c == 1)}, {np.sum(c == 2)}, {np.sum(c == 3)}, {np.sum(c >= 4)})")
+    print(per_step("live", live["per_step"]))
+    print(per_step("simulated", sim["per_step"]))
 
 
 def door_compare(folder: Path, sc, reqs) -> None:
@@ -170,13 +179,11 @@ def door_compare(folder: Path, sc, reqs) -> None:
     frame = requests_frame(run.result.requests)
     sim = frame["ttft_s"].to_numpy()
     live = np.array([trace[k]["first_token"] - trace[k]["api"]["add"] for k in keys])
-    _, c = np.unique(np.searchsorted(np.unique(se), (frame["arrival_s"] + frame["ttft_s"]).to_numpy() - 1e-6),
-                     return_counts=True)
     print("| engine TTFT from the hand-over (ms) | live | simulated | error |\n|---|---:|---:|---:|")
     for label, f in (("mean", np.mean), ("p50", np.median), ("p90", lambda x: np.percentile(x, 90))):
         a, b = f(live) * 1e3, f(sim) * 1e3
         print(f"| {label} | {a:.1f} | {b:.1f} | {b / a - 1:+.0%} |")
-    print(f"first tokens per step that carried one: simulated {c.mean():.2f} ({len(c)} steps)")
+    print(per_step("simulated", first_token_steps(np.sort(se), (frame["arrival_s"] + frame["ttft_s"]).to_numpy())))
 
 
 def main() -> None:
@@ -203,7 +210,8 @@ def main() -> None:
     if args.live_door:
         door_compare(args.folder, sc, reqs)
         return
-    lt, ld, _ = live_steps(args.folder)
+    steps = _lines(args.folder / "reqtrace.jsonl.steps")
+    lt, ld, _ = live_steps(steps)
     st, sd, se, run = simulated_steps(sc, reqs)
     print("| tokens per step | live steps | simulated steps | live mean (ms) | simulated mean (ms) | difference |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -225,7 +233,7 @@ def main() -> None:
     k = np.minimum(np.searchsorted(se, arr, side="right"), len(se) - 1)
     print(f"\nwait for the step in flight, mean (ms): live {intake.mean() * 1e3:.1f} (arrival stamp to QUEUED), "
           f"simulated {(se[k] - arr).mean() * 1e3:.1f}")
-    per_request_split(args.folder, run, st, sd, se)
+    per_request_split(steps, trace, run, st, sd, se)
 
 
 if __name__ == "__main__":
