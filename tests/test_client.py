@@ -165,3 +165,59 @@ def test_replay_errors_are_one_line(tmp_path):
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) <= 3
     res = runner.invoke(app, ["replay", "--url", "ftp://x", "-n", "2"])
     assert res.exit_code == 2 and "only http:// and https://" in res.output
+
+
+def _spaced(n: int, gap_s: float) -> list[Request]:
+    return [Request(request_id=100 + i, arrival_s=5.0 + gap_s * i, model="m", slo_class="a", ttft_slo_s=10.0,
+                    tpot_slo_s=None, priority=0, prompt_tokens=5, output_tokens=9) for i in range(n)]
+
+
+def test_replay_says_how_late_the_client_sent_and_wrote_each_request():
+    with _SSEServer(tokens=9, burst=3, gap_s=0.01) as srv:
+        res = asyncio.run(replay(srv.url, _spaced(4, 0.1), model_map={"m": "served"}))
+    c = res.client
+    assert c["client_processes"] == 1
+    for name in ("client_send_late", "client_send_delay"):
+        assert 0 <= c[f"{name}_p50_ms"] <= c[f"{name}_p99_ms"] <= c[f"{name}_max_ms"], c
+    for r, sent in zip(res.requests, res.sent_s):
+        # The request's bytes go out after its send stamp (where its TTFT starts) and before its first token.
+        assert r.error is None and sent is not None
+        assert r.arrival_s <= sent <= r.first_token_s, (r.arrival_s, sent, r.first_token_s)
+
+
+def test_replay_from_several_processes_sends_one_schedule_and_merges_in_send_order():
+    from qlmctl.client.replay import replay_in_subprocess
+
+    reqs = _spaced(9, 0.25)
+    seen: list[tuple[int, int]] = []
+    with _SSEServer(tokens=9, burst=3, gap_s=0.01) as srv:
+        res = asyncio.run(replay_in_subprocess(srv.url, reqs, model_map={"m": "served"}, processes=3,
+                                               progress=lambda done, total: seen.append((done, total))))
+    assert [r.request_id for r in res.requests] == [r.request_id for r in reqs]
+    assert all(r.error is None and r.generated_tokens == 9 for r in res.requests)
+    assert all(len(g) == 8 for g in res.itls) and res.usage_tokens == [9] * 9
+    # One time zero for all: each request went out at its own time from the first arrival (5.0 s), whichever
+    # process sent it, so the send stamps keep the schedule's order and spacing (late by at most a loaded
+    # machine's margin).
+    stamps = [r.arrival_s for r in res.requests]
+    assert stamps == sorted(stamps)
+    for r, want in zip(res.requests, [0.25 * i for i in range(9)]):
+        assert want <= r.arrival_s < want + 0.2, (r.request_id, r.arrival_s, want)
+    assert res.client["client_processes"] == 3 and res.client["client_send_late_p50_ms"] is not None
+    assert all(s is not None and r.arrival_s <= s for r, s in zip(res.requests, res.sent_s))
+    assert seen and seen[-1] == (9, 9)
+
+
+def test_replay_from_several_processes_stopped_before_it_starts_sends_nothing():
+    from qlmctl.client.replay import replay_in_subprocess
+
+    async def run(srv) -> object:
+        stop = asyncio.Event()
+        stop.set()
+        return await replay_in_subprocess(srv.url, _spaced(4, 0.1), model_map={"m": "served"}, processes=2,
+                                          stop=stop)
+
+    with _SSEServer(tokens=9, burst=3, gap_s=0.01) as srv:
+        res = asyncio.run(run(srv))
+    assert [r.request_id for r in res.requests] == [100, 101, 102, 103]
+    assert all(r.error == "not sent: the replay was stopped" and r.first_token_s is None for r in res.requests)

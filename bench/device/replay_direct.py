@@ -3,23 +3,30 @@ vLLM directly does, and write the results like `qlmctl simulate` (policy label `
 with --priority), with the server's own histogram and counter deltas (vLLM's /metrics) in `engine_metrics`.
 
     python bench/device/replay_direct.py -s SCENARIO --url http://127.0.0.1:8010 --rate R -n N -o DIR [--priority]
+        [--client-procs K]
 
 --priority sends each request's priority (its SLO class's, lower first) in the body, for a server started with
 `--scheduling-policy priority`. The simulated side of such a run is policy `direct` with the engine's
 scheduling policy set (bench/fidelity_compare.py does it).
+
+--client-procs K sends from K client processes (`replay_in_subprocess`), each its share of the requests on one
+schedule (default: 1, in this process). Each request's send stamp and the time its last byte was written go to
+`<out>/<label>/client_sent.json` (seconds from `client_t0_mono`), to tell the client's part of the way in from the
+server's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from qlmctl.client.replay import LiveRun, replay, save_live  # noqa: E402
+from qlmctl.client.replay import LiveRun, replay, replay_in_subprocess, save_live  # noqa: E402
 from qlmctl.engines import engine_kind  # noqa: E402
 from qlmctl.engines.totals import engine_totals_delta  # noqa: E402
 from qlmctl.metrics import summarize  # noqa: E402
@@ -36,6 +43,7 @@ async def main() -> None:
     ap.add_argument("-o", "--out", type=Path, required=True)
     ap.add_argument("--priority", action="store_true", help="send each request's priority (vLLM priority scheduling)")
     ap.add_argument("--label", default=None)
+    ap.add_argument("--client-procs", type=int, default=1, help="client processes (1: this one)")
     args = ap.parse_args()
     over: dict = {"workload": {}}
     if args.rate:
@@ -49,7 +57,11 @@ async def main() -> None:
     label = args.label or ("direct-priority" if args.priority else "direct")
     server = engine_kind("vllm").connect(args.url, 8)
     before = await server.run_totals()
-    res = await replay(args.url, requests, concurrency=4096, send_priority=args.priority)
+    if args.client_procs > 1:
+        res = await replay_in_subprocess(args.url, requests, concurrency=4096, send_priority=args.priority,
+                                         processes=args.client_procs)
+    else:
+        res = await replay(args.url, requests, concurrency=4096, send_priority=args.priority)
     after = await server.run_totals()
     await server.aclose()
     failed = [r.error for r in res.requests if r.error]
@@ -59,6 +71,8 @@ async def main() -> None:
         "client_t0_mono": res.t0,  # the send times' origin on the host's monotonic clock (vLLM's traces use it)
         **res.client})  # the client's own loop lag and CPU: a token it reads late is late in its TTFT
     folder = save_live(LiveRun(label, res.requests, summary, [], res), sc, args.out)
+    (Path(folder) / "client_sent.json").write_text(json.dumps(
+        [[r.request_id, r.arrival_s, s] for r, s in zip(res.requests, res.sent_s)]))
     deltas = summary["engine_metrics"]["gpu0"]
     q, h = deltas.get("vllm:prefix_cache_queries"), deltas.get("vllm:prefix_cache_hits")
     print(f"{label}: {summary['completed']}/{summary['num_requests']} completed, "

@@ -14,6 +14,9 @@
 #       default (asynchronous scheduling) and the conversation near twice: trace_sync.tgz (sync/, async/)
 #   run(command="CALL_LIMIT_S=270 STAGE=4 bash bench/device/trace_lease.sh", carry=[...], kind="nvidia-h200")
 #       the conversation near twice with the engine core's step log; on an H200, then its sustained-load run
+#   run(command="STAGE=5 bash bench/device/trace_lease.sh", carry=[...])  (after STAGE=1, within its 30 s)
+#       the same server: the conversation near from one client process and from four, twice each, then the other
+#       loads from four (is the way in's stall the client's? `client_sent.json` has each request's bytes-out time)
 # Here: the profile fitted on either kind of window (`qlmctl profile-model m --from-raw raw-lease.json
 # --load-probes ids:1`), `bench/fidelity_compare.py DIR/conv --scenario scenarios/fidelity_unseen.yaml --loads
 # light:10.8:216,near:21.5:540,over:43:1075 --policies direct --profile PROFILE --set enable_prefix_caching=false`,
@@ -30,15 +33,18 @@ take_trace() {  # $1: where the trace so far goes
   mv "$TRACE.events" "$1.events" 2>/dev/null
   mv "$TRACE.steps" "$1.steps" 2>/dev/null
 }
-replays() {  # $1: folder; the rest: "set load rate requests" specs; a repeated load gets near_b, ...
+replays() {  # $1: folder; the rest: "set load rate requests [client processes]" specs; a repeated load gets near_b, ...
   local R=$1; shift
   for spec in "$@"; do
     set -- $spec
-    dest=$R/$1/$2
-    for rep in b c d e; do [ -e "$dest" ] || break; dest=$R/$1/$2_$rep; done
-    log "direct $1/$2: $3 req/s, $4 requests -> $dest"
+    if [ $(( $(date +%s) - T0 )) -gt $(( ${CALL_LIMIT_S:-585} - 75 )) ]; then log "no time left for $spec"; continue; fi
+    local procs=${5:-1} name=$2
+    [ "$procs" -gt 1 ] && name=${2}_p$procs
+    dest=$R/$1/$name
+    for rep in b c d e; do [ -e "$dest" ] || break; dest=$R/$1/${name}_$rep; done
+    log "direct $1/$2: $3 req/s, $4 requests, $procs client process(es) -> $dest"
     timeout 200 python3 bench/device/replay_direct.py -s "scenarios/fidelity_$1.yaml" --url $URL --rate "$3" -n "$4" \
-      -o "$dest" 2>&1 | grep -vE "━|^\s*$" | tail -1
+      --client-procs "$procs" -o "$dest" 2>&1 | grep -vE "━|^\s*$" | tail -1
     take_trace "$dest/reqtrace.jsonl"
     wc -l < "$dest/reqtrace.jsonl" 2>/dev/null
   done
@@ -115,6 +121,18 @@ case ${STAGE:-1} in
       --reps 1 --batches 1,32,128 --contexts 128 --no-mixed --no-frontend --no-frontend-load --sustained-s 20 2>&1 \
       | grep -vE "━" | grep -E "sustained" | tail -4
   fi
+  ;;
+5)
+  OUT=$K ensure_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4  # stage 1's (a fresh one here would be untraced)
+  R="$OUT/trace"
+  watch_cpu; WPID=$!
+  rm -f "$TRACE" "$TRACE.events" "$TRACE.steps"
+  IFS=, read -ra SPECS <<< "${SPECS:-unseen near 21.5 540 1,unseen near 21.5 540 4,unseen near 21.5 540 1,unseen near 21.5 540 4,unseen light 10.8 216 4,code near 16 320 4,unseen near 21.5 540 4,code over 22 440 4,unseen over 43 1075 4}"
+  replays "$R" "${SPECS[@]}"
+  mv "$R/unseen" "$R/conv" 2>/dev/null
+  kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
+  tar czf "$OUT/trace_procs.tgz" -C "$R" . && rm -rf "$R"
+  gzip -c "$K/$LOG" > "$OUT/server_5.log.gz"
   ;;
 esac
 log done

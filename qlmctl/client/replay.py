@@ -27,7 +27,7 @@ import random
 import signal
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,8 +89,13 @@ class ReplayResult:
     """time.monotonic() at the replay's time zero."""
     client: dict[str, float | None] = field(default_factory=dict)
     """The client's own load over the replay, for a run's summary: its event-loop lag (`client_loop_lag_p50_ms`,
-    `_p99_ms`, `_max_ms`: a token it is late to read is late in the TTFT and ITL it measures) and its CPU seconds
-    per wall second (`client_cpu_per_s`, the process's)."""
+    `_p99_ms`, `_max_ms`: a token it is late to read is late in the TTFT and ITL it measures), its CPU seconds
+    per wall second (`client_cpu_per_s`), how late it sent (`client_send_late_*`: from each request's arrival to
+    its send stamp, where TTFT starts) and how long a request took from that stamp to its last byte written
+    (`client_send_delay_*`: the pool, a new connection, the loop's lag, all inside TTFT); `client_processes`.
+    With several client processes the lags are the worst process's and the CPU their sum."""
+    sent_s: list[float | None] = field(default_factory=list)
+    """Per request, when its last byte was written to the server (scenario seconds; None if it never was)."""
 
 
 async def replay(
@@ -107,6 +112,8 @@ async def replay(
     verify: bool = True,
     prompt_nonce: int | None = None,
     send_priority: bool = False,
+    wait_start: Callable[[], Awaitable[float]] | None = None,
+    base_s: float | None = None,
 ) -> ReplayResult:
     """Send `requests` (fresh copies are filled in) to the server at `url` at arrival_s / speedup.
 
@@ -126,12 +133,17 @@ async def replay(
             that no replay hits the prefix cache with another's prompts.
         send_priority: Send each request's SLO-class priority as vLLM's `priority` field (lower first), for a
             server started with `--scheduling-policy priority` (a server in fcfs mode refuses it).
+        wait_start: Awaited once the client is set up; returns the replay's time zero, a `time.monotonic()`
+            instant (default: now), and sending waits for it.
+        base_s: The scenario time sent at time zero (default: the first request's arrival). With `wait_start`,
+            several clients given parts of one workload send it on one schedule (`replay_in_subprocess`).
     """
     nonce = prompt_nonce if prompt_nonce is not None else random.getrandbits(32)
     reqs = [copy.copy(r) for r in sorted(requests, key=lambda r: (r.arrival_s, r.request_id))]
     n = len(reqs)
     out = ReplayResult(reqs, [[] for _ in range(n)], [""] * n if keep_text else None, [None] * n, [None] * n,
-                       0.0, 0.0)
+                       0.0, 0.0, sent_s=[None] * n)
+    scheduled = [r.arrival_s for r in reqs]
     sem = asyncio.Semaphore(concurrency)
     client = make_client(url, api_key=api_key, concurrency=concurrency, verify=verify)
     done = 0
@@ -152,8 +164,14 @@ async def replay(
     lag.start()
     cpu0 = time.process_time()
     try:
-        t0 = out.t0 = time.monotonic()
-        base = reqs[0].arrival_s if reqs else 0.0
+        import anyio
+
+        await anyio.sleep(0)  # httpx's network backend, loaded here and not in the first request's TTFT (~20 ms)
+        start_at = await wait_start() if wait_start is not None else time.monotonic()
+        if start_at > time.monotonic():
+            await asyncio.sleep(start_at - time.monotonic())
+        t0 = out.t0 = start_at
+        base = base_s if base_s is not None else (reqs[0].arrival_s if reqs else 0.0)
         for i, r in enumerate(reqs):
             delay = (r.arrival_s - base) / speedup - (time.monotonic() - t0)
             if delay > 0:
@@ -176,8 +194,32 @@ async def replay(
         await lag.stop()
     cpu = time.process_time() - cpu0
     out.client = {**lag.summary("client_loop_lag"),
-                  "client_cpu_per_s": cpu / out.wall_s if out.wall_s > 0 else None}
+                  "client_cpu_per_s": cpu / out.wall_s if out.wall_s > 0 else None,
+                  **send_summary(out, [(a - base) for a in scheduled], speedup), "client_processes": 1}
     return out
+
+
+def send_summary(res: ReplayResult, scheduled_s: Sequence[float], speedup: float) -> dict[str, float | None]:
+    """The client's own delays on the way in, p50 / p99 / max in ms (wall time): `client_send_late_*` from each
+    request's scheduled send (`scheduled_s`, scenario seconds from time zero) to its send stamp, and
+    `client_send_delay_*` from the stamp to its last byte written."""
+    late, delay = [], []
+    for r, at, sent in zip(res.requests, scheduled_s, res.sent_s):
+        if r.error is not None and r.error.startswith("not sent"):
+            continue
+        late.append(max(0.0, r.arrival_s - at) / speedup)
+        if sent is not None:
+            delay.append((sent - r.arrival_s) / speedup)
+    found: dict[str, float | None] = {}
+    for name, vals in (("client_send_late", late), ("client_send_delay", delay)):
+        keys = (f"{name}_p50_ms", f"{name}_p99_ms", f"{name}_max_ms")
+        if not vals:
+            found.update(dict.fromkeys(keys))
+            continue
+        ms = np.asarray(vals) * 1e3
+        p50, p99 = np.percentile(ms, [50, 99])
+        found.update(zip(keys, (float(p50), float(p99), float(ms.max()))))
+    return found
 
 
 async def _with_end(chunks: Any) -> Any:
@@ -211,8 +253,14 @@ async def _send(client: Any, r: Request, i: int, out: ReplayResult, speedup: flo
     keep = out.texts is not None
     gaps = out.itls[i]
     parser = SSEParser()
+
+    async def trace(event: str, info: Any) -> None:  # httpcore's events: the request's last byte is out
+        if event == "http11.send_request_body.complete":
+            out.sent_s[i] = (time.monotonic() - t0) * speedup
+
     try:
-        async with client.stream("POST", COMPLETIONS, content=body, headers=headers) as resp:
+        async with client.stream("POST", COMPLETIONS, content=body, headers=headers,
+                                 extensions={"trace": trace}) as resp:
             if resp.status_code != 200:
                 raw = await resp.aread()
                 root = str(client.base_url).rstrip("/")
@@ -272,7 +320,7 @@ async def _send(client: Any, r: Request, i: int, out: ReplayResult, speedup: flo
 
 @dataclass(frozen=True)
 class _ClientJob:
-    """What the client process needs to run `replay` (pickled to it)."""
+    """What a client process needs to run `replay` on its share of the requests (pickled to it)."""
 
     url: str
     requests: list[Request]
@@ -282,22 +330,29 @@ class _ClientJob:
     api_key: str | None
     model_map: dict[str, str] | None = None
     send_priority: bool = False
+    base_s: float | None = None
+    prompt_nonce: int | None = None
+    verify: bool = True
 
 
 PARENT_POLL_S = 0.05
-"""How often the client process looks for a stop request or a parent gone away."""
+"""How often a client process looks for a stop request or a parent gone away."""
+
+START_MARGIN_S = 0.05
+"""Time zero is this long after the last client process is ready, so that each sees the start before it."""
 
 
-def _client_main(job: _ClientJob, conn: Any, done: Any, stop_flag: Any) -> None:
-    """The client process: run the replay and send back ("ok", ReplayResult) or ("error", exception).
+def _client_main(job: _ClientJob, conn: Any, done: Any, stop_flag: Any, ready: Any, start: Any) -> None:
+    """A client process: run the replay and send back ("ok", ReplayResult) or ("error", exception).
 
-    `done` is a shared integer the parent reads for progress; `stop_flag` a multiprocessing Event the
-    parent sets to stop sending.
+    `done` is a shared integer the parent reads for progress; `stop_flag` a multiprocessing Event the parent
+    sets to stop sending; `ready` a semaphore this process releases once set up; `start` a shared float, the
+    time zero (`time.monotonic()`) the parent sets once every process is ready (0 until then).
     """
     # Ctrl-C reaches the whole process group; the parent decides what it means (drain, then stop).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        msg: tuple[str, Any] = ("ok", asyncio.run(_client_replay(job, done, stop_flag)))
+        msg: tuple[str, Any] = ("ok", asyncio.run(_client_replay(job, done, stop_flag, ready, start)))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
         msg = ("error", _portable(e))
     with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
@@ -305,11 +360,19 @@ def _client_main(job: _ClientJob, conn: Any, done: Any, stop_flag: Any) -> None:
     conn.close()
 
 
-async def _client_replay(job: _ClientJob, done: Any, stop_flag: Any) -> ReplayResult:
+async def _client_replay(job: _ClientJob, done: Any, stop_flag: Any, ready: Any, start: Any) -> ReplayResult:
     stop = asyncio.Event()
-    if stop_flag.is_set():  # stopped while this process started: send nothing at all
-        stop.set()
     parent = multiprocessing.parent_process()
+
+    async def wait_start() -> float:
+        # Ready once the client is made (its TLS context alone takes ~0.2 s): then time zero finds it waiting.
+        ready.release()
+        while start.value == 0.0 and not stop_flag.is_set() and (parent is None or parent.is_alive()):
+            await asyncio.sleep(0.002)
+        if start.value == 0.0:  # stopped (or orphaned) before time zero: send nothing at all
+            stop.set()
+            return time.monotonic()
+        return start.value
 
     async def watch() -> None:
         # A stopped or vanished parent means: send nothing more (its gateway is draining, or gone).
@@ -324,7 +387,8 @@ async def _client_replay(job: _ClientJob, done: Any, stop_flag: Any) -> ReplayRe
     try:
         return await replay(job.url, job.requests, speedup=job.speedup, concurrency=job.concurrency,
                             progress=progress, keep_text=job.keep_text, api_key=job.api_key, stop=stop,
-                            model_map=job.model_map, send_priority=job.send_priority)
+                            model_map=job.model_map, send_priority=job.send_priority, prompt_nonce=job.prompt_nonce,
+                            wait_start=wait_start, base_s=job.base_s, verify=job.verify)
     finally:
         watcher.cancel()
 
@@ -336,6 +400,31 @@ def _portable(e: BaseException) -> BaseException:
         return e
     except Exception:  # noqa: BLE001 - any pickling failure
         return RuntimeError("the replay client failed:\n" + "".join(traceback.format_exception(e)))
+
+
+def _merge(parts: list[ReplayResult], shares: list[list[int]], n: int, speedup: float,
+           scheduled_s: list[float]) -> ReplayResult:
+    """One result from the client processes' (`shares[k]`: the places, in send order, of process k's requests)."""
+    reqs: list[Any] = [None] * n
+    itls: list[list[float]] = [[] for _ in range(n)]
+    texts: list[str] | None = [""] * n if parts and parts[0].texts is not None else None
+    usage: list[int | None] = [None] * n
+    usage_prompt: list[int | None] = [None] * n
+    sent: list[float | None] = [None] * n
+    for part, places in zip(parts, shares):
+        for j, at in enumerate(places):
+            reqs[at], itls[at], usage[at] = part.requests[j], part.itls[j], part.usage_tokens[j]
+            usage_prompt[at], sent[at] = part.usage_prompt_tokens[j], part.sent_s[j]
+            if texts is not None and part.texts is not None:
+                texts[at] = part.texts[j]
+    out = ReplayResult(reqs, itls, texts, usage, usage_prompt, max(p.wall_s for p in parts), parts[0].t0,
+                       sent_s=sent)
+    lags = {k: max((p.client.get(k) or 0.0) for p in parts) for k in
+            ("client_loop_lag_p50_ms", "client_loop_lag_p99_ms", "client_loop_lag_max_ms")}
+    cpu = [p.client.get("client_cpu_per_s") for p in parts]
+    out.client = {**lags, "client_cpu_per_s": sum(c for c in cpu if c is not None),
+                  **send_summary(out, scheduled_s, speedup), "client_processes": len(parts)}
+    return out
 
 
 async def replay_in_subprocess(
@@ -351,25 +440,46 @@ async def replay_in_subprocess(
     progress_interval_s: float = 0.2,
     model_map: dict[str, str] | None = None,
     send_priority: bool = False,
+    processes: int = 1,
+    verify: bool = True,
 ) -> ReplayResult:
-    """`replay` run in a separate (spawned) process; same arguments and result.
+    """`replay` run in `processes` separate (spawned) processes; same arguments and result.
+
+    With several, the requests are dealt round-robin in send order, each process gets `concurrency` / `processes`
+    of the open requests, and all send on one schedule from one time zero, set once every process is ready. One
+    process's event loop reading a few hundred streams runs late by tens of ms at times, and a request sent
+    meanwhile waits (inside its TTFT) and then goes out in a bunch with others: `client_loop_lag_*` and
+    `client_send_*` in the result's `client` show it; more processes share that load.
 
     `progress` is called here, every `progress_interval_s` while the count changes. Setting `stop` stops
-    the client from sending (within `PARENT_POLL_S`). The result's `t0` is the child's `time.monotonic()`,
-    which is the same clock as this process's: CLOCK_MONOTONIC is system-wide on Linux (and macOS), so
-    `t0` still lines up with a gateway's clock in this process.
+    the clients from sending (within `PARENT_POLL_S`). The result's `t0` is the children's time zero on
+    `time.monotonic()`, the same clock as this process's: CLOCK_MONOTONIC is system-wide on Linux (and macOS),
+    so `t0` still lines up with a gateway's clock in this process.
 
-    The client is a spawned process: it imports this module afresh (and the main module, so a script
+    The clients are spawned processes: they import this module afresh (and the main module, so a script
     that calls this needs the `if __name__ == "__main__":` guard).
     """
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, not {processes}")
     ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and a running loop
-    job = _ClientJob(url, list(requests), speedup, concurrency, keep_text, api_key, model_map, send_priority)
-    done = ctx.RawValue("q", 0)  # written by the child only
+    ordered = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+    n = len(ordered)
+    k = max(1, min(processes, n))
+    base = ordered[0].arrival_s if ordered else 0.0
+    nonce = random.getrandbits(32)  # one for all, so prompts that share a prefix share it across processes
+    shares = [list(range(j, n, k)) for j in range(k)]
+    jobs = [_ClientJob(url, [ordered[i] for i in share], speedup, max(1, concurrency // k), keep_text, api_key,
+                       model_map, send_priority, base, nonce, verify) for share in shares]
+    dones = [ctx.RawValue("q", 0) for _ in jobs]  # each written by its child only
     stop_flag = ctx.Event()
-    reader, writer = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_client_main, args=(job, writer, done, stop_flag), name="qlmctl-replay-client",
-                       daemon=True)
-    n = len(job.requests)
+    ready = ctx.Semaphore(0)
+    start = ctx.RawValue("d", 0.0)
+    procs, readers = [], []
+    for j, job in enumerate(jobs):
+        reader, writer = ctx.Pipe(duplex=False)
+        procs.append((ctx.Process(target=_client_main, args=(job, writer, dones[j], stop_flag, ready, start),
+                                  name=f"qlmctl-replay-client-{j}", daemon=True), writer))
+        readers.append(reader)
     forward = None
     if stop is not None:
         async def forward_stop() -> None:
@@ -377,46 +487,57 @@ async def replay_in_subprocess(
             stop_flag.set()
 
         forward = asyncio.ensure_future(forward_stop())
+    started: list[Any] = []
+    results: list[Any] = []
     try:
-        # Off the loop: spawning writes the pickled job to the child while it starts up (~0.1-1 s).
-        await asyncio.to_thread(proc.start)
-    except BaseException:
-        stop_flag.set()  # cancelled while it started: let it send nothing
-        reader.close()
-        writer.close()
-        if forward is not None:
-            forward.cancel()
-        raise
-    writer.close()  # the child holds the only write end now, so its exit ends `_receive`
-    result = asyncio.ensure_future(asyncio.to_thread(_receive, reader))
-    try:
+        for proc, writer in procs:
+            # Off the loop: spawning writes the pickled job to the child while it starts up (~0.1-1 s).
+            await asyncio.to_thread(proc.start)
+            started.append(proc)
+            writer.close()  # the child holds the only write end now, so its exit ends `_receive`
+        results = [asyncio.ensure_future(asyncio.to_thread(_receive, r)) for r in readers]
+        for _ in procs:
+            while not await asyncio.to_thread(ready.acquire, True, progress_interval_s):
+                if any(r.done() for r in results):  # a child died before it was ready
+                    break
+        start.value = time.monotonic() + START_MARGIN_S
         last = -1
         while True:
-            await asyncio.wait([result], timeout=progress_interval_s)
-            finished = done.value
+            await asyncio.wait(results, timeout=progress_interval_s)
+            finished = sum(d.value for d in dones)
             if progress is not None and finished != last:
                 progress(finished, n)
                 last = finished
-            if result.done():
+            if all(r.done() for r in results):
                 break
-        message = result.result()
+        messages = [r.result() for r in results]
     except BaseException:
-        if proc.is_alive():
-            proc.terminate()  # interrupted here (a second Ctrl-C, a cancelled task): no orphan client
+        stop_flag.set()  # cancelled while they started: let them send nothing
+        for proc in started:
+            if proc.is_alive():
+                proc.terminate()  # interrupted here (a second Ctrl-C, a cancelled task): no orphan client
         raise
     finally:
+        for proc, writer in procs:
+            writer.close()
         if forward is not None:
             forward.cancel()
-        await asyncio.to_thread(proc.join, 5.0)
-    if message is None:
-        raise RuntimeError(
-            f"the replay client process exited without a result (exit code {proc.exitcode}); a script that "
-            "calls this must guard its top level with `if __name__ == '__main__':` (multiprocessing's spawn "
-            "re-imports it in the client)")
-    kind, value = message
-    if kind == "error":
-        raise value
-    return value
+        for proc in started:
+            await asyncio.to_thread(proc.join, 5.0)
+    parts = []
+    for proc, message in zip(started, messages):
+        if message is None:
+            raise RuntimeError(
+                f"a replay client process exited without a result (exit code {proc.exitcode}); a script that "
+                "calls this must guard its top level with `if __name__ == '__main__':` (multiprocessing's spawn "
+                "re-imports it in the client)")
+        kind, value = message
+        if kind == "error":
+            raise value
+        parts.append(value)
+    if k == 1:
+        return parts[0]
+    return _merge(parts, shares, n, speedup, [r.arrival_s - base for r in ordered])
 
 
 def _receive(conn: Any) -> tuple[str, Any] | None:

@@ -45,6 +45,7 @@ def replay(
     concurrency: int = typer.Option(1024, "--max-concurrency", "--concurrency", min=1, help="Most requests open at once (later ones are sent late), as vLLM's --max-concurrency."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="Bearer token, if the server wants one."),
     insecure: bool = typer.Option(False, "--insecure", help="Do not check the server's TLS certificate (https)."),
+    client_procs: int = typer.Option(1, "--client-procs", min=1, max=64, help="Client processes that send the requests and read their streams, each its share on one schedule (1: this process). One process reading a few hundred streams runs late by tens of ms at times, inside the TTFTs it measures; the summary's client_loop_lag and client_send figures show it."),
     priority: bool = typer.Option(False, "--priority", help="Send each request's SLO-class priority (lower first) as vLLM's `priority` field, for a vLLM server started with --scheduling-policy priority."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default: a new `results/<scenario name>/<date-time>/`."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -68,7 +69,7 @@ def replay(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qlmctl.client.http import make_client, pick_model, served_models, server_url
-    from qlmctl.client.replay import LiveRun, replay as run_replay, save_live
+    from qlmctl.client.replay import LiveRun, replay as run_replay, replay_in_subprocess, save_live
     from qlmctl.errors import UserError
     from qlmctl.metrics import summarize
     from qlmctl.report import print_results
@@ -108,10 +109,14 @@ def replay(
     with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as prog:
         task = prog.add_task(label, total=len(requests))
-        res = asyncio.run(run_replay(root, requests, speedup=s, concurrency=concurrency, api_key=api_key,
-                                     progress=lambda done, total: prog.update(task, completed=done),
-                                     model_map=model_map, verify=not insecure, keep_text=opts.save_detailed,
-                                     send_priority=priority))
+        common = dict(speedup=s, concurrency=concurrency, api_key=api_key, model_map=model_map,
+                      keep_text=opts.save_detailed, send_priority=priority,
+                      progress=lambda done, total: prog.update(task, completed=done))
+        if client_procs > 1:
+            res = asyncio.run(replay_in_subprocess(root, requests, processes=client_procs, verify=not insecure,
+                                                   **common))
+        else:
+            res = asyncio.run(run_replay(root, requests, verify=not insecure, **common))
     failed = [r.error for r in res.requests if r.error is not None]
     if failed and len(failed) == len(res.requests):
         fail(UserError(f"every request failed; the first: {failed[0]}", field="--url"))
