@@ -93,8 +93,10 @@ async def test_mixed_trace_exact_and_qlm_beats_fcfs(tmp_path, engines):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("workers", [1, 2])  # 2: the gateway's relays in processes of their own
-async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_path, engines, monkeypatch, workers):
+# 2 workers: the gateway's relays in processes of their own; 2 client processes: the replay split between them
+@pytest.mark.parametrize("workers, client_procs", [(1, 1), (2, 2)])
+async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_path, engines, monkeypatch, workers,
+                                                                           client_procs):
     trace = tmp_path / "small.csv"
     mixed_trace(trace, n_batch=24, n_interactive=16, span_s=4.0, seed=1)
     _, sc = live_scenario(tmp_path, engines, trace)
@@ -109,7 +111,7 @@ async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_
     monkeypatch.setattr("qlmctl.gateway.run.replay", not_here)
     seen: list[tuple[int, int]] = []
     run = await run_live(sc, "fcfs", requests, keep_text=True, progress=lambda d, total: seen.append((d, total)),
-                         workers=workers)
+                         workers=workers, client_procs=client_procs)
 
     assert sorted(r.request_id for r in run.requests) == list(range(n))
     for r, text, p in zip(run.requests, run.texts, run.replay.usage_prompt_tokens):
@@ -134,6 +136,8 @@ async def test_client_process_replay_exact_with_engine_metrics_and_loop_lag(tmp_
     # The replay client's own load, measured in its process (not the gateway's).
     assert 0 <= s["client_loop_lag_p50_ms"] <= s["client_loop_lag_p99_ms"] <= s["client_loop_lag_max_ms"]
     assert 0 < s["client_cpu_per_s"] < 4
+    assert s["client_processes"] == client_procs
+    assert 0 <= s["client_send_delay_p50_ms"] <= s["client_send_delay_max_ms"]
     assert set(s["gateway_tokenizer"].values()) == {"engine"}  # auto, in front of emulators: their /tokenize
 
     em = s["engine_metrics"]

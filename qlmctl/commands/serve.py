@@ -36,6 +36,7 @@ def serve(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the workload's random choices."),
     concurrency: int = typer.Option(1024, "--concurrency", min=1, help="Replay: most requests open at once (later ones are sent late)."),
     client_process: bool = typer.Option(True, "--client-process/--in-process-client", help="Replay: run the client in a process of its own (default), or on the gateway's event loop."),
+    client_procs: int = typer.Option(1, "--client-procs", min=1, max=64, help="Replay: client processes, each sending its share of the requests on one schedule. One process reading a few hundred streams runs late by tens of ms at times, inside the TTFTs it measures (client_loop_lag and client_send in the summary show it)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Replay output folder; default: a new `results/<scenario name>/<date-time>/`."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     metadata: Optional[list[str]] = typer.Option(None, "--metadata", help=METADATA_HELP),
@@ -92,7 +93,7 @@ def serve(
 
             workers = auto_workers()
         asyncio.run(_main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log,
-                          client_process, (report, meta) if replaying else None, workers))
+                          client_process, (report, meta) if replaying else None, workers, client_procs))
     except UserError as e:
         fail(e)
     except KeyboardInterrupt:
@@ -135,7 +136,7 @@ async def _unless_stopped(aw, stop) -> bool:
 
 
 async def _main(sc, policies, launch, host, port, requests, concurrency, out, log_dir, access_log,
-                client_process=True, header=None, workers=1) -> None:
+                client_process=True, header=None, workers=1, client_procs=1) -> None:
     from qlmctl.gateway.clientconn import raise_fd_limit
 
     raise_fd_limit()  # client connections are limited to 3/4 of it (live.max_client_connections)
@@ -162,7 +163,7 @@ async def _main(sc, policies, launch, host, port, requests, concurrency, out, lo
             await _serve_forever(sc, policies[0], host, port, swap_control, access_log, stop, workers)
         else:
             await _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process, header,
-                              workers)
+                              workers, client_procs)
     finally:
         if launcher is not None:
             await launcher.stop()
@@ -206,7 +207,7 @@ async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop,
 
 
 async def _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process=True,
-                      header=None, workers=1) -> None:
+                      header=None, workers=1, client_procs=1) -> None:
     from qlmctl.client.replay import save_live
     from qlmctl.errors import UserError
     from qlmctl.gateway.run import run_live
@@ -231,7 +232,7 @@ async def _replay_all(sc, policies, requests, swap_control, concurrency, out, st
             try:
                 run = await run_live(sc, name, requests, swap_control=swap_control, concurrency=concurrency,
                                      progress=lambda done, total, t=task: prog.update(t, completed=done), stop=stop,
-                                     client_process=client_process, workers=workers)
+                                     client_process=client_process, workers=workers, client_procs=client_procs)
             except (ConnectionError, OSError) as e:
                 raise UserError(str(e)) from None
             if header is not None:

@@ -8,6 +8,7 @@ summary (`engine_metrics`).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,13 +34,15 @@ async def run_live(
     stop: asyncio.Event | None = None,
     client_process: bool = True,
     workers: int = 1,
+    client_procs: int = 1,
 ) -> LiveRun:
     """Start a gateway with `policy` in front of the scenario's engines, replay `requests`, stop it.
 
     Once `stop` is set (SIGTERM), no more requests are sent and the gateway drains (`Gateway.drain`).
     The client runs in a process of its own unless `client_process` is False (then it shares the
     gateway's event loop: for tests that patch something in this process). `workers` > 1: the gateway's
-    HTTP side runs in that many relay processes (`qlmctl.gateway.workers`).
+    HTTP side runs in that many relay processes (`qlmctl.gateway.workers`); `client_procs` > 1: the client in
+    that many processes.
 
     Besides `summarize`'s keys, the summary has the gateway's event-loop lag over the run
     (`gateway_loop_lag_{p50,p99,max}_ms`) and `engine_metrics`: per engine, what its vLLM latency
@@ -55,7 +58,10 @@ async def run_live(
             await gw.drain()
 
         draining = asyncio.ensure_future(drain_on_stop())
-    client = replay_in_subprocess if client_process else replay
+    if client_process:
+        client = functools.partial(replay_in_subprocess, processes=client_procs)
+    else:
+        client = replay
     try:
         before = await _scrape_engines(gw.cluster)
         res = await client(gw.url, requests, speedup=gw.cluster.speedup, concurrency=concurrency,
