@@ -27,7 +27,8 @@ requests were sent but none stamped.
 
 --api (traces whose lines carry the API server's hops, `bench/device/reqtrace`, and replays that recorded their
 send times' origin, `client_t0_mono`): "http in" split into the client's send to the completion handler (TCP,
-the HTTP server, request parsing), the handler to the tokenizer's hand-over, the wait for the tokenizer's thread,
+the HTTP server, request parsing; where the replay wrote `client_sent.json`, that again in two: the client's own
+part, from its send stamp to the request's last byte written, and the rest, from there to the handler), the handler to the tokenizer's hand-over, the wait for the tokenizer's thread,
 the tokenizer's call, the handler's resumption after it, and the rest up to the arrival stamp; and "out" (the first
 token's way from the API server to the client). With the process's event-loop lags and garbage collections
 (`reqtrace.jsonl.events`) that overlap each request's way in. Folders without a replay (probe windows) get the
@@ -88,7 +89,7 @@ def legs(folder: Path) -> tuple[pd.DataFrame, int]:
     return df, len(lines) + len(client) - 2 * len(df)
 
 
-API_HOPS = ("client to handler", "handler to tokenizer", "tokenizer queue", "tokenize", "resume", "to arrival stamp",
+API_HOPS = ("client to handler", "client send", "bytes out to handler", "handler to tokenizer", "tokenizer queue", "tokenize", "resume", "to arrival stamp",
             "out")
 
 
@@ -105,10 +106,14 @@ def api_hops(folder: Path) -> pd.DataFrame:
     found = sorted(folder.rglob("requests.parquet"))
     t0 = None
     client = None
+    wire: dict[int, float] = {}
     if len(found) == 1:
         summary = json.loads((found[0].parent / "summary.json").read_text())
         t0 = summary.get("client_t0_mono")
         client = pd.read_parquet(found[0])[["request_id", "arrival_s", "ttft_s"]].set_index("request_id")
+        sent = found[0].parent / "client_sent.json"  # replays since the eighteenth session: each request's bytes out
+        if sent.exists():
+            wire = {int(rid): out for rid, _, out in json.loads(sent.read_text()) if out is not None}
     ev = _events(folder)
     api_pid = lines[0].get("pid") if lines else None
     stalls = ev[(ev.pid == api_pid)] if len(ev) else ev
@@ -127,6 +132,9 @@ def api_hops(folder: Path) -> pd.DataFrame:
             c = client.loc[int(m.group(1))]
             sent = t0 + c.arrival_s
             row["client to handler"] = a["handler"] - sent
+            if int(m.group(1)) in wire:
+                row["client send"] = wire[int(m.group(1))] - c.arrival_s
+                row["bytes out to handler"] = a["handler"] - (t0 + wire[int(m.group(1))])
             row["out"] = sent + c.ttft_s - (arrival + t["first_token_latency"])
             start = sent
         if len(stalls):
