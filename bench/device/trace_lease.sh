@@ -14,7 +14,7 @@
 #       default (asynchronous scheduling) and the conversation near twice: trace_sync.tgz (sync/, async/)
 #   run(command="CALL_LIMIT_S=270 STAGE=4 bash bench/device/trace_lease.sh", carry=[...], kind="nvidia-h200")
 #       the conversation near twice with the engine core's step log; on an H200, then its sustained-load run
-#   run(command="STAGE=5 bash bench/device/trace_lease.sh", carry=[...])  (after STAGE=1, within its 30 s)
+#   run(command="STAGE=5 bash bench/device/trace_lease.sh", carry=[...])  (a traced server, stage 1's when warm)
 #       the same server: the conversation near from one client process and from four, twice each, then the other
 #       loads from four (is the way in's stall the client's? `client_sent.json` has each request's bytes-out time)
 # Here: the profile fitted on either kind of window (`qlmctl profile-model m --from-raw raw-lease.json
@@ -123,10 +123,9 @@ case ${STAGE:-1} in
   fi
   ;;
 5)
-  OUT=$K ensure_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4  # stage 1's (a fresh one here would be untraced)
   R="$OUT/trace"
+  traced_server  # stage 1's, when warm
   watch_cpu; WPID=$!
-  rm -f "$TRACE" "$TRACE.events" "$TRACE.steps"
   IFS=, read -ra SPECS <<< "${SPECS:-unseen near 21.5 540 1,unseen near 21.5 540 4,unseen near 21.5 540 1,unseen near 21.5 540 4,unseen light 10.8 216 4,code near 16 320 4,unseen near 21.5 540 4,code over 22 440 4,unseen over 43 1075 4}"
   replays "$R" "${SPECS[@]}"
   mv "$R/unseen" "$R/conv" 2>/dev/null
