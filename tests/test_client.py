@@ -221,3 +221,14 @@ def test_replay_from_several_processes_stopped_before_it_starts_sends_nothing():
         res = asyncio.run(run(srv))
     assert [r.request_id for r in res.requests] == [100, 101, 102, 103]
     assert all(r.error == "not sent: the replay was stopped" and r.first_token_s is None for r in res.requests)
+
+
+def test_client_processes_by_default_leave_cpus_to_a_server_and_a_late_client_is_told():
+    from qlmctl.client.replay import auto_client_procs, client_late_warning
+
+    assert [auto_client_procs(c) for c in (1, 2, 7, 8, 12, 16, 128)] == [1, 1, 1, 2, 3, 4, 4]
+    assert client_late_warning({"client_loop_lag_p99_ms": 3.0, "client_send_delay_p99_ms": 5.0,
+                                "client_send_late_p99_ms": None, "client_processes": 1}) is None
+    line = client_late_warning({"client_loop_lag_p99_ms": 45.0, "client_send_delay_p99_ms": 180.0,
+                                "client_send_late_p99_ms": 50.0, "client_processes": 1})
+    assert line is not None and "180 ms" in line and "--client-procs" in line

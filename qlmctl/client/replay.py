@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import copy
 import multiprocessing
+import os
 import pickle
 import random
 import signal
@@ -197,6 +198,26 @@ async def replay(
                   "client_cpu_per_s": cpu / out.wall_s if out.wall_s > 0 else None,
                   **send_summary(out, [(a - base) for a in scheduled], speedup), "client_processes": 1}
     return out
+
+
+CLIENT_LATE_MS = 20.0
+"""A client whose sends or loop ran this late (p99, ms) is warned about: that much is in the TTFTs it measured."""
+
+
+def auto_client_procs(cpus: int | None = None) -> int:
+    """Client processes for a replay: one per 4 CPUs of this host, 1 to 4 (the rest for a server on the host)."""
+    return max(1, min(4, (cpus if cpus is not None else os.cpu_count() or 1) // 4))
+
+
+def client_late_warning(client: dict[str, Any]) -> str | None:
+    """A line for the user when the replay client itself ran late enough to show in the latencies it measured."""
+    worst = max((client.get(k) or 0.0) for k in ("client_send_delay_p99_ms", "client_send_late_p99_ms",
+                                                  "client_loop_lag_p99_ms"))
+    if worst < CLIENT_LATE_MS:
+        return None
+    procs = int(client.get("client_processes") or 1)
+    return (f"the replay client ran late: p99 {worst:.0f} ms (its sends, or its event loop), inside the TTFTs it "
+            f"measured; {procs} client process(es): more (--client-procs) share the streams")
 
 
 def send_summary(res: ReplayResult, scheduled_s: Sequence[float], speedup: float) -> dict[str, float | None]:

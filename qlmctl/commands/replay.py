@@ -45,7 +45,7 @@ def replay(
     concurrency: int = typer.Option(1024, "--max-concurrency", "--concurrency", min=1, help="Most requests open at once (later ones are sent late), as vLLM's --max-concurrency."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="Bearer token, if the server wants one."),
     insecure: bool = typer.Option(False, "--insecure", help="Do not check the server's TLS certificate (https)."),
-    client_procs: int = typer.Option(1, "--client-procs", min=1, max=64, help="Client processes that send the requests and read their streams, each its share on one schedule (1: this process). One process reading a few hundred streams runs late by tens of ms at times, inside the TTFTs it measures; the summary's client_loop_lag and client_send figures show it."),
+    client_procs: int = typer.Option(0, "--client-procs", min=0, max=64, help="Client processes that send the requests and read their streams, each its share on one schedule. 0 (default): one per 4 CPUs, 1 to 4; 1: this process. One process reading ~200 streams ran late by up to 0.2 s and put the TTFT p50 it measured of vLLM 20-30 % high (docs/fidelity.md); the summary's client_loop_lag and client_send figures show it."),
     priority: bool = typer.Option(False, "--priority", help="Send each request's SLO-class priority (lower first) as vLLM's `priority` field, for a vLLM server started with --scheduling-policy priority."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default: a new `results/<scenario name>/<date-time>/`."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -69,7 +69,8 @@ def replay(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qlmctl.client.http import make_client, pick_model, served_models, server_url
-    from qlmctl.client.replay import LiveRun, replay as run_replay, replay_in_subprocess, save_live
+    from qlmctl.client.replay import LiveRun, auto_client_procs, client_late_warning, replay as run_replay, \
+        replay_in_subprocess, save_live
     from qlmctl.errors import UserError
     from qlmctl.metrics import summarize
     from qlmctl.report import print_results
@@ -112,6 +113,8 @@ def replay(
         common = dict(speedup=s, concurrency=concurrency, api_key=api_key, model_map=model_map,
                       keep_text=opts.save_detailed, send_priority=priority,
                       progress=lambda done, total: prog.update(task, completed=done))
+        if client_procs == 0:
+            client_procs = auto_client_procs()
         if client_procs > 1:
             res = asyncio.run(replay_in_subprocess(root, requests, processes=client_procs, verify=not insecure,
                                                    **common))
@@ -136,6 +139,9 @@ def replay(
                   percentiles=opts.table_percentiles(), metrics=opts.percentile_metrics)
     if failed:
         console.print(f"[yellow]{len(failed)} request(s) failed; the first: {escape(failed[0])}[/]", highlight=False)
+    late = client_late_warning(res.client)
+    if late:
+        console.print(f"[yellow]{escape(late)}[/]", highlight=False)
     console.print(f"results in [bold]{out_dir}[/]", highlight=False)
     if opts.save_result:
         path = write_result_file(opts, summary, res.requests, res.itls, res.texts, label=label)
