@@ -49,6 +49,15 @@ replays() {  # $1: folder; the rest: "set load rate requests [client processes]"
     wc -l < "$dest/reqtrace.jsonl" 2>/dev/null
   done
 }
+replay_set() {  # $1: the tarball; $2: the default specs (SPECS overrides): replays, the CPU watched, packed
+  local R="$OUT/trace"
+  watch_cpu; local WPID=$!
+  IFS=, read -ra SPECS <<< "${SPECS:-$2}"
+  replays "$R" "${SPECS[@]}"
+  mv "$R/unseen" "$R/conv" 2>/dev/null
+  kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
+  tar czf "$OUT/$1" -C "$R" . && rm -rf "$R"
+}
 traced_server() {  # vLLM with the trace hook, its log in $K; extra flags as arguments
   export QLM_REQ_TRACE=$TRACE
   local saved=$PYTHONPATH
@@ -83,14 +92,8 @@ case ${STAGE:-1} in
   ;;
 2)
   OUT=$K ensure_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4  # stage 1's (a fresh one here would be untraced)
-  R="$OUT/trace"
-  watch_cpu; WPID=$!
   rm -f "$TRACE" "$TRACE.events"
-  IFS=, read -ra SPECS <<< "${SPECS:-unseen light 10.8 216,unseen near 21.5 540,unseen over 43 1075,code near 16 320,code over 22 440}"
-  replays "$R" "${SPECS[@]}"
-  mv "$R/unseen" "$R/conv" 2>/dev/null
-  kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
-  tar czf "$OUT/trace_lease.tgz" -C "$R" . && rm -rf "$R"
+  replay_set trace_lease.tgz "unseen light 10.8 216,unseen near 21.5 540,unseen over 43 1075,code near 16 320,code over 22 440"
   gzip -c "$K/$LOG" > "$OUT/server_2.log.gz"
   ;;
 3)  # asynchronous scheduling off, then on (vLLM's default): the conversation near saturation twice each, traced
@@ -123,14 +126,8 @@ case ${STAGE:-1} in
   fi
   ;;
 5)
-  R="$OUT/trace"
   traced_server  # stage 1's, when warm
-  watch_cpu; WPID=$!
-  IFS=, read -ra SPECS <<< "${SPECS:-unseen near 21.5 540 1,unseen near 21.5 540 4,unseen near 21.5 540 1,unseen near 21.5 540 4,unseen light 10.8 216 4,code near 16 320 4,unseen near 21.5 540 4,code over 22 440 4,unseen over 43 1075 4}"
-  replays "$R" "${SPECS[@]}"
-  mv "$R/unseen" "$R/conv" 2>/dev/null
-  kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
-  tar czf "$OUT/trace_procs.tgz" -C "$R" . && rm -rf "$R"
+  replay_set trace_procs.tgz "unseen near 21.5 540 1,unseen near 21.5 540 4,unseen near 21.5 540 1,unseen near 21.5 540 4,unseen light 10.8 216 4,code near 16 320 4,unseen near 21.5 540 4,code over 22 440 4,unseen over 43 1075 4"
   gzip -c "$K/$LOG" > "$OUT/server_5.log.gz"
   ;;
 esac
