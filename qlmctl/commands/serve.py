@@ -208,7 +208,7 @@ async def _serve_forever(sc, policy, host, port, swap_control, access_log, stop,
 
 async def _replay_all(sc, policies, requests, swap_control, concurrency, out, stop, client_process=True,
                       header=None, workers=1, client_procs=1) -> None:
-    from qlmctl.client.replay import save_live
+    from qlmctl.client.replay import client_late_warning, save_live
     from qlmctl.errors import UserError
     from qlmctl.gateway.run import run_live
     from qlmctl.report import policy_progress, print_results
@@ -247,6 +247,10 @@ async def _replay_all(sc, policies, requests, swap_control, concurrency, out, st
     n_inst = len({e.instance for e in live.engines})
     if summaries:
         print_results(console, summaries, f"{sc.spec.name}: live, {len(requests):,} requests, {n_inst} instance(s)")
+        for name, summary in summaries.items():
+            late = client_late_warning(summary)
+            if late:
+                console.print(f"[yellow]{name}: {late}[/]", highlight=False)
         console.print(f"results in [bold]{out_dir}[/]", highlight=False)
 
 
