@@ -10,7 +10,7 @@ with --priority), with the server's own histogram and counter deltas (vLLM's /me
 scheduling policy set (bench/fidelity_compare.py does it).
 
 --client-procs K sends from K client processes (`replay_in_subprocess`), each its share of the requests on one
-schedule (default: 1, in this process). Each request's send stamp and the time its last byte was written go to
+schedule (default: one per 4 CPUs, 1 to 4, as `qlmctl replay`; 1: in this process). Each request's send stamp and the time its last byte was written go to
 `<out>/<label>/client_sent.json` (seconds from `client_t0_mono`), to tell the client's part of the way in from the
 server's.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from qlmctl.client.replay import LiveRun, replay, replay_in_subprocess, save_live  # noqa: E402
+from qlmctl.client.replay import LiveRun, auto_client_procs, replay, replay_in_subprocess, save_live  # noqa: E402
 from qlmctl.engines import engine_kind  # noqa: E402
 from qlmctl.engines.totals import engine_totals_delta  # noqa: E402
 from qlmctl.metrics import summarize  # noqa: E402
@@ -43,7 +43,8 @@ async def main() -> None:
     ap.add_argument("-o", "--out", type=Path, required=True)
     ap.add_argument("--priority", action="store_true", help="send each request's priority (vLLM priority scheduling)")
     ap.add_argument("--label", default=None)
-    ap.add_argument("--client-procs", type=int, default=1, help="client processes (1: this one)")
+    ap.add_argument("--client-procs", type=int, default=0,
+                    help="client processes (1: this one; 0, the default: one per 4 CPUs, 1 to 4, as qlmctl replay)")
     args = ap.parse_args()
     over: dict = {"workload": {}}
     if args.rate:
@@ -57,9 +58,10 @@ async def main() -> None:
     label = args.label or ("direct-priority" if args.priority else "direct")
     server = engine_kind("vllm").connect(args.url, 8)
     before = await server.run_totals()
-    if args.client_procs > 1:
+    procs = args.client_procs or auto_client_procs()
+    if procs > 1:
         res = await replay_in_subprocess(args.url, requests, concurrency=4096, send_priority=args.priority,
-                                         processes=args.client_procs)
+                                         processes=procs)
     else:
         res = await replay(args.url, requests, concurrency=4096, send_priority=args.priority)
     after = await server.run_totals()
