@@ -38,11 +38,11 @@ replays() {  # $1: folder; the rest: "set load rate requests [client processes]"
   for spec in "$@"; do
     set -- $spec
     if [ $(( $(date +%s) - T0 )) -gt $(( ${CALL_LIMIT_S:-585} - 75 )) ]; then log "no time left for $spec"; continue; fi
-    local procs=${5:-1} name=$2
+    local procs=${5:-0} name=$2  # 0: replay_direct.py's default (one process per 4 CPUs)
     [ "$procs" -gt 1 ] && name=${2}_p$procs
     dest=$R/$1/$name
     for rep in b c d e; do [ -e "$dest" ] || break; dest=$R/$1/${name}_$rep; done
-    log "direct $1/$2: $3 req/s, $4 requests, $procs client process(es) -> $dest"
+    log "direct $1/$2: $3 req/s, $4 requests, client processes: $procs (0: by CPUs) -> $dest"
     timeout 200 python3 bench/device/replay_direct.py -s "scenarios/fidelity_$1.yaml" --url $URL --rate "$3" -n "$4" \
       --client-procs "$procs" -o "$dest" 2>&1 | grep -vE "━|^\s*$" | tail -1
     take_trace "$dest/reqtrace.jsonl"
