@@ -20,7 +20,7 @@ IFS=';' read -ra SPECS <<< "${LOADS:-light 8 240;near 20 600;over 32 960}"
 for spec in "${SPECS[@]}"; do
   set -- $spec
   log "live replay $1: $2 req/s, $3 requests"
-  qlm serve -s "${SCENARIO:-scenarios/fidelity_h200.yaml}" --replay --rate "$2" -n "$3" -p "${POLICIES:-fcfs,qlm}" \
+  qlm serve -s "${SCENARIO:-scenarios/fidelity_h200.yaml}" --replay --client-procs 4 --rate "$2" -n "$3" -p "${POLICIES:-fcfs,qlm}" \
     -o "$OUT/fid/$1" 2>&1 | grep -vE "━|^\s*$" | tail -32
 done
 if [ -n "${INPROC-1}" ]; then  # the same near-saturation fcfs run with the client inside the gateway's process (INPROC= skips it)

@@ -67,7 +67,7 @@ case $STAGE in
   direct unseen over 43 1075
   log "through the gateway: near, fcfs"
   timeout 300 python3 -c "from qlmctl.cli import main; main()" serve -s scenarios/fidelity_unseen.yaml --replay \
-    --rate 21.5 -n 540 -p fcfs -o "$R/unseen/near" 2>&1 | grep -vE "━|^\s*$" | tail -6
+    --client-procs 4 --rate 21.5 -n 540 -p fcfs -o "$R/unseen/near" 2>&1 | grep -vE "━|^\s*$" | tail -6
   ;;
 3)
   free_gpu

@@ -44,7 +44,7 @@ case ${STAGE:-1} in
   replays "$R"
   log "through the gateway: conversation near, fcfs"
   timeout 200 python3 -c "from qlmctl.cli import main; main()" serve -s scenarios/fidelity_unseen.yaml --replay \
-    --rate 21.5 -n 540 -p fcfs -o "$R/unseen/near" 2>&1 | grep -vE "━|^\s*$" | tail -3
+    --client-procs 4 --rate 21.5 -n 540 -p fcfs -o "$R/unseen/near" 2>&1 | grep -vE "━|^\s*$" | tail -3
   mv "$R/unseen" "$R/conv" 2>/dev/null
   tar czf "$OUT/lease.tgz" -C "$R" . && rm -rf "$R"
   ;;
