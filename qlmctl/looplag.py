@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from array import array
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -83,9 +84,14 @@ class LoopLagMonitor:
 
     def summary(self, prefix: str = "gateway_loop_lag") -> dict[str, float | None]:
         """p50, p99 and max of the kept samples, in ms (None without samples)."""
-        keys = (f"{prefix}_p50_ms", f"{prefix}_p99_ms", f"{prefix}_max_ms")
-        if not self.samples:
-            return dict.fromkeys(keys)
-        lags = np.array(self.samples, dtype=np.float64) * 1e3  # a copy: the array keeps growing
-        p50, p99 = np.percentile(lags, [50, 99])
-        return dict(zip(keys, (float(p50), float(p99), float(lags.max()))))
+        return ms_summary(prefix, self.samples)
+
+
+def ms_summary(prefix: str, seconds: Any) -> dict[str, float | None]:
+    """`<prefix>_p50_ms`, `_p99_ms` and `_max_ms` of `seconds` (a sequence of durations, s); None for none."""
+    keys = (f"{prefix}_p50_ms", f"{prefix}_p99_ms", f"{prefix}_max_ms")
+    if not len(seconds):
+        return dict.fromkeys(keys)
+    ms = np.array(seconds, dtype=np.float64) * 1e3  # a copy: a monitor's array keeps growing
+    p50, p99 = np.percentile(ms, [50, 99])
+    return dict(zip(keys, (float(p50), float(p99), float(ms.max()))))

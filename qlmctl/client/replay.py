@@ -37,7 +37,7 @@ import orjson
 
 from qlmctl.client.http import SSEParser, describe_error, error_message, make_client, status_hint
 from qlmctl.core.request import Request
-from qlmctl.looplag import LoopLagMonitor
+from qlmctl.looplag import LoopLagMonitor, ms_summary
 from simulator.prefix import PromptBlocks
 
 COMPLETIONS = "/v1/completions"
@@ -231,16 +231,7 @@ def send_summary(res: ReplayResult, scheduled_s: Sequence[float], speedup: float
         late.append(max(0.0, r.arrival_s - at) / speedup)
         if sent is not None:
             delay.append((sent - r.arrival_s) / speedup)
-    found: dict[str, float | None] = {}
-    for name, vals in (("client_send_late", late), ("client_send_delay", delay)):
-        keys = (f"{name}_p50_ms", f"{name}_p99_ms", f"{name}_max_ms")
-        if not vals:
-            found.update(dict.fromkeys(keys))
-            continue
-        ms = np.asarray(vals) * 1e3
-        p50, p99 = np.percentile(ms, [50, 99])
-        found.update(zip(keys, (float(p50), float(p99), float(ms.max()))))
-    return found
+    return {**ms_summary("client_send_late", late), **ms_summary("client_send_delay", delay)}
 
 
 async def _with_end(chunks: Any) -> Any:
@@ -541,6 +532,9 @@ async def replay_in_subprocess(
     finally:
         for proc, writer in procs:
             writer.close()
+        if not results:  # no `_receive` took them over (it closes its own): a start failed or was cancelled
+            for reader in readers:
+                reader.close()
         if forward is not None:
             forward.cancel()
         for proc in started:
