@@ -257,6 +257,13 @@ def test_serve_without_live_section_is_a_user_error(tmp_path):
     assert "no `live` section" in res.output
 
 
+def test_serve_refuses_several_client_processes_on_its_own_loop():
+    res = CliRunner().invoke(app, ["serve", "-s", "scenarios/live_emulated.yaml", "--replay", "--in-process-client",
+                                   "--client-procs", "2"])
+    assert res.exit_code == 2
+    assert "--client-procs" in res.output and "--in-process-client" in res.output
+
+
 def test_synthetic_prompt_is_one_token_per_word():
     p = synthetic_prompt(50, salt=3)
     assert len(p.split()) == 50 and all(w.startswith("w") for w in p.split())

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from qlmctl.client.replay import LiveRun, auto_client_procs, replay, replay_in_subprocess, save_live  # noqa: E402
+from qlmctl.client.replay import LiveRun, replay_from_processes, save_live  # noqa: E402
 from qlmctl.engines import engine_kind  # noqa: E402
 from qlmctl.engines.totals import engine_totals_delta  # noqa: E402
 from qlmctl.metrics import summarize  # noqa: E402
@@ -58,12 +58,8 @@ async def main() -> None:
     label = args.label or ("direct-priority" if args.priority else "direct")
     server = engine_kind("vllm").connect(args.url, 8)
     before = await server.run_totals()
-    procs = args.client_procs or auto_client_procs()
-    if procs > 1:
-        res = await replay_in_subprocess(args.url, requests, concurrency=4096, send_priority=args.priority,
-                                         processes=procs)
-    else:
-        res = await replay(args.url, requests, concurrency=4096, send_priority=args.priority)
+    res = await replay_from_processes(args.url, requests, args.client_procs, concurrency=4096,
+                                      send_priority=args.priority)
     after = await server.run_totals()
     await server.aclose()
     failed = [r.error for r in res.requests if r.error]

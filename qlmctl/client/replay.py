@@ -555,6 +555,15 @@ async def replay_in_subprocess(
     return _merge(parts, shares, n, speedup, [r.arrival_s - base for r in ordered])
 
 
+async def replay_from_processes(url: str, requests: Sequence[Request], processes: int, **kwargs: Any) -> ReplayResult:
+    """`replay` in this process when `processes` is 1, else `replay_in_subprocess` over that many (0: as many as
+    `auto_client_procs` says); `kwargs` are the arguments both take."""
+    processes = processes or auto_client_procs()
+    if processes == 1:
+        return await replay(url, requests, **kwargs)
+    return await replay_in_subprocess(url, requests, processes=processes, **kwargs)
+
+
 def _receive(conn: Any) -> tuple[str, Any] | None:
     """The child's message, None if it sent none; closes `conn` (here: this thread may be reading it)."""
     try:

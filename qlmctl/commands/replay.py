@@ -69,8 +69,7 @@ def replay(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qlmctl.client.http import make_client, pick_model, served_models, server_url
-    from qlmctl.client.replay import LiveRun, auto_client_procs, client_late_warning, replay as run_replay, \
-        replay_in_subprocess, save_live
+    from qlmctl.client.replay import LiveRun, client_late_warning, replay_from_processes, save_live
     from qlmctl.errors import UserError
     from qlmctl.metrics import summarize
     from qlmctl.report import print_results
@@ -110,16 +109,10 @@ def replay(
     with Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as prog:
         task = prog.add_task(label, total=len(requests))
-        common = dict(speedup=s, concurrency=concurrency, api_key=api_key, model_map=model_map,
-                      keep_text=opts.save_detailed, send_priority=priority,
-                      progress=lambda done, total: prog.update(task, completed=done))
-        if client_procs == 0:
-            client_procs = auto_client_procs()
-        if client_procs > 1:
-            res = asyncio.run(replay_in_subprocess(root, requests, processes=client_procs, verify=not insecure,
-                                                   **common))
-        else:
-            res = asyncio.run(run_replay(root, requests, verify=not insecure, **common))
+        res = asyncio.run(replay_from_processes(
+            root, requests, client_procs, speedup=s, concurrency=concurrency, api_key=api_key, model_map=model_map,
+            verify=not insecure, keep_text=opts.save_detailed, send_priority=priority,
+            progress=lambda done, total: prog.update(task, completed=done)))
     failed = [r.error for r in res.requests if r.error is not None]
     if failed and len(failed) == len(res.requests):
         fail(UserError(f"every request failed; the first: {failed[0]}", field="--url"))

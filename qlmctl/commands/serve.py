@@ -88,6 +88,9 @@ def serve(
             sc.spec.live.drain_timeout_s = drain_s
         if speedup is not None:
             sc.spec.live.speedup = speedup
+        if client_procs > 1 and not client_process:
+            raise UserError("--client-procs above 1 needs the client in processes of its own, not "
+                            "--in-process-client", field="--client-procs")
         if workers == 0:
             from qlmctl.gateway.workers import auto_workers
 
