@@ -46,7 +46,7 @@ async def test_streams_held_then_stopped_and_an_early_end_is_an_error():
         short.start()
         try:
             wait_for(lambda: short._proc.exitcode is not None)
-            with pytest.raises(RuntimeError, match="ended early with 2 streams.*code 1"):
+            with pytest.raises(RuntimeError, match=r"ended early with 2 streams.*code 1: stream \d of 2, finished"):
                 short.check()
         finally:
             await short.stop()

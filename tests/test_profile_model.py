@@ -345,3 +345,25 @@ def test_profile_model_measures_an_emulated_engine_slowing_under_sustained_load(
     # The engine's own slowdown, within the timing noise of a run on a busy machine.
     assert prof["sustained_prefill_slowdown"] == pytest.approx(0.08, abs=0.025), res.output
     assert "sustained prefill slowdown" in res.output
+
+
+def test_load_streams_outlast_their_windows_within_the_kv_cache():
+    """The lengths of the API-server load streams: a prompt short enough that the output outlasts the windows where
+    the KV cache is tight, 512 where it is not, and never more than the cache holds."""
+    from qlmctl.commands.profile import LOAD_TOKENS_PER_S, _load_lengths
+
+    h100 = RawProfile(model="m", url="u", num_gpu_blocks=28934, block_size=16, max_model_len=8192)
+    windows, window_s = 4, 4.0
+    needed = (windows * window_s + 15.0) * LOAD_TOKENS_PER_S
+    for streams in (128, 256):
+        prompt, out = _load_lengths(h100, streams, windows, window_s)
+        assert 64 <= prompt <= 512 and streams * (prompt + out) <= 0.8 * 28934 * 16
+    prompt, out = _load_lengths(h100, 256, windows, window_s)  # 512 + 934 tokens ended early on such a host
+    assert prompt < 512 and out > 1300
+    for blocks in (28934, 40000, 60000):  # the output lasts as long as the windows need, or the prompt is at its least
+        for streams in (128, 256):
+            prompt, out = _load_lengths(replace(h100, num_gpu_blocks=blocks), streams, windows, window_s)
+            assert out >= needed or prompt == 64
+    assert 64 < _load_lengths(replace(h100, num_gpu_blocks=33500), 128, windows, window_s)[0] < 512
+    roomy = replace(h100, num_gpu_blocks=10**6)
+    assert _load_lengths(roomy, 256, windows, window_s) == (512, 4000)

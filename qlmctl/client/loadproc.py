@@ -32,7 +32,7 @@ async def drain_stream(client: Any, model: str, prompt: list[int], max_tokens: i
 def _hold(conn: Connection, url: str, model: str, prompts: list[list[int]], max_tokens: int, timeout_s: float,
           api_key: str | None, verify: bool) -> None:
     """The child: one stream per prompt until the parent says stop or dies (its end of the pipe closes); exit
-    code 1 with the reason on stderr if a stream ends first."""
+    code 1 if a stream ends first, its reason on stderr and sent up the pipe (for the parent's error)."""
     import httpx
 
     async def run() -> int:
@@ -47,8 +47,15 @@ def _hold(conn: Connection, url: str, model: str, prompts: list[list[int]], max_
         done, _ = await asyncio.wait([*streams, told], return_when=asyncio.FIRST_COMPLETED)
         code = 0
         if told not in done:
-            err = next(iter(done)).exception()
-            print(f"a load stream ended early: {err or 'finished'}", file=sys.stderr, flush=True)
+            ended = next(iter(done))
+            err = ended.exception()
+            reason = (f"stream {streams.index(ended)} of {len(streams)}, "
+                      + (f"{type(err).__name__}: {err}" if err else "finished (all its tokens)"))
+            print(f"a load stream ended early: {reason}", file=sys.stderr, flush=True)
+            try:
+                conn.send(reason)
+            except OSError:  # the parent has gone
+                pass
             code = 1
         for t in streams:
             t.cancel()
@@ -89,8 +96,14 @@ class LoadStreams:
     def check(self) -> None:
         """Raise RuntimeError if the child has exited (a stream ended, or it failed to start)."""
         if self._proc is not None and not self._proc.is_alive():
+            reason = "its reason is on stderr"
+            try:
+                if self._conn is not None and self._conn.poll():
+                    reason = str(self._conn.recv())
+            except (EOFError, OSError):
+                pass
             raise RuntimeError(f"a load stream ended early with {len(self._args[2])} streams (the load process exited "
-                               f"with code {self._proc.exitcode}; its reason is on stderr)")
+                               f"with code {self._proc.exitcode}: {reason})")
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         proc, conn = self._proc, self._conn

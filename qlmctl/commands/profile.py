@@ -40,6 +40,21 @@ def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int, cap: int = 
     return min(cap, room - prompt_tokens)
 
 
+LOAD_TOKENS_PER_S = 100.0
+"""Most tokens a second one load stream gets (one a step; a step beside hundreds of streams takes 10 ms or more)."""
+
+
+def _load_lengths(raw: "RawProfile", streams: int, windows: int, window_s: float) -> tuple[int, int]:
+    """(prompt, output) tokens of `streams` load streams that must outlast `windows` probe windows of `window_s`
+    (and the prefill before them) within the KV cache: the prompt is 512 tokens where there is room, shorter (down
+    to 64) where a stream's output must use it. On an H100 (463k KV tokens), 256 streams of 512 + 934 tokens ended
+    during the windows."""
+    room = _max_tokens(raw, streams, 0, cap=10**9)
+    needed = int((windows * window_s + 15.0) * LOAD_TOKENS_PER_S)
+    prompt = max(64, min(512, room - needed))
+    return prompt, min(4000, room - prompt)
+
+
 DEFAULT_LOAD_PROBES = "words:32"
 """Requests like a trace's (words to tokenize, a streamed answer): on an H100 host such a probe cost the API server
 7.3 ms of CPU against 4.7 for a prefill-only probe of token ids (docs/fidelity.md, "Probes like a trace's requests")."""
@@ -134,7 +149,7 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
         raw.meta["load_streams_read_by"] = "another process"  # (frontend_load_points' default)
         for n in load_streams:
             progress.update(task, description=f"API server load, {n} streams")
-            max_tokens = _max_tokens(raw, n, 512, cap=4000)  # must outlast every window
+            prompt, max_tokens = _load_lengths(raw, n, len(load_rates) * len(load_probes), load_window_s)
             if n >= max_num_seqs:
                 progress.console.print(f"[yellow]skipping the API server load with {n} streams: the probes would "
                                        f"wait for one of the {max_num_seqs} batch slots (--max-num-seqs)[/]")
@@ -143,8 +158,10 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
             else:
                 try:
                     raw.frontend_load.extend(await prof.frontend_load_points(
-                        n, load_rates, probe_tokens=probe_tokens, window_s=load_window_s, max_tokens=max_tokens,
-                        kinds=load_probes))
+                        n, load_rates, probe_tokens=probe_tokens, prompt_tokens=prompt, window_s=load_window_s,
+                        max_tokens=max_tokens, kinds=load_probes))
+                    if n:
+                        raw.meta.setdefault("load_stream_tokens", {})[str(n)] = [prompt, max_tokens]
                 except RuntimeError as e:
                     prof.skipped.append(f"API server load with {n} streams: {e}")
             progress.advance(task)
