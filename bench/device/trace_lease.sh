@@ -14,6 +14,9 @@
 #       default (asynchronous scheduling) and the conversation near twice: trace_sync.tgz (sync/, async/)
 #   run(command="CALL_LIMIT_S=270 STAGE=4 bash bench/device/trace_lease.sh", carry=[...], kind="nvidia-h200")
 #       the conversation near twice with the engine core's step log; on an H200, then its sustained-load run
+#   run(command="STAGE=6 bash bench/device/trace_lease.sh", carry=[...])  (after stage 1, on its warm machine)
+#       the conversation near through `qlmctl serve` (fcfs), then a restart with --scheduling-policy priority and the
+#       replays with priority sent (conversation near twice and over, code near and over): trace_priority.tgz
 #   run(command="STAGE=5 bash bench/device/trace_lease.sh", carry=[...])  (a traced server, stage 1's when warm)
 #       the same server: the conversation near from one client process and from four, twice each, then the other
 #       loads from four (is the way in's stall the client's? `client_sent.json` has each request's bytes-out time)
@@ -44,7 +47,7 @@ replays() {  # $1: folder; the rest: "set load rate requests [client processes]"
     for rep in b c d e; do [ -e "$dest" ] || break; dest=$R/$1/${name}_$rep; done
     log "direct $1/$2: $3 req/s, $4 requests, client processes: $procs (0: by CPUs) -> $dest"
     timeout 200 python3 bench/device/replay_direct.py -s "scenarios/fidelity_$1.yaml" --url $URL --rate "$3" -n "$4" \
-      --client-procs "$procs" -o "$dest" 2>&1 | grep -vE "━|^\s*$" | tail -1
+      --client-procs "$procs" -o "$dest" ${REPLAY_FLAGS:-} 2>&1 | grep -vE "━|^\s*$" | tail -1
     take_trace "$dest/reqtrace.jsonl"
     wc -l < "$dest/reqtrace.jsonl" 2>/dev/null
   done
@@ -129,6 +132,21 @@ case ${STAGE:-1} in
   traced_server  # stage 1's, when warm
   replay_set trace_procs.tgz "unseen near 21.5 540 1,unseen near 21.5 540 4,unseen near 21.5 540 1,unseen near 21.5 540 4,unseen light 10.8 216 4,code near 16 320 4,unseen near 21.5 540 4,code over 22 440 4,unseen over 43 1075 4"
   gzip -c "$K/$LOG" > "$OUT/server_5.log.gz"
+  ;;
+6)  # the rest of the issue's grid on stage 1's host: the conversation near through the gateway (fcfs, on stage 1's
+  # server), then a traced server with --scheduling-policy priority and the replays with each request's priority sent
+  R="$OUT/trace"
+  traced_server  # stage 1's, when warm
+  mkdir -p "$R/gateway/near"
+  log "through the gateway: conversation near, fcfs, four client processes"
+  timeout 150 python3 -c "from qlmctl.cli import main; main()" serve -s scenarios/fidelity_unseen.yaml --replay \
+    --client-procs 4 --rate 21.5 -n 540 -p fcfs -o "$R/gateway/near" 2>&1 | grep -vE "━|^\s*$" | tail -4
+  take_trace "$R/gateway/near/reqtrace.jsonl"
+  gzip -c "$K/$LOG" > "$OUT/server_6a.log.gz"
+  traced_server --scheduling-policy priority
+  REPLAY_FLAGS=--priority replay_set trace_priority.tgz \
+    "unseen near 21.5 540,code near 16 320,unseen over 43 1075,code over 22 440,unseen near 21.5 540"
+  gzip -c "$K/$LOG" > "$OUT/server_6.log.gz"
   ;;
 esac
 log done
