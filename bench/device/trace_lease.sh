@@ -17,6 +17,9 @@
 #   run(command="STAGE=6 bash bench/device/trace_lease.sh", carry=[...])  (after stage 1, on its warm machine)
 #       the conversation near through `qlmctl serve` (fcfs), then a restart with --scheduling-policy priority and the
 #       replays with priority sent (conversation near twice and over, code near and over): trace_priority.tgz
+#   run(command="STAGE=7 bash bench/device/trace_lease.sh", carry=[...])  (one call, no restart)
+#       stage 1 against a server started with --scheduling-policy priority, then the replays with priority sent
+#       (conversation near and over, code near) and the conversation near through the gateway
 #   run(command="STAGE=5 bash bench/device/trace_lease.sh", carry=[...])  (a traced server, stage 1's when warm)
 #       the same server: the conversation near from one client process and from four, twice each, then the other
 #       loads from four (is the way in's stall the client's? `client_sent.json` has each request's bytes-out time)
@@ -61,25 +64,21 @@ replay_set() {  # $1: the tarball; $2: the default specs (SPECS overrides): repl
   kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
   tar czf "$OUT/$1" -C "$R" . && rm -rf "$R"
 }
-traced_server() {  # vLLM with the trace hook, its log in $K; extra flags as arguments
+traced_server_keep() {  # vLLM with the trace hook, its log in $K; extra flags as arguments; 1 if it fails to start
   export QLM_REQ_TRACE=$TRACE
-  local saved=$PYTHONPATH
+  local saved=$PYTHONPATH rc=0
   export PYTHONPATH=$PWD/bench/device/reqtrace:$PYTHONPATH
-  OUT=$K ensure_vllm "$K/m8b" llama-3.1-8b $PORT "$@" || { gzip -c "$K/$LOG" > "$OUT/server_fail.log.gz"; exit 4; }
+  ensure_vllm "$K/m8b" llama-3.1-8b $PORT "$@" || rc=1
   export PYTHONPATH=$saved
   unset QLM_REQ_TRACE
-  rm -f "$TRACE" "$TRACE.events" "$TRACE.steps"
-}
-case ${STAGE:-1} in
-1)
-  export QLM_REQ_TRACE=$TRACE
-  SAVED_PYTHONPATH=$PYTHONPATH
-  export PYTHONPATH=$PWD/bench/device/reqtrace:$PYTHONPATH
-  OUT=$K ensure_vllm "$K/m8b" llama-3.1-8b $PORT || { gzip -c "$K/$LOG" > "$OUT/server_1.log.gz"; exit 4; }
-  export PYTHONPATH=$SAVED_PYTHONPATH
-  unset QLM_REQ_TRACE
   grep -m1 "reqtrace" "$K/$LOG"
-  rm -f "$TRACE" "$TRACE.events"  # the start's own requests
+  rm -f "$TRACE" "$TRACE.events" "$TRACE.steps"  # the start's own requests
+  return $rc
+}
+traced_server() {  # the same, exit 4 with the server's log if it fails to start
+  OUT=$K traced_server_keep "$@" || { gzip -c "$K/$LOG" > "$OUT/server_fail.log.gz"; exit 4; }
+}
+profile_run() {  # profile-model against the server up, its trace and the server's log kept (stage 1's)
   watch_cpu; WPID=$!
   timeout -s INT $(( ${CALL_LIMIT_S:-585} - $(date +%s) + T0 )) python3 -c "$PROFILE_PY" llama-3.1-8b --url $URL \
     --out "$OUT/$TAGG-lease.yaml" --raw "$OUT/raw-lease.json" --gpu "$GPU" \
@@ -92,6 +91,18 @@ case ${STAGE:-1} in
   take_trace "$OUT/profile_trace.jsonl"
   gzip -f "$OUT/profile_trace.jsonl" "$OUT/profile_trace.jsonl.events" "$OUT/top.log" 2>/dev/null
   gzip -c "$K/$LOG" > "$OUT/server_1.log.gz"
+}
+gateway_near() {  # the conversation near through `qlmctl serve` (fcfs), from four client processes, into $1
+  mkdir -p "$1/gateway/near"
+  log "through the gateway: conversation near, fcfs, four client processes"
+  timeout 150 python3 -c "from qlmctl.cli import main; main()" serve -s scenarios/fidelity_unseen.yaml --replay \
+    --client-procs 4 --rate 21.5 -n 540 -p fcfs -o "$1/gateway/near" 2>&1 | grep -vE "━|^\s*$" | tail -4
+  take_trace "$1/gateway/near/reqtrace.jsonl"
+}
+case ${STAGE:-1} in
+1)
+  OUT=$K traced_server_keep || { gzip -c "$K/$LOG" > "$OUT/server_1.log.gz"; exit 4; }
+  profile_run
   ;;
 2)
   OUT=$K ensure_vllm "$K/m8b" llama-3.1-8b $PORT || exit 4  # stage 1's (a fresh one here would be untraced)
@@ -137,16 +148,23 @@ case ${STAGE:-1} in
   # server), then a traced server with --scheduling-policy priority and the replays with each request's priority sent
   R="$OUT/trace"
   traced_server  # stage 1's, when warm
-  mkdir -p "$R/gateway/near"
-  log "through the gateway: conversation near, fcfs, four client processes"
-  timeout 150 python3 -c "from qlmctl.cli import main; main()" serve -s scenarios/fidelity_unseen.yaml --replay \
-    --client-procs 4 --rate 21.5 -n 540 -p fcfs -o "$R/gateway/near" 2>&1 | grep -vE "━|^\s*$" | tail -4
-  take_trace "$R/gateway/near/reqtrace.jsonl"
+  gateway_near "$R"
   gzip -c "$K/$LOG" > "$OUT/server_6a.log.gz"
   traced_server --scheduling-policy priority
   REPLAY_FLAGS=--priority replay_set trace_priority.tgz \
     "unseen near 21.5 540,code near 16 320,unseen over 43 1075,code over 22 440,unseen near 21.5 540"
   gzip -c "$K/$LOG" > "$OUT/server_6.log.gz"
+  ;;
+7)  # stages 1 and 6 in one call, with no restart: one traced server with --scheduling-policy priority (a request
+  # sent without a priority has the default one, and vLLM serves equal priorities first come, first served), its
+  # profile, the replays with priority sent, then the conversation near through the gateway (no priority sent)
+  R="$OUT/trace"
+  OUT=$K traced_server_keep --scheduling-policy priority || { gzip -c "$K/$LOG" > "$OUT/server_1.log.gz"; exit 4; }
+  CALL_LIMIT_S=$(( ${CALL_LIMIT_S:-585} - 250 )) profile_run  # leaves the replays and the gateway ~4 minutes
+  REPLAY_FLAGS=--priority SPECS=${SPECS:-"unseen near 21.5 540,unseen over 43 1075,code near 16 320"} \
+    replay_set trace_priority.tgz ""
+  mkdir -p "$R" && gateway_near "$R" && tar czf "$OUT/trace_gateway.tgz" -C "$R" . && rm -rf "$R"
+  gzip -c "$K/$LOG" > "$OUT/server_7.log.gz"
   ;;
 esac
 log done
