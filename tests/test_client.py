@@ -224,9 +224,11 @@ def test_replay_from_several_processes_stopped_before_it_starts_sends_nothing():
 
 
 def test_client_processes_by_default_leave_cpus_to_a_server_and_a_late_client_is_told():
-    from qlmctl.client.replay import auto_client_procs, client_late_warning
+    from qlmctl.client.replay import auto_client_procs, client_late_warning, client_procs_for
 
     assert [auto_client_procs(c) for c in (1, 2, 7, 8, 12, 16, 128)] == [1, 1, 1, 2, 3, 4, 4]
+    assert client_procs_for(0, cpus=16) == 4 and client_procs_for(3, cpus=16) == 3
+    assert client_procs_for(0, own_process=False, cpus=16) == 1  # on the caller's loop: one, whatever was asked
     assert client_late_warning({"client_loop_lag_p99_ms": 3.0, "client_send_delay_p99_ms": 5.0,
                                 "client_send_late_p99_ms": None, "client_processes": 1}) is None
     line = client_late_warning({"client_loop_lag_p99_ms": 45.0, "client_send_delay_p99_ms": 180.0,

@@ -8,7 +8,6 @@ the same requests complete or fail, the same swaps happen, the same policy error
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar

@@ -209,6 +209,14 @@ def auto_client_procs(cpus: int | None = None) -> int:
     return max(1, min(4, (cpus if cpus is not None else os.cpu_count() or 1) // 4))
 
 
+def client_procs_for(requested: int, own_process: bool = True, cpus: int | None = None) -> int:
+    """Client processes to run: `requested`, or for 0 `auto_client_procs`; 1 for a client on the caller's own event
+    loop (`own_process` False), which cannot be split."""
+    if not own_process:
+        return 1
+    return requested or auto_client_procs(cpus)
+
+
 def client_late_warning(client: dict[str, Any]) -> str | None:
     """A line for the user when the replay client itself ran late enough to show in the latencies it measured."""
     # Not `client_send_late_*`: a --max-concurrency that binds holds sends back on purpose.
@@ -558,7 +566,7 @@ async def replay_in_subprocess(
 async def replay_from_processes(url: str, requests: Sequence[Request], processes: int, **kwargs: Any) -> ReplayResult:
     """`replay` in this process when `processes` is 1, else `replay_in_subprocess` over that many (0: as many as
     `auto_client_procs` says); `kwargs` are the arguments both take."""
-    processes = processes or auto_client_procs()
+    processes = client_procs_for(processes)
     if processes == 1:
         return await replay(url, requests, **kwargs)
     return await replay_in_subprocess(url, requests, processes=processes, **kwargs)

@@ -45,7 +45,7 @@ def replay(
     concurrency: int = typer.Option(1024, "--max-concurrency", "--concurrency", min=1, help="Most requests open at once (later ones are sent late), as vLLM's --max-concurrency."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="Bearer token, if the server wants one."),
     insecure: bool = typer.Option(False, "--insecure", help="Do not check the server's TLS certificate (https)."),
-    client_procs: int = typer.Option(0, "--client-procs", min=0, max=64, help="Client processes that send the requests and read their streams, each its share on one schedule. 0 (default): one per 4 CPUs, 1 to 4; 1: this process. One process reading ~200 streams ran late by up to 0.2 s and put the TTFT p50 it measured of vLLM 20-30 % high (docs/fidelity.md); the summary's client_loop_lag and client_send figures show it."),
+    client_procs: int = typer.Option(0, "--client-procs", min=0, max=64, help="Client processes that send the requests and read their streams, each its share on one schedule. 0 (default): one per 4 CPUs, 1 to 4; 1: this process. One process reading ~200 streams ran late by up to 0.2 s and put the TTFT p50 it measured of vLLM 8-21 % high on two H100 hosts (docs/fidelity.md); the summary's client_loop_lag and client_send figures show it."),
     priority: bool = typer.Option(False, "--priority", help="Send each request's SLO-class priority (lower first) as vLLM's `priority` field, for a vLLM server started with --scheduling-policy priority."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder; default: a new `results/<scenario name>/<date-time>/`."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),

@@ -36,7 +36,7 @@ def serve(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the workload's random choices."),
     concurrency: int = typer.Option(1024, "--concurrency", min=1, help="Replay: most requests open at once (later ones are sent late)."),
     client_process: bool = typer.Option(True, "--client-process/--in-process-client", help="Replay: run the client in a process of its own (default), or on the gateway's event loop."),
-    client_procs: int = typer.Option(1, "--client-procs", min=1, max=64, help="Replay: client processes, each sending its share of the requests on one schedule. One process reading a few hundred streams runs late by tens of ms at times, inside the TTFTs it measures (client_loop_lag and client_send in the summary show it)."),
+    client_procs: int = typer.Option(0, "--client-procs", min=0, max=64, help="Replay: client processes, each sending its share of the requests on one schedule. 0 (default): one per 4 CPUs, 1 to 4 (1 with --in-process-client). One process reading a few hundred streams runs late by tens of ms at times, inside the TTFTs it measures (client_loop_lag and client_send in the summary show it; 8-21 % on vLLM's TTFT p50 near saturation on two H100 hosts, docs/fidelity.md)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Replay output folder; default: a new `results/<scenario name>/<date-time>/`."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     metadata: Optional[list[str]] = typer.Option(None, "--metadata", help=METADATA_HELP),
@@ -91,6 +91,9 @@ def serve(
         if client_procs > 1 and not client_process:
             raise UserError("--client-procs above 1 needs the client in processes of its own, not "
                             "--in-process-client", field="--client-procs")
+        from qlmctl.client.replay import client_procs_for
+
+        client_procs = client_procs_for(client_procs, client_process)
         if workers == 0:
             from qlmctl.gateway.workers import auto_workers
 
