@@ -41,6 +41,8 @@ METRICS = [("TTFT p50 (ms)", "p50_ttft_ms"), ("TTFT p90 (ms)", "p90_ttft_ms"),
            ("TPOT p50 (ms)", "p50_tpot_ms"), ("TPOT p90 (ms)", "p90_tpot_ms"), ("E2EL p50 (ms)", "p50_e2el_ms"),
            ("E2EL p90 (ms)", "p90_e2el_ms"), ("throughput (req/s)", "request_throughput"),
            ("SLO attainment", "slo_attainment")]
+TARGET_CELLS = {f"{m} p{q} (ms)" for m in ("TTFT", "TPOT", "E2EL") for q in (50, 90)}
+"""The cells issue 18's targets count."""
 
 
 STEP_FIELDS = ("base_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s", "per_prefill_pair_s",
@@ -144,6 +146,7 @@ def main() -> None:
                "| simulated, caching off |",
                "|---|---|---:|---:|---:|---:|---:|"]
     worst: dict[str, float] = {}
+    target_errors: list[float] = []
 
     if args.profile is not None:
         models = load_scenario(args.scenario).spec.models
@@ -197,6 +200,8 @@ def main() -> None:
                 err = (sv - lv) / lv if lv else 0.0
                 if key != "slo_attainment":
                     worst[label] = max(worst.get(label, 0.0), abs(err))
+                if label in TARGET_CELLS:
+                    target_errors.append(abs(err))
                 fmt = (lambda x: f"{x:.1%}") if key == "slo_attainment" else (lambda x: f"{x:,.1f}")
                 live_txt = fmt(lv) + (f" ({fmt(min(lvs))}-{fmt(max(lvs))})" if len(lvs) > 1 else "")
                 spread = f"{(max(lvs) - min(lvs)) / lv:.0%}" if len(lvs) > 1 and lv else "-"
@@ -220,6 +225,10 @@ def main() -> None:
     table = "\n".join(lines + breakdown + (caching if len(caching) > 5 else []))
     print(table)
     print("\nworst |error| per latency metric:", {k: f"{v:.0%}" for k, v in worst.items()})
+    if target_errors:  # the issue's targets: every TTFT / TPOT / E2EL p50 and p90 within 10 %, then 5 %
+        n = len(target_errors)
+        print(f"TTFT / TPOT / E2EL p50 and p90 cells: {n}; within 10 %: {sum(e <= 0.10 for e in target_errors)}, "
+              f"within 5 %: {sum(e <= 0.05 for e in target_errors)}")
     if args.out:
         args.out.write_text(table + "\n")
 
