@@ -160,7 +160,8 @@ case ${STAGE:-1} in
   # profile, the replays with priority sent, then the conversation near through the gateway (no priority sent)
   R="$OUT/trace"
   OUT=$K traced_server_keep --scheduling-policy priority || { gzip -c "$K/$LOG" > "$OUT/server_1.log.gz"; exit 4; }
-  CALL_LIMIT_S=$(( ${CALL_LIMIT_S:-585} - 250 )) profile_run  # leaves the replays and the gateway ~4 minutes
+  # PROFILE_END_S: when the profile must end, s into the call (default: leaves the replays and the gateway ~4 min)
+  CALL_LIMIT_S=${PROFILE_END_S:-$(( ${CALL_LIMIT_S:-585} - 250 ))} profile_run
   REPLAY_FLAGS=--priority SPECS=${SPECS:-"unseen near 21.5 540,unseen over 43 1075,code near 16 320"} \
     replay_set trace_priority.tgz ""
   mkdir -p "$R" && gateway_near "$R" && tar czf "$OUT/trace_gateway.tgz" -C "$R" . && rm -rf "$R"
