@@ -244,7 +244,7 @@ def profile_model(
     frontend: bool = typer.Option(True, "--frontend/--no-frontend", help="Also time short probes while the server streams to many clients."),
     frontend_streams: str = typer.Option("0,64,128,256", help="Frontend probes: concurrent streams relayed, each with a 512-token prompt."),
     frontend_load: bool = typer.Option(True, "--frontend-load/--no-frontend-load", help="Also measure the API server as a queue: its CPU per request and per streamed token, and probe TTFTs under Poisson arrivals while it streams (fits the frontend queue model)."),
-    load_streams: str = typer.Option("0,64,128,192", help="API server load: concurrent streams relayed, each with a 512-token prompt (fewer than --max-num-seqs, so that probes get a batch slot)."),
+    load_streams: str = typer.Option("0,64,128,192", help="API server load: concurrent streams relayed, each with a 512-token prompt, shorter (down to 64 tokens) where the KV cache could not otherwise hold an output that outlasts the windows (fewer streams than --max-num-seqs, so that probes get a batch slot)."),
     load_rates: str = typer.Option("4,12,20", help="API server load: probe arrival rates, requests/s (Poisson)."),
     load_window_s: float = typer.Option(5.0, min=0.5, help="API server load: seconds of probes per rate."),
     probe_tokens: int = typer.Option(1024, min=1, help="API server load: prompt length of each probe, tokens."),
