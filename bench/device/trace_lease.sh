@@ -20,6 +20,9 @@
 #   run(command="STAGE=7 bash bench/device/trace_lease.sh", carry=[...])  (one call, no restart)
 #       stage 1 against a server started with --scheduling-policy priority, then the replays with priority sent
 #       (conversation near and over, code near) and the conversation near through the gateway
+#   run(command="STAGE=8 bash bench/device/trace_lease.sh", carry=[...])  (~5 min, no profile)
+#       a server with --scheduling-policy priority, the conversation near and code near each sent without and with
+#       priorities: trace_prio_pairs.tgz
 #   run(command="STAGE=5 bash bench/device/trace_lease.sh", carry=[...])  (a traced server, stage 1's when warm)
 #       the same server: the conversation near from one client process and from four, twice each, then the other
 #       loads from four (is the way in's stall the client's? `client_sent.json` has each request's bytes-out time)
@@ -166,6 +169,21 @@ case ${STAGE:-1} in
     replay_set trace_priority.tgz ""
   mkdir -p "$R" && gateway_near "$R" && tar czf "$OUT/trace_gateway.tgz" -C "$R" . && rm -rf "$R"
   gzip -c "$K/$LOG" > "$OUT/server_7.log.gz"
+  ;;
+8)  # a short call (no profile): one traced server with --scheduling-policy priority, each replay sent without and
+  # with priorities in turn (equal priorities are served first come, first served): is priority modelled as closely
+  # as fcfs on one host? Compared against a profile of another host, the two rows share that host's error
+  R="$OUT/trace"
+  traced_server --scheduling-policy priority
+  watch_cpu; WPID=$!
+  for spec in "unseen near 21.5 540" "code near 16 320"; do
+    REPLAY_FLAGS= replays "$R" "$spec"
+    REPLAY_FLAGS=--priority replays "$R" "$spec"
+  done
+  mv "$R/unseen" "$R/conv" 2>/dev/null
+  kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
+  tar czf "$OUT/trace_prio_pairs.tgz" -C "$R" . && rm -rf "$R"
+  gzip -c "$K/$LOG" > "$OUT/server_8.log.gz"
   ;;
 esac
 log done
