@@ -42,18 +42,19 @@ take_trace() {  # $1: where the trace so far goes
   mv "$TRACE.events" "$1.events" 2>/dev/null
   mv "$TRACE.steps" "$1.steps" 2>/dev/null
 }
-replays() {  # $1: folder; the rest: "set load rate requests [client processes]" specs; a repeated load gets near_b, ...
+replays() {  # $1: folder; the rest: "set load rate requests [client processes [replay_direct.py flags]]" specs (0
+  # processes: replay_direct.py's default, one per 4 CPUs); a repeated load gets near_b, ...
   local R=$1; shift
   for spec in "$@"; do
     set -- $spec
     if [ $(( $(date +%s) - T0 )) -gt $(( ${CALL_LIMIT_S:-585} - 75 )) ]; then log "no time left for $spec"; continue; fi
-    local procs=${5:-0} name=$2  # 0: replay_direct.py's default (one process per 4 CPUs)
+    local procs=${5:-0} name=$2 flags="${*:6}"
     [ "$procs" -gt 1 ] && name=${2}_p$procs
     dest=$R/$1/$name
     for rep in b c d e; do [ -e "$dest" ] || break; dest=$R/$1/${name}_$rep; done
-    log "direct $1/$2: $3 req/s, $4 requests, client processes: $procs (0: by CPUs) -> $dest"
+    log "direct $1/$2: $3 req/s, $4 requests, client processes: $procs (0: by CPUs) $flags -> $dest"
     timeout 200 python3 bench/device/replay_direct.py -s "scenarios/fidelity_$1.yaml" --url $URL --rate "$3" -n "$4" \
-      --client-procs "$procs" -o "$dest" ${REPLAY_FLAGS:-} 2>&1 | grep -vE "━|^\s*$" | tail -1
+      --client-procs "$procs" -o "$dest" $flags 2>&1 | grep -vE "━|^\s*$" | tail -1
     take_trace "$dest/reqtrace.jsonl"
     wc -l < "$dest/reqtrace.jsonl" 2>/dev/null
   done
@@ -67,19 +68,17 @@ replay_set() {  # $1: the tarball; $2: the default specs (SPECS overrides): repl
   kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
   tar czf "$OUT/$1" -C "$R" . && rm -rf "$R"
 }
-traced_server_keep() {  # vLLM with the trace hook, its log in $K; extra flags as arguments; 1 if it fails to start
+traced_server() {  # vLLM with the trace hook, its log in $K; extra flags as arguments; if it fails to start, exit 4
+  # with its log in $OUT/${FAIL_LOG:-server_fail.log.gz}
   export QLM_REQ_TRACE=$TRACE
-  local saved=$PYTHONPATH rc=0
+  local saved=$PYTHONPATH
   export PYTHONPATH=$PWD/bench/device/reqtrace:$PYTHONPATH
-  ensure_vllm "$K/m8b" llama-3.1-8b $PORT "$@" || rc=1
+  OUT=$K ensure_vllm "$K/m8b" llama-3.1-8b $PORT "$@" \
+    || { gzip -c "$K/$LOG" > "$OUT/${FAIL_LOG:-server_fail.log.gz}"; exit 4; }
   export PYTHONPATH=$saved
   unset QLM_REQ_TRACE
   grep -m1 "reqtrace" "$K/$LOG"
   rm -f "$TRACE" "$TRACE.events" "$TRACE.steps"  # the start's own requests
-  return $rc
-}
-traced_server() {  # the same, exit 4 with the server's log if it fails to start
-  OUT=$K traced_server_keep "$@" || { gzip -c "$K/$LOG" > "$OUT/server_fail.log.gz"; exit 4; }
 }
 profile_run() {  # profile-model against the server up, its trace and the server's log kept (stage 1's)
   watch_cpu; WPID=$!
@@ -104,7 +103,7 @@ gateway_near() {  # the conversation near through `qlmctl serve` (fcfs), from fo
 }
 case ${STAGE:-1} in
 1)
-  OUT=$K traced_server_keep || { gzip -c "$K/$LOG" > "$OUT/server_1.log.gz"; exit 4; }
+  FAIL_LOG=server_1.log.gz traced_server
   profile_run
   ;;
 2)
@@ -154,35 +153,28 @@ case ${STAGE:-1} in
   gateway_near "$R"
   gzip -c "$K/$LOG" > "$OUT/server_6a.log.gz"
   traced_server --scheduling-policy priority
-  REPLAY_FLAGS=--priority replay_set trace_priority.tgz \
-    "unseen near 21.5 540,code near 16 320,unseen over 43 1075,code over 22 440,unseen near 21.5 540"
+  replay_set trace_priority.tgz "unseen near 21.5 540 0 --priority,code near 16 320 0 --priority,unseen over 43 1075 0 \
+--priority,code over 22 440 0 --priority,unseen near 21.5 540 0 --priority"
   gzip -c "$K/$LOG" > "$OUT/server_6.log.gz"
   ;;
 7)  # stages 1 and 6 in one call, with no restart: one traced server with --scheduling-policy priority (a request
   # sent without a priority has the default one, and vLLM serves equal priorities first come, first served), its
   # profile, the replays with priority sent, then the conversation near through the gateway (no priority sent)
   R="$OUT/trace"
-  OUT=$K traced_server_keep --scheduling-policy priority || { gzip -c "$K/$LOG" > "$OUT/server_1.log.gz"; exit 4; }
+  FAIL_LOG=server_1.log.gz traced_server --scheduling-policy priority
   # PROFILE_END_S: when the profile must end, s into the call (default: leaves the replays and the gateway ~4 min)
   CALL_LIMIT_S=${PROFILE_END_S:-$(( ${CALL_LIMIT_S:-585} - 250 ))} profile_run
-  REPLAY_FLAGS=--priority SPECS=${SPECS:-"unseen near 21.5 540,unseen over 43 1075,code near 16 320"} \
-    replay_set trace_priority.tgz ""
+  replay_set trace_priority.tgz "unseen near 21.5 540 0 --priority,unseen over 43 1075 0 --priority,code near 16 320 0 \
+--priority"
   mkdir -p "$R" && gateway_near "$R" && tar czf "$OUT/trace_gateway.tgz" -C "$R" . && rm -rf "$R"
   gzip -c "$K/$LOG" > "$OUT/server_7.log.gz"
   ;;
 8)  # a short call (no profile): one traced server with --scheduling-policy priority, each replay sent without and
   # with priorities in turn (equal priorities are served first come, first served): is priority modelled as closely
   # as fcfs on one host? Compared against a profile of another host, the two rows share that host's error
-  R="$OUT/trace"
   traced_server --scheduling-policy priority
-  watch_cpu; WPID=$!
-  for spec in "unseen near 21.5 540" "code near 16 320"; do
-    REPLAY_FLAGS= replays "$R" "$spec"
-    REPLAY_FLAGS=--priority replays "$R" "$spec"
-  done
-  mv "$R/unseen" "$R/conv" 2>/dev/null
-  kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
-  tar czf "$OUT/trace_prio_pairs.tgz" -C "$R" . && rm -rf "$R"
+  replay_set trace_prio_pairs.tgz \
+    "unseen near 21.5 540,unseen near 21.5 540 0 --priority,code near 16 320,code near 16 320 0 --priority"
   gzip -c "$K/$LOG" > "$OUT/server_8.log.gz"
   ;;
 esac
