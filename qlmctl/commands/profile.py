@@ -30,14 +30,18 @@ def _ints(text: str, name: str, minimum: int = 1) -> list[int]:
     return vals
 
 
-def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int, cap: int = 2000, reserved: int = 0) -> int:
-    """Output length for `streams` long requests of `prompt_tokens` that must outlast a measurement
-    without filling the KV cache (no preemption; `reserved` tokens of it held by other requests) or passing the
-    model length."""
+def _room_tokens(raw: "RawProfile", streams: int, reserved: int = 0) -> int:
+    """Tokens (prompt and output) each of `streams` requests may hold without filling the KV cache (no preemption;
+    `reserved` tokens of it held by other requests) or passing the model length."""
     kv_tokens = (raw.num_gpu_blocks or 0) * (raw.block_size or 16)
-    room = min(int((0.8 * kv_tokens - reserved) / max(1, streams)) if kv_tokens else 2000,
+    return min(int((0.8 * kv_tokens - reserved) / max(1, streams)) if kv_tokens else 2000,
                (raw.max_model_len or 8192) - 1)
-    return min(cap, room - prompt_tokens)
+
+
+def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int, cap: int = 2000, reserved: int = 0) -> int:
+    """Output length for `streams` long requests of `prompt_tokens` that must outlast a measurement within
+    `_room_tokens`."""
+    return min(cap, _room_tokens(raw, streams, reserved) - prompt_tokens)
 
 
 LOAD_TOKENS_PER_S = 100.0
@@ -49,7 +53,7 @@ def _load_lengths(raw: "RawProfile", streams: int, windows: int, window_s: float
     (and the prefill before them) within the KV cache: the prompt is 512 tokens where there is room, shorter (down
     to 64) where a stream's output must use it. On an H100 (463k KV tokens), 256 streams of 512 + 934 tokens ended
     during the windows."""
-    room = _max_tokens(raw, streams, 0, cap=10**9)
+    room = _room_tokens(raw, streams)
     needed = int((windows * window_s + 15.0) * LOAD_TOKENS_PER_S)
     prompt = max(64, min(512, room - needed))
     return prompt, min(4000, room - prompt)
