@@ -105,6 +105,17 @@ class FrontendLoadPoint:
     probe_words: bool = False
     """Whether the probes' prompts were words for the API server to tokenize (as a trace's requests are) rather
     than token ids."""
+    window_s: float | None = None
+    """Seconds over which the probes were sent (`profile-model --load-window-s`; None in raw files made before it
+    was recorded). The window's measurement lasts until every probe is answered: `probes / rate_rps` seconds."""
+
+    def ran_away(self, window_s: float) -> bool:
+        """Whether the API server's queue did not settle in the window: answering its probes took over twice the
+        window (`self.window_s`, else `window_s`), so the backlog outlived it by a window or more. Such a window's
+        wait grows with the window's length and its CPU counter sits at one core: it measures the window, not the
+        server (on an H200 at 256 streams, probes waited 4-10 s in 4-s windows)."""
+        sent_over = self.window_s or window_s
+        return self.rate_rps > 0 and self.probes / self.rate_rps > 2.0 * sent_over
 
     @property
     def probe_kind(self) -> str:
@@ -189,6 +200,8 @@ class Fit:
     frontend_per_stream_s: float = 0.0
     frontend_errors: list[tuple[str, float, float, float]] = field(default_factory=list)
     """Probe TTFTs under streaming load: measured, modelled (engine + frontend), relative error."""
+    frontend_left_out: list[str] = field(default_factory=list)
+    """API-server load windows left out of the queue fit, and why."""
     frontend_cpu_per_request_s: float = 0.0
     frontend_cpu_per_token_s: float = 0.0
     frontend_idle_cpu: float = 0.0
@@ -231,19 +244,25 @@ def load_probe_points(raw: RawProfile, kind: str | None = None) -> list[Frontend
     return chosen
 
 
+DEFAULT_LOAD_WINDOW_S = 5.0
+"""`profile-model --load-window-s`'s default: the window of raw files that did not record theirs."""
+
+
 def fit_profile(raw: RawProfile, max_num_batched_tokens: int, quadratic: bool = True,
-                knee: int | None = None, load_probes: str | None = None) -> Fit:
+                knee: int | None = None, load_probes: str | None = None,
+                load_window_s: float = DEFAULT_LOAD_WINDOW_S) -> Fit:
     """Fit the step-time coefficients to the raw measurements (see module docstring).
 
     `quadratic=False` leaves out the prefill-attention term; `knee` fixes the knee instead of searching;
-    `load_probes` picks the API-server load windows the queue model is fitted on (`load_probe_points`)."""
+    `load_probes` picks the API-server load windows the queue model is fitted on (`load_probe_points`);
+    `load_window_s` is their window where the raw file did not record it (`FrontendLoadPoint.ran_away`)."""
     knees = [knee] if knee is not None else (list(KNEES) if raw.mixed else [0])
     fits = [_fit_at(raw, max_num_batched_tokens, quadratic, k) for k in knees]
     best = min(fits, key=lambda f: f.mean_abs_error)
     if raw.frontend:
         _fit_frontend(raw, best, max_num_batched_tokens)
     if raw.frontend_load:
-        _fit_frontend_queue(raw, load_probe_points(raw, load_probes), best, max_num_batched_tokens)
+        _fit_frontend_queue(raw, load_probe_points(raw, load_probes), best, max_num_batched_tokens, load_window_s)
     if raw.sustained:
         _fit_sustained(raw, best, max_num_batched_tokens)
     return best
@@ -330,13 +349,21 @@ def _probe_engine_s(prof: EngineProfile, streams: int, step_s: float, probe_toke
     return lag * step_s + step_s + extra
 
 
-def _fit_frontend_queue(raw: RawProfile, pts: list[FrontendLoadPoint], fit: Fit, budget: int) -> None:
+def _fit_frontend_queue(raw: RawProfile, pts: list[FrontendLoadPoint], fit: Fit, budget: int,
+                        window_s: float = DEFAULT_LOAD_WINDOW_S) -> None:
     """The API server as one queue (see EngineProfile.frontend_wait): its CPU cost per request and per
     streamed token by least squares on its CPU counter over the windows, then the probes' TTFT beyond
-    the engine's part = latency + factor * (queueing wait at those costs), fitted over the windows."""
+    the engine's part = latency + factor * (queueing wait at those costs), fitted over the windows. Windows
+    whose queue ran away (`FrontendLoadPoint.ran_away`) are left out of both fits and listed as such."""
     from scipy.optimize import nnls
 
     fit.frontend_probes = pts[0].probe_kind
+    away = [p for p in pts if p.ran_away(window_s)]
+    pts = [p for p in pts if not p.ran_away(window_s)]
+    fit.frontend_left_out = [f"probes {p.probe_kind} {p.rate_rps:.0f}/s, {p.streams} streams: "
+                             f"{p.client_ttft_s:.2f} s TTFT, queue ran away" for p in away]
+    if not pts:
+        return
     cpu = [p for p in pts if p.cpu_per_s is not None]
     if len(cpu) >= 3:
         a = np.array([[1.0, p.rate_rps, p.tokens_per_s] for p in cpu])
@@ -519,4 +546,6 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         out["provenance"]["load_streams_read_by"] = raw.meta.get("load_streams_read_by", "the probing process")
         if fit.frontend_probes is not None:
             out["provenance"]["load_probes"] = fit.frontend_probes  # the windows the API-server model was fitted on
+        if fit.frontend_left_out:
+            out["provenance"]["load_windows_left_out"] = list(fit.frontend_left_out)
     return out

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from qlmctl.cli import app
 from simulator.fit import (DecodePoint, FrontendLoadPoint, MixedPoint, PrefillPoint, RawProfile, SustainedWindow,
-                          fit_profile)
+                          fit_profile, profile_dict)
 from simulator.profile import EngineProfile, chunk_pairs
 
 TRUTH = EngineProfile(model="m", base_s=0.02, per_prefill_token_s=1.5e-4, per_decode_seq_s=1.0e-3,
@@ -87,10 +87,12 @@ def test_fit_finds_the_knee_from_decode_and_mixed_steps():
     assert fit.max_abs_error < 1e-9
 
 
-def test_frontend_queue_fit_recovers_known_costs():
-    """Windows generated from a known API-server queue: the CPU regression and the queue fit recover it."""
-    truth = TRUTH.with_overrides(frontend_cpu_per_request_s=0.005, frontend_cpu_per_token_s=6e-5,
-                                 frontend_queue_factor=1.8, frontend_latency_s=0.012)
+QUEUE_TRUTH = TRUTH.with_overrides(frontend_cpu_per_request_s=0.005, frontend_cpu_per_token_s=6e-5,
+                                   frontend_queue_factor=1.8, frontend_latency_s=0.012)
+
+
+def _queue_raw(truth: EngineProfile) -> RawProfile:
+    """Steps and 5-s API-server load windows generated from `truth`'s queue, exactly."""
     raw = RawProfile(model="m", url="-", num_gpu_blocks=100, async_scheduling=True)
     for n in (256, 1024, 2048):
         raw.prefill.append(PrefillPoint(n, 0.003 + TRUTH.prefill_time(n)))
@@ -106,7 +108,15 @@ def test_frontend_queue_fit_recovers_known_costs():
                 streams=streams, rate_rps=rate, probes=int(rate * 5), probe_tokens=1024, step_s=step,
                 tokens_per_s=tokens, client_ttft_s=client, cpu_per_s=0.04 + 0.005 * rate + 6e-5 * tokens,
                 vllm_ttft_s=None, engine_s=engine))
+    return raw
+
+
+def test_frontend_queue_fit_recovers_known_costs():
+    """Windows generated from a known API-server queue: the CPU regression and the queue fit recover it."""
+    truth = QUEUE_TRUTH
+    raw = _queue_raw(truth)
     fit = fit_profile(raw, TRUTH.max_num_batched_tokens)
+    assert fit.frontend_left_out == []
     assert fit.frontend_cpu_per_request_s == pytest.approx(0.005, rel=1e-6)
     assert fit.frontend_cpu_per_token_s == pytest.approx(6e-5, rel=1e-6)
     assert fit.frontend_idle_cpu == pytest.approx(0.04, rel=1e-6)
@@ -115,6 +125,37 @@ def test_frontend_queue_fit_recovers_known_costs():
     assert max(abs(e[3]) for e in fit.frontend_errors) < 1e-9
     assert RawProfile.from_json(raw.to_json()) == raw
     assert fit.frontend_probes == "ids:1"
+
+
+def test_windows_whose_queue_ran_away_are_left_out_of_the_queue_fit():
+    """An API server saturated past recovery (an H200 at 256 streams: probes waiting 4-10 s in 4-s windows, its CPU
+    at one core) measures the window, not the server: such windows are left out of both fits, which still recover
+    the truth, and are named in the profile's provenance. The window recorded in a point beats the default."""
+    raw = _queue_raw(QUEUE_TRUTH)
+    for rate, ttft in ((2.0, 4.3), (7.0, 10.1)):
+        probes = int(rate * 5)  # sent over 5 s, answered over 5 s + the backlog: past twice the window
+        raw.frontend_load.append(FrontendLoadPoint(
+            streams=256, rate_rps=probes / (5 + ttft + 1), probes=probes, probe_tokens=1024, step_s=0.02,
+            tokens_per_s=10_000, client_ttft_s=ttft, cpu_per_s=1.0, vllm_ttft_s=None, engine_s=0.1))
+    fit = fit_profile(raw, TRUTH.max_num_batched_tokens)
+    assert fit.frontend_cpu_per_request_s == pytest.approx(0.005, rel=1e-6)
+    assert fit.frontend_cpu_per_token_s == pytest.approx(6e-5, rel=1e-6)
+    assert fit.frontend_queue_factor == pytest.approx(1.8, rel=1e-6)
+    assert [w.split(":")[0] for w in fit.frontend_left_out] == ["probes ids", "probes ids"]
+    assert all("256 streams" in w and "ran away" in w for w in fit.frontend_left_out)
+    assert len(fit.frontend_errors) == len(raw.frontend_load) - 2
+    prov = profile_dict(raw, fit, max_num_seqs=256, max_num_batched_tokens=TRUTH.max_num_batched_tokens, gpu="g",
+                        flags="f")["provenance"]
+    assert prov["load_windows_left_out"] == fit.frontend_left_out
+    # Kept in: the same windows recorded as sent over 10 s (answered within twice that), or fitted with a longer
+    # default window for raw files that did not record theirs. Then the fit moves off the truth.
+    longer = fit_profile(raw, TRUTH.max_num_batched_tokens, load_window_s=10.0)
+    assert longer.frontend_left_out == []
+    assert longer.frontend_queue_factor != pytest.approx(1.8, rel=1e-3)
+    for p in raw.frontend_load[-2:]:
+        p.window_s = 10.0
+    assert fit_profile(raw, TRUTH.max_num_batched_tokens).frontend_left_out == []
+    assert RawProfile.from_json(raw.to_json()) == raw
 
 
 def test_frontend_queue_fit_takes_the_windows_of_one_kind_of_probe():
@@ -231,7 +272,7 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     loads = json.loads(raw.read_text())["frontend_load"]
     assert [(p["streams"], p["probe_words"], p["probe_out"]) for p in loads] == [
         (0, True, 8), (0, False, 1), (16, True, 8), (16, False, 1)]
-    assert all(p["probes"] > 0 and p["engine_s"] for p in loads)
+    assert all(p["probes"] > 0 and p["engine_s"] and p["window_s"] == 1.0 for p in loads)
     # The probes' answers were streamed: a window with words carries their tokens, one with ids beside no
     # streams carries none.
     assert loads[0]["tokens_per_s"] > 0 and loads[1]["tokens_per_s"] == 0

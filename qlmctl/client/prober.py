@@ -51,7 +51,7 @@ PROMPT_TOKEN_HIGH = 30000
 
 def _load_point(streams: int, probes: int, probe_tokens: int, elapsed: float, client_ttft: float,
                 before: EngineTotals, after: EngineTotals, probe_out: int = 1,
-                probe_words: bool = False) -> FrontendLoadPoint:
+                probe_words: bool = False, window_s: float | None = None) -> FrontendLoadPoint:
     """A FrontendLoadPoint from the /metrics totals around its window."""
     d = engine_totals_delta(before, after)
 
@@ -67,7 +67,7 @@ def _load_point(streams: int, probes: int, probe_tokens: int, elapsed: float, cl
         client_ttft_s=client_ttft, cpu_per_s=cpu / elapsed if cpu is not None else None,
         vllm_ttft_s=mean("vllm:time_to_first_token_seconds"),
         engine_s=queue + prefill if queue is not None and prefill is not None else None, probe_out=probe_out,
-        probe_words=probe_words)
+        probe_words=probe_words, window_s=window_s)
 
 
 class _DecodersDone(Exception):
@@ -338,7 +338,8 @@ class Profiler:
                 if not ttfts or before is None or after is None:
                     continue
                 points.append(_load_point(streams, len(ttfts), probe_tokens, elapsed, float(np.mean(ttfts)), before,
-                                          after, probe_out=probe_out, probe_words=probe_words))
+                                          after, probe_out=probe_out, probe_words=probe_words,
+                                          window_s=window_s))
         finally:
             await held.stop()  # its connections close: the engine aborts the streams
             await self.wait_idle()

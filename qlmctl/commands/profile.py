@@ -250,7 +250,7 @@ def profile_model(
     frontend_load: bool = typer.Option(True, "--frontend-load/--no-frontend-load", help="Also measure the API server as a queue: its CPU per request and per streamed token, and probe TTFTs under Poisson arrivals while it streams (fits the frontend queue model)."),
     load_streams: str = typer.Option("0,64,128,192", help="API server load: concurrent streams relayed, each with a 512-token prompt, shorter (down to 64 tokens) where the KV cache could not otherwise hold an output that outlasts the windows (fewer streams than --max-num-seqs, so that probes get a batch slot)."),
     load_rates: str = typer.Option("4,12,20", help="API server load: probe arrival rates, requests/s (Poisson)."),
-    load_window_s: float = typer.Option(5.0, min=0.5, help="API server load: seconds of probes per rate."),
+    load_window_s: float = typer.Option(5.0, min=0.5, help="API server load: seconds of probes per rate. A window whose probes took over twice this to answer (the API server's queue ran away) is left out of the queue fit; with --from-raw, the window of raw files that did not record theirs."),
     probe_tokens: int = typer.Option(1024, min=1, help="API server load: prompt length of each probe, tokens."),
     load_probes: Optional[str] = typer.Option(None, help="API server load: the probes, comma-separated KIND:N, each measured in every window setting: 'words:N', a prompt of words for the server to tokenize and an answer of N tokens streamed back, as a trace's requests are; 'ids:N', token ids, the answer N tokens. The queue model is fitted on the first kind. Default: words:32 when measuring; with --from-raw, the first kind the file holds."),
     max_num_seqs: int = typer.Option(256, min=1, help="The engine's --max-num-seqs (recorded in the profile's engine_flags: what it was measured with)."),
@@ -341,7 +341,8 @@ def profile_model(
                     raw_path.parent.mkdir(parents=True, exist_ok=True)
                     raw_path.write_text(raw.to_json())
         try:
-            fit = fit_profile(raw, max_num_batched_tokens, load_probes=_first_kind(load_probes) if load_probes else None)
+            fit = fit_profile(raw, max_num_batched_tokens, load_probes=_first_kind(load_probes) if load_probes else None,
+                              load_window_s=load_window_s)
         except ValueError as e:
             raise UserError(str(e)) from None
         prof = profile_dict(raw, fit, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -381,6 +382,8 @@ def profile_model(
     for lab, m, f, err in fit.errors + fit.frontend_errors:
         e.add_row(lab, f"{m * 1e3:.2f}", f"{f * 1e3:.2f}", f"{err:+.1%}")
     console.print(e)
+    for why in fit.frontend_left_out:
+        console.print(f"[yellow]API-server load window left out of the queue fit[/]: {why}")
     if out is not None:
         import yaml
 
