@@ -408,3 +408,20 @@ def test_load_streams_outlast_their_windows_within_the_kv_cache():
     assert 64 < _load_lengths(replace(h100, num_gpu_blocks=33500), 128, windows, window_s)[0] < 512
     roomy = replace(h100, num_gpu_blocks=10**6)
     assert _load_lengths(roomy, 256, windows, window_s) == (512, 4000)
+
+
+def test_decode_points_the_engine_cannot_batch_or_hold_are_skipped():
+    """A decode point needs all its sequences in one batch without preempting: past --max-num-seqs, or past the KV
+    cache (an H100's 463k tokens hold 512 sequences of 128-token prompts, not of 1,024), it is skipped with its
+    reason, where measuring it would time queueing or preemption as decode steps."""
+    from qlmctl.commands.profile import _decode_point_unfit
+
+    h100 = RawProfile(model="m", url="-", num_gpu_blocks=463_000 // 16, block_size=16)
+    assert _decode_point_unfit(h100, 512, 128, 128, 1024, 8192) is None
+    assert _decode_point_unfit(h100, 256, 1024, 128, 1024, 8192) is None
+    assert "KV cache" in _decode_point_unfit(h100, 512, 1024, 128, 1024, 8192)
+    assert "--max-num-seqs (256)" in _decode_point_unfit(h100, 512, 128, 128, 256, 8192)
+    # The long round's tokens count: room for the prompt and the output alone is not enough.
+    room = int(0.8 * 463_000 / 512)
+    assert _decode_point_unfit(h100, 512, room - 128 - 10, 128, 1024, 8192) is not None
+    assert _decode_point_unfit(RawProfile(model="m", url="-"), 512, 1024, 128, 1024, 8192) is None  # KV unknown

@@ -88,7 +88,7 @@ profile_run() {  # profile-model against the server up, its trace and the server
   timeout -s INT $(( ${CALL_LIMIT_S:-585} - $(date +%s) + T0 )) python3 -c "$PROFILE_PY" llama-3.1-8b --url $URL \
     --out "$OUT/$TAGG-lease.yaml" --raw "$OUT/raw-lease.json" --gpu "$GPU" \
     --flags "vllm $VER: $VLLM_FLAGS (torch.compile + CUDA graphs)" --max-num-seqs 1024 --max-num-batched-tokens 8192 \
-    --prompt-lengths 256,512,1024,2048,4096,8000 --reps 2 --batches 1,32,128,256 --contexts 128,1024 \
+    --prompt-lengths 256,512,1024,2048,4096,8000 --reps 2 --batches 1,32,128,256,512,1024 --contexts 128,1024 \
     --mixed-batches 32,160 --mixed-contexts 512 --mixed-lengths 256,2048 --no-frontend \
     --load-streams 0,128,256 --load-rates 4,20 --load-window-s 4 --load-probes words:32,ids:1 \
     --sustained-s 20 2>&1 | grep -vE "━" | tail -60

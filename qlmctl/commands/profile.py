@@ -44,6 +44,21 @@ def _max_tokens(raw: "RawProfile", streams: int, prompt_tokens: int, cap: int = 
     return min(cap, _room_tokens(raw, streams, reserved) - prompt_tokens)
 
 
+def _decode_point_unfit(raw: "RawProfile", batch: int, prompt_tokens: int, output_tokens: int,
+                        max_num_seqs: int, budget: int) -> str | None:
+    """Why a decode point of `batch` sequences cannot measure full-batch steps (None if it can): more sequences
+    than the engine batches, or more tokens than the KV cache holds without preempting (the point would time
+    preemption and recompute instead)."""
+    if batch > max_num_seqs:
+        return f"more sequences than --max-num-seqs ({max_num_seqs})"
+    # The long round's sequences hold their prompt and its output: the short round's (Profiler.decode_point: twice
+    # chunked prefill's stagger, and 4) and `output_tokens` more.
+    stagger = -(-batch * prompt_tokens // max(1, budget - batch))
+    if raw.num_gpu_blocks and _room_tokens(raw, batch) < prompt_tokens + max(4, 2 * stagger + 4) + output_tokens:
+        return "too little KV cache for its sequences"
+    return None
+
+
 LOAD_TOKENS_PER_S = 100.0
 """Most tokens a second one load stream gets (one a step; a step beside hundreds of streams takes 10 ms or more)."""
 
@@ -176,7 +191,11 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
         for ctx in contexts:
             for b in batches:
                 progress.update(task, description=f"decode B={b} ctx={ctx}")
-                raw.decode.append(await prof.decode_point(b, ctx, output_tokens, budget))
+                why = _decode_point_unfit(raw, b, ctx, output_tokens, max_num_seqs, budget)
+                if why:
+                    prof.skipped.append(f"decode B={b} ctx={ctx}: {why}")
+                else:
+                    raw.decode.append(await prof.decode_point(b, ctx, output_tokens, budget))
                 progress.advance(task)
         for ctx in mixed_contexts:
             for b in mixed_batches:
@@ -237,7 +256,7 @@ def profile_model(
     gpu: str = typer.Option("unknown", "--gpu", help="GPU type, recorded in the provenance."),
     flags: str = typer.Option("", "--flags", help="Engine flags, recorded in the provenance."),
     prompt_lengths: str = typer.Option("128,512,1024,2048,4096", help="Prefill points: prompt lengths, tokens."),
-    batches: str = typer.Option("1,8,32,64,128,256", help="Decode points: concurrent streams."),
+    batches: str = typer.Option("1,8,32,64,128,256", help="Decode points: concurrent streams (a point past --max-num-seqs, or whose sequences the KV cache cannot hold, is skipped and said so)."),
     contexts: str = typer.Option("128,1024", help="Decode points: prompt length of each stream, tokens."),
     output_tokens: int = typer.Option(128, min=8, help="Decode steps measured per point (extra tokens in the long round)."),
     reps: int = typer.Option(3, min=1, help="Repetitions of each prefill point (median taken)."),
