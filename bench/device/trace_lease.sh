@@ -198,7 +198,10 @@ case ${STAGE:-1} in
   replay_set trace_priority.tgz "unseen near 21.5 540 0 --priority,unseen over 43 1075 0 --priority,code near 16 320 0 \
 --priority"
   mkdir -p "$R" && gateway_near "$R" && tar czf "$OUT/trace_gateway.tgz" -C "$R" . && rm -rf "$R"
-  replay_set trace_fcfs.tgz "unseen near 21.5 540,code near 16 320,unseen light 10.8 216,unseen over 43 1075"
+  # The conversation near twice: the twentieth session's one fcfs run there had an API-server part of 84 ms against
+  # 117-120 in four priority and gateway runs on the same server; is it the outlier?
+  replay_set trace_fcfs.tgz "unseen near 21.5 540,code near 16 320,unseen near 21.5 540,unseen over 43 1075,\
+unseen light 10.8 216"
   gzip -c "$K/$LOG" > "$OUT/server_9.log.gz"
   ;;
 esac
