@@ -30,6 +30,7 @@ from qlmctl.core.request import Request
 from qlmctl.runner import simulate
 from qlmctl.scenario import Scenario, ScenarioSpec
 from simulator.engine import Engine, Sequence
+from simulator.fit import queue_ran_away
 
 MODEL = "llama-3.1-8b"
 SCRAPE_S = 0.15
@@ -155,7 +156,7 @@ def main() -> None:
             err = sim / live - 1.0
             # A window whose queue ran away (answered over twice its length) measures the window: listed, not
             # counted (profile-model's fit leaves it out too).
-            away = w["rate_rps"] > 0 and w["probes"] / w["rate_rps"] > 2.0 * (w.get("window_s") or args.window_s)
+            away = queue_ran_away(w["probes"], w["rate_rps"], w.get("window_s") or args.window_s)
             if not away:
                 errs.append(abs(err))
             qp, vt = w.get("engine_s"), w.get("vllm_ttft_s")

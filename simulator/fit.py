@@ -79,6 +79,12 @@ class FrontendPoint:
     probe_tokens: int
 
 
+def queue_ran_away(probes: int, rate_rps: float, window_s: float) -> bool:
+    """Whether `probes` sent over `window_s` and measured at `rate_rps` (over the time until all were answered) took
+    over twice the window to answer (`FrontendLoadPoint.ran_away`)."""
+    return rate_rps > 0 and probes / rate_rps > 2.0 * window_s
+
+
 @dataclass
 class FrontendLoadPoint:
     """One window of probes arriving at `rate_rps` (Poisson) while the server streams to `streams` clients."""
@@ -114,8 +120,7 @@ class FrontendLoadPoint:
         window (`self.window_s`, else `window_s`), so the backlog outlived it by a window or more. Such a window's
         wait grows with the window's length and its CPU counter sits at one core: it measures the window, not the
         server (on an H200 at 256 streams, probes waited 4-10 s in 4-s windows)."""
-        sent_over = self.window_s or window_s
-        return self.rate_rps > 0 and self.probes / self.rate_rps > 2.0 * sent_over
+        return queue_ran_away(self.probes, self.rate_rps, self.window_s or window_s)
 
     @property
     def probe_kind(self) -> str:

@@ -70,6 +70,15 @@ def _load_point(streams: int, probes: int, probe_tokens: int, elapsed: float, cl
         probe_words=probe_words, window_s=window_s)
 
 
+def decode_rounds(batch: int, prompt_tokens: int, output_tokens: int, max_num_batched_tokens: int) -> tuple[int, int]:
+    """The output lengths of `Profiler.decode_point`'s short and long rounds."""
+    # Chunked prefill staggers the starts by about this many steps; the short round must outlast it so that every
+    # sequence decodes together in both rounds.
+    stagger = -(-batch * prompt_tokens // max(1, max_num_batched_tokens - batch))
+    short = max(4, 2 * stagger + 4)
+    return short, short + output_tokens
+
+
 class _DecodersDone(Exception):
     """The long requests of a mixed-step measurement finished before its windows did."""
 
@@ -184,11 +193,7 @@ class Profiler:
         and long outputs; the long round's extra tokens are all full-batch decode steps. Timed by the engine
         itself (its inter-token latency histogram, sum and count, before and after each round), so a busy
         client cannot skew it; without that metric, by the difference of the rounds' last finishes."""
-        # Chunked prefill staggers the starts by about this many steps; the short round must outlast it so
-        # that every sequence decodes together in both rounds.
-        stagger = -(-batch * prompt_tokens // max(1, max_num_batched_tokens - batch))
-        short = max(4, 2 * stagger + 4)
-        long = short + output_tokens
+        short, long = decode_rounds(batch, prompt_tokens, output_tokens, max_num_batched_tokens)
         rounds = []
         server: list[tuple[float, float]] = []
         for n in (short, long):

@@ -51,10 +51,10 @@ def _decode_point_unfit(raw: "RawProfile", batch: int, prompt_tokens: int, outpu
     preemption and recompute instead)."""
     if batch > max_num_seqs:
         return f"more sequences than --max-num-seqs ({max_num_seqs})"
-    # The long round's sequences hold their prompt and its output: the short round's (Profiler.decode_point: twice
-    # chunked prefill's stagger, and 4) and `output_tokens` more.
-    stagger = -(-batch * prompt_tokens // max(1, budget - batch))
-    if raw.num_gpu_blocks and _room_tokens(raw, batch) < prompt_tokens + max(4, 2 * stagger + 4) + output_tokens:
+    from qlmctl.client.prober import decode_rounds
+
+    _, long = decode_rounds(batch, prompt_tokens, output_tokens, budget)  # the long round's sequences hold the most
+    if raw.num_gpu_blocks and _room_tokens(raw, batch) < prompt_tokens + long:
         return "too little KV cache for its sequences"
     return None
 
