@@ -109,6 +109,15 @@ gateway_near() {  # the conversation near through `qlmctl serve` (fcfs), from fo
     --client-procs 4 --rate 21.5 -n 540 -p fcfs -o "$1/gateway/near" 2>&1 | grep -vE "━|^\s*$" | tail -4
   take_trace "$1/gateway/near/reqtrace.jsonl"
 }
+priority_and_gateway() {  # stage 7's and 9's replays with priority sent, then (time left) the conversation near
+  # through the gateway: trace_priority.tgz, trace_gateway.tgz
+  local R="$OUT/trace"
+  replay_set trace_priority.tgz "unseen near 21.5 540 0 --priority,unseen over 43 1075 0 --priority,code near 16 320 0 \
+--priority"
+  if [ $(( $(date +%s) - T0 )) -lt $(( ${CALL_LIMIT_S:-585} - 160 )) ]; then
+    mkdir -p "$R" && gateway_near "$R" && tar czf "$OUT/trace_gateway.tgz" -C "$R" . && rm -rf "$R"
+  else log "no time left for the gateway: STAGE 9 on the warm server"; fi
+}
 case ${STAGE:-1} in
 1)
   FAIL_LOG=server_1.log.gz traced_server
@@ -168,7 +177,6 @@ case ${STAGE:-1} in
 7)  # stages 1 and 6 in one call, with no restart: one traced server with --scheduling-policy priority (a request
   # sent without a priority has the default one, and vLLM serves equal priorities first come, first served), its
   # profile, the replays with priority sent, then the conversation near through the gateway (no priority sent)
-  R="$OUT/trace"
   FAIL_LOG=server_1.log.gz traced_server --scheduling-policy priority
   # PROFILE_END_S: when the profile must end, s into the call (default: leaves the replays and the gateway ~4 min,
   # but the profile at least 230 s: a fresh H200's vLLM took 226 s to serve, and a profile cut at 110 s had too few
@@ -176,11 +184,7 @@ case ${STAGE:-1} in
   up=$(( $(date +%s) - T0 ))
   CALL_LIMIT_S=${PROFILE_END_S:-$(( ${CALL_LIMIT_S:-585} - 250 > up + 230 ? ${CALL_LIMIT_S:-585} - 250 : up + 230 ))} \
     profile_run
-  replay_set trace_priority.tgz "unseen near 21.5 540 0 --priority,unseen over 43 1075 0 --priority,code near 16 320 0 \
---priority"
-  if [ $(( $(date +%s) - T0 )) -lt $(( ${CALL_LIMIT_S:-585} - 160 )) ]; then
-    mkdir -p "$R" && gateway_near "$R" && tar czf "$OUT/trace_gateway.tgz" -C "$R" . && rm -rf "$R"
-  else log "no time left for the gateway: STAGE 9 on the warm server"; fi
+  priority_and_gateway
   gzip -c "$K/$LOG" > "$OUT/server_7.log.gz"
   ;;
 8)  # a short call (no profile): one traced server with --scheduling-policy priority, each replay sent without and
@@ -193,11 +197,8 @@ case ${STAGE:-1} in
   ;;
 9)  # stage 7's replays on its warm server (--scheduling-policy priority), then the same sent without priorities
   # (equal priorities are served first come, first served): trace_priority.tgz, trace_gateway.tgz, trace_fcfs.tgz
-  R="$OUT/trace"
   traced_server --scheduling-policy priority  # stage 7's, when warm
-  replay_set trace_priority.tgz "unseen near 21.5 540 0 --priority,unseen over 43 1075 0 --priority,code near 16 320 0 \
---priority"
-  mkdir -p "$R" && gateway_near "$R" && tar czf "$OUT/trace_gateway.tgz" -C "$R" . && rm -rf "$R"
+  priority_and_gateway
   # The conversation near twice: the twentieth session's one fcfs run there had an API-server part of 84 ms against
   # 117-120 in four priority and gateway runs on the same server; is it the outlier?
   replay_set trace_fcfs.tgz "unseen near 21.5 540,code near 16 320,unseen near 21.5 540,unseen over 43 1075,\
