@@ -553,4 +553,6 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
             out["provenance"]["load_probes"] = fit.frontend_probes  # the windows the API-server model was fitted on
         if fit.frontend_left_out:
             out["provenance"]["load_windows_left_out"] = list(fit.frontend_left_out)
+        if "settle" in raw.meta:  # whether the points after the windows ran at the server's quiet speed
+            out["provenance"]["settled_after_load"] = raw.meta["settle"]["settled"]
     return out

@@ -273,6 +273,11 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     assert [(p["streams"], p["probe_words"], p["probe_out"]) for p in loads] == [
         (0, True, 8), (0, False, 1), (16, True, 8), (16, False, 1)]
     assert all(p["probes"] > 0 and p["engine_s"] and p["window_s"] == 1.0 for p in loads)
+    # Before the step points that follow the windows, the server's prefill speed was checked against the one
+    # measured before them (the emulator does not slow down: one look, no wait).
+    settle = json.loads(raw.read_text())["meta"]["settle"]
+    assert settle["prompt_tokens"] == 1024 and settle["settled"] and settle["timed_by"] == "engine"
+    assert prof["provenance"]["settled_after_load"] is True
     # The probes' answers were streamed: a window with words carries their tokens, one with ids beside no
     # streams carries none.
     assert loads[0]["tokens_per_s"] > 0 and loads[1]["tokens_per_s"] == 0
@@ -425,3 +430,48 @@ def test_decode_points_the_engine_cannot_batch_or_hold_are_skipped():
     room = int(0.8 * 463_000 / 512)
     assert _decode_point_unfit(h100, 512, room - 128 - 10, 128, 1024, 8192) is not None
     assert _decode_point_unfit(RawProfile(model="m", url="-"), 512, 1024, 128, 1024, 8192) is None  # KV unknown
+
+
+class _ScriptedPrefill:
+    """A prober whose prefill points take the scripted engine times in turn (the last one from then on)."""
+
+    def __init__(self, engine_s: list[float]) -> None:
+        self.engine_s, self.calls = list(engine_s), 0
+
+    async def prefill_point(self, n: int, reps: int) -> PrefillPoint:
+        t = self.engine_s[min(self.calls, len(self.engine_s) - 1)]
+        self.calls += 1
+        return PrefillPoint(n, t + 0.005, t)
+
+
+def _settle_run(engine_s: list[float], before: PrefillPoint) -> tuple[dict, int]:
+    import asyncio
+
+    from qlmctl.commands.profile import _settle
+
+    clock = [0.0]
+
+    async def sleep(s: float) -> None:  # a controlled clock: each wait moves it on, nothing really sleeps
+        clock[0] += s
+
+    prof = _ScriptedPrefill(engine_s)
+    seen = asyncio.run(_settle(prof, before, 2, wait_s=5.0, max_s=30.0, clock=lambda: clock[0], sleep=sleep))
+    return seen, prof.calls
+
+
+def test_points_after_the_load_windows_wait_until_the_server_runs_at_its_quiet_speed():
+    before = PrefillPoint(1024, 0.032, 0.0265)
+    # Slower by 30 %, then 15 %, then back within 10 %: three measurements, two waits.
+    seen, calls = _settle_run([0.0345, 0.0305, 0.0275], before)
+    assert calls == 3 and seen["settled"] and seen["waited_s"] == 10.0
+    assert seen["after_s"] == [0.0345, 0.0305, 0.0275] and seen["before_s"] == 0.0265
+    assert seen["timed_by"] == "engine" and seen["prompt_tokens"] == 1024
+    # Already at its speed: one measurement, no wait.
+    seen, calls = _settle_run([0.027], before)
+    assert calls == 1 and seen["settled"] and seen["waited_s"] == 0.0
+    # Never back: it gives up after max_s and says so.
+    seen, calls = _settle_run([0.035], before)
+    assert not seen["settled"] and seen["waited_s"] == 30.0 and calls == 7
+    # Without the engine's histogram before, TTFTs are compared.
+    seen, _ = _settle_run([0.0265], PrefillPoint(1024, 0.020, None))
+    assert seen["timed_by"] == "ttft" and seen["before_s"] == 0.020 and not seen["settled"]

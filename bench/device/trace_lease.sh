@@ -5,7 +5,8 @@
 # (bench/device/reqtrace: the way in hop by hop, the API server's loop lag, garbage collections) and the API server's
 # CPU counted over each replay (`process_cpu_seconds` in engine_metrics). The same vLLM flags as lease_check.sh.
 #   run(command="STAGE=1 bash bench/device/trace_lease.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
-#       start vLLM traced, profile-model (its load windows first, words:32 then ids:1 at 0/128/256 streams)
+#       start vLLM traced, profile-model (its prefill points, then its load windows, words:32 then ids:1 at 0/128/256
+#       streams, then the rest once a prefill runs at its speed before the windows again)
 #   run(command="STAGE=2 bash bench/device/trace_lease.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
 #       the same server (warm: call within its 30 s): conversation light / near / over, code near / over, fcfs,
 #       straight to vLLM, one trace file each
