@@ -20,7 +20,9 @@
 #       replays with priority sent (conversation near twice and over, code near and over): trace_priority.tgz
 #   run(command="STAGE=7 bash bench/device/trace_lease.sh", carry=[...])  (one call, no restart)
 #       stage 1 against a server started with --scheduling-policy priority, then the replays with priority sent
-#       (conversation near and over, code near) and the conversation near through the gateway
+#       (conversation near and over, code near) and the conversation near through the gateway. On a fresh H200 (vLLM
+#       serving after ~226 s; the profile's decode points at 512 and 1,024 sequences and its wait for the server to
+#       settle after the load windows, up to a minute): PROFILE_END_S=560 gives the profile the call, STAGE 9 follows
 #   run(command="STAGE=8 bash bench/device/trace_lease.sh", carry=[...])  (~5 min, no profile)
 #       a server with --scheduling-policy priority, the conversation near and code near each sent without and with
 #       priorities: trace_prio_pairs.tgz
