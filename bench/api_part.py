@@ -21,27 +21,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fidelity_compare import replay_scenario  # noqa: E402  (bench/, this script's folder, is on the path)
+
 from qlmctl.metrics import requests_frame  # noqa: E402
 from qlmctl.runner import simulate  # noqa: E402
-from qlmctl.scenario import load_scenario  # noqa: E402
 from qlmctl.workload import build_requests  # noqa: E402
 from simulator.api_server import APIServer  # noqa: E402
-
-
-def scenario(path: Path, profile: Path, rate: float, n: int, discipline: str | None):
-    """The scenario at `rate` for `n` requests, every model on `profile`, prefix caching off."""
-    base = load_scenario(path)
-    over = {"workload": {"target_rate_rps": rate, "max_requests": n},
-            "models": {m: {"profile_file": str(profile.resolve())} for m in base.spec.models}}
-    sized = load_scenario(path, over)
-    insts = []
-    for inst in sized.spec.cluster.instances:
-        d = inst.model_dump()
-        d["profile_overrides"] = {**inst.profile_overrides, "enable_prefix_caching": False}
-        if discipline:
-            d["engine"] = {**(d.get("engine") or {}), "scheduling_policy": discipline}
-        insts.append(d)
-    return load_scenario(path, {**over, "cluster": {**sized.spec.cluster.model_dump(), "instances": insts}})
 
 
 def main() -> None:
@@ -61,7 +46,9 @@ def main() -> None:
         return wait
 
     APIServer.ingress_delay = recorded  # this process only: the run asks it once a request
-    sc = scenario(args.scenario, args.profile, args.rate, args.n, "priority" if args.priority else None)
+    sc = replay_scenario(args.scenario, {"workload": {"target_rate_rps": args.rate, "max_requests": args.n}},
+                         "priority" if args.priority else None, profile=args.profile,
+                         extra={"enable_prefix_caching": False})
     reqs, _ = build_requests(sc)
     run = simulate(sc, "direct", reqs)
     ttft = requests_frame(run.result.requests)["ttft_s"].to_numpy() * 1e3

@@ -53,6 +53,30 @@ ENGINE_ONLY = {"frontend_latency_s": 0.0, "frontend_per_stream_s": 0.0, "fronten
 """Profile overrides that take the API server's delays out: what the engine alone takes."""
 
 
+def replay_scenario(path: Path, over: dict, discipline: str | None = None, *, profile: Path | None = None,
+                    extra: dict | None = None, step_scale: float = 1.0, **fields: object):
+    """The scenario at `path` with `over` applied, as a live replay ran it: every model on `profile` (when given),
+    each instance's profile overridden by `extra` (`--set`), its step coefficients times `step_scale`, then by
+    `fields`; its engines with `--scheduling-policy discipline` (when given)."""
+    extra = extra or {}
+    if profile is not None:
+        models = load_scenario(path).spec.models
+        over = {**over, "models": {m: {"profile_file": str(profile.resolve())} for m in models}}
+    base = load_scenario(path, over)
+    insts = []
+    for i in base.spec.cluster.instances:
+        d = i.model_dump()
+        scaled = {}
+        if step_scale != 1.0 and i.model is not None:
+            prof = base.profile(i.model, i.gpu, {**i.profile_overrides, **extra}, i.engine)
+            scaled = {f: getattr(prof, f) * step_scale for f in STEP_FIELDS}
+        d["profile_overrides"] = {**i.profile_overrides, **extra, **scaled, **fields}
+        if discipline:
+            d["engine"] = {**(d.get("engine") or {}), "scheduling_policy": discipline}
+        insts.append(d)
+    return load_scenario(path, {**over, "cluster": {**base.spec.cluster.model_dump(), "instances": insts}})
+
+
 def repetitions(live: Path, load: str) -> list[Path]:
     """The load's run folders: `load` itself and `load_b`, `load_c`, ... (not e.g. `near_inproc`)."""
     return sorted(d for d in live.iterdir() if d.is_dir() and re.fullmatch(rf"{load}(_[a-z])?", d.name))
@@ -148,28 +172,9 @@ def main() -> None:
     worst: dict[str, float] = {}
     target_errors: list[float] = []
 
-    if args.profile is not None:
-        models = load_scenario(args.scenario).spec.models
-        over_models = {m: {"profile_file": str(args.profile.resolve())} for m in models}
-    else:
-        over_models = None
-
-    def scenario_for(over: dict, discipline: str | None, **profile: object) -> object:
-        if over_models is not None:
-            over = {**over, "models": over_models}
-        base = load_scenario(args.scenario, over)
-        insts = []
-        for i in base.spec.cluster.instances:
-            d = i.model_dump()
-            scaled = {}
-            if args.step_scale != 1.0 and i.model is not None:
-                prof = base.profile(i.model, i.gpu, {**i.profile_overrides, **extra}, i.engine)
-                scaled = {f: getattr(prof, f) * args.step_scale for f in STEP_FIELDS}
-            d["profile_overrides"] = {**i.profile_overrides, **extra, **scaled, **profile}
-            if discipline:
-                d["engine"] = {**(d.get("engine") or {}), "scheduling_policy": discipline}
-            insts.append(d)
-        return load_scenario(args.scenario, {**over, "cluster": {**base.spec.cluster.model_dump(), "instances": insts}})
+    def scenario_for(over: dict, discipline: str | None, **fields: object) -> object:
+        return replay_scenario(args.scenario, over, discipline, profile=args.profile, extra=extra,
+                               step_scale=args.step_scale, **fields)
 
     for load, (rate, n) in loads.items():
         over: dict = {"workload": {"target_rate_rps": rate, "max_requests": n}}

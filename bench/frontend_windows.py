@@ -144,9 +144,9 @@ def main() -> None:
         # Where it was not recorded, each window is taken to start a window and a scrape after the one before
         # (a window whose probes stream answers ends when the last is answered: about its answer's steps later).
         spec, start = [], 0.0
-        for w in ws:
+        lengths = [w.get("window_s") or args.window_s for w in ws]  # recorded, else --window-s
+        for w, length in zip(ws, lengths):
             outs = w.get("probe_out", 1)
-            length = w.get("window_s") or args.window_s
             spec.append((start, length, w["rate_rps"], w["probe_tokens"], outs))
             start += length + SCRAPE_S + (outs - 1) * w.get("step_s", 0.0)
         sims, engines = ([window_ttft(s, ws[0]["streams"], spec, k) for k in range(args.seeds)] for s in (sc, bare))
@@ -156,7 +156,7 @@ def main() -> None:
             err = sim / live - 1.0
             # A window whose queue ran away (answered over twice its length) measures the window: listed, not
             # counted (profile-model's fit leaves it out too).
-            away = queue_ran_away(w["probes"], w["rate_rps"], w.get("window_s") or args.window_s)
+            away = queue_ran_away(w["probes"], w["rate_rps"], lengths[j])
             if not away:
                 errs.append(abs(err))
             qp, vt = w.get("engine_s"), w.get("vllm_ttft_s")

@@ -22,17 +22,6 @@ import numpy as np
 from scipy.optimize import nnls
 
 from simulator.fit import DEFAULT_LOAD_WINDOW_S, RawProfile, _step_profile, fit_profile, load_probe_points
-from simulator.profile import FRONTEND_RHO_CAP
-
-
-def residual_and_rho(prof, p) -> tuple[float, float]:
-    """(R, rho) of `EngineProfile.frontend_wait_rates` at a window's measured rates."""
-    ct, cr = prof.frontend_cpu_per_token_s, prof.frontend_cpu_per_request_s
-    steps = 1.0 / p.step_s if p.step_s > 0 else 0.0
-    token_load = p.tokens_per_s * ct
-    rho = min(FRONTEND_RHO_CAP, token_load + p.rate_rps * cr)
-    r = (token_load * token_load / (2.0 * steps) if steps > 0 else 0.0) + p.rate_rps * cr * cr / 2.0
-    return r, rho
 
 
 def main() -> None:
@@ -59,7 +48,8 @@ def main() -> None:
         for a in exponents:
             rows = []
             for p in pts:
-                r, rho = residual_and_rho(prof, p)
+                steps_per_s = 1.0 / p.step_s if p.step_s > 0 else 0.0
+                r, rho = prof.frontend_queue_terms(p.tokens_per_s, steps_per_s, p.rate_rps)
                 rows.append((p, p.engine_s + 0.5 * p.step_s, r / (1.0 - rho) ** a, rho))
             x = np.array([[1.0, w] for _, _, w, _ in rows])
             y = np.array([p.client_ttft_s - engine for p, engine, _, _ in rows])

@@ -363,8 +363,11 @@ def _fit_frontend_queue(raw: RawProfile, pts: list[FrontendLoadPoint], fit: Fit,
     from scipy.optimize import nnls
 
     fit.frontend_probes = pts[0].probe_kind
-    away = [p for p in pts if p.ran_away(window_s)]
-    pts = [p for p in pts if not p.ran_away(window_s)]
+    kept: list[FrontendLoadPoint] = []
+    away: list[FrontendLoadPoint] = []
+    for p in pts:
+        (away if p.ran_away(window_s) else kept).append(p)
+    pts = kept
     fit.frontend_left_out = [f"probes {p.probe_kind} {p.rate_rps:.0f}/s, {p.streams} streams: "
                              f"{p.client_ttft_s:.2f} s TTFT, queue ran away" for p in away]
     if not pts:

@@ -207,6 +207,12 @@ class EngineProfile:
         h = self.frontend_queue_factor
         if h <= 0.0:
             return 0.0
+        residual, rho = self.frontend_queue_terms(tokens_per_s, steps_per_s, rate_rps)
+        return h * residual / (1.0 - rho)
+
+    def frontend_queue_terms(self, tokens_per_s: float, steps_per_s: float, rate_rps: float) -> tuple[float, float]:
+        """(R, rho) of `frontend_wait_rates`: the mean residual CPU work a request finds in one API-server process
+        and that process's utilisation (capped), at those rates."""
         n = max(1, self.api_server_count)
         ct, cr = self.frontend_cpu_per_token_s, self.frontend_cpu_per_request_s
         token_load = tokens_per_s / n * ct  # CPU seconds per second of one process's token work
@@ -215,7 +221,7 @@ class EngineProfile:
         # Bursts of token_load / steps_per_s CPU seconds arriving steps_per_s times a second.
         residual = (token_load * token_load / (2.0 * steps_per_s) if steps_per_s > 0 else 0.0) \
             + per_rate * cr * cr / 2.0
-        return h * residual / (1.0 - rho)
+        return residual, rho
 
     def billed_tokens(self, prefill_tokens: int, decode_seqs: int) -> int:
         """Token rows that cost `per_prefill_token_s`: those of the step beyond the knee (prefill tokens only
