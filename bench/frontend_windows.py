@@ -156,7 +156,7 @@ def main() -> None:
             err = sim / live - 1.0
             # A window whose queue ran away (answered over twice its length) measures the window: listed, not
             # counted (profile-model's fit leaves it out too).
-            away = queue_ran_away(w["probes"], w["rate_rps"], lengths[j])
+            away = queue_ran_away(w["probes"], w["rate_rps"], lengths[j], w.get("cpu_per_s"))
             if not away:
                 errs.append(abs(err))
             qp, vt = w.get("engine_s"), w.get("vllm_ttft_s")

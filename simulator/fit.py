@@ -79,9 +79,17 @@ class FrontendPoint:
     probe_tokens: int
 
 
-def queue_ran_away(probes: int, rate_rps: float, window_s: float) -> bool:
+SATURATED_CPU_PER_S = 0.98
+"""An API server whose CPU counter read this much of one core over a window was saturated: the counter reads its cap,
+not the window's cost, and the queue grew for the whole window (`FrontendLoadPoint.ran_away`)."""
+
+
+def queue_ran_away(probes: int, rate_rps: float, window_s: float, cpu_per_s: float | None = None) -> bool:
     """Whether `probes` sent over `window_s` and measured at `rate_rps` (over the time until all were answered) took
-    over twice the window to answer (`FrontendLoadPoint.ran_away`)."""
+    over twice the window to answer, or the API server's CPU (`cpu_per_s`, where measured) sat at one core
+    (`FrontendLoadPoint.ran_away`)."""
+    if cpu_per_s is not None and cpu_per_s >= SATURATED_CPU_PER_S:
+        return True
     return rate_rps > 0 and probes / rate_rps > 2.0 * window_s
 
 
@@ -117,10 +125,12 @@ class FrontendLoadPoint:
 
     def ran_away(self, window_s: float) -> bool:
         """Whether the API server's queue did not settle in the window: answering its probes took over twice the
-        window (`self.window_s`, else `window_s`), so the backlog outlived it by a window or more. Such a window's
-        wait grows with the window's length and its CPU counter sits at one core: it measures the window, not the
-        server (on an H200 at 256 streams, probes waited 4-10 s in 4-s windows)."""
-        return queue_ran_away(self.probes, self.rate_rps, self.window_s or window_s)
+        window (`self.window_s`, else `window_s`), so the backlog outlived it by a window or more, or its CPU counter
+        sat at one core (`SATURATED_CPU_PER_S`). Such a window's wait grows with the window's length and its counter
+        reads the cap, not the cost: it measures the window, not the server (on an H200 at 256 streams, probes
+        waited 4-10 s in 4-s windows; on an H100, 1.4-2.4 s in 4-s windows answered within 8 s, the counter at
+        0.99-1.01 pulling the fitted cost a token from about 71 us down to 55)."""
+        return queue_ran_away(self.probes, self.rate_rps, self.window_s or window_s, self.cpu_per_s)
 
     @property
     def probe_kind(self) -> str:

@@ -13,8 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from qlmctl.cli import app
-from simulator.fit import (DecodePoint, FrontendLoadPoint, MixedPoint, PrefillPoint, RawProfile, SustainedWindow,
-                          fit_profile, profile_dict)
+from simulator.fit import (SATURATED_CPU_PER_S, DecodePoint, FrontendLoadPoint, MixedPoint, PrefillPoint, RawProfile,
+                          SustainedWindow, fit_profile, profile_dict, queue_ran_away)
 from simulator.profile import EngineProfile, chunk_pairs
 
 TRUTH = EngineProfile(model="m", base_s=0.02, per_prefill_token_s=1.5e-4, per_decode_seq_s=1.0e-3,
@@ -147,15 +147,41 @@ def test_windows_whose_queue_ran_away_are_left_out_of_the_queue_fit():
     prov = profile_dict(raw, fit, max_num_seqs=256, max_num_batched_tokens=TRUTH.max_num_batched_tokens, gpu="g",
                         flags="f")["provenance"]
     assert prov["load_windows_left_out"] == fit.frontend_left_out
-    # Kept in: the same windows recorded as sent over 10 s (answered within twice that), or fitted with a longer
-    # default window for raw files that did not record theirs. Then the fit moves off the truth.
+    # With a longer window (recorded, or the default for raw files that did not record theirs) the probes were
+    # answered within twice it, but the CPU counter at one core still marks the server saturated: left out.
+    longer = fit_profile(raw, TRUTH.max_num_batched_tokens, load_window_s=10.0)
+    assert len(longer.frontend_left_out) == 2
+    assert longer.frontend_cpu_per_token_s == pytest.approx(6e-5, rel=1e-6)
+    # Kept in: those windows with their counter under the cap. Then the fit moves off the truth.
+    for p in raw.frontend_load[-2:]:
+        p.cpu_per_s = 0.95
     longer = fit_profile(raw, TRUTH.max_num_batched_tokens, load_window_s=10.0)
     assert longer.frontend_left_out == []
     assert longer.frontend_queue_factor != pytest.approx(1.8, rel=1e-3)
+    assert longer.frontend_cpu_per_token_s != pytest.approx(6e-5, rel=1e-3)
+    assert len(fit_profile(raw, TRUTH.max_num_batched_tokens).frontend_left_out) == 2  # 5-s windows: ran away
     for p in raw.frontend_load[-2:]:
         p.window_s = 10.0
     assert fit_profile(raw, TRUTH.max_num_batched_tokens).frontend_left_out == []
     assert RawProfile.from_json(raw.to_json()) == raw
+
+
+def test_a_window_whose_api_server_sat_at_one_core_is_left_out_of_the_queue_fit():
+    """A window answered within twice its length but with the API server's CPU counter at one core (an H100 at
+    256 streams: probes waiting 1.4-2.4 s in 4-s windows, the counter at 0.99-1.01) reads the cap, not the cost:
+    kept, it pulls the fitted cost a token down; left out, the fit recovers the truth."""
+    raw = _queue_raw(QUEUE_TRUTH)
+    for rate, ttft, cpu in ((2.0, 2.4, 1.01), (17.0, 1.4, 0.99)):
+        raw.frontend_load.append(FrontendLoadPoint(
+            streams=256, rate_rps=rate, probes=int(rate * 4), probe_tokens=1024, step_s=0.02, tokens_per_s=17_000,
+            client_ttft_s=ttft, cpu_per_s=cpu, vllm_ttft_s=None, engine_s=0.1, window_s=4.0))
+    assert not any(queue_ran_away(p.probes, p.rate_rps, 4.0) for p in raw.frontend_load[-2:])  # by length: kept
+    fit = fit_profile(raw, TRUTH.max_num_batched_tokens)
+    assert fit.frontend_cpu_per_token_s == pytest.approx(6e-5, rel=1e-6)
+    assert fit.frontend_queue_factor == pytest.approx(1.8, rel=1e-6)
+    assert len(fit.frontend_left_out) == 2 and all("256 streams" in w for w in fit.frontend_left_out)
+    assert queue_ran_away(10, 2.0, 4.0, cpu_per_s=SATURATED_CPU_PER_S)
+    assert not queue_ran_away(10, 2.0, 4.0, cpu_per_s=SATURATED_CPU_PER_S - 0.01)
 
 
 def test_frontend_queue_fit_takes_the_windows_of_one_kind_of_probe():

@@ -66,10 +66,12 @@ replays() {  # $1: folder; the rest: "set load rate requests [client processes [
   done
 }
 replay_set() {  # $1: the tarball; $2: the default specs (SPECS overrides): replays, the CPU watched, packed
-  local R="$OUT/trace"
+  local R="$OUT/trace" specs
   watch_cpu; local WPID=$!
-  IFS=, read -ra SPECS <<< "${SPECS:-$2}"
-  replays "$R" "${SPECS[@]}"
+  # Local: read into the global SPECS, a stage's second set replayed the first set's first spec again (STAGE 9's
+  # fcfs set of the twenty-second session ran the conversation near with priorities a third time)
+  IFS=, read -ra specs <<< "${SPECS:-$2}"
+  replays "$R" "${specs[@]}"
   mv "$R/unseen" "$R/conv" 2>/dev/null
   kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
   tar czf "$OUT/$1" -C "$R" . && rm -rf "$R"
