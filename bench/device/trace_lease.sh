@@ -23,6 +23,8 @@
 #       (conversation near and over, code near) and the conversation near through the gateway. On a fresh H200 (vLLM
 #       serving after ~226 s; the profile's decode points at 512 and 1,024 sequences and its wait for the server to
 #       settle after the load windows, up to a minute): PROFILE_END_S=560 gives the profile the call, STAGE 9 follows
+#       (when either kind may come: `if nvidia-smi -L | grep -q H200; then export PROFILE_END_S=560; fi; STAGE=7 ...`;
+#       on an H100 the profile ended at ~380 s and the priority replays ran, the gateway went to STAGE 9)
 #   run(command="STAGE=8 bash bench/device/trace_lease.sh", carry=[...])  (~5 min, no profile)
 #       a server with --scheduling-policy priority, the conversation near and code near each sent without and with
 #       priorities: trace_prio_pairs.tgz
