@@ -63,18 +63,43 @@ def _trace_lines(folder: Path) -> list[dict]:
     return _json_lines(folder, "reqtrace.jsonl")
 
 
+GATEWAY_JOIN_WINDOW = 8
+"""How far apart in order (each side sorted by time) a gateway's request and its vLLM trace line may be joined."""
+
+
+def _join_by_order(trace: pd.DataFrame, client: pd.DataFrame) -> pd.DataFrame:
+    """The gateway's records against vLLM's trace lines (the gateway sends vLLM ids of its own): each record, in
+    dispatch order, to the first line not yet taken within `GATEWAY_JOIN_WINDOW` places of it, in arrival order,
+    whose prompt is one token longer (vLLM counts the BOS token the gateway's tokenizer leaves out)."""
+    trace = trace.sort_values("stamp_mono").reset_index(drop=True)
+    client = client.sort_values("dispatch_s").reset_index(drop=True)
+    taken: set[int] = set()
+    rows = []
+    for i, rec in client.iterrows():
+        for j in range(max(0, i - GATEWAY_JOIN_WINDOW), min(len(trace), i + GATEWAY_JOIN_WINDOW + 1)):
+            if j not in taken and trace.prompt_tokens[j] == rec.prompt_tokens + 1:
+                taken.add(j)
+                rows.append({**trace.loc[j].drop("request_id").to_dict(), "request_id": rec.request_id,
+                             "arrival_s": rec.arrival_s, "ttft_s": rec.ttft_s})
+                break
+    return pd.DataFrame(rows)
+
+
 def legs(folder: Path) -> tuple[pd.DataFrame, int]:
     """One row per request of the replay in `folder` (its legs, s, and the streams running at its arrival), joined on
-    the request id the client sent; and how many requests were on one side only."""
+    the request id the client sent (`cmpl-<n>-0`), or for a replay through the gateway, whose ids vLLM does not see,
+    on order and prompt length (`_join_by_order`); and how many requests were on one side only. Through the gateway
+    the "client" is the gateway's own record: "http in + out" is its hop to vLLM and back."""
     lines = _trace_lines(folder)
     arrivals = np.array([t["arrival_wall"] - t["wall_minus_mono"] for t in lines])  # the engine core's clock
     lasts = np.array([t["last_token"] for t in lines])
     rows = []
     for t, arrival in zip(lines, arrivals):
-        m = re.match(r"cmpl-(\d+)", t["id"])
-        if m is None or not t["first_token"]:
+        if not t["first_token"]:
             continue
-        rows.append({"request_id": int(m.group(1)), "stamp_mono": arrival, "intake": t["queued"] - arrival,
+        m = re.fullmatch(r"cmpl-(\d+)(?:-\d+)?", t["id"])
+        rows.append({"request_id": int(m.group(1)) if m else None, "stamp_mono": arrival,
+                     "intake": t["queued"] - arrival,
                      "queue": t["scheduled"] - t["queued"], "prefill": t["first_token"] - t["scheduled"],
                      "output": t["first_token_latency"] - (t["first_token"] - arrival),
                      "vllm_ttft": t["first_token_latency"], "prompt_tokens": t["prompt_tokens"],
@@ -83,8 +108,13 @@ def legs(folder: Path) -> tuple[pd.DataFrame, int]:
     found = sorted(folder.rglob("requests.parquet"))  # the replay's folder (`direct/`) beside the trace
     if len(found) != 1:
         raise SystemExit(f"{folder}: expected one replay's requests.parquet under it, found {len(found)}")
-    client = pd.read_parquet(found[0])[["request_id", "arrival_s", "ttft_s"]].dropna()
-    df = trace.merge(client, on="request_id", how="inner")
+    client = pd.read_parquet(found[0])
+    if trace.empty or trace.request_id.notna().all():
+        client = client[["request_id", "arrival_s", "ttft_s"]].dropna()
+        df = trace.merge(client, on="request_id", how="inner")
+    else:
+        cols = ["request_id", "arrival_s", "dispatch_s", "ttft_s", "prompt_tokens"]
+        df = _join_by_order(trace, client[cols].dropna())
     df["http in + out"] = df["ttft_s"] - df["vllm_ttft"]
     return df, len(lines) + len(client) - 2 * len(df)
 
