@@ -19,9 +19,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import nnls
 
-from simulator.fit import DEFAULT_LOAD_WINDOW_S, RawProfile, _step_profile, fit_profile, load_probe_points
+from simulator.fit import (DEFAULT_LOAD_WINDOW_S, RawProfile, _step_profile, fit_latency_and_factor, fit_profile,
+                           load_probe_points, window_engine_s)
 
 
 def main() -> None:
@@ -43,21 +43,20 @@ def main() -> None:
         prof = _step_profile(fit, args.budget, frontend_cpu_per_request_s=fit.frontend_cpu_per_request_s,
                              frontend_cpu_per_token_s=fit.frontend_cpu_per_token_s, frontend_queue_factor=1.0)
         pts = [p for p in load_probe_points(raw) if p.engine_s is not None and not p.ran_away(window_s)]
+        lag = 1.5 if raw.async_scheduling is not False else 0.5  # as the fit takes it
         print(f"== {path}: {fit.frontend_cpu_per_token_s * 1e6:.0f} us a token, "
               f"{fit.frontend_cpu_per_request_s * 1e3:.1f} ms a request, {len(pts)} windows")
         for a in exponents:
-            rows = []
+            rows, rhos = [], []
             for p in pts:
                 steps_per_s = 1.0 / p.step_s if p.step_s > 0 else 0.0
                 r, rho = prof.frontend_queue_terms(p.tokens_per_s, steps_per_s, p.rate_rps)
-                rows.append((p, p.engine_s + 0.5 * p.step_s, r / (1.0 - rho) ** a, rho))
-            x = np.array([[1.0, w] for _, _, w, _ in rows])
-            y = np.array([p.client_ttft_s - engine for p, engine, _, _ in rows])
-            wt = 1.0 / np.array([p.client_ttft_s for p, _, _, _ in rows])
-            (lat, h), _ = nnls(x * wt[:, None], y * wt)
-            errs = [(engine + lat + h * w - p.client_ttft_s) / p.client_ttft_s for p, engine, w, _ in rows]
+                rows.append((p, window_engine_s(p, prof, lag), r / (1.0 - rho) ** a))
+                rhos.append(rho)
+            lat, h = fit_latency_and_factor(rows)
+            errs = [(engine + lat + h * w - p.client_ttft_s) / p.client_ttft_s for p, engine, w in rows]
             cells = " ".join(f"{p.streams}/{p.rate_rps:.0f}(rho {rho:.2f}) {e:+.0%}"
-                             for (p, _, _, rho), e in zip(rows, errs))
+                             for (p, _, _), rho, e in zip(rows, rhos, errs))
             print(f"  a={a:g}: latency {lat * 1e3:.1f} ms, h {h:.2f}, mean |err| {np.mean(np.abs(errs)):.1%}, "
                   f"max {np.max(np.abs(errs)):.1%}  [streams/probes a second] {cells}")
 

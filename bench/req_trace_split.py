@@ -112,9 +112,9 @@ def legs(folder: Path) -> tuple[pd.DataFrame, int]:
     if trace.empty or trace.request_id.notna().all():
         client = client[["request_id", "arrival_s", "ttft_s"]].dropna()
         df = trace.merge(client, on="request_id", how="inner")
-    else:
-        cols = ["request_id", "arrival_s", "dispatch_s", "ttft_s", "prompt_tokens"]
-        df = _join_by_order(trace, client[cols].dropna())
+    else:  # (the unjoined count below, like the ids' join, counts only records with a TTFT)
+        client = client[["request_id", "arrival_s", "dispatch_s", "ttft_s", "prompt_tokens"]].dropna()
+        df = _join_by_order(trace, client)
     df["http in + out"] = df["ttft_s"] - df["vllm_ttft"]
     return df, len(lines) + len(client) - 2 * len(df)
 

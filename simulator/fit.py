@@ -364,6 +364,29 @@ def _probe_engine_s(prof: EngineProfile, streams: int, step_s: float, probe_toke
     return lag * step_s + step_s + extra
 
 
+def window_engine_s(p: FrontendLoadPoint, costs: EngineProfile, lag: float) -> float:
+    """The engine's part of a load window's probe TTFT, as the simulator counts it."""
+    if p.engine_s is not None:
+        # vLLM's queue + prefill times start when the engine core takes the request in, at the end of the step it
+        # arrived in: half a step on average, which the simulator counts as engine time.
+        return p.engine_s + 0.5 * p.step_s
+    # An engine without those histograms: the step model's view (probes assumed not to overlap).
+    return _probe_engine_s(costs, p.streams, p.step_s, p.probe_tokens, lag)
+
+
+def fit_latency_and_factor(rows: list[tuple[FrontendLoadPoint, float, float]]) -> tuple[float, float]:
+    """The API server's latency and queue factor h over load windows `rows` of (window, engine part, wait at
+    h = 1): client TTFT = engine part + latency + h * wait, by non-negative least squares on the relative error
+    (like the step fit)."""
+    from scipy.optimize import nnls
+
+    a = np.array([[1.0, w] for _, _, w in rows])
+    y = np.array([p.client_ttft_s - engine for p, engine, _ in rows])
+    w = 1.0 / np.array([p.client_ttft_s for p, _, _ in rows])
+    coef, _ = nnls(a * w[:, None], y * w)
+    return float(coef[0]), float(coef[1])
+
+
 def _fit_frontend_queue(raw: RawProfile, pts: list[FrontendLoadPoint], fit: Fit, budget: int,
                         window_s: float = DEFAULT_LOAD_WINDOW_S) -> None:
     """The API server as one queue (see EngineProfile.frontend_wait): its CPU cost per request and per
@@ -395,20 +418,11 @@ def _fit_frontend_queue(raw: RawProfile, pts: list[FrontendLoadPoint], fit: Fit,
                           frontend_cpu_per_token_s=fit.frontend_cpu_per_token_s, frontend_queue_factor=1.0)
     rows = []
     for p in pts:
-        if p.engine_s is not None:
-            # vLLM's queue + prefill times start when the engine core takes the request in, at the end of
-            # the step it arrived in: half a step on average, which the simulator counts as engine time.
-            engine = p.engine_s + 0.5 * p.step_s
-        else:  # an engine without those histograms: the step model's view (probes assumed not to overlap)
-            engine = _probe_engine_s(costs, p.streams, p.step_s, p.probe_tokens, lag)
         # The server's load as measured over the window: probes that stream answers add tokens of their own.
         steps_per_s = 1.0 / p.step_s if p.step_s > 0 else 0.0
-        rows.append((p, engine, costs.frontend_wait_rates(p.tokens_per_s, steps_per_s, p.rate_rps)))
-    a = np.array([[1.0, w] for _, _, w in rows])
-    y = np.array([p.client_ttft_s - engine for p, engine, _ in rows])
-    w = 1.0 / np.array([p.client_ttft_s for p, _, _ in rows])  # relative error, like the step fit
-    coef, _ = nnls(a * w[:, None], y * w)
-    fit.frontend_latency_s, fit.frontend_queue_factor = float(coef[0]), float(coef[1])
+        rows.append((p, window_engine_s(p, costs, lag),
+                     costs.frontend_wait_rates(p.tokens_per_s, steps_per_s, p.rate_rps)))
+    fit.frontend_latency_s, fit.frontend_queue_factor = fit_latency_and_factor(rows)
     fit.frontend_per_stream_s = 0.0  # the queue model's burst term is what the per-stream delay stood for
     fit.frontend_errors = []
     for (p, engine, wait) in rows:
