@@ -31,6 +31,9 @@
 #   run(command="STAGE=9 bash bench/device/trace_lease.sh", carry=[...])  (stage 7's warm server, when its profile
 #       took the call: a fresh H200 took 226 s to serve, and stage 7's replays found no time)
 #       the replays with priority sent, the conversation near through the gateway, then fcfs replays as time allows
+#   run(command="STAGE=10 bash bench/device/trace_lease.sh", carry=[...])  (stage 7's warm server)
+#       the spread between server processes: the conversation near twice on stage 7's server and through the gateway,
+#       then on two fresh traced fcfs servers (near twice each, light and over on the first): trace_spread.tgz
 #   run(command="STAGE=5 bash bench/device/trace_lease.sh", carry=[...])  (a traced server, stage 1's when warm)
 #       the same server: the conversation near from one client process and from four, twice each, then the other
 #       loads from four (is the way in's stall the client's? `client_sent.json` has each request's bytes-out time)
@@ -211,6 +214,30 @@ case ${STAGE:-1} in
   replay_set trace_fcfs.tgz "unseen near 21.5 540,code near 16 320,unseen near 21.5 540,unseen over 43 1075,\
 unseen light 10.8 216"
   gzip -c "$K/$LOG" > "$OUT/server_9.log.gz"
+  ;;
+10)  # the spread between vLLM server processes (issue 18: on the fifteenth H100 the conversation near ran at TTFT p50
+  # 140-157 ms on one process and 169-170 on the next): stage 7's warm server (equal priorities: first come, first
+  # served) twice and through the gateway, then two fresh traced servers (fcfs; the flags alternate so that each
+  # starts anew), the conversation near twice on each, light and over on the first: trace_spread.tgz
+  R="$OUT/trace"
+  watch_cpu; WPID=$!
+  traced_server --scheduling-policy priority  # stage 7's, when warm
+  replays "$R/p1" "unseen near 21.5 540" "unseen near 21.5 540"
+  if [ $(( $(date +%s) - T0 )) -lt $(( ${CALL_LIMIT_S:-585} - 300 )) ]; then gateway_near "$R/p1"; fi
+  gzip -c "$K/$LOG" > "$OUT/server_10a.log.gz"
+  n=2
+  for flags in "--scheduling-policy fcfs" ""; do
+    if [ $(( $(date +%s) - T0 )) -gt $(( ${CALL_LIMIT_S:-585} - 180 )) ]; then log "no time left for process $n"; break; fi
+    FAIL_LOG=server_10_$n.log.gz traced_server $flags
+    if [ $n = 2 ]; then replays "$R/p$n" "unseen near 21.5 540" "unseen near 21.5 540" "unseen light 10.8 216" \
+      "unseen over 43 1075"
+    else replays "$R/p$n" "unseen near 21.5 540" "unseen near 21.5 540"; fi
+    gzip -c "$K/$LOG" > "$OUT/server_10_$n.log.gz"
+    n=$((n + 1))
+  done
+  for d in "$R"/*/unseen; do mv "$d" "${d%/unseen}/conv"; done
+  kill $WPID 2>/dev/null; gzip -c "$OUT/top.log" > "$R/top.log.gz" && rm -f "$OUT/top.log"
+  tar czf "$OUT/trace_spread.tgz" -C "$R" . && rm -rf "$R"
   ;;
 esac
 # One file back: a call's results of more than a few files came back without some ("count", an H200 call of
