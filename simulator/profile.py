@@ -143,6 +143,13 @@ class EngineProfile:
     frontend_cpu_per_token_s: float = param(
         0.0, ge=0, doc="CPU time the API server spends per streamed output token (detokenising, formatting, "
                        "sending), s")
+    frontend_usage_cpu_per_token_s: float = param(
+        0.0, ge=0, doc="API-server CPU added per streamed token when every chunk carries the usage so far (vLLM's "
+                       "stream_options.continuous_usage_stats, which `qlmctl serve` asks for under "
+                       "live.token_count: usage), s; a simulated gateway policy adds it to "
+                       "`frontend_cpu_per_token_s`, a client straight to vLLM (`direct`) does not. 0: not "
+                       "measured (`profile-model`'s windows stream without usage; bench/usage_cost.py reads it "
+                       "off a replay through the gateway and one straight to vLLM on the same server)")
     api_server_count: int = param(
         1, ge=1, doc="vLLM's --api-server-count: requests, and the tokens streamed to them, are spread over "
                      "that many API-server processes, each one queue with the measured per-process costs (see "
@@ -289,6 +296,15 @@ class EngineProfile:
 
     def with_overrides(self, **fields: object) -> "EngineProfile":
         return replace(self, **fields)  # type: ignore[arg-type]
+
+    def with_usage_stats(self) -> "EngineProfile":
+        """This profile as its API server runs when every streamed chunk carries the usage so far: the
+        measured extra (`frontend_usage_cpu_per_token_s`) folded into `frontend_cpu_per_token_s`, once."""
+        extra = self.frontend_usage_cpu_per_token_s
+        if extra <= 0.0:
+            return self
+        return self.with_overrides(frontend_cpu_per_token_s=self.frontend_cpu_per_token_s + extra,
+                                   frontend_usage_cpu_per_token_s=0.0)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return by_constructor(self)

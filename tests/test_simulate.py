@@ -281,3 +281,31 @@ def test_shared_system_prompts_hit_the_prefix_cache_unless_it_is_off():
     hit = runs[True]["instances"]["0"]["prefix_cache_hit_rate"]
     assert 0.4 < hit < 1024 / 1500 and runs[False]["instances"]["0"]["prefix_cache_hit_rate"] is None
     assert runs[True]["p50_ttft_ms"] < runs[False]["p50_ttft_ms"]
+
+
+def test_the_gateways_usage_in_every_chunk_loads_the_api_server_behind_a_gateway_policy_only():
+    """`frontend_usage_cpu_per_token_s` (what vLLM's continuous usage stats cost its API server a token) is
+    charged when the simulated requests come through the gateway and it counts tokens by usage: a gateway
+    policy's TTFT under load rises with it; `direct` (a client straight to vLLM) and a gateway that counts
+    chunks (`live.token_count: chunks`) run as without it."""
+    def run(policy: str, usage_s: float, token_count: str | None = None):
+        over = {"frontend_cpu_per_request_s": 0.004, "frontend_cpu_per_token_s": 1e-4, "frontend_queue_factor": 2.0,
+                "frontend_usage_cpu_per_token_s": usage_s}
+        kw: dict = dict(instances=1, max_num_seqs=64, kv_blocks=4000,
+                        workload={"synthetic": {"rate_rps": 20.0, "num_requests": 200, "prompt_tokens": 200,
+                                                "output_tokens": 100},
+                                  "slo_class": {"constant": "batch"}},
+                        cluster={"instances": [{"model": "m", "profile_overrides": over}]})
+        if token_count is not None:
+            name = make_scenario(**kw).instance_specs()[0][0]
+            kw["live"] = {"engines": [{"instance": name, "model": "m", "url": "http://127.0.0.1:9"}],
+                          "token_count": token_count}
+        sc = make_scenario(**kw)
+        reqs, _ = build_requests(sc)
+        return simulate(sc, policy, reqs).summary
+
+    assert run("fcfs", 2e-4)["mean_ttft_ms"] > run("fcfs", 0.0)["mean_ttft_ms"] * 1.1
+    assert run("fcfs", 5e-5, "usage")["mean_ttft_ms"] == run("fcfs", 5e-5)["mean_ttft_ms"]
+    assert run("fcfs", 5e-5, "chunks")["mean_ttft_ms"] == run("fcfs", 0.0, "chunks")["mean_ttft_ms"]
+    assert run("direct", 5e-5)["mean_ttft_ms"] == run("direct", 0.0)["mean_ttft_ms"]
+    assert run("direct", 0.0)["mean_ttft_ms"] == run("fcfs", 0.0)["mean_ttft_ms"]

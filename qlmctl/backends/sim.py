@@ -176,10 +176,14 @@ class SimulatedCluster:
         # One object per distinct profile (instances of one GPU type and flags share it), so that what policies
         # and the estimator work out per profile (memoised by identity) is worked out once, not per instance.
         same: dict[EngineProfile, EngineProfile] = {}
+        live = scenario.spec.live
+        usage = policy.through_gateway and (live.token_count if live is not None else "usage") == "usage"
         for iid, (name, spec) in enumerate(scenario.instance_specs()):
             profiles: dict[str, EngineProfile] = {}
             for m in scenario.models:
                 prof = scenario.profile(m, spec.gpu, spec.profile_overrides, spec.engine)
+                if usage:
+                    prof = prof.with_usage_stats()
                 profiles[m] = same.setdefault(prof, prof)
             discipline = spec.engine.scheduling_policy or policy.engine_policy
             self._instances.append(SimInstance(iid, name, spec.gpu, profiles, spec.model, discipline,

@@ -94,6 +94,9 @@ class Policy(ABC):
     """How tables and figures name the policy, where that differs from `name` (see `display_name`)."""
     engine_policy: ClassVar[str] = "fcfs"
     """Engine-side queue discipline the backend should use ("fcfs" or "priority")."""
+    through_gateway: ClassVar[bool] = True
+    """Whether the requests reach the engines through `qlmctl serve` (every policy but `direct`): simulated, the
+    engines' API servers then carry the gateway's requests' costs (`frontend_usage_cpu_per_token_s`)."""
     takes_evictions: ClassVar[bool] = False
     """Whether the policy emits `Evict` and takes evicted requests back through `on_evicted`. A policy that
     sets it must override `on_evicted`."""

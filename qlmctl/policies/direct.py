@@ -22,6 +22,7 @@ class DirectPolicy(Policy):
 
     name: ClassVar[str] = "direct"
     label: ClassVar[str | None] = "direct (no gateway)"
+    through_gateway: ClassVar[bool] = False
 
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)
