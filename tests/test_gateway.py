@@ -579,3 +579,27 @@ async def test_non_streamed_chat_has_the_engines_tool_calls_and_logprobs_across_
     deltas = [tc for ch in chunks if ch["choices"] for tc in ch["choices"][0]["delta"].get("tool_calls") or ()]
     assert "".join(d["function"]["arguments"] for d in deltas) == want["function"]["arguments"]
     assert [d["function"].get("name") for d in deltas if d["function"].get("name")] == ["lookup"]
+
+
+def test_the_live_clusters_profiles_carry_the_usage_cost_as_the_simulated_gateways_do():
+    """The QLM core's estimates live see the API servers the simulated gateway does: with `token_count: usage`
+    the profile's `frontend_usage_cpu_per_token_s` is in the cost per token, with `chunks` it is not."""
+    from qlmctl.gateway.cluster import LiveCluster
+    from qlmctl.policies import make_policy
+    from qlmctl.policies.base import PolicyContext
+    from tests.conftest import make_scenario
+
+    over = {"frontend_cpu_per_token_s": 1e-4, "frontend_usage_cpu_per_token_s": 2e-5}
+
+    def per_token(token_count: str) -> float:
+        kw: dict = dict(instances=1, cluster={"instances": [{"model": "m", "profile_overrides": over}]})
+        name = make_scenario(**kw).instance_specs()[0][0]
+        sc = make_scenario(**kw, live={"engines": [{"instance": name, "model": "m", "url": "http://127.0.0.1:9"}],
+                                       "token_count": token_count})
+        cluster = LiveCluster(sc, make_policy("fcfs", PolicyContext.from_scenario(sc)))
+        prof = cluster.instances[0].profile_for("m")
+        assert prof is not None
+        return prof.frontend_cpu_per_token_s
+
+    assert per_token("usage") == pytest.approx(1.2e-4)
+    assert per_token("chunks") == pytest.approx(1e-4)

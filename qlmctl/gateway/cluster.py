@@ -99,10 +99,13 @@ class LiveCluster:
         self._initial = {name: spec.model for name, spec in scenario.instance_specs()}
         self._instances: list[LiveInstance] = []
         by_name: dict[str, LiveInstance] = {}
+        usage = live is None or live.token_count == "usage"
         for spec in specs:
             inst = by_name.get(spec.instance)
             if inst is None:
                 profiles = {m: scenario.profile(m, spec.gpu, overrides.get(spec.instance)) for m in scenario.models}
+                if usage:  # the engines' API servers as the simulated gateway's (qlmctl/backends/sim.py)
+                    profiles = {m: p.with_usage_stats() for m, p in profiles.items()}
                 inst = LiveInstance(len(self._instances), spec.instance, spec.gpu, profiles, control,
                                     disciplines.get(spec.instance, policy.engine_policy))
                 by_name[spec.instance] = inst
