@@ -620,6 +620,13 @@ class Scenario:
     def models(self) -> list[str]:
         return list(self._profiles)
 
+    def usage_in_every_chunk(self) -> bool:
+        """Whether the gateway asks its engines for the usage in every streamed chunk (`live.token_count: usage`, the
+        default, also without a live section): their API servers then spend `frontend_usage_cpu_per_token_s` more
+        a token (`EngineProfile.with_usage_stats`), live as simulated."""
+        live = self.spec.live
+        return live is None or live.token_count == "usage"
+
     def resolve_path(self, p: str) -> Path:
         """A path in the scenario: relative to the scenario file, else to the cwd, else to the repo."""
         cand = Path(p)

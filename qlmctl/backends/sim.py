@@ -176,8 +176,7 @@ class SimulatedCluster:
         # One object per distinct profile (instances of one GPU type and flags share it), so that what policies
         # and the estimator work out per profile (memoised by identity) is worked out once, not per instance.
         same: dict[EngineProfile, EngineProfile] = {}
-        live = scenario.spec.live
-        usage = policy.through_gateway and (live.token_count if live is not None else "usage") == "usage"
+        usage = policy.through_gateway and scenario.usage_in_every_chunk()
         for iid, (name, spec) in enumerate(scenario.instance_specs()):
             profiles: dict[str, EngineProfile] = {}
             for m in scenario.models:

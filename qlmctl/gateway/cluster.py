@@ -99,7 +99,7 @@ class LiveCluster:
         self._initial = {name: spec.model for name, spec in scenario.instance_specs()}
         self._instances: list[LiveInstance] = []
         by_name: dict[str, LiveInstance] = {}
-        usage = live is None or live.token_count == "usage"
+        usage = scenario.usage_in_every_chunk()
         for spec in specs:
             inst = by_name.get(spec.instance)
             if inst is None:
