@@ -122,6 +122,10 @@ class FrontendLoadPoint:
     window_s: float | None = None
     """Seconds over which the probes were sent (`profile-model --load-window-s`; None in raw files made before it
     was recorded). The window's measurement lasts until every probe is answered: `probes / rate_rps` seconds."""
+    usage_chunks: bool = False
+    """Whether the load streams asked for the usage so far in every chunk (vLLM's
+    `stream_options.continuous_usage_stats`, as `qlmctl serve` does under `live.token_count: usage`): such windows
+    measure what that costs the API server a token (`frontend_usage_cpu_per_token_s`)."""
 
     def ran_away(self, window_s: float) -> bool:
         """Whether the API server's queue did not settle in the window: answering its probes took over twice the
@@ -219,6 +223,9 @@ class Fit:
     """API-server load windows left out of the queue fit, and why."""
     frontend_cpu_per_request_s: float = 0.0
     frontend_cpu_per_token_s: float = 0.0
+    frontend_usage_cpu_per_token_s: float | None = None
+    """The API server's extra CPU a streamed token when its chunk carries the usage so far (None: no window with
+    such streams was kept)."""
     frontend_idle_cpu: float = 0.0
     """The API server's CPU use with nothing to do (its polling), CPU s per s."""
     frontend_queue_factor: float = 0.0
@@ -387,6 +394,11 @@ def fit_latency_and_factor(rows: list[tuple[FrontendLoadPoint, float, float]]) -
     return float(coef[0]), float(coef[1])
 
 
+def _window_label(p: FrontendLoadPoint) -> str:
+    usage = ", usage in every chunk" if p.usage_chunks else ""
+    return f"probes {p.probe_kind} {p.rate_rps:.0f}/s, {p.streams} streams{usage}"
+
+
 def _fit_frontend_queue(raw: RawProfile, pts: list[FrontendLoadPoint], fit: Fit, budget: int,
                         window_s: float = DEFAULT_LOAD_WINDOW_S) -> None:
     """The API server as one queue (see EngineProfile.frontend_wait): its CPU cost per request and per
@@ -401,34 +413,45 @@ def _fit_frontend_queue(raw: RawProfile, pts: list[FrontendLoadPoint], fit: Fit,
     for p in pts:
         (away if p.ran_away(window_s) else kept).append(p)
     pts = kept
-    fit.frontend_left_out = [f"probes {p.probe_kind} {p.rate_rps:.0f}/s, {p.streams} streams: "
-                             f"{p.client_ttft_s:.2f} s TTFT, queue ran away" for p in away]
+    fit.frontend_left_out = [f"{_window_label(p)}: {p.client_ttft_s:.2f} s TTFT, queue ran away" for p in away]
     if not pts:
         return
     cpu = [p for p in pts if p.cpu_per_s is not None]
-    if len(cpu) >= 3:
-        a = np.array([[1.0, p.rate_rps, p.tokens_per_s] for p in cpu])
+    # The usage extra is told apart only beside windows whose streams carried no usage.
+    usage = any(p.usage_chunks for p in cpu) and any(p.tokens_per_s > 0 and not p.usage_chunks for p in cpu)
+    if not usage:
+        cpu = [p for p in cpu if not p.usage_chunks]
+    if len(cpu) >= 3 + usage:
+        # CPU per second = idle + per request * rate + per token * tokens (+ the usage extra * the tokens of
+        # streams that asked for usage in every chunk: windows beside the same streams without it tell it apart).
+        a = np.array([[1.0, p.rate_rps, p.tokens_per_s] + ([p.tokens_per_s * p.usage_chunks] if usage else [])
+                      for p in cpu])
         y = np.array([p.cpu_per_s for p in cpu])
         coef, _ = nnls(a, y)
-        fit.frontend_idle_cpu, fit.frontend_cpu_per_request_s, fit.frontend_cpu_per_token_s = map(float, coef)
+        fit.frontend_idle_cpu, fit.frontend_cpu_per_request_s, fit.frontend_cpu_per_token_s = map(float, coef[:3])
+        if usage:
+            fit.frontend_usage_cpu_per_token_s = float(coef[3])
     if fit.frontend_cpu_per_token_s <= 0 and fit.frontend_cpu_per_request_s <= 0:
         return  # no CPU counter (or no cost seen): no queue model; the probes' per-stream fit stands
     lag = 1.5 if raw.async_scheduling is not False else 0.5
     costs = _step_profile(fit, budget, frontend_cpu_per_request_s=fit.frontend_cpu_per_request_s,
-                          frontend_cpu_per_token_s=fit.frontend_cpu_per_token_s, frontend_queue_factor=1.0)
+                          frontend_cpu_per_token_s=fit.frontend_cpu_per_token_s, frontend_queue_factor=1.0,
+                          frontend_usage_cpu_per_token_s=fit.frontend_usage_cpu_per_token_s or 0.0)
     rows = []
     for p in pts:
         # The server's load as measured over the window: probes that stream answers add tokens of their own.
         steps_per_s = 1.0 / p.step_s if p.step_s > 0 else 0.0
-        rows.append((p, window_engine_s(p, costs, lag),
-                     costs.frontend_wait_rates(p.tokens_per_s, steps_per_s, p.rate_rps)))
-    fit.frontend_latency_s, fit.frontend_queue_factor = fit_latency_and_factor(rows)
+        at = costs.with_usage_stats() if p.usage_chunks else costs
+        rows.append((p, window_engine_s(p, at, lag), at.frontend_wait_rates(p.tokens_per_s, steps_per_s, p.rate_rps)))
+    # Latency and h from the windows as clients straight to vLLM meet the server; the usage windows are then a
+    # check of the model with the usage cost added (their errors are listed with the others).
+    plain = [r for r in rows if not r[0].usage_chunks]
+    fit.frontend_latency_s, fit.frontend_queue_factor = fit_latency_and_factor(plain or rows)
     fit.frontend_per_stream_s = 0.0  # the queue model's burst term is what the per-stream delay stood for
     fit.frontend_errors = []
     for (p, engine, wait) in rows:
         model = engine + fit.frontend_latency_s + fit.frontend_queue_factor * wait
-        label = f"probes {p.probe_kind} {p.rate_rps:.0f}/s, {p.streams} streams"
-        fit.frontend_errors.append((label, p.client_ttft_s, model,
+        fit.frontend_errors.append((_window_label(p), p.client_ttft_s, model,
                                     (model - p.client_ttft_s) / p.client_ttft_s))
 
 
@@ -545,6 +568,8 @@ def profile_dict(raw: RawProfile, fit: Fit, *, max_num_seqs: int, max_num_batche
         out["frontend_cpu_per_request_s"] = float(f"{fit.frontend_cpu_per_request_s:.4g}")
         out["frontend_cpu_per_token_s"] = float(f"{fit.frontend_cpu_per_token_s:.4g}")
         out["frontend_queue_factor"] = float(f"{fit.frontend_queue_factor:.4g}")
+        if fit.frontend_usage_cpu_per_token_s is not None:
+            out["frontend_usage_cpu_per_token_s"] = float(f"{fit.frontend_usage_cpu_per_token_s:.4g}")
     if fit.sustained_prefill_slowdown is not None:
         out["sustained_prefill_slowdown"] = round(fit.sustained_prefill_slowdown, 4)
         out["sustained_prefill_share"] = SUSTAINED_SHARE

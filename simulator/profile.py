@@ -148,8 +148,9 @@ class EngineProfile:
                        "stream_options.continuous_usage_stats, which `qlmctl serve` asks for under "
                        "live.token_count: usage), s; a simulated gateway policy adds it to "
                        "`frontend_cpu_per_token_s`, a client straight to vLLM (`direct`) does not. 0: not "
-                       "measured (`profile-model`'s windows stream without usage; bench/usage_cost.py reads it "
-                       "off a replay through the gateway and one straight to vLLM on the same server)")
+                       "measured (`profile-model --usage-cost` measures it beside its load windows; "
+                       "bench/usage_cost.py reads it off a replay through the gateway and one straight to vLLM "
+                       "on the same server)")
     api_server_count: int = param(
         1, ge=1, doc="vLLM's --api-server-count: requests, and the tokens streamed to them, are spread over "
                      "that many API-server processes, each one queue with the measured per-process costs (see "

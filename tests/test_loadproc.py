@@ -3,13 +3,14 @@ never outliving the process that started them."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
 
 import httpx
 import pytest
 
-from qlmctl.client.loadproc import LoadStreams
+from qlmctl.client.loadproc import LoadStreams, drain_stream
 from qlmctl.emulator.server import start_emulator
 from qlmctl.engines.vllm import parse_vllm_metrics
 from simulator.profile import EngineProfile
@@ -68,3 +69,21 @@ def test_streams_end_when_the_process_that_started_them_is_killed():
             parent.kill()
             parent.join()
         wait_for(lambda: running(emu.url) == 0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("usage", [False, True])
+async def test_a_load_stream_asks_for_usage_in_every_chunk_only_when_told(usage: bool):
+    bodies: list[dict] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, stream=httpx.ByteStream(b"data: [DONE]\n\n"))
+
+    async with httpx.AsyncClient(base_url="http://engine", transport=httpx.MockTransport(answer)) as client:
+        await drain_stream(client, "m", [7] * 8, 32, usage_chunks=usage)
+    assert bodies[0]["stream"] is True and bodies[0]["prompt"] == [7] * 8
+    if usage:
+        assert bodies[0]["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    else:
+        assert "stream_options" not in bodies[0]

@@ -127,6 +127,42 @@ def test_frontend_queue_fit_recovers_known_costs():
     assert fit.frontend_probes == "ids:1"
 
 
+def test_the_usage_in_every_chunk_is_told_apart_by_windows_beside_the_same_streams_asking_for_it():
+    """Windows of streams asking for usage in every chunk, generated with a known extra cost a token: the CPU
+    regression recovers it, the queue fit is the plain windows' alone, and the model with the extra explains the
+    usage windows' TTFTs; the profile carries the extra."""
+    usage = 1.5e-5
+    truth = QUEUE_TRUTH.with_overrides(frontend_usage_cpu_per_token_s=usage)
+    raw = _queue_raw(truth)
+    plain = fit_profile(raw, TRUTH.max_num_batched_tokens)
+    assert plain.frontend_usage_cpu_per_token_s is None  # none measured
+    with_usage = truth.with_usage_stats()
+    for streams, step in ((64, 0.012), (128, 0.018), (192, 0.03)):
+        tokens, engine = streams / step, 0.034
+        client = engine + 0.5 * step + truth.frontend_latency_s + with_usage.frontend_wait(streams, step, 4.0)
+        raw.frontend_load.append(FrontendLoadPoint(
+            streams=streams, rate_rps=4.0, probes=20, probe_tokens=1024, step_s=step, tokens_per_s=tokens,
+            client_ttft_s=client, cpu_per_s=0.04 + 0.005 * 4.0 + (6e-5 + usage) * tokens, vllm_ttft_s=None,
+            engine_s=engine, usage_chunks=True))
+    assert client > plain.frontend_latency_s + engine + 0.5 * step + truth.frontend_wait(192, 0.03, 4.0)  # it shows
+    fit = fit_profile(raw, TRUTH.max_num_batched_tokens)
+    assert fit.frontend_usage_cpu_per_token_s == pytest.approx(usage, rel=1e-6)
+    assert fit.frontend_cpu_per_token_s == pytest.approx(6e-5, rel=1e-6)
+    assert fit.frontend_queue_factor == pytest.approx(1.8, rel=1e-6)
+    assert fit.frontend_latency_s == pytest.approx(0.012, rel=1e-6)
+    labels = [e[0] for e in fit.frontend_errors]
+    assert sum("usage in every chunk" in x for x in labels) == 3
+    assert max(abs(e[3]) for e in fit.frontend_errors) < 1e-9  # the usage windows too, with the extra charged
+    prof = profile_dict(raw, fit, max_num_seqs=256, max_num_batched_tokens=TRUTH.max_num_batched_tokens, gpu="-",
+                        flags="")
+    assert prof["frontend_usage_cpu_per_token_s"] == pytest.approx(usage, rel=1e-3)
+    assert RawProfile.from_json(raw.to_json()) == raw
+    # Usage windows with no plain streaming windows beside them tell nothing apart: left out of the CPU fit.
+    raw.frontend_load = [p for p in raw.frontend_load if p.usage_chunks or p.streams == 0]
+    alone = fit_profile(raw, TRUTH.max_num_batched_tokens)
+    assert alone.frontend_usage_cpu_per_token_s is None and alone.frontend_cpu_per_token_s == 0.0
+
+
 def test_windows_whose_queue_ran_away_are_left_out_of_the_queue_fit():
     """An API server saturated past recovery (an H200 at 256 streams: probes waiting 4-10 s in 4-s windows, its CPU
     at one core) measures the window, not the server: such windows are left out of both fits, which still recover
@@ -296,8 +332,9 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     # there is no queue model to fit; the windows' probes are timed by its vLLM-style histograms).
     # Each stream count has a window of each kind of probe: words with an 8-token answer, then token ids.
     loads = json.loads(raw.read_text())["frontend_load"]
-    assert [(p["streams"], p["probe_words"], p["probe_out"]) for p in loads] == [
-        (0, True, 8), (0, False, 1), (16, True, 8), (16, False, 1)]
+    # Then one window beside the same streams asking for the usage in every chunk (first rate and kind).
+    assert [(p["streams"], p["probe_words"], p["probe_out"], p["usage_chunks"]) for p in loads] == [
+        (0, True, 8, False), (0, False, 1, False), (16, True, 8, False), (16, False, 1, False), (16, True, 8, True)]
     assert all(p["probes"] > 0 and p["engine_s"] and p["window_s"] == 1.0 for p in loads)
     # Before the step points that follow the windows, the server's prefill speed was checked against the one
     # measured before them (the emulator does not slow down: one look, no wait).
@@ -307,7 +344,8 @@ def test_profile_model_recovers_an_emulated_engine(tmp_path: Path):
     # The probes' answers were streamed: a window with words carries their tokens, one with ids beside no
     # streams carries none.
     assert loads[0]["tokens_per_s"] > 0 and loads[1]["tokens_per_s"] == 0
-    assert prof["provenance"]["points"]["frontend_load"] == 4 and "frontend_queue_factor" not in prof
+    assert prof["provenance"]["points"]["frontend_load"] == 5 and "frontend_queue_factor" not in prof
+    assert "frontend_usage_cpu_per_token_s" not in prof  # no CPU counter: nothing to tell it from
     assert prof["provenance"]["load_probes"] == "words:8"
     assert prof["provenance"]["load_streams_read_by"] == "another process"
     assert prof["kv_blocks"] == TRUTH.kv_blocks and prof["block_size"] == 16

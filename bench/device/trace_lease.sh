@@ -6,7 +6,9 @@
 # CPU counted over each replay (`process_cpu_seconds` in engine_metrics). The same vLLM flags as lease_check.sh.
 #   run(command="STAGE=1 bash bench/device/trace_lease.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
 #       start vLLM traced, profile-model (its prefill points, then its load windows, words:32 then ids:1 at 0/128/256
-#       streams, then the rest once a prefill runs at its speed before the windows again)
+#       streams, each count followed by one window of streams asking for usage in every chunk (--usage-cost, ~10 s
+#       a count: the profile's frontend_usage_cpu_per_token_s), then the rest once a prefill runs at its speed before
+#       the windows again)
 #   run(command="STAGE=2 bash bench/device/trace_lease.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
 #       the same server (warm: call within its 30 s): conversation light / near / over, code near / over, fcfs,
 #       straight to vLLM, one trace file each

@@ -18,10 +18,14 @@ from qlmctl.childproc import stop_child, wait_told
 from qlmctl.client.http import error_message
 
 
-async def drain_stream(client: Any, model: str, prompt: list[int], max_tokens: int) -> None:
-    """A streamed completion of `prompt` (token ids) whose bytes are read and dropped: load, not measurement."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True}
+async def drain_stream(client: Any, model: str, prompt: list[int], max_tokens: int, usage_chunks: bool = False
+                       ) -> None:
+    """A streamed completion of `prompt` (token ids) whose bytes are read and dropped: load, not measurement.
+    `usage_chunks`: every chunk carries the usage so far, as `qlmctl serve` asks under `live.token_count: usage`."""
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                            "ignore_eos": True, "stream": True}
+    if usage_chunks:
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"engine answered {resp.status_code}: {error_message(await resp.aread())}")
@@ -30,7 +34,7 @@ async def drain_stream(client: Any, model: str, prompt: list[int], max_tokens: i
 
 
 def _hold(conn: Connection, url: str, model: str, prompts: list[list[int]], max_tokens: int, timeout_s: float,
-          api_key: str | None, verify: bool) -> None:
+          api_key: str | None, verify: bool, usage_chunks: bool = False) -> None:
     """The child: one stream per prompt until the parent says stop or dies (its end of the pipe closes); exit
     code 1 if a stream ends first, its reason on stderr and sent up the pipe (for the parent's error)."""
     import httpx
@@ -43,7 +47,7 @@ def _hold(conn: Connection, url: str, model: str, prompts: list[list[int]], max_
         told = loop.create_future()
         # A daemon thread, not `to_thread`: the loop must be able to end while it still waits.
         threading.Thread(target=_wait_told, args=(conn, loop, told), daemon=True).start()
-        streams = [asyncio.create_task(drain_stream(client, model, p, max_tokens)) for p in prompts]
+        streams = [asyncio.create_task(drain_stream(client, model, p, max_tokens, usage_chunks)) for p in prompts]
         done, _ = await asyncio.wait([*streams, told], return_when=asyncio.FIRST_COMPLETED)
         code = 0
         if told not in done:
@@ -77,11 +81,12 @@ def _wait_told(conn: Connection, loop: asyncio.AbstractEventLoop, told: asyncio.
 class LoadStreams:
     """One streamed completion per prompt (token ids) asking for `max_tokens`, bytes dropped, held by a child
     process from `start()` to `stop()` (the engine aborts them when their connections close). `check()` raises if
-    any has ended. If this process dies, the child sees its pipe close and ends its streams."""
+    any has ended. If this process dies, the child sees its pipe close and ends its streams. `usage_chunks`: the
+    streams ask for the usage so far in every chunk (see `drain_stream`)."""
 
     def __init__(self, url: str, model: str, prompts: list[list[int]], max_tokens: int, *, timeout_s: float = 600.0,
-                 api_key: str | None = None, verify: bool = True) -> None:
-        self._args = (url, model, prompts, max_tokens, timeout_s, api_key, verify)
+                 api_key: str | None = None, verify: bool = True, usage_chunks: bool = False) -> None:
+        self._args = (url, model, prompts, max_tokens, timeout_s, api_key, verify, usage_chunks)
         self._proc: Any = None
         self._conn: Connection | None = None
 

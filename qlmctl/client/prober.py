@@ -51,7 +51,8 @@ PROMPT_TOKEN_HIGH = 30000
 
 def _load_point(streams: int, probes: int, probe_tokens: int, elapsed: float, client_ttft: float,
                 before: EngineTotals, after: EngineTotals, probe_out: int = 1,
-                probe_words: bool = False, window_s: float | None = None) -> FrontendLoadPoint:
+                probe_words: bool = False, window_s: float | None = None, usage_chunks: bool = False
+                ) -> FrontendLoadPoint:
     """A FrontendLoadPoint from the /metrics totals around its window."""
     d = engine_totals_delta(before, after)
 
@@ -67,7 +68,7 @@ def _load_point(streams: int, probes: int, probe_tokens: int, elapsed: float, cl
         client_ttft_s=client_ttft, cpu_per_s=cpu / elapsed if cpu is not None else None,
         vllm_ttft_s=mean("vllm:time_to_first_token_seconds"),
         engine_s=queue + prefill if queue is not None and prefill is not None else None, probe_out=probe_out,
-        probe_words=probe_words, window_s=window_s)
+        probe_words=probe_words, window_s=window_s, usage_chunks=usage_chunks)
 
 
 def decode_rounds(batch: int, prompt_tokens: int, output_tokens: int, max_num_batched_tokens: int) -> tuple[int, int]:
@@ -310,7 +311,8 @@ class Profiler:
     async def frontend_load_points(self, streams: int, rates: list[float], probe_tokens: int = 1024,
                                    prompt_tokens: int = 512, window_s: float = 5.0,
                                    max_tokens: int = 2000,
-                                   kinds: tuple[tuple[int, bool], ...] = ((1, False),)) -> list[FrontendLoadPoint]:
+                                   kinds: tuple[tuple[int, bool], ...] = ((1, False),),
+                                   usage_chunks: bool = False) -> list[FrontendLoadPoint]:
         """Windows of probes (requests of `probe_tokens`, Poisson arrivals at each of `rates`) while the server
         streams `streams` decodes to clients, as a trace's requests meet it; for each of `kinds` of probes in turn,
         (tokens asked for, prompt as words): (1, False) a prefill-only probe of token ids, (32, True) a request as a
@@ -323,12 +325,13 @@ class Profiler:
         Over each window: the API server's CPU seconds (`process_cpu_seconds_total`, which vLLM's /metrics
         exports for its API server process), the tokens streamed and the engine's step (inter-token latency
         totals), and the probes' TTFT as this client and as vLLM's histograms see it. The load streams were
-        admitted before the first window, so the request-level histograms' deltas are the probes' alone."""
+        admitted before the first window, so the request-level histograms' deltas are the probes' alone.
+        `usage_chunks`: the load streams ask for the usage so far in every chunk (what that costs the API server)."""
         names = ("vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds",
                  "vllm:request_prefill_time_seconds", ITL_HISTOGRAM)
         prompted = await self.counter("vllm:prompt_tokens")
         held = LoadStreams(str(self.url), self.model, [self._prompt(prompt_tokens) for _ in range(streams)],
-                           max_tokens, **self._client_kw)
+                           max_tokens, usage_chunks=usage_chunks, **self._client_kw)
         if streams:
             held.start()
         points: list[FrontendLoadPoint] = []
@@ -344,7 +347,7 @@ class Profiler:
                     continue
                 points.append(_load_point(streams, len(ttfts), probe_tokens, elapsed, float(np.mean(ttfts)), before,
                                           after, probe_out=probe_out, probe_words=probe_words,
-                                          window_s=window_s))
+                                          window_s=window_s, usage_chunks=usage_chunks))
         finally:
             await held.stop()  # its connections close: the engine aborts the streams
             await self.wait_idle()

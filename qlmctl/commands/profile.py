@@ -201,7 +201,7 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
                    frontend_streams: list[int], load_streams: list[int], load_rates: list[float],
                    load_window_s: float, probe_tokens: int, max_num_seqs: int, api_key: str | None = None,
                    verify: bool = True, sustained_s: float = 0.0,
-                   load_probes: tuple[tuple[int, bool], ...] = ((1, False),)) -> None:
+                   load_probes: tuple[tuple[int, bool], ...] = ((1, False),), usage_cost: bool = False) -> None:
     from qlmctl.client.prober import Profiler
 
     prof = Profiler(url, model, seed=seed, api_key=api_key, verify=verify)
@@ -236,6 +236,16 @@ async def _measure(url: str, model: str, prompt_lengths: list[int], batches: lis
                         raw.meta.setdefault("load_stream_tokens", {})[str(n)] = [prompt, max_tokens]
                 except RuntimeError as e:
                     prof.skipped.append(f"API server load with {n} streams: {e}")
+                if n and usage_cost:
+                    # The same streams (lengths too) asking for the usage in every chunk, one window: what it costs
+                    # the API server a token, told apart from the windows just measured.
+                    progress.update(task, description=f"API server load, {n} streams, usage")
+                    try:
+                        raw.frontend_load.extend(await prof.frontend_load_points(
+                            n, load_rates[:1], probe_tokens=probe_tokens, prompt_tokens=prompt,
+                            window_s=load_window_s, max_tokens=max_tokens, kinds=load_probes[:1], usage_chunks=True))
+                    except RuntimeError as e:
+                        prof.skipped.append(f"API server load with {n} streams asking for usage in every chunk: {e}")
             progress.advance(task)
         if raw.prefill and any(p.streams for p in raw.frontend_load):
             progress.update(task, description="waiting for the server to settle")
@@ -321,6 +331,7 @@ def profile_model(
     frontend: bool = typer.Option(True, "--frontend/--no-frontend", help="Also time short probes while the server streams to many clients."),
     frontend_streams: str = typer.Option("0,64,128,256", help="Frontend probes: concurrent streams relayed, each with a 512-token prompt."),
     frontend_load: bool = typer.Option(True, "--frontend-load/--no-frontend-load", help="Also measure the API server as a queue: its CPU per request and per streamed token, and probe TTFTs under Poisson arrivals while it streams (fits the frontend queue model)."),
+    usage_cost: bool = typer.Option(True, "--usage-cost/--no-usage-cost", help="With --frontend-load: also one window (the first --load-rates rate and --load-probes kind) beside each nonzero --load-streams count of streams that ask for the usage so far in every chunk (stream_options.continuous_usage_stats, which `qlmctl serve` asks for under live.token_count: usage): the API server's extra CPU a streamed token, frontend_usage_cpu_per_token_s, s. About 10 s a stream count."),
     load_streams: str = typer.Option("0,64,128,192", help="API server load: concurrent streams relayed, each with a 512-token prompt, shorter (down to 64 tokens) where the KV cache could not otherwise hold an output that outlasts the windows (fewer streams than --max-num-seqs, so that probes get a batch slot)."),
     load_rates: str = typer.Option("4,12,20", help="API server load: probe arrival rates, requests/s (Poisson)."),
     load_window_s: float = typer.Option(5.0, min=0.5, help="API server load: seconds of probes per rate. A window whose probes took over twice this to answer (the API server's queue ran away) is left out of the queue fit; with --from-raw, the window of raw files that did not record theirs."),
@@ -393,7 +404,7 @@ def profile_model(
                     asyncio.run(_measure(url, model, pl, bs, cx, output_tokens, reps, sleep, seed,
                                          max_num_batched_tokens, progress, raw, mb, ml, mc, fs, ls, lr,
                                          load_window_s, probe_tokens, max_num_seqs, api_key, not insecure,
-                                         sustained_s if sustained else 0.0, kinds))
+                                         sustained_s if sustained else 0.0, kinds, usage_cost and frontend_load))
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted: keeping what was measured[/]")
             except (httpx.HTTPError, RuntimeError, OSError, ValueError) as e:
@@ -440,6 +451,8 @@ def profile_model(
         t.add_row("frontend latency (s)", f"{prof['frontend_latency_s']:.4g}")
         t.add_row("API server CPU per request (s)", f"{fit.frontend_cpu_per_request_s:.4g}")
         t.add_row("API server CPU per streamed token (s)", f"{fit.frontend_cpu_per_token_s:.4g}")
+        if fit.frontend_usage_cpu_per_token_s is not None:
+            t.add_row("  more with usage in every chunk (s)", f"{fit.frontend_usage_cpu_per_token_s:.4g}")
         t.add_row("API server idle CPU (s/s)", f"{fit.frontend_idle_cpu:.3g}")
         t.add_row("API server queue factor", f"{fit.frontend_queue_factor:.3g}")
     if fit.sustained_prefill_slowdown is not None:
