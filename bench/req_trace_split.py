@@ -5,6 +5,7 @@
     python bench/req_trace_split.py DIR --api           # and the way in through the API server, hop by hop
     python bench/req_trace_split.py DIR --in-out        # "http in + out" split in two, and the intake's order
     python bench/req_trace_split.py DIR --lag           # "in" and "out" against the API server's event-loop lag
+    python bench/req_trace_split.py DIR --backlog PROFILE [--usage-cost S]   # the intake against a backlog of CPU work
 
 Per replay (a folder holding the server's reqtrace.jsonl, committed gzipped, and in it or below the replay's
 requests.parquet), the mean and p50 / p90 of each leg of the time to first token, ms:
@@ -33,6 +34,12 @@ the tokenizer's call, the handler's resumption after it, and the rest up to the 
 token's way from the API server to the client). With the process's event-loop lags and garbage collections
 (`reqtrace.jsonl.events`) that overlap each request's way in. Folders without a replay (probe windows) get the
 server-side hops only.
+
+--backlog PROFILE (traces with the engine core's step log, `reqtrace.jsonl.steps`): the API server's unfinished CPU
+work at each request's arrival stamp, replayed from the run itself (a Lindley recursion, first come first served):
+each arrival adds the profile's `frontend_cpu_per_request_s`, each step's output (its update, one token for each
+sequence the step scheduled) `frontend_cpu_per_token_s` a token, plus `--usage-cost` for replays through the gateway
+(vLLM's ids there are its own); against the intake leg. Whether the intake is work queued ahead of the request.
 """
 
 from __future__ import annotations
@@ -282,6 +289,45 @@ def print_lag(root: Path) -> None:
     print("\n" + "\n".join(notes))
 
 
+def print_backlog(root: Path, profile: Path, usage_cost: float) -> None:
+    import yaml
+
+    prof = yaml.safe_load(profile.read_text())
+    ct, cr = float(prof["frontend_cpu_per_token_s"]), float(prof["frontend_cpu_per_request_s"])
+    print(f"\n| replay | requests | backlog of CPU work at arrival: mean / p50 / p90 (ms) | intake: mean / p50 / p90 "
+          f"(ms) | correlation |")
+    print("|---|---:|---:|---:|---:|")
+    for f in sorted({p.parent for p in root.rglob("reqtrace.jsonl.steps*")}):
+        steps = _json_lines(f, "reqtrace.jsonl.steps")
+        lines = [t for t in _trace_lines(f) if t.get("queued")]
+        if not steps or not lines:
+            continue
+        gateway = not all(re.fullmatch(r"cmpl-\d+(?:-\d+)?", t["id"]) for t in lines)
+        per_token = ct + (usage_cost if gateway else 0.0)
+        scheduled = [s for s in steps if s["k"] == "s"]
+        updates = [s for s in steps if s["k"] == "u"]
+        # (time, order, work): arrivals before updates at the same instant; an arrival's work counts after its look.
+        events = [(t["arrival_wall"] - t["wall_minus_mono"], 0, t["queued"] - (t["arrival_wall"] - t["wall_minus_mono"]))
+                  for t in lines]
+        events += [(u["t"], 1, per_token * s["n"]) for s, u in zip(scheduled, updates)]
+        events.sort()
+        backlog, last, seen = 0.0, events[0][0], []
+        for t, kind, x in events:
+            backlog, last = max(0.0, backlog - (t - last)), t
+            if kind == 0:
+                seen.append((backlog, x))
+                backlog += cr
+            else:
+                backlog += x
+        a = np.array(seen)
+
+        def cell(v: np.ndarray) -> str:
+            return f"{v.mean() * 1e3:.1f} / {np.median(v) * 1e3:.1f} / {np.percentile(v, 90) * 1e3:.1f}"
+
+        print(f"| {f.relative_to(root)}{' (gateway)' if gateway else ''} | {len(a)} | {cell(a[:, 0])} | {cell(a[:, 1])} "
+              f"| {np.corrcoef(a[:, 0], a[:, 1])[0, 1]:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path)
@@ -289,6 +335,10 @@ def main() -> None:
     ap.add_argument("--api", action="store_true", help="also the API server's hops on each request's way in")
     ap.add_argument("--in-out", action="store_true", help="also the HTTP legs apart, and the intake's order and stalls")
     ap.add_argument("--lag", action="store_true", help="also in and out against the API server's loop lag")
+    ap.add_argument("--backlog", type=Path, metavar="PROFILE",
+                    help="also the intake against the API server's backlog of CPU work at the profile's costs")
+    ap.add_argument("--usage-cost", type=float, default=0.0, metavar="S",
+                    help="with --backlog: CPU s a token more for replays through the gateway (usage in every chunk)")
     args = ap.parse_args()
     print("| replay | requests | unjoined | client TTFT mean / p50 (ms) | "
           + " | ".join(f"{k}: mean / p50 / p90" for k in LEGS) + " |")
@@ -328,6 +378,8 @@ def main() -> None:
         print_lag(args.dir)
     if args.api:
         print_api(args.dir)
+    if args.backlog:
+        print_backlog(args.dir, args.backlog, args.usage_cost)
 
 
 if __name__ == "__main__":
