@@ -395,7 +395,7 @@ def fit_latency_and_factor(rows: list[tuple[FrontendLoadPoint, float, float]]) -
 
 
 def _window_label(p: FrontendLoadPoint) -> str:
-    usage = ", usage in every chunk" if p.usage_chunks else ""
+    usage = " + usage" if p.usage_chunks else ""  # (streams asking for usage in every chunk)
     return f"probes {p.probe_kind} {p.rate_rps:.0f}/s, {p.streams} streams{usage}"
 
 

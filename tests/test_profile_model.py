@@ -151,7 +151,7 @@ def test_the_usage_in_every_chunk_is_told_apart_by_windows_beside_the_same_strea
     assert fit.frontend_queue_factor == pytest.approx(1.8, rel=1e-6)
     assert fit.frontend_latency_s == pytest.approx(0.012, rel=1e-6)
     labels = [e[0] for e in fit.frontend_errors]
-    assert sum("usage in every chunk" in x for x in labels) == 3
+    assert sum(x.endswith("streams + usage") for x in labels) == 3
     assert max(abs(e[3]) for e in fit.frontend_errors) < 1e-9  # the usage windows too, with the extra charged
     prof = profile_dict(raw, fit, max_num_seqs=256, max_num_batched_tokens=TRUTH.max_num_batched_tokens, gpu="-",
                         flags="")
