@@ -7,8 +7,8 @@
 #   run(command="STAGE=1 bash bench/device/trace_lease.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
 #       start vLLM traced, profile-model (its prefill points, then its load windows, words:32 then ids:1 at 0/128/256
 #       streams, each count followed by one window of streams asking for usage in every chunk (--usage-cost, ~10 s
-#       a count: the profile's frontend_usage_cpu_per_token_s), then the rest once a prefill runs at its speed before
-#       the windows again)
+#       a count: the profile's frontend_usage_cpu_per_token_s; off on an H200 unless USAGE_COST=1), then the rest once
+#       a prefill runs at its speed before the windows again)
 #   run(command="STAGE=2 bash bench/device/trace_lease.sh", carry=[".vllmkit/bin", ".vllmkit/p0", ".whl"])
 #       the same server (warm: call within its 30 s): conversation light / near / over, code near / over, fcfs,
 #       straight to vLLM, one trace file each
@@ -100,6 +100,10 @@ load_streams() {  # LOAD_STREAMS, else 0,128,256; on an H200 0,128,192: at 256 s
   if [ -n "${LOAD_STREAMS:-}" ]; then echo "$LOAD_STREAMS"; elif [ "$TAGG" = h200 ]; then echo 0,128,192
   else echo 0,128,256; fi
 }
+usage_cost() {  # USAGE_COST=1|0, else on but on an H200, whose call needs its ~20 s for the decode points at 512 and
+  # 1,024 sequences (its usage cost was read off replays: +6.6 us a token, bench/usage_cost.py)
+  if [ "${USAGE_COST:-$([ "$TAGG" = h200 ] && echo 0 || echo 1)}" = 1 ]; then echo --usage-cost; else echo --no-usage-cost; fi
+}
 profile_run() {  # profile-model against the server up, its trace and the server's log kept (stage 1's)
   watch_cpu; WPID=$!
   timeout -s INT $(( ${CALL_LIMIT_S:-585} - $(date +%s) + T0 )) python3 -c "$PROFILE_PY" llama-3.1-8b --url $URL \
@@ -108,7 +112,7 @@ profile_run() {  # profile-model against the server up, its trace and the server
     --prompt-lengths 256,512,1024,2048,4096,8000 --reps 2 --batches 1,32,128,256,512,1024 --contexts 128,1024 \
     --mixed-batches 32,160 --mixed-contexts 512 --mixed-lengths 256,2048 --no-frontend \
     --load-streams "$(load_streams)" --load-rates 4,20 --load-window-s 4 --load-probes words:32,ids:1 \
-    --sustained-s 20 2>&1 | grep -vE "━" | tail -60
+    "$(usage_cost)" --sustained-s 20 2>&1 | grep -vE "━" | tail -60
   kill $WPID 2>/dev/null
   take_trace "$OUT/profile_trace.jsonl"
   gzip -f "$OUT/profile_trace.jsonl" "$OUT/profile_trace.jsonl.events" "$OUT/top.log" 2>/dev/null
