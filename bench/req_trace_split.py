@@ -294,8 +294,8 @@ def print_backlog(root: Path, profile: Path, usage_cost: float) -> None:
 
     prof = yaml.safe_load(profile.read_text())
     ct, cr = float(prof["frontend_cpu_per_token_s"]), float(prof["frontend_cpu_per_request_s"])
-    print(f"\n| replay | requests | backlog of CPU work at arrival: mean / p50 / p90 (ms) | intake: mean / p50 / p90 "
-          f"(ms) | correlation |")
+    print("\n| replay | requests | backlog of CPU work at arrival: mean / p50 / p90 (ms) | intake: mean / p50 / p90 "
+          "(ms) | correlation |")
     print("|---|---:|---:|---:|---:|")
     for f in sorted({p.parent for p in root.rglob("reqtrace.jsonl.steps*")}):
         steps = _json_lines(f, "reqtrace.jsonl.steps")
