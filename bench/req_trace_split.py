@@ -306,9 +306,12 @@ def print_backlog(root: Path, profile: Path, usage_cost: float) -> None:
         per_token = ct + (usage_cost if gateway else 0.0)
         scheduled = [s for s in steps if s["k"] == "s"]
         updates = [s for s in steps if s["k"] == "u"]
-        # (time, order, work): arrivals before updates at the same instant; an arrival's work counts after its look.
-        events = [(t["arrival_wall"] - t["wall_minus_mono"], 0, t["queued"] - (t["arrival_wall"] - t["wall_minus_mono"]))
-                  for t in lines]
+        # (time, 0, the request's intake) for arrivals, (time, 1, its CPU work) for a step's output, the n-th update
+        # being the n-th scheduled step's; arrivals first at the same instant, each looking before its own work counts.
+        events = []
+        for t in lines:
+            arrival = t["arrival_wall"] - t["wall_minus_mono"]
+            events.append((arrival, 0, t["queued"] - arrival))
         events += [(u["t"], 1, per_token * s["n"]) for s, u in zip(scheduled, updates)]
         events.sort()
         backlog, last, seen = 0.0, events[0][0], []
@@ -324,8 +327,8 @@ def print_backlog(root: Path, profile: Path, usage_cost: float) -> None:
         def cell(v: np.ndarray) -> str:
             return f"{v.mean() * 1e3:.1f} / {np.median(v) * 1e3:.1f} / {np.percentile(v, 90) * 1e3:.1f}"
 
-        print(f"| {f.relative_to(root)}{' (gateway)' if gateway else ''} | {len(a)} | {cell(a[:, 0])} | {cell(a[:, 1])} "
-              f"| {np.corrcoef(a[:, 0], a[:, 1])[0, 1]:.2f} |")
+        name = f"{f.relative_to(root)}{' (gateway)' if gateway else ''}"
+        print(f"| {name} | {len(a)} | {cell(a[:, 0])} | {cell(a[:, 1])} | {np.corrcoef(a[:, 0], a[:, 1])[0, 1]:.2f} |")
 
 
 def main() -> None:
