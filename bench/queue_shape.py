@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from simulator.fit import (DEFAULT_LOAD_WINDOW_S, RawProfile, _step_profile, fit_latency_and_factor, fit_profile,
-                           load_probe_points, window_engine_s)
+                           load_probe_points, probe_lag_steps, window_engine_s)
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         prof = _step_profile(fit, args.budget, frontend_cpu_per_request_s=fit.frontend_cpu_per_request_s,
                              frontend_cpu_per_token_s=fit.frontend_cpu_per_token_s, frontend_queue_factor=1.0)
         pts = [p for p in load_probe_points(raw) if p.engine_s is not None and not p.ran_away(window_s)]
-        lag = 1.5 if raw.async_scheduling is not False else 0.5  # as the fit takes it
+        lag = probe_lag_steps(raw)
         print(f"== {path}: {fit.frontend_cpu_per_token_s * 1e6:.0f} us a token, "
               f"{fit.frontend_cpu_per_request_s * 1e3:.1f} ms a request, {len(pts)} windows")
         for a in exponents:

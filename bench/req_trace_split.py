@@ -70,6 +70,9 @@ def _trace_lines(folder: Path) -> list[dict]:
     return _json_lines(folder, "reqtrace.jsonl")
 
 
+CLIENT_ID = re.compile(r"cmpl-(\d+)(?:-\d+)?")
+"""vLLM's request id for a replay client's request `<n>` (a gateway sends ids of its own, which do not match)."""
+
 GATEWAY_JOIN_WINDOW = 8
 """How far apart in order (each side sorted by time) a gateway's request and its vLLM trace line may be joined."""
 
@@ -104,7 +107,7 @@ def legs(folder: Path) -> tuple[pd.DataFrame, int]:
     for t, arrival in zip(lines, arrivals):
         if not t["first_token"]:
             continue
-        m = re.fullmatch(r"cmpl-(\d+)(?:-\d+)?", t["id"])
+        m = CLIENT_ID.fullmatch(t["id"])
         rows.append({"request_id": int(m.group(1)) if m else None, "stamp_mono": arrival,
                      "intake": t["queued"] - arrival,
                      "queue": t["scheduled"] - t["queued"], "prefill": t["first_token"] - t["scheduled"],
@@ -302,7 +305,7 @@ def print_backlog(root: Path, profile: Path, usage_cost: float) -> None:
         lines = [t for t in _trace_lines(f) if t.get("queued")]
         if not steps or not lines:
             continue
-        gateway = not all(re.fullmatch(r"cmpl-\d+(?:-\d+)?", t["id"]) for t in lines)
+        gateway = not all(CLIENT_ID.fullmatch(t["id"]) for t in lines)
         per_token = ct + (usage_cost if gateway else 0.0)
         scheduled = [s for s in steps if s["k"] == "s"]
         updates = [s for s in steps if s["k"] == "u"]

@@ -360,6 +360,12 @@ def _step_profile(fit: Fit, budget: int, **fields: Any) -> EngineProfile:
                          knee_tokens=fit.knee_tokens, per_prefill_step_s=fit.per_prefill_step_s, **fields)
 
 
+def probe_lag_steps(raw: RawProfile) -> float:
+    """Steps a probe waits before its own, on average: the rest of the step it lands in (half), and one more with
+    asynchronous scheduling (unknown counts as on, vLLM 0.24's default)."""
+    return 1.5 if raw.async_scheduling is not False else 0.5
+
+
 def _probe_engine_s(prof: EngineProfile, streams: int, step_s: float, probe_tokens: int, lag: float) -> float:
     """Engine part of a probe's TTFT: alone, its prefill; joining `streams` decodes of `step_s`, the rest of
     the step it lands in, one more with asynchronous scheduling (`lag` 1.5 or 0.5 steps), then its own
@@ -433,7 +439,7 @@ def _fit_frontend_queue(raw: RawProfile, pts: list[FrontendLoadPoint], fit: Fit,
             fit.frontend_usage_cpu_per_token_s = float(coef[3])
     if fit.frontend_cpu_per_token_s <= 0 and fit.frontend_cpu_per_request_s <= 0:
         return  # no CPU counter (or no cost seen): no queue model; the probes' per-stream fit stands
-    lag = 1.5 if raw.async_scheduling is not False else 0.5
+    lag = probe_lag_steps(raw)
     costs = _step_profile(fit, budget, frontend_cpu_per_request_s=fit.frontend_cpu_per_request_s,
                           frontend_cpu_per_token_s=fit.frontend_cpu_per_token_s, frontend_queue_factor=1.0,
                           frontend_usage_cpu_per_token_s=fit.frontend_usage_cpu_per_token_s or 0.0)
@@ -460,7 +466,7 @@ def _fit_frontend(raw: RawProfile, fit: Fit, budget: int) -> None:
     through the fitted overhead). The engine part of a probe joining `streams` decodes is half a step
     (it lands mid-step), one more step with asynchronous scheduling, then its own mixed step."""
     prof = _step_profile(fit, budget)
-    lag = 1.5 if raw.async_scheduling is not False else 0.5
+    lag = probe_lag_steps(raw)
     rows = [(p, _probe_engine_s(prof, p.streams, p.step_s, p.probe_tokens, lag)) for p in raw.frontend]
     num = sum(p.streams * (p.ttft_s - engine - fit.overhead_s) for p, engine in rows)
     den = sum(p.streams ** 2 for p, _ in rows)
